@@ -1,0 +1,405 @@
+//go:build ignore
+
+// amber capture programs. Two TCX ingress programs:
+//
+//   amber_pod     on the host side of every local pod veth, so it sees
+//                 packets leaving the pod;
+//   amber_uplink  on each node uplink, so it sees packets arriving from
+//                 other nodes for local pods.
+//
+// Nothing is rewritten: a packet that must reach the ztunnel is handed to a
+// ztunnel socket with bpf_sk_assign and marked so that the fwmark rule
+// installed by bpf/hostnet routes it to the local stack instead of
+// forwarding it. accept() in the ztunnel then sees the original destination
+// as the socket's local address.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+// Load-time settings (rewritten by the Go loader before load).
+volatile const __u32 route_mark = 0x40000;  // set on assigned packets; ip rule fwmark route_mark/route_mark
+volatile const __u32 bypass_mark = 0x539;   // SO_MARK of the ztunnel's own sockets
+volatile const __u32 bypass_mask = 0xfff;
+volatile const __u16 hbone_port = 15008;
+
+// A pod address: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d) so one map
+// serves both families.
+struct ip_key {
+	__u8 addr[16];
+};
+
+enum pod_flags {
+	POD_CAPTURED = 1,
+};
+
+// Membership: one entry per address of every captured local pod.
+struct pod_info {
+	__u32 ifindex;  // host-side veth the pod's packets must arrive on
+	__u32 flags;    // enum pod_flags
+};
+
+enum iface_flags {
+	IFACE_CAPTURED_POD = 1,  // host side of a captured pod's veth
+};
+
+struct iface_info {
+	__u32 flags;  // enum iface_flags
+};
+
+// Slots of the listener SOCKMAP, filled by the ztunnel.
+enum listener_slot {
+	SLOT_OUTBOUND4 = 0,
+	SLOT_INBOUND4 = 1,
+	SLOT_HBONE4 = 2,
+	SLOT_OUTBOUND6 = 3,
+	SLOT_INBOUND6 = 4,
+	SLOT_HBONE6 = 5,
+	SLOT_MAX = 6,
+};
+
+// One counter per decision; every packet the programs see bumps exactly one.
+enum reason {
+	R_PASS_NOT_IP = 0,        // ARP and other non-IP frames
+	R_PASS_NOT_TCP,           // UDP, ICMP, ... (not captured)
+	R_PASS_NOT_ENROLLED,      // TCP that neither leaves nor reaches a captured pod
+	R_PASS_BYPASS_MARK,       // the ztunnel's own packets
+	R_PASS_HOST_SOCKET,       // belongs to a host socket that is not the ztunnel's
+	R_PASS_ESTABLISHED,       // non-SYN TCP of a captured pod with no ztunnel socket (e.g. pre-capture flows)
+	R_PASS_MALFORMED,         // unparsable, on no captured path: left to the kernel, which discards bad headers
+	R_ASSIGN_ESTABLISHED,     // delivered to an existing ztunnel socket
+	R_ASSIGN_OUTBOUND,        // new connection from a captured pod -> 15001
+	R_ASSIGN_INBOUND,         // new plaintext connection to a captured pod -> 15006
+	R_ASSIGN_HBONE,           // new connection to a captured pod's :15008 -> 15008
+	R_DROP_NO_LISTENER,       // fail closed: the needed ztunnel listener is not registered
+	R_DROP_SPOOFED,           // source address is not registered for the veth it came from
+	R_DROP_MALFORMED,         // truncated or unparsable headers on a captured path
+	R_DROP_FRAGMENT,          // fragmented TCP on a captured path
+	R_DROP_ASSIGN_FAILED,     // bpf_sk_assign refused the socket
+	R_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2048);
+	__type(key, struct ip_key);
+	__type(value, struct pod_info);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amber_pods SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);  // ifindex
+	__type(value, struct iface_info);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amber_ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, SLOT_MAX);
+	__type(key, __u32);  // enum listener_slot
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amber_listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, R_MAX);
+	__type(key, __u32);  // enum reason
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amber_counters SEC(".maps");
+
+// Force BTF for the enums so Go (bpf2go -type) and bpftool share them.
+const enum reason *unused_reason __attribute__((unused));
+const enum listener_slot *unused_slot __attribute__((unused));
+const enum pod_flags *unused_pod_flags __attribute__((unused));
+const enum iface_flags *unused_iface_flags __attribute__((unused));
+
+static __always_inline int count(__u32 r, int verdict) {
+	__u64 *c = bpf_map_lookup_elem(&amber_counters, &r);
+	if (c)
+		*c += 1;
+	return verdict;
+}
+
+// A parsed TCP/IP packet: what the decisions need, nothing more.
+struct flow {
+	struct bpf_sock_tuple tuple;  // as seen in the packet: saddr/sport -> daddr/dport
+	struct ip_key src, dst;
+	__u8 v6;
+	__u8 addrs;  // src and dst are filled in
+	__u8 syn;    // SYN without ACK: a new connection
+};
+
+enum parse_result {
+	P_TCP = 0,
+	P_NOT_IP,
+	P_NOT_TCP,
+	P_MALFORMED,
+	P_FRAGMENT,
+};
+
+static __always_inline void map_v4(struct ip_key *k, __be32 a) {
+	__builtin_memset(k, 0, sizeof(*k));
+	k->addr[10] = 0xff;
+	k->addr[11] = 0xff;
+	__builtin_memcpy(&k->addr[12], &a, 4);
+}
+
+// An IPv6 source the anti-spoofing check lets through for non-TCP packets:
+// link-local and unspecified addresses carry neighbour discovery and DAD,
+// which every pod needs and which never leave the link. TCP from such an
+// address would escape capture, so it is not excepted.
+static __always_inline int v6_link_scoped(const struct ip_key *k) {
+	__u64 hi = 0;
+	__builtin_memcpy(&hi, k->addr, 8);
+	__u64 lo = 0;
+	__builtin_memcpy(&lo, &k->addr[8], 8);
+	if (hi == 0 && lo == 0)
+		return 1;
+	return k->addr[0] == 0xfe && (k->addr[1] & 0xc0) == 0x80;
+}
+
+// parse fills the addresses of any IP packet (so anti-spoofing sees every
+// protocol) and, for TCP, the tuple and the SYN bit.
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f) {
+	__u32 off = ETH_HLEN;
+	__u8 proto;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+			return P_MALFORMED;
+		if (ip.version != 4 || ip.ihl < 5)
+			return P_MALFORMED;
+		map_v4(&f->src, ip.saddr);
+		map_v4(&f->dst, ip.daddr);
+		f->addrs = 1;
+		if (ip.protocol != IPPROTO_TCP)
+			return P_NOT_TCP;
+		// MF set or a non-zero offset: ports are missing or may be
+		// forged in a later fragment. TCP never needs fragmentation
+		// (PMTU discovery), so a captured path refuses it.
+		if (ip.frag_off & bpf_htons(0x3fff))
+			return P_FRAGMENT;
+		f->tuple.ipv4.saddr = ip.saddr;
+		f->tuple.ipv4.daddr = ip.daddr;
+		off += ip.ihl * 4;
+		proto = ip.protocol;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+			return P_MALFORMED;
+		if (ip6.version != 6)
+			return P_MALFORMED;
+		__builtin_memcpy(f->src.addr, &ip6.saddr, 16);
+		__builtin_memcpy(f->dst.addr, &ip6.daddr, 16);
+		f->v6 = 1;
+		f->addrs = 1;
+		off += sizeof(ip6);
+		proto = ip6.nexthdr;
+		// Walk a bounded chain of extension headers (RFC 8200 §4).
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			if (proto == IPPROTO_TCP)
+				break;
+			if (proto == IPPROTO_FRAGMENT)
+				return P_FRAGMENT;
+			if (proto != IPPROTO_HOPOPTS && proto != IPPROTO_ROUTING && proto != IPPROTO_DSTOPTS)
+				return P_NOT_TCP;
+			struct {
+				__u8 next;
+				__u8 len;
+			} ext;
+			if (bpf_skb_load_bytes(skb, off, &ext, sizeof(ext)) < 0)
+				return P_MALFORMED;
+			proto = ext.next;
+			off += (ext.len + 1) * 8;
+		}
+		if (proto != IPPROTO_TCP)
+			return P_MALFORMED;  // more extension headers than we walk
+		__builtin_memcpy(f->tuple.ipv6.saddr, &ip6.saddr, 16);
+		__builtin_memcpy(f->tuple.ipv6.daddr, &ip6.daddr, 16);
+	} else {
+		return P_NOT_IP;
+	}
+
+	if (proto != IPPROTO_TCP)
+		return P_NOT_TCP;
+
+	struct tcphdr tcp;
+	if (bpf_skb_load_bytes(skb, off, &tcp, sizeof(tcp)) < 0)
+		return P_MALFORMED;
+	if (tcp.doff < 5)
+		return P_MALFORMED;
+	if (f->v6) {
+		f->tuple.ipv6.sport = tcp.source;
+		f->tuple.ipv6.dport = tcp.dest;
+	} else {
+		f->tuple.ipv4.sport = tcp.source;
+		f->tuple.ipv4.dport = tcp.dest;
+	}
+	f->syn = tcp.syn && !tcp.ack;
+	return P_TCP;
+}
+
+static __always_inline __be16 dport(const struct flow *f) {
+	return f->v6 ? f->tuple.ipv6.dport : f->tuple.ipv4.dport;
+}
+
+// assign_established hands a packet of an existing connection to the
+// ztunnel socket it belongs to. Returns -1 when there is none.
+//
+// Request and time-wait sockets cannot be asked for their mark, but a
+// request socket here is the handshake of a connection a ztunnel listener
+// accepted (pods' own sockets live in their own netns), so they are taken.
+// A full socket must carry the ztunnel's mark: a host socket (a kubelet
+// probe, a hostNetwork server) receives its packets by ordinary routing.
+static __always_inline int assign_established(struct __sk_buff *skb, struct flow *f) {
+	// The verifier wants a constant tuple size.
+	struct bpf_sock *sk = f->v6 ? bpf_skc_lookup_tcp(skb, &f->tuple, sizeof(f->tuple.ipv6), BPF_F_CURRENT_NETNS, 0)
+	                            : bpf_skc_lookup_tcp(skb, &f->tuple, sizeof(f->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return -1;
+	if (sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return -1;
+	}
+	struct bpf_sock *full = bpf_sk_fullsock(sk);
+	if (full && (full->mark & bypass_mask) != bypass_mark) {
+		bpf_sk_release(sk);
+		return count(R_PASS_HOST_SOCKET, TC_ACT_OK);
+	}
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return count(R_DROP_ASSIGN_FAILED, TC_ACT_SHOT);
+	skb->mark |= route_mark;
+	return count(R_ASSIGN_ESTABLISHED, TC_ACT_OK);
+}
+
+// assign_listener hands a new connection to a ztunnel listener. No listener
+// means no ztunnel: the connection is dropped, never let through in
+// plaintext.
+static __always_inline int assign_listener(struct __sk_buff *skb, const struct flow *f, __u32 slot, __u32 reason) {
+	if (f->v6)
+		slot += SLOT_OUTBOUND6;
+	struct bpf_sock *sk = bpf_map_lookup_elem(&amber_listeners, &slot);
+	if (!sk)
+		return count(R_DROP_NO_LISTENER, TC_ACT_SHOT);
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	count(reason, 0);
+	if (err)
+		return count(R_DROP_ASSIGN_FAILED, TC_ACT_SHOT);
+	skb->mark |= route_mark;
+	return TC_ACT_OK;
+}
+
+// inbound_new decides a new connection to a local pod.
+static __always_inline int inbound_new(struct __sk_buff *skb, struct flow *f) {
+	struct pod_info *dst = bpf_map_lookup_elem(&amber_pods, &f->dst);
+	if (!dst || !(dst->flags & POD_CAPTURED))
+		return count(R_PASS_NOT_ENROLLED, TC_ACT_OK);
+	if (dport(f) == bpf_htons(hbone_port))
+		return assign_listener(skb, f, SLOT_HBONE4, R_ASSIGN_HBONE);
+	return assign_listener(skb, f, SLOT_INBOUND4, R_ASSIGN_INBOUND);
+}
+
+// A packet is on a captured path when it leaves or reaches a captured pod;
+// only then are malformed packets and fragments dropped.
+static __always_inline int touches_captured(const struct flow *f, int src_captured) {
+	if (src_captured)
+		return 1;
+	if (!f->addrs)
+		return 0;
+	struct pod_info *dst = bpf_map_lookup_elem(&amber_pods, &f->dst);
+	return dst && (dst->flags & POD_CAPTURED);
+}
+
+SEC("tc")
+int amber_pod(struct __sk_buff *skb) {
+	struct flow f = {};
+	int p = parse(skb, &f);
+	if (p == P_NOT_IP)
+		return count(R_PASS_NOT_IP, TC_ACT_OK);
+
+	__u32 ifindex = skb->ifindex;
+	struct iface_info *iface = bpf_map_lookup_elem(&amber_ifaces, &ifindex);
+	int captured_veth = iface && (iface->flags & IFACE_CAPTURED_POD);
+
+	if (p == P_MALFORMED)
+		return touches_captured(&f, captured_veth) ? count(R_DROP_MALFORMED, TC_ACT_SHOT) : count(R_PASS_MALFORMED, TC_ACT_OK);
+
+	// Anti-spoofing: an address of a captured pod may only appear as a
+	// source on that pod's veth, and a captured pod's veth only carries
+	// its own addresses. Identity is bound to the veth.
+	struct pod_info *src = bpf_map_lookup_elem(&amber_pods, &f.src);
+	if (src && src->ifindex != ifindex)
+		return count(R_DROP_SPOOFED, TC_ACT_SHOT);
+	if (captured_veth && !src && !(p == P_NOT_TCP && f.v6 && v6_link_scoped(&f.src)))
+		return count(R_DROP_SPOOFED, TC_ACT_SHOT);
+	int src_captured = captured_veth && src && (src->flags & POD_CAPTURED);
+
+	if (p == P_NOT_TCP)
+		return count(R_PASS_NOT_TCP, TC_ACT_OK);
+	if (p == P_FRAGMENT)
+		return touches_captured(&f, src_captured) ? count(R_DROP_FRAGMENT, TC_ACT_SHOT) : count(R_PASS_NOT_ENROLLED, TC_ACT_OK);
+
+	if ((skb->mark & bypass_mask) == bypass_mark)
+		return count(R_PASS_BYPASS_MARK, TC_ACT_OK);
+
+	if (!f.syn) {
+		int r = assign_established(skb, &f);
+		if (r >= 0)
+			return r;
+		return count(src_captured ? R_PASS_ESTABLISHED : R_PASS_NOT_ENROLLED, TC_ACT_OK);
+	}
+	if (src_captured)
+		return assign_listener(skb, &f, SLOT_OUTBOUND4, R_ASSIGN_OUTBOUND);
+	return inbound_new(skb, &f);
+}
+
+SEC("tc")
+int amber_uplink(struct __sk_buff *skb) {
+	struct flow f = {};
+	int p = parse(skb, &f);
+	if (p == P_NOT_IP)
+		return count(R_PASS_NOT_IP, TC_ACT_OK);
+	if (p == P_MALFORMED)
+		return touches_captured(&f, 0) ? count(R_DROP_MALFORMED, TC_ACT_SHOT) : count(R_PASS_MALFORMED, TC_ACT_OK);
+
+	// A captured pod's address arriving from another node is forged:
+	// that pod's packets only ever leave through its own veth.
+	struct pod_info *src = bpf_map_lookup_elem(&amber_pods, &f.src);
+	if (src)
+		return count(R_DROP_SPOOFED, TC_ACT_SHOT);
+
+	if (p == P_NOT_TCP)
+		return count(R_PASS_NOT_TCP, TC_ACT_OK);
+	if (p == P_FRAGMENT)
+		return touches_captured(&f, 0) ? count(R_DROP_FRAGMENT, TC_ACT_SHOT) : count(R_PASS_NOT_ENROLLED, TC_ACT_OK);
+
+	if ((skb->mark & bypass_mask) == bypass_mark)
+		return count(R_PASS_BYPASS_MARK, TC_ACT_OK);
+
+	if (!f.syn) {
+		int r = assign_established(skb, &f);
+		if (r >= 0)
+			return r;
+		return count(R_PASS_NOT_ENROLLED, TC_ACT_OK);
+	}
+	return inbound_new(skb, &f);
+}
