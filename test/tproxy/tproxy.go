@@ -1,0 +1,280 @@
+// Package tproxy is a minimal transparent splice proxy: the stand-in for
+// the ztunnel in datapath tests and the proxy both capture methods are
+// measured with in the datapath benchmark. It accepts connections captured
+// by amber's programs (bpf_sk_assign) or by nftables TPROXY, learns the
+// original destination from the accepted socket's local address, dials it
+// with the ztunnel's bypass mark and copies both ways with splice(2).
+package tproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/amber-mesh/amber/bpf"
+)
+
+// Options configures a Proxy. The zero value proxies in the caller's
+// network namespace, from the proxy's own address.
+type Options struct {
+	// Do runs fn with the calling thread inside the network namespace the
+	// proxy serves; every socket is created inside it. Nil means the
+	// current namespace.
+	Do func(fn func() error) error
+	// PreserveSource makes upstream connections leave from the client's
+	// address (IP_TRANSPARENT bind), as the ztunnel does towards
+	// applications. Replies then come back through the capture's
+	// established-socket lookup. Zero means the proxy's own address.
+	PreserveSource bool
+	// Ports of the outbound, inbound and HBONE listeners. Zero means
+	// 15001, 15006 and 15008.
+	Ports [3]int
+}
+
+// Event is one accepted connection.
+type Event struct {
+	Listener bpf.Listener
+	Src      netip.AddrPort
+	OrigDst  netip.AddrPort
+	// UpstreamErr is set when dialing the original destination failed.
+	UpstreamErr error
+}
+
+// Proxy is a running transparent proxy.
+type Proxy struct {
+	opts      Options
+	listeners [3]*net.TCPListener
+	wg        sync.WaitGroup
+
+	mu     sync.Mutex // guards the fields below
+	events []Event
+	conns  map[net.Conn]struct{}
+	closed bool
+}
+
+// Start opens the three transparent listeners (dual stack, MPTCP off) and
+// serves them until Close.
+func Start(opts Options) (*Proxy, error) {
+	if opts.Do == nil {
+		opts.Do = func(fn func() error) error { return fn() }
+	}
+	if opts.Ports == [3]int{} {
+		opts.Ports = [3]int{15001, 15006, 15008}
+	}
+	p := &Proxy{opts: opts, conns: map[net.Conn]struct{}{}}
+	for i, port := range opts.Ports {
+		var ln net.Listener
+		err := opts.Do(func() (err error) {
+			ln, err = Listen(fmt.Sprintf("[::]:%d", port))
+			return err
+		})
+		if err != nil {
+			p.Close()
+			return nil, err
+		}
+		p.listeners[i] = ln.(*net.TCPListener)
+	}
+	for i, ln := range p.listeners {
+		p.wg.Add(1)
+		go p.acceptLoop(bpf.Listener(i), ln)
+	}
+	return p, nil
+}
+
+// Listener returns the socket of one listener, for registration in the
+// capture's listener map.
+func (p *Proxy) Listener(l bpf.Listener) *net.TCPListener { return p.listeners[l] }
+
+// Register puts the three listeners into the listener map pinned under
+// root, for both address families.
+func (p *Proxy) Register(root string) error {
+	ls, err := bpf.OpenListeners(root)
+	if err != nil {
+		return err
+	}
+	defer ls.Close()
+	for i, ln := range p.listeners {
+		for _, f := range []bpf.Family{bpf.IPv4, bpf.IPv6} {
+			if err := ls.Register(bpf.Listener(i), f, ln); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Events returns the connections accepted so far.
+func (p *Proxy) Events() []Event {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]Event(nil), p.events...)
+}
+
+// Close stops the listeners and every proxied connection.
+func (p *Proxy) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	var errs []error
+	for _, ln := range p.listeners {
+		if ln != nil {
+			errs = append(errs, ln.Close())
+		}
+	}
+	for c := range p.conns {
+		c.Close()
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+	return errors.Join(errs...)
+}
+
+func (p *Proxy) track(c net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		c.Close()
+		return false
+	}
+	p.conns[c] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrack(c net.Conn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+	c.Close()
+}
+
+func (p *Proxy) acceptLoop(kind bpf.Listener, ln *net.TCPListener) {
+	defer p.wg.Done()
+	for {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			return
+		}
+		if !p.track(c) {
+			return
+		}
+		p.wg.Add(1)
+		go p.serve(kind, c)
+	}
+}
+
+func (p *Proxy) serve(kind bpf.Listener, down *net.TCPConn) {
+	defer p.wg.Done()
+	defer p.untrack(down)
+	ev := Event{
+		Listener: kind,
+		Src:      addrPort(down.RemoteAddr()),
+		OrigDst:  addrPort(down.LocalAddr()),
+	}
+	var up net.Conn
+	err := p.opts.Do(func() (err error) {
+		var src netip.Addr
+		if p.opts.PreserveSource {
+			src = ev.Src.Addr()
+		}
+		up, err = Dial(ev.OrigDst, src)
+		return err
+	})
+	ev.UpstreamErr = err
+	p.mu.Lock()
+	p.events = append(p.events, ev)
+	p.mu.Unlock()
+	if err != nil {
+		return
+	}
+	if !p.track(up) {
+		return
+	}
+	defer p.untrack(up)
+	Splice(down, up.(*net.TCPConn))
+}
+
+// Splice copies both ways between two TCP connections with splice(2),
+// passing each half-close on, and returns when both directions are done.
+func Splice(a, b *net.TCPConn) {
+	done := make(chan struct{})
+	go func() {
+		spliceHalf(b, a)
+		close(done)
+	}()
+	spliceHalf(a, b)
+	<-done
+}
+
+// spliceHalf copies src to dst until EOF, then shuts dst's write side so
+// the peer sees the same half-close.
+func spliceHalf(dst, src *net.TCPConn) {
+	if _, err := dst.ReadFrom(src); err != nil && !errors.Is(err, io.EOF) {
+		// A reset on one side resets the other: closing dst's read too
+		// would hide it, so only stop writing.
+		dst.CloseWrite()
+		src.CloseRead()
+		return
+	}
+	dst.CloseWrite()
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	ap := a.(*net.TCPAddr).AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// Listen opens a transparent, dual-stack TCP listener with MPTCP off: what
+// bpf_sk_assign and TPROXY need (DESIGN.md §2).
+func Listen(addr string) (net.Listener, error) {
+	lc := net.ListenConfig{Control: transparent}
+	lc.SetMultipathTCP(false)
+	return lc.Listen(context.Background(), "tcp", addr)
+}
+
+// Dial connects to dst with the bypass mark, from src when src is valid.
+func Dial(dst netip.AddrPort, src netip.Addr) (net.Conn, error) {
+	d := net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, bpf.BypassMark)
+		})
+		if err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("set SO_MARK: %w", serr)
+		}
+		if src.IsValid() {
+			return transparent(network, address, c)
+		}
+		return nil
+	}}
+	d.SetMultipathTCP(false)
+	if src.IsValid() {
+		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+	}
+	return d.Dial("tcp", dst.String())
+}
+
+func transparent(network, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+		if serr == nil && network != "tcp4" {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set IP_TRANSPARENT: %w", serr)
+	}
+	return nil
+}
