@@ -169,6 +169,22 @@ func lastEvent(tb testing.TB, px *tproxy.Proxy) tproxy.Event {
 	return ev[len(ev)-1]
 }
 
+// waitEvents waits until the proxy has recorded n connections: a client's
+// dial returns once the proxy accepted, before it dialed upstream.
+func waitEvents(tb testing.TB, px *tproxy.Proxy, n int) {
+	tb.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for len(px.Events()) < n {
+		if time.Now().After(deadline) {
+			tb.Fatalf("proxy saw %d connections, want %d", len(px.Events()), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := len(px.Events()); got != n {
+		tb.Fatalf("proxy saw %d connections, want %d", got, n)
+	}
+}
+
 func moved(before, after bpf.Counters, name string) uint64 {
 	return after[name] - before[name]
 }
