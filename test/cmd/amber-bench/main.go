@@ -1,0 +1,29 @@
+// Command amber-bench runs amber's benchmarks on a network-namespace
+// testbed and prints each result as a ratio against a baseline measured
+// in the same run.
+//
+//	amber-bench datapath   capture vs nftables TPROXY vs direct pod→pod
+package main
+
+import (
+	"fmt"
+	"os"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: amber-bench datapath [flags]")
+		os.Exit(2)
+	}
+	var err error
+	switch os.Args[1] {
+	case "datapath":
+		err = datapath(os.Args[2:])
+	default:
+		err = fmt.Errorf("unknown benchmark %q", os.Args[1])
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "amber-bench:", err)
+		os.Exit(1)
+	}
+}
