@@ -308,4 +308,3 @@ func nft(n *testbed.Node, script string) ([]byte, error) {
 	cmd.Stdin = strings.NewReader(script)
 	return cmd.CombinedOutput()
 }
-
