@@ -108,7 +108,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
 	__uint(max_entries, SLOT_MAX);
-	__type(key, __u32);  // enum listener_slot
+	__type(key, enum listener_slot);  // bpftool prints the slot's name
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } amber_listeners SEC(".maps");
@@ -116,14 +116,12 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, R_MAX);
-	__type(key, __u32);  // enum reason
+	__type(key, enum reason);  // bpftool prints the reason's name
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } amber_counters SEC(".maps");
 
 // Force BTF for the enums so Go (bpf2go -type) and bpftool share them.
-const enum reason *unused_reason __attribute__((unused));
-const enum listener_slot *unused_slot __attribute__((unused));
 const enum pod_flags *unused_pod_flags __attribute__((unused));
 const enum iface_flags *unused_iface_flags __attribute__((unused));
 

@@ -91,8 +91,6 @@ const (
 	captureVarRouteMark        = "route_mark"
 	captureVarUnusedIfaceFlags = "unused_iface_flags"
 	captureVarUnusedPodFlags   = "unused_pod_flags"
-	captureVarUnusedReason     = "unused_reason"
-	captureVarUnusedSlot       = "unused_slot"
 )
 
 // loadCapture returns the embedded CollectionSpec for capture.
@@ -161,8 +159,6 @@ type captureVariableSpecs struct {
 	RouteMark        *ebpf.VariableSpec `ebpf:"route_mark"`
 	UnusedIfaceFlags *ebpf.VariableSpec `ebpf:"unused_iface_flags"`
 	UnusedPodFlags   *ebpf.VariableSpec `ebpf:"unused_pod_flags"`
-	UnusedReason     *ebpf.VariableSpec `ebpf:"unused_reason"`
-	UnusedSlot       *ebpf.VariableSpec `ebpf:"unused_slot"`
 }
 
 // captureObjects contains all objects after they have been loaded into the kernel.
@@ -210,8 +206,6 @@ type captureVariables struct {
 	RouteMark        *ebpf.Variable `ebpf:"route_mark"`
 	UnusedIfaceFlags *ebpf.Variable `ebpf:"unused_iface_flags"`
 	UnusedPodFlags   *ebpf.Variable `ebpf:"unused_pod_flags"`
-	UnusedReason     *ebpf.Variable `ebpf:"unused_reason"`
-	UnusedSlot       *ebpf.Variable `ebpf:"unused_slot"`
 }
 
 // capturePrograms contains all programs after they have been loaded into the kernel.

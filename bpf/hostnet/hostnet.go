@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -25,6 +26,9 @@ const (
 	DefaultTable    = 133
 	DefaultPriority = 100
 )
+
+// ErrIncomplete is returned by Check when a rule or route is missing.
+var ErrIncomplete = errors.New("host routing for capture incomplete")
 
 // Config names the mark, table and rule priority. The zero value means the
 // defaults above.
@@ -124,14 +128,14 @@ func Ensure(c Config) error {
 // Check reports what is missing, or nil when both families are routed.
 func Check(c Config) error {
 	c = c.WithDefaults()
-	var errs []error
+	var missing []string
 	for _, f := range families {
 		ok, err := hasRule(c, f.family)
 		if err != nil {
 			return err
 		}
 		if !ok {
-			errs = append(errs, fmt.Errorf("%s: no rule fwmark %#x/%#x lookup %d", f.name, c.Mark, c.Mark, c.Table))
+			missing = append(missing, fmt.Sprintf("%s: no rule fwmark %#x/%#x lookup %d", f.name, c.Mark, c.Mark, c.Table))
 		}
 		routes, err := netlink.RouteListFiltered(f.family, &netlink.Route{Table: c.Table}, netlink.RT_FILTER_TABLE)
 		if err != nil {
@@ -144,11 +148,11 @@ func Check(c Config) error {
 			}
 		}
 		if !found {
-			errs = append(errs, fmt.Errorf("%s: no local default route in table %d", f.name, c.Table))
+			missing = append(missing, fmt.Sprintf("%s: no local default route in table %d", f.name, c.Table))
 		}
 	}
-	if len(errs) > 0 {
-		return fmt.Errorf("host routing for capture incomplete: %w", errors.Join(errs...))
+	if len(missing) > 0 {
+		return fmt.Errorf("%w: %s", ErrIncomplete, strings.Join(missing, "; "))
 	}
 	return nil
 }
@@ -175,7 +179,7 @@ func Remove(c Config) error {
 			errs = append(errs, err)
 			continue
 		}
-		if err := netlink.RouteDel(rt); err != nil && !errors.Is(err, unix.ESRCH) {
+		if err := netlink.RouteDel(rt); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("delete %s local route: %w", f.name, err))
 		}
 	}

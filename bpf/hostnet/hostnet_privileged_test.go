@@ -1,0 +1,59 @@
+package hostnet
+
+import (
+	"errors"
+	"os"
+	"runtime"
+	"testing"
+
+	"github.com/vishvananda/netns"
+)
+
+func TestPrivilegedEnsureCheckRemove(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("privileged test needs root, and CI must run it")
+		}
+		t.Skip("privileged test: needs root")
+	}
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	ns, err := netns.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		ns.Close()
+		if err := netns.Set(orig); err != nil {
+			t.Errorf("restore netns: %v", err) // thread stays locked and is retired
+			return
+		}
+		runtime.UnlockOSThread()
+	}()
+
+	cfg := Config{}
+	if err := Check(cfg); !errors.Is(err, ErrIncomplete) {
+		t.Fatalf("Check on a bare namespace = %v, want ErrIncomplete", err)
+	}
+	for i := 0; i < 2; i++ { // idempotent
+		if err := Ensure(cfg); err != nil {
+			t.Fatalf("Ensure #%d: %v", i+1, err)
+		}
+	}
+	if err := Check(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := Remove(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := Check(cfg); !errors.Is(err, ErrIncomplete) {
+		t.Fatalf("Check after Remove = %v, want ErrIncomplete", err)
+	}
+	if err := Remove(cfg); err != nil {
+		t.Fatalf("Remove twice: %v", err)
+	}
+}
