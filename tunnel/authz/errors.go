@@ -1,0 +1,25 @@
+package authz
+
+import (
+	"errors"
+	"fmt"
+)
+
+var (
+	// ErrUnenforceable is wrapped by every PolicyError.
+	ErrUnenforceable = errors.New("policy cannot be enforced at L4")
+)
+
+// PolicyError reports a policy that was stored but is enforced fail-closed
+// because part of it cannot be evaluated. The xDS layer may NACK it and
+// count it; the data plane keeps denying what the policy could deny.
+type PolicyError struct {
+	Key    string // "namespace/name"
+	Reason string // what could not be evaluated
+}
+
+func (e *PolicyError) Error() string {
+	return fmt.Sprintf("upsert policy %s: %s: %v (enforced fail-closed)", e.Key, e.Reason, ErrUnenforceable)
+}
+
+func (e *PolicyError) Unwrap() error { return ErrUnenforceable }
