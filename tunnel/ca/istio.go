@@ -1,0 +1,266 @@
+package ca
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/types/known/structpb"
+	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/amber-mesh/amber/tunnel/identity"
+)
+
+// Names istiod reads (istio/istio security/pkg/server/ca: server.go reads
+// the request metadata field, kubeauth/kube_jwt.go the gRPC header).
+const (
+	metaImpersonatedIdentity = "ImpersonatedIdentity"
+	headerClusterID          = "clusterid"
+	headerAuthorization      = "authorization"
+)
+
+// IstioConfig configures an Istio CA client.
+type IstioConfig struct {
+	// Address is istiod's CA endpoint as a gRPC target, normally
+	// "istiod.istio-system.svc:15012". Required.
+	Address string
+	// ServerName is the name istiod's serving certificate is verified
+	// against. Zero means the host part of Address.
+	ServerName string
+	// RootPEM holds the mesh root certificates (Istio's istio-ca-root-cert
+	// ConfigMap, root-cert.pem). istiod's serving certificate is verified
+	// against them, every issued leaf must chain to them, and Roots returns
+	// them. Required.
+	RootPEM []byte
+	// TokenFile holds the bearer token (a Kubernetes service-account token
+	// with audience "istio-ca"). It is read on every call because projected
+	// tokens are rotated in place. Zero means no authorization header is
+	// sent, which istiod refuses unless another authenticator applies.
+	TokenFile string
+	// ClusterID is sent as the "clusterid" header so that istiod validates
+	// the token against the right cluster. Zero means the header is
+	// omitted and istiod assumes its own cluster.
+	ClusterID string
+	// Self is the ztunnel's own identity. Requests for any other identity
+	// carry the ImpersonatedIdentity metadata, which istiod honours only for
+	// callers in CA_TRUSTED_NODE_ACCOUNTS. Zero means every request
+	// carries it, as Istio's ztunnel in shared (node proxy) mode does.
+	Self identity.ID
+}
+
+// Istio is a Client of istiod's istio.v1.auth.IstioCertificateService.
+type Istio struct {
+	cfg   IstioConfig
+	roots *x509.CertPool
+	conn  *grpc.ClientConn
+	svc   pb.IstioCertificateServiceClient
+}
+
+var _ Client = (*Istio)(nil)
+
+// NewIstio validates cfg and prepares a connection to istiod. It does not
+// dial: the connection is made by the first Sign.
+func NewIstio(cfg IstioConfig) (*Istio, error) {
+	if cfg.Address == "" {
+		return nil, errors.New("istio ca: no address")
+	}
+	roots := x509.NewCertPool()
+	rootCerts, err := parseCertsPEM(cfg.RootPEM)
+	if err != nil {
+		return nil, fmt.Errorf("istio ca: root pem: %w", err)
+	}
+	if len(rootCerts) == 0 {
+		return nil, errors.New("istio ca: root pem: no certificates")
+	}
+	for _, c := range rootCerts {
+		roots.AddCert(c)
+	}
+	if cfg.ServerName == "" {
+		host, _, err := net.SplitHostPort(cfg.Address)
+		if err != nil {
+			return nil, fmt.Errorf("istio ca: server name from address %q: %w", cfg.Address, err)
+		}
+		cfg.ServerName = host
+	}
+	if !cfg.Self.IsZero() {
+		if err := cfg.Self.Validate(); err != nil {
+			return nil, fmt.Errorf("istio ca: self identity: %w", err)
+		}
+	}
+	creds := credentials.NewTLS(&tls.Config{
+		RootCAs:    roots,
+		ServerName: cfg.ServerName,
+		MinVersion: tls.VersionTLS12,
+	})
+	conn, err := grpc.NewClient(cfg.Address, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		return nil, fmt.Errorf("istio ca: %w", err)
+	}
+	return &Istio{cfg: cfg, roots: roots, conn: conn, svc: pb.NewIstioCertificateServiceClient(conn)}, nil
+}
+
+// Roots returns the pool built from IstioConfig.RootPEM.
+func (c *Istio) Roots() *x509.CertPool { return c.roots }
+
+// Close closes the connection to istiod; pending calls fail.
+func (c *Istio) Close() error {
+	if err := c.conn.Close(); err != nil {
+		return fmt.Errorf("istio ca: close: %w", err)
+	}
+	return nil
+}
+
+// Sign sends the CSR to istiod the way Istio's ztunnel does
+// (src/identity/caclient.rs): the PEM CSR, the validity in seconds,
+// ImpersonatedIdentity metadata, a bearer token and an optional clusterid
+// header. istiod chooses the SAN from the caller's credentials, so the reply
+// is checked: its leaf must carry exactly id, hold the CSR's key and chain
+// to the mesh roots.
+func (c *Istio) Sign(ctx context.Context, csrPEM []byte, id identity.ID, ttl time.Duration) ([]*x509.Certificate, error) {
+	chain, err := c.sign(ctx, csrPEM, id, ttl)
+	if err != nil {
+		return nil, fmt.Errorf("istio ca: sign %s: %w", id, err)
+	}
+	return chain, nil
+}
+
+func (c *Istio) sign(ctx context.Context, csrPEM []byte, id identity.ID, ttl time.Duration) ([]*x509.Certificate, error) {
+	csr, err := checkCSR(csrPEM, id)
+	if err != nil {
+		return nil, err
+	}
+	var md []string
+	if c.cfg.TokenFile != "" {
+		tok, err := readToken(c.cfg.TokenFile)
+		if err != nil {
+			return nil, err
+		}
+		md = append(md, headerAuthorization, "Bearer "+tok)
+	}
+	if c.cfg.ClusterID != "" {
+		md = append(md, headerClusterID, c.cfg.ClusterID)
+	}
+	if len(md) > 0 {
+		ctx = metadata.AppendToOutgoingContext(ctx, md...)
+	}
+	req := &pb.IstioCertificateRequest{Csr: string(csrPEM)}
+	if ttl > 0 {
+		// Whole seconds, rounded up; zero lets istiod choose its default.
+		req.ValidityDuration = int64((ttl + time.Second - 1) / time.Second)
+	}
+	if c.cfg.Self.IsZero() || c.cfg.Self != id {
+		req.Metadata = &structpb.Struct{Fields: map[string]*structpb.Value{
+			metaImpersonatedIdentity: structpb.NewStringValue(id.String()),
+		}}
+	}
+	resp, err := c.svc.CreateCertificate(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	return checkChain(resp.GetCertChain(), csr, id, c.roots)
+}
+
+// readToken reads a bearer token. gRPC metadata values must be printable
+// ASCII, and a token with anything else in it is corrupt, not something to
+// send.
+func readToken(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("%w: %v", ErrToken, err)
+	}
+	b = bytes.TrimSpace(b)
+	if len(b) == 0 {
+		return "", fmt.Errorf("%w: %s is empty", ErrToken, path)
+	}
+	for _, c := range b {
+		if c <= ' ' || c > '~' {
+			return "", fmt.Errorf("%w: %s holds a non-printable or space character", ErrToken, path)
+		}
+	}
+	return string(b), nil
+}
+
+// checkChain parses istiod's reply. Its cert_chain is leaf first, root last
+// (security/v1alpha1 ca.proto); older istiods put several PEM certificates
+// in one element, so every element is split. Trailing self-signed
+// certificates are trust anchors and are dropped from the returned chain:
+// the mesh's anchors are the configured roots, never ones the reply brings.
+func checkChain(pems []string, csr *x509.CertificateRequest, id identity.ID, roots *x509.CertPool) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
+	for i, p := range pems {
+		cs, err := parseCertsPEM([]byte(p))
+		if err != nil {
+			return nil, fmt.Errorf("%w: cert_chain[%d]: %v", ErrBadResponse, i, err)
+		}
+		certs = append(certs, cs...)
+	}
+	if len(certs) == 0 {
+		return nil, fmt.Errorf("%w: empty cert_chain", ErrBadResponse)
+	}
+	leaf := certs[0]
+	got, err := identity.FromCertificate(leaf)
+	if err != nil {
+		return nil, fmt.Errorf("%w: want leaf for %s: %v", ErrIdentityMismatch, id, err)
+	}
+	if got != id {
+		return nil, fmt.Errorf("%w: asked for %s, CA issued %s", ErrIdentityMismatch, id, got)
+	}
+	if !publicKeyEqual(csr.PublicKey, leaf.PublicKey) {
+		return nil, fmt.Errorf("%w: leaf key is not the CSR's key", ErrBadResponse)
+	}
+	if leaf.IsCA {
+		return nil, fmt.Errorf("%w: leaf is a CA certificate", ErrBadResponse)
+	}
+	chain := certs
+	for len(chain) > 1 && isSelfSigned(chain[len(chain)-1]) {
+		chain = chain[:len(chain)-1]
+	}
+	if err := verifyLeaf(chain, roots); err != nil {
+		return nil, err
+	}
+	return chain, nil
+}
+
+func isSelfSigned(c *x509.Certificate) bool {
+	return bytes.Equal(c.RawIssuer, c.RawSubject) && c.CheckSignatureFrom(c) == nil
+}
+
+// verifyLeaf checks that chain[0] chains to roots and may be used as both
+// HBONE server and client. Validity is checked at a time inside the leaf's
+// own window so that clock skew with the CA is not reported as distrust;
+// expiry is the certificate manager's business.
+func verifyLeaf(chain []*x509.Certificate, roots *x509.CertPool) error {
+	leaf := chain[0]
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	at := time.Now()
+	if at.Before(leaf.NotBefore) {
+		at = leaf.NotBefore
+	}
+	if at.After(leaf.NotAfter) {
+		at = leaf.NotAfter
+	}
+	for _, usage := range []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth} {
+		_, err := leaf.Verify(x509.VerifyOptions{
+			Roots:         roots,
+			Intermediates: inter,
+			CurrentTime:   at,
+			KeyUsages:     []x509.ExtKeyUsage{usage},
+		})
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrUntrusted, err)
+		}
+	}
+	return nil
+}
