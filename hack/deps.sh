@@ -5,7 +5,7 @@ set -euo pipefail
 pkgs=(
   clang llvm libbpf-dev linux-libc-dev   # bpf2go (make generate)
   bpftool iproute2 nftables tcpdump util-linux  # datapath tests, amberctl docs, benchmarks
-  protobuf-compiler                        # xds/workloadapi generation
+  protobuf-compiler libprotobuf-dev        # xds/workloadapi generation (protoc + well-known types)
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,63 @@
+package client
+
+import (
+	"cmp"
+	"maps"
+	"slices"
+	"strings"
+)
+
+// Stats are the client's counters, for metrics and the admin endpoint.
+type Stats struct {
+	// Connected is true while a stream is open.
+	Connected bool
+	// Connects counts streams opened.
+	Connects uint64
+	// Reconnects counts stream attempts after the first.
+	Reconnects uint64
+	// Disconnects counts streams that failed to open or ended.
+	Disconnects uint64
+	// Responses counts responses received.
+	Responses uint64
+	// Applied counts resources added or updated.
+	Applied uint64
+	// Removed counts resources removed.
+	Removed uint64
+	// ACKs and NACKs count replies; a NACK names every rejected resource
+	// of its response.
+	ACKs  uint64
+	NACKs uint64
+	// Rejected counts rejected resources by reason.
+	Rejected map[Reason]uint64
+	// Rejections lists the resources whose latest version was rejected and
+	// not since replaced or removed, ordered by type and name. For an
+	// update, the store still holds the previous good version.
+	Rejections []Rejection
+}
+
+// Rejection is a resource whose latest version the client refused.
+type Rejection struct {
+	TypeURL string
+	Name    string
+	Reason  Reason
+	Message string
+}
+
+// Stats returns a copy of the counters.
+func (c *Client) Stats() Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.stats
+	s.Connected = c.connected
+	s.Rejected = maps.Clone(c.stats.Rejected)
+	s.Rejections = nil
+	for _, m := range c.rejected {
+		for _, r := range m {
+			s.Rejections = append(s.Rejections, r)
+		}
+	}
+	slices.SortFunc(s.Rejections, func(a, b Rejection) int {
+		return cmp.Or(strings.Compare(a.TypeURL, b.TypeURL), strings.Compare(a.Name, b.Name))
+	})
+	return s
+}
