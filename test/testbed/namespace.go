@@ -39,8 +39,27 @@ type sysctl struct {
 type netNS struct {
 	name string
 	path string
+	id   nsID
 	nl   *netlink.Handle // netlink socket living inside the namespace
 	fd   netns.NsHandle  // for IFLA_NET_NS_FD when a veth peer is placed here
+}
+
+// nsID identifies a namespace by its nsfs inode, which stays valid after
+// the /run/netns mount is gone.
+type nsID struct{ dev, ino uint64 }
+
+// statNS returns the id of the namespace bound at path, and false if path
+// is not a namespace mount (a stale plain file must never match a process).
+func statNS(path string) (nsID, bool) {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil || fs.Type != unix.NSFS_MAGIC {
+		return nsID{}, false
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return nsID{}, false
+	}
+	return nsID{dev: st.Dev, ino: st.Ino}, true
 }
 
 var (
@@ -92,11 +111,28 @@ func createNS(name string, settings []sysctl) (*netNS, error) {
 	}
 	ch := make(chan result, 1)
 	go func() {
-		// The thread is never unlocked: it ends up in the new namespace, and
-		// a goroutine that exits while locked takes its thread with it, so
-		// no other goroutine can ever run on a thread in the wrong namespace.
+		// Switch back rather than let the goroutine exit locked: the runtime
+		// destroys a locked thread on exit, except the main thread, which
+		// it parks forever instead, keeping its namespace (and every
+		// interface in it) alive until the process exits.
 		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: fmt.Errorf("open current netns: %w", err)}
+			return
+		}
+		defer orig.Close()
 		h, err := unshareNS(path, settings)
+		if e := netns.Set(orig); e != nil {
+			// Stay locked so no other goroutine runs in the new namespace.
+			if h != nil {
+				h.Close()
+			}
+			ch <- result{err: errors.Join(err, fmt.Errorf("leave new netns: %w", e))}
+			return
+		}
+		runtime.UnlockOSThread()
 		ch <- result{h, err}
 	}()
 	r := <-ch
@@ -108,10 +144,16 @@ func createNS(name string, settings []sysctl) (*netNS, error) {
 		r.h.Close()
 		return nil, errors.Join(fmt.Errorf("open netns %s: %w", name, err), unmountNS(path))
 	}
-	return &netNS{name: name, path: path, nl: r.h, fd: fd}, nil
+	id, ok := statNS(path)
+	if !ok {
+		r.h.Close()
+		fd.Close()
+		return nil, errors.Join(fmt.Errorf("create netns %s: not an nsfs mount", name), unmountNS(path))
+	}
+	return &netNS{name: name, path: path, id: id, nl: r.h, fd: fd}, nil
 }
 
-// unshareNS runs on a locked thread that is discarded afterwards.
+// unshareNS moves the calling (locked) thread into a new namespace.
 func unshareNS(path string, settings []sysctl) (*netlink.Handle, error) {
 	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 		return nil, fmt.Errorf("unshare: %w", err)
@@ -156,8 +198,7 @@ var errFnExited = errors.New("function called runtime.Goexit (FailNow/SkipNow mu
 // do runs fn on a dedicated goroutine locked to an OS thread inside the
 // namespace. A dedicated goroutine keeps the caller's own thread untouched:
 // if switching back fails, that goroutine exits still locked and the runtime
-// destroys its thread instead of reusing it. A panic in fn is re-raised in
-// the caller.
+// never reuses its thread. A panic in fn is re-raised in the caller.
 func (ns *netNS) do(fn func() error) error {
 	var (
 		done     = make(chan struct{})
@@ -195,7 +236,7 @@ func (ns *netNS) do(fn func() error) error {
 		defer func() {
 			if e := netns.Set(orig); e != nil {
 				err = errors.Join(err, fmt.Errorf("leave netns %s: %w", ns.name, e))
-				return // stay locked: the thread dies with this goroutine
+				return // stay locked: the runtime never reuses the thread
 			}
 			runtime.UnlockOSThread()
 		}()
@@ -219,16 +260,16 @@ func (ns *netNS) do(fn func() error) error {
 	return err
 }
 
-// destroy kills the processes inside the namespace and unmounts it. The
+// destroy unmounts the namespace and kills the processes using it. The
 // kernel frees the namespace, and every interface in it, once the last
-// reference (mount, process, open socket) is gone.
+// reference (mount, process, open file or socket) is gone.
 func (ns *netNS) destroy() error {
-	errs := []error{killProcsIn(ns.path)}
 	ns.nl.Close()
+	var errs []error
 	if err := ns.fd.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close netns %s: %w", ns.name, err))
 	}
-	errs = append(errs, unmountNS(ns.path))
+	errs = append(errs, unmountNS(ns.path), killProcs(ns.id))
 	return errors.Join(errs...)
 }
 
@@ -246,42 +287,53 @@ func unmountNS(path string) error {
 	return errors.Join(errs...)
 }
 
-// killProcsIn sends SIGKILL to every process (other than this one) whose
-// main thread is in the namespace bound at path. It does nothing unless
-// path really is a namespace mount, so a stale plain file never matches
-// an unrelated process.
-func killProcsIn(path string) error {
-	var fs unix.Statfs_t
-	if err := unix.Statfs(path, &fs); err != nil || fs.Type != unix.NSFS_MAGIC {
-		return nil
-	}
-	var want unix.Stat_t
-	if err := unix.Stat(path, &want); err != nil {
-		return nil
-	}
+// killProcs sends SIGKILL to every other process that is in the namespace
+// or holds it open. Callers unmount first: from then on nothing can open
+// the namespace anew, and a process caught between opening it and setns
+// (nsenter just started by Command) still holds the fd, so checking fds
+// before membership cannot miss it.
+func killProcs(id nsID) error {
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
-		return fmt.Errorf("kill processes in %s: %w", path, err)
+		return fmt.Errorf("kill processes in netns: %w", err)
 	}
 	self := os.Getpid()
+	link := fmt.Sprintf("net:[%d]", id.ino)
 	var errs []error
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || pid == self {
 			continue
 		}
-		var st unix.Stat_t
-		if unix.Stat("/proc/"+e.Name()+"/ns/net", &st) != nil {
-			continue // exited meanwhile, or a kernel thread
-		}
-		if st.Dev != want.Dev || st.Ino != want.Ino {
+		dir := "/proc/" + e.Name()
+		if !holdsNS(dir, link, id) && !sameNS(dir+"/ns/net", id) {
 			continue
 		}
 		if err := unix.Kill(pid, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
-			errs = append(errs, fmt.Errorf("kill pid %d in %s: %w", pid, path, err))
+			errs = append(errs, fmt.Errorf("kill pid %d in netns: %w", pid, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func sameNS(path string, id nsID) bool {
+	var st unix.Stat_t
+	return unix.Stat(path, &st) == nil && st.Dev == id.dev && st.Ino == id.ino
+}
+
+// holdsNS reports whether the process in dir has the namespace open.
+func holdsNS(dir, link string, id nsID) bool {
+	fds, err := os.ReadDir(dir + "/fd")
+	if err != nil {
+		return false // exited meanwhile, or a kernel thread
+	}
+	for _, fd := range fds {
+		p := dir + "/fd/" + fd.Name()
+		if target, err := os.Readlink(p); err == nil && target == link && sameNS(p, id) {
+			return true
+		}
+	}
+	return false
 }
 
 // sweepStale removes namespaces left by earlier runs of this package whose
@@ -302,7 +354,11 @@ func sweepStale() error {
 			continue
 		}
 		path := filepath.Join(netnsDir, e.Name())
-		errs = append(errs, killProcsIn(path), unmountNS(path))
+		id, isNS := statNS(path)
+		errs = append(errs, unmountNS(path))
+		if isNS {
+			errs = append(errs, killProcs(id))
+		}
 	}
 	return errors.Join(errs...)
 }

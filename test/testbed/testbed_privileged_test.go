@@ -285,6 +285,7 @@ func TestPrivilegedTopology(t *testing.T) {
 func TestPrivilegedDo(t *testing.T) {
 	b := testbed.New(t)
 	n := mustNode(t, b, "node1")
+	p := mustPod(t, n, "p")
 	want := errors.New("from fn")
 	if err := n.Do(func() error { return want }); !errors.Is(err, want) {
 		t.Errorf("Do returned %v, want fn's error", err)
@@ -297,18 +298,20 @@ func TestPrivilegedDo(t *testing.T) {
 		}()
 		n.Do(func() error { panic("boom") })
 	}()
-	// Every thread Do used went back to where it came from.
+	// Every thread that created a namespace or ran fn went back to where it
+	// came from (a thread left behind would also keep the namespace alive
+	// after Close).
 	for range 20 {
 		n.Do(func() error { return nil })
+		p.Do(func() error { return nil })
 	}
-	h, err := n.Handle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	var nodeNS unix.Stat_t
-	if err := unix.Fstat(int(h), &nodeNS); err != nil {
-		t.Fatal(err)
+	ours := map[unix.Stat_t]string{}
+	for _, ns := range []string{b.FabricNS, n.NS, p.NS} {
+		var st unix.Stat_t
+		if err := unix.Stat(filepath.Join("/run/netns", ns), &st); err != nil {
+			t.Fatal(err)
+		}
+		ours[unix.Stat_t{Dev: st.Dev, Ino: st.Ino}] = ns
 	}
 	tasks, err := os.ReadDir("/proc/self/task")
 	if err != nil {
@@ -316,8 +319,11 @@ func TestPrivilegedDo(t *testing.T) {
 	}
 	for _, task := range tasks {
 		var st unix.Stat_t
-		if unix.Stat("/proc/self/task/"+task.Name()+"/ns/net", &st) == nil && st.Ino == nodeNS.Ino && st.Dev == nodeNS.Dev {
-			t.Errorf("thread %s left in the node namespace", task.Name())
+		if unix.Stat("/proc/self/task/"+task.Name()+"/ns/net", &st) != nil {
+			continue
+		}
+		if ns, ok := ours[unix.Stat_t{Dev: st.Dev, Ino: st.Ino}]; ok {
+			t.Errorf("thread %s left in namespace %s", task.Name(), ns)
 		}
 	}
 	if _, err := n.Dial(t.Context(), "tcp", "localhost:80"); err == nil {
