@@ -10,7 +10,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -201,27 +200,31 @@ func (p *Proxy) serve(kind bpf.Listener, down *net.TCPConn) {
 
 // Splice copies both ways between two TCP connections with splice(2),
 // passing each half-close on, and returns when both directions are done.
+// A reset on either side resets the other (SO_LINGER 0), as a transparent
+// proxy must: the peer sees what the client did, and no TIME_WAIT is left
+// behind in the proxy for a connection its client aborted.
 func Splice(a, b *net.TCPConn) {
-	done := make(chan struct{})
-	go func() {
-		spliceHalf(b, a)
-		close(done)
-	}()
-	spliceHalf(a, b)
-	<-done
+	errc := make(chan error, 1)
+	go func() { errc <- spliceHalf(b, a) }()
+	err := spliceHalf(a, b)
+	if err == nil {
+		err = <-errc
+	}
+	if err != nil {
+		a.SetLinger(0)
+		b.SetLinger(0)
+		a.Close()
+		b.Close()
+	}
 }
 
 // spliceHalf copies src to dst until EOF, then shuts dst's write side so
 // the peer sees the same half-close.
-func spliceHalf(dst, src *net.TCPConn) {
-	if _, err := dst.ReadFrom(src); err != nil && !errors.Is(err, io.EOF) {
-		// A reset on one side resets the other: closing dst's read too
-		// would hide it, so only stop writing.
-		dst.CloseWrite()
-		src.CloseRead()
-		return
+func spliceHalf(dst, src *net.TCPConn) error {
+	if _, err := dst.ReadFrom(src); err != nil {
+		return err
 	}
-	dst.CloseWrite()
+	return dst.CloseWrite()
 }
 
 func addrPort(a net.Addr) netip.AddrPort {
@@ -250,10 +253,19 @@ func Dial(dst netip.AddrPort, src netip.Addr) (net.Conn, error) {
 		if serr != nil {
 			return fmt.Errorf("set SO_MARK: %w", serr)
 		}
-		if src.IsValid() {
-			return transparent(network, address, c)
+		if !src.IsValid() {
+			return nil
 		}
-		return nil
+		if err := transparent(network, address, c); err != nil {
+			return err
+		}
+		// Choose the port at connect() from the whole 4-tuple, not at
+		// bind(): a source address shared by many connections to
+		// different destinations does not run out of ports.
+		c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+		})
+		return serr
 	}}
 	d.SetMultipathTCP(false)
 	if src.IsValid() {
