@@ -44,7 +44,7 @@ test-unit: ## unprivileged tests only (privileged ones skip when not root)
 
 .PHONY: bench-datapath
 bench-datapath: deps ## capture vs nftables TPROXY vs direct, as ratios (testbed), plus per-packet program cost
-	$(GO) run ./test/cmd/amber-bench datapath
+	$(GO) run ./test/cmd/amber-bench datapath -rounds 7
 	$(GO) test -run '^$$' -bench 'BenchmarkProg' -benchtime 5x ./bpf/
 
 .PHONY: clean

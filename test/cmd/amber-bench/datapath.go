@@ -98,11 +98,16 @@ func datapath(args []string) error {
 
 	d, a, t := median(tput["direct"]), median(tput["amber"]), median(tput["tproxy"])
 	dc, ac, tc := median(rate["direct"]), median(rate["amber"]), median(rate["tproxy"])
-	fmt.Printf("\namber datapath benchmark: pod→pod across two testbed nodes, median of %d rounds of %s\n\n", *rounds, *dur)
-	fmt.Printf("| path | throughput | × direct | new conn/s | × direct |\n|---|---|---|---|---|\n")
-	fmt.Printf("| (a) direct pod→pod | %.2f Gbit/s | 1.00 | %.0f | 1.00 |\n", d, dc)
-	fmt.Printf("| (b) amber capture (TCX + sk_assign) → splice proxy | %.2f Gbit/s | %.2f | %.0f | %.2f |\n", a, a/d, ac, ac/dc)
-	fmt.Printf("| (c) nftables TPROXY → same splice proxy | %.2f Gbit/s | %.2f | %.0f | %.2f |\n", t, t/d, tc, tc/dc)
+	fmt.Printf("\namber datapath benchmark: pod→pod across two testbed nodes, median (min–max) of %d interleaved rounds of %s\n\n", *rounds, *dur)
+	fmt.Printf("| path | throughput Gbit/s | × direct | new conn/s | × direct |\n|---|---|---|---|---|\n")
+	row := func(name, mode string, base, baseC float64) {
+		fmt.Printf("| %s | %.2f (%.2f–%.2f) | %.2f | %.0f (%.0f–%.0f) | %.2f |\n", name,
+			median(tput[mode]), minOf(tput[mode]), maxOf(tput[mode]), median(tput[mode])/base,
+			median(rate[mode]), minOf(rate[mode]), maxOf(rate[mode]), median(rate[mode])/baseC)
+	}
+	row("(a) direct pod→pod", "direct", d, dc)
+	row("(b) amber capture (TCX + sk_assign) → splice proxy", "amber", d, dc)
+	row("(c) nftables TPROXY → same splice proxy", "tproxy", d, dc)
 	fmt.Printf("\n(b)/(c): throughput %.3f, connection rate %.3f (goal: ≥ 0.95 and ≥ 1.00)\n", a/t, ac/tc)
 	return nil
 }
@@ -112,6 +117,18 @@ func last(v []float64) float64 {
 		return 0
 	}
 	return v[len(v)-1]
+}
+
+func minOf(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[0]
+}
+
+func maxOf(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)-1]
 }
 
 func median(v []float64) float64 {
