@@ -3,6 +3,7 @@
 // in the same run.
 //
 //	amber-bench datapath   capture vs nftables TPROXY vs direct pod→pod
+//	amber-bench tunnel     amber's HBONE tunnel vs a plain TCP proxy pair vs direct
 package main
 
 import (
@@ -12,13 +13,15 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: amber-bench datapath [flags]")
+		fmt.Fprintln(os.Stderr, "usage: amber-bench datapath|tunnel [flags]")
 		os.Exit(2)
 	}
 	var err error
 	switch os.Args[1] {
 	case "datapath":
 		err = datapath(os.Args[2:])
+	case "tunnel":
+		err = tunnel(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown benchmark %q", os.Args[1])
 	}

@@ -1,0 +1,240 @@
+// Package meshbed runs amber on testbed nodes the way the node agent and
+// the DaemonSet will: the datapath loaded and attached to a node's uplink
+// and pod veths, pods captured, and a real amber-ztunnel process in the
+// node's namespace. Tests and benchmarks share it.
+package meshbed
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/test/testbed"
+)
+
+var rootSeq atomic.Int32
+
+// Node is a testbed node running amber's datapath.
+type Node struct {
+	*testbed.Node
+	// Root is the node's pin root, of its own under /sys/fs/bpf.
+	Root string
+	// DP is the loaded datapath.
+	DP *bpf.Datapath
+}
+
+// LoadDatapath loads the datapath into a fresh pin root named after
+// prefix and attaches it to n's uplink and to every pod veth n has now.
+func LoadDatapath(n *testbed.Node, prefix string) (*Node, error) {
+	nd := &Node{Node: n, Root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("%s-%d-n%d", prefix, os.Getpid(), rootSeq.Add(1)))}
+	err := n.Do(func() (err error) {
+		if nd.DP, err = bpf.Load(bpf.Config{PinRoot: nd.Root}); err != nil {
+			return err
+		}
+		if err := nd.DP.Attach(n.UplinkIndex, bpf.RoleUplink); err != nil {
+			return err
+		}
+		for _, p := range n.Pods() {
+			if err := nd.DP.Attach(p.HostIndex, bpf.RolePod); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, errors.Join(err, nd.Close())
+	}
+	return nd, nil
+}
+
+// Attach runs the pod program on a pod added after LoadDatapath.
+func (nd *Node) Attach(p *testbed.Pod) error {
+	return nd.Do(func() error { return nd.DP.Attach(p.HostIndex, bpf.RolePod) })
+}
+
+// Capture makes p a captured pod.
+func (nd *Node) Capture(p *testbed.Pod) error {
+	return nd.DP.Capture(p.HostIndex, []netip.Addr{p.IPv4, p.IPv6})
+}
+
+// Close unloads the datapath: links, pins and host routing.
+func (nd *Node) Close() error {
+	var errs []error
+	if nd.DP != nil {
+		errs = append(errs, nd.DP.Close())
+		nd.DP = nil
+	}
+	errs = append(errs, nd.Do(func() error { return bpf.Uninstall(bpf.Config{PinRoot: nd.Root}) }))
+	return errors.Join(errs...)
+}
+
+// BuildZtunnel builds cmd/amber-ztunnel into dir and returns its path.
+func BuildZtunnel(dir string) (string, error) {
+	bin := filepath.Join(dir, "amber-ztunnel")
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/amber-mesh/amber/cmd/amber-ztunnel")
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("build amber-ztunnel: %w", err)
+	}
+	return bin, nil
+}
+
+// Ztunnel is an amber-ztunnel process in local mode in a node's namespace.
+type Ztunnel struct {
+	Node *Node
+	Cmd  *exec.Cmd
+	HTTP *http.Client
+
+	exited chan error
+}
+
+// StartZtunnel starts bin on nd in local mode with the mesh file and the
+// local CA directory, logging to log, and waits until /healthz/ready.
+func StartZtunnel(nd *Node, bin, meshFile, caDir string, log io.Writer, args ...string) (*Ztunnel, error) {
+	z := &Ztunnel{Node: nd, exited: make(chan error, 1)}
+	z.Cmd = nd.Command(context.Background(), bin, append([]string{
+		"-node-name", nd.Name,
+		"-local-config", meshFile,
+		"-ca-dir", caDir,
+		"-pin-root", nd.Root,
+		"-log-format", "json",
+	}, args...)...)
+	z.Cmd.Stdout, z.Cmd.Stderr = log, log
+	if err := z.Cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { z.exited <- z.Cmd.Wait() }()
+	z.HTTP = &http.Client{
+		Timeout: 2 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return nd.Dial(ctx, network, addr)
+		}},
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		code, _, err := z.Get(15021, "/healthz/ready")
+		if err == nil && code == http.StatusOK {
+			return z, nil
+		}
+		select {
+		case err := <-z.exited:
+			z.exited <- err
+			return nil, fmt.Errorf("ztunnel on %s exited: %v", nd.Name, err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			z.Stop()
+			return nil, fmt.Errorf("ztunnel on %s not ready: %d %v", nd.Name, code, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Exited reports whether the process has ended, and how, without waiting.
+func (z *Ztunnel) Exited() (bool, error) {
+	select {
+	case err := <-z.exited:
+		z.exited <- err
+		return true, err
+	default:
+		return false, nil
+	}
+}
+
+// Stop sends SIGTERM and waits up to 10 s, then kills. It returns the
+// process's exit error, or an error when it had to be killed.
+func (z *Ztunnel) Stop() error {
+	z.HTTP.CloseIdleConnections()
+	if ok, err := z.Exited(); ok {
+		return fmt.Errorf("exited early: %v", err)
+	}
+	z.Cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-z.exited:
+		z.exited <- err
+		return err
+	case <-time.After(10 * time.Second):
+		z.Cmd.Process.Kill()
+		err := <-z.exited
+		z.exited <- err
+		return errors.New("did not stop on SIGTERM")
+	}
+}
+
+// Get fetches path from the ztunnel's port on the node's uplink address.
+func (z *Ztunnel) Get(port int, path string) (int, string, error) {
+	resp, err := z.HTTP.Get(fmt.Sprintf("http://%s%s", netip.AddrPortFrom(z.Node.IPv4, uint16(port)), path))
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// RSS is the process's resident set size in bytes.
+func (z *Ztunnel) RSS() (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", z.Cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kb int64
+			if _, err := fmt.Sscanf(strings.TrimSpace(rest), "%d kB", &kb); err != nil {
+				return 0, err
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, errors.New("no VmRSS")
+}
+
+// Workload is a pod as the local-mode mesh file describes it.
+type Workload struct {
+	Name           string
+	ServiceAccount string // empty: none
+	Pod            *testbed.Pod
+	HBONE          bool // enrolled (protocol HBONE) or plain TCP
+	Labels         map[string]string
+}
+
+// MeshYAML renders workloads in xds/server's local-mode format, followed
+// by extra (policies, services) verbatim.
+func MeshYAML(ws []Workload, extra string) string {
+	var b strings.Builder
+	b.WriteString("workloads:\n")
+	for _, w := range ws {
+		fmt.Fprintf(&b, "  - name: %s\n", w.Name)
+		if w.ServiceAccount != "" {
+			fmt.Fprintf(&b, "    serviceAccount: %s\n", w.ServiceAccount)
+		}
+		fmt.Fprintf(&b, "    addresses: [%q, %q]\n", w.Pod.IPv4.String(), w.Pod.IPv6.String())
+		fmt.Fprintf(&b, "    node: %s\n", w.Pod.Node.Name)
+		proto := "TCP"
+		if w.HBONE {
+			proto = "HBONE"
+		}
+		fmt.Fprintf(&b, "    protocol: %s\n", proto)
+		if len(w.Labels) > 0 {
+			b.WriteString("    labels:\n")
+			for k, v := range w.Labels {
+				fmt.Fprintf(&b, "      %s: %q\n", k, v)
+			}
+		}
+	}
+	b.WriteString(extra)
+	return b.String()
+}
