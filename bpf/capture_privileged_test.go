@@ -7,14 +7,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/test/tproxy"
 )
@@ -30,57 +29,13 @@ func requireRoot(tb testing.TB) {
 	tb.Skip("privileged test: needs root")
 }
 
-var rootSeq atomic.Int32
-
 // node is a testbed node running the datapath: programs on its uplink and
 // on every pod veth, host routing in its namespace, pins of its own.
-type node struct {
-	*testbed.Node
-	root string
-	dp   *bpf.Datapath
-}
+type node struct{ *meshbed.Node }
 
 func mustDatapath(tb testing.TB, n *testbed.Node) *node {
 	tb.Helper()
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("amber-test-%d-n%d", os.Getpid(), rootSeq.Add(1)))
-	nd := &node{Node: n, root: root}
-	tb.Cleanup(func() {
-		if nd.dp != nil {
-			nd.dp.Close()
-		}
-		err := n.Do(func() error { return bpf.Uninstall(bpf.Config{PinRoot: root}) })
-		if err != nil {
-			tb.Errorf("uninstall: %v", err)
-		}
-	})
-	err := n.Do(func() (err error) {
-		nd.dp, err = bpf.Load(bpf.Config{PinRoot: root})
-		if err != nil {
-			return err
-		}
-		return nd.dp.Attach(n.UplinkIndex, bpf.RoleUplink)
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	for _, p := range n.Pods() {
-		nd.attachPod(tb, p)
-	}
-	return nd
-}
-
-func (nd *node) attachPod(tb testing.TB, p *testbed.Pod) {
-	tb.Helper()
-	if err := nd.Do(func() error { return nd.dp.Attach(p.HostIndex, bpf.RolePod) }); err != nil {
-		tb.Fatal(err)
-	}
-}
-
-func (nd *node) capture(tb testing.TB, p *testbed.Pod) {
-	tb.Helper()
-	if err := nd.dp.Capture(p.HostIndex, []netip.Addr{p.IPv4, p.IPv6}); err != nil {
-		tb.Fatal(err)
-	}
+	return &node{meshbed.MustLoadDatapath(tb, n, "amber-test")}
 }
 
 func (nd *node) proxy(tb testing.TB, preserve bool) *tproxy.Proxy {
@@ -90,7 +45,7 @@ func (nd *node) proxy(tb testing.TB, preserve bool) *tproxy.Proxy {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { px.Close() })
-	if err := px.Register(nd.root); err != nil {
+	if err := px.Register(nd.Root); err != nil {
 		tb.Fatal(err)
 	}
 	return px
@@ -98,7 +53,7 @@ func (nd *node) proxy(tb testing.TB, preserve bool) *tproxy.Proxy {
 
 func (nd *node) counters(tb testing.TB) bpf.Counters {
 	tb.Helper()
-	c, err := nd.dp.Counters()
+	c, err := nd.DP.Counters()
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -211,8 +166,8 @@ func TestPrivilegedCapture(t *testing.T) {
 		t.Fatalf("pods: %v", err)
 	}
 	node1 := mustDatapath(t, n1)
-	node1.capture(t, a)
-	node1.capture(t, a2)
+	node1.MustCapture(t, a)
+	node1.MustCapture(t, a2)
 
 	echoB := mustEcho(t, b, 8080)
 	echoA := mustEcho(t, a, 8080)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 )
 
@@ -124,7 +125,7 @@ func TestPrivilegedSurvivesLoaderKill(t *testing.T) {
 	})
 	loader := startLoader(t, n1, root, []*testbed.Pod{a}, []*testbed.Pod{a})
 
-	nd := &node{Node: n1, root: root}
+	nd := &node{&meshbed.Node{Node: n1, Root: root}}
 	px := nd.proxy(t, true)
 	mustEcho(t, b, 8080)
 

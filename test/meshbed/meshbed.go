@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"syscall"
+	"testing"
 	"time"
 
 	"github.com/amber-mesh/amber/bpf"
@@ -57,6 +58,30 @@ func LoadDatapath(n *testbed.Node, prefix string) (*Node, error) {
 		return nil, errors.Join(err, nd.Close())
 	}
 	return nd, nil
+}
+
+// MustLoadDatapath is LoadDatapath for tests: it fails tb on error and
+// unloads the datapath when the test ends.
+func MustLoadDatapath(tb testing.TB, n *testbed.Node, prefix string) *Node {
+	tb.Helper()
+	nd, err := LoadDatapath(n, prefix)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		if err := nd.Close(); err != nil {
+			tb.Errorf("unload datapath: %v", err)
+		}
+	})
+	return nd
+}
+
+// MustCapture is Capture for tests.
+func (nd *Node) MustCapture(tb testing.TB, p *testbed.Pod) {
+	tb.Helper()
+	if err := nd.Capture(p); err != nil {
+		tb.Fatal(err)
+	}
 }
 
 // Attach runs the pod program on a pod added after LoadDatapath.
