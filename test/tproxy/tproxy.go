@@ -204,18 +204,26 @@ func (p *Proxy) serve(kind bpf.Listener, down *net.TCPConn) {
 // proxy must: the peer sees what the client did, and no TIME_WAIT is left
 // behind in the proxy for a connection its client aborted.
 func Splice(a, b *net.TCPConn) {
-	errc := make(chan error, 1)
-	go func() { errc <- spliceHalf(b, a) }()
-	err := spliceHalf(a, b)
-	if err == nil {
-		err = <-errc
+	var once sync.Once
+	abort := func() {
+		once.Do(func() {
+			a.SetLinger(0)
+			b.SetLinger(0)
+			a.Close()
+			b.Close()
+		})
 	}
-	if err != nil {
-		a.SetLinger(0)
-		b.SetLinger(0)
-		a.Close()
-		b.Close()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if spliceHalf(b, a) != nil {
+			abort()
+		}
+	}()
+	if spliceHalf(a, b) != nil {
+		abort()
 	}
+	<-done
 }
 
 // spliceHalf copies src to dst until EOF, then shuts dst's write side so
