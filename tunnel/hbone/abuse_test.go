@@ -1,0 +1,544 @@
+package hbone_test
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/amber-mesh/amber/tunnel/hbone"
+)
+
+// stillServes checks the server answers a well-behaved client after an
+// attack on another connection.
+func stillServes(t *testing.T, ts *testServer) {
+	t.Helper()
+	tp := newPool(t, ts)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := tp.Connect(ctx, tp.Key, "10.0.0.1:8080", http.Header{"X-Echo": {"1"}})
+	if err != nil {
+		t.Fatalf("connect after attack: %v", err)
+	}
+	defer s.Close()
+	if _, err := s.Write([]byte("ok?")); err != nil {
+		t.Fatal(err)
+	}
+	s.CloseWrite()
+	if got := readAllString(t, s); got != "ok?" {
+		t.Fatalf("echo after attack = %q", got)
+	}
+}
+
+// blockUntilCancelled never answers, like a handler still dialling
+// upstream; it returns when the stream is reset.
+var blockUntilCancelled = hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+	if req.Authority == "10.0.0.1:8080" && req.Header.Get("X-Echo") == "" {
+		<-ctx.Done()
+		return
+	}
+	echo(ctx, req, rw)
+})
+
+func TestLimitMaxConcurrentStreams(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, blockUntilCancelled, func(s *hbone.Server) { s.MaxConcurrentStreams = 10 })
+	rc := dialRaw(t, ts)
+	for id := uint32(1); id <= 19; id += 2 {
+		rc.connect(id, false)
+	}
+	rc.connect(21, false)
+	rc.expectReset(21, http2.ErrCodeRefusedStream)
+	if n := ts.Stats.StreamsRefused.Load(); n != 1 {
+		t.Errorf("StreamsRefused = %d, want 1", n)
+	}
+	// Closing one stream frees a slot.
+	rc.fr.WriteRSTStream(1, http2.ErrCodeCancel)
+	rc.ping()
+	rc.connect(23, false)
+	rc.ping()
+	if n := ts.Stats.StreamsRefused.Load(); n != 1 {
+		t.Errorf("StreamsRefused after a slot was freed = %d, want 1", n)
+	}
+	stillServes(t, ts)
+}
+
+func TestLimitHeaderListSize(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo)
+	rc := dialRaw(t, ts)
+	big := strings.Repeat("b", 20<<10) // over the 16 KiB default, within the block budget
+	rc.fr.WriteHeaders(http2.HeadersFrameParam{
+		StreamID:      1,
+		BlockFragment: rc.block(":method", "CONNECT", ":authority", "10.0.0.1:8080", "baggage", big),
+		EndHeaders:    true,
+	})
+	if code := rc.expectStatus(1); code != 431 {
+		t.Fatalf("status %d, want 431", code)
+	}
+	if n := ts.Stats.HeaderListTooLarge.Load(); n != 1 {
+		t.Errorf("HeaderListTooLarge = %d", n)
+	}
+	// The oversized block was still decoded: HPACK state is in step and
+	// the connection keeps working.
+	rc.connect(3, true)
+	if code := rc.expectStatus(3); code != 200 {
+		t.Fatalf("next request on the same connection: %d", code)
+	}
+	stillServes(t, ts)
+}
+
+func TestLimitContinuationFlood(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		frag int // bytes per CONTINUATION
+	}{
+		{"many small frames", 1},
+		{"large block", 16 << 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			ts := startServer(t, echo)
+			rc := dialRaw(t, ts)
+			block := rc.block(":method", "CONNECT", ":authority", "10.0.0.1:8080")
+			rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block})
+			go func() {
+				// An endless header block: never END_HEADERS.
+				frag := make([]byte, tc.frag)
+				for i := 0; i < 100000; i++ {
+					if rc.fr.WriteContinuation(1, false, frag) != nil {
+						return
+					}
+				}
+			}()
+			rc.expectGoAway(http2.ErrCodeEnhanceYourCalm)
+			if n := ts.Stats.ContinuationFloods.Load(); n != 1 {
+				t.Errorf("ContinuationFloods = %d", n)
+			}
+			rc.tc.Close()
+			stillServes(t, ts)
+		})
+	}
+}
+
+func TestLimitRapidReset(t *testing.T) {
+	checkLeaks(t)
+	var running, maxRunning atomic.Int64
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		n := running.Add(1)
+		defer running.Add(-1)
+		for m := maxRunning.Load(); n > m && !maxRunning.CompareAndSwap(m, n); m = maxRunning.Load() {
+		}
+		blockUntilCancelled(ctx, req, rw)
+	}))
+	rc := dialRaw(t, ts)
+	go func() {
+		block := rc.block(":method", "CONNECT", ":authority", "10.0.0.1:8080")
+		for id := uint32(1); id < 20000; id += 2 {
+			if rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block, EndHeaders: true}) != nil {
+				return
+			}
+			if rc.fr.WriteRSTStream(id, http2.ErrCodeCancel) != nil {
+				return
+			}
+		}
+	}()
+	rc.expectGoAway(http2.ErrCodeEnhanceYourCalm)
+	if n := ts.Stats.RapidResets.Load(); n != 1 {
+		t.Errorf("RapidResets = %d", n)
+	}
+	// Each reset cancels its handler; they never pile up beyond twice the
+	// stream limit.
+	if m := maxRunning.Load(); m > 200 {
+		t.Errorf("%d handlers ran at once", m)
+	}
+	rc.tc.Close()
+	stillServes(t, ts)
+	waitFor(t, "handlers to return", func() bool { return running.Load() == 0 })
+}
+
+func TestLimitPingFlood(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo)
+	rc := dialRaw(t, ts)
+	go func() {
+		for i := range 10000 {
+			var d [8]byte
+			binary.BigEndian.PutUint64(d[:], uint64(i))
+			if rc.fr.WritePing(false, d) != nil {
+				return
+			}
+		}
+	}()
+	rc.expectGoAway(http2.ErrCodeEnhanceYourCalm)
+	if n := ts.Stats.PingFloods.Load(); n != 1 {
+		t.Errorf("PingFloods = %d", n)
+	}
+	rc.tc.Close()
+	stillServes(t, ts)
+}
+
+func TestLimitSettingsFlood(t *testing.T) {
+	checkLeaks(t)
+	t.Run("many frames", func(t *testing.T) {
+		ts := startServer(t, echo)
+		rc := dialRaw(t, ts)
+		go func() {
+			for range 10000 {
+				if rc.fr.WriteSettings(http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: 1 << 20}) != nil {
+					return
+				}
+			}
+		}()
+		rc.expectGoAway(http2.ErrCodeEnhanceYourCalm)
+		if n := ts.Stats.SettingsFloods.Load(); n != 1 {
+			t.Errorf("SettingsFloods = %d", n)
+		}
+		stillServes(t, ts)
+	})
+	t.Run("huge frame", func(t *testing.T) {
+		ts := startServer(t, echo)
+		rc := dialRaw(t, ts)
+		settings := make([]http2.Setting, 10000)
+		for i := range settings {
+			settings[i] = http2.Setting{ID: 0x100, Val: uint32(i)}
+		}
+		go rc.fr.WriteSettings(settings...)
+		rc.expectGoAway(http2.ErrCodeEnhanceYourCalm)
+		if n := ts.Stats.SettingsFloods.Load(); n != 1 {
+			t.Errorf("SettingsFloods = %d", n)
+		}
+	})
+}
+
+func TestLimitStreamErrorFlood(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo)
+	rc := dialRaw(t, ts)
+	go func() {
+		// Each bad request costs the server a 400.
+		for id := uint32(1); id < 20000; id += 2 {
+			err := rc.fr.WriteHeaders(http2.HeadersFrameParam{
+				StreamID:      id,
+				BlockFragment: rc.block(":method", "GET", ":authority", "10.0.0.1:8080"),
+				EndHeaders:    true, EndStream: true,
+			})
+			if err != nil {
+				return
+			}
+		}
+	}()
+	rc.expectGoAway(http2.ErrCodeEnhanceYourCalm)
+	if n := ts.Stats.StreamErrorFloods.Load(); n != 1 {
+		t.Errorf("StreamErrorFloods = %d", n)
+	}
+	stillServes(t, ts)
+}
+
+// A client that makes the server queue replies and never reads them is
+// cut off instead of growing the server's buffers.
+func TestLimitControlFlood(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, blockUntilCancelled, func(s *hbone.Server) { s.MaxConcurrentStreams = 1 })
+	_, ctls := mustTLS(t)
+	d := net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
+		// A tiny receive buffer: the server's socket fills at once.
+		return c.Control(func(fd uintptr) {
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		})
+	}}
+	nc, err := d.Dial("tcp", ts.Addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := tls.Client(nc, ctls)
+	defer tc.Close()
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	rc := &rawClient{t: t, tc: tc, fr: http2.NewFramer(tc, tc)}
+	rc.enc = hpack.NewEncoder(&rc.hbuf)
+	io.WriteString(tc, http2.ClientPreface)
+	rc.fr.WriteSettings()
+	rc.connect(1, false) // takes the only slot; every further stream is refused
+	tc.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	for id := uint32(3); ; id += 2 {
+		if rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: rc.block(":method", "CONNECT", ":authority", "10.0.0.1:8080"), EndHeaders: true}) != nil {
+			break // the server hung up
+		}
+		if id > 1<<24 {
+			t.Fatal("server kept queueing refusals")
+		}
+	}
+	waitFor(t, "control flood detected", func() bool { return ts.Stats.ControlFloods.Load() == 1 })
+	stillServes(t, ts)
+}
+
+func TestLimitHandshakeTimeout(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo, func(s *hbone.Server) { s.HandshakeTimeout = 200 * time.Millisecond })
+	// Slowloris: connect, say nothing.
+	silent, err := net.Dial("tcp", ts.Addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	// Complete TLS, never send the HTTP/2 preface.
+	_, ctls := mustTLS(t)
+	mute, err := tls.Dial("tcp", ts.Addr.String(), ctls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mute.Close()
+	start := time.Now()
+	silent.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := silent.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("silent connection: %v, want closed by server", err)
+	}
+	mute.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.Copy(io.Discard, mute); err != nil {
+		t.Fatalf("TLS connection without preface: %v, want closed by server", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("cut off after %v", d)
+	}
+	waitFor(t, "timeouts counted", func() bool { return ts.Stats.HandshakeTimeouts.Load() == 2 })
+	stillServes(t, ts)
+}
+
+func TestTLSRequired(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo)
+	// A client without a certificate fails the mutual-TLS handshake.
+	_, ctls := mustTLS(t)
+	ctls.Certificates = nil
+	c, err := tls.Dial("tcp", ts.Addr.String(), ctls)
+	if err == nil {
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+	}
+	if err == nil {
+		t.Fatal("handshake without client certificate succeeded")
+	}
+	// ALPN other than h2.
+	_, ctls = mustTLS(t)
+	ctls.NextProtos = []string{"http/1.1"}
+	if c, err := tls.Dial("tcp", ts.Addr.String(), ctls); err == nil {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Error("connection without h2 stayed open")
+		}
+		c.Close()
+	}
+	waitFor(t, "handshake errors counted", func() bool { return ts.Stats.HandshakeErrors.Load() == 2 })
+}
+
+// TestProtocolErrors sends what RFC 9113 forbids and checks the error
+// code of the answer; the server must keep serving afterwards.
+func TestProtocolErrors(t *testing.T) {
+	checkLeaks(t)
+	type want struct {
+		goAway http2.ErrCode // connection error
+		rst    uint32        // else stream error on this stream
+		code   http2.ErrCode
+		status int // else this response status
+	}
+	conn := func(code http2.ErrCode) want { return want{goAway: code, rst: 0, code: 0xff} }
+	rst := func(id uint32, code http2.ErrCode) want { return want{rst: id, code: code} }
+	status := func(s int) want { return want{status: s} }
+	data := func(rc *rawClient, id uint32, n int, end bool) {
+		rc.fr.WriteData(id, end, make([]byte, n))
+	}
+	hdrs := func(rc *rawClient, id uint32, kv ...string) {
+		rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: rc.block(kv...), EndHeaders: true})
+	}
+	small := func(s *hbone.Server) {
+		s.Settings = hbone.Settings{StreamWindow: 64 << 10, ConnWindow: 100 << 10}
+	}
+	for _, tc := range []struct {
+		name string
+		srv  func(*hbone.Server)
+		send func(rc *rawClient)
+		want want
+	}{
+		{"DATA on idle stream", nil, func(rc *rawClient) { data(rc, 1, 1, false) }, conn(http2.ErrCodeProtocol)},
+		{"HEADERS on even stream", nil, func(rc *rawClient) { rc.connect(2, false) }, conn(http2.ErrCodeProtocol)},
+		{"HEADERS on lower stream id", nil, func(rc *rawClient) { rc.connect(5, false); rc.connect(3, false) }, conn(http2.ErrCodeProtocol)},
+		{"WINDOW_UPDATE on idle stream", nil, func(rc *rawClient) { rc.fr.WriteWindowUpdate(9, 1) }, conn(http2.ErrCodeProtocol)},
+		{"RST_STREAM on idle stream", nil, func(rc *rawClient) { rc.fr.WriteRSTStream(9, http2.ErrCodeCancel) }, conn(http2.ErrCodeProtocol)},
+		{"connection window overflow", nil, func(rc *rawClient) { rc.fr.WriteWindowUpdate(0, 1<<31-1) }, conn(http2.ErrCodeFlowControl)},
+		{"stream window overflow", nil, func(rc *rawClient) { rc.connect(1, false); rc.fr.WriteWindowUpdate(1, 1<<31-1) }, rst(1, http2.ErrCodeFlowControl)},
+		{"zero window increment", nil, func(rc *rawClient) { rc.connect(1, false); rc.fr.WriteWindowUpdate(1, 0) }, rst(1, http2.ErrCodeProtocol)},
+		{"zero connection window increment", nil, func(rc *rawClient) { rc.fr.WriteWindowUpdate(0, 0) }, conn(http2.ErrCodeProtocol)},
+		{"stream window exceeded", small, func(rc *rawClient) { rc.connect(1, false); data(rc, 1, 65<<10, false) }, rst(1, http2.ErrCodeFlowControl)},
+		{"connection window exceeded", small, func(rc *rawClient) {
+			rc.connect(1, false)
+			rc.connect(3, false)
+			data(rc, 1, 60<<10, false)
+			data(rc, 3, 60<<10, false)
+		}, conn(http2.ErrCodeFlowControl)},
+		{"padding longer than payload", nil, func(rc *rawClient) {
+			rc.connect(1, false)
+			rc.fr.WriteRawFrame(http2.FrameData, http2.FlagDataPadded, 1, []byte{5, 'a'})
+		}, conn(http2.ErrCodeProtocol)},
+		{"DATA after END_STREAM", nil, func(rc *rawClient) { rc.connect(1, true); data(rc, 1, 1, false) }, rst(1, http2.ErrCodeStreamClosed)},
+		{"frame over max frame size", nil, func(rc *rawClient) {
+			rc.connect(1, false)
+			hdr := []byte{0x10, 0, 1, 0, 0, 0, 0, 0, 1} // 1 MiB + 1
+			rc.tc.Write(hdr)
+		}, conn(http2.ErrCodeFrameSize)},
+		{"PING on a stream", nil, func(rc *rawClient) { rc.fr.WriteRawFrame(http2.FramePing, 0, 1, make([]byte, 8)) }, conn(http2.ErrCodeProtocol)},
+		{"short PING", nil, func(rc *rawClient) { rc.fr.WriteRawFrame(http2.FramePing, 0, 0, make([]byte, 7)) }, conn(http2.ErrCodeFrameSize)},
+		{"SETTINGS window too big", nil, func(rc *rawClient) {
+			rc.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 31})
+		}, conn(http2.ErrCodeFlowControl)},
+		{"SETTINGS bad frame size", nil, func(rc *rawClient) {
+			rc.fr.WriteSettings(http2.Setting{ID: http2.SettingMaxFrameSize, Val: 100})
+		}, conn(http2.ErrCodeProtocol)},
+		{"SETTINGS bad push", nil, func(rc *rawClient) {
+			rc.fr.WriteSettings(http2.Setting{ID: http2.SettingEnablePush, Val: 2})
+		}, conn(http2.ErrCodeProtocol)},
+		{"SETTINGS ACK with payload", nil, func(rc *rawClient) {
+			rc.fr.WriteRawFrame(http2.FrameSettings, http2.FlagSettingsAck, 0, make([]byte, 6))
+		}, conn(http2.ErrCodeFrameSize)},
+		{"CONTINUATION without HEADERS", nil, func(rc *rawClient) { rc.fr.WriteContinuation(1, true, nil) }, conn(http2.ErrCodeProtocol)},
+		{"HEADERS interrupted", nil, func(rc *rawClient) {
+			rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: rc.block(":method", "CONNECT")})
+			rc.fr.WritePing(false, [8]byte{})
+		}, conn(http2.ErrCodeProtocol)},
+		{"PUSH_PROMISE from client", nil, func(rc *rawClient) {
+			rc.connect(1, false)
+			rc.fr.WritePushPromise(http2.PushPromiseParam{StreamID: 1, PromiseID: 2, BlockFragment: []byte{0x82}, EndHeaders: true})
+		}, conn(http2.ErrCodeProtocol)},
+		{"bad HPACK", nil, func(rc *rawClient) {
+			rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, EndHeaders: true})
+		}, conn(http2.ErrCodeCompression)},
+		{"GET", nil, func(rc *rawClient) { hdrs(rc, 1, ":method", "GET", ":scheme", "https", ":path", "/", ":authority", "10.0.0.1:80") }, status(400)},
+		{"CONNECT without authority", nil, func(rc *rawClient) { hdrs(rc, 1, ":method", "CONNECT") }, status(400)},
+		{"CONNECT with path", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", ":authority", "10.0.0.1:8080", ":path", "/")
+		}, status(400)},
+		{"CONNECT with scheme", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", ":authority", "10.0.0.1:8080", ":scheme", "https")
+		}, status(400)},
+		{"extended CONNECT", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", ":protocol", "websocket", ":authority", "10.0.0.1:8080")
+		}, status(400)},
+		{"host name authority", nil, func(rc *rawClient) { hdrs(rc, 1, ":method", "CONNECT", ":authority", "example.com:80") }, status(400)},
+		{"unbracketed IPv6", nil, func(rc *rawClient) { hdrs(rc, 1, ":method", "CONNECT", ":authority", "fd00::1:80") }, status(400)},
+		{"uppercase header", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", ":authority", "10.0.0.1:8080", "Baggage", "x")
+		}, rst(1, http2.ErrCodeProtocol)},
+		{"pseudo after regular", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", "baggage", "x", ":authority", "10.0.0.1:8080")
+		}, rst(1, http2.ErrCodeProtocol)},
+		{"unknown pseudo", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", ":authority", "10.0.0.1:8080", ":foo", "x")
+		}, rst(1, http2.ErrCodeProtocol)},
+		{"response pseudo in request", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", ":authority", "10.0.0.1:8080", ":status", "200")
+		}, rst(1, http2.ErrCodeProtocol)},
+		{"duplicate pseudo", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", ":method", "CONNECT", ":authority", "10.0.0.1:8080")
+		}, rst(1, http2.ErrCodeProtocol)},
+		{"connection header", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", ":authority", "10.0.0.1:8080", "connection", "close")
+		}, rst(1, http2.ErrCodeProtocol)},
+		{"header value with newline", nil, func(rc *rawClient) {
+			hdrs(rc, 1, ":method", "CONNECT", ":authority", "10.0.0.1:8080", "baggage", "a\nb")
+		}, rst(1, http2.ErrCodeProtocol)},
+		{"stream depends on itself", nil, func(rc *rawClient) {
+			rc.connect(1, false)
+			rc.fr.WritePriority(1, http2.PriorityParam{StreamDep: 1})
+		}, rst(1, http2.ErrCodeProtocol)},
+		{"trailers without END_STREAM", nil, func(rc *rawClient) {
+			rc.connect(1, false)
+			hdrs(rc, 1, "x-trailer", "1")
+		}, rst(1, http2.ErrCodeProtocol)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mods []func(*hbone.Server)
+			if tc.srv != nil {
+				mods = append(mods, tc.srv)
+			}
+			ts := startServer(t, blockUntilCancelled, mods...)
+			rc := dialRaw(t, ts)
+			tc.send(rc)
+			switch w := tc.want; {
+			case w.code == 0xff:
+				rc.expectGoAway(w.goAway)
+			case w.status != 0:
+				if got := rc.expectStatus(1); got != w.status {
+					t.Fatalf("status %d, want %d", got, w.status)
+				}
+			default:
+				rc.expectReset(w.rst, w.code)
+			}
+			if tc.want.code != 0xff {
+				// Only the stream failed: the connection still works.
+				rc.fr.WriteHeaders(http2.HeadersFrameParam{
+					StreamID:      101,
+					BlockFragment: rc.block(":method", "CONNECT", ":authority", "10.0.0.2:80", "x-echo", "1"),
+					EndHeaders:    true,
+				})
+				if got := rc.expectStatus(101); got != 200 {
+					t.Fatalf("next stream on the connection: %d", got)
+				}
+			}
+			stillServes(t, ts)
+		})
+	}
+}
+
+// Frames the server must ignore.
+func TestProtocolIgnored(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo)
+	rc := dialRaw(t, ts)
+	rc.fr.WriteRawFrame(0x42, 0xff, 0, []byte("unknown frame type"))
+	rc.fr.WritePriority(7, http2.PriorityParam{StreamDep: 3, Weight: 9}) // idle stream: allowed
+	rc.fr.WriteRawFrame(http2.FrameGoAway, 0, 0, append(make([]byte, 8), make([]byte, 1000)...))
+	rc.connect(1, false)
+	if got := rc.expectStatus(1); got != 200 {
+		t.Fatalf("status %d", got)
+	}
+	// Padded DATA is delivered without its padding.
+	rc.fr.WriteDataPadded(1, true, []byte("hi"), make([]byte, 10))
+	f := rc.next(func(f http2.Frame) bool { d, ok := f.(*http2.DataFrame); return ok && len(d.Data()) > 0 })
+	if d, _ := f.(*http2.DataFrame); d == nil || string(d.Data()) != "hi" {
+		t.Fatalf("echoed %v", f)
+	}
+	if ts.Stats.ProtocolErrors.Load() != 0 {
+		t.Errorf("ProtocolErrors = %d", ts.Stats.ProtocolErrors.Load())
+	}
+}
+
+func TestBadPreface(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo)
+	_, ctls := mustTLS(t)
+	for _, preface := range []string{"GET / HTTP/1.1\r\nHost: x\r\n\r\n", http2.ClientPreface} {
+		tc, err := tls.Dial("tcp", ts.Addr.String(), ctls)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(tc, preface)
+		fr := http2.NewFramer(tc, tc)
+		if preface == http2.ClientPreface {
+			fr.WritePing(false, [8]byte{}) // the first frame must be SETTINGS
+		}
+		rc := &rawClient{t: t, tc: tc, fr: fr}
+		rc.expectGoAway(http2.ErrCodeProtocol)
+		tc.Close()
+	}
+}

@@ -1,0 +1,591 @@
+package hbone
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// Stream is one tunnelled connection: a CONNECT stream used as a net.Conn.
+//
+// CloseWrite sends END_STREAM, after which the peer reads io.EOF while
+// this side can still read; Read returns io.EOF once the peer has done the
+// same. Close after both directions ended is a clean close; otherwise it
+// resets the stream with RST_STREAM(CANCEL), and the peer sees a
+// *StreamError. A reset received from the peer drops unread data and
+// fails Read and Write with a *StreamError.
+type Stream interface {
+	net.Conn
+	CloseWrite() error
+}
+
+// stream implements Stream on either side of a connection.
+type stream struct {
+	c  *conn
+	id uint32
+
+	// Guarded by c.mu.
+	sendWin   int64 // the peer's window for this stream
+	recvWin   int64 // what the peer may still send on this stream
+	inMap     bool
+	sendEnded bool // END_STREAM queued
+	recvEnded bool // END_STREAM received
+	reset     bool // RST_STREAM sent or received, or closed
+	resetErr  error
+	responded bool // server: response sent; client: final response received
+	waiting   bool // in c.blocked
+	status    int  // client: final response status
+
+	wsig chan struct{} // write side may proceed: window, batch room or state
+	rsig chan struct{} // receive side changed
+
+	rmu      sync.Mutex // guards the receive side below; taken after c.mu, never before
+	rbuf     []*chunk   // unread data; every chunk but the last holds some
+	rerr     error      // returned once rbuf is empty: io.EOF or why the stream died
+	filling  bool       // the reader goroutine is reading into the last chunk
+	draining bool       // WriteTo is writing out the first chunk
+	closedR  bool       // Close was called: data is dropped
+	unacked  int64      // bytes read but not yet returned with WINDOW_UPDATE
+	resp     chan struct{}
+	respErr  error
+	respDone bool
+
+	readMu  sync.Mutex // one Read or WriteTo at a time
+	writeMu sync.Mutex // one Write, ReadFrom or CloseWrite at a time: keeps DATA in order
+	rdl     deadline
+	wdl     deadline
+	closed  atomic.Bool
+
+	// Server side: the handler's context.
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+var _ Stream = (*stream)(nil)
+
+func (s *stream) LocalAddr() net.Addr  { return s.c.nc.LocalAddr() }
+func (s *stream) RemoteAddr() net.Addr { return s.c.nc.RemoteAddr() }
+
+func (s *stream) SetDeadline(t time.Time) error {
+	_ = s.SetReadDeadline(t)
+	return s.SetWriteDeadline(t)
+}
+
+func (s *stream) SetReadDeadline(t time.Time) error {
+	s.rdl.set(t)
+	notify(s.rsig)
+	return nil
+}
+
+func (s *stream) SetWriteDeadline(t time.Time) error {
+	s.wdl.set(t)
+	notify(s.wsig)
+	return nil
+}
+
+// hasDataLocked: chunks other than the last are never empty.
+func (s *stream) hasDataLocked() bool {
+	return len(s.rbuf) > 1 || len(s.rbuf) == 1 && s.rbuf[0].r < s.rbuf[0].w
+}
+
+// waitDataLocked waits until there is data to read or a reason there
+// never will be.
+func (s *stream) waitDataLocked() error {
+	for {
+		switch {
+		case s.closedR:
+			return net.ErrClosed
+		case s.hasDataLocked():
+			return nil
+		case s.rerr != nil:
+			return s.rerr
+		case s.rdl.expired():
+			return os.ErrDeadlineExceeded
+		}
+		dl := s.rdl.wait()
+		s.rmu.Unlock()
+		select {
+		case <-s.rsig:
+		case <-dl:
+		}
+		s.rmu.Lock()
+	}
+}
+
+// popLocked releases the first chunk.
+func (s *stream) popLocked() {
+	putChunk(s.rbuf[0])
+	n := copy(s.rbuf, s.rbuf[1:])
+	s.rbuf[n] = nil
+	s.rbuf = s.rbuf[:n]
+	if n == 0 {
+		s.rbuf = nil
+	}
+}
+
+func (s *stream) Read(p []byte) (int, error) {
+	s.readMu.Lock()
+	defer s.readMu.Unlock()
+	s.rmu.Lock()
+	if err := s.waitDataLocked(); err != nil {
+		s.rmu.Unlock()
+		return 0, err
+	}
+	n := 0
+	for n < len(p) && len(s.rbuf) > 0 {
+		ch := s.rbuf[0]
+		k := copy(p[n:], ch.b[ch.r:ch.w])
+		ch.r += k
+		n += k
+		if ch.r < ch.w || len(s.rbuf) == 1 && s.filling {
+			break
+		}
+		s.popLocked()
+	}
+	inc := s.consumedLocked(int64(n))
+	s.rmu.Unlock()
+	s.c.creditConn(int64(n))
+	s.sendWindowUpdate(inc)
+	return n, nil
+}
+
+// WriteTo writes received data straight from the receive buffers to w,
+// so io.Copy(dst, stream) copies each byte once.
+func (s *stream) WriteTo(w io.Writer) (int64, error) {
+	s.readMu.Lock()
+	defer s.readMu.Unlock()
+	var total int64
+	for {
+		s.rmu.Lock()
+		if err := s.waitDataLocked(); err != nil {
+			s.rmu.Unlock()
+			if err == io.EOF {
+				err = nil
+			}
+			return total, err
+		}
+		ch := s.rbuf[0]
+		data := ch.b[ch.r:ch.w]
+		s.draining = true
+		s.rmu.Unlock()
+
+		n, werr := w.Write(data)
+
+		s.rmu.Lock()
+		s.draining = false
+		if s.closedR || len(s.rbuf) == 0 || s.rbuf[0] != ch {
+			// Dropped by Close or a reset while we wrote it.
+			s.rmu.Unlock()
+			if werr == nil {
+				werr = net.ErrClosed
+			}
+			return total + int64(n), werr
+		}
+		ch.r += n
+		if ch.r == ch.w && !(len(s.rbuf) == 1 && s.filling) {
+			s.popLocked()
+		}
+		inc := s.consumedLocked(int64(n))
+		s.rmu.Unlock()
+		s.c.creditConn(int64(n))
+		s.sendWindowUpdate(inc)
+		total += int64(n)
+		if werr != nil {
+			return total, werr
+		}
+	}
+}
+
+// consumedLocked counts n bytes read by the application and returns the
+// stream window increment to send, once a quarter of the window is due.
+func (s *stream) consumedLocked(n int64) int64 {
+	s.unacked += n
+	if s.unacked < int64(s.c.cfg.StreamWindow/4) {
+		return 0
+	}
+	inc := s.unacked
+	s.unacked = 0
+	return inc
+}
+
+// credit returns padding, which is never read, to the stream window.
+func (s *stream) credit(n int64) {
+	s.rmu.Lock()
+	inc := s.consumedLocked(n)
+	s.rmu.Unlock()
+	s.sendWindowUpdate(inc)
+}
+
+func (s *stream) sendWindowUpdate(inc int64) {
+	if inc <= 0 {
+		return
+	}
+	c := s.c
+	c.mu.Lock()
+	// A stream the peer has finished sending on needs no more window.
+	if s.inMap && !s.recvEnded && !c.closed {
+		s.recvWin += inc
+		_ = c.wfr.WriteWindowUpdate(s.id, uint32(inc))
+		c.signalWriter()
+	}
+	c.mu.Unlock()
+}
+
+// receive reads n bytes of DATA payload from r into the receive buffer.
+// It runs on the reader goroutine.
+func (s *stream) receive(r io.Reader, n int) error {
+	for n > 0 {
+		s.rmu.Lock()
+		if s.closedR || s.rerr != nil && s.rerr != io.EOF {
+			s.rmu.Unlock()
+			if _, err := io.CopyN(io.Discard, r, int64(n)); err != nil {
+				return err
+			}
+			s.c.creditConn(int64(n))
+			return nil
+		}
+		var ch *chunk
+		if k := len(s.rbuf); k > 0 && s.rbuf[k-1].w < len(s.rbuf[k-1].b) {
+			ch = s.rbuf[k-1]
+		} else {
+			ch = getChunk(n)
+			s.rbuf = append(s.rbuf, ch)
+		}
+		s.filling = true
+		buf := ch.b[ch.w:min(len(ch.b), ch.w+n)]
+		s.rmu.Unlock()
+
+		k, err := r.Read(buf)
+
+		s.rmu.Lock()
+		s.filling = false
+		dropped := s.closedR || s.rerr != nil && s.rerr != io.EOF
+		if !dropped {
+			ch.w += k
+		}
+		s.rmu.Unlock()
+		if dropped {
+			s.c.creditConn(int64(k))
+		} else if k > 0 {
+			notify(s.rsig)
+		}
+		n -= k
+		if err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// dropLocked releases all buffered data and returns how many unread bytes
+// it held. Chunks another goroutine is using are left to the collector.
+func (s *stream) dropLocked() int64 {
+	var unread int64
+	for i, ch := range s.rbuf {
+		unread += int64(ch.w - ch.r)
+		borrowed := i == 0 && s.draining || i == len(s.rbuf)-1 && s.filling
+		if !borrowed {
+			putChunk(ch)
+		}
+	}
+	s.rbuf = nil
+	return unread
+}
+
+// abort ends the stream with err unless the peer had already finished
+// sending, in which case what it sent stays readable. It takes only
+// s.rmu, so callers may hold c.mu. It returns the unread bytes dropped,
+// which the caller returns to the connection window.
+func (s *stream) abort(err error) int64 {
+	var dropped int64
+	s.rmu.Lock()
+	if s.rerr == nil {
+		s.rerr = err
+		dropped = s.dropLocked()
+	}
+	if s.resp != nil && !s.respDone {
+		s.respDone = true
+		s.respErr = err
+		close(s.resp)
+	}
+	s.rmu.Unlock()
+	notify(s.rsig)
+	notify(s.wsig)
+	if s.cancel != nil {
+		s.cancel()
+	}
+	return dropped
+}
+
+// deliverResponse wakes the Connect waiting for this stream's response.
+func (s *stream) deliverResponse(err error) {
+	s.rmu.Lock()
+	if !s.respDone {
+		s.respDone = true
+		s.respErr = err
+		close(s.resp)
+	}
+	s.rmu.Unlock()
+}
+
+// writeErrLocked is why the stream cannot send, or nil. c.mu is held.
+func (s *stream) writeErrLocked() error {
+	switch {
+	case s.closed.Load():
+		return net.ErrClosed
+	case s.c.closed:
+		return s.c.err
+	case s.c.closing && s.c.closeErr != ErrConnClosed:
+		return s.c.closeErr // a connection error: only the GOAWAY goes out now
+	case s.reset:
+		return s.resetErr
+	case s.sendEnded:
+		return ErrWriteAfterCloseWrite
+	case s.wdl.expired():
+		return os.ErrDeadlineExceeded
+	}
+	return nil
+}
+
+// awaitSendLocked waits until the stream may send a DATA frame and takes
+// flow-control window for up to want bytes (RFC 9113 §6.9). c.mu is held
+// on entry and on return.
+func (s *stream) awaitSendLocked(want int) (int, error) {
+	c := s.c
+	for {
+		if err := s.writeErrLocked(); err != nil {
+			return 0, err
+		}
+		room := len(c.pending) < writeBatchSize
+		if s.sendWin > 0 && c.sendWin > 0 && room {
+			k := min(int64(want), s.sendWin, c.sendWin, int64(c.peerMaxFrame), maxDataFrame)
+			s.sendWin -= k
+			c.sendWin -= k
+			return int(k), nil
+		}
+		if (c.sendWin <= 0 || !room) && !s.waiting {
+			s.waiting = true
+			c.blocked = append(c.blocked, s)
+		}
+		dl := s.wdl.wait()
+		c.mu.Unlock()
+		select {
+		case <-s.wsig:
+		case <-dl:
+		}
+		c.mu.Lock()
+	}
+}
+
+func (s *stream) Write(p []byte) (int, error) {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	return s.write(p)
+}
+
+func (s *stream) write(p []byte) (int, error) {
+	c := s.c
+	n := 0
+	for len(p) > 0 {
+		c.mu.Lock()
+		k, err := s.awaitSendLocked(len(p))
+		if err != nil {
+			c.mu.Unlock()
+			return n, err
+		}
+		c.appendDataLocked(s.id, false, p[:k])
+		c.mu.Unlock()
+		n += k
+		p = p[k:]
+	}
+	return n, nil
+}
+
+// ReadFrom sends what r yields until io.EOF (it does not CloseWrite). Its
+// read buffer starts small and grows only while reads fill it, so a
+// tunnel that mostly waits holds little memory.
+func (s *stream) ReadFrom(r io.Reader) (int64, error) {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	var total int64
+	class := 0
+	for {
+		ch := getChunk(chunkSizes[class])
+		n, err := r.Read(ch.b)
+		if n > 0 {
+			_, werr := s.write(ch.b[:n])
+			putChunk(ch)
+			total += int64(n)
+			if werr != nil {
+				return total, werr
+			}
+			if n == len(ch.b) && class < len(chunkSizes)-1 {
+				class++
+			} else if n < len(ch.b)/8 && class > 0 {
+				class--
+			}
+		} else {
+			putChunk(ch)
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+func (s *stream) CloseWrite() error {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.sendEnded && !s.reset && !c.closed {
+		return nil
+	}
+	if err := s.writeErrLocked(); err != nil && err != os.ErrDeadlineExceeded {
+		return err
+	}
+	c.appendDataLocked(s.id, true, nil)
+	s.sendEnded = true
+	if s.recvEnded {
+		c.removeLocked(s)
+	}
+	return nil
+}
+
+func (s *stream) Close() error {
+	if !s.closed.CompareAndSwap(false, true) {
+		return net.ErrClosed
+	}
+	c := s.c
+	c.mu.Lock()
+	if s.inMap {
+		if !(s.sendEnded && s.recvEnded) && !c.closed {
+			// RFC 9113 §8.5: closing a tunnel before both sides finished
+			// is an abort, reported to the peer as CANCEL.
+			_ = c.wfr.WriteRSTStream(s.id, http2.ErrCodeCancel)
+			c.signalWriter()
+		}
+		s.reset = true
+		s.resetErr = net.ErrClosed
+		c.removeLocked(s)
+	}
+	c.mu.Unlock()
+	notify(s.wsig)
+
+	s.rmu.Lock()
+	s.closedR = true
+	dropped := s.dropLocked()
+	s.rmu.Unlock()
+	notify(s.rsig)
+	c.creditConn(dropped)
+	s.rdl.set(time.Time{})
+	s.wdl.set(time.Time{})
+	return nil
+}
+
+// Responder answers a CONNECT request; use exactly one of its methods.
+type Responder interface {
+	// Accept answers 200 and returns the tunnel. Call it only once the
+	// upstream connection is established: a 200 tells the client its
+	// destination accepted the connection.
+	Accept() (Stream, error)
+	// Reject answers status (300-599) and ends the stream. The reason is
+	// logged, not sent.
+	Reject(status int, reason string) error
+}
+
+type responder struct{ s *stream }
+
+func (r responder) Accept() (Stream, error) {
+	if err := r.s.respond(http.StatusOK); err != nil {
+		return nil, err
+	}
+	return r.s, nil
+}
+
+func (r responder) Reject(status int, reason string) error {
+	if status < 300 || status > 599 {
+		return fmt.Errorf("hbone: reject with status %d: not a failure status", status)
+	}
+	r.s.c.log.Debug("hbone: rejecting CONNECT", "stream", r.s.id, "status", status, "reason", reason)
+	return r.s.respond(status)
+}
+
+// respond sends the response HEADERS; any status but 200 also ends the
+// stream.
+func (s *stream) respond(status int) error {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case s.responded:
+		return ErrAlreadyResponded
+	case c.closed:
+		return c.err
+	case c.closing:
+		return c.closeErr
+	case s.reset:
+		return s.resetErr
+	}
+	s.responded = true
+	ok := status == http.StatusOK
+	c.writeHeadersLocked(s.id, statusFields(status), !ok)
+	if ok {
+		c.stats.StreamsOpened.Add(1)
+		return nil
+	}
+	c.stats.StreamsRejected.Add(1)
+	s.sendEnded = true
+	if !s.recvEnded {
+		// RFC 9113 §8.1: the response is complete; stop the request body.
+		_ = c.wfr.WriteRSTStream(s.id, http2.ErrCodeNo)
+		s.reset = true
+		s.resetErr = &StreamError{Code: http2.ErrCodeNo}
+	}
+	c.removeLocked(s)
+	return nil
+}
+
+// serveStream runs the Handler for one CONNECT.
+func (c *conn) serveStream(s *stream, req *Request) {
+	defer c.handlerDone(s)
+	defer func() {
+		if r := recover(); r != nil {
+			// Fail closed: the stream is reset by handlerDone.
+			c.log.Error("hbone: handler panic", "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	c.server.Handler.ServeHBONE(s.ctx, req, responder{s})
+}
+
+// handlerDone ends the stream of a returned handler: a handler that never
+// answered gets its stream reset, an accepted stream is closed.
+func (c *conn) handlerDone(s *stream) {
+	c.mu.Lock()
+	if !s.responded && s.inMap {
+		_ = c.resetLocked(s, http2.ErrCodeInternal)
+	}
+	c.mu.Unlock()
+	_ = s.Close()
+	s.cancel()
+	c.mu.Lock()
+	c.handlers--
+	c.slotFreedLocked()
+	c.mu.Unlock()
+}

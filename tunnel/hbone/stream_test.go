@@ -1,0 +1,330 @@
+package hbone_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"github.com/amber-mesh/amber/tunnel/hbone"
+)
+
+func TestEcho(t *testing.T) {
+	checkLeaks(t)
+	var got *hbone.Request
+	reqs := make(chan *hbone.Request, 1)
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		reqs <- req
+		echo(ctx, req, rw)
+	}))
+	tp := newPool(t, ts)
+	hdr := http.Header{"Forwarded": {`for="10.0.0.2:4000"`}, "Baggage": {"k8s.namespace.name=a"}}
+	s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", hdr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	got = <-reqs
+	if got.Method != "CONNECT" || got.Authority != "10.0.0.1:8080" || got.Addr != netip.MustParseAddrPort("10.0.0.1:8080") {
+		t.Errorf("request = %+v", got)
+	}
+	if got.Header.Get("Forwarded") != `for="10.0.0.2:4000"` || got.Header.Get("Baggage") != "k8s.namespace.name=a" {
+		t.Errorf("headers = %v", got.Header)
+	}
+	if got.Conn.LocalAddr().String() != ts.Addr.String() {
+		t.Errorf("Request.Conn.LocalAddr = %v, want %v", got.Conn.LocalAddr(), ts.Addr)
+	}
+	if _, err := s.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "hello" {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := s.Read(buf); n != 0 || err != io.EOF {
+		t.Fatalf("read after peer's END_STREAM = %d, %v; want EOF", n, err)
+	}
+	if _, err := s.Write([]byte("x")); !errors.Is(err, hbone.ErrWriteAfterCloseWrite) {
+		t.Errorf("write after CloseWrite: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Errorf("close: %v", err)
+	}
+	waitFor(t, "server stream counted", func() bool { return ts.Stats.StreamsOpened.Load() == 1 })
+	if n := ts.Stats.StreamsReset.Load() + tp.Stats.StreamsReset.Load(); n != 0 {
+		t.Errorf("a clean close reset %d streams", n)
+	}
+}
+
+// The server finishes first while the client is still sending: the
+// client must read the server's data and EOF, keep sending, and the
+// server must receive everything. An x/net/http2 server cannot do this.
+func TestHalfCloseServerFirst(t *testing.T) {
+	checkLeaks(t)
+	const clientBytes = 8 << 20
+	received := make(chan int64, 1)
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		s, err := rw.Accept()
+		if err != nil {
+			return
+		}
+		if _, err := s.Write([]byte("bye")); err != nil {
+			t.Error(err)
+		}
+		if err := s.CloseWrite(); err != nil {
+			t.Error(err)
+		}
+		n, err := io.Copy(io.Discard, s)
+		if err != nil {
+			t.Error(err)
+		}
+		received <- n
+	}))
+	tp := newPool(t, ts)
+	s := tp.connect(t)
+	if got := readAllString(t, s); got != "bye" {
+		t.Fatalf("client read %q before EOF", got)
+	}
+	// The server's side is done; ours is still open.
+	if _, err := s.Write(make([]byte, clientBytes)); err != nil {
+		t.Fatalf("write after peer's END_STREAM: %v", err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if n := <-received; n != clientBytes {
+		t.Fatalf("server received %d bytes, want %d", n, clientBytes)
+	}
+}
+
+// The client half-closes and then reads the rest of the answer.
+func TestHalfCloseClientFirst(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		s, err := rw.Accept()
+		if err != nil {
+			return
+		}
+		data, err := io.ReadAll(s)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		// Answer only after the client's END_STREAM, like a server that
+		// reads a whole request first.
+		sum := sha256.Sum256(data)
+		for range 1000 {
+			if _, err := s.Write(sum[:]); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+		s.CloseWrite()
+	}))
+	tp := newPool(t, ts)
+	s := tp.connect(t)
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i)
+	}
+	if _, err := s.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(data)
+	if want := bytes.Repeat(sum[:], 1000); !bytes.Equal(got, want) {
+		t.Fatalf("got %d bytes, want %d bytes of digests", len(got), len(want))
+	}
+}
+
+func TestBigTransfer(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		settings hbone.Settings
+	}{
+		{"default windows", hbone.Settings{}},
+		// Windows far smaller than the transfer and than a frame: every
+		// byte waits for WINDOW_UPDATEs.
+		{"small windows", hbone.Settings{StreamWindow: 20 << 10, ConnWindow: 70 << 10, MaxFrameSize: 16 << 10}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			ts := startServer(t, echo, func(s *hbone.Server) { s.Settings = tc.settings })
+			tp := newPool(t, ts, func(p *hbone.Pool) { p.Settings = tc.settings })
+			const size = 48 << 20
+			const streams = 3
+			errs := make(chan error, streams)
+			for i := range streams {
+				go func() { errs <- transfer(tp, size/streams, uint64(i)) }()
+			}
+			for range streams {
+				if err := <-errs; err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}
+}
+
+// transfer sends n pseudo-random bytes through an echo stream while
+// reading them back, and compares digests.
+func transfer(tp *testPool, n int64, seed uint64) error {
+	s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	src := io.LimitReader(rand.NewChaCha8([32]byte{byte(seed)}), n)
+	sent := sha256.New()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(s, io.TeeReader(src, sent))
+		if err == nil {
+			err = s.CloseWrite()
+		}
+		errc <- err
+	}()
+	recv := sha256.New()
+	got, err := io.Copy(recv, s)
+	if err != nil {
+		return err
+	}
+	if err := <-errc; err != nil {
+		return err
+	}
+	if got != n || !bytes.Equal(sent.Sum(nil), recv.Sum(nil)) {
+		return errors.New("echoed data differs")
+	}
+	return nil
+}
+
+func TestStatusErrors(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		switch req.Addr.Port() {
+		case 401:
+			rw.Reject(http.StatusUnauthorized, "denied by policy")
+		case 503:
+			rw.Reject(http.StatusServiceUnavailable, "upstream refused")
+		default:
+			// Never answering is a handler bug: the stream is reset.
+		}
+	}))
+	tp := newPool(t, ts)
+	for _, code := range []int{401, 503} {
+		_, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:"+itoa(code), nil)
+		var se *hbone.StatusError
+		if !errors.As(err, &se) || se.Code != code {
+			t.Errorf("Connect to port %d: %v, want StatusError %d", code, err, code)
+		}
+	}
+	_, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:1", nil)
+	var rst *hbone.StreamError
+	if !errors.As(err, &rst) || rst.Code != http2.ErrCodeInternal || !rst.Remote {
+		t.Errorf("Connect to a handler that never answers: %v, want reset INTERNAL_ERROR", err)
+	}
+	if ts.Stats.StreamsRejected.Load() != 2 || tp.Stats.StreamsRejected.Load() != 2 {
+		t.Errorf("rejected: server %d, client %d; want 2", ts.Stats.StreamsRejected.Load(), tp.Stats.StreamsRejected.Load())
+	}
+	// The connection stays usable.
+	if tp.Dials.Load() != 1 {
+		t.Errorf("dials = %d, want 1", tp.Dials.Load())
+	}
+}
+
+func itoa(i int) string { return netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(i)).String()[8:] }
+
+func TestCloseResetsPeer(t *testing.T) {
+	checkLeaks(t)
+	serverErr := make(chan error, 1)
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		s, err := rw.Accept()
+		if err != nil {
+			return
+		}
+		_, err = io.Copy(io.Discard, s)
+		serverErr <- err
+		<-ctx.Done() // the reset cancels the handler's context
+	}))
+	tp := newPool(t, ts)
+	s := tp.connect(t)
+	if _, err := s.Write([]byte("partial")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var rst *hbone.StreamError
+	if err := <-serverErr; !errors.As(err, &rst) || rst.Code != http2.ErrCodeCancel || !rst.Remote {
+		t.Fatalf("server read: %v, want reset CANCEL", err)
+	}
+	if _, err := s.Read(make([]byte, 1)); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("read after Close: %v", err)
+	}
+	if err := s.Close(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("second Close: %v", err)
+	}
+}
+
+func TestDeadlines(t *testing.T) {
+	checkLeaks(t)
+	release := make(chan struct{})
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		s, err := rw.Accept()
+		if err != nil {
+			return
+		}
+		<-release // neither reads nor writes: windows fill up
+		s.Close()
+	}))
+	defer close(release)
+	tp := newPool(t, ts, func(p *hbone.Pool) { p.Settings.StreamWindow = 64 << 10 })
+	s := tp.connect(t)
+
+	s.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	start := time.Now()
+	_, err := s.Read(make([]byte, 1))
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() || !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read past deadline: %v", err)
+	}
+	if d := time.Since(start); d < 40*time.Millisecond || d > 2*time.Second {
+		t.Errorf("read deadline fired after %v", d)
+	}
+	// A cleared deadline lets reads block again; a past one fails at once.
+	s.SetReadDeadline(time.Time{})
+	s.SetReadDeadline(time.Now().Add(-time.Second))
+	if _, err := s.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read with past deadline: %v", err)
+	}
+
+	// The server does not read: its 4 MiB window fills and Write blocks
+	// until the deadline.
+	s.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	n, err := s.Write(make([]byte, 16<<20))
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("write past deadline: %d, %v", n, err)
+	}
+	if n == 0 || n >= 16<<20 {
+		t.Errorf("wrote %d bytes before the deadline; want some, not all", n)
+	}
+}
