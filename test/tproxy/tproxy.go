@@ -13,11 +13,9 @@ import (
 	"net"
 	"net/netip"
 	"sync"
-	"syscall"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/tunnel/sockopt"
 )
 
 // Options configures a Proxy. The zero value proxies in the caller's
@@ -69,16 +67,16 @@ func Start(opts Options) (*Proxy, error) {
 	}
 	p := &Proxy{opts: opts, conns: map[net.Conn]struct{}{}}
 	for i, port := range opts.Ports {
-		var ln net.Listener
+		var ln *net.TCPListener
 		err := opts.Do(func() (err error) {
-			ln, err = Listen(fmt.Sprintf("[::]:%d", port))
+			ln, err = sockopt.Options{}.Listen(context.Background(), fmt.Sprintf("[::]:%d", port))
 			return err
 		})
 		if err != nil {
 			p.Close()
 			return nil, err
 		}
-		p.listeners[i] = ln.(*net.TCPListener)
+		p.listeners[i] = ln
 	}
 	for i, ln := range p.listeners {
 		p.wg.Add(1)
@@ -181,7 +179,7 @@ func (p *Proxy) serve(kind bpf.Listener, down *net.TCPConn) {
 		if p.opts.PreserveSource {
 			src = ev.Src.Addr()
 		}
-		up, err = Dial(ev.OrigDst, src)
+		up, err = sockopt.Options{}.Dial(context.Background(), ev.OrigDst, src)
 		return err
 	})
 	ev.UpstreamErr = err
@@ -238,63 +236,4 @@ func spliceHalf(dst, src *net.TCPConn) error {
 func addrPort(a net.Addr) netip.AddrPort {
 	ap := a.(*net.TCPAddr).AddrPort()
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-}
-
-// Listen opens a transparent, dual-stack TCP listener with MPTCP off: what
-// bpf_sk_assign and TPROXY need (DESIGN.md §2).
-func Listen(addr string) (net.Listener, error) {
-	lc := net.ListenConfig{Control: transparent}
-	lc.SetMultipathTCP(false)
-	return lc.Listen(context.Background(), "tcp", addr)
-}
-
-// Dial connects to dst with the bypass mark, from src when src is valid.
-func Dial(dst netip.AddrPort, src netip.Addr) (net.Conn, error) {
-	d := net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
-		var serr error
-		err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, bpf.BypassMark)
-		})
-		if err != nil {
-			return err
-		}
-		if serr != nil {
-			return fmt.Errorf("set SO_MARK: %w", serr)
-		}
-		if !src.IsValid() {
-			return nil
-		}
-		if err := transparent(network, address, c); err != nil {
-			return err
-		}
-		// Choose the port at connect() from the whole 4-tuple, not at
-		// bind(): a source address shared by many connections to
-		// different destinations does not run out of ports.
-		c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
-		})
-		return serr
-	}}
-	d.SetMultipathTCP(false)
-	if src.IsValid() {
-		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
-	}
-	return d.Dial("tcp", dst.String())
-}
-
-func transparent(network, _ string, c syscall.RawConn) error {
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
-		if serr == nil && network != "tcp4" {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
-		}
-	})
-	if err != nil {
-		return err
-	}
-	if serr != nil {
-		return fmt.Errorf("set IP_TRANSPARENT: %w", serr)
-	}
-	return nil
 }

@@ -1,0 +1,93 @@
+// Command amber-ztunnel is amber's ztunnel: the node proxy that carries
+// captured pod traffic over HBONE. Flags map onto tunnel.Config.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/tunnel"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "amber-ztunnel:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("amber-ztunnel", flag.ContinueOnError)
+	var cfg tunnel.Config
+	var nodeIP, logFormat, logLevel string
+	var outbound, inbound, hbonePort, admin, metricsPort, readiness uint
+	fs.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "node whose workloads this ztunnel serves (empty: all)")
+	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "mesh trust domain")
+	fs.StringVar(&cfg.LocalConfig, "local-config", "", "local mode: mesh YAML file served by an in-process xDS server")
+	fs.StringVar(&cfg.CADir, "ca-dir", "", "local mode: directory of the local CA (created if empty)")
+	fs.StringVar(&cfg.XDSAddress, "xds-address", "", "istiod xDS address, e.g. istiod.istio-system.svc:15012")
+	fs.StringVar(&cfg.CAAddress, "ca-address", "", "istiod CA address (default: -xds-address)")
+	fs.StringVar(&cfg.RootCertFile, "root-cert", "", "mesh root certificates (PEM) for istiod mode")
+	fs.StringVar(&cfg.TokenFile, "token-file", "", "service-account token sent to istiod")
+	fs.StringVar(&cfg.ClusterID, "cluster-id", "", "cluster id sent to istiod's CA")
+	fs.StringVar(&cfg.PodName, "pod-name", os.Getenv("POD_NAME"), "this ztunnel's pod name (sent to istiod)")
+	fs.StringVar(&cfg.PodNamespace, "pod-namespace", os.Getenv("POD_NAMESPACE"), "this ztunnel's namespace (sent to istiod)")
+	fs.StringVar(&nodeIP, "node-ip", os.Getenv("INSTANCE_IP"), "this ztunnel's IP (sent to istiod)")
+	fs.StringVar(&cfg.PinRoot, "pin-root", bpf.DefaultPinRoot, "bpffs directory of the datapath's pins")
+	fs.BoolVar(&cfg.NoCapture, "no-capture", false, "do not register listeners in the datapath")
+	fs.UintVar(&outbound, "outbound-port", 0, "outbound listener port (0: 15001)")
+	fs.UintVar(&inbound, "inbound-port", 0, "inbound plaintext listener port (0: 15006)")
+	fs.UintVar(&hbonePort, "hbone-port", 0, "HBONE listener port (0: 15008)")
+	fs.UintVar(&admin, "admin-port", 0, "admin port on 127.0.0.1 (0: 15000)")
+	fs.UintVar(&metricsPort, "metrics-port", 0, "metrics port (0: 15020)")
+	fs.UintVar(&readiness, "readiness-port", 0, "readiness port (0: 15021)")
+	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	for _, p := range []struct {
+		v   uint
+		dst *uint16
+	}{{outbound, &cfg.Ports.Outbound}, {inbound, &cfg.Ports.Inbound}, {hbonePort, &cfg.Ports.HBONE}, {admin, &cfg.Ports.Admin}, {metricsPort, &cfg.Ports.Metrics}, {readiness, &cfg.Ports.Readiness}} {
+		if p.v > 65535 {
+			return fmt.Errorf("port %d out of range", p.v)
+		}
+		*p.dst = uint16(p.v)
+	}
+	if nodeIP != "" {
+		a, err := netip.ParseAddr(nodeIP)
+		if err != nil {
+			return fmt.Errorf("-node-ip: %w", err)
+		}
+		cfg.NodeIP = a
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+		return fmt.Errorf("-log-level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch logFormat {
+	case "text":
+		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, opts))
+	case "json":
+		cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	default:
+		return fmt.Errorf("-log-format %q: want text or json", logFormat)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	err := tunnel.Run(ctx, cfg)
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}

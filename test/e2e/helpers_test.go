@@ -1,0 +1,213 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/amber-mesh/amber/test/meshbed"
+	"github.com/amber-mesh/amber/test/testbed"
+)
+
+// syncBuffer is a bytes.Buffer safe for a process writing while the test
+// reads.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// ztunnel is a running amber-ztunnel process in a node's namespace.
+type ztunnel struct {
+	*meshbed.Ztunnel
+	log *syncBuffer
+}
+
+// mustZtunnel starts amber-ztunnel on nd in local mode and waits until it
+// reports ready; it is stopped with SIGTERM when the test ends.
+func mustZtunnel(tb testing.TB, nd *meshbed.Node, meshFile, caDir string) *ztunnel {
+	tb.Helper()
+	log := &syncBuffer{}
+	z, err := meshbed.StartZtunnel(nd, ztunnelBin, meshFile, caDir, log)
+	if err != nil {
+		tb.Fatalf("%v\n%s", err, log)
+	}
+	tb.Cleanup(func() {
+		if err := z.Stop(); err != nil {
+			tb.Errorf("ztunnel on %s: %v\n%s", nd.Name, err, log)
+		}
+		if tb.Failed() {
+			tb.Logf("ztunnel %s log:\n%s", nd.Name, log)
+		}
+	})
+	return &ztunnel{Ztunnel: z, log: log}
+}
+
+func (z *ztunnel) get(port int, path string) (int, string, error) { return z.Get(port, path) }
+
+// metric returns the value of the first sample of name whose labels
+// include every one of want, or -1.
+func (z *ztunnel) metric(tb testing.TB, name string, want map[string]string) float64 {
+	tb.Helper()
+	_, body, err := z.get(15020, "/stats/prometheus")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	sum, found := 0.0, false
+	sc := bufio.NewScanner(strings.NewReader(body))
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name+"{") {
+			continue
+		}
+		ok := true
+		for k, v := range want {
+			if !strings.Contains(line, fmt.Sprintf("%s=%q", k, v)) {
+				ok = false
+				break
+			}
+		}
+		if !ok {
+			continue
+		}
+		var val float64
+		fmt.Sscanf(line[strings.LastIndexByte(line, ' ')+1:], "%g", &val)
+		sum += val
+		found = true
+	}
+	if !found {
+		return -1
+	}
+	return sum
+}
+
+// accessLogs returns the ztunnel's access-log lines that contain every
+// one of want (attribute key → value).
+func (z *ztunnel) accessLogs(want map[string]string) []map[string]any {
+	var out []map[string]any
+	for _, line := range strings.Split(z.log.String(), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(line), &m) != nil || m["msg"] != "connection complete" {
+			continue
+		}
+		ok := true
+		for k, v := range want {
+			if s, _ := m[k].(string); !strings.Contains(s, v) {
+				ok = false
+			}
+		}
+		if ok {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// waitFor polls cond for up to 5s.
+func waitFor(tb testing.TB, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// echoServer listens in a pod, echoes, and reports each peer address.
+type echoServer struct {
+	peers chan netip.AddrPort
+}
+
+func mustEcho(tb testing.TB, p *testbed.Pod, port int) *echoServer {
+	tb.Helper()
+	ln, err := p.Listen("tcp", fmt.Sprintf("[::]:%d", port))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	s := &echoServer{peers: make(chan netip.AddrPort, 64)}
+	var wg sync.WaitGroup
+	tb.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+			select {
+			case s.peers <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()):
+			default:
+			}
+			wg.Go(func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				io.Copy(c, c)
+			})
+		}
+	})
+	return s
+}
+
+func (s *echoServer) lastPeer(tb testing.TB) netip.AddrPort {
+	tb.Helper()
+	select {
+	case p := <-s.peers:
+		return p
+	case <-time.After(2 * time.Second):
+		tb.Fatal("server saw no connection")
+	}
+	return netip.AddrPort{}
+}
+
+// roundTrip dials addr from a pod, sends msg and expects it echoed.
+func roundTrip(p *testbed.Pod, addr netip.AddrPort, msg string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := p.Dial(ctx, "tcp", addr.String())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte(msg)); err != nil {
+		return err
+	}
+	// Half-close: the echo must still come back (TCP semantics through
+	// both tunnels).
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		return err
+	}
+	got, err := io.ReadAll(c)
+	if err != nil {
+		return err
+	}
+	if string(got) != msg {
+		return fmt.Errorf("echo %q, want %q", got, msg)
+	}
+	return nil
+}

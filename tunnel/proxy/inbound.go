@@ -1,0 +1,240 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/amber-mesh/amber/tunnel/authz"
+	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/tunnel/hbone"
+	"github.com/amber-mesh/amber/tunnel/sockopt"
+	"github.com/amber-mesh/amber/xds/state"
+)
+
+// serveHBONE answers one CONNECT, checking in the order Istio's ztunnel
+// does (DESIGN.md §3): authority against the original destination, the
+// ztunnel's own ports and special addresses (400), a local destination
+// workload (400), authorization (401), the upstream connection (503); 200
+// only once the application accepted.
+func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+	origDst := sockopt.AddrPort(req.Conn.LocalAddr())
+	peerAddr := sockopt.AddrPort(req.Conn.RemoteAddr())
+	r := &record{
+		reporter: reporterDestino, src: peerAddr, dst: req.Addr, start: time.Now(),
+		protocol: protocolHBONE, mtls: true,
+	}
+	reject := func(status int, err error) {
+		if status == http.StatusBadRequest {
+			p.stats.BadRequests.Add(1)
+		}
+		_ = rw.Reject(status, err.Error())
+		p.refuse(r, err)
+	}
+	tc, ok := req.Conn.(*tls.Conn)
+	if !ok {
+		reject(http.StatusBadRequest, errors.New("HBONE connection is not TLS"))
+		return
+	}
+	peer, err := certs.PeerID(tc.ConnectionState())
+	if err != nil {
+		reject(http.StatusUnauthorized, err)
+		return
+	}
+	r.srcID = peer
+	snap := p.cfg.Store.Load()
+	// The client's address: the Forwarded header is trusted only when it
+	// names a workload of the very identity the peer proved, so a peer
+	// cannot borrow another workload's address (source-IP policies and
+	// the preserved source the application sees depend on it).
+	var spoof netip.Addr
+	if fwd, ok := parseForwarded(req.Header.Get("Forwarded")); ok {
+		if w := snap.WorkloadByAddr(state.NetworkAddr{Addr: fwd.Addr()}); w != nil && workloadID(w) == peer {
+			r.src, r.srcW, spoof = fwd, w, fwd.Addr()
+		}
+	}
+	switch dst := req.Addr; {
+	case dst.Addr() != origDst.Addr():
+		reject(http.StatusBadRequest, fmt.Errorf("%w: %s on a connection to %s", errAuthority, req.Authority, origDst.Addr()))
+		return
+	case p.reserved[dst.Port()]:
+		reject(http.StatusBadRequest, fmt.Errorf("%w: %d", errReservedPort, dst.Port()))
+		return
+	case !tunnelTarget(dst.Addr()):
+		reject(http.StatusBadRequest, fmt.Errorf("%w: %s", errBadTarget, dst.Addr()))
+		return
+	}
+	r.dstW = p.localWorkload(snap, req.Addr.Addr())
+	if r.dstW == nil {
+		p.stats.UnknownDest.Add(1)
+		reject(http.StatusBadRequest, fmt.Errorf("%w: %s", errUnknownDest, req.Addr.Addr()))
+		return
+	}
+	r.dstID = workloadID(r.dstW)
+	ac := authz.Conn{
+		SrcIdentity: peer.String(),
+		SrcIP:       r.src.Addr(),
+		DstIP:       req.Addr.Addr(),
+		DstPort:     req.Addr.Port(),
+		DstWorkload: authzWorkload(r.dstW),
+	}
+	if d := p.policies.Evaluate(ac); !d.Allowed {
+		p.stats.AuthzDenied.Add(1)
+		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
+		return
+	}
+	dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+	up, err := p.cfg.Sockets.Dial(dctx, req.Addr, spoof)
+	cancel()
+	if err != nil {
+		p.stats.UpstreamErrors.Add(1)
+		reject(http.StatusServiceUnavailable, fmt.Errorf("connect %s: %w", req.Addr, err))
+		return
+	}
+	down, err := rw.Accept()
+	if err != nil {
+		up.Close()
+		p.refuse(r, fmt.Errorf("accept CONNECT: %w", err))
+		return
+	}
+	p.relay(r, &tracked{down: down, up: up, inbound: true, authz: ac}, down, up)
+}
+
+// handleInbound serves a plaintext connection to a local pod from a client
+// outside the mesh. It has no identity, so no principal can match it.
+func (p *Proxy) handleInbound(c net.Conn) {
+	src, dst := sockopt.AddrPort(c.RemoteAddr()), sockopt.AddrPort(c.LocalAddr())
+	r := &record{reporter: reporterDestino, src: src, dst: dst, start: time.Now(), protocol: protocolTCP}
+	snap := p.cfg.Store.Load()
+	r.srcW = snap.WorkloadByAddr(state.NetworkAddr{Addr: src.Addr()})
+	r.dstW = p.localWorkload(snap, dst.Addr())
+	refuse := func(err error) {
+		c.Close()
+		p.refuse(r, err)
+	}
+	if r.dstW == nil {
+		p.stats.UnknownDest.Add(1)
+		refuse(fmt.Errorf("%w: %s", errUnknownDest, dst.Addr()))
+		return
+	}
+	r.dstID = workloadID(r.dstW)
+	if p.reserved[dst.Port()] {
+		refuse(fmt.Errorf("%w: %d", errReservedPort, dst.Port()))
+		return
+	}
+	ac := authz.Conn{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port(), DstWorkload: authzWorkload(r.dstW)}
+	if d := p.policies.Evaluate(ac); !d.Allowed {
+		p.stats.AuthzDenied.Add(1)
+		refuse(&DeniedError{Decision: d})
+		return
+	}
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
+	up, err := p.cfg.Sockets.Dial(ctx, dst, src.Addr())
+	cancel()
+	if err != nil {
+		p.stats.UpstreamErrors.Add(1)
+		refuse(fmt.Errorf("connect %s: %w", dst, err))
+		return
+	}
+	down := c.(halfConn)
+	p.relay(r, &tracked{down: down, up: up, inbound: true, authz: ac}, down, up)
+}
+
+// tunnelTarget reports whether a CONNECT may reach addr: never the
+// ztunnel's host itself or addresses with no meaning across nodes.
+func tunnelTarget(a netip.Addr) bool {
+	return a.IsValid() && !a.IsLoopback() && !a.IsUnspecified() && !a.IsLinkLocalUnicast() &&
+		!a.IsMulticast() && !a.IsLinkLocalMulticast() && !a.IsInterfaceLocalMulticast()
+}
+
+// parseForwarded returns the address of the first for= of an RFC 7239
+// Forwarded header: for="ip:port", for="[v6]:port", or a bare IP.
+func parseForwarded(h string) (netip.AddrPort, bool) {
+	first, _, _ := strings.Cut(h, ",")
+	for _, pair := range strings.Split(first, ";") {
+		k, v, ok := strings.Cut(strings.TrimSpace(pair), "=")
+		if !ok || !strings.EqualFold(k, "for") {
+			continue
+		}
+		v = strings.Trim(v, `"`)
+		if ap, err := netip.ParseAddrPort(v); err == nil {
+			return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
+		}
+		if a, err := netip.ParseAddr(strings.Trim(v, "[]")); err == nil {
+			return netip.AddrPortFrom(a.Unmap(), 0), true
+		}
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPort{}, false
+}
+
+// syncPolicies makes the enforced policy set the snapshot's.
+func (p *Proxy) syncPolicies(snap *state.Snapshot) {
+	all := snap.Authorizations()
+	pols := make([]authz.Authorization, 0, len(all))
+	for _, a := range all {
+		pols = append(pols, convertPolicy(a))
+	}
+	if err := p.policies.Replace(pols); err != nil {
+		p.log.Warn("authorization policies enforced fail-closed", "error", err)
+	}
+}
+
+// watchPolicies keeps the policy set in step with the store and re-checks
+// live inbound connections whenever policies or workloads change (a
+// workload's policy list is part of its resource).
+func (p *Proxy) watchPolicies(sub *state.Subscription) {
+	defer p.wg.Done()
+	defer sub.Close()
+	for {
+		changed := p.policies.Changed()
+		select {
+		case <-p.ctx.Done():
+			return
+		case <-sub.C():
+			snap, what := sub.Take()
+			if what&state.ChangedAuthorizations != 0 {
+				p.syncPolicies(snap)
+			}
+			// changed, taken above, was closed by syncPolicies if it
+			// changed the set; this iteration handles that change.
+			if what&(state.ChangedAuthorizations|state.ChangedWorkloads) != 0 {
+				p.recheck(snap)
+			}
+		case <-changed:
+			p.recheck(p.cfg.Store.Load())
+		}
+	}
+}
+
+// recheck closes the live inbound connections the current policies no
+// longer allow.
+func (p *Proxy) recheck(snap *state.Snapshot) {
+	p.mu.Lock()
+	var live []*tracked
+	for t := range p.conns {
+		if t.inbound {
+			live = append(live, t)
+		}
+	}
+	p.mu.Unlock()
+	for _, t := range live {
+		w := p.localWorkload(snap, t.authz.DstIP)
+		if w == nil {
+			t.close(errDestRemoved)
+			continue
+		}
+		c := t.authz
+		c.DstWorkload = authzWorkload(w)
+		if d := p.policies.Evaluate(c); !d.Allowed {
+			p.stats.AuthzRevoked.Add(1)
+			t.close(&DeniedError{Decision: d, Revoked: true})
+		}
+	}
+}

@@ -1,0 +1,215 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"time"
+
+	"github.com/amber-mesh/amber/tunnel/hbone"
+	"github.com/amber-mesh/amber/tunnel/identity"
+	"github.com/amber-mesh/amber/tunnel/sockopt"
+	"github.com/amber-mesh/amber/xds/state"
+)
+
+// route is where an outbound connection goes.
+type route struct {
+	hbone     bool
+	addr      netip.AddrPort // dialled: HBONE peer (pod or waypoint :15008) or the plain destination
+	authority string         // CONNECT :authority, for HBONE
+	peer      identity.ID    // identity the HBONE peer must present
+	dstW      *state.Workload
+	svc       *state.Service
+}
+
+// handleOutbound serves a connection captured leaving a local pod. The
+// accepted socket's local address is the original destination: the
+// datapath assigns the SYN to the listener without NAT (DESIGN.md §2).
+func (p *Proxy) handleOutbound(c net.Conn) {
+	p.outbound(c.(halfConn), sockopt.AddrPort(c.RemoteAddr()), sockopt.AddrPort(c.LocalAddr()))
+}
+
+func (p *Proxy) outbound(down halfConn, src, dst netip.AddrPort) {
+	r := &record{reporter: reporterSource, src: src, dst: dst, start: time.Now(), protocol: protocolTCP}
+	snap := p.cfg.Store.Load()
+	// A captured pod must be known: anything else would let an unknown
+	// address borrow the node's mesh identity.
+	r.srcW = p.localWorkload(snap, src.Addr())
+	if r.srcW == nil {
+		p.stats.UnknownSource.Add(1)
+		down.Close()
+		p.refuse(r, fmt.Errorf("%w: %s", errUnknownSource, src.Addr()))
+		return
+	}
+	r.srcID = workloadID(r.srcW)
+	rt, err := p.route(snap, dst)
+	if err != nil {
+		p.stats.NoRoute.Add(1)
+		down.Close()
+		p.refuse(r, err)
+		return
+	}
+	r.dstW, r.svc = rt.dstW, rt.svc
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
+	defer cancel()
+	var up halfConn
+	if rt.hbone {
+		r.protocol, r.mtls, r.hboneAddr, r.dstID = protocolHBONE, true, rt.addr, rt.peer
+		hdr := http.Header{}
+		hdr.Set("Forwarded", formatForwarded(src))
+		key := hbone.Key{Src: r.srcID.String(), Dst: rt.peer.String(), Addr: rt.addr}
+		up, err = p.pool.Connect(ctx, key, rt.authority, hdr)
+	} else {
+		// Plain TCP leaves from the pod's own address, as it would without
+		// the mesh; the reply finds this socket through the datapath's
+		// established-socket lookup.
+		up, err = p.cfg.Sockets.Dial(ctx, rt.addr, src.Addr())
+	}
+	if err != nil {
+		p.stats.UpstreamErrors.Add(1)
+		down.Close()
+		p.refuse(r, fmt.Errorf("connect %s: %w", rt.addr, err))
+		return
+	}
+	p.relay(r, &tracked{down: down, up: up}, down, up)
+}
+
+// route resolves the original destination: a service VIP is replaced by
+// one of its endpoints; a waypoint of the service or workload takes the
+// traffic; an HBONE-capable workload is reached over HBONE on its own IP;
+// anything else passes through as plain TCP.
+func (p *Proxy) route(snap *state.Snapshot, dst netip.AddrPort) (*route, error) {
+	rt := &route{addr: dst}
+	na := state.NetworkAddr{Addr: dst.Addr()}
+	target := dst
+	if svc := snap.ServiceByVIP(na, dst.Port()); svc != nil {
+		rt.svc = svc
+		if svc.Waypoint != nil {
+			return p.viaWaypoint(snap, rt, svc.Waypoint, dst)
+		}
+		ep, ok := pickEndpoint(snap.Endpoints(svc.Key()))
+		if !ok {
+			return nil, fmt.Errorf("%w: %s", errNoEndpoint, svc.Hostname)
+		}
+		rt.dstW = ep.Workload
+		target = netip.AddrPortFrom(endpointAddr(ep.Workload, dst.Addr()), ep.TargetPort(svc, dst.Port()))
+	} else {
+		rt.dstW = snap.WorkloadByAddr(na)
+	}
+	rt.addr = target
+	w := rt.dstW
+	if w == nil {
+		return rt, nil
+	}
+	if w.Waypoint != nil {
+		return p.viaWaypoint(snap, rt, w.Waypoint, target)
+	}
+	if w.Protocol == state.ProtocolHBONE {
+		rt.hbone = true
+		rt.peer = workloadID(w)
+		rt.authority = hbone.FormatAuthority(target)
+		rt.addr = netip.AddrPortFrom(target.Addr(), p.cfg.HBONEPort)
+	}
+	return rt, nil
+}
+
+// viaWaypoint sends the connection to the waypoint with the original
+// destination as :authority, as Istio's ztunnel does.
+func (p *Proxy) viaWaypoint(snap *state.Snapshot, rt *route, gw *state.GatewayAddress, authority netip.AddrPort) (*route, error) {
+	var wp *state.Workload
+	var addr netip.Addr
+	if gw.ByHostname() {
+		svc := snap.Service(gw.Hostname)
+		if svc == nil {
+			return nil, fmt.Errorf("%w: service %s unknown", errWaypoint, gw.Hostname)
+		}
+		ep, ok := pickEndpoint(snap.Endpoints(svc.Key()))
+		if !ok {
+			return nil, fmt.Errorf("%w: %s has no endpoint", errWaypoint, gw.Hostname)
+		}
+		wp, addr = ep.Workload, endpointAddr(ep.Workload, authority.Addr())
+	} else {
+		addr = gw.Address.Addr
+		wp = snap.WorkloadByAddr(gw.Address)
+	}
+	if wp == nil {
+		// Without a workload there is no identity to verify the waypoint
+		// against; never send mesh traffic to an unverified peer.
+		return nil, fmt.Errorf("%w: no workload at %s", errWaypoint, addr)
+	}
+	port := gw.HBONEPort
+	if port == 0 {
+		port = DefaultHBONEPort
+	}
+	rt.hbone = true
+	rt.peer = workloadID(wp)
+	rt.authority = hbone.FormatAuthority(authority)
+	rt.addr = netip.AddrPortFrom(addr, port)
+	return rt, nil
+}
+
+// pickEndpoint chooses a healthy endpoint at random; endpointAddr then
+// prefers its address of the destination's family.
+func pickEndpoint(eps []state.Endpoint) (state.Endpoint, bool) {
+	var ok []state.Endpoint
+	for _, ep := range eps {
+		if ep.Workload.Healthy && len(ep.Workload.Addresses) > 0 {
+			ok = append(ok, ep)
+		}
+	}
+	if len(ok) == 0 {
+		return state.Endpoint{}, false
+	}
+	return ok[rand.IntN(len(ok))], true
+}
+
+func endpointAddr(w *state.Workload, like netip.Addr) netip.Addr {
+	for _, a := range w.Addresses {
+		if a.Is4() == like.Unmap().Is4() {
+			return a
+		}
+	}
+	return w.Addresses[0]
+}
+
+// formatForwarded is the RFC 7239 Forwarded header naming the client:
+// for="ip:port", IPv6 in brackets (§6: such a node must be quoted).
+func formatForwarded(src netip.AddrPort) string {
+	return fmt.Sprintf("for=%q", src.String())
+}
+
+// dialHBONE opens the mutual-TLS connection under an HBONE pool entry:
+// the source workload's certificate, the destination's identity required
+// of the peer. A destination pod on this node is reached in process (see
+// dialLocal): the node cannot route to its own pods' :15008 through the
+// capture.
+func (p *Proxy) dialHBONE(ctx context.Context, key hbone.Key) (net.Conn, error) {
+	src, err := identity.Parse(key.Src)
+	if err != nil {
+		return nil, fmt.Errorf("hbone dial: source: %w", err)
+	}
+	dst, err := identity.Parse(key.Dst)
+	if err != nil {
+		return nil, fmt.Errorf("hbone dial: destination: %w", err)
+	}
+	var nc net.Conn
+	if key.Addr.Port() == p.cfg.HBONEPort && p.localWorkload(p.cfg.Store.Load(), key.Addr.Addr()) != nil {
+		nc, err = p.dialLocal(key.Addr)
+	} else {
+		nc, err = p.cfg.Sockets.Dial(ctx, key.Addr, netip.Addr{})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("hbone dial %s: %w", key.Addr, err)
+	}
+	tc := tls.Client(nc, p.cfg.Certs.ClientConfig(src, dst))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		p.stats.HandshakeErrors.Add(1)
+		nc.Close()
+		return nil, fmt.Errorf("hbone dial %s: %w", key.Addr, err)
+	}
+	return tc, nil
+}

@@ -1,0 +1,304 @@
+// Package proxy is the ztunnel's data plane: it serves the transparent
+// outbound (15001), inbound plaintext (15006) and inbound HBONE (15008)
+// listeners, resolves workloads and services from the xDS state, carries
+// mesh traffic over HBONE with workload certificates, enforces L4
+// authorization at the destination and reports every connection as Istio
+// metrics and an access-log line.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/amber-mesh/amber/tunnel/authz"
+	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/tunnel/hbone"
+	"github.com/amber-mesh/amber/tunnel/identity"
+	"github.com/amber-mesh/amber/tunnel/metrics"
+	"github.com/amber-mesh/amber/tunnel/sockopt"
+	"github.com/amber-mesh/amber/xds/state"
+)
+
+// Default ports (DESIGN.md §3).
+const (
+	DefaultOutboundPort  = 15001
+	DefaultInboundPort   = 15006
+	DefaultHBONEPort     = 15008
+	DefaultAdminPort     = 15000
+	DefaultMetricsPort   = 15020
+	DefaultReadinessPort = 15021
+)
+
+// Sentinel errors.
+var (
+	ErrClosed = errors.New("proxy closed")
+	ErrNoCA   = errors.New("proxy: Config.Certs is required")
+	ErrNoData = errors.New("proxy: Config.Store is required")
+)
+
+// Config configures a Proxy.
+type Config struct {
+	// Store is the mesh state kept by the xDS client. Required.
+	Store *state.Store
+	// Certs provides workload certificates for HBONE. Required.
+	Certs *certs.Manager
+	// TrustDomain is the only trust domain HBONE peers may come from.
+	// Zero means state.DefaultTrustDomain.
+	TrustDomain string
+	// NodeName selects the workloads this ztunnel serves (Workload.Node).
+	// Zero means every workload in the store is local (single-node
+	// setups and tests).
+	NodeName string
+	// Metrics receives the istio_tcp_* metrics. Nil means a private
+	// registry (see Proxy.Metrics).
+	Metrics *metrics.Metrics
+	// Logger receives the access log (one Info line per connection) and
+	// errors. Nil discards them.
+	Logger *slog.Logger
+	// Sockets are the options of every socket the proxy dials. The zero
+	// value marks them with the bypass mark and binds the client's address
+	// towards applications (needs CAP_NET_ADMIN).
+	Sockets sockopt.Options
+	// HBONEPort is the port HBONE is dialled on at destination pods.
+	// Zero means DefaultHBONEPort.
+	HBONEPort uint16
+	// ReservedPorts are refused as CONNECT targets in addition to the
+	// default ztunnel ports (15000, 15001, 15006, 15008, 15020, 15021):
+	// a tunnel must never reach the ztunnel itself.
+	ReservedPorts []uint16
+	// ConnectTimeout bounds connecting upstream (TCP dial or HBONE
+	// CONNECT). Zero means 10s.
+	ConnectTimeout time.Duration
+}
+
+// Stats counts what the proxy refused, by cause.
+type Stats struct {
+	UnknownSource   atomic.Uint64 // outbound from an address no local workload owns
+	NoRoute         atomic.Uint64 // outbound to a service without endpoints, or an unusable waypoint
+	UpstreamErrors  atomic.Uint64 // dial or CONNECT towards the destination failed
+	BadRequests     atomic.Uint64 // inbound CONNECT refused with 400
+	UnknownDest     atomic.Uint64 // inbound to an address no local workload owns
+	AuthzDenied     atomic.Uint64 // inbound refused by policy
+	AuthzRevoked    atomic.Uint64 // live connections closed after a policy change
+	HandshakeErrors atomic.Uint64 // outbound HBONE TLS handshakes that failed
+}
+
+// Proxy is a running data plane. Create it with New; Close stops it.
+type Proxy struct {
+	cfg      Config
+	log      *slog.Logger
+	metrics  *metrics.Metrics
+	policies authz.Policies
+	stats    Stats
+	hstats   hbone.Stats
+	pool     *hbone.Pool
+	server   *hbone.Server
+	reserved map[uint16]bool
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+
+	mu        sync.Mutex // guards the fields below
+	listeners map[net.Listener]struct{}
+	conns     map[*tracked]struct{}
+	closed    bool
+}
+
+// New returns a proxy and starts keeping its authorization policies in
+// step with cfg.Store.
+func New(cfg Config) (*Proxy, error) {
+	if cfg.Store == nil {
+		return nil, ErrNoData
+	}
+	if cfg.Certs == nil {
+		return nil, ErrNoCA
+	}
+	if cfg.TrustDomain == "" {
+		cfg.TrustDomain = state.DefaultTrustDomain
+	}
+	if cfg.HBONEPort == 0 {
+		cfg.HBONEPort = DefaultHBONEPort
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = 10 * time.Second
+	}
+	p := &Proxy{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		metrics:   cfg.Metrics,
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*tracked]struct{}),
+		reserved:  make(map[uint16]bool),
+	}
+	if p.log == nil {
+		p.log = slog.New(slog.DiscardHandler)
+	}
+	if p.metrics == nil {
+		p.metrics = metrics.New()
+	}
+	for _, port := range []uint16{DefaultAdminPort, DefaultOutboundPort, DefaultInboundPort, DefaultHBONEPort, DefaultMetricsPort, DefaultReadinessPort, cfg.HBONEPort} {
+		p.reserved[port] = true
+	}
+	for _, port := range cfg.ReservedPorts {
+		p.reserved[port] = true
+	}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.pool = &hbone.Pool{Dial: p.dialHBONE, Stats: &p.hstats, Logger: p.log}
+	p.server = &hbone.Server{
+		TLSConfig: cfg.Certs.ServerConfig(p.certFor, cfg.TrustDomain),
+		Handler:   hbone.HandlerFunc(p.serveHBONE),
+		Stats:     &p.hstats,
+		Logger:    p.log,
+	}
+	sub := cfg.Store.Subscribe()
+	p.syncPolicies(cfg.Store.Load())
+	p.wg.Add(1)
+	go p.watchPolicies(sub)
+	return p, nil
+}
+
+// Policies returns the authorization policies the proxy enforces.
+func (p *Proxy) Policies() *authz.Policies { return &p.policies }
+
+// Metrics returns the registry the proxy reports to.
+func (p *Proxy) Metrics() *metrics.Metrics { return p.metrics }
+
+// Stats returns the proxy's refusal counters.
+func (p *Proxy) Stats() *Stats { return &p.stats }
+
+// HBONEStats returns the counters of the HBONE client pool and server.
+func (p *Proxy) HBONEStats() *hbone.Stats { return &p.hstats }
+
+// ServeOutbound accepts connections captured from local pods (15001) until
+// ln is closed or Close is called.
+func (p *Proxy) ServeOutbound(ln net.Listener) error {
+	return p.serve(ln, p.handleOutbound)
+}
+
+// ServeInbound accepts plaintext connections to local pods (15006).
+func (p *Proxy) ServeInbound(ln net.Listener) error {
+	return p.serve(ln, p.handleInbound)
+}
+
+// ServeHBONE accepts HBONE connections to local pods (15008).
+func (p *Proxy) ServeHBONE(ln net.Listener) error {
+	if !p.trackListener(ln) {
+		return ErrClosed
+	}
+	defer p.untrackListener(ln)
+	err := p.server.Serve(ln)
+	if errors.Is(err, hbone.ErrServerClosed) || p.ctx.Err() != nil {
+		return ErrClosed
+	}
+	return err
+}
+
+func (p *Proxy) serve(ln net.Listener, handle func(net.Conn)) error {
+	if !p.trackListener(ln) {
+		return ErrClosed
+	}
+	defer p.untrackListener(ln)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if p.ctx.Err() != nil {
+				return ErrClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			handle(c)
+		}()
+	}
+}
+
+func (p *Proxy) trackListener(ln net.Listener) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		ln.Close()
+		return false
+	}
+	p.listeners[ln] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrackListener(ln net.Listener) {
+	p.mu.Lock()
+	delete(p.listeners, ln)
+	p.mu.Unlock()
+}
+
+// Close stops the listeners, every proxied connection and the HBONE pool
+// and server, and waits for the proxy's goroutines.
+func (p *Proxy) Close() error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
+	// Cancel first so that Serve* report ErrClosed for the listeners
+	// closed below rather than an accept error.
+	p.cancel()
+	var errs []error
+	for ln := range p.listeners {
+		if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
+	conns := make([]*tracked, 0, len(p.conns))
+	for t := range p.conns {
+		conns = append(conns, t)
+	}
+	p.mu.Unlock()
+	for _, t := range conns {
+		t.close(ErrClosed)
+	}
+	errs = append(errs, p.server.Close(), p.pool.Close())
+	p.wg.Wait()
+	return errors.Join(errs...)
+}
+
+// localWorkload returns the local workload owning addr, or nil.
+func (p *Proxy) localWorkload(snap *state.Snapshot, addr netip.Addr) *state.Workload {
+	w := snap.WorkloadByAddr(state.NetworkAddr{Addr: addr.Unmap()})
+	if w == nil || (p.cfg.NodeName != "" && w.Node != p.cfg.NodeName) {
+		return nil
+	}
+	return w
+}
+
+// certFor picks the certificate of the HBONE listener: the workload owning
+// the original destination.
+func (p *Proxy) certFor(local net.Addr) (identity.ID, error) {
+	ap := sockopt.AddrPort(local)
+	w := p.localWorkload(p.cfg.Store.Load(), ap.Addr())
+	if w == nil {
+		p.stats.UnknownDest.Add(1)
+		return identity.ID{}, fmt.Errorf("no local workload at %s", ap.Addr())
+	}
+	return workloadID(w), nil
+}
+
+func workloadID(w *state.Workload) identity.ID {
+	return identity.ID{TrustDomain: w.TrustDomain, Namespace: w.Namespace, ServiceAccount: w.ServiceAccount}
+}
+
+// IsLocal reports whether w runs on this proxy's node.
+func (p *Proxy) IsLocal(w *state.Workload) bool {
+	return p.cfg.NodeName == "" || w.Node == p.cfg.NodeName
+}

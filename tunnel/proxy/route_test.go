@@ -1,0 +1,134 @@
+package proxy
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/amber-mesh/amber/tunnel/authz"
+	"github.com/amber-mesh/amber/xds/state"
+	"github.com/amber-mesh/amber/xds/workloadapi/security"
+)
+
+func wl(name string, proto state.Protocol, addr string) *state.Workload {
+	return &state.Workload{
+		UID: "Kubernetes//Pod/default/" + name, Name: name, Namespace: "default",
+		ServiceAccount: name, TrustDomain: "cluster.local", Node: "n1",
+		Addresses: []netip.Addr{netip.MustParseAddr(addr)}, Protocol: proto, Healthy: true,
+	}
+}
+
+func TestRoute(t *testing.T) {
+	svcKey := state.NamespacedHostname{Namespace: "default", Hostname: "pp.default.svc.cluster.local"}
+	pp := wl("productpage", state.ProtocolHBONE, "10.0.0.2")
+	pp.Services = map[state.NamespacedHostname]map[uint16]uint16{svcKey: {80: 9080}}
+	plain := wl("plain", state.ProtocolTCP, "10.0.0.3")
+	wp := wl("waypoint", state.ProtocolHBONE, "10.0.0.9")
+	behind := wl("behind", state.ProtocolHBONE, "10.0.0.4")
+	behind.Waypoint = &state.GatewayAddress{Address: state.NetworkAddr{Addr: netip.MustParseAddr("10.0.0.9")}, HBONEPort: 15008}
+	store := state.NewStore()
+	store.Update(func(tx *state.Txn) {
+		for _, w := range []*state.Workload{pp, plain, wp, behind} {
+			tx.PutWorkload(w)
+		}
+		tx.PutService(&state.Service{
+			Name: "pp", Namespace: "default", Hostname: svcKey.Hostname,
+			VIPs:  []state.NetworkPrefix{{Prefix: netip.MustParsePrefix("10.96.0.1/32")}},
+			Ports: map[uint16]state.Port{80: {ServicePort: 80}},
+		})
+	})
+	p := &Proxy{cfg: Config{HBONEPort: 15008}}
+	for _, tc := range []struct {
+		name, dst     string
+		hbone         bool
+		addr, auth    string
+		peer, service string
+	}{
+		{"hbone workload", "10.0.0.2:9080", true, "10.0.0.2:15008", "10.0.0.2:9080", "spiffe://cluster.local/ns/default/sa/productpage", ""},
+		{"service VIP to endpoint target port", "10.96.0.1:80", true, "10.0.0.2:15008", "10.0.0.2:9080", "spiffe://cluster.local/ns/default/sa/productpage", svcKey.Hostname},
+		{"plain workload passes through", "10.0.0.3:80", false, "10.0.0.3:80", "", "", ""},
+		{"unknown destination passes through", "192.0.2.1:443", false, "192.0.2.1:443", "", "", ""},
+		{"workload waypoint keeps authority", "10.0.0.4:8080", true, "10.0.0.9:15008", "10.0.0.4:8080", "spiffe://cluster.local/ns/default/sa/waypoint", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rt, err := p.route(store.Load(), netip.MustParseAddrPort(tc.dst))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rt.hbone != tc.hbone || rt.addr.String() != tc.addr || rt.authority != tc.auth {
+				t.Errorf("route = hbone %v addr %s authority %q; want %v %s %q", rt.hbone, rt.addr, rt.authority, tc.hbone, tc.addr, tc.auth)
+			}
+			if tc.peer != "" && rt.peer.String() != tc.peer {
+				t.Errorf("peer = %s, want %s", rt.peer, tc.peer)
+			}
+			if got := ""; rt.svc != nil {
+				got = rt.svc.Hostname
+				if got != tc.service {
+					t.Errorf("service = %q, want %q", got, tc.service)
+				}
+			}
+		})
+	}
+
+	// A service without a healthy endpoint is refused, not passed through
+	// to the VIP.
+	store.Update(func(tx *state.Txn) {
+		sick := *pp
+		sick.Healthy = false
+		tx.PutWorkload(&sick)
+	})
+	if _, err := p.route(store.Load(), netip.MustParseAddrPort("10.96.0.1:80")); err == nil {
+		t.Error("route to a service without healthy endpoints succeeded")
+	}
+}
+
+func TestParseForwarded(t *testing.T) {
+	for in, want := range map[string]string{
+		`for="10.0.0.1:4711"`:            "10.0.0.1:4711",
+		`for="[2001:db8::1]:4711"`:       "[2001:db8::1]:4711",
+		`For=10.0.0.1`:                   "10.0.0.1:0",
+		`proto=https;for="10.0.0.1:1"`:   "10.0.0.1:1",
+		`for="10.0.0.1:1", for=10.0.0.2`: "10.0.0.1:1",
+		`for=_hidden`:                    "",
+		``:                               "",
+	} {
+		ap, ok := parseForwarded(in)
+		if got := ap.String(); (ok && got != want) || (!ok && want != "") {
+			t.Errorf("parseForwarded(%q) = %s, %v; want %q", in, got, ok, want)
+		}
+	}
+	src := netip.MustParseAddrPort("[2001:db8::1]:80")
+	if ap, ok := parseForwarded(formatForwarded(src)); !ok || ap != src {
+		t.Errorf("round trip of %s: %s", src, ap)
+	}
+}
+
+func TestConvertPolicyEnforced(t *testing.T) {
+	pol := &security.Authorization{
+		Name: "allow-sleep", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_ALLOW,
+		Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{
+			Principals: []*security.StringMatch{{MatchType: &security.StringMatch_Exact{Exact: "cluster.local/ns/default/sa/sleep"}}},
+		}}}}}},
+	}
+	var ps authz.Policies
+	if err := ps.Replace([]authz.Authorization{convertPolicy(pol)}); err != nil {
+		t.Fatal(err)
+	}
+	dst := authz.Workload{Namespace: "default", Name: "productpage"}
+	conn := func(id string) authz.Conn {
+		return authz.Conn{SrcIdentity: id, SrcIP: netip.MustParseAddr("10.0.0.1"), DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080, DstWorkload: dst}
+	}
+	if d := ps.Evaluate(conn("spiffe://cluster.local/ns/default/sa/sleep")); !d.Allowed {
+		t.Errorf("sleep denied: %v", d)
+	}
+	if d := ps.Evaluate(conn("spiffe://cluster.local/ns/default/sa/notsleep")); d.Allowed {
+		t.Errorf("notsleep allowed: %v", d)
+	}
+	if d := ps.Evaluate(conn("")); d.Allowed {
+		t.Errorf("plaintext allowed: %v", d)
+	}
+	// A dry-run policy cannot be represented: it is kept fail-closed.
+	pol.DryRun = true
+	if a := convertPolicy(pol); a.Unsupported == "" {
+		t.Error("dry-run policy converted as enforceable")
+	}
+}

@@ -1,0 +1,159 @@
+// Package sockopt opens the ztunnel's sockets the way the datapath needs
+// them: transparent dual-stack listeners without MPTCP, and outbound
+// connections carrying the bypass mark, optionally from a foreign source.
+package sockopt
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/amber-mesh/amber/bpf"
+)
+
+// Options selects the socket options. The zero value is what the ztunnel
+// uses in production: every socket carries bpf.BypassMark and listeners are
+// transparent.
+type Options struct {
+	// Mark is the SO_MARK of every socket. Zero means bpf.BypassMark;
+	// negative means none (no CAP_NET_ADMIN needed).
+	Mark int
+	// NoTransparent leaves IP_TRANSPARENT off on listeners (which then
+	// accept only connections addressed to a local address) and makes a
+	// Dial source that is not local fail. False means transparent, which
+	// needs CAP_NET_ADMIN.
+	NoTransparent bool
+}
+
+func (o Options) mark() int {
+	if o.Mark == 0 {
+		return bpf.BypassMark
+	}
+	return o.Mark
+}
+
+// Listen opens a TCP listener on addr ("[::]:15001" for dual stack).
+// MPTCP is off because Go ≥ 1.24 listeners are MPTCP by default and an
+// MPTCP socket cannot be put into a SOCKMAP (DESIGN.md §2); IP_TRANSPARENT
+// is on because without it the kernel never answers a SYN assigned by
+// bpf_sk_assign for a foreign address.
+func (o Options) Listen(ctx context.Context, addr string) (*net.TCPListener, error) {
+	lc := net.ListenConfig{Control: func(network, _ string, c syscall.RawConn) error {
+		if err := o.setMark(c); err != nil {
+			return err
+		}
+		if o.NoTransparent {
+			return nil
+		}
+		return setTransparent(network, c)
+	}}
+	lc.SetMultipathTCP(false)
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", addr, err)
+	}
+	return ln.(*net.TCPListener), nil
+}
+
+// Dial connects to dst. When src is valid the socket is bound to it first
+// (port chosen by the kernel); a foreign src needs IP_TRANSPARENT, which
+// is set unless NoTransparent. Replies to a foreign source come back to
+// this socket through the datapath's established-socket lookup, which
+// requires the bypass mark.
+func (o Options) Dial(ctx context.Context, dst netip.AddrPort, src netip.Addr) (*net.TCPConn, error) {
+	d := net.Dialer{Control: func(network, _ string, c syscall.RawConn) error {
+		if err := o.setMark(c); err != nil {
+			return err
+		}
+		if !src.IsValid() {
+			return nil
+		}
+		if !o.NoTransparent {
+			if err := setTransparent(network, c); err != nil {
+				return err
+			}
+		}
+		// Choose the port at connect() from the whole 4-tuple rather than
+		// at bind(): one source address (a pod's, preserved) then does not
+		// run out of ports across many destinations.
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+		}); err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("set IP_BIND_ADDRESS_NO_PORT: %w", serr)
+		}
+		return nil
+	}}
+	d.SetMultipathTCP(false)
+	network := "tcp4"
+	if dst.Addr().Unmap().Is6() {
+		network = "tcp6"
+	}
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if src.IsValid() {
+		src = src.Unmap()
+		if src.Is4() != dst.Addr().Is4() {
+			return nil, fmt.Errorf("dial %s from %s: address families differ", dst, src)
+		}
+		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+	}
+	c, err := d.DialContext(ctx, network, dst.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+func (o Options) setMark(c syscall.RawConn) error {
+	m := o.mark()
+	if m < 0 {
+		return nil
+	}
+	var serr error
+	if err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, m)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set SO_MARK: %w", serr)
+	}
+	return nil
+}
+
+func setTransparent(network string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		if network != "tcp6" {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+		}
+		if serr == nil && network != "tcp4" {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set IP_TRANSPARENT: %w", serr)
+	}
+	return nil
+}
+
+// AddrPort returns a's address, unmapped, as the original destination or
+// source of a connection.
+func AddrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}

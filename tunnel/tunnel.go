@@ -1,0 +1,415 @@
+// Package tunnel runs amber's ztunnel: it wires the xDS client (against
+// istiod, or an in-process server reading a local mesh file), the CA, the
+// certificate manager and the data plane's listeners, and serves metrics,
+// readiness and the admin endpoint.
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/tunnel/ca"
+	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/tunnel/metrics"
+	"github.com/amber-mesh/amber/tunnel/proxy"
+	"github.com/amber-mesh/amber/tunnel/sockopt"
+	"github.com/amber-mesh/amber/xds/client"
+	"github.com/amber-mesh/amber/xds/server"
+	"github.com/amber-mesh/amber/xds/state"
+)
+
+// Sentinel errors.
+var (
+	ErrNoControlPlane = errors.New("ztunnel: set LocalConfig (local mode) or XDSAddress (istiod)")
+	ErrNoCA           = errors.New("ztunnel: set CADir (local CA) or CAAddress with RootCertFile (istiod)")
+)
+
+// Ports are the ztunnel's ports. Zero fields mean Istio's defaults.
+type Ports struct {
+	Outbound  uint16 // zero: 15001
+	Inbound   uint16 // zero: 15006
+	HBONE     uint16 // zero: 15008; also the port dialled at other pods
+	Admin     uint16 // zero: 15000 (127.0.0.1 only)
+	Metrics   uint16 // zero: 15020
+	Readiness uint16 // zero: 15021
+}
+
+func (p Ports) withDefaults() Ports {
+	def := func(v *uint16, d uint16) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	def(&p.Outbound, proxy.DefaultOutboundPort)
+	def(&p.Inbound, proxy.DefaultInboundPort)
+	def(&p.HBONE, proxy.DefaultHBONEPort)
+	def(&p.Admin, proxy.DefaultAdminPort)
+	def(&p.Metrics, proxy.DefaultMetricsPort)
+	def(&p.Readiness, proxy.DefaultReadinessPort)
+	return p
+}
+
+// Config configures Run. Exactly one control plane (LocalConfig or
+// XDSAddress) and one CA (CADir or CAAddress) must be set.
+type Config struct {
+	// NodeName selects the workloads this ztunnel serves. Zero means every
+	// workload is local (a single-node mesh).
+	NodeName string
+	// TrustDomain of the mesh. Zero means "cluster.local".
+	TrustDomain string
+
+	// LocalConfig is a mesh file (format in package xds/server) served by
+	// an in-process xDS server on loopback, consumed by the same xDS
+	// client as with istiod. Zero means istiod mode.
+	LocalConfig string
+	// CADir holds a local CA (ca.OpenLocal; created when empty). Zero
+	// means istiod's CA.
+	CADir string
+
+	// XDSAddress is istiod's xDS endpoint ("istiod.istio-system.svc:15012").
+	// Used when LocalConfig is empty.
+	XDSAddress string
+	// CAAddress is istiod's CA endpoint. Zero means XDSAddress.
+	CAAddress string
+	// RootCertFile holds the mesh root certificates in PEM, to verify
+	// istiod and peers. Required in istiod mode.
+	RootCertFile string
+	// TokenFile holds the bearer token (audience istio-ca) sent to istiod.
+	// Zero means none.
+	TokenFile string
+	// ClusterID is sent to istiod's CA. Zero means istiod's own cluster.
+	ClusterID string
+	// PodName, PodNamespace and NodeIP identify this ztunnel to istiod.
+	// Zero values are sent as such (the local server ignores them).
+	PodName, PodNamespace string
+	NodeIP                netip.Addr
+
+	// PinRoot is where the datapath's maps are pinned. Zero means
+	// bpf.DefaultPinRoot.
+	PinRoot string
+	// NoCapture skips registering the listeners in the datapath's listener
+	// map and reading its counters (running without the node agent,
+	// behind nftables TPROXY, or in tests). False means registration is
+	// required and failing it is fatal.
+	NoCapture bool
+	// Ports; see Ports for the zero values.
+	Ports Ports
+	// Sockets are the options of the data plane's sockets. The zero value
+	// is production: bypass mark and transparent sockets.
+	Sockets sockopt.Options
+	// CertTTL is the lifetime asked for workload certificates. Zero means
+	// certs.DefaultTTL.
+	CertTTL time.Duration
+	// Logger receives logs and the access log. Nil means slog.Default().
+	Logger *slog.Logger
+	// Ready, if set, is called once when the ztunnel becomes ready
+	// (listeners registered and the first xDS sync applied).
+	Ready func()
+}
+
+// Run runs the ztunnel until ctx is done; it then stops everything and
+// returns nil, or the first error that stopped it earlier.
+func Run(ctx context.Context, cfg Config) (err error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if cfg.TrustDomain == "" {
+		cfg.TrustDomain = state.DefaultTrustDomain
+	}
+	if cfg.PinRoot == "" {
+		cfg.PinRoot = bpf.DefaultPinRoot
+	}
+	cfg.Ports = cfg.Ports.withDefaults()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+
+	// Everything started below is stopped in reverse order, then its
+	// goroutines are waited for: they end only once their part is closed.
+	var closers []func() error
+	var wg sync.WaitGroup
+	defer func() {
+		cancel(nil)
+		var errs []error
+		for i := len(closers) - 1; i >= 0; i-- {
+			errs = append(errs, closers[i]())
+		}
+		wg.Wait()
+		err = errors.Join(append([]error{err}, errs...)...)
+	}()
+	fail := func(what string, err error) {
+		if err != nil && ctx.Err() == nil {
+			cancel(fmt.Errorf("%s: %w", what, err))
+		}
+	}
+
+	caClient, err := newCA(cfg)
+	if err != nil {
+		return err
+	}
+	if c, ok := caClient.(interface{ Close() error }); ok {
+		closers = append(closers, c.Close)
+	}
+	mgr := &certs.Manager{CA: caClient, TTL: cfg.CertTTL, Logger: log}
+	closers = append(closers, mgr.Close)
+
+	store := state.NewStore()
+	conn, err := dialControlPlane(ctx, cfg, log, &wg, &closers, fail)
+	if err != nil {
+		return err
+	}
+	xc, err := client.New(client.Config{
+		Conn:   conn,
+		Store:  store,
+		Logger: log,
+		Node:   client.Node{IP: cfg.NodeIP, PodName: cfg.PodName, PodNamespace: cfg.PodNamespace},
+	})
+	if err != nil {
+		return fmt.Errorf("xds client: %w", err)
+	}
+	wg.Go(func() {
+		if err := xc.Run(ctx); err != nil && ctx.Err() == nil {
+			fail("xds client", err)
+		}
+	})
+	closers = append(closers, xc.Close)
+
+	reg := metrics.New()
+	px, err := proxy.New(proxy.Config{
+		Store:         store,
+		Certs:         mgr,
+		TrustDomain:   cfg.TrustDomain,
+		NodeName:      cfg.NodeName,
+		Metrics:       reg,
+		Logger:        log,
+		Sockets:       cfg.Sockets,
+		HBONEPort:     cfg.Ports.HBONE,
+		ReservedPorts: []uint16{cfg.Ports.Outbound, cfg.Ports.Inbound, cfg.Ports.Admin, cfg.Ports.Metrics, cfg.Ports.Readiness},
+	})
+	if err != nil {
+		return err
+	}
+	closers = append(closers, px.Close)
+	if err := registerMetrics(reg, cfg, px, mgr, xc); err != nil {
+		return err
+	}
+
+	// Data plane listeners: dual stack, transparent, MPTCP off.
+	type listener struct {
+		kind  bpf.Listener
+		port  uint16
+		serve func(net.Listener) error
+	}
+	var lns []*net.TCPListener
+	for _, l := range []listener{
+		{bpf.Outbound, cfg.Ports.Outbound, px.ServeOutbound},
+		{bpf.Inbound, cfg.Ports.Inbound, px.ServeInbound},
+		{bpf.HBONE, cfg.Ports.HBONE, px.ServeHBONE},
+	} {
+		ln, err := cfg.Sockets.Listen(ctx, "[::]:"+strconv.Itoa(int(l.port)))
+		if err != nil {
+			return err
+		}
+		lns = append(lns, ln)
+		wg.Go(func() {
+			if err := l.serve(ln); err != nil && !errors.Is(err, proxy.ErrClosed) {
+				fail(l.kind.String()+" listener", err)
+			}
+		})
+	}
+	if !cfg.NoCapture {
+		if err := register(cfg.PinRoot, lns); err != nil {
+			return err
+		}
+		log.Info("listeners registered in the datapath", "pin_root", cfg.PinRoot)
+	}
+
+	var ready atomic.Bool
+	wg.Go(func() {
+		select {
+		case <-xc.Synced():
+			ready.Store(true)
+			log.Info("ztunnel ready", "node", cfg.NodeName)
+			if cfg.Ready != nil {
+				cfg.Ready()
+			}
+		case <-ctx.Done():
+		}
+	})
+
+	metricsMux := http.NewServeMux()
+	metricsMux.Handle("/metrics", reg.Handler())
+	metricsMux.Handle("/stats/prometheus", reg.Handler())
+	readyMux := http.NewServeMux()
+	readyMux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	adminMux := http.NewServeMux()
+	adminMux.Handle("/config_dump", &configDump{store: store, proxy: px, certs: mgr, xds: xc})
+	for _, s := range []struct {
+		addr string
+		h    http.Handler
+	}{
+		{"[::]:" + strconv.Itoa(int(cfg.Ports.Metrics)), metricsMux},
+		{"[::]:" + strconv.Itoa(int(cfg.Ports.Readiness)), readyMux},
+		{"127.0.0.1:" + strconv.Itoa(int(cfg.Ports.Admin)), adminMux},
+	} {
+		ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", s.addr)
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", s.addr, err)
+		}
+		hs := &http.Server{Handler: s.h, ReadHeaderTimeout: 10 * time.Second}
+		closers = append(closers, hs.Close)
+		wg.Go(func() {
+			if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				fail("http "+s.addr, err)
+			}
+		})
+	}
+
+	<-ctx.Done()
+	if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) && !errors.Is(cause, context.DeadlineExceeded) {
+		return cause
+	}
+	return nil
+}
+
+func register(root string, lns []*net.TCPListener) error {
+	ls, err := bpf.OpenListeners(root)
+	if err != nil {
+		return err
+	}
+	defer ls.Close()
+	for i, ln := range lns {
+		for _, f := range []bpf.Family{bpf.IPv4, bpf.IPv6} {
+			if err := ls.Register(bpf.Listener(i), f, ln); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func newCA(cfg Config) (ca.Client, error) {
+	switch {
+	case cfg.CADir != "":
+		return ca.OpenLocal(cfg.CADir, cfg.TrustDomain)
+	case cfg.CAAddress != "" || cfg.XDSAddress != "":
+		if cfg.RootCertFile == "" {
+			return nil, ErrNoCA
+		}
+		root, err := os.ReadFile(cfg.RootCertFile)
+		if err != nil {
+			return nil, fmt.Errorf("read root cert: %w", err)
+		}
+		addr := cfg.CAAddress
+		if addr == "" {
+			addr = cfg.XDSAddress
+		}
+		return ca.NewIstio(ca.IstioConfig{Address: addr, RootPEM: root, TokenFile: cfg.TokenFile, ClusterID: cfg.ClusterID})
+	}
+	return nil, ErrNoCA
+}
+
+// dialControlPlane returns the gRPC channel of the xDS client: to an
+// in-process server on loopback in local mode, to istiod over TLS
+// otherwise.
+func dialControlPlane(ctx context.Context, cfg Config, log *slog.Logger, wg *sync.WaitGroup, closers *[]func() error, fail func(string, error)) (*grpc.ClientConn, error) {
+	var target string
+	var opts []grpc.DialOption
+	switch {
+	case cfg.LocalConfig != "":
+		srv, err := server.New(server.Config{File: cfg.LocalConfig, Logger: log})
+		if err != nil {
+			return nil, fmt.Errorf("local xds server: %w", err)
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("local xds server: %w", err)
+		}
+		wg.Go(func() {
+			if err := srv.Serve(ctx, ln); err != nil && ctx.Err() == nil && !errors.Is(err, server.ErrClosed) {
+				fail("local xds server", err)
+			}
+		})
+		*closers = append(*closers, srv.Close)
+		target = "passthrough:///" + ln.Addr().String()
+		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	case cfg.XDSAddress != "":
+		if cfg.RootCertFile == "" {
+			return nil, ErrNoCA
+		}
+		root, err := os.ReadFile(cfg.RootCertFile)
+		if err != nil {
+			return nil, fmt.Errorf("read root cert: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(root) {
+			return nil, fmt.Errorf("root cert %s: no certificates", cfg.RootCertFile)
+		}
+		host, _, err := net.SplitHostPort(cfg.XDSAddress)
+		if err != nil {
+			return nil, fmt.Errorf("xds address: %w", err)
+		}
+		target = cfg.XDSAddress
+		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS12})))
+		if cfg.TokenFile != "" {
+			opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{file: cfg.TokenFile, clusterID: cfg.ClusterID}))
+		}
+	default:
+		return nil, ErrNoControlPlane
+	}
+	cc, err := grpc.NewClient(target, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("xds channel: %w", err)
+	}
+	*closers = append(*closers, cc.Close)
+	return cc, nil
+}
+
+// tokenCreds sends the service-account token istiod authenticates xDS
+// clients with; it is re-read on every stream because projected tokens
+// rotate in place.
+type tokenCreds struct{ file, clusterID string }
+
+func (t tokenCreds) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	b, err := os.ReadFile(t.file)
+	if err != nil {
+		return nil, fmt.Errorf("read token: %w", err)
+	}
+	md := map[string]string{"authorization": "Bearer " + string(trimSpace(b))}
+	if t.clusterID != "" {
+		md["clusterid"] = t.clusterID
+	}
+	return md, nil
+}
+
+func (tokenCreds) RequireTransportSecurity() bool { return true }
+
+func trimSpace(b []byte) []byte {
+	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == '\r' || b[len(b)-1] == ' ') {
+		b = b[:len(b)-1]
+	}
+	return b
+}
