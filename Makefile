@@ -35,7 +35,7 @@ vet: ## gofmt and go vet
 	$(GO) vet ./...
 
 .PHONY: test
-test: deps check-generate vet ## run every test tier this machine supports (CI runs this)
+test: deps check-generate vet kube-bins ## run every test tier this machine supports (CI runs this)
 	$(GO) test $(GOFLAGS_T) ./...
 
 .PHONY: test-unit
@@ -46,6 +46,10 @@ test-unit: ## unprivileged tests only (privileged ones skip when not root)
 bench-datapath: deps ## capture vs nftables TPROXY vs direct, as ratios (testbed), plus per-packet program cost
 	$(GO) run ./test/cmd/amber-bench datapath -rounds 7
 	$(GO) test -run '^$$' -bench 'BenchmarkProg' -benchtime 5x ./bpf/
+
+.PHONY: kube-bins
+kube-bins: ## build etcd, kube-apiserver, kubectl into .cache/kube (KUBE_BINS="all" or names for more; cached)
+	@bash hack/kube-bins.sh $(KUBE_BINS)
 
 .PHONY: clean
 clean: ## remove build output
