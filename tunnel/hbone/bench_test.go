@@ -301,3 +301,64 @@ func TestIdleStreamMemory(t *testing.T) {
 		t.Errorf("an idle stream holds %.0f B of heap, want ≤ 8 KiB", heap)
 	}
 }
+
+// TestIdleReadFromMemory: a tunnel's upload direction, ReadFrom on an
+// idle TCP connection, waits without holding a read buffer.
+func TestIdleReadFromMemory(t *testing.T) {
+	checkLeaks(t)
+	const n = 200
+	ts := startServer(t, sink)
+	tp := newPool(t, ts)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var srcs, peers []net.Conn
+	var streams []hbone.Stream
+	for range n {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		srcs, peers = append(srcs, c), append(peers, p)
+		streams = append(streams, tp.connect(t))
+	}
+	var ms runtime.MemStats
+	runtime.GC()
+	runtime.GC() // the second empties sync.Pools
+	runtime.ReadMemStats(&ms)
+	before := ms.HeapAlloc
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			streams[i].(io.ReaderFrom).ReadFrom(srcs[i])
+		}()
+	}
+	// One message each: the buffer used for it must not stay behind.
+	for _, p := range peers {
+		p.Write([]byte("hello"))
+	}
+	time.Sleep(100 * time.Millisecond)
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	per := float64(int64(ms.HeapAlloc)-int64(before)) / n
+	t.Logf("idle ReadFrom holds %.0f B of heap", per)
+	if per > 1024 {
+		t.Errorf("an idle ReadFrom holds %.0f B of heap, want no read buffer", per)
+	}
+	for _, p := range peers {
+		p.Close()
+	}
+	wg.Wait()
+	for _, c := range srcs {
+		c.Close()
+	}
+}

@@ -34,7 +34,8 @@ const (
 	// Stream errors the peer provokes (malformed requests, frames on
 	// half-closed streams, window overflows) each cost us a reply.
 	streamErrBurst, streamErrRate = 200, 20
-	// maxSettingsFrame bounds one SETTINGS frame; there are 8 settings.
+	// maxSettingsFrame bounds one SETTINGS frame: 64 settings, several
+	// times as many as are defined.
 	maxSettingsFrame = 64 * 6
 	// maxGoAwayDebug bounds the GOAWAY debug data kept.
 	maxGoAwayDebug = 256
@@ -55,6 +56,7 @@ var clientPreface = []byte(http2.ClientPreface)
 // WINDOW_UPDATEs.
 type conn struct {
 	nc         net.Conn
+	bc         *batchConn // under nc's TLS, if there
 	br         io.Reader
 	fr         *http2.Framer // reads; owned by the reader goroutine
 	server     *Server       // nil on the client side
@@ -106,8 +108,8 @@ type conn struct {
 	peerMaxStreams    uint32
 	peerMaxHeaderList uint32
 
-	handlers   int  // server: handlers running
-	reserved   int  // client: stream slots promised to Connect callers
+	handlers   int // server: handlers running
+	reserved   int // client: stream slots promised to Connect callers
 	idleSince  time.Time
 	idleTimer  *time.Timer
 	goAwaySent bool // no new streams are accepted
@@ -150,6 +152,7 @@ func newConn(nc net.Conn, cfg Settings, stats *Stats, log *slog.Logger) *conn {
 		streamErrs:        newRateLimit(streamErrBurst, streamErrRate),
 	}
 	c.recvWin = int64(c.cfg.ConnWindow)
+	c.bc = batcher(nc)
 	// A tls.Conn already hands out decrypted records from its own buffer;
 	// anything else gets a small read buffer so frame headers are not
 	// read a few bytes per syscall.
@@ -264,7 +267,15 @@ func (c *conn) writeLoop() {
 		c.wakeBlockedLocked()
 		c.mu.Unlock()
 
+		if c.bc != nil {
+			c.bc.begin()
+		}
 		_, err := c.nc.Write(buf)
+		if c.bc != nil {
+			if ferr := c.bc.flush(); err == nil {
+				err = ferr
+			}
+		}
 
 		c.mu.Lock()
 		if c.spare == nil {
@@ -486,6 +497,9 @@ func (c *conn) readFrames() error {
 	for {
 		fh, err := c.fr.ReadFrameHeader()
 		if err != nil {
+			if c.server != nil && !c.sawSettings && errors.Is(err, os.ErrDeadlineExceeded) {
+				c.stats.HandshakeTimeouts.Add(1)
+			}
 			return c.readError(err)
 		}
 		if !c.sawSettings {
@@ -1056,10 +1070,10 @@ func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, endStre
 		_ = c.henc.WriteField(f)
 	}
 	block := c.hbuf.Bytes()
-	max := int(c.peerMaxFrame)
+	limit := int(c.peerMaxFrame)
 	first := true
 	for first || len(block) > 0 {
-		frag := block[:min(len(block), max)]
+		frag := block[:min(len(block), limit)]
 		block = block[len(frag):]
 		if first {
 			_ = c.wfr.WriteHeaders(http2.HeadersFrameParam{

@@ -3,8 +3,8 @@ package hbone
 import (
 	"context"
 	"errors"
-	"io"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -30,8 +30,8 @@ type headerBlock struct {
 	sawRegular bool
 
 	method, authority, scheme, path, protocol, status string
-	seen                                             uint8 // bit per pseudo-header
-	fields                                           []hpack.HeaderField
+	seen                                              uint8 // bit per pseudo-header
+	fields                                            []hpack.HeaderField
 }
 
 const (
@@ -275,6 +275,9 @@ func (c *conn) onRequest(hb *headerBlock) error {
 	case uint32(len(c.streams)) >= c.maxStreams || c.handlers >= 2*int(c.maxStreams):
 		// Handlers of streams the client already reset still count, so
 		// resetting streams cannot start unbounded work (CVE-2023-44487).
+		// A refusal costs no more than the HEADERS that caused it; a client
+		// that sends them without reading the answers hits the control
+		// backlog limit.
 		c.stats.StreamsRefused.Add(1)
 		return refuse(http2.ErrCodeRefusedStream)
 	}

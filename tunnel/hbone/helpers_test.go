@@ -24,7 +24,7 @@ import (
 )
 
 var (
-	certOnce            sync.Once
+	certOnce             sync.Once
 	serverTLS, clientTLS *tls.Config
 )
 
@@ -135,6 +135,8 @@ type testPool struct {
 	Dials atomic.Int64
 	Key   hbone.Key
 	Stats *hbone.Stats
+	// plainTLS dials with tls.Client instead of hbone.TLSClient.
+	plainTLS bool
 }
 
 // newPool returns a pool dialling ts until the test ends.
@@ -145,8 +147,20 @@ func newPool(tb testing.TB, ts *testServer, mod ...func(*hbone.Pool)) *testPool 
 	tp.Pool = &hbone.Pool{
 		Dial: func(ctx context.Context, key hbone.Key) (net.Conn, error) {
 			tp.Dials.Add(1)
-			d := tls.Dialer{Config: ctls}
-			return d.DialContext(ctx, "tcp", key.Addr.String())
+			var d net.Dialer
+			nc, err := d.DialContext(ctx, "tcp", key.Addr.String())
+			if err != nil {
+				return nil, err
+			}
+			tc := hbone.TLSClient(nc, ctls)
+			if tp.plainTLS {
+				tc = tls.Client(nc, ctls)
+			}
+			if err := tc.HandshakeContext(ctx); err != nil {
+				nc.Close()
+				return nil, err
+			}
+			return tc, nil
 		},
 		Stats: tp.Stats,
 	}

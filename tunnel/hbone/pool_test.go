@@ -326,10 +326,10 @@ func TestKeepaliveTimeout(t *testing.T) {
 	})
 	tp := newPool(t, &testServer{Addr: pl.Addr().(*net.TCPAddr).AddrPort()}, func(p *hbone.Pool) {
 		p.Settings.PingInterval = 20 * time.Millisecond
-		p.Settings.PingTimeout = 100 * time.Millisecond
+		p.Settings.PingTimeout = 500 * time.Millisecond
 	})
 	s := tp.connect(t)
-	time.Sleep(100 * time.Millisecond) // answered PINGs keep it alive
+	time.Sleep(300 * time.Millisecond) // answered PINGs keep it alive
 	if tp.Stats.KeepaliveTimeouts.Load() != 0 {
 		t.Fatal("keepalive fired on a live connection")
 	}
@@ -389,5 +389,44 @@ func TestPoolClose(t *testing.T) {
 	}
 	if _, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil); !errors.Is(err, hbone.ErrPoolClosed) {
 		t.Errorf("Connect after Close: %v", err)
+	}
+}
+
+func TestServerClose(t *testing.T) {
+	checkLeaks(t)
+	serverErr := make(chan error, 1)
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		s, err := rw.Accept()
+		if err != nil {
+			return
+		}
+		_, err = io.Copy(io.Discard, s)
+		serverErr <- err
+	}))
+	tp := newPool(t, ts)
+	s := tp.connect(t)
+	if err := ts.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-serverErr; !errors.Is(err, hbone.ErrServerClosed) {
+		t.Errorf("handler's read after Close: %v", err)
+	}
+	if _, err := s.Read(make([]byte, 1)); err == nil || err == io.EOF {
+		t.Errorf("client read after server Close: %v", err)
+	}
+}
+
+func TestShutdownTimeout(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, hold)
+	tp := newPool(t, ts)
+	s := tp.connect(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := ts.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown with a stream that never ends: %v", err)
+	}
+	if _, err := s.Read(make([]byte, 1)); err == nil || err == io.EOF {
+		t.Errorf("stream survived the forced close: %v", err)
 	}
 }

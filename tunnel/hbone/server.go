@@ -188,7 +188,7 @@ func (srv *Server) serveTLS(nc net.Conn) {
 	}
 
 	_ = nc.SetDeadline(time.Now().Add(srv.handshakeTimeout()))
-	tc := tls.Server(nc, srv.tlsConf)
+	tc := tls.Server(&batchConn{Conn: nc}, srv.tlsConf)
 	err := tc.HandshakeContext(srv.ctx)
 	if err == nil && tc.ConnectionState().NegotiatedProtocol != http2.NextProtoTLS {
 		err = errors.New("ALPN did not negotiate h2")
@@ -235,8 +235,15 @@ func (srv *Server) ServeConn(ctx context.Context, nc net.Conn) error {
 	srv.conns[c] = struct{}{}
 	srv.mu.Unlock()
 
-	stopCtx := context.AfterFunc(ctx, func() { c.teardown(context.Cause(ctx)) })
-	stopSrv := context.AfterFunc(srv.ctx, func() { c.teardown(ErrServerClosed) })
+	cancelled := func() {
+		err := context.Cause(ctx)
+		if srv.ctx.Err() != nil {
+			err = ErrServerClosed // ctx may be srv.ctx, or cancelled with it
+		}
+		c.teardown(err)
+	}
+	stopCtx := context.AfterFunc(ctx, cancelled)
+	stopSrv := context.AfterFunc(srv.ctx, cancelled)
 	c.start()
 	<-c.torn
 	<-c.readDone

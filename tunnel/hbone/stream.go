@@ -133,6 +133,9 @@ func (s *stream) popLocked() {
 }
 
 func (s *stream) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
 	s.readMu.Lock()
 	defer s.readMu.Unlock()
 	s.rmu.Lock()
@@ -414,14 +417,19 @@ func (s *stream) write(p []byte) (int, error) {
 }
 
 // ReadFrom sends what r yields until io.EOF (it does not CloseWrite). Its
-// read buffer starts small and grows only while reads fill it, so a
-// tunnel that mostly waits holds little memory.
+// read buffer starts small and grows only while reads fill it, and while
+// reads are small it waits for a socket to become readable before taking
+// a buffer, so a tunnel that mostly waits holds none.
 func (s *stream) ReadFrom(r io.Reader) (int64, error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	var total int64
 	class := 0
+	readable := readableFunc(r)
 	for {
+		if class == 0 && readable != nil {
+			readable()
+		}
 		ch := getChunk(chunkSizes[class])
 		n, err := r.Read(ch.b)
 		if n > 0 {

@@ -160,16 +160,19 @@ func TestBigTransfer(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		settings hbone.Settings
+		plainTLS bool
 	}{
-		{"default windows", hbone.Settings{}},
+		{"default windows", hbone.Settings{}, false},
+		{"client with plain tls.Client", hbone.Settings{}, true},
 		// Windows far smaller than the transfer and than a frame: every
 		// byte waits for WINDOW_UPDATEs.
-		{"small windows", hbone.Settings{StreamWindow: 20 << 10, ConnWindow: 70 << 10, MaxFrameSize: 16 << 10}},
+		{"small windows", hbone.Settings{StreamWindow: 20 << 10, ConnWindow: 70 << 10, MaxFrameSize: 16 << 10}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkLeaks(t)
 			ts := startServer(t, echo, func(s *hbone.Server) { s.Settings = tc.settings })
 			tp := newPool(t, ts, func(p *hbone.Pool) { p.Settings = tc.settings })
+			tp.plainTLS = tc.plainTLS
 			const size = 48 << 20
 			const streams = 3
 			errs := make(chan error, streams)
@@ -326,5 +329,51 @@ func TestDeadlines(t *testing.T) {
 	}
 	if n == 0 || n >= 16<<20 {
 		t.Errorf("wrote %d bytes before the deadline; want some, not all", n)
+	}
+}
+
+// ServeConn serves an established connection: here plain TCP, as an
+// in-process shortcut or test would hand it over. Cancelling its context
+// ends the connection.
+func TestServeConn(t *testing.T) {
+	checkLeaks(t)
+	srv := &hbone.Server{Handler: echo}
+	defer srv.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			served <- err
+			return
+		}
+		served <- srv.ServeConn(ctx, c)
+	}()
+	tp := &testPool{Pool: &hbone.Pool{Dial: func(ctx context.Context, key hbone.Key) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", ln.Addr().String())
+	}}}
+	defer tp.Close()
+	s := tp.connect(t)
+	if _, err := s.Write([]byte("plain")); err != nil {
+		t.Fatal(err)
+	}
+	s.CloseWrite()
+	if got := readAllString(t, s); got != "plain" {
+		t.Fatalf("echo = %q", got)
+	}
+	s2 := tp.connect(t)
+	cancel()
+	if err := <-served; !errors.Is(err, context.Canceled) {
+		t.Errorf("ServeConn after cancel: %v", err)
+	}
+	if _, err := s2.Read(make([]byte, 1)); err == nil || err == io.EOF {
+		t.Errorf("stream read after the server side was cancelled: %v", err)
 	}
 }
