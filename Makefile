@@ -47,6 +47,13 @@ bench-datapath: deps ## capture vs nftables TPROXY vs direct, as ratios (testbed
 	$(GO) run ./test/cmd/amber-bench datapath -rounds 7
 	$(GO) test -run '^$$' -bench 'BenchmarkProg' -benchtime 5x ./bpf/
 
+.PHONY: bench-tunnel
+bench-tunnel: deps ## amber HBONE tunnel vs a plain TCP proxy pair vs direct: throughput, latency, conn/s, memory (testbed)
+	$(GO) run ./test/cmd/amber-bench tunnel -rounds 3
+
+.PHONY: bench
+bench: bench-datapath bench-tunnel ## every benchmark, each printing ratios against a baseline from the same run
+
 .PHONY: kube-bins
 kube-bins: ## build etcd, kube-apiserver, kubectl into .cache/kube (KUBE_BINS="all" or names for more; cached)
 	@bash hack/kube-bins.sh $(KUBE_BINS)
