@@ -3,7 +3,6 @@
 
 GO        ?= go
 BIN       := bin
-CMDS      := amber-agent amber-ztunnel amberctl
 GOFLAGS_T ?= -count=1
 
 export CGO_ENABLED ?= 0
@@ -25,9 +24,9 @@ check-generate: deps ## regenerate and fail if the generated files in the tree d
 	@bash hack/check-generate.sh
 
 .PHONY: build
-build: ## build amber-agent, amber-ztunnel and amberctl into bin/
+build: ## build amber-agent, amber-ztunnel, amber-cni and amberctl into bin/
 	@mkdir -p $(BIN)
-	@for c in $(CMDS); do [ -d cmd/$$c ] && $(GO) build -o $(BIN)/$$c ./cmd/$$c || true; done
+	$(GO) build -o $(BIN)/ ./cmd/...
 
 .PHONY: vet
 vet: ## gofmt and go vet
