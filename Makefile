@@ -23,6 +23,10 @@ generate: deps ## regenerate bpf2go output and workload API protos
 check-generate: deps ## regenerate and fail if the generated files in the tree differ
 	@bash hack/check-generate.sh
 
+.PHONY: demo
+demo: deps ## Istio ambient's walkthrough on one machine: two nodes, sleep/notsleep/productpage, mTLS, an L4 policy, amberctl
+	$(GO) run ./test/cmd/amber-demo
+
 .PHONY: build
 build: ## build amber-agent, amber-ztunnel, amber-cni and amberctl into bin/
 	@mkdir -p $(BIN)
