@@ -1,0 +1,86 @@
+package sockopt
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/amber-mesh/amber/bpf"
+)
+
+func getInt(t *testing.T, c syscall.Conn, level, opt int) int {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	var serr error
+	rc.Control(func(fd uintptr) { v, serr = unix.GetsockoptInt(int(fd), level, opt) })
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	return v
+}
+
+// The options the datapath depends on are really set: a listener that is
+// transparent on both families and plain TCP (an MPTCP socket cannot enter
+// the SOCKMAP), and dials that carry the bypass mark.
+func TestPrivilegedSocketOptions(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("privileged test needs root, and CI must run it")
+		}
+		t.Skip("privileged test: needs root (IP_TRANSPARENT, SO_MARK)")
+	}
+	ctx := context.Background()
+	ln, err := Options{}.Listen(ctx, "[::1]:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if getInt(t, ln, unix.SOL_SOCKET, unix.SO_PROTOCOL) != unix.IPPROTO_TCP {
+		t.Error("listener is not plain TCP (MPTCP on?)")
+	}
+	if getInt(t, ln, unix.SOL_IPV6, unix.IPV6_TRANSPARENT) != 1 || getInt(t, ln, unix.SOL_IP, unix.IP_TRANSPARENT) != 1 {
+		t.Error("listener is not transparent")
+	}
+	if getInt(t, ln, unix.SOL_SOCKET, unix.SO_MARK) != bpf.BypassMark {
+		t.Error("listener lacks the bypass mark")
+	}
+
+	dst := netip.MustParseAddrPort(ln.Addr().String())
+	c, err := Options{}.Dial(ctx, dst, netip.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if getInt(t, c, unix.SOL_SOCKET, unix.SO_MARK) != bpf.BypassMark {
+		t.Error("dialed socket lacks the bypass mark")
+	}
+	if getInt(t, c, unix.SOL_SOCKET, unix.SO_PROTOCOL) != unix.IPPROTO_TCP {
+		t.Error("dialed socket is not plain TCP")
+	}
+
+	// A preserved source: bound with IP_BIND_ADDRESS_NO_PORT so the port
+	// comes from the whole 4-tuple at connect().
+	c2, err := Options{}.Dial(ctx, dst, netip.MustParseAddr("::1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if getInt(t, c2, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT) != 1 {
+		t.Error("IP_BIND_ADDRESS_NO_PORT not set on a sourced dial")
+	}
+	if got := c2.LocalAddr().(*net.TCPAddr).IP.String(); got != "::1" {
+		t.Errorf("source %s, want ::1", got)
+	}
+	if _, err := (Options{}).Dial(ctx, dst, netip.MustParseAddr("127.0.0.1")); err == nil {
+		t.Error("dial with a source of the other family succeeded")
+	}
+}
