@@ -8,13 +8,15 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+
+	"github.com/amber-mesh/amber/test/privileged"
 )
 
 // BenchmarkProg reports the in-kernel cost of the pod program per packet
 // kind, next to an empty tc program run the same way (the baseline), as
 // ns/pkt and as a ratio. Run with: make bench-datapath.
 func BenchmarkProg(b *testing.B) {
-	requireRoot(b)
+	privileged.Require(b)
 	enterNetns(b)
 	d := mustLoad(b, Config{})
 	idx := vethIfaces(b, 2)

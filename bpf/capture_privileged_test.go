@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"testing"
 	"time"
 
@@ -16,18 +15,9 @@ import (
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/test/tproxy"
-)
 
-func requireRoot(tb testing.TB) {
-	tb.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		tb.Fatal("privileged test needs root, and CI must run it")
-	}
-	tb.Skip("privileged test: needs root")
-}
+	"github.com/amber-mesh/amber/test/privileged"
+)
 
 // node is a testbed node running the datapath: programs on its uplink and
 // on every pod veth, host routing in its namespace, pins of its own.
@@ -147,7 +137,7 @@ func moved(before, after bpf.Counters, name string) uint64 {
 // TestPrivilegedCapture runs real traffic between pods on two nodes through
 // the capture programs and a transparent proxy standing in for the ztunnel.
 func TestPrivilegedCapture(t *testing.T) {
-	requireRoot(t)
+	privileged.Require(t)
 	ctx := context.Background()
 	bed := testbed.New(t)
 	n1, err := bed.AddNode("n1")

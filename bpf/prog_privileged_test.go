@@ -12,6 +12,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/amber-mesh/amber/test/privileged"
 )
 
 const (
@@ -148,7 +150,7 @@ func runTable(t *testing.T, d *Datapath, cases []runCase) {
 const assignFails = "drop_assign_failed"
 
 func TestPrivilegedProgRunPod(t *testing.T) {
-	requireRoot(t)
+	privileged.Require(t)
 	enterNetns(t)
 	d := mustLoad(t, Config{})
 	idx := vethIfaces(t, 3)
@@ -258,7 +260,7 @@ func TestPrivilegedProgRunPod(t *testing.T) {
 // connection the ztunnel owns (its mark) are taken, a host socket's are
 // left to routing.
 func TestPrivilegedProgRunEstablished(t *testing.T) {
-	requireRoot(t)
+	privileged.Require(t)
 	enterNetns(t)
 	d := mustLoad(t, Config{})
 	idx := vethIfaces(t, 1)

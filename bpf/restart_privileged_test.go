@@ -17,6 +17,8 @@ import (
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
+
+	"github.com/amber-mesh/amber/test/privileged"
 )
 
 // The loader child: this test binary re-executed inside a node namespace
@@ -101,7 +103,7 @@ func startLoader(tb testing.TB, n *testbed.Node, root string, pods []*testbed.Po
 // pinned links and maps keep capturing throughout, the reload replaces the
 // programs in place (same links, new programs) and no connection is lost.
 func TestPrivilegedSurvivesLoaderKill(t *testing.T) {
-	requireRoot(t)
+	privileged.Require(t)
 	bed := testbed.New(t)
 	n1, err := bed.AddNode("n1")
 	if err != nil {

@@ -11,19 +11,6 @@ import (
 	"github.com/vishvananda/netns"
 )
 
-// requireRoot skips a privileged test off CI and fails it on CI, where
-// every tier must run.
-func requireRoot(tb testing.TB) {
-	tb.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		tb.Fatal("privileged test needs root, and CI must run it")
-	}
-	tb.Skip("privileged test: needs root")
-}
-
 var pinSeq atomic.Int32
 
 // testPinRoot is a pin root of the test's own under bpffs, removed (with

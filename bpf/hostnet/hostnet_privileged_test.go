@@ -2,20 +2,16 @@ package hostnet
 
 import (
 	"errors"
-	"os"
 	"runtime"
 	"testing"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/amber-mesh/amber/test/privileged"
 )
 
 func TestPrivilegedEnsureCheckRemove(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("privileged test needs root, and CI must run it")
-		}
-		t.Skip("privileged test: needs root")
-	}
+	privileged.Require(t)
 	runtime.LockOSThread()
 	orig, err := netns.Get()
 	if err != nil {

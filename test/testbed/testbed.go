@@ -14,6 +14,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/amber-mesh/amber/test/privileged"
 )
 
 var (
@@ -69,12 +71,7 @@ type Testbed struct {
 // root, so a skip there means the privileged tier silently did not run).
 func New(tb testing.TB) *Testbed {
 	tb.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			tb.Fatal("testbed: needs root to create network namespaces, and CI=true forbids skipping")
-		}
-		tb.Skip("testbed: needs root to create network namespaces")
-	}
+	privileged.Require(tb) // network namespaces
 	b, err := NewBed(tb.Name())
 	if err != nil {
 		tb.Fatalf("testbed: %v", err)

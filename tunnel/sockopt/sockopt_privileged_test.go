@@ -4,13 +4,14 @@ import (
 	"context"
 	"net"
 	"net/netip"
-	"os"
 	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/amber-mesh/amber/bpf"
+
+	"github.com/amber-mesh/amber/test/privileged"
 )
 
 func getInt(t *testing.T, c syscall.Conn, level, opt int) int {
@@ -32,12 +33,7 @@ func getInt(t *testing.T, c syscall.Conn, level, opt int) int {
 // transparent on both families and plain TCP (an MPTCP socket cannot enter
 // the SOCKMAP), and dials that carry the bypass mark.
 func TestPrivilegedSocketOptions(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("privileged test needs root, and CI must run it")
-		}
-		t.Skip("privileged test: needs root (IP_TRANSPARENT, SO_MARK)")
-	}
+	privileged.Require(t)
 	ctx := context.Background()
 	ln, err := Options{}.Listen(ctx, "[::1]:0")
 	if err != nil {
