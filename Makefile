@@ -38,8 +38,9 @@ vet: ## gofmt and go vet
 	$(GO) vet ./...
 
 .PHONY: test
-test: deps check-generate vet kube-bins ## run every test tier this machine supports (CI runs this)
-	$(GO) test $(GOFLAGS_T) ./...
+test: deps check-generate vet ## run every test tier this machine supports (CI runs this)
+	@bash hack/kube-bins.sh all >/dev/null
+	$(GO) test $(GOFLAGS_T) -timeout 30m ./...
 
 .PHONY: test-unit
 test-unit: ## unprivileged tests only (privileged ones skip when not root)
@@ -60,6 +61,19 @@ bench: bench-datapath bench-tunnel ## every benchmark, each printing ratios agai
 .PHONY: kube-bins
 kube-bins: ## build etcd, kube-apiserver, kubectl into .cache/kube (KUBE_BINS="all" or names for more; cached)
 	@bash hack/kube-bins.sh $(KUBE_BINS)
+
+.PHONY: images
+images: ## build the test images (pause, echo, curl) as docker archives into .cache/cluster/images
+	$(GO) run ./test/cmd/amber-cluster images
+
+.PHONY: cluster-up
+cluster-up: deps ## a real Kubernetes node on this machine (state in .cache/cluster/node; builds what is missing, then ≈ 10 s)
+	@bash hack/kube-bins.sh all >/dev/null
+	$(GO) run ./test/cmd/amber-cluster up
+
+.PHONY: cluster-down
+cluster-down: ## stop the node and remove everything it left on the host (idempotent, also after a crash)
+	$(GO) run ./test/cmd/amber-cluster down
 
 .PHONY: clean
 clean: ## remove build output

@@ -6,6 +6,7 @@ pkgs=(
   clang llvm libbpf-dev linux-libc-dev   # bpf2go (make generate)
   bpftool iproute2 nftables tcpdump util-linux  # datapath tests, amberctl docs, benchmarks
   protobuf-compiler libprotobuf-dev        # xds/workloadapi generation (protoc + well-known types)
+  containerd runc containernetworking-plugins  # the real Kubernetes node (test/cluster); amber-cluster runs containerd itself
 )
 missing=()
 for p in "${pkgs[@]}"; do

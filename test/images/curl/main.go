@@ -1,0 +1,70 @@
+// Command curl is the local cluster's test client: curl [-retry N]
+// [-timeout D] URL... GETs each URL, prints the status line and body, and
+// exits 1 when a request fails or answers a status of 400 or more. No
+// shell is needed in its image.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"time"
+)
+
+func main() {
+	retry := flag.Int("retry", 0, "retries per URL after a failure, one second apart")
+	timeout := flag.Duration("timeout", 5*time.Second, "timeout of each request")
+	flag.Parse()
+	if flag.NArg() == 0 {
+		fmt.Fprintln(os.Stderr, "usage: curl [-retry N] [-timeout D] URL...")
+		os.Exit(2)
+	}
+	// MPTCP off, as the echo server: captured connections must be TCP.
+	d := &net.Dialer{}
+	d.SetMultipathTCP(false)
+	c := &http.Client{
+		Timeout:   *timeout,
+		Transport: &http.Transport{DialContext: d.DialContext, DisableKeepAlives: true},
+	}
+	failed := false
+	for _, url := range flag.Args() {
+		var err error
+		for try := 0; try <= *retry; try++ {
+			if try > 0 {
+				time.Sleep(time.Second)
+			}
+			if err = get(c, url); err == nil {
+				break
+			}
+			fmt.Fprintf(os.Stderr, "curl: %v\n", err)
+		}
+		failed = failed || err != nil
+	}
+	if failed {
+		os.Exit(1)
+	}
+}
+
+func get(c *http.Client, url string) error {
+	req, err := http.NewRequestWithContext(context.Background(), http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	fmt.Printf("%s %s\n", resp.Proto, resp.Status)
+	if _, err := io.Copy(os.Stdout, resp.Body); err != nil {
+		return fmt.Errorf("GET %s: read body: %w", url, err)
+	}
+	if resp.StatusCode >= 400 {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return nil
+}
