@@ -10,11 +10,12 @@ import (
 	"encoding/base64"
 	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"time"
+
+	testpki "github.com/amber-mesh/amber/test/pki"
 )
 
 // pki is the cluster's throw-away certificate authority and the files
@@ -46,7 +47,7 @@ func newPKI(dir string) (*pki, error) {
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 	}
-	der, err := createCert(tmpl, tmpl, key.Public(), key)
+	der, err := testpki.CreateCert(tmpl, tmpl, key.Public(), key, certLifetime)
 	if err != nil {
 		return nil, err
 	}
@@ -54,7 +55,7 @@ func newPKI(dir string) (*pki, error) {
 		return nil, fmt.Errorf("create pki: %w", err)
 	}
 	p.caKey = key
-	if err := writeCertKey(p.path("ca.crt"), p.path("ca.key"), der, key); err != nil {
+	if err := testpki.WriteCertKey(p.path("ca.crt"), p.path("ca.key"), der, key); err != nil {
 		return nil, err
 	}
 	serving := &x509.Certificate{
@@ -79,14 +80,14 @@ func newPKI(dir string) (*pki, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create pki: %w", err)
 	}
-	if err := writeKey(p.path("sa.key"), sa); err != nil {
+	if err := testpki.WriteKey(p.path("sa.key"), sa); err != nil {
 		return nil, err
 	}
 	pub, err := x509.MarshalPKIXPublicKey(sa.Public())
 	if err != nil {
 		return nil, fmt.Errorf("create pki: %w", err)
 	}
-	return p, writePEM(p.path("sa.pub"), "PUBLIC KEY", pub, 0o644)
+	return p, testpki.WritePEM(p.path("sa.pub"), "PUBLIC KEY", pub, 0o644)
 }
 
 // kubeconfig writes DIR/<name>.kubeconfig for user in groups (the API
@@ -96,10 +97,10 @@ func (p *pki) kubeconfig(name, server, user string, groups ...string) (string, e
 	if err != nil {
 		return "", fmt.Errorf("kubeconfig %s: %w", name, err)
 	}
-	der, err := createCert(&x509.Certificate{
+	der, err := testpki.CreateCert(&x509.Certificate{
 		Subject:     pkix.Name{CommonName: user, Organization: groups},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}, p.caCert, key.Public(), p.caKey)
+	}, p.caCert, key.Public(), p.caKey, certLifetime)
 	if err != nil {
 		return "", err
 	}
@@ -142,51 +143,9 @@ func (p *pki) issue(tmpl *x509.Certificate, name string) error {
 	if err != nil {
 		return fmt.Errorf("issue %s: %w", name, err)
 	}
-	der, err := createCert(tmpl, p.caCert, key.Public(), p.caKey)
+	der, err := testpki.CreateCert(tmpl, p.caCert, key.Public(), p.caKey, certLifetime)
 	if err != nil {
 		return err
 	}
-	return writeCertKey(p.path(name+".crt"), p.path(name+".key"), der, key)
-}
-
-func createCert(tmpl, parent *x509.Certificate, pub crypto.PublicKey, signer crypto.Signer) ([]byte, error) {
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		return nil, fmt.Errorf("serial number: %w", err)
-	}
-	tmpl.SerialNumber = serial
-	// Backdated: a clock step must not make a fresh certificate "not yet
-	// valid" for another component.
-	tmpl.NotBefore = time.Now().Add(-time.Hour)
-	tmpl.NotAfter = time.Now().Add(certLifetime)
-	if !tmpl.IsCA {
-		tmpl.KeyUsage = x509.KeyUsageDigitalSignature
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, signer)
-	if err != nil {
-		return nil, fmt.Errorf("create certificate %q: %w", tmpl.Subject.CommonName, err)
-	}
-	return der, nil
-}
-
-func writeCertKey(certFile, keyFile string, der []byte, key *ecdsa.PrivateKey) error {
-	if err := writePEM(certFile, "CERTIFICATE", der, 0o644); err != nil {
-		return err
-	}
-	return writeKey(keyFile, key)
-}
-
-func writeKey(file string, key *ecdsa.PrivateKey) error {
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return fmt.Errorf("marshal key %s: %w", file, err)
-	}
-	return writePEM(file, "PRIVATE KEY", der, 0o600)
-}
-
-func writePEM(file, typ string, der []byte, mode os.FileMode) error {
-	if err := os.WriteFile(file, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode); err != nil {
-		return fmt.Errorf("write %s: %w", file, err)
-	}
-	return nil
+	return testpki.WriteCertKey(p.path(name+".crt"), p.path(name+".key"), der, key)
 }

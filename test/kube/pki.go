@@ -9,11 +9,12 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/amber-mesh/amber/test/pki"
 )
 
 // PKI holds the files of the control plane's throw-away certificate
@@ -75,7 +76,7 @@ func newPKI(dir string) (*PKI, error) {
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 	}
-	der, err := createCert(tmpl, tmpl, key.Public(), key)
+	der, err := pki.CreateCert(tmpl, tmpl, key.Public(), key, certLifetime)
 	if err != nil {
 		return nil, fmt.Errorf("create ca cert: %w", err)
 	}
@@ -83,7 +84,7 @@ func newPKI(dir string) (*PKI, error) {
 		return nil, fmt.Errorf("parse ca cert: %w", err)
 	}
 	p.caKey = key
-	if err := writeCertKey(p.CACert, p.CAKey, der, key); err != nil {
+	if err := pki.WriteCertKey(p.CACert, p.CAKey, der, key); err != nil {
 		return nil, err
 	}
 
@@ -112,14 +113,14 @@ func newPKI(dir string) (*PKI, error) {
 	if err != nil {
 		return nil, fmt.Errorf("generate service account key: %w", err)
 	}
-	if err := writeKey(p.ServiceAccountKey, sa); err != nil {
+	if err := pki.WriteKey(p.ServiceAccountKey, sa); err != nil {
 		return nil, err
 	}
 	pub, err := x509.MarshalPKIXPublicKey(sa.Public())
 	if err != nil {
 		return nil, fmt.Errorf("marshal service account public key: %w", err)
 	}
-	if err := writePEM(p.ServiceAccountPub, "PUBLIC KEY", pub, 0o644); err != nil {
+	if err := pki.WritePEM(p.ServiceAccountPub, "PUBLIC KEY", pub, 0o644); err != nil {
 		return nil, err
 	}
 	return p, nil
@@ -137,7 +138,7 @@ func (p *PKI) ClientCert(user string, groups ...string) (certPEM, keyPEM []byte,
 		Subject:     pkix.Name{CommonName: user, Organization: groups},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
-	der, err := createCert(tmpl, p.caCert, key.Public(), p.caKey)
+	der, err := pki.CreateCert(tmpl, p.caCert, key.Public(), p.caKey, certLifetime)
 	if err != nil {
 		return nil, nil, fmt.Errorf("issue client cert for %s: %w", user, err)
 	}
@@ -159,51 +160,9 @@ func (p *PKI) issue(tmpl *x509.Certificate, certFile, keyFile string) error {
 	if err != nil {
 		return fmt.Errorf("generate key: %w", err)
 	}
-	der, err := createCert(tmpl, p.caCert, key.Public(), p.caKey)
+	der, err := pki.CreateCert(tmpl, p.caCert, key.Public(), p.caKey, certLifetime)
 	if err != nil {
 		return err
 	}
-	return writeCertKey(certFile, keyFile, der, key)
-}
-
-func createCert(tmpl, parent *x509.Certificate, pub crypto.PublicKey, signer crypto.Signer) ([]byte, error) {
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		return nil, fmt.Errorf("serial number: %w", err)
-	}
-	tmpl.SerialNumber = serial
-	// Backdated so that a clock step between processes cannot make a fresh
-	// certificate "not yet valid".
-	tmpl.NotBefore = time.Now().Add(-time.Hour)
-	tmpl.NotAfter = time.Now().Add(certLifetime)
-	if !tmpl.IsCA {
-		tmpl.KeyUsage = x509.KeyUsageDigitalSignature
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, signer)
-	if err != nil {
-		return nil, fmt.Errorf("create certificate %q: %w", tmpl.Subject.CommonName, err)
-	}
-	return der, nil
-}
-
-func writeCertKey(certFile, keyFile string, der []byte, key *ecdsa.PrivateKey) error {
-	if err := writePEM(certFile, "CERTIFICATE", der, 0o644); err != nil {
-		return err
-	}
-	return writeKey(keyFile, key)
-}
-
-func writeKey(file string, key *ecdsa.PrivateKey) error {
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return fmt.Errorf("marshal key %s: %w", file, err)
-	}
-	return writePEM(file, "PRIVATE KEY", der, 0o600)
-}
-
-func writePEM(file, typ string, der []byte, mode os.FileMode) error {
-	if err := os.WriteFile(file, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode); err != nil {
-		return fmt.Errorf("write %s: %w", file, err)
-	}
-	return nil
+	return pki.WriteCertKey(certFile, keyFile, der, key)
 }
