@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"net"
 	"sync"
+	"syscall"
 )
 
 // batchConn sits under a tls.Conn. crypto/tls writes every record (at
@@ -18,6 +19,8 @@ type batchConn struct {
 	wmu       sync.Mutex // guards the write side
 	buffering bool
 	wbuf      []byte
+	woff      int             // wbuf[:woff] is written
+	raw       syscall.RawConn // for writes that must not block; nil if unsupported; set before use
 
 	// The read side is used only under the tls.Conn's read lock.
 	rbuf     *chunk
@@ -58,13 +61,41 @@ func (bc *batchConn) flush() error {
 	bc.wmu.Lock()
 	defer bc.wmu.Unlock()
 	bc.buffering = false
-	if len(bc.wbuf) == 0 {
+	if len(bc.wbuf) == bc.woff {
+		bc.releaseLocked()
 		return nil
 	}
-	_, err := bc.Conn.Write(bc.wbuf)
-	putBatch(bc.wbuf)
-	bc.wbuf = nil
+	_, err := bc.Conn.Write(bc.wbuf[bc.woff:])
+	bc.releaseLocked()
 	return err
+}
+
+// tryFlush writes what was collected since begin as far as the socket
+// takes it without blocking. When it reports !done the rest stays
+// collected, and still collecting, for flush.
+func (bc *batchConn) tryFlush() (done bool, err error) {
+	bc.wmu.Lock()
+	defer bc.wmu.Unlock()
+	for bc.woff < len(bc.wbuf) {
+		n, err := tryWrite(bc.raw, bc.wbuf[bc.woff:])
+		if err != nil {
+			return false, err
+		}
+		if n == 0 {
+			return false, nil // the socket is full: the writer goroutine waits for it
+		}
+		bc.woff += n
+	}
+	bc.buffering = false
+	bc.releaseLocked()
+	return true, nil
+}
+
+func (bc *batchConn) releaseLocked() {
+	if bc.wbuf != nil {
+		putBatch(bc.wbuf)
+	}
+	bc.wbuf, bc.woff = nil, 0
 }
 
 func (bc *batchConn) Write(p []byte) (int, error) {
@@ -73,9 +104,9 @@ func (bc *batchConn) Write(p []byte) (int, error) {
 	if !bc.buffering {
 		return bc.Conn.Write(p)
 	}
-	if len(bc.wbuf)+len(p) > batchCapacity && len(bc.wbuf) > 0 {
-		_, err := bc.Conn.Write(bc.wbuf)
-		bc.wbuf = bc.wbuf[:0]
+	if len(bc.wbuf)+len(p) > batchCapacity && len(bc.wbuf) > bc.woff {
+		_, err := bc.Conn.Write(bc.wbuf[bc.woff:])
+		bc.wbuf, bc.woff = bc.wbuf[:0], 0
 		if err != nil {
 			return 0, err
 		}

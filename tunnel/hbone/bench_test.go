@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -361,4 +362,168 @@ func TestIdleReadFromMemory(t *testing.T) {
 	for _, c := range srcs {
 		c.Close()
 	}
+}
+
+// BenchmarkRequestResponse sends b.N 1 KiB requests, one at a time, over
+// one stream to an echo handler and reports the p50 and p99 round trip,
+// then the same over a plain TLS connection to an echo server: what the
+// HTTP/2 layer adds to each exchange, mostly goroutine hand-offs.
+func BenchmarkRequestResponse(b *testing.B) {
+	ts := startServer(b, echo)
+	tp := newPool(b, ts)
+	s := tp.connect(b)
+
+	stls, ctls := mustTLS(b)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", stls)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}()
+	tc, err := tls.Dial("tcp", ln.Addr().String(), ctls)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tc.Close()
+
+	b.ResetTimer()
+	p50, p99 := roundTrips(b, s, b.N, 0)
+	b.StopTimer()
+	t50, t99 := roundTrips(b, tc, b.N, 0)
+	b.ReportMetric(p50, "p50-µs")
+	b.ReportMetric(p99, "p99-µs")
+	b.ReportMetric(t50, "tls-p50-µs")
+	b.ReportMetric(t99, "tls-p99-µs")
+}
+
+// BenchmarkProxyRequestResponse is BenchmarkRequestResponse through the
+// whole tunnel on loopback, as the ztunnel runs it: TCP client → proxy →
+// HBONE → proxy → TCP echo server. The baseline is the echo server
+// reached directly.
+func BenchmarkProxyRequestResponse(b *testing.B) {
+	dst, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer dst.Close()
+	go func() {
+		for {
+			c, err := dst.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	out := startTunnel(b, dst.Addr().String())
+
+	dial := func(addr string) net.Conn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { c.Close() })
+		return c
+	}
+	tunnelled, direct := dial(out), dial(dst.Addr().String())
+	for _, pace := range []time.Duration{0, time.Millisecond} {
+		name := "back-to-back"
+		if pace > 0 {
+			// amber-bench's latency test: 1000 req/s, the tunnel idle
+			// between requests.
+			name = "1000rps"
+		}
+		b.Run(name, func(b *testing.B) {
+			p50, p99 := roundTrips(b, tunnelled, b.N, pace)
+			b.StopTimer()
+			d50, d99 := roundTrips(b, direct, b.N, pace)
+			b.ReportMetric(p50, "p50-µs")
+			b.ReportMetric(p99, "p99-µs")
+			b.ReportMetric(d50, "tcp-p50-µs")
+			b.ReportMetric(d99, "tcp-p99-µs")
+		})
+	}
+}
+
+// startTunnel runs the two halves of a tunnel to dst on loopback and
+// returns the address of its outbound TCP listener.
+func startTunnel(b *testing.B, dst string) string {
+	ts := startServer(b, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		up, err := net.Dial("tcp", dst)
+		if err != nil {
+			rw.Reject(http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		defer up.Close()
+		s, err := rw.Accept()
+		if err != nil {
+			return
+		}
+		proxy(s, up.(*net.TCPConn))
+	}))
+	tp := newPool(b, ts)
+	out, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	b.Cleanup(wg.Wait)
+	b.Cleanup(func() { out.Close() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := out.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
+				if err != nil {
+					return
+				}
+				defer s.Close()
+				proxy(s, c.(*net.TCPConn))
+			}()
+		}
+	}()
+	return out.Addr().String()
+}
+
+// roundTrips sends n 1 KiB requests over c, each after the previous
+// response and at most one per pace, and returns the p50 and p99 round
+// trip in µs.
+func roundTrips(b *testing.B, c io.ReadWriter, n int, pace time.Duration) (p50, p99 float64) {
+	req := make([]byte, 1024)
+	resp := make([]byte, len(req))
+	rtts := make([]time.Duration, n)
+	next := time.Now()
+	for i := range n {
+		time.Sleep(time.Until(next))
+		next = next.Add(pace)
+		start := time.Now()
+		if _, err := c.Write(req); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, resp); err != nil {
+			b.Fatal(err)
+		}
+		rtts[i] = time.Since(start)
+	}
+	slices.Sort(rtts)
+	us := func(q int) float64 { return float64(rtts[(n-1)*q/100].Nanoseconds()) / 1e3 }
+	return us(50), us(99)
 }

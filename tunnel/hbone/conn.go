@@ -50,10 +50,12 @@ const (
 var clientPreface = []byte(http2.ClientPreface)
 
 // conn is one HTTP/2 connection, client or server side. A reader goroutine
-// parses frames; a writer goroutine writes the batch of frames every other
-// goroutine appends to under mu. The reader never waits for the writer,
-// so two peers blocked writing to each other still read each other's
-// WINDOW_UPDATEs.
+// parses frames; frames every other goroutine appends to the batch under
+// mu are written by whoever finds the connection idle: a stream's writer
+// writes its DATA itself when no batch is in flight (see flushLocked), and
+// the writer goroutine drains what queues up meanwhile. The reader never
+// waits for a write, so two peers blocked writing to each other still read
+// each other's WINDOW_UPDATEs.
 type conn struct {
 	nc         net.Conn
 	bc         *batchConn // under nc's TLS, if there
@@ -93,6 +95,8 @@ type conn struct {
 	mu        sync.Mutex // guards the fields below
 	pending   []byte     // frames queued for the writer
 	spare     []byte     // the batch the writer last wrote, for reuse
+	writing   bool       // a batch is being written; only its writer may write to nc
+	leftover  bool       // an inline write left bytes in bc for the writer goroutine
 	wfr       *http2.Framer
 	henc      *hpack.Encoder
 	hbuf      bytes.Buffer
@@ -153,6 +157,9 @@ func newConn(nc net.Conn, cfg Settings, stats *Stats, log *slog.Logger) *conn {
 	}
 	c.recvWin = int64(c.cfg.ConnWindow)
 	c.bc = batcher(nc)
+	if c.bc != nil {
+		c.bc.raw = rawConn(c.bc.Conn)
+	}
 	// A tls.Conn already hands out decrypted records from its own buffer;
 	// anything else gets a small read buffer so frame headers are not
 	// read a few bytes per syscall.
@@ -220,7 +227,11 @@ func notify(ch chan struct{}) {
 }
 
 // writeLoop hands queued frames to the TLS connection, a batch at a time,
-// until the connection closes.
+// until the connection closes. Streams write their own frames while the
+// connection is idle (flushLocked); this goroutine takes over when frames
+// queue up behind a write in flight, when an inline write could not finish
+// without blocking, and for frames queued by the reader (acknowledgements,
+// WINDOW_UPDATEs), which must never wait for the socket.
 func (c *conn) writeLoop() {
 	defer func() {
 		c.mu.Lock()
@@ -234,25 +245,19 @@ func (c *conn) writeLoop() {
 	}()
 	for {
 		c.mu.Lock()
-		for len(c.pending) == 0 {
-			// Idle: hold no batch buffers.
-			if c.pending != nil {
-				putBatch(c.pending)
-				c.pending = nil
-			}
-			if c.spare != nil {
-				putBatch(c.spare)
-				c.spare = nil
-			}
+		for !c.leftover && (len(c.pending) == 0 || c.writing) {
 			if c.closed {
 				c.mu.Unlock()
 				return
 			}
-			if c.closing {
-				err := c.closeErr
-				c.mu.Unlock()
-				c.teardown(err)
-				return
+			if !c.writing {
+				c.releaseBatchesLocked()
+				if c.closing {
+					err := c.closeErr
+					c.mu.Unlock()
+					c.teardown(err)
+					return
+				}
 			}
 			c.mu.Unlock()
 			<-c.writeSig
@@ -262,33 +267,124 @@ func (c *conn) writeLoop() {
 			c.mu.Unlock()
 			return
 		}
-		buf := c.pending
-		c.pending, c.spare = c.spare, nil
-		c.wakeBlockedLocked()
-		c.mu.Unlock()
-
-		if c.bc != nil {
-			c.bc.begin()
-		}
-		_, err := c.nc.Write(buf)
-		if c.bc != nil {
-			if ferr := c.bc.flush(); err == nil {
-				err = ferr
-			}
-		}
-
-		c.mu.Lock()
-		if c.spare == nil {
-			c.spare = buf[:0]
+		var err error
+		if c.leftover {
+			// An inline write stopped at a full socket: finish it, the
+			// batch is still ours (c.writing).
+			c.leftover = false
+			c.mu.Unlock()
+			err = c.bc.flush()
+			c.mu.Lock()
+			c.writing = false
+			c.mu.Unlock()
 		} else {
-			putBatch(buf)
+			buf := c.takeBatchLocked()
+			c.mu.Unlock()
+			err = c.writeBatch(buf)
+			c.mu.Lock()
+			c.batchWrittenLocked(buf)
+			c.mu.Unlock()
 		}
-		c.mu.Unlock()
 		if err != nil {
 			c.teardown(fmt.Errorf("hbone: write: %w", err))
 			return
 		}
 	}
+}
+
+// releaseBatchesLocked lets an idle connection hold no batch buffers.
+func (c *conn) releaseBatchesLocked() {
+	if c.pending != nil && len(c.pending) == 0 {
+		putBatch(c.pending)
+		c.pending = nil
+	}
+	if c.spare != nil {
+		putBatch(c.spare)
+		c.spare = nil
+	}
+}
+
+// takeBatchLocked claims the queued frames for writing.
+func (c *conn) takeBatchLocked() []byte {
+	buf := c.pending
+	c.pending, c.spare = c.spare, nil
+	c.writing = true
+	c.wakeBlockedLocked()
+	return buf
+}
+
+// batchWrittenLocked ends the write of buf.
+func (c *conn) batchWrittenLocked(buf []byte) {
+	c.writing = false
+	if c.spare == nil {
+		c.spare = buf[:0]
+	} else {
+		putBatch(buf)
+	}
+}
+
+// writeBatch writes buf through TLS, collecting the records in one
+// syscall when batchConn is under it.
+func (c *conn) writeBatch(buf []byte) error {
+	if c.bc != nil {
+		c.bc.begin()
+	}
+	_, err := c.nc.Write(buf)
+	if c.bc != nil {
+		if ferr := c.bc.flush(); err == nil {
+			err = ferr
+		}
+	}
+	return err
+}
+
+// flushLocked is called by a stream after queueing frames, with c.mu held;
+// it returns with c.mu released. If no batch is in flight it writes the
+// queued frames on the caller's goroutine, sparing the hand-off to the
+// writer goroutine and back that would otherwise cost every small
+// request a wake-up on each side. The write never blocks on the socket:
+// records the socket does not take at once are left to the writer
+// goroutine (batchConn.tryFlush), so a stream's Write still returns once
+// its frames are queued and a stalled peer is bounded by flow control and
+// writeBatchSize as before. Frames stay in order because only the holder
+// of c.writing writes, and batches are taken in queue order.
+func (c *conn) flushLocked() error {
+	if c.writing || len(c.pending) == 0 || len(c.pending) > inlineMax || c.closed || c.closing ||
+		c.bc == nil || c.bc.raw == nil {
+		c.mu.Unlock()
+		c.signalWriter()
+		return nil
+	}
+	buf := c.takeBatchLocked()
+	c.mu.Unlock()
+
+	c.bc.begin()
+	_, err := c.nc.Write(buf)
+	done := false
+	if err == nil {
+		done, err = c.bc.tryFlush()
+	}
+
+	c.mu.Lock()
+	c.batchWrittenLocked(buf)
+	if !done && err == nil {
+		c.writing, c.leftover = true, true
+	}
+	more := len(c.pending) > 0 || c.closing || c.leftover
+	if !more {
+		// The connection may now sit idle: keep no batch buffers.
+		c.releaseBatchesLocked()
+	}
+	c.mu.Unlock()
+	if err != nil {
+		err = fmt.Errorf("hbone: write: %w", err)
+		c.teardown(err)
+		return err
+	}
+	if more {
+		c.signalWriter()
+	}
+	return nil
 }
 
 // wakeBlockedLocked wakes writers waiting for connection window or batch
@@ -1061,7 +1157,8 @@ func (c *conn) sendConnUpdateLocked(inc int64) {
 }
 
 // writeHeadersLocked encodes fields and queues them as HEADERS plus
-// CONTINUATION frames no larger than the peer accepts (RFC 9113 §4.3).
+// CONTINUATION frames no larger than the peer accepts (RFC 9113 §4.3);
+// the caller then writes them with flushLocked.
 // The HPACK encoder's state must follow the order frames are written, so
 // encoding and queueing happen under the same lock.
 func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, endStream bool) {
@@ -1090,11 +1187,11 @@ func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, endStre
 	if c.hbuf.Cap() > 64<<10 {
 		c.hbuf = bytes.Buffer{}
 	}
-	c.signalWriter()
 }
 
-// appendDataLocked queues one DATA frame. The header is written by hand
-// so the payload is copied once, straight into the batch.
+// appendDataLocked queues one DATA frame; the caller then writes it with
+// flushLocked. The header is written by hand so the payload is copied
+// once, straight into the batch.
 func (c *conn) appendDataLocked(id uint32, endStream bool, p []byte) {
 	var flags http2.Flags
 	if endStream {
@@ -1108,5 +1205,4 @@ func (c *conn) appendDataLocked(id uint32, endStream bool, p []byte) {
 		byte(n>>16), byte(n>>8), byte(n), byte(http2.FrameData), byte(flags),
 		byte(id>>24), byte(id>>16), byte(id>>8), byte(id))
 	c.pending = append(c.pending, p...)
-	c.signalWriter()
 }

@@ -254,6 +254,7 @@ func (c *conn) onRequest(hb *headerBlock) error {
 			// the request with RST_STREAM(NO_ERROR).
 			_ = c.wfr.WriteRSTStream(id, http2.ErrCodeNo)
 		}
+		c.signalWriter() // the reader never writes itself
 		return nil
 	}
 	switch {

@@ -320,7 +320,10 @@ func (c *conn) connect(ctx context.Context, fields []hpack.HeaderField, size uin
 	s := c.newStreamLocked(id)
 	s.resp = make(chan struct{})
 	c.writeHeadersLocked(id, fields, false)
-	c.mu.Unlock()
+	if err := c.flushLocked(); err != nil {
+		_ = s.Close()
+		return nil, retryableError{err}
+	}
 
 	select {
 	case <-s.resp:

@@ -10,6 +10,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -54,7 +55,13 @@ type stream struct {
 	filling  bool       // the reader goroutine is reading into the last chunk
 	draining bool       // WriteTo is writing out the first chunk
 	closedR  bool       // Close was called: data is dropped
-	unacked  int64      // bytes read but not yet returned with WINDOW_UPDATE
+	// Direct delivery (see deliver): while WriteTo waits with nothing
+	// buffered, the reader goroutine writes DATA straight to its socket.
+	sink     syscall.RawConn // WriteTo's destination while it waits; nil otherwise
+	sinking  bool            // the reader goroutine is writing to sink
+	sinkN    int64           // bytes delivered directly, not yet counted by WriteTo
+	sinkErr  error           // a direct write failed: WriteTo returns it
+	unacked  int64           // bytes read but not yet returned with WINDOW_UPDATE
 	resp     chan struct{}
 	respErr  error
 	respDone bool
@@ -106,6 +113,8 @@ func (s *stream) waitDataLocked() error {
 			return net.ErrClosed
 		case s.hasDataLocked():
 			return nil
+		case s.sinkErr != nil:
+			return s.sinkErr
 		case s.rerr != nil:
 			return s.rerr
 		case s.rdl.expired():
@@ -162,14 +171,33 @@ func (s *stream) Read(p []byte) (int, error) {
 }
 
 // WriteTo writes received data straight from the receive buffers to w,
-// so io.Copy(dst, stream) copies each byte once.
+// so io.Copy(dst, stream) copies each byte once. When w is a socket, data
+// that arrives while WriteTo waits is written by the connection's reader
+// itself (see deliver), without waking WriteTo.
 func (s *stream) WriteTo(w io.Writer) (int64, error) {
 	s.readMu.Lock()
 	defer s.readMu.Unlock()
+	sink := rawConn(w)
 	var total int64
 	for {
 		s.rmu.Lock()
-		if err := s.waitDataLocked(); err != nil {
+		s.sink = sink
+		err := s.waitDataLocked()
+		s.sink = nil
+		for s.sinking {
+			// Only an error can end the wait during a delivery, which
+			// starts with nothing buffered. Let it finish: bytes reach w
+			// in order, and never after WriteTo returned.
+			s.rmu.Unlock()
+			<-s.rsig
+			s.rmu.Lock()
+		}
+		total += s.sinkN
+		s.sinkN = 0
+		if s.sinkErr != nil {
+			err = s.sinkErr
+		}
+		if err != nil {
 			s.rmu.Unlock()
 			if err == io.EOF {
 				err = nil
@@ -248,6 +276,14 @@ func (s *stream) sendWindowUpdate(inc int64) {
 func (s *stream) receive(r io.Reader, n int) error {
 	for n > 0 {
 		s.rmu.Lock()
+		if s.sink != nil && !s.hasDataLocked() && !s.closedR && s.rerr == nil && s.sinkErr == nil {
+			k, err := s.deliver(r, n)
+			if err != nil {
+				return err
+			}
+			n -= k
+			continue
+		}
 		if s.closedR || s.rerr != nil && s.rerr != io.EOF {
 			s.rmu.Unlock()
 			if _, err := io.CopyN(io.Discard, r, int64(n)); err != nil {
@@ -290,6 +326,80 @@ func (s *stream) receive(r io.Reader, n int) error {
 		}
 	}
 	return nil
+}
+
+// deliver reads up to n bytes of DATA payload from r and writes them
+// to the socket WriteTo is waiting to write to, on the reader goroutine:
+// a request then reaches the application without the hand-off to the
+// WriteTo goroutine. It is called with s.rmu held, releases it, and
+// returns the payload bytes consumed from r.
+//
+// The reader serves every stream of the connection, so it must never wait
+// for one stream's consumer (head-of-line blocking): the socket write does
+// not block, and what the socket does not take is buffered for WriteTo
+// exactly as if it had not been offered. A slow consumer then costs the
+// reader one failed write per frame until WriteTo has drained the buffer,
+// and the stream window bounds what it can buffer, as before.
+func (s *stream) deliver(r io.Reader, n int) (int, error) {
+	sink := s.sink
+	s.sinking = true
+	s.rmu.Unlock()
+
+	ch := getChunk(n)
+	k, err := io.ReadFull(r, ch.b[:min(n, len(ch.b))])
+	ch.w = k
+	var werr error
+	for ch.r < ch.w {
+		m, err := tryWrite(sink, ch.b[ch.r:ch.w])
+		if err != nil {
+			werr = err
+			break
+		}
+		if m == 0 {
+			break
+		}
+		ch.r += m
+	}
+
+	s.rmu.Lock()
+	s.sinking = false
+	written := int64(ch.r)
+	s.sinkN += written
+	inc := s.consumedLocked(written)
+	switch {
+	case werr != nil:
+		// WriteTo returns the error; what was not written is dropped
+		// and returned to the connection window below.
+		s.sinkErr = werr
+		putChunk(ch)
+	case s.closedR || s.rerr != nil && s.rerr != io.EOF:
+		putChunk(ch) // closed or reset meanwhile: the rest is dropped
+	case ch.r < ch.w:
+		s.rbuf = append(s.rbuf, ch)
+		ch = nil
+	default:
+		putChunk(ch)
+	}
+	dropped := int64(k) - written
+	if ch == nil {
+		dropped = 0 // buffered: credited once read
+	}
+	// Wake WriteTo only if it has something to do: buffered data, an
+	// error, or a wait for this delivery to end (it stopped offering).
+	wake := ch == nil || werr != nil || s.sink == nil
+	s.rmu.Unlock()
+	if wake {
+		notify(s.rsig)
+	}
+	s.c.creditConn(written + dropped)
+	s.sendWindowUpdate(inc)
+	if err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return k, err
+	}
+	return k, nil
 }
 
 // dropLocked releases all buffered data and returns how many unread bytes
@@ -409,7 +519,9 @@ func (s *stream) write(p []byte) (int, error) {
 			return n, err
 		}
 		c.appendDataLocked(s.id, false, p[:k])
-		c.mu.Unlock()
+		if err := c.flushLocked(); err != nil {
+			return n, err
+		}
 		n += k
 		p = p[k:]
 	}
@@ -461,11 +573,12 @@ func (s *stream) CloseWrite() error {
 	defer s.writeMu.Unlock()
 	c := s.c
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if s.sendEnded && !s.reset && !c.closed {
+		c.mu.Unlock()
 		return nil
 	}
 	if err := s.writeErrLocked(); err != nil && err != os.ErrDeadlineExceeded {
+		c.mu.Unlock()
 		return err
 	}
 	c.appendDataLocked(s.id, true, nil)
@@ -473,6 +586,9 @@ func (s *stream) CloseWrite() error {
 	if s.recvEnded {
 		c.removeLocked(s)
 	}
+	// The END_STREAM is queued: a failed write tears the connection
+	// down, which the stream's reads will report.
+	_ = c.flushLocked()
 	return nil
 }
 
@@ -540,34 +656,38 @@ func (r responder) Reject(status int, reason string) error {
 func (s *stream) respond(status int) error {
 	c := s.c
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	var err error
 	switch {
 	case s.responded:
-		return ErrAlreadyResponded
+		err = ErrAlreadyResponded
 	case c.closed:
-		return c.err
+		err = c.err
 	case c.closing:
-		return c.closeErr
+		err = c.closeErr
 	case s.reset:
-		return s.resetErr
+		err = s.resetErr
+	}
+	if err != nil {
+		c.mu.Unlock()
+		return err
 	}
 	s.responded = true
 	ok := status == http.StatusOK
 	c.writeHeadersLocked(s.id, statusFields(status), !ok)
 	if ok {
 		c.stats.StreamsOpened.Add(1)
-		return nil
+	} else {
+		c.stats.StreamsRejected.Add(1)
+		s.sendEnded = true
+		if !s.recvEnded {
+			// RFC 9113 §8.1: the response is complete; stop the request body.
+			_ = c.wfr.WriteRSTStream(s.id, http2.ErrCodeNo)
+			s.reset = true
+			s.resetErr = &StreamError{Code: http2.ErrCodeNo}
+		}
+		c.removeLocked(s)
 	}
-	c.stats.StreamsRejected.Add(1)
-	s.sendEnded = true
-	if !s.recvEnded {
-		// RFC 9113 §8.1: the response is complete; stop the request body.
-		_ = c.wfr.WriteRSTStream(s.id, http2.ErrCodeNo)
-		s.reset = true
-		s.resetErr = &StreamError{Code: http2.ErrCodeNo}
-	}
-	c.removeLocked(s)
-	return nil
+	return c.flushLocked()
 }
 
 // serveStream runs the Handler for one CONNECT.
