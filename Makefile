@@ -40,7 +40,8 @@ vet: ## gofmt and go vet
 .PHONY: test
 test: deps check-generate vet ## run every test tier this machine supports (CI runs this)
 	@bash hack/kube-bins.sh all >/dev/null
-	$(GO) test $(GOFLAGS_T) -timeout 30m ./...
+	@bash hack/helm.sh
+	PATH="$(CURDIR)/.cache/bin:$$PATH" $(GO) test $(GOFLAGS_T) -timeout 30m ./...
 
 .PHONY: test-unit
 test-unit: ## unprivileged tests only (privileged ones skip when not root)
@@ -56,7 +57,11 @@ bench-tunnel: deps ## amber HBONE tunnel vs a plain TCP proxy pair vs direct: th
 	$(GO) run ./test/cmd/amber-bench tunnel -rounds 3
 
 .PHONY: bench
-bench: bench-datapath bench-tunnel ## every benchmark, each printing ratios against a baseline from the same run
+bench: bench-datapath bench-tunnel bench-agent ## every benchmark, each printing ratios against a baseline from the same run
+
+.PHONY: bench-agent
+bench-agent: deps ## label → capture latency p50/p99 over 250 pods, agent CPU and RSS under churn (real API server + testbed)
+	$(GO) test -run '^$$' -bench BenchmarkPrivilegedAgent -benchtime 5x ./agent/
 
 .PHONY: kube-bins
 kube-bins: ## build etcd, kube-apiserver, kubectl into .cache/kube (KUBE_BINS="all" or names for more; cached)

@@ -1,0 +1,238 @@
+// Package agent runs amber's node agent: it loads the datapath, attaches
+// it to the node's uplinks and pod veths, keeps pod membership in step
+// with the Kubernetes API server, answers the amber-cni plugin, installs
+// that plugin into the node's CNI configuration, and serves metrics and
+// readiness.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/amber-mesh/amber/agent/capture"
+	"github.com/amber-mesh/amber/agent/cniapi"
+	"github.com/amber-mesh/amber/agent/cniinstall"
+	"github.com/amber-mesh/amber/agent/enrol"
+	"github.com/amber-mesh/amber/agent/kube"
+	"github.com/amber-mesh/amber/bpf"
+)
+
+// DefaultMetricsAddr serves /metrics and /readyz (istio-cni's monitoring
+// port; the ztunnel beside the agent uses 15020 and 15021).
+const DefaultMetricsAddr = ":15014"
+
+// Config configures Run. NodeName is required; every other zero value is
+// the production setting.
+type Config struct {
+	// NodeName is the node whose pods this agent captures.
+	NodeName string
+	// Kubeconfig is a kubeconfig file. Zero means in-cluster.
+	Kubeconfig string
+	// PinRoot is the bpffs directory of the datapath. Zero means
+	// bpf.DefaultPinRoot.
+	PinRoot string
+	// MaxPods is the membership capacity. Zero means bpf.DefaultMaxPods.
+	MaxPods int
+	// Uplinks are the interfaces that receive other nodes' traffic. Zero
+	// means the interfaces of the node's default routes (IPv4 and IPv6).
+	Uplinks []string
+	// ExcludeNamespaces are never captured. Zero means none.
+	ExcludeNamespaces []string
+	// CNI configures the plugin API and installation.
+	CNI CNIConfig
+	// MetricsAddr serves /metrics and /readyz. Zero means
+	// DefaultMetricsAddr.
+	MetricsAddr string
+	// PodName and PodNamespace are the agent's own pod, used on shutdown
+	// to tell an uninstall from a restart. Zero means never uninstall.
+	PodName, PodNamespace string
+	// Resync is the period of full reconciliations. Zero means a minute.
+	Resync time.Duration
+	// Logger; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// CNIConfig configures the plugin side.
+type CNIConfig struct {
+	// Socket is the agent's API socket. Zero means cniapi.DefaultSocket.
+	Socket string
+	// APIAccessFile is written for the plugin's agent-less fallback.
+	// Zero means cniapi.DefaultAPIAccess.
+	APIAccessFile string
+	// SkipInstall leaves the node's CNI configuration alone (the plugin
+	// is installed by other means, or tests invoke it directly). Zero
+	// means install and keep it chained.
+	SkipInstall bool
+	// Install says where the binary and configuration go; see
+	// cniinstall.Config for the zero values.
+	Install cniinstall.Config
+}
+
+// Run runs the agent until ctx is done.
+func Run(ctx context.Context, cfg Config) error {
+	if cfg.NodeName == "" {
+		return errors.New("agent: NodeName is required")
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if cfg.MetricsAddr == "" {
+		cfg.MetricsAddr = DefaultMetricsAddr
+	}
+	if cfg.CNI.Socket == "" {
+		cfg.CNI.Socket = cniapi.DefaultSocket
+	}
+	if cfg.CNI.APIAccessFile == "" {
+		cfg.CNI.APIAccessFile = cniapi.DefaultAPIAccess
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	host, err := capture.OpenHost(capture.HostConfig{})
+	if err != nil {
+		return err
+	}
+	defer host.Close()
+	bcfg := bpf.Config{PinRoot: cfg.PinRoot, MaxPods: cfg.MaxPods}
+	dp, err := bpf.Load(bcfg)
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	if err := adoptLinks(dp, log); err != nil {
+		return err
+	}
+	if err := attachUplinks(dp, cfg.Uplinks, log); err != nil {
+		return err
+	}
+
+	kc, err := kube.New(kube.Config{Kubeconfig: cfg.Kubeconfig, NodeName: cfg.NodeName, Logger: log})
+	if err != nil {
+		return err
+	}
+	capacity := cfg.MaxPods
+	if capacity <= 0 {
+		capacity = bpf.DefaultMaxPods
+	}
+	ctl, err := capture.New(capture.Config{
+		Datapath:   dp,
+		Host:       host,
+		Reporter:   kc,
+		Rules:      enrol.Rules{ExcludeNamespaces: cfg.ExcludeNamespaces},
+		Capacity:   capacity,
+		Resync:     cfg.Resync,
+		Registerer: reg,
+		Logger:     log,
+	})
+	if err != nil {
+		return err
+	}
+	reg.MustRegister(capture.MapCollector{Datapath: dp, Capacity: capacity})
+	cniMetrics := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "amber_agent_cni_requests_total", Help: "CNI requests answered, by command and result.",
+	}, []string{"command", "result"})
+	reg.MustRegister(cniMetrics)
+
+	// Both listeners before anything runs: a failure here returns with
+	// nothing left behind.
+	cniLn, err := cniapi.Listen(cfg.CNI.Socket)
+	if err != nil {
+		return err
+	}
+	mln, err := net.Listen("tcp", cfg.MetricsAddr)
+	if err != nil {
+		cniLn.Close()
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 8)
+	var running int
+	spawn := func(name string, fn func() error) {
+		running++
+		go func() {
+			err := fn()
+			if err != nil && !errors.Is(err, context.Canceled) {
+				err = fmt.Errorf("%s: %w", name, err)
+			} else {
+				err = nil
+			}
+			errc <- err
+		}()
+	}
+
+	spawn("capture", func() error { return ctl.Run(ctx) })
+	spawn("kubernetes", func() error { return kc.Run(ctx, ctl) })
+
+	cniSrv := &http.Server{Handler: cniapi.Handle(&cniHandler{kube: kc, ctl: ctl, metrics: cniMetrics, log: log}), ReadHeaderTimeout: 10 * time.Second}
+	spawn("cni server", func() error { return serve(ctx, cniSrv, cniLn) })
+
+	var installed readyFlag
+	if cfg.CNI.SkipInstall {
+		installed.set()
+	}
+	spawn("api access", func() error { return keepAPIAccess(ctx, kc, cfg.CNI.APIAccessFile, log) })
+	if !cfg.CNI.SkipInstall {
+		spawn("cni install", func() error { return keepInstalled(ctx, cfg, &installed, log) })
+	}
+	spawn("pruner", func() error { return pruneLinks(ctx, dp, cfg.Resync) })
+
+	ready := func() bool { return ctl.Ready() && installed.get() }
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	spawn("metrics server", func() error { return serve(ctx, msrv, mln) })
+	log.Info("agent started", "node", cfg.NodeName, "metrics", mln.Addr().String(), "cni_socket", cfg.CNI.Socket, "pin_root", dp.PinRoot(), "capacity", capacity)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+		running--
+	}
+	cancel()
+	for ; running > 0; running-- {
+		if err := <-errc; err != nil && runErr == nil {
+			runErr = err
+		}
+	}
+	if cfg.PodName != "" && cfg.PodNamespace != "" {
+		runErr = errors.Join(runErr, uninstallIfRemoved(kc, cfg, host, log))
+	}
+	if runErr != nil {
+		return runErr
+	}
+	return context.Cause(ctx)
+}
+
+func serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,300 @@
+package agent_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/amber-mesh/amber/test/testbed"
+)
+
+// watchdog checks every 10 ms that every pod it guards has a program on
+// its veth and its membership entries, and records each lapse.
+type watchdog struct {
+	e       *env
+	mu      sync.Mutex
+	pods    []*testbed.Pod
+	lapses  []string
+	checks  atomic.Int64
+	stop    chan struct{}
+	stopped chan struct{}
+}
+
+func (e *env) watchdog(pods []*pod) *watchdog {
+	w := &watchdog{e: e, stop: make(chan struct{}), stopped: make(chan struct{})}
+	for _, p := range pods {
+		w.pods = append(w.pods, p.tb)
+	}
+	pm, im := e.pinnedMap("amber_pods"), e.pinnedMap("amber_ifaces")
+	go func() {
+		defer close(w.stopped)
+		defer pm.Close()
+		defer im.Close()
+		t := time.NewTicker(10 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-w.stop:
+				return
+			case <-t.C:
+			}
+			progs := e.programs(w.pods)
+			for i, p := range w.pods {
+				if !membership(pm, im, p) {
+					w.lapse(fmt.Sprintf("%s: membership missing", p.Name))
+				}
+				if !progs[i] {
+					w.lapse(fmt.Sprintf("%s: no program on %s", p.Name, p.HostVeth))
+				}
+			}
+			w.checks.Add(1)
+		}
+	}()
+	return w
+}
+
+func (w *watchdog) lapse(s string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.lapses = append(w.lapses, time.Now().Format("15:04:05.000 ")+s)
+}
+
+func (w *watchdog) finish(tb testing.TB) {
+	tb.Helper()
+	close(w.stop)
+	<-w.stopped
+	if len(w.lapses) > 0 {
+		tb.Errorf("%d lapses in %d checks, first: %v", len(w.lapses), w.checks.Load(), w.lapses[:min(5, len(w.lapses))])
+	}
+	if w.checks.Load() < 50 {
+		tb.Errorf("watchdog ran only %d checks", w.checks.Load())
+	}
+}
+
+// traffic keeps long-lived connections busy and opens new ones from every
+// pod; each new connection must go through the proxy.
+type traffic struct {
+	stop   chan struct{}
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	errs   []string
+	rounds atomic.Int64
+}
+
+func (e *env) traffic(pods []*pod, perPod int) *traffic {
+	tr := &traffic{stop: make(chan struct{})}
+	fail := func(s string) {
+		tr.mu.Lock()
+		tr.errs = append(tr.errs, time.Now().Format("15:04:05.000 ")+s)
+		tr.mu.Unlock()
+	}
+	for _, p := range pods {
+		var conns []net.Conn
+		for i := 0; i < perPod; i++ {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			c, err := p.tb.Dial(ctx, "tcp", e.echo.String())
+			cancel()
+			if err != nil {
+				e.t.Fatalf("%s: dial: %v", p.key(), err)
+			}
+			e.t.Cleanup(func() { c.Close() })
+			conns = append(conns, c)
+		}
+		tr.wg.Add(2)
+		go func() {
+			defer tr.wg.Done()
+			for n := 0; ; n++ {
+				select {
+				case <-tr.stop:
+					return
+				default:
+				}
+				for i, c := range conns {
+					if err := echoOnce(c, fmt.Sprintf("%s %d %d", p.name, i, n)); err != nil {
+						fail(fmt.Sprintf("%s: long-lived connection %d: %v", p.key(), i, err))
+						return
+					}
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}()
+		go func() {
+			defer tr.wg.Done()
+			for {
+				select {
+				case <-tr.stop:
+					return
+				default:
+				}
+				ok, err := e.connect(p)
+				if err != nil || !ok {
+					fail(fmt.Sprintf("%s: new connection proxied=%v err=%v", p.key(), ok, err))
+					return
+				}
+				tr.rounds.Add(1)
+				time.Sleep(10 * time.Millisecond)
+			}
+		}()
+	}
+	return tr
+}
+
+func (tr *traffic) finish(tb testing.TB) {
+	tb.Helper()
+	close(tr.stop)
+	tr.wg.Wait()
+	if len(tr.errs) > 0 {
+		tb.Errorf("traffic failures: %v", tr.errs)
+	}
+}
+
+// TestPrivilegedAgentKill kills the agent with SIGKILL while pods talk,
+// twice (the second time while the new agent is still starting up): no
+// connection is dropped, every new connection is captured, and no
+// enrolled pod is without its program or membership at any 10 ms check.
+func TestPrivilegedAgentKill(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	e.namespace("mesh", ambient)
+	var pods []*pod
+	for i := 0; i < 6; i++ {
+		pods = append(pods, e.startPod("mesh", fmt.Sprintf("p%d", i), nil))
+	}
+	for _, p := range pods {
+		e.mustCaptured(p)
+	}
+	wd := e.watchdog(pods)
+	tr := e.traffic(pods, 3)
+	time.Sleep(300 * time.Millisecond)
+
+	e.agent.stop(syscall.SIGKILL)
+	time.Sleep(500 * time.Millisecond)
+	e.agent = e.startAgent()
+	time.Sleep(300 * time.Millisecond)
+
+	// Kill the next one before it is ready.
+	a := e.startAgentNoWait()
+	time.Sleep(150 * time.Millisecond)
+	a.stop(syscall.SIGKILL)
+	e.agent.stop(syscall.SIGKILL)
+	time.Sleep(300 * time.Millisecond)
+	e.agent = e.startAgent()
+	time.Sleep(time.Second)
+
+	rounds := tr.rounds.Load()
+	tr.finish(t)
+	wd.finish(t)
+	if rounds < 50 {
+		t.Errorf("only %d new connections during the test", rounds)
+	}
+	for _, p := range pods {
+		if !e.annotated(p) {
+			t.Errorf("%s lost its annotation", p.key())
+		}
+	}
+	t.Logf("%d new connections, %d watchdog checks", rounds, wd.checks.Load())
+}
+
+// TestPrivilegedAPIServerDown: with the API server stopped for a while,
+// capture stays exactly as it was, a pod whose object is already known
+// still gets its sandbox captured (from the cache), and the agent picks up
+// changes once the API server is back.
+func TestPrivilegedAPIServerDown(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	e.namespace("mesh", ambient)
+	e.namespace("plain", nil)
+	var pods []*pod
+	for i := 0; i < 3; i++ {
+		pods = append(pods, e.startPod("mesh", fmt.Sprintf("p%d", i), nil))
+	}
+	outside := e.startPod("plain", "outside", nil)
+	late := e.createPod("mesh", "late", nil)
+	time.Sleep(200 * time.Millisecond) // the informer sees "late"
+	wd := e.watchdog(pods)
+	tr := e.traffic(pods, 2)
+
+	if err := e.cp.StopAPIServer(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * time.Second)
+	if out, err := e.cni("ADD", late); err != nil {
+		t.Fatalf("ADD of a known pod with the API server down: %v\n%s", err, out)
+	}
+	if ok, err := e.connect(late); err != nil || !ok {
+		t.Fatalf("pod added while the API server was down not captured: %v %v", ok, err)
+	}
+	if ok, err := e.connect(outside); err != nil || ok {
+		t.Fatalf("pod outside the mesh changed: %v %v", ok, err)
+	}
+	time.Sleep(2500 * time.Millisecond) // a resync period passes without the API server
+	e.cp.StartAPIServer(t)
+
+	// Changes flow again.
+	e.namespace("plain", ambient)
+	// client-go's reflectors back off up to 30 s between relists.
+	eventually(t, 45*time.Second, "label after API server restart", func() bool { return e.captured(outside) })
+	tr.finish(t)
+	wd.finish(t)
+	e.running(late)
+	eventually(t, 45*time.Second, "annotation after API server restart", func() bool { return e.annotated(late) })
+}
+
+// TestPrivilegedMapFull: beyond its capacity the agent refuses the new
+// pod's ADD and quarantines a running pod it cannot capture, with a
+// warning event; neither sends a packet in plaintext. When room frees up
+// the running pod is captured.
+func TestPrivilegedMapFull(t *testing.T) {
+	e := newEnv(t, envOptions{maxPods: 2})
+	e.namespace("mesh", ambient)
+	e.namespace("late", nil)
+	a := e.startPod("mesh", "a", nil)
+	e.startPod("mesh", "b", nil)
+	d := e.startPod("late", "d", nil)
+	e.mustDirect(d)
+
+	c := e.createPod("mesh", "c", nil)
+	out, err := e.cni("ADD", c)
+	if err == nil || !strings.Contains(out, "map full") {
+		t.Fatalf("ADD beyond capacity: err=%v\n%s", err, out)
+	}
+	// Whatever runs in the sandbox anyway gets nothing out.
+	if ok, err := e.connect(c); err == nil {
+		t.Fatalf("pod over capacity connected (proxied=%v)", ok)
+	}
+	eventually(t, 5*time.Second, "MapFull event on the refused pod", func() bool { return len(e.events(c, "MapFull")) > 0 })
+
+	if !e.quarantined(c.tb.IPv4) {
+		t.Fatal("refused pod's address not quarantined")
+	}
+	// The runtime cleans up the failed sandbox: its addresses go back to
+	// IPAM, free of any quarantine.
+	if out, err := e.cni("DEL", c); err != nil {
+		t.Fatalf("DEL: %v\n%s", err, out)
+	}
+	eventually(t, 5*time.Second, "quarantine lifted after DEL", func() bool { return !e.quarantined(c.tb.IPv4) && !e.quarantined(c.tb.IPv6) })
+
+	// A running pod enrolled by a label change, over capacity.
+	e.namespace("late", ambient)
+	eventually(t, 5*time.Second, "MapFull event on the running pod", func() bool { return len(e.events(d, "MapFull")) > 0 })
+	before := e.proxied(d)
+	if err := roundTrip(context.Background(), d.tb.Dial, e.echo); err == nil {
+		t.Fatal("running pod over capacity still connects")
+	}
+	if e.proxied(d) != before || e.annotated(d) {
+		t.Fatal("running pod over capacity proxied or annotated")
+	}
+	if v := e.agent.metric(t, `amber_agent_errors_total{reason="MapFull"}`); v == "" || v == "0" {
+		t.Errorf("errors metric for MapFull = %q", v)
+	}
+
+	// Room frees up.
+	e.deletePod(a)
+	eventually(t, 10*time.Second, "running pod captured once room frees", func() bool { return e.captured(d) })
+	e.mustCaptured(d)
+	eventually(t, 5*time.Second, "annotated", func() bool { return e.annotated(d) })
+}
