@@ -395,6 +395,14 @@ func waitLink(h *netlink.Handle, name string, linkLocal bool) error {
 	deadline := time.Now().Add(readyTimeout)
 	for {
 		link, err := h.LinkByName(name)
+		if errors.Is(err, netlink.ErrDumpInterrupted) {
+			// The kernel's link table changed during the dump (many veths
+			// coming and going on a busy node): ask again.
+			if time.Now().After(deadline) {
+				return fmt.Errorf("wait for %s: %w", name, err)
+			}
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("wait for %s: %w", name, err)
 		}
@@ -402,6 +410,9 @@ func waitLink(h *netlink.Handle, name string, linkLocal bool) error {
 		if up && linkLocal {
 			up = false
 			addrs, err := h.AddrList(link, netlink.FAMILY_V6)
+			if errors.Is(err, netlink.ErrDumpInterrupted) && time.Now().Before(deadline) {
+				continue
+			}
 			if err != nil {
 				return fmt.Errorf("wait for %s: %w", name, err)
 			}
