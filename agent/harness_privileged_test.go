@@ -34,20 +34,10 @@ import (
 	"github.com/amber-mesh/amber/agent/enrol"
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/test/kube"
+	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/test/tproxy"
 )
-
-func requireRoot(tb testing.TB) {
-	tb.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		tb.Fatal("privileged test needs root, and CI must run it")
-	}
-	tb.Skip("privileged test: needs root")
-}
 
 // The real binaries, built once per test binary: the tests run the agent
 // as a process (so it can be SIGKILLed) and exec the plugin as a runtime
@@ -128,7 +118,7 @@ func newEnv(t *testing.T, opts envOptions) *env { return newEnvTB(t, opts) }
 
 func newEnvTB(t testing.TB, opts envOptions) *env {
 	t.Helper()
-	requireRoot(t)
+	privileged.Require(t)
 	binaries(t)
 	ctx := context.Background()
 	cp := kube.Start(t, kube.Options{})

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/amber-mesh/amber/internal/atomicfile"
 	"io"
 	"net"
 	"net/http"
@@ -256,7 +257,7 @@ func WriteAPIAccess(path string, a APIAccess) error {
 	if err != nil {
 		return err
 	}
-	return writeAtomic(path, data, 0o600)
+	return atomicfile.Write(path, data, 0o600, 0o700)
 }
 
 // ReadAPIAccess reads the file written by WriteAPIAccess.
@@ -273,31 +274,4 @@ func ReadAPIAccess(path string) (APIAccess, error) {
 		return a, fmt.Errorf("api access %s: no server", path)
 	}
 	return a, nil
-}
-
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }

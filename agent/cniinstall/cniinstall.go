@@ -8,7 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
+	"github.com/amber-mesh/amber/internal/atomicfile"
 	"os"
 	"path/filepath"
 	"slices"
@@ -111,7 +111,7 @@ func Install(cfg Config) (string, error) {
 	if target == path && bytes.Equal(bytes.TrimSpace(out), bytes.TrimSpace(data)) {
 		return path, nil
 	}
-	if err := writeAtomic(target, out, 0o644); err != nil {
+	if err := atomicfile.Write(target, out, 0o644, 0o755); err != nil {
 		return "", fmt.Errorf("write %s: %w", target, err)
 	}
 	if target != path {
@@ -151,7 +151,7 @@ func Uninstall(cfg Config) error {
 		list.plugins = kept
 		out, err := list.marshal()
 		if err == nil {
-			err = writeAtomic(path, out, 0o644)
+			err = atomicfile.Write(path, out, 0o644, 0o755)
 		}
 		errs = append(errs, err)
 	}
@@ -296,35 +296,8 @@ func installBinary(src, dst string) error {
 	}
 	// A new inode renamed into place: a runtime executing the old binary
 	// right now keeps it intact.
-	if err := writeAtomic(dst, want, 0o755); err != nil {
+	if err := atomicfile.Write(dst, want, 0o755, 0o755); err != nil {
 		return fmt.Errorf("install plugin binary: %w", err)
 	}
 	return nil
-}
-
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := io.Copy(f, bytes.NewReader(data)); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }

@@ -5,18 +5,15 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 
 	"github.com/amber-mesh/amber/agent"
 	"github.com/amber-mesh/amber/agent/cniapi"
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/cli"
 )
 
 func main() {
@@ -54,26 +51,12 @@ func run(args []string) error {
 	}
 	cfg.Uplinks = splitList(uplinks)
 	cfg.ExcludeNamespaces = splitList(exclude)
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
-		return fmt.Errorf("-log-level: %w", err)
+	logger, err := cli.Logger(logFormat, logLevel)
+	if err != nil {
+		return err
 	}
-	opts := &slog.HandlerOptions{Level: level}
-	switch logFormat {
-	case "text":
-		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, opts))
-	case "json":
-		cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, opts))
-	default:
-		return fmt.Errorf("-log-format %q: want text or json", logFormat)
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	err := agent.Run(ctx, cfg)
-	if errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return err
+	cfg.Logger = logger
+	return cli.RunUntilSignal(func(ctx context.Context) error { return agent.Run(ctx, cfg) })
 }
 
 func splitList(s string) []string {

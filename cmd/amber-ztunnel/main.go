@@ -4,16 +4,13 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/cli"
 	"github.com/amber-mesh/amber/tunnel"
 )
 
@@ -70,24 +67,10 @@ func run(args []string) error {
 		}
 		cfg.NodeIP = a
 	}
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
-		return fmt.Errorf("-log-level: %w", err)
+	logger, err := cli.Logger(logFormat, logLevel)
+	if err != nil {
+		return err
 	}
-	opts := &slog.HandlerOptions{Level: level}
-	switch logFormat {
-	case "text":
-		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, opts))
-	case "json":
-		cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, opts))
-	default:
-		return fmt.Errorf("-log-format %q: want text or json", logFormat)
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	err := tunnel.Run(ctx, cfg)
-	if errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return err
+	cfg.Logger = logger
+	return cli.RunUntilSignal(func(ctx context.Context) error { return tunnel.Run(ctx, cfg) })
 }
