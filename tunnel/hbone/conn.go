@@ -1121,7 +1121,7 @@ func (c *conn) onEndStream(s *stream) {
 		s.rerr = io.EOF
 	}
 	s.rmu.Unlock()
-	notify(s.rsig)
+	s.wakeRead()
 }
 
 // creditConn returns n bytes of connection window to the peer once enough

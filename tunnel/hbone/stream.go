@@ -65,6 +65,8 @@ type stream struct {
 	resp     chan struct{}
 	respErr  error
 	respDone bool
+	fwd      *forwarder // set while Forward runs
+	fwdIdle  bool       // no forward goroutine runs: the next wakeRead starts one
 
 	readMu  sync.Mutex // one Read or WriteTo at a time
 	writeMu sync.Mutex // one Write, ReadFrom or CloseWrite at a time: keeps DATA in order
@@ -72,9 +74,26 @@ type stream struct {
 	wdl     deadline
 	closed  atomic.Bool
 
-	// Server side: the handler's context.
-	ctx    context.Context
-	cancel context.CancelFunc
+	// Server side: the handler's context, and whether the stream outlives
+	// the handler (Detach).
+	ctx      context.Context
+	cancel   context.CancelFunc
+	detached atomic.Bool
+}
+
+// Detach lets the Handler that accepted s return while the tunnel goes
+// on, so that an idle tunnel need not keep the handler's goroutine (and
+// its stack) waiting: the caller then owns s and must Close it. The
+// handler's context is still cancelled when it returns. It reports false,
+// and does nothing, for a stream that is not a server stream of this
+// package.
+func Detach(s Stream) bool {
+	st, ok := s.(*stream)
+	if !ok || st.cancel == nil {
+		return false
+	}
+	st.detached.Store(true)
+	return true
 }
 
 var _ Stream = (*stream)(nil)
@@ -89,7 +108,7 @@ func (s *stream) SetDeadline(t time.Time) error {
 
 func (s *stream) SetReadDeadline(t time.Time) error {
 	s.rdl.set(t)
-	notify(s.rsig)
+	s.wakeRead()
 	return nil
 }
 
@@ -204,36 +223,43 @@ func (s *stream) WriteTo(w io.Writer) (int64, error) {
 			}
 			return total, err
 		}
-		ch := s.rbuf[0]
-		data := ch.b[ch.r:ch.w]
-		s.draining = true
-		s.rmu.Unlock()
-
-		n, werr := w.Write(data)
-
-		s.rmu.Lock()
-		s.draining = false
-		if s.closedR || len(s.rbuf) == 0 || s.rbuf[0] != ch {
-			// Dropped by Close or a reset while we wrote it.
-			s.rmu.Unlock()
-			if werr == nil {
-				werr = net.ErrClosed
-			}
-			return total + int64(n), werr
-		}
-		ch.r += n
-		if ch.r == ch.w && !(len(s.rbuf) == 1 && s.filling) {
-			s.popLocked()
-		}
-		inc := s.consumedLocked(int64(n))
-		s.rmu.Unlock()
-		s.c.creditConn(int64(n))
-		s.sendWindowUpdate(inc)
-		total += int64(n)
+		n, werr := s.writeOut(w)
+		total += n
 		if werr != nil {
 			return total, werr
 		}
 	}
+}
+
+// writeOut writes the first buffered chunk to w and returns the window it
+// frees to the peer. It is called with s.rmu held and releases it.
+func (s *stream) writeOut(w io.Writer) (int64, error) {
+	ch := s.rbuf[0]
+	data := ch.b[ch.r:ch.w]
+	s.draining = true
+	s.rmu.Unlock()
+
+	n, werr := w.Write(data)
+
+	s.rmu.Lock()
+	s.draining = false
+	if s.closedR || len(s.rbuf) == 0 || s.rbuf[0] != ch {
+		// Dropped by Close or a reset while we wrote it.
+		s.rmu.Unlock()
+		if werr == nil {
+			werr = net.ErrClosed
+		}
+		return int64(n), werr
+	}
+	ch.r += n
+	if ch.r == ch.w && !(len(s.rbuf) == 1 && s.filling) {
+		s.popLocked()
+	}
+	inc := s.consumedLocked(int64(n))
+	s.rmu.Unlock()
+	s.c.creditConn(int64(n))
+	s.sendWindowUpdate(inc)
+	return int64(n), werr
 }
 
 // consumedLocked counts n bytes read by the application and returns the
@@ -315,7 +341,7 @@ func (s *stream) receive(r io.Reader, n int) error {
 		if dropped {
 			s.c.creditConn(int64(k))
 		} else if k > 0 {
-			notify(s.rsig)
+			s.wakeRead()
 		}
 		n -= k
 		if err != nil {
@@ -389,7 +415,7 @@ func (s *stream) deliver(r io.Reader, n int) (int, error) {
 	wake := ch == nil || werr != nil || s.sink == nil
 	s.rmu.Unlock()
 	if wake {
-		notify(s.rsig)
+		s.wakeRead()
 	}
 	s.c.creditConn(written + dropped)
 	s.sendWindowUpdate(inc)
@@ -434,7 +460,7 @@ func (s *stream) abort(err error) int64 {
 		close(s.resp)
 	}
 	s.rmu.Unlock()
-	notify(s.rsig)
+	s.wakeRead()
 	notify(s.wsig)
 	if s.cancel != nil {
 		s.cancel()
@@ -616,7 +642,7 @@ func (s *stream) Close() error {
 	s.closedR = true
 	dropped := s.dropLocked()
 	s.rmu.Unlock()
-	notify(s.rsig)
+	s.wakeRead()
 	c.creditConn(dropped)
 	s.rdl.set(time.Time{})
 	s.wdl.set(time.Time{})
@@ -695,7 +721,8 @@ func (c *conn) serveStream(s *stream, req *Request) {
 	defer c.handlerDone(s)
 	defer func() {
 		if r := recover(); r != nil {
-			// Fail closed: the stream is reset by handlerDone.
+			// Fail closed: the stream is reset or closed by handlerDone.
+			s.detached.Store(false)
 			c.log.Error("hbone: handler panic", "panic", r, "stack", string(debug.Stack()))
 		}
 	}()
@@ -703,14 +730,17 @@ func (c *conn) serveStream(s *stream, req *Request) {
 }
 
 // handlerDone ends the stream of a returned handler: a handler that never
-// answered gets its stream reset, an accepted stream is closed.
+// answered gets its stream reset, an accepted stream is closed unless it
+// was detached.
 func (c *conn) handlerDone(s *stream) {
 	c.mu.Lock()
 	if !s.responded && s.inMap {
 		_ = c.resetLocked(s, http2.ErrCodeInternal)
 	}
 	c.mu.Unlock()
-	_ = s.Close()
+	if !s.detached.Load() {
+		_ = s.Close()
+	}
 	s.cancel()
 	c.mu.Lock()
 	c.handlers--

@@ -7,9 +7,11 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/amber-mesh/amber/tunnel/authz"
+	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
 	"github.com/amber-mesh/amber/tunnel/metrics"
 	"github.com/amber-mesh/amber/xds/state"
@@ -191,13 +193,15 @@ type halfConn interface {
 // tracked is a live proxied connection the proxy may have to close: on
 // Close, or when a policy change revokes it.
 type tracked struct {
-	down, up net.Conn
+	down, up halfConn
 	// inbound connections are re-authorized when policies change.
 	inbound bool
 	authz   authz.Conn
 
-	mu  sync.Mutex // guards err
-	err error
+	mu     sync.Mutex // guards the fields below
+	err    error
+	closed bool
+	pump   *pump // the upload direction, when it can park (relayIdle)
 }
 
 func (t *tracked) close(err error) {
@@ -205,9 +209,24 @@ func (t *tracked) close(err error) {
 	if t.err == nil {
 		t.err = err
 	}
+	t.closed = true
+	u := t.pump
 	t.mu.Unlock()
+	if u != nil {
+		u.stop() // before the sockets close: see parker.disarm
+	}
 	t.down.Close()
 	t.up.Close()
+}
+
+func (t *tracked) setPump(u *pump) {
+	t.mu.Lock()
+	t.pump = u
+	closed := t.closed
+	t.mu.Unlock()
+	if closed {
+		u.stop()
+	}
 }
 
 func (t *tracked) closeErr() error {
@@ -234,49 +253,183 @@ func (p *Proxy) untrack(t *tracked) {
 
 // relay counts the connection open, copies both ways until both
 // directions ended, then counts it closed and logs it.
+//
+// An idle connection's goroutine waits in here for as long as the
+// connection lives, so the work around the wait happens in separate
+// functions: the parked stack stays small (see copyBoth).
 func (p *Proxy) relay(r *record, t *tracked, down, up halfConn) {
-	mc := p.metrics.Open(r.labels())
-	defer func() {
-		mc.Received(r.recv)
-		mc.Sent(r.sent)
-		mc.Close()
-		p.logRecord(r)
-	}()
-	if !p.track(t) {
-		down.Close()
-		up.Close()
-		r.err = ErrClosed
+	if p.relayIdle(r, t, down, up) {
 		return
 	}
-	defer p.untrack(t)
-	done := make(chan struct{})
-	var recvErr error
-	go func() {
-		r.recv, recvErr = proxyCopy(up, down)
-		if recvErr != nil {
-			t.close(recvErr)
-		}
-		close(done)
-	}()
-	sent, sentErr := proxyCopy(down, up)
-	if sentErr != nil {
-		t.close(sentErr)
+	mc := p.relayStart(r, t)
+	if mc == nil {
+		return
 	}
-	<-done
-	r.sent = sent
-	down.Close()
-	up.Close()
+	p.copyBoth(r, t, down, up)
+	p.relayEnd(r, t, mc)
+}
+
+// relayIdle relays a connection between a socket and an HBONE stream
+// without a goroutine while it idles, and returns at once: the stream's
+// data goes out with hbone.Forward, the socket's with a pump that parks
+// when idle. The last direction to end reports the connection. It
+// reports false, having done nothing, for other pairs.
+func (p *Proxy) relayIdle(r *record, t *tracked, down, up halfConn) bool {
+	var stream, sock halfConn
+	var fromStream, toStream *int64
+	switch {
+	case isSocket(down) && !isSocket(up):
+		stream, sock, fromStream, toStream = up, down, &r.sent, &r.recv
+	case isSocket(up) && !isSocket(down):
+		stream, sock, fromStream, toStream = down, up, &r.recv, &r.sent
+	default:
+		return false
+	}
+	var mc *metrics.Conn
+	var left atomic.Int32
+	left.Store(2)
+	end := func(n *int64) func(int64, error) {
+		return func(k int64, err error) {
+			*n = k
+			if err != nil {
+				t.close(err)
+			}
+			if left.Add(-1) == 0 {
+				p.relayEnd(r, t, mc)
+				p.wg.Done()
+			}
+		}
+	}
+	u := newPump(p.parker, stream, sock, end(toStream))
+	if u == nil {
+		return false
+	}
+	mc = p.relayStart(r, t)
+	if mc == nil {
+		return true
+	}
+	p.wg.Add(1)
+	if !forward(sock, stream, end(fromStream)) {
+		// Not an HBONE stream after all: copy that way on a goroutine.
+		go asyncCopy(sock, stream, end(fromStream))
+	}
+	t.setPump(u)
+	go u.run()
+	return true
+}
+
+func isSocket(c halfConn) bool {
+	_, ok := c.(*net.TCPConn)
+	return ok
+}
+
+// relayStart counts the connection open and tracks it; nil when the
+// proxy is closed, in which case the connection is already reported.
+func (p *Proxy) relayStart(r *record, t *tracked) *metrics.Conn {
+	mc := p.metrics.Open(r.labels())
+	if !p.track(t) {
+		t.down.Close()
+		t.up.Close()
+		r.err = ErrClosed
+		p.relayDone(r, mc)
+		return nil
+	}
+	return mc
+}
+
+// relayEnd closes and reports a connection copyBoth finished.
+func (p *Proxy) relayEnd(r *record, t *tracked, mc *metrics.Conn) {
+	p.untrack(t)
+	t.down.Close()
+	t.up.Close()
 	if err := t.closeErr(); err != nil && !errors.Is(err, net.ErrClosed) {
 		r.err = err
 	}
+	p.relayDone(r, mc)
+}
+
+func (p *Proxy) relayDone(r *record, mc *metrics.Conn) {
+	mc.Received(r.recv)
+	mc.Sent(r.sent)
+	mc.Close()
+	p.logRecord(r)
+}
+
+// copyBoth copies both ways until both directions ended. One direction
+// runs on this goroutine, the other on its own, except that a direction
+// out of an HBONE stream needs no goroutine while the connection is idle
+// (hbone.Forward): that one is the asynchronous one.
+//
+// Goroutine stacks are most of an idle connection's memory: the runtime
+// sizes new stacks by the average stack in use and shrinks a parked one
+// only below a quarter of its size, so the frames under the wait are kept
+// few and small.
+func (p *Proxy) copyBoth(r *record, t *tracked, down, up halfConn) {
+	done := make(chan struct{})
+	fin := func(n *int64) func(int64, error) {
+		return func(k int64, err error) {
+			*n = k
+			if err != nil {
+				t.close(err)
+			}
+			close(done)
+		}
+	}
+	switch {
+	case forward(down, up, fin(&r.sent)):
+		r.recv = t.copy(up, down)
+	case forward(up, down, fin(&r.recv)):
+		r.sent = t.copy(down, up)
+	default:
+		go asyncCopy(up, down, fin(&r.recv))
+		r.sent = t.copy(down, up)
+	}
+	<-done
+}
+
+// copy is proxyCopy for a tracked connection: an error aborts both sides.
+func (t *tracked) copy(dst, src halfConn) int64 {
+	n, err := proxyCopy(dst, src)
+	if err != nil {
+		t.close(err)
+	}
+	return n
+}
+
+// forward starts copying src to dst as proxyCopy does, with
+// hbone.Forward, if src is an HBONE stream: the HBONE reader then writes
+// what arrives straight to dst, and an idle connection keeps no goroutine
+// (and no stack) for that direction. fin gets proxyCopy's results.
+func forward(dst, src halfConn, fin func(int64, error)) bool {
+	return hbone.Forward(src, dst, func(n int64, err error) {
+		if err == nil {
+			err = dst.CloseWrite()
+		}
+		fin(n, err)
+	})
+}
+
+// asyncCopy is a copy direction on a goroutine of its own.
+func asyncCopy(dst, src halfConn, fin func(int64, error)) {
+	fin(proxyCopy(dst, src))
 }
 
 // proxyCopy copies src to dst until EOF and passes the half-close on, so
 // the peer reads EOF while the other direction keeps flowing (TCP
 // semantics, DESIGN.md §3). An error other than EOF is returned so that the
 // caller aborts both sides.
+//
+// ReadFrom is called directly: both ways have one (splice between TCP
+// sockets, the stream's buffer-less wait), and io.Copy would reach it
+// through src's WriteTo, adding frames under an idle connection's wait.
 func proxyCopy(dst, src halfConn) (int64, error) {
-	n, err := io.Copy(dst, src)
+	var n int64
+	var err error
+	if rf, ok := dst.(io.ReaderFrom); ok {
+		n, err = rf.ReadFrom(src)
+	} else {
+		n, err = io.Copy(dst, src)
+	}
 	if err != nil {
 		return n, err
 	}

@@ -24,6 +24,18 @@ import (
 // workload (400), authorization (401), the upstream connection (503); 200
 // only once the application accepted.
 func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+	// The relay runs under a small frame: see copyBoth.
+	// The relay may outlive this handler (relayIdle), and closes the
+	// stream itself.
+	if t, r := p.acceptHBONE(ctx, req, rw); t != nil {
+		hbone.Detach(t.down)
+		p.relay(r, t, t.down, t.up)
+	}
+}
+
+// acceptHBONE checks a CONNECT, connects upstream and accepts; a nil
+// *tracked means it was refused and reported.
+func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) (*tracked, *record) {
 	origDst := sockopt.AddrPort(req.Conn.LocalAddr())
 	peerAddr := sockopt.AddrPort(req.Conn.RemoteAddr())
 	r := &record{
@@ -40,12 +52,12 @@ func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Res
 	tc, ok := req.Conn.(*tls.Conn)
 	if !ok {
 		reject(http.StatusBadRequest, errors.New("HBONE connection is not TLS"))
-		return
+		return nil, nil
 	}
 	peer, err := certs.PeerID(tc.ConnectionState())
 	if err != nil {
 		reject(http.StatusUnauthorized, err)
-		return
+		return nil, nil
 	}
 	r.srcID = peer
 	snap := p.cfg.Store.Load()
@@ -62,19 +74,19 @@ func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Res
 	switch dst := req.Addr; {
 	case dst.Addr() != origDst.Addr():
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s on a connection to %s", errAuthority, req.Authority, origDst.Addr()))
-		return
+		return nil, nil
 	case p.reserved[dst.Port()]:
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %d", errReservedPort, dst.Port()))
-		return
+		return nil, nil
 	case !tunnelTarget(dst.Addr()):
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s", errBadTarget, dst.Addr()))
-		return
+		return nil, nil
 	}
 	r.dstW = p.localWorkload(snap, req.Addr.Addr())
 	if r.dstW == nil {
 		p.stats.UnknownDest.Add(1)
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s", errUnknownDest, req.Addr.Addr()))
-		return
+		return nil, nil
 	}
 	r.dstID = workloadID(r.dstW)
 	ac := authz.Conn{
@@ -87,7 +99,7 @@ func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Res
 	if d := p.policies.Evaluate(ac); !d.Allowed {
 		p.stats.AuthzDenied.Add(1)
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
-		return
+		return nil, nil
 	}
 	dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
 	up, err := p.cfg.Sockets.Dial(dctx, req.Addr, spoof)
@@ -95,15 +107,15 @@ func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Res
 	if err != nil {
 		p.stats.UpstreamErrors.Add(1)
 		reject(http.StatusServiceUnavailable, fmt.Errorf("connect %s: %w", req.Addr, err))
-		return
+		return nil, nil
 	}
 	down, err := rw.Accept()
 	if err != nil {
 		up.Close()
 		p.refuse(r, fmt.Errorf("accept CONNECT: %w", err))
-		return
+		return nil, nil
 	}
-	p.relay(r, &tracked{down: down, up: up, inbound: true, authz: ac}, down, up)
+	return &tracked{down: down, up: up, inbound: true, authz: ac}, r
 }
 
 // handleInbound serves a plaintext connection to a local pod from a client

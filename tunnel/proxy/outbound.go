@@ -33,6 +33,15 @@ func (p *Proxy) handleOutbound(c net.Conn) {
 }
 
 func (p *Proxy) outbound(down halfConn, src, dst netip.AddrPort) {
+	// The relay runs under a small frame: see copyBoth.
+	if r, up := p.connectOutbound(down, src, dst); up != nil {
+		p.relay(r, &tracked{down: down, up: up}, down, up)
+	}
+}
+
+// connectOutbound resolves and connects an outbound connection; a nil
+// halfConn means it was refused and reported.
+func (p *Proxy) connectOutbound(down halfConn, src, dst netip.AddrPort) (*record, halfConn) {
 	r := &record{reporter: reporterSource, src: src, dst: dst, start: time.Now(), protocol: protocolTCP}
 	snap := p.cfg.Store.Load()
 	// A captured pod must be known: anything else would let an unknown
@@ -42,7 +51,7 @@ func (p *Proxy) outbound(down halfConn, src, dst netip.AddrPort) {
 		p.stats.UnknownSource.Add(1)
 		down.Close()
 		p.refuse(r, fmt.Errorf("%w: %s", errUnknownSource, src.Addr()))
-		return
+		return r, nil
 	}
 	r.srcID = workloadID(r.srcW)
 	rt, err := p.route(snap, dst)
@@ -50,7 +59,7 @@ func (p *Proxy) outbound(down halfConn, src, dst netip.AddrPort) {
 		p.stats.NoRoute.Add(1)
 		down.Close()
 		p.refuse(r, err)
-		return
+		return r, nil
 	}
 	r.dstW, r.svc = rt.dstW, rt.svc
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
@@ -72,9 +81,9 @@ func (p *Proxy) outbound(down halfConn, src, dst netip.AddrPort) {
 		p.stats.UpstreamErrors.Add(1)
 		down.Close()
 		p.refuse(r, fmt.Errorf("connect %s: %w", rt.addr, err))
-		return
+		return r, nil
 	}
-	p.relay(r, &tracked{down: down, up: up}, down, up)
+	return r, up
 }
 
 // route resolves the original destination: a service VIP is replaced by

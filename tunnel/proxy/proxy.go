@@ -101,6 +101,7 @@ type Proxy struct {
 	pool     *hbone.Pool
 	server   *hbone.Server
 	reserved map[uint16]bool
+	parker   *parker // nil: idle connections keep their goroutines
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -156,6 +157,13 @@ func New(cfg Config) (*Proxy, error) {
 		Handler:   hbone.HandlerFunc(p.serveHBONE),
 		Stats:     &p.hstats,
 		Logger:    p.log,
+	}
+	if pk, err := newParker(); err != nil {
+		p.log.Warn("idle connections will keep their goroutines", "error", err)
+	} else {
+		p.parker = pk
+		p.wg.Add(1)
+		go p.runParker()
 	}
 	sub := cfg.Store.Subscribe()
 	p.syncPolicies(cfg.Store.Load())
@@ -225,6 +233,11 @@ func (p *Proxy) serve(ln net.Listener, handle func(net.Conn)) error {
 	}
 }
 
+func (p *Proxy) runParker() {
+	defer p.wg.Done()
+	p.parker.run()
+}
+
 func (p *Proxy) trackListener(ln net.Listener) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -269,6 +282,9 @@ func (p *Proxy) Close() error {
 		t.close(ErrClosed)
 	}
 	errs = append(errs, p.server.Close(), p.pool.Close())
+	if p.parker != nil {
+		errs = append(errs, p.parker.close())
+	}
 	p.wg.Wait()
 	return errors.Join(errs...)
 }

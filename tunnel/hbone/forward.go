@@ -1,0 +1,130 @@
+package hbone
+
+import (
+	"io"
+	"net"
+	"os"
+	"syscall"
+)
+
+// Forward copies what r receives to w, as io.Copy(w, r) would, when r is
+// a Stream of this package, and reports whether it is; otherwise it does
+// nothing. It holds no goroutine while nothing arrives: the connection's
+// reader writes DATA straight to w when w is a socket that takes it (see
+// deliver), and a goroutine runs only while received data waits for w or
+// when the copy ends. An idle tunnel then costs its receive direction no
+// goroutine stack, which is most of what a Go proxy holds per idle
+// connection (DESIGN.md §3: 16–20 KiB per side with a goroutine per
+// direction).
+//
+// done is called once, on a goroutine of its own, when the copy ends: with
+// the bytes written and nil when the peer ended its side (io.EOF), or the
+// error that stopped it. Until then the stream must not be read. Read
+// deadlines are observed only when they are set or data arrives; Close
+// stops an idle copy.
+func Forward(r io.Reader, w io.Writer, done func(n int64, err error)) bool {
+	s, ok := r.(*stream)
+	if !ok {
+		return false
+	}
+	s.readMu.Lock() // released by finishForward
+	s.rmu.Lock()
+	s.fwd = &forwarder{w: w, sink: rawConn(w), done: done}
+	start := s.forwardReadyLocked()
+	if !start {
+		s.fwdIdle = true
+		s.sink = s.fwd.sink
+	}
+	s.rmu.Unlock()
+	if start {
+		go s.forward()
+	}
+	return true
+}
+
+// forwarder is the state of a Forward call.
+type forwarder struct {
+	w     io.Writer
+	sink  syscall.RawConn // w for direct delivery, or nil
+	done  func(int64, error)
+	total int64 // bytes written so far; guarded by the running goroutine
+}
+
+// forwardReadyLocked reports whether a forward goroutine has something to
+// do: data to write, an end to report, or a delivery to wait for.
+func (s *stream) forwardReadyLocked() bool {
+	return s.closedR || s.hasDataLocked() || s.sinkErr != nil || s.rerr != nil ||
+		s.sinking || s.rdl.expired()
+}
+
+// wakeRead tells the receive side's consumer that its state changed: a
+// waiting Read or WriteTo, or an idle Forward, which gets a goroutine.
+func (s *stream) wakeRead() {
+	notify(s.rsig)
+	s.rmu.Lock()
+	start := s.fwdIdle
+	if start {
+		// Direct delivery stops while the goroutine runs, so that what is
+		// already buffered reaches w first.
+		s.fwdIdle = false
+		s.sink = nil
+	}
+	s.rmu.Unlock()
+	if start {
+		go s.forward()
+	}
+}
+
+// forward runs Forward's copy until nothing is left to do, then leaves
+// the stream to direct delivery and exits, or ends the copy.
+func (s *stream) forward() {
+	f := s.fwd
+	var err error
+	for {
+		s.rmu.Lock()
+		f.total += s.sinkN
+		s.sinkN = 0
+		switch {
+		case s.sinking:
+			// Woken during a delivery (by a reset or Close): let it
+			// finish, so bytes reach w in order and never after done.
+			s.rmu.Unlock()
+			<-s.rsig
+			continue
+		case s.sinkErr != nil:
+			err = s.sinkErr
+		case s.closedR:
+			err = net.ErrClosed
+		case s.hasDataLocked():
+			n, werr := s.writeOut(f.w)
+			f.total += n
+			if werr != nil {
+				s.finishForward(f, werr)
+				return
+			}
+			continue
+		case s.rerr != nil:
+			if s.rerr != io.EOF {
+				err = s.rerr
+			}
+		case s.rdl.expired():
+			err = os.ErrDeadlineExceeded
+		default:
+			s.fwdIdle = true
+			s.sink = f.sink
+			s.rmu.Unlock()
+			return
+		}
+		s.rmu.Unlock()
+		s.finishForward(f, err)
+		return
+	}
+}
+
+func (s *stream) finishForward(f *forwarder, err error) {
+	s.rmu.Lock()
+	s.fwd = nil
+	s.rmu.Unlock()
+	s.readMu.Unlock()
+	f.done(f.total, err)
+}

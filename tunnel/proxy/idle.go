@@ -1,0 +1,265 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// idleAfter is how long an upload direction waits for its socket on its
+// own goroutine before it hands the wait to the parker. Request/response
+// traffic stays on the direct wait (the parker adds a goroutine hand-off
+// per wake-up); connections that really idle give their goroutine back
+// soon, and with it its stack, which is most of what an idle connection
+// costs (DESIGN.md §3).
+const idleAfter = 100 * time.Millisecond
+
+// errWouldBlock ends a pump's ReadFrom when its socket has nothing to read.
+var errWouldBlock = errors.New("proxy: no data")
+
+// parker waits for many idle sockets with one goroutine: each parked
+// socket is in an epoll set (EPOLLONESHOT), and the epoll descriptor
+// itself waits in the runtime's poller. A socket that becomes readable
+// gets its pump restarted on a new goroutine.
+type parker struct {
+	epfd int
+	file *os.File // epfd, registered with the runtime's poller
+
+	mu     sync.Mutex // guards the fields below
+	parked map[int32]*pump
+}
+
+// newParker returns a parker and starts its goroutine, which ends once
+// close is called.
+func newParker() (*parker, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	// Non-blocking, so that os.NewFile hands it to the runtime's poller.
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("epoll nonblock: %w", err)
+	}
+	return &parker{epfd: epfd, file: os.NewFile(uintptr(epfd), "amber-idle"), parked: make(map[int32]*pump)}, nil
+}
+
+// run dispatches readiness until close.
+func (pk *parker) run() {
+	raw, err := pk.file.SyscallConn()
+	if err != nil {
+		return
+	}
+	events := make([]unix.EpollEvent, 128)
+	_ = raw.Read(func(uintptr) bool {
+		for {
+			n, err := unix.EpollWait(pk.epfd, events, 0)
+			if err == unix.EINTR {
+				continue
+			}
+			for _, ev := range events[:max(n, 0)] {
+				pk.mu.Lock()
+				u := pk.parked[ev.Fd]
+				delete(pk.parked, ev.Fd)
+				pk.mu.Unlock()
+				if u != nil {
+					u.resume()
+				}
+			}
+			if n < len(events) {
+				return false // drained: wait for the next edge
+			}
+		}
+	})
+}
+
+func (pk *parker) close() error {
+	return pk.file.Close()
+}
+
+// arm waits (once) for u's socket to become readable. u.mu is held.
+func (pk *parker) arm(u *pump) error {
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(u.fd)}
+	pk.mu.Lock()
+	defer pk.mu.Unlock()
+	op := unix.EPOLL_CTL_MOD
+	if !u.registered {
+		op = unix.EPOLL_CTL_ADD
+	}
+	if err := unix.EpollCtl(pk.epfd, op, u.fd, &ev); err != nil {
+		return err
+	}
+	u.registered = true
+	pk.parked[int32(u.fd)] = u
+	return nil
+}
+
+// disarm removes u's socket from the set, which must happen before the
+// socket is closed: its descriptor may be reused. u.mu is held.
+func (pk *parker) disarm(u *pump) {
+	if !u.registered {
+		return
+	}
+	pk.mu.Lock()
+	if pk.parked[int32(u.fd)] == u {
+		delete(pk.parked, int32(u.fd))
+	}
+	_ = unix.EpollCtl(pk.epfd, unix.EPOLL_CTL_DEL, u.fd, nil)
+	pk.mu.Unlock()
+	u.registered = false
+}
+
+// pump copies a socket into an HBONE stream (a connection's upload
+// direction) without keeping a goroutine while the socket is idle: when
+// nothing arrived for idleAfter it parks with the parker and its
+// goroutine ends; readiness starts a new one.
+type pump struct {
+	src  halfConn
+	raw  syscall.RawConn
+	dst  halfConn
+	rf   io.ReaderFrom // dst
+	fd   int
+	pk   *parker
+	n    int64 // bytes copied; owned by the running goroutine
+	done func(int64, error)
+
+	mu         sync.Mutex // guards the fields below
+	parked     bool       // waiting with the parker, no goroutine running
+	stopped    bool       // the sockets are being closed: never park again
+	registered bool       // fd is in the parker's epoll set
+}
+
+// newPump returns a pump for src → dst, or nil when src is not a socket
+// it can wait for without a goroutine.
+func newPump(pk *parker, dst, src halfConn, done func(int64, error)) *pump {
+	rf, ok := dst.(io.ReaderFrom)
+	sc, ok2 := src.(syscall.Conn)
+	if pk == nil || !ok || !ok2 {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	u := &pump{src: src, raw: raw, dst: dst, rf: rf, pk: pk, done: done, fd: -1}
+	_ = raw.Control(func(fd uintptr) { u.fd = int(fd) })
+	if u.fd < 0 {
+		return nil
+	}
+	return u
+}
+
+// run copies until the source has nothing to read for idleAfter, then
+// parks; or until EOF or an error, which end the copy.
+func (u *pump) run() {
+	for {
+		n, err := u.rf.ReadFrom(nonblockReader{u.raw})
+		u.n += n
+		if !errors.Is(err, errWouldBlock) {
+			u.finish(err)
+			return
+		}
+		if u.waitReadable() {
+			continue
+		}
+		if u.park() {
+			return
+		}
+	}
+}
+
+// waitReadable waits up to idleAfter on this goroutine for data or an
+// error (which the next read reports).
+func (u *pump) waitReadable() bool {
+	_ = u.src.SetReadDeadline(time.Now().Add(idleAfter))
+	err := u.raw.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return err != unix.EAGAIN && err != unix.EINTR
+	})
+	_ = u.src.SetReadDeadline(time.Time{})
+	return !errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// park hands the wait to the parker; false means the pump must go on
+// (stopped, or the parker failed), so the next read reports the outcome.
+func (u *pump) park() bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.stopped || u.pk.arm(u) != nil {
+		return false
+	}
+	u.parked = true
+	return true
+}
+
+// resume restarts a parked pump on a new goroutine.
+func (u *pump) resume() {
+	u.mu.Lock()
+	start := u.parked
+	u.parked = false
+	u.mu.Unlock()
+	if start {
+		go u.run()
+	}
+}
+
+// stop is called before the sockets are closed: the pump leaves the
+// parker and, if it was parked, runs to read the close.
+func (u *pump) stop() {
+	u.mu.Lock()
+	u.stopped = true
+	u.pk.disarm(u)
+	start := u.parked
+	u.parked = false
+	u.mu.Unlock()
+	if start {
+		go u.run()
+	}
+}
+
+func (u *pump) finish(err error) {
+	u.mu.Lock()
+	u.stopped = true
+	u.pk.disarm(u)
+	u.mu.Unlock()
+	if err == nil {
+		err = u.dst.CloseWrite() // passes the half-close on, as proxyCopy
+	}
+	u.done(u.n, err)
+}
+
+// nonblockReader reads a socket without waiting: errWouldBlock when it
+// has nothing, io.EOF at the end.
+type nonblockReader struct{ raw syscall.RawConn }
+
+func (r nonblockReader) Read(p []byte) (int, error) {
+	var n int
+	var rerr error
+	err := r.raw.Read(func(fd uintptr) bool {
+		for {
+			n, rerr = unix.Read(int(fd), p)
+			if rerr != unix.EINTR {
+				return true
+			}
+		}
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case rerr == unix.EAGAIN:
+		return 0, errWouldBlock
+	case rerr != nil:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}

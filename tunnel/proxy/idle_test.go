@@ -1,0 +1,138 @@
+package proxy
+
+import (
+	"io"
+	"net"
+	"runtime"
+	"testing"
+	"time"
+)
+
+// tcpPair returns both ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (a, b *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		c.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+func mustParker(t *testing.T) *parker {
+	t.Helper()
+	pk, err := newParker()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { pk.run(); close(done) }()
+	t.Cleanup(func() {
+		pk.close()
+		<-done
+	})
+	return pk
+}
+
+type pumpResult struct {
+	n   int64
+	err error
+}
+
+// startPump copies client → peer through a pump: client writes into src,
+// the pump copies src into dst, peer reads dst's other end.
+func startPump(t *testing.T, pk *parker) (client, peer *net.TCPConn, u *pump, results chan pumpResult) {
+	client, src := tcpPair(t)
+	dst, peer := tcpPair(t)
+	results = make(chan pumpResult, 1)
+	u = newPump(pk, dst, src, func(n int64, err error) { results <- pumpResult{n, err} })
+	if u == nil {
+		t.Fatal("no pump for a TCP connection")
+	}
+	go u.run()
+	return client, peer, u, results
+}
+
+func roundTrip(t *testing.T, client, peer *net.TCPConn, msg string) {
+	t.Helper()
+	if _, err := client.Write([]byte(msg)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(msg))
+	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != msg {
+		t.Fatalf("read %q, %v; want %q", buf, err, msg)
+	}
+}
+
+// waitParked waits until the pump gave its goroutine back.
+func waitParked(t *testing.T, u *pump, base int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		u.mu.Lock()
+		parked := u.parked
+		u.mu.Unlock()
+		if parked && runtime.NumGoroutine() <= base {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pump not parked: parked=%v, %d goroutines, want ≤ %d", parked, runtime.NumGoroutine(), base)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestPumpParks: an idle upload direction holds no goroutine, wakes up
+// for new data and passes the half-close on.
+func TestPumpParks(t *testing.T) {
+	pk := mustParker(t)
+	base := runtime.NumGoroutine()
+	client, peer, u, results := startPump(t, pk)
+	roundTrip(t, client, peer, "first")
+	waitParked(t, u, base)
+	roundTrip(t, client, peer, "second")
+	waitParked(t, u, base)
+	client.CloseWrite()
+	if rest, err := io.ReadAll(peer); err != nil || len(rest) != 0 {
+		t.Fatalf("after the client's half-close read %q, %v; want EOF", rest, err)
+	}
+	if r := <-results; r.err != nil || r.n != 11 {
+		t.Fatalf("pump ended with %d, %v; want 11, nil", r.n, r.err)
+	}
+}
+
+// TestPumpStop: a parked pump whose connection is closed ends with an
+// error, and its socket leaves the epoll set first.
+func TestPumpStop(t *testing.T) {
+	pk := mustParker(t)
+	base := runtime.NumGoroutine()
+	client, peer, u, results := startPump(t, pk)
+	roundTrip(t, client, peer, "x")
+	waitParked(t, u, base)
+	u.stop()
+	u.src.Close()
+	select {
+	case r := <-results:
+		if r.err == nil {
+			t.Fatalf("stopped pump ended without an error after %d bytes", r.n)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("stopped pump did not end")
+	}
+	pk.mu.Lock()
+	defer pk.mu.Unlock()
+	if len(pk.parked) != 0 || u.registered {
+		t.Errorf("closed socket still in the parker: %d parked, registered=%v", len(pk.parked), u.registered)
+	}
+}
