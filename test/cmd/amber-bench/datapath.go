@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -33,19 +34,11 @@ func datapath(args []string) error {
 		return err
 	}
 
-	bed, err := testbed.NewBed("bench")
+	bed, n1, n2, err := twoNodes("bench")
 	if err != nil {
 		return err
 	}
 	defer bed.Close()
-	n1, err := bed.AddNode("n1")
-	if err != nil {
-		return err
-	}
-	n2, err := bed.AddNode("n2")
-	if err != nil {
-		return err
-	}
 	server, err := n2.AddPod("server")
 	if err != nil {
 		return err
@@ -110,6 +103,23 @@ func datapath(args []string) error {
 	row("(c) nftables TPROXY → same splice proxy", "tproxy", d, dc)
 	fmt.Printf("\n(b)/(c): throughput %.3f, connection rate %.3f (goal: ≥ 0.95 and ≥ 1.00)\n", a/t, ac/tc)
 	return nil
+}
+
+// twoNodes is the benchmarks' testbed: two nodes joined by their uplinks.
+func twoNodes(name string) (*testbed.Testbed, *testbed.Node, *testbed.Node, error) {
+	bed, err := testbed.NewBed(name)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	n1, err := bed.AddNode("n1")
+	if err != nil {
+		return nil, nil, nil, errors.Join(err, bed.Close())
+	}
+	n2, err := bed.AddNode("n2")
+	if err != nil {
+		return nil, nil, nil, errors.Join(err, bed.Close())
+	}
+	return bed, n1, n2, nil
 }
 
 func last(v []float64) float64 {

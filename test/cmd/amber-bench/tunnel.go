@@ -44,19 +44,11 @@ func tunnel(args []string) error {
 		return err
 	}
 
-	bed, err := testbed.NewBed("tbench")
+	bed, n1, n2, err := twoNodes("tbench")
 	if err != nil {
 		return err
 	}
 	defer bed.Close()
-	n1, err := bed.AddNode("n1")
-	if err != nil {
-		return err
-	}
-	n2, err := bed.AddNode("n2")
-	if err != nil {
-		return err
-	}
 	type pair struct{ client, server *testbed.Pod }
 	pairs := map[string]pair{}
 	for _, m := range []string{"direct", "tcp-pair", "amber"} {
