@@ -40,6 +40,7 @@ vet: ## gofmt and go vet
 .PHONY: test
 test: deps check-generate vet ## run every test tier this machine supports (CI runs this)
 	@bash hack/kube-bins.sh all >/dev/null
+	@bash hack/istiod-bin.sh >/dev/null
 	@bash hack/helm.sh
 	PATH="$(CURDIR)/.cache/bin:$$PATH" $(GO) test $(GOFLAGS_T) -timeout 30m ./...
 

@@ -5,6 +5,7 @@
 package tunnel
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -94,8 +95,13 @@ type Config struct {
 	// TokenFile holds the bearer token (audience istio-ca) sent to istiod.
 	// Zero means none.
 	TokenFile string
-	// ClusterID is sent to istiod's CA. Zero means istiod's own cluster.
+	// ClusterID is sent to istiod (xDS and CA) as the "clusterid" header.
+	// Zero means ca.DefaultClusterID ("Kubernetes", Istio's default).
 	ClusterID string
+	// ServerName is the name istiod's serving certificate is verified
+	// against (istiod's is issued for "istiod.istio-system.svc"). Zero
+	// means the host of XDSAddress (CAAddress for the CA).
+	ServerName string
 	// PodName, PodNamespace and NodeIP identify this ztunnel to istiod.
 	// Zero values are sent as such (the local server ignores them).
 	PodName, PodNamespace string
@@ -327,7 +333,7 @@ func newCA(cfg Config) (ca.Client, error) {
 		if addr == "" {
 			addr = cfg.XDSAddress
 		}
-		return ca.NewIstio(ca.IstioConfig{Address: addr, RootPEM: root, TokenFile: cfg.TokenFile, ClusterID: cfg.ClusterID})
+		return ca.NewIstio(ca.IstioConfig{Address: addr, ServerName: cfg.ServerName, RootPEM: root, TokenFile: cfg.TokenFile, ClusterID: cfg.ClusterID})
 	}
 	return nil, ErrNoCA
 }
@@ -373,9 +379,9 @@ func dialControlPlane(ctx context.Context, cfg Config, log *slog.Logger, wg *syn
 			return nil, fmt.Errorf("xds address: %w", err)
 		}
 		target = cfg.XDSAddress
-		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS12})))
+		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: cmp.Or(cfg.ServerName, host), MinVersion: tls.VersionTLS12})))
 		if cfg.TokenFile != "" {
-			opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{file: cfg.TokenFile, clusterID: cfg.ClusterID}))
+			opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{file: cfg.TokenFile, clusterID: cmp.Or(cfg.ClusterID, ca.DefaultClusterID)}))
 		}
 	default:
 		return nil, ErrNoControlPlane

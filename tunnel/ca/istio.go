@@ -2,6 +2,7 @@ package ca
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -25,7 +26,9 @@ import (
 const (
 	metaImpersonatedIdentity = "ImpersonatedIdentity"
 	headerClusterID          = "clusterid"
-	headerAuthorization      = "authorization"
+	// DefaultClusterID is Istio's default CLUSTER_ID.
+	DefaultClusterID    = "Kubernetes"
+	headerAuthorization = "authorization"
 )
 
 // IstioConfig configures an Istio CA client.
@@ -46,9 +49,10 @@ type IstioConfig struct {
 	// tokens are rotated in place. Zero means no authorization header is
 	// sent, which istiod refuses unless another authenticator applies.
 	TokenFile string
-	// ClusterID is sent as the "clusterid" header so that istiod validates
-	// the token against the right cluster. Zero means the header is
-	// omitted and istiod assumes its own cluster.
+	// ClusterID is sent as the "clusterid" header. istiod finds the node
+	// authorizer for an impersonating request only through it (it refuses
+	// with "no node authorizer for cluster \"\"" otherwise), so it is
+	// always sent. Zero means DefaultClusterID.
 	ClusterID string
 	// Self is the ztunnel's own identity. Requests for any other identity
 	// carry the ImpersonatedIdentity metadata, which istiod honours only for
@@ -146,9 +150,7 @@ func (c *Istio) sign(ctx context.Context, csrPEM []byte, id identity.ID, ttl tim
 		}
 		md = append(md, headerAuthorization, "Bearer "+tok)
 	}
-	if c.cfg.ClusterID != "" {
-		md = append(md, headerClusterID, c.cfg.ClusterID)
-	}
+	md = append(md, headerClusterID, cmp.Or(c.cfg.ClusterID, DefaultClusterID))
 	if len(md) > 0 {
 		ctx = metadata.AppendToOutgoingContext(ctx, md...)
 	}
