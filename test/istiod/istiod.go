@@ -25,6 +25,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/amber-mesh/amber/test/kube"
+
+	"github.com/amber-mesh/amber/test/proc"
 )
 
 // Names istiod and Istio's ambient install use.
@@ -55,8 +57,6 @@ const (
 	// instead of building.
 	BinDirEnv = "AMBER_ISTIOD_BIN_DIR"
 )
-
-var errExited = errors.New("exited")
 
 // Options configures Start. The zero value is usable.
 type Options struct {
@@ -90,7 +90,7 @@ type Istiod struct {
 	Dir, Log string
 
 	cp   *kube.ControlPlane
-	proc *process
+	proc *proc.Process
 }
 
 // Start runs istiod against cp; see the package doc. Failures are fatal
@@ -125,20 +125,20 @@ func Start(tb testing.TB, cp *kube.ControlPlane, opts Options) *Istiod {
 		"VALIDATION_WEBHOOK_CONFIG_NAME=",
 	)
 	env = append(env, opts.Env...)
-	d.proc, err = startProcess("istiod", filepath.Join(opts.BinDir, BinaryName), args, env, d.Dir, d.Log)
+	d.proc, err = proc.Start("istiod", filepath.Join(opts.BinDir, BinaryName), args, env, d.Dir, d.Log)
 	if err != nil {
 		tb.Fatalf("istiod: %v", err)
 	}
 	tb.Cleanup(func() {
 		if tb.Failed() {
-			tb.Logf("istiod log tail (%s):\n%s", d.Log, tail(d.Log, 40))
+			tb.Logf("istiod log tail (%s):\n%s", d.Log, proc.Tail(d.Log, 40))
 		}
-		if err := d.proc.stop(5 * time.Second); err != nil {
+		if err := d.proc.Stop(5 * time.Second); err != nil {
 			tb.Errorf("istiod: %v", err)
 		}
 	})
 	if err := d.waitReady(ctx); err != nil {
-		tb.Fatalf("istiod: %v; log tail:\n%s", err, tail(d.Log, 40))
+		tb.Fatalf("istiod: %v; log tail:\n%s", err, proc.Tail(d.Log, 40))
 	}
 	return d
 }
@@ -210,8 +210,8 @@ func (d *Istiod) waitReady(ctx context.Context) error {
 	hc := &http.Client{Timeout: 2 * time.Second}
 	var last error
 	for {
-		if done, err := d.proc.exited(); done {
-			return fmt.Errorf("%w before ready: %v", errExited, err)
+		if done, err := d.proc.Exited(); done {
+			return fmt.Errorf("%w before ready: %v", proc.ErrExited, err)
 		}
 		last = d.readyOnce(ctx, hc)
 		if last == nil {
@@ -293,7 +293,7 @@ func (d *Istiod) WriteToken(tb testing.TB, ctx context.Context, pod *corev1.Pod)
 }
 
 // Pid returns istiod's process id.
-func (d *Istiod) Pid() int { return d.proc.cmd.Process.Pid }
+func (d *Istiod) Pid() int { return d.proc.Cmd.Process.Pid }
 
 func freePort() (int, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -302,96 +302,6 @@ func freePort() (int, error) {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
-// process is istiod, output appended to a log file.
-type process struct {
-	name string
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{} // closed when the child has been reaped
-	err  error         // Wait's result; read after done
-}
-
-// startProcess starts bin. The child gets Pdeathsig SIGKILL so it dies
-// with the test binary; the kernel sends it when the forking *thread*
-// exits, so the child is started and reaped on a goroutine that keeps its
-// thread locked for the child's whole life.
-func startProcess(name, bin string, args, env []string, dir, logFile string) (*process, error) {
-	f, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	fmt.Fprintf(f, "==== %s: %s %q\n", time.Now().Format(time.RFC3339Nano), bin, args)
-	p := &process{name: name, log: logFile, done: make(chan struct{})}
-	p.cmd = exec.Command(bin, args...)
-	p.cmd.Dir = dir
-	p.cmd.Env = env
-	p.cmd.Stdout = f
-	p.cmd.Stderr = f
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	started := make(chan error, 1)
-	go p.supervise(f, started)
-	if err := <-started; err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	return p, nil
-}
-
-func (p *process) supervise(log *os.File, started chan<- error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	defer log.Close()
-	if err := p.cmd.Start(); err != nil {
-		started <- err
-		close(p.done)
-		return
-	}
-	started <- nil
-	p.err = p.cmd.Wait()
-	close(p.done)
-}
-
-func (p *process) exited() (bool, error) {
-	select {
-	case <-p.done:
-		return true, p.err
-	default:
-		return false, nil
-	}
-}
-
-// stop sends SIGTERM, then SIGKILL after grace. A child that had already
-// exited on its own is an error: a crash the test should hear about.
-func (p *process) stop(grace time.Duration) error {
-	if done, err := p.exited(); done {
-		return fmt.Errorf("%s %w on its own (%v); log %s:\n%s", p.name, errExited, err, p.log, tail(p.log, 20))
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-		return nil
-	case <-time.After(grace):
-	}
-	_ = p.cmd.Process.Kill()
-	select {
-	case <-p.done:
-		return nil
-	case <-time.After(10 * time.Second):
-		return fmt.Errorf("stop %s (pid %d): not reaped 10s after SIGKILL", p.name, p.cmd.Process.Pid)
-	}
-}
-
-func tail(file string, n int) string {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return fmt.Sprintf("(%v)", err)
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
 
 // Binaries returns the directory holding pilot-discovery and Istio's CRDs,

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/amber-mesh/amber/test/proc"
 )
 
 // BinDirEnv names an environment variable that, when set, points at a
@@ -79,7 +81,7 @@ func Binaries(tb testing.TB, extra ...string) (dir string) {
 	cmd.WaitDelay = 10 * time.Second
 	// The script stops its build on SIGTERM, also when the test binary dies.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
-	if err := runLocked(cmd); err != nil {
+	if err := proc.RunLocked(cmd); err != nil {
 		if ctx.Err() != nil {
 			unavailable(tb, fmt.Errorf("building %s did not finish before the test deadline; run make kube-bins first or raise -timeout", strings.Join(names, ", ")))
 		}

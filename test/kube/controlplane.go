@@ -18,6 +18,8 @@ import (
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+
+	"github.com/amber-mesh/amber/test/proc"
 )
 
 // Options configure Start. The zero value starts etcd and a kube-apiserver
@@ -78,8 +80,8 @@ type ControlPlane struct {
 	apiArgs []string
 
 	mu        sync.Mutex // guards the fields below
-	etcd      *process
-	apiserver *process
+	etcd      *proc.Process
+	apiserver *proc.Process
 }
 
 // Grace periods before SIGKILL. The API server drains requests on SIGTERM
@@ -96,8 +98,6 @@ var (
 	// a port between picking it and the child binding it; Start picks new
 	// ports.
 	errPortInUse = errors.New("port already in use")
-	// errExited reports a child that exited when it should be running.
-	errExited = errors.New("exited")
 )
 
 // Start runs etcd and a kube-apiserver on random free loopback ports, with
@@ -123,8 +123,8 @@ func Start(tb testing.TB, opts Options) *ControlPlane {
 			tb.Errorf("stop control plane: %v", err)
 		}
 		if tb.Failed() {
-			tb.Logf("etcd.log (tail):\n%s", tail(filepath.Join(dir, "etcd.log"), 30))
-			tb.Logf("kube-apiserver.log (tail):\n%s", tail(filepath.Join(dir, "kube-apiserver.log"), 60))
+			tb.Logf("etcd.log (tail):\n%s", proc.Tail(filepath.Join(dir, "etcd.log"), 30))
+			tb.Logf("kube-apiserver.log (tail):\n%s", proc.Tail(filepath.Join(dir, "kube-apiserver.log"), 60))
 		}
 	})
 
@@ -182,7 +182,7 @@ func (cp *ControlPlane) startEtcd() error {
 		"--unsafe-no-fsync",
 	}
 	args = append(args, cp.opts.EtcdArgs...)
-	p, err := startProcess("etcd", filepath.Join(cp.BinDir, "etcd"), args, filepath.Join(cp.Dir, "etcd.log"))
+	p, err := proc.Start("etcd", filepath.Join(cp.BinDir, "etcd"), args, nil, "", filepath.Join(cp.Dir, "etcd.log"))
 	if err != nil {
 		return err
 	}
@@ -197,7 +197,7 @@ func (cp *ControlPlane) startEtcd() error {
 		return httpOK(ctx, healthClient, client+"/health")
 	})
 	if err != nil {
-		_ = p.stop(etcdGrace)
+		_ = p.Stop(etcdGrace)
 		cp.mu.Lock()
 		cp.etcd = nil
 		cp.mu.Unlock()
@@ -264,7 +264,7 @@ func (cp *ControlPlane) firstStartAPIServer() error {
 }
 
 func (cp *ControlPlane) startAPIServer() error {
-	p, err := startProcess("kube-apiserver", filepath.Join(cp.BinDir, "kube-apiserver"), cp.apiArgs, filepath.Join(cp.Dir, "kube-apiserver.log"))
+	p, err := proc.Start("kube-apiserver", filepath.Join(cp.BinDir, "kube-apiserver"), cp.apiArgs, nil, "", filepath.Join(cp.Dir, "kube-apiserver.log"))
 	if err != nil {
 		return err
 	}
@@ -282,7 +282,7 @@ func (cp *ControlPlane) startAPIServer() error {
 		return err
 	})
 	if err != nil {
-		_ = p.stop(apiserverGrace)
+		_ = p.Stop(apiserverGrace)
 		cp.mu.Lock()
 		cp.apiserver = nil
 		cp.mu.Unlock()
@@ -303,7 +303,7 @@ func (cp *ControlPlane) StopAPIServer() error {
 	if p == nil {
 		return nil
 	}
-	return p.stop(apiserverGrace)
+	return p.Stop(apiserverGrace)
 }
 
 // StartAPIServer starts the API server stopped by StopAPIServer again, on
@@ -334,7 +334,7 @@ func (cp *ControlPlane) Stop() error {
 	cp.mu.Unlock()
 	var errEtcd error
 	if etcd != nil {
-		errEtcd = etcd.stop(etcdGrace)
+		errEtcd = etcd.Stop(etcdGrace)
 	}
 	return errors.Join(errAPI, errEtcd)
 }
@@ -383,10 +383,10 @@ func (cp *ControlPlane) Pids() (etcd, apiserver int) {
 	cp.mu.Lock()
 	defer cp.mu.Unlock()
 	if cp.etcd != nil {
-		etcd = cp.etcd.cmd.Process.Pid
+		etcd = cp.etcd.Cmd.Process.Pid
 	}
 	if cp.apiserver != nil {
-		apiserver = cp.apiserver.cmd.Process.Pid
+		apiserver = cp.apiserver.Cmd.Process.Pid
 	}
 	return etcd, apiserver
 }
@@ -433,14 +433,14 @@ current-context: amber-test
 }
 
 // waitReady polls check until it succeeds, the process exits or ctx ends.
-func waitReady(ctx context.Context, p *process, check func(context.Context) error) error {
+func waitReady(ctx context.Context, p *proc.Process, check func(context.Context) error) error {
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	var last error
 	for {
-		if done, err := p.exited(); done {
-			err = fmt.Errorf("%s %w before it was ready (%v); log %s:\n%s", p.name, errExited, err, p.log, p.logTail(20))
-			if strings.Contains(p.logTail(50), "address already in use") {
+		if done, err := p.Exited(); done {
+			err = fmt.Errorf("%s %w before it was ready (%v); log %s:\n%s", p.Name, proc.ErrExited, err, p.Log, p.LogTail(20))
+			if strings.Contains(p.LogTail(50), "address already in use") {
 				err = fmt.Errorf("%w: %w", errPortInUse, err)
 			}
 			return err
@@ -450,7 +450,7 @@ func waitReady(ctx context.Context, p *process, check func(context.Context) erro
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%s not ready: %w (last check: %v); log %s:\n%s", p.name, ctx.Err(), last, p.log, p.logTail(20))
+			return fmt.Errorf("%s not ready: %w (last check: %v); log %s:\n%s", p.Name, ctx.Err(), last, p.Log, p.LogTail(20))
 		case <-tick.C:
 		}
 	}

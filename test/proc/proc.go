@@ -1,7 +1,12 @@
-package kube
+// Package proc supervises the long-running children of tests (etcd,
+// kube-apiserver, istiod): output appended to a log file, death with the
+// test binary, stop with SIGTERM then SIGKILL, and the log's tail for
+// failure messages.
+package proc
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -10,17 +15,21 @@ import (
 	"time"
 )
 
-// process is one child (etcd or kube-apiserver) whose output is appended to
-// a log file.
-type process struct {
-	name string
-	cmd  *exec.Cmd
-	log  string
+// ErrExited reports a child that exited when it should be running.
+var ErrExited = errors.New("exited")
+
+// Process is one supervised child.
+type Process struct {
+	Name string
+	Cmd  *exec.Cmd
+	Log  string // the log file
+
 	done chan struct{} // closed when the child has been reaped
 	err  error         // Wait's result; read after done
 }
 
-// startProcess starts bin with args, output appended to logFile.
+// Start starts bin with args, environment env (nil: the test's own) in
+// dir (empty: the test's own), output appended to logFile.
 //
 // The child gets Pdeathsig SIGKILL so that it dies with the test binary
 // even when the test is killed (timeout, ^C, SIGKILL) before its cleanup
@@ -29,17 +38,19 @@ type process struct {
 // goroutine that exits while locked to its thread takes the thread with
 // it). So the child is started and waited for on a goroutine that holds
 // its own locked thread for the child's whole life.
-func startProcess(name, bin string, args []string, logFile string) (*process, error) {
+func Start(name, bin string, args, env []string, dir, logFile string) (*Process, error) {
 	f, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	fmt.Fprintf(f, "==== %s: %s %q\n", time.Now().Format(time.RFC3339Nano), bin, args)
-	p := &process{name: name, log: logFile, done: make(chan struct{})}
-	p.cmd = exec.Command(bin, args...)
-	p.cmd.Stdout = f
-	p.cmd.Stderr = f
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	p := &Process{Name: name, Log: logFile, done: make(chan struct{})}
+	p.Cmd = exec.Command(bin, args...)
+	p.Cmd.Dir = dir
+	p.Cmd.Env = env
+	p.Cmd.Stdout = f
+	p.Cmd.Stderr = f
+	p.Cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	started := make(chan error, 1)
 	go p.supervise(f, started)
 	if err := <-started; err != nil {
@@ -49,23 +60,23 @@ func startProcess(name, bin string, args []string, logFile string) (*process, er
 }
 
 // supervise starts the child and reaps it, on a locked OS thread (see
-// startProcess).
-func (p *process) supervise(log *os.File, started chan<- error) {
+// Start).
+func (p *Process) supervise(log *os.File, started chan<- error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	defer log.Close()
-	if err := p.cmd.Start(); err != nil {
+	if err := p.Cmd.Start(); err != nil {
 		started <- err
 		close(p.done)
 		return
 	}
 	started <- nil
-	p.err = p.cmd.Wait()
+	p.err = p.Cmd.Wait()
 	close(p.done)
 }
 
-// exited reports whether the child has exited, and how.
-func (p *process) exited() (bool, error) {
+// Exited reports whether the child has exited, and how.
+func (p *Process) Exited() (bool, error) {
 	select {
 	case <-p.done:
 		return true, p.err
@@ -74,33 +85,33 @@ func (p *process) exited() (bool, error) {
 	}
 }
 
-// stop sends SIGTERM, then SIGKILL after grace, and waits for the child
+// Stop sends SIGTERM, then SIGKILL after grace, and waits for the child
 // to be reaped. Exit statuses caused by those signals are not errors; a
 // child that had already exited on its own (a crash the test should hear
 // about) is.
-func (p *process) stop(grace time.Duration) error {
-	if done, err := p.exited(); done {
-		return fmt.Errorf("%s %w on its own (%v); log %s:\n%s", p.name, errExited, err, p.log, p.logTail(20))
+func (p *Process) Stop(grace time.Duration) error {
+	if done, err := p.Exited(); done {
+		return fmt.Errorf("%s %w on its own (%v); log %s:\n%s", p.Name, ErrExited, err, p.Log, p.LogTail(20))
 	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
 		return nil
 	case <-time.After(grace):
 	}
-	_ = p.cmd.Process.Kill()
+	_ = p.Cmd.Process.Kill()
 	select {
 	case <-p.done:
 		return nil
 	case <-time.After(10 * time.Second):
-		return fmt.Errorf("stop %s (pid %d): not reaped 10s after SIGKILL", p.name, p.cmd.Process.Pid)
+		return fmt.Errorf("stop %s (pid %d): not reaped 10s after SIGKILL", p.Name, p.Cmd.Process.Pid)
 	}
 }
 
-// runLocked runs cmd to completion on a locked OS thread, so that its
+// RunLocked runs cmd to completion on a locked OS thread, so that its
 // Pdeathsig fires when the test process dies, not when some thread does
-// (see startProcess).
-func runLocked(cmd *exec.Cmd) error {
+// (see Start).
+func RunLocked(cmd *exec.Cmd) error {
 	done := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -110,12 +121,11 @@ func runLocked(cmd *exec.Cmd) error {
 	return <-done
 }
 
-// logTail returns the last n lines of the process's log.
-func (p *process) logTail(n int) string {
-	return tail(p.log, n)
-}
+// LogTail returns the last n lines of the process's log.
+func (p *Process) LogTail(n int) string { return Tail(p.Log, n) }
 
-func tail(file string, n int) string {
+// Tail returns the last n lines of file.
+func Tail(file string, n int) string {
 	b, err := os.ReadFile(file)
 	if err != nil {
 		return fmt.Sprintf("(read %s: %v)", file, err)
