@@ -3,19 +3,14 @@ package istiod
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -26,6 +21,7 @@ import (
 
 	"github.com/amber-mesh/amber/test/kube"
 
+	"github.com/amber-mesh/amber/test/buildcache"
 	"github.com/amber-mesh/amber/test/proc"
 )
 
@@ -310,86 +306,10 @@ func freePort() (int, error) {
 // -short it only uses the cache.
 func Binaries(tb testing.TB) (dir string) {
 	tb.Helper()
-	if dir := os.Getenv(BinDirEnv); dir != "" {
-		for _, n := range []string{BinaryName, CRDFile} {
-			if _, err := os.Stat(filepath.Join(dir, n)); err != nil {
-				unavailable(tb, fmt.Errorf("%s=%s: %w", BinDirEnv, dir, err))
-			}
-		}
-		return dir
-	}
-	script, err := findScript()
-	if err != nil {
-		unavailable(tb, err)
-	}
-	var args []string
-	if testing.Short() {
-		args = []string{"-check"}
-	}
-	buildMu.Lock()
-	defer buildMu.Unlock()
-	// Stop a cold build just before the test deadline with a clear message
-	// rather than the timeout panic; SIGTERM makes the script stop go build.
-	ctx := context.Background()
-	if d, ok := tb.(interface{ Deadline() (time.Time, bool) }); ok {
-		if deadline, ok := d.Deadline(); ok {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithDeadline(ctx, deadline.Add(-30*time.Second))
-			defer cancel()
-		}
-	}
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "bash", append([]string{script}, args...)...)
-	cmd.Stdout = &stdout
-	cmd.Stderr = io.MultiWriter(os.Stderr, &stderr)
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 10 * time.Second
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		done <- cmd.Run()
-	}()
-	if err := <-done; err != nil {
-		if ctx.Err() != nil {
-			unavailable(tb, errors.New("building istiod did not finish before the test deadline; run hack/istiod-bin.sh first or raise -timeout"))
-		}
-		if testing.Short() {
-			tb.Skipf("istiod not in the build cache and -short never builds (run hack/istiod-bin.sh): %s", strings.TrimSpace(stderr.String()))
-		}
-		unavailable(tb, fmt.Errorf("%s: %w\n%s", script, err, stderr.Bytes()))
-	}
-	lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
-	return lines[len(lines)-1]
-}
-
-var buildMu sync.Mutex
-
-func unavailable(tb testing.TB, err error) {
-	tb.Helper()
-	if os.Getenv("CI") == "true" {
-		tb.Fatalf("istiod binaries unavailable (CI=true, not skipping): %v", err)
-	}
-	tb.Skipf("istiod binaries unavailable: %v", err)
-}
-
-// findScript looks for hack/istiod-bin.sh in the working directory and its
-// parents.
-func findScript() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		p := filepath.Join(dir, "hack", "istiod-bin.sh")
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("hack/istiod-bin.sh not found above the working directory")
-		}
-		dir = parent
-	}
+	return buildcache.Dir(tb, buildcache.Build{
+		What:      "istiod binaries",
+		Script:    "istiod-bin.sh",
+		BinDirEnv: BinDirEnv,
+		Files:     []string{BinaryName, CRDFile},
+	})
 }
