@@ -83,7 +83,11 @@ func run(ctx context.Context, log *slog.Logger, verb, dir, node string) error {
 		if err != nil {
 			return err
 		}
-		for _, img := range imgs {
+		amber, err := images.BuildAmber(ctx, root, filepath.Join(root, ".cache", "cluster", "images"))
+		if err != nil {
+			return err
+		}
+		for _, img := range append(imgs, amber) {
 			fmt.Printf("%s %s\n", img.Ref, img.Archive)
 		}
 		return nil

@@ -1,0 +1,82 @@
+package images
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+)
+
+// Amber is amber's own image, as deploy/Dockerfile lays it out: the four
+// static binaries in /usr/local/bin, amber-agent as entrypoint (the
+// DaemonSet sets each container's command), nothing else — no shell.
+var Amber = Image{Name: "amber", Ref: "localhost/amber/amber:test"}
+
+// amberBinaries are the commands the image carries.
+var amberBinaries = []string{"amber-agent", "amber-cni", "amber-ztunnel", "amberctl"}
+
+// BuildAmber builds amber's binaries from repoRoot (CGO_ENABLED=0, the
+// committed eBPF object embedded) and writes the image as a docker archive
+// <dir>/amber.tar, the Dockerfile's result without a container engine.
+func BuildAmber(ctx context.Context, repoRoot, dir string) (Image, error) {
+	img := Amber
+	bin := filepath.Join(dir, "bin", "amber")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
+		return img, fmt.Errorf("build image amber: %w", err)
+	}
+	var pkgs []string
+	for _, b := range amberBinaries {
+		pkgs = append(pkgs, "./cmd/"+b)
+	}
+	cmd := exec.CommandContext(ctx, "go", append([]string{"build", "-trimpath", "-ldflags=-s -w", "-o", bin + "/"}, pkgs...)...)
+	cmd.Dir = repoRoot
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return img, fmt.Errorf("build image amber: go build: %w: %s", err, strings.TrimSpace(string(b)))
+	}
+	var layers []v1.Layer
+	for _, b := range amberBinaries {
+		l, err := binaryLayer(filepath.Join(bin, b), "/usr/local/bin/"+b)
+		if err != nil {
+			return img, fmt.Errorf("build image amber: %w", err)
+		}
+		layers = append(layers, l)
+	}
+	i, err := mutate.AppendLayers(empty.Image, layers...)
+	if err != nil {
+		return img, fmt.Errorf("build image amber: %w", err)
+	}
+	cf, err := i.ConfigFile()
+	if err != nil {
+		return img, fmt.Errorf("build image amber: %w", err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = "linux", runtime.GOARCH
+	cf.Config.Entrypoint = []string{"/usr/local/bin/amber-agent"}
+	// Root with only the capabilities the DaemonSet grants (CAP_BPF,
+	// CAP_NET_ADMIN): the agent writes bpffs and host CNI directories.
+	cf.Config.User = "0:0"
+	if i, err = mutate.ConfigFile(i, cf); err != nil {
+		return img, fmt.Errorf("build image amber: %w", err)
+	}
+	tag, err := name.NewTag(img.Ref)
+	if err != nil {
+		return img, fmt.Errorf("build image amber: %w", err)
+	}
+	img.Archive = filepath.Join(dir, "amber.tar")
+	tmp := img.Archive + ".tmp"
+	if err := tarball.WriteToFile(tmp, tag, i); err != nil {
+		os.Remove(tmp)
+		return img, fmt.Errorf("build image amber: write archive: %w", err)
+	}
+	return img, os.Rename(tmp, img.Archive)
+}

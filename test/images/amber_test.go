@@ -1,0 +1,74 @@
+package images
+
+import (
+	"archive/tar"
+	"context"
+	"errors"
+	"io"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+)
+
+// The archive is what `ctr images import` and the DaemonSet need: the
+// tag, the entrypoint, and four runnable static binaries where the
+// manifests' commands point.
+func TestBuildAmber(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds four binaries")
+	}
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	img, err := BuildAmber(context.Background(), root, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tag, err := name.NewTag(Amber.Ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i, err := tarball.ImageFromPath(img.Archive, &tag)
+	if err != nil {
+		t.Fatalf("archive does not hold %s: %v", Amber.Ref, err)
+	}
+	cf, err := i.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(cf.Config.Entrypoint, " "); got != "/usr/local/bin/amber-agent" {
+		t.Errorf("entrypoint %q", got)
+	}
+	files := map[string]bool{}
+	tr := tar.NewReader(mutate.Extract(i))
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		files[h.Name] = h.Mode&0o111 != 0
+	}
+	for _, b := range amberBinaries {
+		if !files["usr/local/bin/"+b] {
+			t.Errorf("image lacks executable /usr/local/bin/%s (has %v)", b, files)
+		}
+	}
+	if _, ok := files["bin/sh"]; ok {
+		t.Error("image has a shell")
+	}
+	// The binaries are static: they run with nothing else in the image.
+	out, err := exec.Command("file", filepath.Join(dir, "bin", "amber", "amber-ztunnel")).CombinedOutput()
+	if err == nil && !strings.Contains(string(out), "statically linked") {
+		t.Errorf("amber-ztunnel is not static: %s", out)
+	}
+}
