@@ -22,6 +22,12 @@ func main() {
 		err = datapath(os.Args[2:])
 	case "tunnel":
 		err = tunnel(os.Args[2:])
+	case "tproxy": // internal: the tunnel benchmark's per-node proxy process
+		if len(os.Args) != 3 {
+			err = fmt.Errorf("usage: amber-bench tproxy PIN_ROOT")
+			break
+		}
+		err = proxyMain(os.Args[2])
 	default:
 		err = fmt.Errorf("unknown benchmark %q", os.Args[1])
 	}

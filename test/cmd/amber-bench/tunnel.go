@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -10,9 +11,12 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"sort"
+	"syscall"
 	"time"
 
 	"github.com/amber-mesh/amber/test/meshbed"
@@ -110,10 +114,14 @@ func tunnel(args []string) error {
 		"tcp-pair": func() (func() error, error) {
 			p := pairs["tcp-pair"]
 			nodes, err := load(p.client, p.server)
-			var proxies []*tproxy.Proxy
+			// Each node's proxy is a process of its own, like a ztunnel: a
+			// proxy inside this (busy) benchmark process would never pay
+			// the wake-up of an idle process that each ztunnel hop does.
+			var proxies []*exec.Cmd
 			teardown := func() error {
-				for _, px := range proxies {
-					px.Close()
+				for _, c := range proxies {
+					c.Process.Signal(syscall.SIGTERM)
+					c.Wait()
 				}
 				return unload(nodes)
 			}
@@ -121,10 +129,9 @@ func tunnel(args []string) error {
 				if err != nil {
 					break
 				}
-				var px *tproxy.Proxy
-				if px, err = tproxy.Start(tproxy.Options{Do: nd.Do, PreserveSource: true}); err == nil {
-					proxies = append(proxies, px)
-					err = px.Register(nd.Root)
+				var c *exec.Cmd
+				if c, err = startProxyProcess(nd); err == nil {
+					proxies = append(proxies, c)
 				}
 			}
 			if err != nil {
@@ -327,4 +334,48 @@ func idleMemory(p *testbed.Pod, dst netip.AddrPort, zs []*meshbed.Ztunnel, n int
 		return 0, 0, err
 	}
 	return float64(before) / float64(len(zs)), float64(after-before) / float64(n), nil
+}
+
+// startProxyProcess runs this command's tproxy mode inside nd's namespace,
+// registered in nd's listener map, and waits until it is ready.
+func startProxyProcess(nd *meshbed.Node) (*exec.Cmd, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	c := nd.Command(context.Background(), exe, "tproxy", nd.Root)
+	c.Stderr = os.Stderr
+	out, err := c.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Start(); err != nil {
+		return nil, err
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil || line != "ready\n" {
+		c.Process.Kill()
+		c.Wait()
+		return nil, fmt.Errorf("tproxy process on %s: %q %v", nd.Name, line, err)
+	}
+	return c, nil
+}
+
+// proxyMain is the tproxy mode: a transparent splice proxy in the current
+// network namespace, registered in the listener map pinned at root,
+// preserving sources, until SIGTERM.
+func proxyMain(root string) error {
+	px, err := tproxy.Start(tproxy.Options{PreserveSource: true})
+	if err != nil {
+		return err
+	}
+	defer px.Close()
+	if err := px.Register(root); err != nil {
+		return err
+	}
+	fmt.Println("ready")
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	<-sig
+	return nil
 }
