@@ -62,54 +62,14 @@ if [ -n "$check" ]; then
   exit 3
 fi
 
-for tool in flock setsid; do
-  command -v $tool >/dev/null || die "$tool is not in PATH (Debian package util-linux)"
-done
-exec 9>"$cache/.lock"
-if ! flock -n 9; then
-  say "waiting for another istiod-bin.sh run to finish building…"
-  flock 9
-fi
+. "$(dirname "$0")/lib/gobuild.sh"
+lock_cache istiod-bin.sh
 if fresh; then # the other run built it
   echo "$bin"
   exit 0
 fi
 
-# The build runs in its own process group (setsid) so that an interrupted
-# run stops the go command and every compiler it started, not just this
-# script.
-build_pid=
-cleanup() {
-  if [ -n "$build_pid" ]; then
-    kill -TERM -- "-$build_pid" 2>/dev/null || true
-    wait "$build_pid" 2>/dev/null || true
-  fi
-  rm -f "$bin"/.*.tmp
-}
-trap cleanup EXIT
-trap 'say "interrupted"; exit 143' TERM INT HUP
-
-first=
-[ -e "$bin/$name" ] || first=" (first time: several minutes)"
-say "building $name $version$first…"
-start=$SECONDS
-(cd "$tools" && GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly \
-  exec setsid go build -trimpath -ldflags "-s -w" -o "$bin/.$name.tmp" "$pkg") &
-build_pid=$!
-# go build is silent for minutes on a cold cache: say it is alive. Short
-# sleeps keep the signal trap responsive.
-next=$((start + 30))
-while kill -0 "$build_pid" 2>/dev/null; do
-  sleep 1
-  if [ $SECONDS -ge $next ] && kill -0 "$build_pid" 2>/dev/null; then
-    say "… still building $name ($((SECONDS - start))s)"
-    next=$((next + 30))
-  fi
-done
-rc=0
-wait "$build_pid" || rc=$?
-build_pid=
-[ $rc -eq 0 ] || die "building $name $version from $tools failed with status $rc (see the go build output above)"
+go_build "$name" "$version" "$tools" "$pkg" "-s -w" "first time: several minutes"
 
 # The CRDs come from the very module the binary was built from, so the two
 # always match.
@@ -120,5 +80,5 @@ cp -f "$src/manifests/charts/base/files/$crds" "$bin/.$crds.tmp"
 mv -f "$bin/.$crds.tmp" "$bin/$crds"
 mv -f "$bin/.$name.tmp" "$bin/$name"
 stamp >"$stamps/$name"
-say "built $name $version in $((SECONDS - start))s → $bin/$name"
+say "built $name $version in $((SECONDS - build_start))s → $bin/$name"
 echo "$bin"

@@ -81,31 +81,8 @@ if [ -n "$check" ]; then
   exit 3
 fi
 
-# Serialise concurrent runs (parallel test packages): two cold apiserver
-# builds at once would need ~5 GB and twice the time.
-for tool in flock setsid; do
-  command -v $tool >/dev/null || die "$tool is not in PATH (Debian package util-linux)"
-done
-exec 9>"$cache/.lock"
-if ! flock -n 9; then
-  say "waiting for another kube-bins.sh run to finish building…"
-  flock 9
-fi
-
-# The build runs in its own process group (setsid) so that an interrupted
-# run — ^C, or the SIGTERM test/kube sends when the test's deadline
-# nears or the test binary dies — stops the go command and every compiler
-# it started, not just this script.
-build_pid=
-cleanup() {
-  if [ -n "$build_pid" ]; then
-    kill -TERM -- "-$build_pid" 2>/dev/null || true
-    wait "$build_pid" 2>/dev/null || true
-  fi
-  rm -f "$bin"/.*.tmp
-}
-trap cleanup EXIT
-trap 'say "interrupted"; exit 143' TERM INT HUP
+. "$(dirname "$0")/lib/gobuild.sh"
+lock_cache kube-bins.sh
 
 build() { # build NAME
   local n=$1 dir pkg version ldflags
@@ -128,33 +105,12 @@ build() { # build NAME
       ldflags+=" -X $pkgv.gitTreeState=archive -X $pkgv.buildDate=$build_date"
     done
   fi
-  local first=
-  if [ ! -e "$bin/$n" ]; then
-    first=" (first time: several minutes)"
-    [ "$n" != etcd ] || first=" (first time: about a minute)"
-  fi
-  say "building $n $version$first…"
-  local start=$SECONDS
-  (cd "$dir" && GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly \
-    exec setsid go build -trimpath -ldflags "$ldflags" -o "$bin/.$n.tmp" "$pkg") &
-  build_pid=$!
-  # go build is silent for minutes on a cold cache: say it is alive. Short
-  # sleeps keep the signal trap responsive.
-  local next=$((start + 30))
-  while kill -0 "$build_pid" 2>/dev/null; do
-    sleep 1
-    if [ $SECONDS -ge $next ] && kill -0 "$build_pid" 2>/dev/null; then
-      say "… still building $n ($((SECONDS - start))s)"
-      next=$((next + 30))
-    fi
-  done
-  local rc=0
-  wait "$build_pid" || rc=$?
-  build_pid=
-  [ $rc -eq 0 ] || die "building $n $version from $dir failed with status $rc (see the go build output above)"
+  local first="first time: several minutes"
+  [ "$n" != etcd ] || first="first time: about a minute"
+  go_build "$n" "$version" "$dir" "$pkg" "$ldflags" "$first"
   mv -f "$bin/.$n.tmp" "$bin/$n"
   stamp "$n" >"$stamps/$n"
-  say "built $n $version in $((SECONDS - start))s → $bin/$n"
+  say "built $n $version in $((SECONDS - build_start))s → $bin/$n"
 }
 
 for n in $(missing); do build "$n"; done
