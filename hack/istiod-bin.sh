@@ -1,34 +1,39 @@
 #!/usr/bin/env bash
-# Builds istiod (pilot-discovery) from the Go module proxy into a cache,
-# once, and puts Istio's CRDs next to it: hack/istiod-bin.sh [-check]
+# Builds Istio's binaries from the Go module proxy into a cache, once:
+# hack/istiod-bin.sh [-check] [NAME...]
 #
-#   -check  build nothing: exit 3 if the binary or the CRDs are missing or
-#           stale
+#   NAME    pilot-discovery (istiod, with Istio's CRDs next to it) or
+#           hbone-interop (Istio's Go HBONE client and server, for
+#           test/interop); no NAME means both
+#   -check  build nothing: exit 3 if a named file is missing or stale
 #
 # Output lands in .cache/istiod/<istio version>/bin/ (override the root with
 # ISTIOD_CACHE_DIR): pilot-discovery and crd-all.gen.yaml (from
-# manifests/charts/base/files/ of the same istio.io/istio module). A stamp in
-# .cache/istiod/<istio version>/stamp/ holds the hash of the tools module's
-# go.mod and go.sum: the binary is rebuilt only when those change, so a warm
-# run takes well under a second. Progress goes to stderr; the bin directory
-# is printed on stdout.
+# manifests/charts/base/files/ of the same istio.io/istio module), and
+# hbone-interop. A stamp per binary in .cache/istiod/<istio version>/stamp/
+# holds the hash of what it was built from: the tools module's go.mod and
+# go.sum, and for hbone-interop also its source. A binary is rebuilt only
+# when that changes, so a warm run takes well under a second. Progress goes
+# to stderr; the bin directory is printed on stdout.
 #
 # The tools module is test/istiod/tools (its own module: Istio pins its own
-# k8s.io versions). A cold build takes about 3.5 minutes on 2 cores;
-# concurrent runs serialise on a lock. Requires flock and setsid
+# k8s.io versions). A cold build of pilot-discovery takes about 3.5 minutes
+# on 2 cores; hbone-interop then takes seconds, as it shares most packages.
+# Concurrent runs serialise on a lock. Requires flock and setsid
 # (util-linux).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools=$root/test/istiod/tools
-pkg=istio.io/istio/pilot/cmd/pilot-discovery
-name=pilot-discovery
 crds=crd-all.gen.yaml
+all=(pilot-discovery hbone-interop)
 
 die() { echo "istiod-bin: $*" >&2; exit 1; }
 say() { echo "istiod-bin: $*" >&2; }
 
-version=$(awk '$1 == "istio.io/istio" && $2 ~ /^v/ { print $2; exit }' "$tools/go.mod")
+# The istio.io/istio requirement, in a require block or on a line of its own.
+version=$(awk '$1 == "require" { $1 = "" ; $0 = $0 }
+  $1 == "istio.io/istio" && $2 ~ /^v/ { print $2; exit }' "$tools/go.mod")
 [ -n "$version" ] || die "cannot read the istio.io/istio version from $tools/go.mod"
 
 cache=${ISTIOD_CACHE_DIR:-$root/.cache/istiod}/$version
@@ -37,48 +42,91 @@ stamps=$cache/stamp
 
 check=
 if [ "${1-}" = -check ]; then check=1; shift; fi
-[ $# -eq 0 ] || die "usage: hack/istiod-bin.sh [-check]"
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=("${all[@]}")
+for n in "${names[@]}"; do
+  case $n in
+  pilot-discovery | hbone-interop) ;;
+  *) die "usage: hack/istiod-bin.sh [-check] [pilot-discovery|hbone-interop...]" ;;
+  esac
+done
 
 command -v go >/dev/null || die "go is not in PATH"
 mkdir -p "$bin" "$stamps"
 
-# stamp: what the binary was built from. Hashing the tools module's go.mod
-# (less comment lines) and go.sum covers every version that went into it.
+# pkg NAME: the package NAME is built from, in the tools module.
+pkg() {
+  case $1 in
+  pilot-discovery) echo istio.io/istio/pilot/cmd/pilot-discovery ;;
+  hbone-interop) echo ./hbone-interop ;;
+  esac
+}
+
+# stamp NAME: what NAME was built from. The tools module's go.mod (less
+# comment lines) and go.sum cover every version that went into it;
+# hbone-interop's own source is hashed too, file names included.
+modhash() {
+  { grep -v '^[[:space:]]*//' "$tools/go.mod"; cat "$tools/go.sum"; } | sha256sum | cut -d' ' -f1
+}
 stamp() {
-  printf '%s %s\n' "$name" "$({ grep -v '^[[:space:]]*//' "$tools/go.mod"; cat "$tools/go.sum"; } | sha256sum | cut -d' ' -f1)"
+  case $1 in
+  pilot-discovery) printf '%s %s\n' "$1" "$(modhash)" ;;
+  hbone-interop)
+    printf '%s %s\n' "$1" "$({
+      modhash
+      (cd "$tools" && find hbone-interop -type f -name '*.go' | LC_ALL=C sort | while read -r f; do
+        printf '%s\n' "$f"
+        cat "$f"
+      done)
+    } | sha256sum | cut -d' ' -f1)"
+    ;;
+  esac
 }
 
 fresh() {
-  [ -x "$bin/$name" ] && [ -s "$bin/$crds" ] &&
-    [ "$(cat "$stamps/$name" 2>/dev/null)" = "$(stamp)" ]
+  [ -x "$bin/$1" ] && [ "$(cat "$stamps/$1" 2>/dev/null)" = "$(stamp "$1")" ] || return 1
+  [ "$1" != pilot-discovery ] || [ -s "$bin/$crds" ]
 }
 
-if fresh; then
+# stale: the requested names that need building.
+stale() {
+  local n
+  for n in "${names[@]}"; do
+    fresh "$n" || echo "$n"
+  done
+}
+
+todo=$(stale)
+if [ -z "$todo" ]; then
   echo "$bin"
   exit 0
 fi
 if [ -n "$check" ]; then
-  say "not built yet: $name (run hack/istiod-bin.sh)"
+  say "not built yet or stale: $(echo $todo) (run hack/istiod-bin.sh)"
   exit 3
 fi
 
 . "$(dirname "$0")/lib/gobuild.sh"
 lock_cache istiod-bin.sh
-if fresh; then # the other run built it
-  echo "$bin"
-  exit 0
-fi
+todo=$(stale) # another run may have built some meanwhile
 
-go_build "$name" "$version" "$tools" "$pkg" "-s -w" "first time: several minutes"
-
-# The CRDs come from the very module the binary was built from, so the two
-# always match.
-src=$(cd "$tools" && GOWORK=off GOFLAGS=-mod=readonly go list -m -f '{{.Dir}}' istio.io/istio)
-[ -n "$src" ] && [ -s "$src/manifests/charts/base/files/$crds" ] ||
-  die "no $crds in istio.io/istio $version at ${src:-?}/manifests/charts/base/files"
-cp -f "$src/manifests/charts/base/files/$crds" "$bin/.$crds.tmp"
-mv -f "$bin/.$crds.tmp" "$bin/$crds"
-mv -f "$bin/.$name.tmp" "$bin/$name"
-stamp >"$stamps/$name"
-say "built $name $version in $((SECONDS - build_start))s → $bin/$name"
+for name in $todo; do
+  case $name in
+  pilot-discovery) hint="first time: several minutes" ;;
+  *) hint="seconds once pilot-discovery was built" ;;
+  esac
+  go_build "$name" "$version" "$tools" "$(pkg "$name")" "-s -w" "$hint"
+  if [ "$name" = pilot-discovery ]; then
+    # The CRDs come from the very module the binary was built from, so the
+    # two always match.
+    src=$(cd "$tools" && GOWORK=off GOFLAGS=-mod=readonly go list -m -f '{{.Dir}}' istio.io/istio)
+    [ -n "$src" ] && [ -s "$src/manifests/charts/base/files/$crds" ] ||
+      die "no $crds in istio.io/istio $version at ${src:-?}/manifests/charts/base/files"
+    cp -f "$src/manifests/charts/base/files/$crds" "$bin/.$crds.tmp"
+    mv -f "$bin/.$crds.tmp" "$bin/$crds"
+  fi
+  mv -f "$bin/.$name.tmp" "$bin/$name"
+  stamp "$name" >"$stamps/$name"
+  say "built $name $version in $((SECONDS - build_start))s → $bin/$name"
+done
 echo "$bin"

@@ -1,13 +1,17 @@
-// Tools module that builds istiod (pilot-discovery) from the Go module proxy
-// for hack/istiod-bin.sh, which reads the version from the require below.
-// istio.io/istio publishes only pseudo-versions; this one is 1.31-dev. It is
-// a module of its own because Istio pins its own k8s.io versions, which must
-// not leak into the main module or test/kube/tools.
+// Tools module that builds, from the Go module proxy, istiod
+// (pilot-discovery) and hbone-interop (Istio's Go HBONE client and server,
+// ./hbone-interop) for hack/istiod-bin.sh, which reads the istio.io/istio
+// version from the require below. istio.io/istio publishes only
+// pseudo-versions; this one is 1.31-dev. It is a module of its own because
+// Istio pins its own k8s.io versions, which must not leak into the main
+// module or test/kube/tools.
 module github.com/amber-mesh/amber/test/istiod/tools
 
 go 1.26.0
 
 tool istio.io/istio/pilot/cmd/pilot-discovery
+
+require istio.io/istio v0.0.0-20260827124520-eed52ebb66ad
 
 require (
 	cel.dev/expr v0.25.1 // indirect
@@ -21,6 +25,7 @@ require (
 	github.com/alecthomas/participle/v2 v2.1.4 // indirect
 	github.com/antlr4-go/antlr/v4 v4.13.1 // indirect
 	github.com/beorn7/perks v1.0.1 // indirect
+	github.com/cbeuw/connutil v1.0.1 // indirect
 	github.com/cenkalti/backoff/v4 v4.3.0 // indirect
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect
 	github.com/cncf/xds/go v0.0.0-20260202195803-dba9d589def2 // indirect
@@ -140,7 +145,6 @@ require (
 	gopkg.in/yaml.v3 v3.0.1 // indirect
 	istio.io/api v1.31.0-rc.0.0.20260824154656-b943409680a7 // indirect
 	istio.io/client-go v1.31.0-rc.0.0.20260824155257-512e1cfc6c15 // indirect
-	istio.io/istio v0.0.0-20260827124520-eed52ebb66ad // indirect
 	k8s.io/api v0.36.1 // indirect
 	k8s.io/apiextensions-apiserver v0.36.1 // indirect
 	k8s.io/apimachinery v0.36.1 // indirect
