@@ -245,6 +245,17 @@ func (p *Proxy) recheck(snap *state.Snapshot) {
 		c := t.authz
 		c.DstWorkload = authzWorkload(w)
 		if d := p.policies.Evaluate(c); !d.Allowed {
+			if d.Reason == authz.ReasonUnknownPolicy {
+				// The workload names a policy the store does not hold
+				// yet: istiod pushes workloads before policies, so a
+				// workload that gained a policy names it first (seen
+				// with istiod in test/e2e). New connections are refused
+				// in that window; a live one waits for the policy's own
+				// update, which re-checks it, rather than being closed
+				// on a decision no policy took: that would end the
+				// connections the policy, once known, allows.
+				continue
+			}
 			p.stats.AuthzRevoked.Add(1)
 			t.close(&DeniedError{Decision: d, Revoked: true})
 		}

@@ -1,0 +1,87 @@
+package proxy
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+
+	"github.com/amber-mesh/amber/tunnel/authz"
+	"github.com/amber-mesh/amber/tunnel/ca"
+	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/xds/state"
+	"github.com/amber-mesh/amber/xds/workloadapi/security"
+)
+
+// TestRecheckListedPolicyNotYetKnown replays what istiod sends when an
+// ALLOW policy is applied to a workload with live connections: first the
+// workload naming the policy, then the policy. Only the connection the
+// policy does not allow may be closed, and only once the policy is known.
+func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
+	local, err := ca.OpenLocal(t.TempDir(), "cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgr := &certs.Manager{CA: local}
+	t.Cleanup(func() { mgr.Close() })
+	pp := wl("productpage", state.ProtocolHBONE, "10.0.0.2")
+	store := state.NewStore()
+	store.Update(func(tx *state.Txn) { tx.PutWorkload(pp) })
+	p, err := New(Config{Store: store, Certs: mgr, NodeName: "n1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+
+	live := func(id, src string) *tracked {
+		down, _ := tcpPair(t)
+		up, _ := tcpPair(t)
+		tr := &tracked{down: down, up: up, inbound: true, authz: authz.Conn{
+			SrcIdentity: id, SrcIP: netip.MustParseAddr(src),
+			DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080, DstWorkload: authzWorkload(pp),
+		}}
+		if !p.track(tr) {
+			t.Fatal("proxy closed")
+		}
+		return tr
+	}
+	sleep := live("spiffe://cluster.local/ns/default/sa/sleep", "10.0.0.3")
+	notsleep := live("spiffe://cluster.local/ns/default/sa/notsleep", "10.0.0.4")
+
+	// The workload update names the policy first.
+	listed := *pp
+	listed.AuthorizationPolicies = []string{"default/allow-sleep"}
+	store.Update(func(tx *state.Txn) { tx.PutWorkload(&listed) })
+	p.recheck(store.Load())
+	for name, tr := range map[string]*tracked{"sleep": sleep, "notsleep": notsleep} {
+		if err := tr.closeErr(); err != nil {
+			t.Errorf("%s's connection closed before the policy it names arrived: %v", name, err)
+		}
+	}
+
+	// Then the policy: it allows sleep only.
+	store.Update(func(tx *state.Txn) {
+		tx.PutAuthorization(&security.Authorization{
+			Name: "allow-sleep", Namespace: "default", Scope: security.Scope_WORKLOAD_SELECTOR, Action: security.Action_ALLOW,
+			Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{
+				Principals: []*security.StringMatch{{MatchType: &security.StringMatch_Exact{Exact: "cluster.local/ns/default/sa/sleep"}}},
+			}}}}}},
+		})
+	})
+	p.syncPolicies(store.Load())
+	p.recheck(store.Load())
+	if err := sleep.closeErr(); err != nil {
+		t.Errorf("sleep's connection closed under a policy allowing it: %v", err)
+	}
+	var de *DeniedError
+	if err := notsleep.closeErr(); !errors.As(err, &de) || !de.Revoked {
+		t.Errorf("notsleep's connection: %v, want revoked by the policy", err)
+	}
+	// A new connection while a listed policy is unknown is still refused.
+	if d := p.policies.Evaluate(authz.Conn{
+		SrcIdentity: "spiffe://cluster.local/ns/default/sa/sleep", SrcIP: netip.MustParseAddr("10.0.0.3"),
+		DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080,
+		DstWorkload: authz.Workload{Namespace: "default", Name: "productpage", Policies: []string{"default/not-yet"}},
+	}); d.Allowed || d.Reason != authz.ReasonUnknownPolicy {
+		t.Errorf("new connection to a workload naming an unknown policy: %v, want denied", d)
+	}
+}
