@@ -1,7 +1,8 @@
 // Package meshbed runs amber on testbed nodes the way the node agent and
 // the DaemonSet will: the datapath loaded and attached to a node's uplink
 // and pod veths, pods captured, and a real amber-ztunnel process in the
-// node's namespace. Tests and benchmarks share it.
+// node's namespace, in local mode or against istiod (reached from the node
+// through a Forwarder). Tests and benchmarks share it.
 package meshbed
 
 import (
@@ -116,7 +117,7 @@ func BuildZtunnel(dir string) (string, error) {
 	return bin, nil
 }
 
-// Ztunnel is an amber-ztunnel process in local mode in a node's namespace.
+// Ztunnel is an amber-ztunnel process in a node's namespace.
 type Ztunnel struct {
 	Node *Node
 	Cmd  *exec.Cmd
@@ -125,17 +126,31 @@ type Ztunnel struct {
 	exited chan error
 }
 
+// localReadyTimeout and istiodReadyTimeout bound the wait for
+// /healthz/ready: in istiod mode the first xDS sync crosses TLS, token
+// review and istiod's push on a machine that may be busy.
+const (
+	localReadyTimeout  = 15 * time.Second
+	istiodReadyTimeout = 45 * time.Second
+)
+
 // StartZtunnel starts bin on nd in local mode with the mesh file and the
 // local CA directory, logging to log, and waits until /healthz/ready.
 func StartZtunnel(nd *Node, bin, meshFile, caDir string, log io.Writer, args ...string) (*Ztunnel, error) {
-	z := &Ztunnel{Node: nd, exited: make(chan error, 1)}
-	z.Cmd = nd.Command(context.Background(), bin, append([]string{
+	return startZtunnel(nd, bin, log, localReadyTimeout, append([]string{
 		"-node-name", nd.Name,
 		"-local-config", meshFile,
 		"-ca-dir", caDir,
 		"-pin-root", nd.Root,
 		"-log-format", "json",
-	}, args...)...)
+	}, args...))
+}
+
+// startZtunnel runs bin with args in nd's namespace and waits up to
+// timeout for /healthz/ready.
+func startZtunnel(nd *Node, bin string, log io.Writer, timeout time.Duration, args []string) (*Ztunnel, error) {
+	z := &Ztunnel{Node: nd, exited: make(chan error, 1)}
+	z.Cmd = nd.Command(context.Background(), bin, args...)
 	z.Cmd.Stdout, z.Cmd.Stderr = log, log
 	if err := z.Cmd.Start(); err != nil {
 		return nil, err
@@ -147,7 +162,7 @@ func StartZtunnel(nd *Node, bin, meshFile, caDir string, log io.Writer, args ...
 			return nd.Dial(ctx, network, addr)
 		}},
 	}
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(timeout)
 	for {
 		code, _, err := z.Get(15021, "/healthz/ready")
 		if err == nil && code == http.StatusOK {
@@ -200,7 +215,21 @@ func (z *Ztunnel) Stop() error {
 
 // Get fetches path from the ztunnel's port on the node's uplink address.
 func (z *Ztunnel) Get(port int, path string) (int, string, error) {
-	resp, err := z.HTTP.Get(fmt.Sprintf("http://%s%s", netip.AddrPortFrom(z.Node.IPv4, uint16(port)), path))
+	return z.get(fmt.Sprintf("http://%s%s", netip.AddrPortFrom(z.Node.IPv4, uint16(port)), path))
+}
+
+// ConfigDump fetches /config_dump from the admin port, which listens on
+// 127.0.0.1 inside the node only.
+func (z *Ztunnel) ConfigDump() (string, error) {
+	code, body, err := z.get("http://127.0.0.1:15000/config_dump")
+	if err == nil && code != http.StatusOK {
+		err = fmt.Errorf("config_dump on %s: status %d: %s", z.Node.Name, code, body)
+	}
+	return body, err
+}
+
+func (z *Ztunnel) get(url string) (int, string, error) {
+	resp, err := z.HTTP.Get(url)
 	if err != nil {
 		return 0, "", err
 	}
