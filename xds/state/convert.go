@@ -286,15 +286,23 @@ func NewService(s *workloadapi.Service) (*Service, error) {
 	for i, p := range s.GetPorts() {
 		field := fmt.Sprintf("ports[%d]", i)
 		sp := c.port(field+".service_port", p.GetServicePort(), false)
-		if _, dup := out.Ports[sp]; dup && sp != 0 {
-			c.fail(field+".service_port", "duplicate port %d", sp)
-		}
 		c.enum(field+".app_protocol", p.GetAppProtocol(), knownEnum(workloadapi.AppProtocol_name, p.GetAppProtocol()))
-		out.Ports[sp] = Port{
+		port := Port{
 			ServicePort: sp,
 			TargetPort:  c.port(field+".target_port", p.GetTargetPort(), true),
 			AppProtocol: p.GetAppProtocol(),
 		}
+		// The API has no L4 protocol: istiod lists a port a Service has
+		// for both UDP and TCP (DNS's 53) twice, the app protocols told
+		// from the port names. The same target is one port (the first
+		// entry's protocol); different targets are ambiguous.
+		if prev, dup := out.Ports[sp]; dup && sp != 0 {
+			if prev.TargetPort != port.TargetPort {
+				c.fail(field+".service_port", "port %d listed twice with different targets (%d, %d)", sp, prev.TargetPort, port.TargetPort)
+			}
+			continue
+		}
+		out.Ports[sp] = port
 	}
 	out.Waypoint = c.gateway("waypoint", s.GetWaypoint())
 	for i, ww := range s.GetWeightedWaypoints() {

@@ -169,6 +169,12 @@ func TestNewService(t *testing.T) {
 	if s.Ports[9080].TargetPort != 9080 {
 		t.Errorf("ports = %v", s.Ports)
 	}
+	// istiod lists a UDP+TCP port (kube-dns's 53) twice.
+	dns := goodService()
+	dns.Ports = append(dns.Ports, &workloadapi.Port{ServicePort: 9080, TargetPort: 9080, AppProtocol: workloadapi.AppProtocol_HTTP11})
+	if s, err := state.NewService(dns); err != nil || len(s.Ports) != 1 {
+		t.Errorf("port listed twice, same target: %v, ports %v", err, s)
+	}
 
 	cases := []struct {
 		name  string
@@ -182,8 +188,8 @@ func TestNewService(t *testing.T) {
 		{"long prefix", func(s *workloadapi.Service) { s.Addresses[0].Length = proto.Uint32(33) }, "addresses[0].length"},
 		{"port 0", func(s *workloadapi.Service) { s.Ports[0].ServicePort = 0 }, "ports[0].service_port"},
 		{"port too big", func(s *workloadapi.Service) { s.Ports[0].ServicePort = 1 << 20 }, "ports[0].service_port"},
-		{"duplicate port", func(s *workloadapi.Service) {
-			s.Ports = append(s.Ports, &workloadapi.Port{ServicePort: 9080})
+		{"port twice with different targets", func(s *workloadapi.Service) {
+			s.Ports = append(s.Ports, &workloadapi.Port{ServicePort: 9080, TargetPort: 8080})
 		}, "ports[1].service_port"},
 		{"unknown visibility", func(s *workloadapi.Service) { s.Visibility = 5 }, "visibility"},
 		{"waypoint without destination", func(s *workloadapi.Service) { s.Waypoint = &workloadapi.GatewayAddress{HboneMtlsPort: 15008} }, "waypoint"},
