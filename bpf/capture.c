@@ -257,6 +257,86 @@ static __always_inline __be16 dport(const struct flow *f) {
 	return f->v6 ? f->tuple.ipv6.dport : f->tuple.ipv4.dport;
 }
 
+// Conntrack, for connections whose destination the host translates after
+// this program ran (kube-proxy's Service DNAT in PREROUTING): the SYN was
+// assigned with the Service address, but the ztunnel's socket took the
+// translated one. The kfuncs and structures are declared here, as far as
+// used; field offsets are relocated against the kernel's BTF (CO-RE).
+struct bpf_ct_opts___amber {
+	__s32 netns_id;
+	__s32 error;
+	__u8 l4proto;
+	__u8 dir;
+	__u16 ct_zone_id;
+	__u8 ct_zone_dir;
+	__u8 reserved[3];
+};
+
+struct nf_conntrack_man___amber {
+	union {
+		__be32 ip;
+		__be32 ip6[4];
+	} u3;
+	union {
+		__be16 all;
+	} u;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple___amber {
+	struct nf_conntrack_man___amber src;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple_hash___amber {
+	struct nf_conntrack_tuple___amber tuple;
+} __attribute__((preserve_access_index));
+
+struct nf_conn___amber {
+	struct nf_conntrack_tuple_hash___amber tuplehash[2];
+} __attribute__((preserve_access_index));
+
+extern struct nf_conn___amber *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple, __u32 tuple__sz,
+                                                 struct bpf_ct_opts___amber *opts, __u32 opts__sz) __ksym __weak;
+extern void bpf_ct_release(struct nf_conn___amber *ct) __ksym __weak;
+
+#define IP_CT_DIR_REPLY 1
+
+// translated rewrites f's destination to where conntrack translated it
+// (the reply direction's source). Returns 0 when the connection is not
+// tracked or not translated.
+static __always_inline int translated(struct __sk_buff *skb, struct flow *f) {
+	if (!bpf_skb_ct_lookup)  // weak: absent without conntrack
+		return 0;
+	struct bpf_ct_opts___amber opts = {.netns_id = -1, .l4proto = IPPROTO_TCP};
+	struct nf_conn___amber *ct = f->v6 ? bpf_skb_ct_lookup(skb, &f->tuple, sizeof(f->tuple.ipv6), &opts, sizeof(opts))
+	                                   : bpf_skb_ct_lookup(skb, &f->tuple, sizeof(f->tuple.ipv4), &opts, sizeof(opts));
+	if (!ct)
+		return 0;
+	int changed = 0;
+	__be16 port = ct->tuplehash[IP_CT_DIR_REPLY].tuple.src.u.all;
+	if (f->v6) {
+		for (int i = 0; i < 4; i++) {
+			__be32 w = ct->tuplehash[IP_CT_DIR_REPLY].tuple.src.u3.ip6[i];
+			changed |= w != f->tuple.ipv6.daddr[i];
+			f->tuple.ipv6.daddr[i] = w;
+		}
+		changed |= port != f->tuple.ipv6.dport;
+		f->tuple.ipv6.dport = port;
+	} else {
+		__be32 ip = ct->tuplehash[IP_CT_DIR_REPLY].tuple.src.u3.ip;
+		changed = ip != f->tuple.ipv4.daddr || port != f->tuple.ipv4.dport;
+		f->tuple.ipv4.daddr = ip;
+		f->tuple.ipv4.dport = port;
+	}
+	bpf_ct_release(ct);
+	return changed;
+}
+
+static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, struct flow *f) {
+	// The verifier wants a constant tuple size.
+	return f->v6 ? bpf_skc_lookup_tcp(skb, &f->tuple, sizeof(f->tuple.ipv6), BPF_F_CURRENT_NETNS, 0)
+	             : bpf_skc_lookup_tcp(skb, &f->tuple, sizeof(f->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+}
+
 // assign_established hands a packet of an existing connection to the
 // ztunnel socket it belongs to. Returns -1 when there is none.
 //
@@ -265,12 +345,21 @@ static __always_inline __be16 dport(const struct flow *f) {
 // accepted (pods' own sockets live in their own netns), so they are taken.
 // A full socket must carry the ztunnel's mark: a host socket (a kubelet
 // probe, a hostNetwork server) receives its packets by ordinary routing.
+//
+// A connection to a Service address that the host translates (kube-proxy)
+// is found under the translated address: the ztunnel's socket took the
+// SYN's destination after PREROUTING. Packets of connections that are not
+// the ztunnel's are left alone whatever conntrack says.
 static __always_inline int assign_established(struct __sk_buff *skb, struct flow *f) {
-	// The verifier wants a constant tuple size.
-	struct bpf_sock *sk = f->v6 ? bpf_skc_lookup_tcp(skb, &f->tuple, sizeof(f->tuple.ipv6), BPF_F_CURRENT_NETNS, 0)
-	                            : bpf_skc_lookup_tcp(skb, &f->tuple, sizeof(f->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	if (!sk)
-		return -1;
+	struct bpf_sock *sk = lookup(skb, f);
+	if (!sk) {
+		struct flow t = *f;
+		if (!translated(skb, &t))
+			return -1;
+		sk = lookup(skb, &t);
+		if (!sk)
+			return -1;
+	}
 	if (sk->state == BPF_TCP_LISTEN) {
 		bpf_sk_release(sk);
 		return -1;

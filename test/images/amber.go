@@ -63,7 +63,8 @@ func BuildAmber(ctx context.Context, repoRoot, dir string) (Image, error) {
 	cf.OS, cf.Architecture = "linux", runtime.GOARCH
 	cf.Config.Entrypoint = []string{"/usr/local/bin/amber-agent"}
 	// Root with only the capabilities the DaemonSet grants (CAP_BPF,
-	// CAP_NET_ADMIN): the agent writes bpffs and host CNI directories.
+	// CAP_NET_ADMIN, CAP_PERFMON): the agent writes bpffs and host CNI
+	// directories.
 	cf.Config.User = "0:0"
 	if i, err = mutate.ConfigFile(i, cf); err != nil {
 		return img, fmt.Errorf("build image amber: %w", err)
