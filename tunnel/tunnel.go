@@ -11,6 +11,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -199,14 +200,16 @@ func Run(ctx context.Context, cfg Config) (err error) {
 
 	reg := metrics.New()
 	px, err := proxy.New(proxy.Config{
-		Store:         store,
-		Certs:         mgr,
-		TrustDomain:   cfg.TrustDomain,
-		NodeName:      cfg.NodeName,
-		Metrics:       reg,
-		Logger:        log,
-		Sockets:       cfg.Sockets,
-		HBONEPort:     cfg.Ports.HBONE,
+		Store:       store,
+		Certs:       mgr,
+		TrustDomain: cfg.TrustDomain,
+		NodeName:    cfg.NodeName,
+		Metrics:     reg,
+		Logger:      log,
+		Sockets:     cfg.Sockets,
+		HBONEPort:   cfg.Ports.HBONE,
+		// istiod describes a new pod a moment after the agent captured it.
+		WorkloadWait:  5 * time.Second,
 		ReservedPorts: []uint16{cfg.Ports.Outbound, cfg.Ports.Inbound, cfg.Ports.Admin, cfg.Ports.Metrics, cfg.Ports.Readiness},
 	})
 	if err != nil {
@@ -241,7 +244,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		})
 	}
 	if !cfg.NoCapture {
-		if err := register(cfg.PinRoot, lns); err != nil {
+		if err := register(ctx, cfg.PinRoot, lns, log); err != nil {
 			return err
 		}
 		log.Info("listeners registered in the datapath", "pin_root", cfg.PinRoot)
@@ -301,8 +304,22 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	return nil
 }
 
-func register(root string, lns []*net.TCPListener) error {
+// register puts the listeners into the datapath's listener map. The node
+// agent pins that map: a ztunnel started first (both containers of the
+// DaemonSet's pod start together) waits for it, up to ctx.
+func register(ctx context.Context, root string, lns []*net.TCPListener, log *slog.Logger) error {
 	ls, err := bpf.OpenListeners(root)
+	for waited := false; errors.Is(err, fs.ErrNotExist); ls, err = bpf.OpenListeners(root) {
+		if !waited {
+			log.Info("waiting for the agent to pin the datapath", "pin_root", root)
+			waited = true
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (gave up: %v)", err, context.Cause(ctx))
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -386,7 +403,7 @@ func dialControlPlane(ctx context.Context, cfg Config, log *slog.Logger, wg *syn
 	default:
 		return nil, ErrNoControlPlane
 	}
-	cc, err := grpc.NewClient(target, opts...)
+	cc, err := grpc.NewClient(target, append(opts, ca.Reconnect)...)
 	if err != nil {
 		return nil, fmt.Errorf("xds channel: %w", err)
 	}

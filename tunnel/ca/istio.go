@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -105,7 +106,7 @@ func NewIstio(cfg IstioConfig) (*Istio, error) {
 		ServerName: cfg.ServerName,
 		MinVersion: tls.VersionTLS12,
 	})
-	conn, err := grpc.NewClient(cfg.Address, grpc.WithTransportCredentials(creds))
+	conn, err := grpc.NewClient(cfg.Address, grpc.WithTransportCredentials(creds), Reconnect)
 	if err != nil {
 		return nil, fmt.Errorf("istio ca: %w", err)
 	}
@@ -266,3 +267,10 @@ func verifyLeaf(chain []*x509.Certificate, roots *x509.CertPool) error {
 	}
 	return nil
 }
+
+// Reconnect is the channel backoff for istiod's gRPC connections (xDS and
+// CA): reconnect within 15 s of istiod coming back, not gRPC's default
+// 120 s ceiling.
+var Reconnect = grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
+	BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 15 * time.Second,
+}})

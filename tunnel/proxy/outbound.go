@@ -27,9 +27,17 @@ type route struct {
 
 // handleOutbound serves a connection captured leaving a local pod. The
 // accepted socket's local address is the original destination: the
-// datapath assigns the SYN to the listener without NAT (DESIGN.md §2).
+// datapath assigns the SYN to the listener without NAT (DESIGN.md §2) —
+// unless the host's Service NAT (kube-proxy) translated a Service address
+// after the assignment; conntrack then still knows the Service address.
 func (p *Proxy) handleOutbound(c net.Conn) {
-	p.outbound(c.(halfConn), sockopt.AddrPort(c.RemoteAddr()), sockopt.AddrPort(c.LocalAddr()))
+	dst := sockopt.AddrPort(c.LocalAddr())
+	if tc, ok := c.(*net.TCPConn); ok {
+		if od, ok := sockopt.OriginalDst(tc); ok {
+			dst = od
+		}
+	}
+	p.outbound(c.(halfConn), sockopt.AddrPort(c.RemoteAddr()), dst)
 }
 
 func (p *Proxy) outbound(down halfConn, src, dst netip.AddrPort) {
@@ -43,10 +51,12 @@ func (p *Proxy) outbound(down halfConn, src, dst netip.AddrPort) {
 // halfConn means it was refused and reported.
 func (p *Proxy) connectOutbound(down halfConn, src, dst netip.AddrPort) (*record, halfConn) {
 	r := &record{reporter: reporterSource, src: src, dst: dst, start: time.Now(), protocol: protocolTCP}
-	snap := p.cfg.Store.Load()
 	// A captured pod must be known: anything else would let an unknown
-	// address borrow the node's mesh identity.
-	r.srcW = p.localWorkload(snap, src.Addr())
+	// address borrow the node's mesh identity. A pod's first connection
+	// can beat istiod's description of it (the datapath captures it from
+	// its first packet): wait for it a little, as Istio's ztunnel does.
+	snap, srcW := p.waitLocalWorkload(src.Addr())
+	r.srcW = srcW
 	if r.srcW == nil {
 		p.stats.UnknownSource.Add(1)
 		down.Close()

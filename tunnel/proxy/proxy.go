@@ -73,6 +73,10 @@ type Config struct {
 	// default ztunnel ports (15000, 15001, 15006, 15008, 15020, 15021):
 	// a tunnel must never reach the ztunnel itself.
 	ReservedPorts []uint16
+	// WorkloadWait is how long a connection from a local address the
+	// control plane has not described yet waits for it before it is
+	// refused. Zero means it is refused at once.
+	WorkloadWait time.Duration
 	// ConnectTimeout bounds connecting upstream (TCP dial or HBONE
 	// CONNECT). Zero means 10s.
 	ConnectTimeout time.Duration
@@ -290,6 +294,33 @@ func (p *Proxy) Close() error {
 }
 
 // localWorkload returns the local workload owning addr, or nil.
+// waitLocalWorkload returns the local workload at addr, waiting up to
+// Config.WorkloadWait for the control plane to describe it.
+func (p *Proxy) waitLocalWorkload(addr netip.Addr) (*state.Snapshot, *state.Workload) {
+	snap := p.cfg.Store.Load()
+	w := p.localWorkload(snap, addr)
+	if w != nil || p.cfg.WorkloadWait <= 0 {
+		return snap, w
+	}
+	deadline := time.NewTimer(p.cfg.WorkloadWait)
+	defer deadline.Stop()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-p.ctx.Done():
+			return snap, nil
+		case <-deadline.C:
+			return snap, nil
+		case <-tick.C:
+			snap = p.cfg.Store.Load()
+			if w = p.localWorkload(snap, addr); w != nil {
+				return snap, w
+			}
+		}
+	}
+}
+
 func (p *Proxy) localWorkload(snap *state.Snapshot, addr netip.Addr) *state.Workload {
 	w := snap.WorkloadByAddr(state.NetworkAddr{Addr: addr.Unmap()})
 	if w == nil || (p.cfg.NodeName != "" && w.Node != p.cfg.NodeName) {

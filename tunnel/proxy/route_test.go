@@ -3,6 +3,7 @@ package proxy
 import (
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/xds/state"
@@ -130,5 +131,29 @@ func TestConvertPolicyEnforced(t *testing.T) {
 	pol.DryRun = true
 	if a := convertPolicy(pol); a.Unsupported == "" {
 		t.Error("dry-run policy converted as enforceable")
+	}
+}
+
+// A pod's first connection can arrive before the control plane describes
+// the pod: the source is waited for, then found; an address that never
+// appears is refused after WorkloadWait.
+func TestWaitLocalWorkload(t *testing.T) {
+	store := state.NewStore()
+	p := &Proxy{ctx: t.Context(), cfg: Config{Store: store, NodeName: "n1", WorkloadWait: 2 * time.Second}}
+	late := wl("late", state.ProtocolHBONE, "10.0.0.7")
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		store.Update(func(tx *state.Txn) { tx.PutWorkload(late) })
+	}()
+	if _, w := p.waitLocalWorkload(netip.MustParseAddr("10.0.0.7")); w == nil || w.Name != "late" {
+		t.Fatalf("workload described 200ms late: got %v", w)
+	}
+	p.cfg.WorkloadWait = 100 * time.Millisecond
+	t0 := time.Now()
+	if _, w := p.waitLocalWorkload(netip.MustParseAddr("10.0.0.8")); w != nil {
+		t.Fatalf("unknown address: got %v", w)
+	}
+	if d := time.Since(t0); d < 100*time.Millisecond || d > time.Second {
+		t.Errorf("gave up after %v, want ≈ 100ms", d)
 	}
 }

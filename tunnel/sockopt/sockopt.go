@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -156,4 +157,45 @@ func AddrPort(a net.Addr) netip.AddrPort {
 	}
 	ap, _ := netip.ParseAddrPort(a.String())
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// ip6tSoOriginalDst is IP6T_SO_ORIGINAL_DST (linux/netfilter_ipv6/ip6_tables.h).
+const ip6tSoOriginalDst = 80
+
+// OriginalDst returns the destination a connection had before the host's
+// netfilter NAT rewrote it (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST): the
+// Service address of a connection that kube-proxy translated after the
+// datapath assigned it to a transparent listener. ok is false when the
+// connection was not translated or conntrack does not know it.
+func OriginalDst(c *net.TCPConn) (dst netip.AddrPort, ok bool) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, false
+	}
+	local := AddrPort(c.LocalAddr())
+	_ = rc.Control(func(fd uintptr) {
+		if local.Addr().Is4() {
+			// A struct sockaddr_in (family, port, address) read through
+			// a helper with a large enough buffer.
+			mreq, err := unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, unix.SO_ORIGINAL_DST)
+			if err != nil {
+				return
+			}
+			port := uint16(mreq.Multiaddr[2])<<8 | uint16(mreq.Multiaddr[3])
+			dst = netip.AddrPortFrom(netip.AddrFrom4([4]byte(mreq.Multiaddr[4:8])), port)
+			ok = true
+			return
+		}
+		sa, err := unix.GetsockoptIPv6MTUInfo(int(fd), unix.SOL_IPV6, ip6tSoOriginalDst)
+		if err != nil {
+			return
+		}
+		pb := (*[2]byte)(unsafe.Pointer(&sa.Addr.Port)) // network byte order
+		dst = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr.Addr).Unmap(), uint16(pb[0])<<8|uint16(pb[1]))
+		ok = true
+	})
+	if ok && dst == local {
+		return netip.AddrPort{}, false
+	}
+	return dst, ok
 }
