@@ -358,8 +358,16 @@ func (c *Client) APIAccess() (cniapi.APIAccess, error) {
 // owning DaemonSet is gone or being deleted (the test istio-cni uses).
 // On a restart the CNI plugin must stay in place so that new pods wait
 // for the next agent instead of starting uncaptured.
+//
+// `helm uninstall` and `kubectl delete -k` delete the service account and
+// its RBAC together with the DaemonSet, before the pods stop: an agent
+// whose credentials worked when it started and are now refused (401 or
+// 403) is being removed too.
 func (c *Client) Uninstalling(ctx context.Context, namespace, podName string) (bool, error) {
 	pod, err := c.cs.CoreV1().Pods(namespace).Get(ctx, podName, metav1.GetOptions{})
+	if apierrors.IsUnauthorized(err) || apierrors.IsForbidden(err) {
+		return true, nil
+	}
 	if err != nil {
 		return false, fmt.Errorf("get own pod: %w", err)
 	}
@@ -374,7 +382,7 @@ func (c *Client) Uninstalling(ctx context.Context, namespace, podName string) (b
 	}
 	var d *appsv1.DaemonSet
 	d, err = c.cs.AppsV1().DaemonSets(namespace).Get(ctx, ds, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
+	if apierrors.IsNotFound(err) || apierrors.IsUnauthorized(err) || apierrors.IsForbidden(err) {
 		return true, nil
 	}
 	if err != nil {

@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -11,9 +12,12 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/amber-mesh/amber/agent/enrol"
 )
@@ -247,5 +251,12 @@ func TestUninstalling(t *testing.T) {
 	}
 	if _, err := c.Uninstalling(ctx, "amber", "nope"); err == nil {
 		t.Fatal("own pod missing: no error")
+	}
+	// helm uninstall deletes the RBAC with the DaemonSet.
+	cs.PrependReactor("get", "pods", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(corev1.Resource("pods"), "agent-x", errors.New("rbac gone"))
+	})
+	if u, err := c.Uninstalling(ctx, "amber", "agent-x"); err != nil || !u {
+		t.Fatalf("credentials refused: %v %v", u, err)
 	}
 }
