@@ -51,6 +51,9 @@ type Options struct {
 	// ReadyTimeout bounds the wait for each component and for the node to
 	// become Ready. Zero: 2 minutes.
 	ReadyTimeout time.Duration
+	// Istiod also runs istiod (built by hack/istiod-bin.sh, ≈ 3.5 min
+	// the first time) in ambient mode, with Istio's CRDs; see Istiod.
+	Istiod bool
 }
 
 // Cluster is a running node: control plane, kubelet, containerd,
@@ -71,6 +74,11 @@ type Cluster struct {
 	Images []images.Image
 	// ContainerdSocket is the node's containerd (CRI) socket.
 	ContainerdSocket string
+	// CNIBinDir and CNIConfDir are the node's CNI binary and
+	// configuration directories (what a CNI-chaining DaemonSet mounts).
+	CNIBinDir, CNIConfDir string
+	// Istiod is istiod on this node, nil unless Options.Istiod.
+	Istiod *Istiod
 }
 
 var (
@@ -89,11 +97,11 @@ const ownerFile = "/run/amber-cluster/owner"
 // components in start order; Stop goes backwards except that the
 // kubelet stops first (the API server can hang on SIGTERM while a kubelet
 // exec stream is open).
-var components = []string{"containerd", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "coredns", "kubelet"}
+var components = []string{"containerd", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "coredns", "istiod", "kubelet"}
 
 func (o *Options) defaults() error {
 	if o.RepoRoot == "" {
-		root, err := repoRoot()
+		root, err := RepoRoot()
 		if err != nil {
 			return err
 		}
@@ -157,6 +165,12 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
+	var istiodBin string
+	if opts.Istiod {
+		if istiodBin, err = istiodBins(ctx, opts); err != nil {
+			return nil, err
+		}
+	}
 	log.Info("binaries and images ready", "took", time.Since(t0).Round(time.Millisecond))
 
 	if owner, _ := os.ReadFile(ownerFile); len(owner) > 0 && string(owner) != l.dir {
@@ -173,6 +187,11 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		if st := c.Status(ctx); st.Healthy() {
 			log.Info("cluster already running", "dir", l.dir)
 			c.BinDir, c.Images = binDir, imgs
+			if opts.Istiod {
+				if err := c.ensureIstiod(ctx, opts, istiodBin); err != nil {
+					return nil, err
+				}
+			}
 			return c, nil
 		}
 	}
@@ -181,6 +200,9 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	}
 
 	c, err := start(ctx, opts, l, binDir, corednsBin, imgs)
+	if err == nil && opts.Istiod {
+		err = c.ensureIstiod(ctx, opts, istiodBin)
+	}
 	if err != nil {
 		return nil, errors.Join(err, logTails(l))
 	}
@@ -230,14 +252,15 @@ func start(ctx context.Context, opts Options, l layout, binDir, corednsBin strin
 	if err := writeConfigs(l, opts.NodeName); err != nil {
 		return nil, err
 	}
-	c := &Cluster{Dir: l.dir, Kubeconfig: kc["admin"], NodeName: opts.NodeName, BinDir: binDir, Images: imgs, ContainerdSocket: l.criSocket()}
+	c := newCluster(l)
+	c.Kubeconfig, c.NodeName, c.BinDir, c.Images = kc["admin"], opts.NodeName, binDir, imgs
 	if err := c.loadClient(); err != nil {
 		return nil, err
 	}
 	bin := func(n string) string { return filepath.Join(binDir, n) }
 	pk := p.path
 
-	if err := startDaemon(l, "containerd", "/usr/bin/containerd", []string{"--config", l.configFile("containerd.toml")}); err != nil {
+	if err := startDaemon(l, "containerd", "/usr/bin/containerd", []string{"--config", l.configFile("containerd.toml")}, nil); err != nil {
 		return nil, err
 	}
 	etcdURL := "http://127.0.0.1:" + strconv.Itoa(etcdClientPort)
@@ -249,7 +272,7 @@ func start(ctx context.Context, opts Options, l layout, binDir, corednsBin strin
 		"--initial-cluster=amber=" + peerURL,
 		// Throw-away data: fsync buys nothing and costs seconds.
 		"--unsafe-no-fsync",
-	}); err != nil {
+	}, nil); err != nil {
 		return nil, err
 	}
 	// Import the images while the control plane comes up.
@@ -282,7 +305,7 @@ func start(ctx context.Context, opts Options, l layout, binDir, corednsBin strin
 		"--allow-privileged=true",
 		"--shutdown-send-retry-after=true",
 		"--profiling=false",
-	}); err != nil {
+	}, nil); err != nil {
 		return nil, err
 	}
 	rc := c.Client.Discovery().RESTClient()
@@ -316,7 +339,7 @@ func start(ctx context.Context, opts Options, l layout, binDir, corednsBin strin
 		{"coredns", corednsBin, []string{"-conf", l.configFile("Corefile")}},
 	}
 	for _, s := range starts {
-		if err := startDaemon(l, s.name, s.bin, s.args); err != nil {
+		if err := startDaemon(l, s.name, s.bin, s.args, nil); err != nil {
 			return nil, err
 		}
 	}
@@ -331,7 +354,7 @@ func start(ctx context.Context, opts Options, l layout, binDir, corednsBin strin
 		"--config=" + l.configFile("kubelet.yaml"), "--kubeconfig=" + kc["kubelet"],
 		"--root-dir=" + l.kubeletRoot(), "--hostname-override=" + opts.NodeName,
 		"--node-ip=" + NodeIP,
-	}); err != nil {
+	}, nil); err != nil {
 		return nil, err
 	}
 	if err := waitFor(ctx, opts.ReadyTimeout, l, "kubelet", func(ctx context.Context) error {
@@ -361,7 +384,7 @@ func Open(dir string) (*Cluster, error) {
 	if _, err := os.Stat(l.adminKubecfg()); err != nil {
 		return nil, fmt.Errorf("open cluster %s: %w", dir, ErrNotRunning)
 	}
-	c := &Cluster{Dir: dir, Kubeconfig: l.adminKubecfg(), ContainerdSocket: l.criSocket(), NodeName: DefaultNodeName}
+	c := newCluster(l)
 	if b, err := os.ReadFile(l.configFile("kube-proxy.yaml")); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
 			if v, ok := strings.CutPrefix(line, "hostnameOverride: "); ok {
@@ -375,6 +398,11 @@ func Open(dir string) (*Cluster, error) {
 		}
 	}
 	return c, c.loadClient()
+}
+
+func newCluster(l layout) *Cluster {
+	return &Cluster{Dir: l.dir, Kubeconfig: l.adminKubecfg(), NodeName: DefaultNodeName,
+		ContainerdSocket: l.criSocket(), CNIBinDir: l.cniBinDir(), CNIConfDir: l.cniConfDir()}
 }
 
 func (c *Cluster) loadClient() error {
@@ -440,20 +468,28 @@ func nodeReady(n *corev1.Node) bool {
 }
 
 // createDNSService publishes CoreDNS, a host process on NodeIP:53, as the
-// kube-system/kube-dns Service: a selector-less Service with a hand-made
-// EndpointSlice, so that pods reach it at DNSServiceIP through kube-proxy
-// like any cluster DNS.
+// kube-system/kube-dns Service, so that pods reach it at DNSServiceIP
+// through kube-proxy like any cluster DNS.
 func createDNSService(ctx context.Context, cs kubernetes.Interface) error {
-	ports := []corev1.ServicePort{
-		{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP, TargetPort: intstr.FromInt32(53)},
-		{Name: "dns-tcp", Port: 53, Protocol: corev1.ProtocolTCP, TargetPort: intstr.FromInt32(53)},
+	return publishHostService(ctx, cs, "kube-system", "kube-dns", DNSServiceIP, map[string]string{"k8s-app": "kube-dns"}, []corev1.ServicePort{
+		{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP},
+		{Name: "dns-tcp", Port: 53, Protocol: corev1.ProtocolTCP},
+	})
+}
+
+// publishHostService publishes a host process listening on NodeIP at
+// the ports' numbers as a selector-less Service with a hand-made
+// EndpointSlice.
+func publishHostService(ctx context.Context, cs kubernetes.Interface, ns, name, clusterIP string, labels map[string]string, ports []corev1.ServicePort) error {
+	for i := range ports {
+		ports[i].TargetPort = intstr.FromInt32(ports[i].Port)
 	}
 	svc := &corev1.Service{
-		ObjectMeta: metav1.ObjectMeta{Name: "kube-dns", Namespace: "kube-system", Labels: map[string]string{"k8s-app": "kube-dns"}},
-		Spec:       corev1.ServiceSpec{ClusterIP: DNSServiceIP, Ports: ports},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
+		Spec:       corev1.ServiceSpec{ClusterIP: clusterIP, Ports: ports},
 	}
-	if _, err := cs.CoreV1().Services("kube-system").Create(ctx, svc, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("create kube-dns service: %w", err)
+	if _, err := cs.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create %s/%s service: %w", ns, name, err)
 	}
 	ready := true
 	var eps []discoveryv1.EndpointPort
@@ -461,16 +497,22 @@ func createDNSService(ctx context.Context, cs kubernetes.Interface) error {
 		eps = append(eps, discoveryv1.EndpointPort{Name: &p.Name, Port: &p.Port, Protocol: &p.Protocol})
 	}
 	slice := &discoveryv1.EndpointSlice{
-		ObjectMeta: metav1.ObjectMeta{Name: "kube-dns-node", Namespace: "kube-system",
-			Labels: map[string]string{discoveryv1.LabelServiceName: "kube-dns"}},
+		ObjectMeta: metav1.ObjectMeta{Name: name + "-node", Namespace: ns,
+			Labels: map[string]string{discoveryv1.LabelServiceName: name}},
 		AddressType: discoveryv1.AddressTypeIPv4,
 		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{NodeIP}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
 		Ports:       eps,
 	}
-	if _, err := cs.DiscoveryV1().EndpointSlices("kube-system").Create(ctx, slice, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("create kube-dns endpoints: %w", err)
+	if _, err := cs.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create %s/%s endpoints: %w", ns, name, err)
 	}
 	return nil
+}
+
+// ImportImages imports image archives into the node's containerd, for
+// pods with imagePullPolicy Never.
+func (c *Cluster) ImportImages(ctx context.Context, imgs ...images.Image) error {
+	return importImages(ctx, layout{c.Dir}, imgs, time.Minute)
 }
 
 // importImages waits for containerd and imports the archives into its
@@ -559,8 +601,8 @@ func tail(file string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// repoRoot finds the amber module's root from the working directory up.
-func repoRoot() (string, error) {
+// RepoRoot finds the amber module's root from the working directory up.
+func RepoRoot() (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
 		return "", err

@@ -11,8 +11,9 @@ import (
 
 // The node's addresses. Everything lives in RFC 2544's benchmarking range
 // 198.18.0.0/15, only on interfaces the cluster creates: the node address
-// on a host-only veth, pods on their veths, Service IPs nowhere (kube-proxy
-// translates them; an unreachable route catches any it does not know).
+// on a host-only veth, pods on their veths, Service IPs routed to the node's
+// veth (kube-proxy translates them; what it does not know is dropped where
+// the veth's peer receives it).
 const (
 	// NodeIP is the node's InternalIP, on the interface NodeLink.
 	// The API server, the kubelet and cluster DNS listen on it.
@@ -76,6 +77,7 @@ func (l layout) kubeletRoot() string        { return l.path("kubelet") }
 func (l layout) hostRecord() string         { return l.path("host.json") }
 func (l layout) adminKubecfg() string       { return l.path("pki", "admin.kubeconfig") }
 func (l layout) cniConfDir() string         { return l.path("cni", "net.d") }
+func (l layout) cniBinDir() string          { return l.path("cni", "bin") }
 func (l layout) cniIPAMDir() string         { return l.path("cni", "ipam") }
 func (l layout) runcRoot() string           { return l.path("containerd", "runc") }
 func (l layout) configFile(n string) string { return l.path("config", n) }
@@ -92,6 +94,9 @@ func writeConfigs(l layout, nodeName string) error {
 		// Pods with dnsPolicy Default and the node itself get the cluster
 		// DNS, never the host's resolvers: names stay on the machine.
 		l.configFile("resolv.conf"): "nameserver " + NodeIP + "\n",
+	}
+	if err := linkCNIPlugins(l); err != nil {
+		return err
 	}
 	for path, content := range files {
 		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
@@ -111,7 +116,7 @@ func writeConfigs(l layout, nodeName string) error {
 // pipe: EOF". disable_apparmor: no AppArmor here. SystemdCgroup=false: no
 // systemd; the kubelet uses cgroupfs.
 func containerdConfig(l layout) string {
-	r := strings.NewReplacer("@DIR@", l.containerd(), "@CNICONF@", l.cniConfDir(), "@RUNC@", l.runcRoot(), "@PAUSE@", images.Pause.Ref)
+	r := strings.NewReplacer("@DIR@", l.containerd(), "@CNICONF@", l.cniConfDir(), "@CNIBIN@", l.cniBinDir(), "@RUNC@", l.runcRoot(), "@PAUSE@", images.Pause.Ref)
 	return r.Replace(`version = 2
 root = "@DIR@/root"
 state = "@DIR@/state"
@@ -143,7 +148,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         SystemdCgroup = false
         Root = "@RUNC@"
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = "@CNIBIN@"
     conf_dir = "@CNICONF@"
     max_conf_num = 1
 `)
@@ -243,4 +248,28 @@ func corefile(l layout) string {
     loadbalance
 }
 `, NodeIP, corednsHealth, corednsReady, ClusterDomain, filepath.Join(l.pki(), "coredns.kubeconfig"))
+}
+
+// debianCNIBin is where Debian's containernetworking-plugins installs.
+const debianCNIBin = "/usr/lib/cni"
+
+// linkCNIPlugins makes the node's CNI binary directory (CNIBinDir): links
+// to Debian's plugins, in a directory of the cluster's own so that a
+// chained plugin (amber-cni) installed by a DaemonSet lands under the
+// state directory rather than in /usr/lib/cni.
+func linkCNIPlugins(l layout) error {
+	ents, err := os.ReadDir(debianCNIBin)
+	if err != nil {
+		return fmt.Errorf("cni plugins: %w (install containernetworking-plugins: make deps)", err)
+	}
+	if err := os.MkdirAll(l.cniBinDir(), 0o755); err != nil {
+		return fmt.Errorf("cni plugins: %w", err)
+	}
+	for _, e := range ents {
+		link := filepath.Join(l.cniBinDir(), e.Name())
+		if err := os.Symlink(filepath.Join(debianCNIBin, e.Name()), link); err != nil && !os.IsExist(err) {
+			return fmt.Errorf("cni plugins: %w", err)
+		}
+	}
+	return nil
 }

@@ -25,13 +25,17 @@
 // where the API server (port 6443), the kubelet and CoreDNS (port 53)
 // listen; pods in PodCIDR on their ptp veths (`ip route get <podIP>` names
 // the pod's host-side veth); Services in ServiceCIDR, translated by
-// kube-proxy in nftables mode, with an unreachable route for any Service
-// IP it does not know. etcd and the components' health and metrics ports
-// are on 127.0.0.1. An nftables table (inet amber-cluster) drops pod
-// packets forwarded anywhere outside 198.18.0.0/15, and CoreDNS has no
+// kube-proxy in nftables mode (also for the host's own sockets: ServiceCIDR
+// routes to NodeLink, and what kube-proxy does not translate is dropped
+// where NodeLink's peer receives it). etcd and the components' health and
+// metrics ports are on 127.0.0.1. An nftables table (inet amber-cluster)
+// drops pod packets forwarded anywhere outside 198.18.0.0/15, and CoreDNS
+// has no
 // upstream: nothing leaves the machine. Cluster DNS is CoreDNS as a host
 // process, published as the kube-system/kube-dns Service (DNSServiceIP)
-// through a hand-made EndpointSlice.
+// through a hand-made EndpointSlice; with Options.Istiod, istiod is
+// published the same way as istio-system/istiod (IstiodServiceIP, port
+// 15012 on NodeIP).
 //
 // # Lifetime and cleanup
 //

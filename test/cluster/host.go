@@ -28,7 +28,15 @@ type hostRecord struct {
 	Sysctls map[string]string `json:"sysctls"`
 	// Created are host paths that did not exist before Up.
 	Created []string `json:"created"`
+	// NetnsMount is set when /run/netns was not a mount point before Up:
+	// Up makes it a shared bind mount of itself (what `ip netns add`
+	// does), so that pod network namespaces created after a container
+	// started propagate into it (the CNI-chaining DaemonSet mounts it
+	// with HostToContainer; containerd refuses that on a private mount).
+	NetnsMount bool `json:"netns_mount"`
 }
+
+const netnsDir = "/run/netns"
 
 // savedSysctls are the host settings the node changes: the kubelet sets
 // the first three (its "kernel defaults"), the ptp CNI plugin turns on
@@ -65,9 +73,22 @@ func prepareHost(l layout) error {
 				rec.Created = append(rec.Created, p)
 			}
 		}
+		rec.NetnsMount = !slices.Contains(mountsUnder(netnsDir), netnsDir)
 		b, _ := json.MarshalIndent(rec, "", "  ")
 		if err := os.WriteFile(l.hostRecord(), b, 0o644); err != nil {
 			return fmt.Errorf("prepare host: %w", err)
+		}
+	}
+
+	if !slices.Contains(mountsUnder(netnsDir), netnsDir) {
+		if err := os.MkdirAll(netnsDir, 0o755); err != nil {
+			return fmt.Errorf("prepare host: %w", err)
+		}
+		if err := syscall.Mount(netnsDir, netnsDir, "", syscall.MS_BIND, ""); err != nil {
+			return fmt.Errorf("prepare host: bind mount %s: %w", netnsDir, err)
+		}
+		if err := syscall.Mount("", netnsDir, "", syscall.MS_SHARED, ""); err != nil {
+			return fmt.Errorf("prepare host: make %s shared: %w", netnsDir, err)
 		}
 	}
 
@@ -90,9 +111,12 @@ func prepareHost(l layout) error {
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("prepare host: up %s: %w", NodeLink, err)
 	}
-	// A Service IP kube-proxy does not (yet) translate must not follow the
-	// default route off the machine.
-	if err := netlink.RouteReplace(serviceRoute()); err != nil {
+	// Service IPs route to the node's interface: the host's own sockets
+	// (hostNetwork pods, the ztunnel dialling istiod) need a route before
+	// kube-proxy's output-hook DNAT can translate them. What kube-proxy
+	// does not translate comes back in on the veth's peer, where the guard
+	// drops it: it never follows the default route off the machine.
+	if err := netlink.RouteReplace(serviceRoute(link)); err != nil {
 		return fmt.Errorf("prepare host: route %s: %w", ServiceCIDR, err)
 	}
 	// Pods may talk to each other, to Services and to the node, never
@@ -104,17 +128,21 @@ table inet %[1]s {
 		type filter hook forward priority filter; policy accept;
 		ip saddr %[2]s ip daddr != 198.18.0.0/15 counter drop
 	}
+	chain untranslated {
+		type filter hook prerouting priority raw; policy accept;
+		iifname %[3]q ip daddr %[4]s counter drop
+	}
 }
-`, guardTable, PodCIDR)
+`, guardTable, PodCIDR, nodePeer, ServiceCIDR)
 	if err := nft(guard); err != nil {
 		return fmt.Errorf("prepare host: traffic guard: %w", err)
 	}
 	return nil
 }
 
-func serviceRoute() *netlink.Route {
+func serviceRoute(link netlink.Link) *netlink.Route {
 	_, dst, _ := net.ParseCIDR(ServiceCIDR)
-	return &netlink.Route{Dst: dst, Type: syscall.RTN_UNREACHABLE}
+	return &netlink.Route{Dst: dst, LinkIndex: link.Attrs().Index, Scope: netlink.SCOPE_LINK}
 }
 
 func nft(script string) error {
@@ -158,9 +186,7 @@ func restoreHost(l layout) error {
 			}
 		}
 	}
-	if err := netlink.RouteDel(serviceRoute()); err != nil && !errors.Is(err, syscall.ESRCH) {
-		errs = append(errs, fmt.Errorf("delete route %s: %w", ServiceCIDR, err))
-	}
+	// The Service route goes with the node's interface.
 	if link, err := netlink.LinkByName(NodeLink); err == nil {
 		if err := netlink.LinkDel(link); err != nil {
 			errs = append(errs, fmt.Errorf("delete %s: %w", NodeLink, err))
@@ -188,6 +214,15 @@ func restoreHost(l layout) error {
 	if m, _ := filepath.Glob("/var/lib/cni/results/" + cniNetwork + "-*"); len(m) > 0 {
 		for _, f := range m {
 			os.Remove(f)
+		}
+	}
+	// Our bind mount of /run/netns goes when no namespace is mounted in it
+	// any more (other tools' namespaces keep it, as `ip netns` would).
+	if rec.NetnsMount {
+		if m := mountsUnder(netnsDir); len(m) == 1 && m[0] == netnsDir {
+			if err := syscall.Unmount(netnsDir, 0); err != nil {
+				errs = append(errs, fmt.Errorf("unmount %s: %w", netnsDir, err))
+			}
 		}
 	}
 	// Longest first: a created path inside another one goes first.

@@ -18,8 +18,9 @@ import (
 // running. Its pid file holds "PID BINARY"; stop and alive check that the
 // pid still runs that binary, so a reused pid is never signalled.
 
-// startDaemon starts bin with args, output appended to logs/<name>.log.
-func startDaemon(l layout, name, bin string, args []string) error {
+// startDaemon starts bin with args, and env added to this process's
+// environment, output appended to logs/<name>.log.
+func startDaemon(l layout, name, bin string, args, env []string) error {
 	for _, d := range []string{l.logs(), l.pids()} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return fmt.Errorf("start %s: %w", name, err)
@@ -34,6 +35,7 @@ func startDaemon(l layout, name, bin string, args []string) error {
 	fmt.Fprintf(f, "==== %s: %s %q\n", time.Now().Format(time.RFC3339Nano), bin, args)
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
+	cmd.Env = append(os.Environ(), env...)
 	cmd.Dir = l.dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {

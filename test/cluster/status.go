@@ -33,6 +33,9 @@ func (s Status) Healthy() bool {
 func (s Status) String() string {
 	var b strings.Builder
 	for _, n := range components {
+		if _, ok := s.Pids[n]; !ok {
+			continue
+		}
 		state := "stopped"
 		if pid := s.Pids[n]; pid != 0 {
 			state = fmt.Sprintf("running (pid %d)", pid)
@@ -52,6 +55,9 @@ func (c *Cluster) Status(ctx context.Context) Status {
 	l := layout{c.Dir}
 	s := Status{Pids: map[string]int{}, Pods: map[string]int{}}
 	for _, n := range components {
+		if n == "istiod" && !istiodEnabled(l) {
+			continue
+		}
 		s.Pids[n] = daemonPid(l, n)
 	}
 	_, s.APIServer = c.Client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)

@@ -2,9 +2,12 @@ package cluster
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -12,6 +15,7 @@ import (
 // Up starts a cluster for a test, in a state directory of its own under
 // tb.TempDir(), and stops it, removing everything, when the test ends —
 // also when it fails (then the tail of every component's log is logged).
+// Tests of other packages that call Up wait for it (lockHost).
 // The test is skipped when not root, unless CI=true, where it fails.
 // Progress goes to the test log.
 func Up(tb testing.TB, opts Options) *Cluster {
@@ -25,6 +29,13 @@ func Up(tb testing.TB, opts Options) *Cluster {
 	if opts.Dir == "" {
 		opts.Dir = tb.TempDir()
 	}
+	// One node per machine: test binaries of several packages (go test
+	// runs them in parallel) take turns.
+	unlock, err := lockHost(tb)
+	if err != nil {
+		tb.Fatalf("cluster: %v", err)
+	}
+	tb.Cleanup(unlock)
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(testWriter{tb}, nil))
 	}
@@ -63,4 +74,31 @@ type testWriter struct{ tb testing.TB }
 func (w testWriter) Write(b []byte) (int, error) {
 	w.tb.Log(strings.TrimRight(string(b), "\n"))
 	return len(b), nil
+}
+
+// lockHost serialises Up across the test binaries of this repository on
+// a lock file in its git-ignored cache.
+func lockHost(tb testing.TB) (unlock func(), err error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return nil, err
+	}
+	hostLock := filepath.Join(root, ".cache", "cluster", "host.lock")
+	if err := os.MkdirAll(filepath.Dir(hostLock), 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(hostLock, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		tb.Logf("cluster: another test's node runs on this machine; waiting for it (%s)", hostLock)
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", hostLock, err)
+		}
+	}
+	// Closing the file releases the lock; the file stays (removing it
+	// would race with a waiter holding it open).
+	return func() { f.Close() }, nil
 }

@@ -90,6 +90,8 @@ func writeArchive(img Image, bin string) error {
 	cf = cf.DeepCopy()
 	cf.OS, cf.Architecture = "linux", runtime.GOARCH
 	cf.Config.Entrypoint = []string{"/" + img.Name}
+	// `kubectl exec POD -- curl URL` finds /curl.
+	cf.Config.Env = []string{"PATH=/"}
 	// 65535 is what the upstream pause image runs as; the test programs
 	// need no privileges either.
 	cf.Config.User = "65535:65535"

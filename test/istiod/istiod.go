@@ -18,6 +18,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/amber-mesh/amber/test/kube"
 
@@ -104,23 +105,28 @@ func Start(tb testing.TB, cp *kube.ControlPlane, opts Options) *Istiod {
 
 	d := &Istiod{ServerName: ServerName, Dir: tb.TempDir(), cp: cp}
 	d.Log = filepath.Join(d.Dir, "istiod.log")
-	if err := d.prepareCluster(ctx, filepath.Join(opts.BinDir, CRDFile)); err != nil {
+	if err := Prepare(ctx, cp.Kubectl, cp.Client, filepath.Join(opts.BinDir, CRDFile)); err != nil {
 		tb.Fatalf("istiod: %v", err)
 	}
-	args, err := d.args(opts.Args)
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: ZtunnelServiceAccount, Namespace: Namespace}}
+	if _, err := cp.Client.CoreV1().ServiceAccounts(Namespace).Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		tb.Fatalf("istiod: create service account %s/%s: %v", Namespace, ZtunnelServiceAccount, err)
+	}
+	var listen Listen
+	for _, a := range []*string{&listen.HTTP, &listen.PlainGRPC, &listen.SecureGRPC, &listen.HTTPS, &listen.Monitoring, &listen.Ctrlz} {
+		p, err := freePort()
+		if err != nil {
+			tb.Fatalf("istiod: %v", err)
+		}
+		*a = net.JoinHostPort("127.0.0.1", strconv.Itoa(p))
+	}
+	d.HTTPAddr, d.PlainAddr, d.Address = listen.HTTP, listen.PlainGRPC, listen.SecureGRPC
+	args, env, err := Command(cp.Kubeconfig, d.Dir, listen)
 	if err != nil {
 		tb.Fatalf("istiod: %v", err)
 	}
-	env := append(os.Environ(),
-		"PILOT_ENABLE_AMBIENT=true",
-		"POD_NAMESPACE="+Namespace,
-		"POD_NAME=istiod-test",
-		"CA_TRUSTED_NODE_ACCOUNTS="+Namespace+"/"+ZtunnelServiceAccount,
-		// No webhooks are installed; don't patch what isn't there.
-		"INJECTION_WEBHOOK_CONFIG_NAME=",
-		"VALIDATION_WEBHOOK_CONFIG_NAME=",
-	)
-	env = append(env, opts.Env...)
+	args = append(args, opts.Args...)
+	env = append(append(os.Environ(), env...), opts.Env...)
 	d.proc, err = proc.Start("istiod", filepath.Join(opts.BinDir, BinaryName), args, env, d.Dir, d.Log)
 	if err != nil {
 		tb.Fatalf("istiod: %v", err)
@@ -139,65 +145,87 @@ func Start(tb testing.TB, cp *kube.ControlPlane, opts Options) *Istiod {
 	return d
 }
 
-// prepareCluster applies the CRDs and creates the namespace and the
-// ztunnel's service account.
-func (d *Istiod) prepareCluster(ctx context.Context, crds string) error {
+// Kubectl runs kubectl against the API server istiod watches.
+type Kubectl func(ctx context.Context, args ...string) ([]byte, error)
+
+// Prepare readies an API server for istiod: it applies Istio's CRDs (the
+// file crds, established before it returns) and creates the istio-system
+// namespace. The ztunnel's service account is the ztunnel's installer's
+// business (Start creates one; amber's chart brings its own).
+func Prepare(ctx context.Context, kubectl Kubectl, cs kubernetes.Interface, crds string) error {
 	// Server-side apply: several CRDs exceed the 256 KiB annotation
 	// client-side apply would add.
-	if out, err := d.cp.Kubectl(ctx, "apply", "--server-side", "-f", crds); err != nil {
+	if out, err := kubectl(ctx, "apply", "--server-side", "-f", crds); err != nil {
 		return fmt.Errorf("apply crds: %w\n%s", err, out)
 	}
-	if out, err := d.cp.Kubectl(ctx, "wait", "--for=condition=established", "--timeout=60s", "-f", crds); err != nil {
+	if out, err := kubectl(ctx, "wait", "--for=condition=established", "--timeout=60s", "-f", crds); err != nil {
 		return fmt.Errorf("wait for crds: %w\n%s", err, out)
 	}
-	c := d.cp.Client.CoreV1()
+	c := cs.CoreV1()
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: Namespace}}
 	if _, err := c.Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return fmt.Errorf("create namespace %s: %w", Namespace, err)
 	}
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: ZtunnelServiceAccount, Namespace: Namespace}}
-	if _, err := c.ServiceAccounts(Namespace).Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("create service account %s/%s: %w", Namespace, ZtunnelServiceAccount, err)
-	}
 	return nil
 }
 
-// args puts every listener on a free loopback port and the mesh files in
-// d.Dir.
-func (d *Istiod) args(extra []string) ([]string, error) {
-	ports := make([]int, 6)
-	for i := range ports {
-		p, err := freePort()
-		if err != nil {
-			return nil, err
-		}
-		ports[i] = p
-	}
-	at := func(p int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(p)) }
-	d.HTTPAddr, d.PlainAddr, d.Address = at(ports[0]), at(ports[1]), at(ports[2])
-	mesh := filepath.Join(d.Dir, "mesh.yaml")
-	networks := filepath.Join(d.Dir, "meshNetworks.yaml")
+// Listen holds the host:port addresses pilot-discovery listens on.
+type Listen struct {
+	// HTTP serves /ready and /debug (istiod's 8080).
+	HTTP string
+	// PlainGRPC is plaintext xDS (15010).
+	PlainGRPC string
+	// SecureGRPC is TLS xDS and the CA (15012).
+	SecureGRPC string
+	// HTTPS is the webhook port (15017).
+	HTTPS string
+	// Monitoring serves metrics (15014).
+	Monitoring string
+	// Ctrlz is ControlZ's introspection page (9876).
+	Ctrlz string
+}
+
+// Command returns pilot-discovery's arguments and the environment it
+// needs on top of the caller's, to run in ambient mode against the API
+// server of kubeconfig, listening on l, with its mesh files written into
+// dir (which is also meant as its working directory).
+func Command(kubeconfig, dir string, l Listen) (args, env []string, err error) {
+	mesh := filepath.Join(dir, "mesh.yaml")
+	networks := filepath.Join(dir, "meshNetworks.yaml")
 	if err := os.WriteFile(mesh, []byte("trustDomain: cluster.local\n"), 0o644); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := os.WriteFile(networks, []byte("networks: {}\n"), 0o644); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	args := []string{"discovery",
-		"--kubeconfig=" + d.cp.Kubeconfig,
+	ctrlzHost, ctrlzPort, err := net.SplitHostPort(l.Ctrlz)
+	if err != nil {
+		return nil, nil, fmt.Errorf("ctrlz address: %w", err)
+	}
+	args = []string{"discovery",
+		"--kubeconfig=" + kubeconfig,
 		"--meshConfig=" + mesh,
 		"--networksConfig=" + networks,
-		"--httpAddr=" + d.HTTPAddr,
-		"--grpcAddr=" + d.PlainAddr,
-		"--secureGRPCAddr=" + d.Address,
-		"--httpsAddr=" + at(ports[3]),
-		"--monitoringAddr=" + at(ports[4]),
-		"--ctrlz_address=127.0.0.1",
-		"--ctrlz_port=" + strconv.Itoa(ports[5]),
+		"--httpAddr=" + l.HTTP,
+		"--grpcAddr=" + l.PlainGRPC,
+		"--secureGRPCAddr=" + l.SecureGRPC,
+		"--httpsAddr=" + l.HTTPS,
+		"--monitoringAddr=" + l.Monitoring,
+		"--ctrlz_address=" + ctrlzHost,
+		"--ctrlz_port=" + ctrlzPort,
 		"--shutdownDuration=1s",
 		"--log_output_level=default:info",
 	}
-	return append(args, extra...), nil
+	env = []string{
+		"PILOT_ENABLE_AMBIENT=true",
+		"POD_NAMESPACE=" + Namespace,
+		"POD_NAME=istiod-test",
+		"CA_TRUSTED_NODE_ACCOUNTS=" + Namespace + "/" + ZtunnelServiceAccount,
+		// No webhooks are installed; don't patch what isn't there.
+		"INJECTION_WEBHOOK_CONFIG_NAME=",
+		"VALIDATION_WEBHOOK_CONFIG_NAME=",
+	}
+	return args, env, nil
 }
 
 // waitReady waits for /ready, a listening TLS port and the published root
@@ -222,7 +250,21 @@ func (d *Istiod) waitReady(ctx context.Context) error {
 }
 
 func (d *Istiod) readyOnce(ctx context.Context, hc *http.Client) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+d.HTTPAddr+"/ready", nil)
+	if err := Ready(ctx, hc, d.HTTPAddr, d.Address); err != nil {
+		return err
+	}
+	root, err := RootCert(ctx, d.cp.Client)
+	if err != nil {
+		return err
+	}
+	d.RootPEM = root
+	return nil
+}
+
+// Ready checks istiod's /ready on its HTTP address and that its TLS gRPC
+// port accepts connections.
+func Ready(ctx context.Context, hc *http.Client, httpAddr, secureGRPC string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+httpAddr+"/ready", nil)
 	if err != nil {
 		return err
 	}
@@ -235,21 +277,25 @@ func (d *Istiod) readyOnce(ctx context.Context, hc *http.Client) error {
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("/ready: %s %s", resp.Status, bytes.TrimSpace(body))
 	}
-	conn, err := (&net.Dialer{Timeout: time.Second}).DialContext(ctx, "tcp", d.Address)
+	conn, err := (&net.Dialer{Timeout: time.Second}).DialContext(ctx, "tcp", secureGRPC)
 	if err != nil {
 		return err
 	}
-	conn.Close()
-	cm, err := d.cp.Client.CoreV1().ConfigMaps(Namespace).Get(ctx, RootCertConfigMap, metav1.GetOptions{})
+	return conn.Close()
+}
+
+// RootCert returns the mesh root certificate istiod published in
+// istio-system's istio-ca-root-cert ConfigMap.
+func RootCert(ctx context.Context, cs kubernetes.Interface) ([]byte, error) {
+	cm, err := cs.CoreV1().ConfigMaps(Namespace).Get(ctx, RootCertConfigMap, metav1.GetOptions{})
 	if err != nil {
-		return fmt.Errorf("root cert: %w", err)
+		return nil, fmt.Errorf("root cert: %w", err)
 	}
 	root := cm.Data["root-cert.pem"]
 	if !strings.Contains(root, "BEGIN CERTIFICATE") {
-		return fmt.Errorf("root cert: %s/%s has no root-cert.pem", Namespace, RootCertConfigMap)
+		return nil, fmt.Errorf("root cert: %s/%s has no root-cert.pem", Namespace, RootCertConfigMap)
 	}
-	d.RootPEM = []byte(root)
-	return nil
+	return []byte(root), nil
 }
 
 // Token mints a token for istio-system/ztunnel with audience istio-ca.

@@ -20,6 +20,7 @@ import (
 func main() {
 	dir := flag.String("dir", "", "state directory (default <repo>/.cache/cluster/node)")
 	node := flag.String("node", "", "node name (default "+cluster.DefaultNodeName+")")
+	withIstiod := flag.Bool("istiod", true, "also run istiod (up)")
 	flag.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: amber-cluster [-dir DIR] [-node NAME] up|down|status|images\n")
 		flag.PrintDefaults()
@@ -32,13 +33,13 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	if err := run(ctx, log, flag.Arg(0), *dir, *node); err != nil {
+	if err := run(ctx, log, flag.Arg(0), *dir, *node, *withIstiod); err != nil {
 		fmt.Fprintf(os.Stderr, "amber-cluster %s: %v\n", flag.Arg(0), err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, log *slog.Logger, verb, dir, node string) error {
+func run(ctx context.Context, log *slog.Logger, verb, dir, node string, withIstiod bool) error {
 	if dir == "" {
 		var err error
 		if dir, err = cluster.DefaultDir(); err != nil {
@@ -47,11 +48,14 @@ func run(ctx context.Context, log *slog.Logger, verb, dir, node string) error {
 	}
 	switch verb {
 	case "up":
-		c, err := cluster.Start(ctx, cluster.Options{Dir: dir, NodeName: node, Logger: log})
+		c, err := cluster.Start(ctx, cluster.Options{Dir: dir, NodeName: node, Logger: log, Istiod: withIstiod})
 		if err != nil {
 			return err
 		}
 		fmt.Printf("node %s is Ready\n  export KUBECONFIG=%s\n  kubectl: %s\n", c.NodeName, c.Kubeconfig, filepath.Join(c.BinDir, "kubectl"))
+		if c.Istiod != nil {
+			fmt.Printf("  istiod at %s (%s), log %s\n", cluster.IstiodService, c.Istiod.Address, c.Istiod.Log)
+		}
 		for _, img := range c.Images {
 			fmt.Printf("  image %s (imagePullPolicy: Never)\n", img.Ref)
 		}

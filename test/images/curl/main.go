@@ -1,7 +1,9 @@
 // Command curl is the local cluster's test client: curl [-retry N]
 // [-timeout D] URL... GETs each URL, prints the status line and body, and
 // exits 1 when a request fails or answers a status of 400 or more. No
-// shell is needed in its image.
+// shell is needed in its image. curl -sleep waits for SIGTERM: the
+// container of a client Deployment (Istio's "sleep") that
+// `kubectl exec deploy/sleep -- curl URL` runs in.
 package main
 
 import (
@@ -12,13 +14,22 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 )
 
 func main() {
 	retry := flag.Int("retry", 0, "retries per URL after a failure, one second apart")
 	timeout := flag.Duration("timeout", 5*time.Second, "timeout of each request")
+	sleep := flag.Bool("sleep", false, "wait for SIGTERM or SIGINT, then exit 0")
 	flag.Parse()
+	if *sleep {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+		defer stop()
+		<-ctx.Done()
+		return
+	}
 	if flag.NArg() == 0 {
 		fmt.Fprintln(os.Stderr, "usage: curl [-retry N] [-timeout D] URL...")
 		os.Exit(2)

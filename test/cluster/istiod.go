@@ -1,0 +1,152 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/amber-mesh/amber/test/istiod"
+)
+
+// istiod runs as a host process, like CoreDNS, published as the
+// istio-system/istiod Service (IstiodServiceIP) through a hand-made
+// EndpointSlice: a ztunnel reaches it at istiod.istio-system.svc:15012
+// through cluster DNS and kube-proxy, as in any Istio install. Its TLS
+// gRPC port (xDS and CA) is on NodeIP; its other ports on loopback.
+const (
+	// IstiodServiceIP is the istio-system/istiod Service.
+	IstiodServiceIP = "198.18.16.12"
+	// IstiodPort is istiod's TLS xDS and CA port, on NodeIP and on the
+	// Service.
+	IstiodPort = 15012
+	// IstiodService is the address a ztunnel is configured with.
+	IstiodService = istiod.ServerName + ":15012"
+
+	istiodHTTP       = "127.0.0.1:18090"
+	istiodPlainGRPC  = "127.0.0.1:18091"
+	istiodHTTPS      = "127.0.0.1:18092"
+	istiodMonitoring = "127.0.0.1:18093"
+	istiodCtrlz      = "127.0.0.1:18094"
+)
+
+// Istiod is the node's istiod.
+type Istiod struct {
+	// Address is its TLS gRPC endpoint for xDS and the CA on NodeIP.
+	Address string
+	// HTTPAddr serves /ready and istiod's /debug endpoints.
+	HTTPAddr string
+	// ServerName is the name in its serving certificate.
+	ServerName string
+	// RootPEM is the mesh root certificate.
+	RootPEM []byte
+	// Log is its log file.
+	Log string
+}
+
+func (l layout) istiodDir() string { return l.path("istiod") }
+
+// istiodEnabled reports whether this cluster was started with istiod.
+func istiodEnabled(l layout) bool {
+	_, err := os.Stat(l.istiodDir())
+	return err == nil
+}
+
+// istiodBins runs hack/istiod-bin.sh, which builds pilot-discovery once
+// (≈ 3.5 min) and prints its directory, or returns $AMBER_ISTIOD_BIN_DIR.
+func istiodBins(ctx context.Context, opts Options) (string, error) {
+	if dir := os.Getenv(istiod.BinDirEnv); dir != "" {
+		return dir, nil
+	}
+	cmd := exec.CommandContext(ctx, "bash", filepath.Join(opts.RepoRoot, "hack", "istiod-bin.sh"))
+	cmd.Dir = opts.RepoRoot
+	var stdout bytes.Buffer
+	cmd.Stdout = &stdout
+	cmd.Stderr = logWriter{opts.Logger}
+	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("build istiod: %w", err)
+	}
+	return strings.TrimSpace(stdout.String()), nil
+}
+
+// ensureIstiod starts istiod unless it runs, then waits until it is ready
+// and has published the mesh root certificate.
+func (c *Cluster) ensureIstiod(ctx context.Context, opts Options, binDir string) error {
+	l := layout{c.Dir}
+	t0 := time.Now()
+	if daemonPid(l, "istiod") == 0 {
+		if err := os.MkdirAll(l.istiodDir(), 0o755); err != nil {
+			return fmt.Errorf("istiod: %w", err)
+		}
+		if err := istiod.Prepare(ctx, c.Kubectl, c.Client, filepath.Join(binDir, istiod.CRDFile)); err != nil {
+			return fmt.Errorf("istiod: %w", err)
+		}
+		if err := publishHostService(ctx, c.Client, istiod.Namespace, "istiod", IstiodServiceIP, map[string]string{"app": "istiod", "istio": "pilot"}, []corev1.ServicePort{
+			{Name: "https-dns", Port: IstiodPort, Protocol: corev1.ProtocolTCP},
+		}); err != nil {
+			return err
+		}
+		args, env, err := istiod.Command(c.Kubeconfig, l.istiodDir(), c.istiodListen())
+		if err != nil {
+			return fmt.Errorf("istiod: %w", err)
+		}
+		if err := startDaemon(l, "istiod", filepath.Join(binDir, istiod.BinaryName), args, env); err != nil {
+			return err
+		}
+	}
+	d := &Istiod{Address: c.istiodListen().SecureGRPC, HTTPAddr: istiodHTTP, ServerName: istiod.ServerName,
+		Log: filepath.Join(l.logs(), "istiod.log")}
+	if err := waitFor(ctx, opts.ReadyTimeout, l, "istiod", func(ctx context.Context) error {
+		if err := istiod.Ready(ctx, healthClient, istiodHTTP, d.Address); err != nil {
+			return err
+		}
+		root, err := istiod.RootCert(ctx, c.Client)
+		d.RootPEM = root
+		return err
+	}); err != nil {
+		return err
+	}
+	c.Istiod = d
+	opts.Logger.Info("istiod ready", "address", d.Address, "service", IstiodService, "took", time.Since(t0).Round(time.Millisecond))
+	return nil
+}
+
+func (c *Cluster) istiodListen() istiod.Listen {
+	return istiod.Listen{
+		HTTP:       istiodHTTP,
+		PlainGRPC:  istiodPlainGRPC,
+		SecureGRPC: net.JoinHostPort(NodeIP, strconv.Itoa(IstiodPort)),
+		HTTPS:      istiodHTTPS,
+		Monitoring: istiodMonitoring,
+		Ctrlz:      istiodCtrlz,
+	}
+}
+
+// StopIstiod stops istiod (SIGTERM), as an outage would; StartIstiod
+// brings it back.
+func (c *Cluster) StopIstiod() error {
+	return stopDaemon(layout{c.Dir}, "istiod", 5*time.Second)
+}
+
+// StartIstiod starts istiod again after StopIstiod and waits until it is
+// ready.
+func (c *Cluster) StartIstiod(ctx context.Context) error {
+	o := Options{RepoRoot: "", Dir: c.Dir}
+	if err := o.defaults(); err != nil {
+		return err
+	}
+	bin, err := istiodBins(ctx, o)
+	if err != nil {
+		return err
+	}
+	return c.ensureIstiod(ctx, o, bin)
+}
