@@ -24,8 +24,8 @@ check-generate: deps ## regenerate and fail if the generated files in the tree d
 	@bash hack/check-generate.sh
 
 .PHONY: demo
-demo: deps ## Istio ambient's walkthrough on one machine: two nodes, sleep/notsleep/productpage, mTLS, an L4 policy, amberctl
-	$(GO) run ./test/cmd/amber-demo
+demo: deps ## Istio ambient's walkthrough on a real node with istiod and amber (Helm): sleep/notsleep/productpage, mTLS, an L4 policy, amberctl, bpftool (DEMO_ARGS=-keep leaves it running)
+	$(GO) run ./test/cmd/amber-demo $(DEMO_ARGS)
 
 .PHONY: build
 build: ## build amber-agent, amber-ztunnel, amber-cni and amberctl into bin/
@@ -73,13 +73,14 @@ images: ## build amber's image and the test images (pause, echo, curl) as docker
 	$(GO) run ./test/cmd/amber-cluster images
 
 .PHONY: cluster-up
-cluster-up: deps ## a real Kubernetes node on this machine (state in .cache/cluster/node; builds what is missing, then ≈ 10 s)
+cluster-up: deps ## a real Kubernetes node with istiod on this machine (state in .cache/cluster/node; builds what is missing, then ≈ 15 s)
 	@bash hack/kube-bins.sh all >/dev/null
 	$(GO) run ./test/cmd/amber-cluster up
 
 .PHONY: cluster-down
-cluster-down: ## stop the node and remove everything it left on the host (idempotent, also after a crash)
+cluster-down: ## stop the node and remove everything it (and an amber installed on it) left on the host (idempotent, also after a crash)
 	$(GO) run ./test/cmd/amber-cluster down
+	$(GO) run ./cmd/amberctl uninstall
 
 .PHONY: clean
 clean: ## remove build output

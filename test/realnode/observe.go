@@ -1,0 +1,212 @@
+package realnode
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netns"
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
+	"github.com/amber-mesh/amber/test/cluster"
+)
+
+// ZtunnelMetricsURL is the ztunnel's Prometheus endpoint on the node
+// (the DaemonSet is hostNetwork).
+var ZtunnelMetricsURL = "http://" + net.JoinHostPort(cluster.NodeIP, "15020") + "/metrics"
+
+// Metric is one sample of a Prometheus text exposition.
+type Metric struct {
+	Name   string
+	Labels map[string]string
+	Value  float64
+}
+
+// Metrics fetches and parses the ztunnel's metrics; only samples whose
+// name is in names are returned (all when names is empty).
+func Metrics(ctx context.Context, names ...string) ([]Metric, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, ZtunnelMetricsURL, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("ztunnel metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("ztunnel metrics: %s", resp.Status)
+	}
+	return parseMetrics(resp.Body, names)
+}
+
+func parseMetrics(r io.Reader, names []string) ([]Metric, error) {
+	var out []Metric
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		name, rest, _ := strings.Cut(line, "{")
+		labels := map[string]string{}
+		var value string
+		if rest != "" {
+			body, v, ok := strings.Cut(rest, "} ")
+			if !ok {
+				return nil, fmt.Errorf("metrics: bad line %q", line)
+			}
+			value = v
+			for body != "" {
+				k, after, ok := strings.Cut(body, `="`)
+				if !ok {
+					return nil, fmt.Errorf("metrics: bad labels in %q", line)
+				}
+				end := strings.Index(after, `"`)
+				for end > 0 && after[end-1] == '\\' {
+					end += 1 + strings.Index(after[end+1:], `"`)
+				}
+				if end < 0 {
+					return nil, fmt.Errorf("metrics: bad labels in %q", line)
+				}
+				labels[k] = after[:end]
+				body = strings.TrimPrefix(after[end+1:], ",")
+			}
+		} else {
+			name, value, _ = strings.Cut(line, " ")
+		}
+		if len(names) > 0 && !contains(names, name) {
+			continue
+		}
+		v, err := strconv.ParseFloat(strings.Fields(value)[0], 64)
+		if err != nil {
+			return nil, fmt.Errorf("metrics: bad value in %q", line)
+		}
+		out = append(out, Metric{Name: name, Labels: labels, Value: v})
+	}
+	return out, sc.Err()
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// Sum adds the values of the samples whose labels include every pair of
+// match.
+func Sum(ms []Metric, match map[string]string) float64 {
+	var sum float64
+next:
+	for _, m := range ms {
+		for k, v := range match {
+			if m.Labels[k] != v {
+				continue next
+			}
+		}
+		sum += m.Value
+	}
+	return sum
+}
+
+// Datapath reads the node's pinned datapath (what `amberctl` shows).
+func Datapath() (*bpf.Status, error) {
+	return bpf.Inspect(bpf.DefaultPinRoot, hostnet.Config{})
+}
+
+// Captured reports whether ip is in the datapath's membership map.
+func Captured(ip string) (bool, error) {
+	st, err := Datapath()
+	if err != nil {
+		return false, err
+	}
+	a, err := netip.ParseAddr(ip)
+	if err != nil {
+		return false, err
+	}
+	for _, m := range st.Members {
+		if m.Addr == a {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// ZtunnelLogs returns the ztunnel container's log since t.
+func ZtunnelLogs(ctx context.Context, c *cluster.Cluster, since time.Time) (string, error) {
+	out, err := c.Kubectl(ctx, "-n", Namespace, "logs", "ds/"+DaemonSet, "-c", "amber-ztunnel",
+		"--since-time="+since.UTC().Format(time.RFC3339))
+	return string(out), err
+}
+
+// PodNetns returns the network namespace of pod's first container, as
+// /proc/PID/ns/net of its process.
+func PodNetns(ctx context.Context, c *cluster.Cluster, pod *corev1.Pod) (string, error) {
+	if len(pod.Status.ContainerStatuses) == 0 {
+		return "", fmt.Errorf("pod %s/%s: no container status", pod.Namespace, pod.Name)
+	}
+	id, ok := strings.CutPrefix(pod.Status.ContainerStatuses[0].ContainerID, "containerd://")
+	if !ok {
+		return "", fmt.Errorf("pod %s/%s: container id %q", pod.Namespace, pod.Name, pod.Status.ContainerStatuses[0].ContainerID)
+	}
+	out, err := exec.CommandContext(ctx, "ctr", "-a", c.ContainerdSocket, "-n", "k8s.io", "task", "ls").Output()
+	if err != nil {
+		return "", fmt.Errorf("ctr task ls: %w", err)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
+			return "/proc/" + f[1] + "/ns/net", nil
+		}
+	}
+	return "", fmt.Errorf("pod %s/%s: no running task %s", pod.Namespace, pod.Name, id)
+}
+
+// DialFrom opens a TCP connection from inside the network namespace nsPath
+// (a pod's): the socket belongs to that namespace, so the connection
+// leaves through the pod's veth as the pod's own would.
+func DialFrom(ctx context.Context, nsPath, addr string) (net.Conn, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		return nil, err
+	}
+	defer orig.Close()
+	target, err := netns.GetFromPath(nsPath)
+	if err != nil {
+		return nil, err
+	}
+	defer target.Close()
+	if err := netns.Set(target); err != nil {
+		return nil, err
+	}
+	// Dial in this goroutine only: the socket is made in this thread's
+	// namespace, and the thread goes back before it is unlocked.
+	d := net.Dialer{Timeout: 30 * time.Second}
+	d.SetMultipathTCP(false)
+	conn, dialErr := d.DialContext(ctx, "tcp", addr)
+	if err := netns.Set(orig); err != nil {
+		// The thread is in the wrong namespace: never unlock it.
+		runtime.LockOSThread()
+		if conn != nil {
+			conn.Close()
+		}
+		return nil, fmt.Errorf("restore network namespace: %w", err)
+	}
+	return conn, dialErr
+}

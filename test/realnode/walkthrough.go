@@ -1,0 +1,241 @@
+package realnode
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/test/cluster"
+	"github.com/amber-mesh/amber/test/images"
+)
+
+// Walkthrough plays Istio ambient's getting-started on a node where amber
+// is installed: deploy productpage, sleep and notsleep in ns, label the
+// namespace, reach productpage from both clients through the mesh with
+// mTLS, apply the L4 policy that admits only sleep, and show the node
+// with amberctl and bpftool. Each step prints the command a user would
+// type and what it showed; the first expectation that fails is returned.
+type Walkthrough struct {
+	C   *cluster.Cluster
+	Out io.Writer
+	// Namespace is where the workloads go. Zero means "default", as in
+	// Istio's walkthrough.
+	Namespace string
+
+	n int
+}
+
+func (w *Walkthrough) step(title string) {
+	w.n++
+	fmt.Fprintf(w.Out, "\n━━ %d. %s\n", w.n, title)
+}
+
+func (w *Walkthrough) say(format string, args ...any) {
+	fmt.Fprintf(w.Out, "   "+format+"\n", args...)
+}
+
+func (w *Walkthrough) shell(cmd string) { fmt.Fprintf(w.Out, "   $ %s\n", cmd) }
+
+func (w *Walkthrough) output(s string) {
+	for _, line := range strings.Split(strings.TrimRight(s, "\n"), "\n") {
+		fmt.Fprintf(w.Out, "     %s\n", line)
+	}
+}
+
+// kubectl runs and prints a kubectl command the user would type.
+func (w *Walkthrough) kubectl(ctx context.Context, args ...string) (string, error) {
+	w.shell("kubectl " + strings.Join(args, " "))
+	out, err := w.C.Kubectl(ctx, args...)
+	w.output(string(out))
+	return string(out), err
+}
+
+// Run plays the walkthrough.
+func (w *Walkthrough) Run(ctx context.Context) error {
+	ns := w.Namespace
+	if ns == "" {
+		ns = "default"
+	}
+	nsArgs := func(args ...string) []string {
+		if ns == "default" {
+			return args
+		}
+		return append([]string{"-n", ns}, args...)
+	}
+	if _, err := w.C.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil && !strings.Contains(err.Error(), "already exists") {
+		return err
+	}
+
+	w.step("Deploy productpage, sleep and notsleep (each with its own service account)")
+	manifest := filepath.Join(w.C.Dir, "manifests", "bookinfo-"+ns+".yaml")
+	w.shell("kubectl apply -f " + manifest)
+	if err := Apply(ctx, w.C, filepath.Base(manifest), WorkloadsYAML(ns)); err != nil {
+		return err
+	}
+	if err := WaitRollout(ctx, w.C, ns, Productpage, Sleep, NotSleep); err != nil {
+		return err
+	}
+	if _, err := w.kubectl(ctx, nsArgs("get", "pods", "-o", "wide")...); err != nil {
+		return err
+	}
+	url := fmt.Sprintf("http://%s:%d/", Productpage, images.EchoPort)
+	if ns != "default" {
+		url = fmt.Sprintf("http://%s.%s:%d/", Productpage, ns, images.EchoPort)
+	}
+	// The Service's endpoints reach kube-proxy a moment after the pods
+	// are Ready.
+	if err := retry(ctx, 30*time.Second, func() error {
+		_, err := w.C.Kubectl(ctx, nsArgs("exec", "deploy/"+Sleep, "--", "curl", "-timeout=2s", url)...)
+		return err
+	}); err != nil {
+		return fmt.Errorf("productpage unreachable before the mesh: %w", err)
+	}
+
+	w.step("Add the namespace to the ambient mesh")
+	if _, err := w.kubectl(ctx, "label", "namespace", ns, "istio.io/dataplane-mode=ambient"); err != nil {
+		return err
+	}
+	for _, app := range []string{Productpage, Sleep, NotSleep} {
+		p, err := RunningPod(ctx, w.C, ns, app)
+		if err != nil {
+			return err
+		}
+		if err := retry(ctx, 30*time.Second, func() error {
+			if ok, err := Captured(p.Status.PodIP); err != nil || !ok {
+				return fmt.Errorf("%s (%s) not captured: %v", p.Name, p.Status.PodIP, err)
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		w.say("%-12s %-15s captured by the datapath (amber_pods map)", app, p.Status.PodIP)
+	}
+
+	w.step("Reach productpage from sleep and notsleep, through the mesh")
+	sleepID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, Sleep)
+	ppID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, Productpage)
+	for _, app := range []string{Sleep, NotSleep} {
+		// Until istiod has seen the agent's annotation it describes the
+		// pods without HBONE; the ztunnel then passes traffic through.
+		client := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, app)
+		if err := retry(ctx, 60*time.Second, func() error {
+			if _, err := w.C.Kubectl(ctx, nsArgs("exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)...); err != nil {
+				return err
+			}
+			ms, err := Metrics(ctx, "istio_tcp_connections_opened_total")
+			if err != nil {
+				return err
+			}
+			if Sum(ms, map[string]string{"reporter": "destination", "connection_security_policy": "mutual_tls",
+				"source_principal": client, "destination_principal": ppID}) == 0 {
+				return fmt.Errorf("no mutual_tls connection from %s yet", client)
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)...); err != nil {
+			return err
+		}
+	}
+	w.shell("curl -s http://" + cluster.NodeIP + ":15020/metrics | grep istio_tcp_connections_opened_total")
+	ms, err := Metrics(ctx, "istio_tcp_connections_opened_total")
+	if err != nil {
+		return err
+	}
+	for _, m := range ms {
+		if m.Labels["reporter"] == "destination" && m.Labels["destination_principal"] == ppID {
+			w.output(fmt.Sprintf("reporter=destination connection_security_policy=%s source_principal=%s destination_principal=%s  %v",
+				m.Labels["connection_security_policy"], m.Labels["source_principal"], m.Labels["destination_principal"], m.Value))
+		}
+	}
+
+	w.step("Apply an L4 policy: only sleep's identity may reach productpage")
+	policy := filepath.Join(w.C.Dir, "manifests", "productpage-viewer-"+ns+".yaml")
+	w.shell("kubectl apply -f " + policy)
+	w.output(L4PolicyYAML(ns))
+	if err := Apply(ctx, w.C, filepath.Base(policy), L4PolicyYAML(ns)); err != nil {
+		return err
+	}
+	since := time.Now().Add(-time.Second)
+	notID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, NotSleep)
+	if err := retry(ctx, 60*time.Second, func() error {
+		if _, err := w.C.Kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); err == nil {
+			return fmt.Errorf("notsleep still allowed")
+		}
+		return nil
+	}); err != nil {
+		return fmt.Errorf("policy not enforced: %w", err)
+	}
+	if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+Sleep, "--", "curl", "-timeout=5s", url)...); err != nil {
+		return fmt.Errorf("sleep refused under the policy: %w", err)
+	}
+	if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); err == nil {
+		return fmt.Errorf("notsleep allowed under the policy")
+	}
+	w.say("notsleep is refused. The ztunnel's access log says why:")
+	w.shell(fmt.Sprintf("kubectl -n %s logs ds/%s -c amber-ztunnel | grep %s", Namespace, DaemonSet, notID))
+	logs, err := ZtunnelLogs(ctx, w.C, since)
+	if err != nil {
+		return err
+	}
+	denied := false
+	for _, line := range strings.Split(logs, "\n") {
+		if strings.Contains(line, "src.identity="+notID) && strings.Contains(line, "error=") {
+			w.output(line)
+			denied = true
+			break
+		}
+	}
+	if !denied {
+		return fmt.Errorf("no denial of %s in the ztunnel's access log", notID)
+	}
+	ms, err = Metrics(ctx, "istio_tcp_connections_opened_total")
+	if err != nil {
+		return err
+	}
+	n := Sum(ms, map[string]string{"reporter": "destination", "source_principal": notID, "response_flags": "DENY"})
+	if n == 0 {
+		return fmt.Errorf("no DENY connection from %s in the metrics", notID)
+	}
+	w.say("istio_tcp_connections_opened_total{source_principal=%q,response_flags=\"DENY\"} = %v", notID, n)
+	_ = sleepID
+
+	w.step("Look at the node: amberctl and bpftool")
+	if _, err := w.kubectl(ctx, "-n", Namespace, "exec", "ds/"+DaemonSet, "-c", "amber-agent", "--", "amberctl"); err != nil {
+		return err
+	}
+	pins := filepath.Join(bpf.DefaultPinRoot, "amber_pods")
+	w.shell("bpftool map dump pinned " + pins)
+	out, err := exec.CommandContext(ctx, "bpftool", "map", "dump", "pinned", pins).CombinedOutput()
+	w.output(string(out))
+	if err != nil {
+		return fmt.Errorf("bpftool: %w", err)
+	}
+	return nil
+}
+
+// retry calls f every 250 ms until it succeeds or d passes.
+func retry(ctx context.Context, d time.Duration, f func() error) error {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}

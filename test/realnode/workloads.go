@@ -1,0 +1,142 @@
+package realnode
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/amber-mesh/amber/test/cluster"
+	"github.com/amber-mesh/amber/test/images"
+)
+
+// The workloads of Istio's ambient getting-started, from the local test
+// images: productpage (the echo server on images.EchoPort) behind a
+// Service, and two clients, sleep and notsleep, whose containers wait in
+// `curl -sleep` for `kubectl exec deploy/sleep -- curl URL`. Each runs
+// as its own service account, so each has its own SPIFFE identity.
+const (
+	Productpage = "productpage"
+	Sleep       = "sleep"
+	NotSleep    = "notsleep"
+)
+
+// WorkloadsYAML returns the manifests of productpage, sleep and notsleep
+// in namespace ns.
+func WorkloadsYAML(ns string) string {
+	var b strings.Builder
+	for _, w := range []struct {
+		name, image string
+		args        string
+	}{
+		{Productpage, images.Echo.Ref, "[]"},
+		{Sleep, images.Curl.Ref, `["-sleep"]`},
+		{NotSleep, images.Curl.Ref, `["-sleep"]`},
+	} {
+		fmt.Fprintf(&b, `apiVersion: v1
+kind: ServiceAccount
+metadata: {name: %[1]s, namespace: %[2]s}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: %[1]s, namespace: %[2]s, labels: {app: %[1]s}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: %[1]s}}
+  template:
+    metadata: {labels: {app: %[1]s}}
+    spec:
+      serviceAccountName: %[1]s
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: %[1]s
+          image: %[3]s
+          imagePullPolicy: Never
+          args: %[4]s
+---
+`, w.name, ns, w.image, w.args)
+	}
+	fmt.Fprintf(&b, `apiVersion: v1
+kind: Service
+metadata: {name: %[1]s, namespace: %[2]s, labels: {app: %[1]s}}
+spec:
+  selector: {app: %[1]s}
+  ports: [{name: http, port: %[3]d, targetPort: %[3]d}]
+`, Productpage, ns, images.EchoPort)
+	return b.String()
+}
+
+// L4PolicyYAML is the getting-started's L4 AuthorizationPolicy: only
+// sleep's identity may reach productpage.
+func L4PolicyYAML(ns string) string {
+	return fmt.Sprintf(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: productpage-viewer, namespace: %[1]s}
+spec:
+  selector: {matchLabels: {app: %[2]s}}
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/%[1]s/sa/%[3]s"]}}]
+`, ns, Productpage, Sleep)
+}
+
+// Apply writes manifest to a file named name in the cluster's state
+// directory and runs `kubectl apply -f` on it.
+func Apply(ctx context.Context, c *cluster.Cluster, name, manifest string) error {
+	dir := filepath.Join(c.Dir, "manifests")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	f := filepath.Join(dir, name)
+	if err := os.WriteFile(f, []byte(manifest), 0o644); err != nil {
+		return err
+	}
+	_, err := c.Kubectl(ctx, "apply", "-f", f)
+	return err
+}
+
+// WaitRollout waits until the Deployments are rolled out.
+func WaitRollout(ctx context.Context, c *cluster.Cluster, ns string, deployments ...string) error {
+	for _, d := range deployments {
+		if _, err := c.Kubectl(ctx, "-n", ns, "rollout", "status", "deployment/"+d, "--timeout=120s"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// RunningPod returns the Running, Ready pod of the app label app.
+func RunningPod(ctx context.Context, c *cluster.Cluster, ns, app string) (*corev1.Pod, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	for {
+		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=" + app})
+		if err == nil {
+			for i := range pods.Items {
+				p := &pods.Items[i]
+				if p.DeletionTimestamp == nil && p.Status.Phase == corev1.PodRunning && podReady(p) {
+					return p, nil
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("no running pod of %s/%s: %w", ns, app, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
