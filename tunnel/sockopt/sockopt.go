@@ -5,7 +5,9 @@ package sockopt
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"syscall"
@@ -28,6 +30,20 @@ type Options struct {
 	// Dial source that is not local fail. False means transparent, which
 	// needs CAP_NET_ADMIN.
 	NoTransparent bool
+	// SourcePorts is the range a Dial from a preserved (pod) source takes
+	// its port from. Zero means DefaultSourcePorts.
+	SourcePorts [2]uint16
+}
+
+// DefaultSourcePorts lie above Linux's default ephemeral range
+// (32768–60999), which pods use for their own connections.
+var DefaultSourcePorts = [2]uint16{61000, 65535}
+
+func (o Options) sourcePorts() (lo, hi uint16) {
+	if o.SourcePorts == [2]uint16{} {
+		return DefaultSourcePorts[0], DefaultSourcePorts[1]
+	}
+	return o.SourcePorts[0], o.SourcePorts[1]
 }
 
 func (o Options) mark() int {
@@ -60,8 +76,8 @@ func (o Options) Listen(ctx context.Context, addr string) (*net.TCPListener, err
 	return ln.(*net.TCPListener), nil
 }
 
-// Dial connects to dst. When src is valid the socket is bound to it first
-// (port chosen by the kernel); a foreign src needs IP_TRANSPARENT, which
+// Dial connects to dst. When src is valid the socket is bound to it first,
+// with a random port from SourcePorts; a foreign src needs IP_TRANSPARENT, which
 // is set unless NoTransparent. Replies to a foreign source come back to
 // this socket through the datapath's established-socket lookup, which
 // requires the bypass mark.
@@ -78,17 +94,16 @@ func (o Options) Dial(ctx context.Context, dst netip.AddrPort, src netip.Addr) (
 				return err
 			}
 		}
-		// Choose the port at connect() from the whole 4-tuple rather than
-		// at bind(): one source address (a pod's, preserved) then does not
-		// run out of ports across many destinations.
+		// Several sockets share a (source, port) towards different
+		// destinations: the 4-tuple must be unique, not the binding.
 		var serr error
 		if err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
 		}); err != nil {
 			return err
 		}
 		if serr != nil {
-			return fmt.Errorf("set IP_BIND_ADDRESS_NO_PORT: %w", serr)
+			return fmt.Errorf("set SO_REUSEADDR: %w", serr)
 		}
 		return nil
 	}}
@@ -98,19 +113,41 @@ func (o Options) Dial(ctx context.Context, dst netip.AddrPort, src netip.Addr) (
 		network = "tcp6"
 	}
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
-	if src.IsValid() {
-		src = src.Unmap()
-		if src.Is4() != dst.Addr().Is4() {
-			return nil, fmt.Errorf("dial %s from %s: address families differ", dst, src)
+	if !src.IsValid() {
+		c, err := d.DialContext(ctx, network, dst.String())
+		if err != nil {
+			return nil, err
 		}
-		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+		return c.(*net.TCPConn), nil
 	}
-	c, err := d.DialContext(ctx, network, dst.String())
-	if err != nil {
-		return nil, err
+	src = src.Unmap()
+	if src.Is4() != dst.Addr().Is4() {
+		return nil, fmt.Errorf("dial %s from %s: address families differ", dst, src)
 	}
-	return c.(*net.TCPConn), nil
+	// The port comes from SourcePorts, not the host's ephemeral range: the
+	// host's conntrack also tracks the pod's own connections (forwarded
+	// through the node), and a port the pod uses towards the same
+	// destination — a Service connection kube-proxy translated to it —
+	// would clash there and the reply would never reach this socket.
+	lo, hi := o.sourcePorts()
+	var err error
+	for range dialPortTries {
+		port := lo + uint16(rand.IntN(int(hi-lo)+1))
+		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice(), Port: int(port)}
+		var c net.Conn
+		c, err = d.DialContext(ctx, network, dst.String())
+		if err == nil {
+			return c.(*net.TCPConn), nil
+		}
+		if !errors.Is(err, syscall.EADDRINUSE) && !errors.Is(err, syscall.EADDRNOTAVAIL) {
+			return nil, err
+		}
+	}
+	return nil, fmt.Errorf("dial %s from %s: no free port in %d-%d after %d tries: %w", dst, src, lo, hi, dialPortTries, err)
 }
+
+// dialPortTries bounds the random ports a sourced Dial tries.
+const dialPortTries = 16
 
 func (o Options) setMark(c syscall.RawConn) error {
 	m := o.mark()

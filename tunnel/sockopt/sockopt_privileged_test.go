@@ -63,18 +63,23 @@ func TestPrivilegedSocketOptions(t *testing.T) {
 		t.Error("dialed socket is not plain TCP")
 	}
 
-	// A preserved source: bound with IP_BIND_ADDRESS_NO_PORT so the port
-	// comes from the whole 4-tuple at connect().
+	// A preserved source: bound with SO_REUSEADDR to a port of
+	// SourcePorts.
 	c2, err := Options{}.Dial(ctx, dst, netip.MustParseAddr("::1"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c2.Close()
-	if getInt(t, c2, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT) != 1 {
-		t.Error("IP_BIND_ADDRESS_NO_PORT not set on a sourced dial")
+	if getInt(t, c2, unix.SOL_SOCKET, unix.SO_REUSEADDR) != 1 {
+		t.Error("SO_REUSEADDR not set on a sourced dial")
 	}
 	if got := c2.LocalAddr().(*net.TCPAddr).IP.String(); got != "::1" {
 		t.Errorf("source %s, want ::1", got)
+	}
+	// Its port is outside the pods' ephemeral range (host conntrack
+	// clashes with a pod's own connections otherwise).
+	if p := c2.LocalAddr().(*net.TCPAddr).Port; p < int(DefaultSourcePorts[0]) || p > int(DefaultSourcePorts[1]) {
+		t.Errorf("source port %d outside %v", p, DefaultSourcePorts)
 	}
 	if _, err := (Options{}).Dial(ctx, dst, netip.MustParseAddr("127.0.0.1")); err == nil {
 		t.Error("dial with a source of the other family succeeded")
