@@ -7,6 +7,7 @@ import (
 	"syscall"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // Listener names a ztunnel listener the capture programs assign new
@@ -111,6 +112,40 @@ func (ls *Listeners) Unregister(l Listener, f Family) error {
 		return fmt.Errorf("unregister %s ipv%d listener: %w", l, f, err)
 	}
 	return nil
+}
+
+// UnregisterSocket empties the slot of (l, f) if it holds sock, and leaves
+// it alone if another socket (a newer ztunnel's) took it: a ztunnel that
+// stops takes its listeners out of the datapath before closing them, so
+// that new connections wait (their SYNs are dropped and retransmitted)
+// instead of being reset by a closing listener.
+func (ls *Listeners) UnregisterSocket(l Listener, f Family, sock syscall.Conn) error {
+	s, err := slot(l, f)
+	if err != nil {
+		return err
+	}
+	rc, err := sock.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("unregister %s listener: %w", l, err)
+	}
+	var mine uint64
+	var cerr error
+	if err := rc.Control(func(fd uintptr) {
+		mine, cerr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
+	}); err != nil || cerr != nil {
+		return fmt.Errorf("unregister %s listener: socket cookie: %w", l, errors.Join(err, cerr))
+	}
+	var held uint64
+	if err := ls.m.Lookup(s, &held); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		return fmt.Errorf("unregister %s ipv%d listener: %w", l, f, err)
+	}
+	if held != mine {
+		return nil
+	}
+	return ls.Unregister(l, f)
 }
 
 // Close releases the map handle; registrations stay.

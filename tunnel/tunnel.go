@@ -116,6 +116,11 @@ type Config struct {
 	// behind nftables TPROXY, or in tests). False means registration is
 	// required and failing it is fatal.
 	NoCapture bool
+	// DrainTimeout bounds how long a stopping ztunnel serves the
+	// connections it has (after taking its listeners out of the datapath,
+	// so that new connections wait for the next ztunnel) before closing
+	// what is left. Zero means 5 s; negative means no drain.
+	DrainTimeout time.Duration
 	// Ports; see Ports for the zero values.
 	Ports Ports
 	// Sockets are the options of the data plane's sockets. The zero value
@@ -301,7 +306,45 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) && !errors.Is(cause, context.DeadlineExceeded) {
 		return cause
 	}
+	drain(cfg, px, lns, log)
 	return nil
+}
+
+// drain hands new connections over to the next ztunnel and lets the
+// current ones finish: the listeners leave the datapath's listener map
+// first (new SYNs are dropped and retransmitted until the next ztunnel
+// registers), handshakes already assigned complete and are accepted, then
+// the proxy serves what it has for up to DrainTimeout.
+func drain(cfg Config, px *proxy.Proxy, lns []*net.TCPListener, log *slog.Logger) {
+	timeout := cfg.DrainTimeout
+	if timeout < 0 {
+		return
+	}
+	if timeout == 0 {
+		timeout = 5 * time.Second
+	}
+	t0 := time.Now()
+	if !cfg.NoCapture {
+		if ls, err := bpf.OpenListeners(cfg.PinRoot); err == nil {
+			for i, ln := range lns {
+				for _, f := range []bpf.Family{bpf.IPv4, bpf.IPv6} {
+					if err := ls.UnregisterSocket(bpf.Listener(i), f, ln); err != nil {
+						log.Warn("drain: unregister listener", "err", err)
+					}
+				}
+			}
+			ls.Close()
+			// A SYN assigned just before is still in its handshake.
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := px.Drain(ctx); err != nil {
+		log.Info("drained; closing the rest", "took", time.Since(t0).Round(time.Millisecond), "err", err)
+		return
+	}
+	log.Info("drained", "took", time.Since(t0).Round(time.Millisecond))
 }
 
 // register puts the listeners into the datapath's listener map. The node

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"time"
 
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/internal/cli"
@@ -41,6 +42,7 @@ func run(args []string) error {
 	fs.StringVar(&nodeIP, "node-ip", os.Getenv("INSTANCE_IP"), "this ztunnel's IP (sent to istiod)")
 	fs.StringVar(&cfg.PinRoot, "pin-root", bpf.DefaultPinRoot, "bpffs directory of the datapath's pins")
 	fs.BoolVar(&cfg.NoCapture, "no-capture", false, "do not register listeners in the datapath")
+	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 5*time.Second, "on SIGTERM, serve open connections this long (new ones wait for the next ztunnel); negative: no drain")
 	fs.UintVar(&outbound, "outbound-port", 0, "outbound listener port (0: 15001)")
 	fs.UintVar(&inbound, "inbound-port", 0, "inbound plaintext listener port (0: 15006)")
 	fs.UintVar(&hbonePort, "hbone-port", 0, "HBONE listener port (0: 15008)")

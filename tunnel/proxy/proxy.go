@@ -109,6 +109,7 @@ type Proxy struct {
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
+	draining atomic.Bool // Drain closed the listeners
 
 	mu        sync.Mutex // guards the fields below
 	listeners map[net.Listener]struct{}
@@ -206,7 +207,7 @@ func (p *Proxy) ServeHBONE(ln net.Listener) error {
 	}
 	defer p.untrackListener(ln)
 	err := p.server.Serve(ln)
-	if errors.Is(err, hbone.ErrServerClosed) || p.ctx.Err() != nil {
+	if errors.Is(err, hbone.ErrServerClosed) || p.ctx.Err() != nil || p.draining.Load() {
 		return ErrClosed
 	}
 	return err
@@ -220,7 +221,7 @@ func (p *Proxy) serve(ln net.Listener, handle func(net.Conn)) error {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if p.ctx.Err() != nil {
+			if p.ctx.Err() != nil || p.draining.Load() {
 				return ErrClosed
 			}
 			var ne net.Error
@@ -257,6 +258,34 @@ func (p *Proxy) untrackListener(ln net.Listener) {
 	p.mu.Lock()
 	delete(p.listeners, ln)
 	p.mu.Unlock()
+}
+
+// Drain closes the listeners — what they accepted is served — and waits
+// until no connection is proxied any more, or ctx ends; Close then ends
+// whatever is left. A stopping ztunnel drains so that short connections
+// finish rather than being reset.
+func (p *Proxy) Drain(ctx context.Context) error {
+	p.draining.Store(true)
+	p.mu.Lock()
+	for ln := range p.listeners {
+		ln.Close()
+	}
+	p.mu.Unlock()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		p.mu.Lock()
+		n := len(p.conns)
+		p.mu.Unlock()
+		if n == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("drain: %d connections still open: %w", n, context.Cause(ctx))
+		case <-tick.C:
+		}
+	}
 }
 
 // Close stops the listeners, every proxied connection and the HBONE pool
