@@ -44,6 +44,10 @@ test: deps check-generate vet ## run every test tier this machine supports (CI r
 	@bash hack/helm.sh
 	PATH="$(CURDIR)/.cache/bin:$$PATH" $(GO) test $(GOFLAGS_T) -timeout 30m ./...
 
+.PHONY: test-kind
+test-kind: ## the e2e suite on a kind cluster (your machine: Linux, rootful Docker or Podman, kind, internet): istiod from Istio's charts, amber's chart, the walkthrough and capture checks (KEEP=1 keeps the cluster, ISTIO_VERSION picks istiod)
+	@bash hack/test-kind.sh
+
 .PHONY: test-unit
 test-unit: ## unprivileged tests only (privileged ones skip when not root)
 	$(GO) test $(GOFLAGS_T) -short ./...

@@ -77,6 +77,9 @@ type Cluster struct {
 	// CNIBinDir and CNIConfDir are the node's CNI binary and
 	// configuration directories (what a CNI-chaining DaemonSet mounts).
 	CNIBinDir, CNIConfDir string
+	// IPAMDir is host-local's data directory of the pod network: a file
+	// per allocated address and last_reserved_ip.0.
+	IPAMDir string
 	// Istiod is istiod on this node, nil unless Options.Istiod.
 	Istiod *Istiod
 }
@@ -402,7 +405,8 @@ func Open(dir string) (*Cluster, error) {
 
 func newCluster(l layout) *Cluster {
 	return &Cluster{Dir: l.dir, Kubeconfig: l.adminKubecfg(), NodeName: DefaultNodeName,
-		ContainerdSocket: l.criSocket(), CNIBinDir: l.cniBinDir(), CNIConfDir: l.cniConfDir()}
+		ContainerdSocket: l.criSocket(), CNIBinDir: l.cniBinDir(), CNIConfDir: l.cniConfDir(),
+		IPAMDir: filepath.Join(l.cniIPAMDir(), cniNetwork)}
 }
 
 func (c *Cluster) loadClient() error {

@@ -13,6 +13,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/amber-mesh/amber/test/cluster"
 	"github.com/amber-mesh/amber/test/images"
@@ -140,11 +141,18 @@ func (a *Amber) Helm(ctx context.Context, args ...string) ([]byte, error) {
 // WaitReady waits until the DaemonSet has an up-to-date, ready pod on
 // every node it schedules to.
 func (a *Amber) WaitReady(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, a.opts.ReadyTimeout)
+	return WaitDaemonSet(ctx, a.c.Client, a.opts.ReadyTimeout)
+}
+
+// WaitDaemonSet waits, at most timeout, until amber's DaemonSet in the
+// cluster of client has an up-to-date, ready pod on every node it
+// schedules to.
+func WaitDaemonSet(ctx context.Context, client kubernetes.Interface, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var last string
 	for {
-		ds, err := a.c.Client.AppsV1().DaemonSets(Namespace).Get(ctx, DaemonSet, metav1.GetOptions{})
+		ds, err := client.AppsV1().DaemonSets(Namespace).Get(ctx, DaemonSet, metav1.GetOptions{})
 		if err == nil {
 			if dsReady(ds) {
 				return nil

@@ -3,6 +3,7 @@ package realnode
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -152,6 +153,79 @@ func ZtunnelLogs(ctx context.Context, c *cluster.Cluster, since time.Time) (stri
 	out, err := c.Kubectl(ctx, "-n", Namespace, "logs", "ds/"+DaemonSet, "-c", "amber-ztunnel",
 		"--since-time="+since.UTC().Format(time.RFC3339))
 	return string(out), err
+}
+
+// LogRecord is one line of a log written by log/slog's text or JSON
+// handler (amber's -log-format), as attribute key → value; time, level
+// and msg included.
+type LogRecord map[string]string
+
+// FindLogLine returns the first line of log whose record satisfies
+// match. Lines in neither format (a stack trace, kubectl's own notes) are
+// skipped.
+func FindLogLine(log string, match func(LogRecord) bool) (string, bool) {
+	for _, line := range strings.Split(log, "\n") {
+		if r, ok := ParseLogLine(line); ok && match(r) {
+			return line, true
+		}
+	}
+	return "", false
+}
+
+// ParseLogLine parses one line of slog's text format (key=value, values
+// quoted with Go's syntax when they need it) or JSON format (one flat
+// object; amber's attribute keys carry their dots, "src.identity", instead
+// of nesting).
+func ParseLogLine(line string) (LogRecord, bool) {
+	line = strings.TrimSpace(line)
+	if strings.HasPrefix(line, "{") {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			return nil, false
+		}
+		r := LogRecord{}
+		for k, v := range m {
+			switch v := v.(type) {
+			case string:
+				r[k] = v
+			case float64:
+				r[k] = strconv.FormatFloat(v, 'f', -1, 64)
+			default:
+				b, _ := json.Marshal(v)
+				r[k] = string(b)
+			}
+		}
+		return r, len(r) > 0
+	}
+	r := LogRecord{}
+	for line != "" {
+		eq := strings.IndexByte(line, '=')
+		if eq <= 0 || strings.ContainsAny(line[:eq], " \"") {
+			return nil, false
+		}
+		key, rest := line[:eq], line[eq+1:]
+		var val string
+		if strings.HasPrefix(rest, `"`) {
+			q, err := strconv.QuotedPrefix(rest)
+			if err != nil {
+				return nil, false
+			}
+			val, _ = strconv.Unquote(q)
+			rest = rest[len(q):]
+		} else {
+			sp := strings.IndexByte(rest, ' ')
+			if sp < 0 {
+				sp = len(rest)
+			}
+			val, rest = rest[:sp], rest[sp:]
+		}
+		if rest != "" && rest[0] != ' ' {
+			return nil, false
+		}
+		r[key] = val
+		line = strings.TrimLeft(rest, " ")
+	}
+	return r, len(r) > 0
 }
 
 // PodNetns returns the network namespace of pod's first container, as

@@ -72,7 +72,7 @@ func TestPrivilegedRealNode(t *testing.T) {
 
 	t.Run("Istio's ambient walkthrough (make demo)", func(t *testing.T) {
 		var out strings.Builder
-		w := &realnode.Walkthrough{C: c, Out: &out}
+		w := &realnode.Walkthrough{Target: realnode.HostTarget(c), Out: &out}
 		err := w.Run(ctx)
 		t.Logf("walkthrough:\n%s", out.String())
 		if err != nil {
@@ -83,10 +83,10 @@ func TestPrivilegedRealNode(t *testing.T) {
 	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := realnode.Apply(ctx, c, "workloads.yaml", realnode.WorkloadsYAML(ns)); err != nil {
+	if err := realnode.HostTarget(c).Apply(ctx, "workloads.yaml", realnode.WorkloadsYAML(ns)); err != nil {
 		t.Fatal(err)
 	}
-	if err := realnode.WaitRollout(ctx, c, ns, realnode.Productpage, realnode.Sleep, realnode.NotSleep); err != nil {
+	if err := realnode.HostTarget(c).WaitRollout(ctx, ns, realnode.Productpage, realnode.Sleep, realnode.NotSleep); err != nil {
 		t.Fatal(err)
 	}
 	url := fmt.Sprintf("http://%s.%s:%d/", realnode.Productpage, ns, images.EchoPort)
@@ -247,7 +247,7 @@ func TestPrivilegedRealNode(t *testing.T) {
 	})
 
 	t.Run("L4 AuthorizationPolicy from istiod is enforced", func(t *testing.T) {
-		if err := realnode.Apply(ctx, c, "policy.yaml", realnode.L4PolicyYAML(ns)); err != nil {
+		if err := realnode.HostTarget(c).Apply(ctx, "policy.yaml", realnode.L4PolicyYAML(ns)); err != nil {
 			t.Fatal(err)
 		}
 		waitFor(t, ctx, "notsleep denied", func() error {
@@ -265,6 +265,14 @@ func TestPrivilegedRealNode(t *testing.T) {
 			"source_principal": "spiffe://cluster.local/ns/" + ns + "/sa/" + realnode.NotSleep}) == 0 {
 			t.Error("no DENY connection from notsleep in the metrics")
 		}
+	})
+
+	t.Run(fmt.Sprintf("%d pods created and deleted under traffic: all captured, no trace left", churnPods), func(t *testing.T) {
+		churn(t, ctx, c)
+	})
+
+	t.Run("an address reused by a new pod has the new pod's identity", func(t *testing.T) {
+		ipReuse(t, ctx, c, url)
 	})
 
 	t.Run("rollout restart: no new connection fails, none bypasses the policy", func(t *testing.T) {
@@ -411,6 +419,16 @@ func rolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster, a *re
 	t.Logf("long-lived connections: %d survived, %d closed (they were proxied by the old ztunnel process, whose sockets end with it)", survived, closed)
 	if failSleep.Load() != 0 {
 		t.Errorf("%d new connections from sleep failed; first: %v", failSleep.Load(), firstErr.Load())
+		logs, _ := realnode.ZtunnelLogs(ctx, c, t0.Add(-5*time.Second))
+		for _, l := range strings.Split(logs, "\n") {
+			if !strings.Contains(l, "src.identity=spiffe://cluster.local/ns/"+ns+"/sa/"+realnode.NotSleep) && (strings.Contains(l, "level=WARN") || strings.Contains(l, "level=ERROR") || strings.Contains(l, "drain") || strings.Contains(l, "ready")) {
+				t.Log(l)
+			}
+		}
+		st, _ := realnode.Datapath()
+		if st != nil {
+			t.Logf("counters: %v", st.Counters)
+		}
 	}
 	if okNot.Load() != 0 {
 		t.Errorf("%d connections from notsleep got through the policy during the restart", okNot.Load())
@@ -460,7 +478,7 @@ func captured(t *testing.T, ip string) bool {
 
 func pod(t *testing.T, ctx context.Context, c *cluster.Cluster, app string) *corev1.Pod {
 	t.Helper()
-	p, err := realnode.RunningPod(ctx, c, ns, app)
+	p, err := realnode.HostTarget(c).RunningPod(ctx, ns, app)
 	if err != nil {
 		t.Fatal(err)
 	}

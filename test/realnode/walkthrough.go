@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -12,8 +11,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/amber-mesh/amber/bpf"
-	"github.com/amber-mesh/amber/test/cluster"
 	"github.com/amber-mesh/amber/test/images"
 )
 
@@ -21,11 +18,19 @@ import (
 // is installed: deploy productpage, sleep and notsleep in ns, label the
 // namespace, reach productpage from both clients through the mesh with
 // mTLS, apply the L4 policy that admits only sleep, and show the node
-// with amberctl and bpftool. Each step prints the command a user would
-// type and what it showed; the first expectation that fails is returned.
+// with amberctl and its membership map. Each step prints the command a
+// user would type and what it showed; the first expectation that fails is
+// returned.
+//
+// It runs on any Target: the local node (HostTarget, `make demo`) or a
+// cluster reached through its API server (NewKubeTarget, `make
+// test-kind`). On a cluster of many nodes each observation is made on the
+// node of the pod it concerns: capture on the pod's, the mTLS and DENY
+// metrics on productpage's (the destination reports them).
 type Walkthrough struct {
-	C   *cluster.Cluster
-	Out io.Writer
+	// Target is the cluster, with amber installed.
+	Target *Target
+	Out    io.Writer
 	// Namespace is where the workloads go. Zero means "default", as in
 	// Istio's walkthrough.
 	Namespace string
@@ -53,13 +58,14 @@ func (w *Walkthrough) output(s string) {
 // kubectl runs and prints a kubectl command the user would type.
 func (w *Walkthrough) kubectl(ctx context.Context, args ...string) (string, error) {
 	w.shell("kubectl " + strings.Join(args, " "))
-	out, err := w.C.Kubectl(ctx, args...)
+	out, err := w.Target.Kubectl(ctx, args...)
 	w.output(string(out))
 	return string(out), err
 }
 
 // Run plays the walkthrough.
 func (w *Walkthrough) Run(ctx context.Context) error {
+	t := w.Target
 	ns := w.Namespace
 	if ns == "" {
 		ns = "default"
@@ -70,17 +76,17 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 		}
 		return append([]string{"-n", ns}, args...)
 	}
-	if _, err := w.C.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil && !strings.Contains(err.Error(), "already exists") {
+	if _, err := t.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil && !strings.Contains(err.Error(), "already exists") {
 		return err
 	}
 
 	w.step("Deploy productpage, sleep and notsleep (each with its own service account)")
-	manifest := filepath.Join(w.C.Dir, "manifests", "bookinfo-"+ns+".yaml")
+	manifest := filepath.Join(t.Manifests, "bookinfo-"+ns+".yaml")
 	w.shell("kubectl apply -f " + manifest)
-	if err := Apply(ctx, w.C, filepath.Base(manifest), WorkloadsYAML(ns)); err != nil {
+	if err := t.Apply(ctx, filepath.Base(manifest), WorkloadsYAML(ns)); err != nil {
 		return err
 	}
-	if err := WaitRollout(ctx, w.C, ns, Productpage, Sleep, NotSleep); err != nil {
+	if err := t.WaitRollout(ctx, ns, Productpage, Sleep, NotSleep); err != nil {
 		return err
 	}
 	if _, err := w.kubectl(ctx, nsArgs("get", "pods", "-o", "wide")...); err != nil {
@@ -93,7 +99,7 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	// The Service's endpoints reach kube-proxy a moment after the pods
 	// are Ready.
 	if err := retry(ctx, 30*time.Second, func() error {
-		_, err := w.C.Kubectl(ctx, nsArgs("exec", "deploy/"+Sleep, "--", "curl", "-timeout=2s", url)...)
+		_, err := t.Kubectl(ctx, nsArgs("exec", "deploy/"+Sleep, "--", "curl", "-timeout=2s", url)...)
 		return err
 	}); err != nil {
 		return fmt.Errorf("productpage unreachable before the mesh: %w", err)
@@ -103,13 +109,17 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	if _, err := w.kubectl(ctx, "label", "namespace", ns, "istio.io/dataplane-mode=ambient"); err != nil {
 		return err
 	}
+	// Node of each app's pod: the node whose datapath captures it and
+	// whose ztunnel serves it.
+	nodes := map[string]string{}
 	for _, app := range []string{Productpage, Sleep, NotSleep} {
-		p, err := RunningPod(ctx, w.C, ns, app)
+		p, err := t.RunningPod(ctx, ns, app)
 		if err != nil {
 			return err
 		}
+		nodes[app] = p.Spec.NodeName
 		if err := retry(ctx, 30*time.Second, func() error {
-			if ok, err := Captured(p.Status.PodIP); err != nil || !ok {
+			if ok, err := t.Captured(ctx, p.Spec.NodeName, p.Status.PodIP); err != nil || !ok {
 				return fmt.Errorf("%s (%s) not captured: %v", p.Name, p.Status.PodIP, err)
 			}
 			return nil
@@ -118,6 +128,7 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 		}
 		w.say("%-12s %-15s captured by the datapath (amber_pods map)", app, p.Status.PodIP)
 	}
+	ppNode := nodes[Productpage]
 
 	w.step("Reach productpage from sleep and notsleep, through the mesh")
 	sleepID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, Sleep)
@@ -127,10 +138,10 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 		// pods without HBONE; the ztunnel then passes traffic through.
 		client := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, app)
 		if err := retry(ctx, 60*time.Second, func() error {
-			if _, err := w.C.Kubectl(ctx, nsArgs("exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)...); err != nil {
+			if _, err := t.Kubectl(ctx, nsArgs("exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)...); err != nil {
 				return err
 			}
-			ms, err := Metrics(ctx, "istio_tcp_connections_opened_total")
+			ms, err := t.Nodes.Metrics(ctx, ppNode, "istio_tcp_connections_opened_total")
 			if err != nil {
 				return err
 			}
@@ -146,8 +157,12 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 			return err
 		}
 	}
-	w.shell("curl -s http://" + cluster.NodeIP + ":15020/metrics | grep istio_tcp_connections_opened_total")
-	ms, err := Metrics(ctx, "istio_tcp_connections_opened_total")
+	cmds, err := t.Nodes.Commands(ctx, ppNode)
+	if err != nil {
+		return err
+	}
+	w.shell(cmds.Metrics + " | grep istio_tcp_connections_opened_total")
+	ms, err := t.Nodes.Metrics(ctx, ppNode, "istio_tcp_connections_opened_total")
 	if err != nil {
 		return err
 	}
@@ -159,16 +174,16 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	}
 
 	w.step("Apply an L4 policy: only sleep's identity may reach productpage")
-	policy := filepath.Join(w.C.Dir, "manifests", "productpage-viewer-"+ns+".yaml")
+	policy := filepath.Join(t.Manifests, "productpage-viewer-"+ns+".yaml")
 	w.shell("kubectl apply -f " + policy)
 	w.output(L4PolicyYAML(ns))
-	if err := Apply(ctx, w.C, filepath.Base(policy), L4PolicyYAML(ns)); err != nil {
+	if err := t.Apply(ctx, filepath.Base(policy), L4PolicyYAML(ns)); err != nil {
 		return err
 	}
 	since := time.Now().Add(-time.Second)
 	notID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, NotSleep)
 	if err := retry(ctx, 60*time.Second, func() error {
-		if _, err := w.C.Kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); err == nil {
+		if _, err := t.Kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); err == nil {
 			return fmt.Errorf("notsleep still allowed")
 		}
 		return nil
@@ -181,24 +196,26 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); err == nil {
 		return fmt.Errorf("notsleep allowed under the policy")
 	}
+	// Either end may log the refusal: read every node's ztunnel.
 	w.say("notsleep is refused. The ztunnel's access log says why:")
-	w.shell(fmt.Sprintf("kubectl -n %s logs ds/%s -c amber-ztunnel | grep %s", Namespace, DaemonSet, notID))
-	logs, err := ZtunnelLogs(ctx, w.C, since)
+	all, err := t.Nodes.Commands(ctx, "")
 	if err != nil {
 		return err
 	}
-	denied := false
-	for _, line := range strings.Split(logs, "\n") {
-		if strings.Contains(line, "src.identity="+notID) && strings.Contains(line, "error=") {
-			w.output(line)
-			denied = true
-			break
-		}
+	w.shell(fmt.Sprintf("%s | grep %s", all.Logs, notID))
+	logs, err := t.Nodes.ZtunnelLogs(ctx, "", since)
+	if err != nil {
+		return err
 	}
+	line, denied := FindLogLine(logs, func(r LogRecord) bool {
+		_, failed := r["error"]
+		return r["src.identity"] == notID && failed
+	})
 	if !denied {
 		return fmt.Errorf("no denial of %s in the ztunnel's access log", notID)
 	}
-	ms, err = Metrics(ctx, "istio_tcp_connections_opened_total")
+	w.output(line)
+	ms, err = t.Nodes.Metrics(ctx, ppNode, "istio_tcp_connections_opened_total")
 	if err != nil {
 		return err
 	}
@@ -209,18 +226,17 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	w.say("istio_tcp_connections_opened_total{source_principal=%q,response_flags=\"DENY\"} = %v", notID, n)
 	_ = sleepID
 
-	w.step("Look at the node: amberctl and bpftool")
-	if _, err := w.kubectl(ctx, "-n", Namespace, "exec", "ds/"+DaemonSet, "-c", "amber-agent", "--", "amberctl"); err != nil {
+	w.step("Look at the node: amberctl and the membership map")
+	w.shell(cmds.Amberctl)
+	out, err := t.Nodes.Amberctl(ctx, ppNode)
+	w.output(out)
+	if err != nil {
 		return err
 	}
-	pins := filepath.Join(bpf.DefaultPinRoot, "amber_pods")
-	w.shell("bpftool map dump pinned " + pins)
-	out, err := exec.CommandContext(ctx, "bpftool", "map", "dump", "pinned", pins).CombinedOutput()
-	w.output(string(out))
-	if err != nil {
-		return fmt.Errorf("bpftool: %w", err)
-	}
-	return nil
+	w.shell(cmds.Membership)
+	out, err = t.Nodes.MembershipDump(ctx, ppNode)
+	w.output(out)
+	return err
 }
 
 // retry calls f every 250 ms until it succeeds or d passes.

@@ -1,17 +1,11 @@
 package realnode
 
 import (
-	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/amber-mesh/amber/test/cluster"
 	"github.com/amber-mesh/amber/test/images"
 )
 
@@ -83,53 +77,6 @@ spec:
   rules:
     - from: [{source: {principals: ["cluster.local/ns/%[1]s/sa/%[3]s"]}}]
 `, ns, Productpage, Sleep)
-}
-
-// Apply writes manifest to a file named name in the cluster's state
-// directory and runs `kubectl apply -f` on it.
-func Apply(ctx context.Context, c *cluster.Cluster, name, manifest string) error {
-	dir := filepath.Join(c.Dir, "manifests")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	f := filepath.Join(dir, name)
-	if err := os.WriteFile(f, []byte(manifest), 0o644); err != nil {
-		return err
-	}
-	_, err := c.Kubectl(ctx, "apply", "-f", f)
-	return err
-}
-
-// WaitRollout waits until the Deployments are rolled out.
-func WaitRollout(ctx context.Context, c *cluster.Cluster, ns string, deployments ...string) error {
-	for _, d := range deployments {
-		if _, err := c.Kubectl(ctx, "-n", ns, "rollout", "status", "deployment/"+d, "--timeout=120s"); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// RunningPod returns the Running, Ready pod of the app label app.
-func RunningPod(ctx context.Context, c *cluster.Cluster, ns, app string) (*corev1.Pod, error) {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	for {
-		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=" + app})
-		if err == nil {
-			for i := range pods.Items {
-				p := &pods.Items[i]
-				if p.DeletionTimestamp == nil && p.Status.Phase == corev1.PodRunning && podReady(p) {
-					return p, nil
-				}
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("no running pod of %s/%s: %w", ns, app, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
 
 func podReady(p *corev1.Pod) bool {

@@ -96,7 +96,7 @@ func run(ctx context.Context, keep bool) (err error) {
 		return err
 	}
 	fmt.Print(indent(string(out)))
-	w := &realnode.Walkthrough{C: c, Out: os.Stdout}
+	w := &realnode.Walkthrough{Target: realnode.HostTarget(c), Out: os.Stdout}
 	if err := w.Run(ctx); err != nil {
 		return err
 	}
