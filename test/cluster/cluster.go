@@ -627,15 +627,25 @@ func RepoRoot() (string, error) {
 // kubeBins runs hack/kube-bins.sh for every Kubernetes binary; it builds
 // only what is missing or stale, its progress going to the logger.
 func kubeBins(ctx context.Context, opts Options) (string, error) {
-	cmd := exec.CommandContext(ctx, "bash", filepath.Join(opts.RepoRoot, "hack", "kube-bins.sh"), "all")
+	dir, err := hackScript(ctx, opts, "kube-bins.sh", "all")
+	if err != nil {
+		return "", fmt.Errorf("build kubernetes binaries: %w", err)
+	}
+	return dir, nil
+}
+
+// hackScript runs hack/<script> (a cached build that prints its output
+// directory), its progress going to the logger; cancelling ctx interrupts
+// it, and it stops its whole build.
+func hackScript(ctx context.Context, opts Options, script string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, "bash", append([]string{filepath.Join(opts.RepoRoot, "hack", script)}, args...)...)
 	cmd.Dir = opts.RepoRoot
 	var stdout bytes.Buffer
 	cmd.Stdout = &stdout
 	cmd.Stderr = logWriter{opts.Logger}
-	// SIGTERM, not SIGKILL, on cancel: the script stops its whole build.
 	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
 	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("build kubernetes binaries: %w", err)
+		return "", err
 	}
 	return strings.TrimSpace(stdout.String()), nil
 }

@@ -1,15 +1,12 @@
 package cluster
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -60,22 +57,18 @@ func istiodEnabled(l layout) bool {
 	return err == nil
 }
 
-// istiodBins runs hack/istiod-bin.sh, which builds pilot-discovery once
+// istiodBins runs hack/istiod-bin.sh, which builds pilot-discovery (and the
+// hbone-interop test program) once
 // (≈ 3.5 min) and prints its directory, or returns $AMBER_ISTIOD_BIN_DIR.
 func istiodBins(ctx context.Context, opts Options) (string, error) {
 	if dir := os.Getenv(istiod.BinDirEnv); dir != "" {
 		return dir, nil
 	}
-	cmd := exec.CommandContext(ctx, "bash", filepath.Join(opts.RepoRoot, "hack", "istiod-bin.sh"))
-	cmd.Dir = opts.RepoRoot
-	var stdout bytes.Buffer
-	cmd.Stdout = &stdout
-	cmd.Stderr = logWriter{opts.Logger}
-	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
-	if err := cmd.Run(); err != nil {
+	dir, err := hackScript(ctx, opts, "istiod-bin.sh")
+	if err != nil {
 		return "", fmt.Errorf("build istiod: %w", err)
 	}
-	return strings.TrimSpace(stdout.String()), nil
+	return dir, nil
 }
 
 // ensureIstiod starts istiod unless it runs, then waits until it is ready

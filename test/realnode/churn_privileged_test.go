@@ -36,7 +36,7 @@ const churnPods = 100
 // and no connection of the steady stream fails.
 func churn(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	target := productpageVIP(t, ctx, c)
-	sleepNS, err := realnode.PodNetns(ctx, c, pod(t, ctx, c, realnode.Sleep))
+	sleepNS, err := realnode.PodNetns(ctx, c, podOf(t, ctx, realnode.HostTarget(c), ns, realnode.Sleep))
 	if err != nil {
 		t.Fatal(err)
 	}

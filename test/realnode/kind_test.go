@@ -99,19 +99,19 @@ func TestKind(t *testing.T) {
 		t.Fatal(err)
 	}
 	url := fmt.Sprintf("http://%s.%s:%d/", realnode.Productpage, ns, images.EchoPort)
-	kindWait(t, ctx, "productpage's endpoints", func() error {
-		if out, ok := kindCurl(ctx, tg, ns, realnode.Sleep, url); !ok {
+	waitFor(t, ctx, "productpage's endpoints", func() error {
+		if out, ok := curlIn(ctx, tg, ns, realnode.Sleep, url); !ok {
 			return errors.New(out)
 		}
 		return nil
 	})
 
 	t.Run("unlabelled pods are untouched", func(t *testing.T) {
-		sleep := kindPod(t, ctx, tg, ns, realnode.Sleep)
-		pp := kindPod(t, ctx, tg, ns, realnode.Productpage)
+		sleep := podOf(t, ctx, tg, ns, realnode.Sleep)
+		pp := podOf(t, ctx, tg, ns, realnode.Productpage)
 		nodes := []string{sleep.Spec.NodeName, pp.Spec.NodeName}
 		before := kindCounters(t, ctx, tg, nodes...)
-		if out, ok := kindCurl(ctx, tg, ns, realnode.Sleep, url); !ok {
+		if out, ok := curlIn(ctx, tg, ns, realnode.Sleep, url); !ok {
 			t.Fatalf("sleep → productpage: %s", out)
 		}
 		if kindCaptured(t, ctx, tg, sleep.Spec.NodeName, sleep.Status.PodIP) {
@@ -131,8 +131,8 @@ func TestKind(t *testing.T) {
 
 	t.Run("labelled namespace: running pods are captured and meshed with mTLS", func(t *testing.T) {
 		for _, app := range []string{realnode.Productpage, realnode.Sleep, realnode.NotSleep} {
-			p := kindPod(t, ctx, tg, ns, app)
-			kindWait(t, ctx, app+" captured and annotated", func() error {
+			p := podOf(t, ctx, tg, ns, app)
+			waitFor(t, ctx, app+" captured and annotated", func() error {
 				if ok, err := tg.Captured(ctx, p.Spec.NodeName, p.Status.PodIP); err != nil || !ok {
 					return fmt.Errorf("%s not in the membership map of %s: %v", p.Status.PodIP, p.Spec.NodeName, err)
 				}
@@ -146,11 +146,11 @@ func TestKind(t *testing.T) {
 				return nil
 			})
 		}
-		pp := kindPod(t, ctx, tg, ns, realnode.Productpage)
+		pp := podOf(t, ctx, tg, ns, realnode.Productpage)
 		since := time.Now().Add(-time.Second)
 		sleepID := "spiffe://cluster.local/ns/" + ns + "/sa/" + realnode.Sleep
-		kindWait(t, ctx, "mTLS from sleep to productpage", func() error {
-			if out, ok := kindCurl(ctx, tg, ns, realnode.Sleep, url); !ok {
+		waitFor(t, ctx, "mTLS from sleep to productpage", func() error {
+			if out, ok := curlIn(ctx, tg, ns, realnode.Sleep, url); !ok {
 				return errors.New(out)
 			}
 			ms, err := tg.Nodes.Metrics(ctx, pp.Spec.NodeName, "istio_tcp_connections_opened_total")
@@ -177,51 +177,20 @@ func TestKind(t *testing.T) {
 	})
 
 	t.Run("a pod created after the label is captured before its first connection", func(t *testing.T) {
-		p := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: "first-connection", Namespace: ns},
-			Spec: corev1.PodSpec{
-				ServiceAccountName: realnode.Sleep, RestartPolicy: corev1.RestartPolicyNever,
-				Containers: []corev1.Container{{Name: "curl", Image: images.Curl.Ref, ImagePullPolicy: corev1.PullNever,
-					Args: []string{"-timeout=20s", url}}},
-			},
-		}
 		since := time.Now().Add(-time.Second)
-		if _, err := tg.Client.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		done := kindPodDone(t, ctx, tg, ns, p.Name)
-		if done.Status.Phase != corev1.PodSucceeded {
-			out, _ := tg.Kubectl(ctx, "-n", ns, "logs", p.Name)
-			t.Fatalf("first-connection pod %s:\n%s", done.Status.Phase, out)
-		}
+		done := runClientPod(t, ctx, tg, ns, "first-connection", realnode.Sleep, false, url)
 		logs, err := tg.Nodes.ZtunnelLogs(ctx, "", since)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, ok := realnode.FindLogLine(logs, func(r realnode.LogRecord) bool { return r["src.workload"] == p.Name }); !ok {
+		if _, ok := realnode.FindLogLine(logs, func(r realnode.LogRecord) bool { return r["src.workload"] == done.Name }); !ok {
 			t.Errorf("the pod's first connection is not in the ztunnel's access log:\n%s", logs)
 		}
 	})
 
 	t.Run("hostNetwork pods are never captured", func(t *testing.T) {
-		p := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: "host-client", Namespace: ns},
-			Spec: corev1.PodSpec{
-				HostNetwork: true, DNSPolicy: corev1.DNSClusterFirstWithHostNet,
-				RestartPolicy: corev1.RestartPolicyNever,
-				Containers: []corev1.Container{{Name: "curl", Image: images.Curl.Ref, ImagePullPolicy: corev1.PullNever,
-					Args: []string{"-timeout=20s", url}}},
-			},
-		}
 		since := time.Now().Add(-time.Second)
-		if _, err := tg.Client.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		done := kindPodDone(t, ctx, tg, ns, p.Name)
-		if done.Status.Phase != corev1.PodSucceeded {
-			out, _ := tg.Kubectl(ctx, "-n", ns, "logs", p.Name)
-			t.Fatalf("host-client pod %s:\n%s", done.Status.Phase, out)
-		}
+		done := runClientPod(t, ctx, tg, ns, "host-client", "", true, url)
 		node, nodeIP := done.Spec.NodeName, done.Status.HostIP
 		if kindCaptured(t, ctx, tg, node, nodeIP) {
 			t.Errorf("the address of node %s (%s) is in its membership map", node, nodeIP)
@@ -305,15 +274,6 @@ func kindLogTails(t *testing.T, tg *realnode.Target) {
 	}
 }
 
-func kindPod(t *testing.T, ctx context.Context, tg *realnode.Target, ns, app string) *corev1.Pod {
-	t.Helper()
-	p, err := tg.RunningPod(ctx, ns, app)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
 func kindCaptured(t *testing.T, ctx context.Context, tg *realnode.Target, node, ip string) bool {
 	t.Helper()
 	ok, err := tg.Captured(ctx, node, ip)
@@ -342,48 +302,4 @@ func kindCounters(t *testing.T, ctx context.Context, tg *realnode.Target, nodes 
 		}
 	}
 	return sum
-}
-
-// kindCurl runs `kubectl exec deploy/APP -- curl URL` in ns.
-func kindCurl(ctx context.Context, tg *realnode.Target, ns, app, url string) (string, bool) {
-	out, err := tg.Kubectl(ctx, "-n", ns, "exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)
-	if err != nil {
-		return fmt.Sprintf("%s%v", out, err), false
-	}
-	return string(out), true
-}
-
-func kindPodDone(t *testing.T, ctx context.Context, tg *realnode.Target, ns, name string) *corev1.Pod {
-	t.Helper()
-	var p *corev1.Pod
-	kindWait(t, ctx, "pod "+name+" to finish", func() error {
-		var err error
-		if p, err = tg.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{}); err != nil {
-			return err
-		}
-		if p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
-			return fmt.Errorf("phase %s", p.Status.Phase)
-		}
-		return nil
-	})
-	return p
-}
-
-// kindWait calls check every half second until it succeeds, and fails the
-// test with its last error after 90 s.
-func kindWait(t *testing.T, ctx context.Context, what string, check func() error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
-	defer cancel()
-	for {
-		err := check()
-		if err == nil {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("waiting for %s: %v", what, err)
-		case <-time.After(500 * time.Millisecond):
-		}
-	}
 }

@@ -94,7 +94,7 @@ func TestPrivilegedRealNode(t *testing.T) {
 	// The Service's endpoints reach kube-proxy a moment after the pods
 	// are Ready.
 	waitFor(t, ctx, "productpage's endpoints", func() error {
-		if out, ok := curlResult(ctx, c, realnode.Sleep, url); !ok {
+		if out, ok := curlIn(ctx, realnode.HostTarget(c), ns, realnode.Sleep, url); !ok {
 			return errors.New(out)
 		}
 		return nil
@@ -103,7 +103,7 @@ func TestPrivilegedRealNode(t *testing.T) {
 	t.Run("unlabelled pods are untouched", func(t *testing.T) {
 		before := counters(t)
 		curl(t, ctx, c, realnode.Sleep, url, true)
-		sleep := pod(t, ctx, c, realnode.Sleep)
+		sleep := podOf(t, ctx, realnode.HostTarget(c), ns, realnode.Sleep)
 		if captured(t, sleep.Status.PodIP) {
 			t.Errorf("sleep %s captured before its namespace is labelled", sleep.Status.PodIP)
 		}
@@ -121,7 +121,7 @@ func TestPrivilegedRealNode(t *testing.T) {
 
 	t.Run("labelled namespace: running pods are captured and meshed with mTLS", func(t *testing.T) {
 		for _, app := range []string{realnode.Productpage, realnode.Sleep, realnode.NotSleep} {
-			p := pod(t, ctx, c, app)
+			p := podOf(t, ctx, realnode.HostTarget(c), ns, app)
 			waitFor(t, ctx, app+" captured and annotated", func() error {
 				if !captured(t, p.Status.PodIP) {
 					return fmt.Errorf("%s not in the membership map", p.Status.PodIP)
@@ -182,55 +182,24 @@ func TestPrivilegedRealNode(t *testing.T) {
 	})
 
 	t.Run("a pod created after the label is captured before its first connection", func(t *testing.T) {
-		p := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: "first-connection", Namespace: ns},
-			Spec: corev1.PodSpec{
-				ServiceAccountName: realnode.Sleep, RestartPolicy: corev1.RestartPolicyNever,
-				Containers: []corev1.Container{{Name: "curl", Image: images.Curl.Ref, ImagePullPolicy: corev1.PullNever,
-					Args: []string{"-timeout=20s", url}}},
-			},
-		}
 		since := time.Now().Add(-time.Second)
-		if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		done := waitPodDone(t, ctx, c, p.Name)
-		if done.Status.Phase != corev1.PodSucceeded {
-			out, _ := c.Kubectl(ctx, "-n", ns, "logs", p.Name)
-			t.Fatalf("first-connection pod %s:\n%s", done.Status.Phase, out)
-		}
+		done := runClientPod(t, ctx, realnode.HostTarget(c), ns, "first-connection", realnode.Sleep, false, url)
 		logs, err := realnode.ZtunnelLogs(ctx, c, since)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !strings.Contains(logs, "src.workload="+p.Name) {
+		if !strings.Contains(logs, "src.workload="+done.Name) {
 			t.Errorf("the pod's first connection is not in the ztunnel's access log:\n%s", logs)
 		}
 	})
 
 	t.Run("hostNetwork pods are never captured", func(t *testing.T) {
-		p := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: "host-client", Namespace: ns},
-			Spec: corev1.PodSpec{
-				HostNetwork: true, DNSPolicy: corev1.DNSClusterFirstWithHostNet,
-				RestartPolicy: corev1.RestartPolicyNever,
-				Containers: []corev1.Container{{Name: "curl", Image: images.Curl.Ref, ImagePullPolicy: corev1.PullNever,
-					Args: []string{"-timeout=20s", url}}},
-			},
-		}
 		since := time.Now().Add(-time.Second)
-		if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		done := waitPodDone(t, ctx, c, p.Name)
-		if done.Status.Phase != corev1.PodSucceeded {
-			out, _ := c.Kubectl(ctx, "-n", ns, "logs", p.Name)
-			t.Fatalf("host-client pod %s:\n%s", done.Status.Phase, out)
-		}
+		done := runClientPod(t, ctx, realnode.HostTarget(c), ns, "host-client", "", true, url)
 		if captured(t, cluster.NodeIP) {
 			t.Error("the node's address is in the membership map")
 		}
-		got, err := c.Client.CoreV1().Pods(ns).Get(ctx, p.Name, metav1.GetOptions{})
+		got, err := c.Client.CoreV1().Pods(ns).Get(ctx, done.Name, metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -251,7 +220,7 @@ func TestPrivilegedRealNode(t *testing.T) {
 			t.Fatal(err)
 		}
 		waitFor(t, ctx, "notsleep denied", func() error {
-			if out, ok := curlResult(ctx, c, realnode.NotSleep, url); ok {
+			if out, ok := curlIn(ctx, realnode.HostTarget(c), ns, realnode.NotSleep, url); ok {
 				return fmt.Errorf("notsleep still allowed: %s", out)
 			}
 			return nil
@@ -318,17 +287,17 @@ func TestPrivilegedRealNode(t *testing.T) {
 // restarted: every sleep connection must succeed (the datapath holds SYNs
 // while no ztunnel listens; they are retransmitted), no notsleep one may.
 func rolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster, a *realnode.Amber) {
-	pp := pod(t, ctx, c, realnode.Productpage)
+	pp := podOf(t, ctx, realnode.HostTarget(c), ns, realnode.Productpage)
 	svc, err := c.Client.CoreV1().Services(ns).Get(ctx, realnode.Productpage, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	target := net.JoinHostPort(svc.Spec.ClusterIP, fmt.Sprint(images.EchoPort))
-	sleepNS, err := realnode.PodNetns(ctx, c, pod(t, ctx, c, realnode.Sleep))
+	sleepNS, err := realnode.PodNetns(ctx, c, podOf(t, ctx, realnode.HostTarget(c), ns, realnode.Sleep))
 	if err != nil {
 		t.Fatal(err)
 	}
-	notNS, err := realnode.PodNetns(ctx, c, pod(t, ctx, c, realnode.NotSleep))
+	notNS, err := realnode.PodNetns(ctx, c, podOf(t, ctx, realnode.HostTarget(c), ns, realnode.NotSleep))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -476,62 +445,11 @@ func captured(t *testing.T, ip string) bool {
 	return ok
 }
 
-func pod(t *testing.T, ctx context.Context, c *cluster.Cluster, app string) *corev1.Pod {
-	t.Helper()
-	p, err := realnode.HostTarget(c).RunningPod(ctx, ns, app)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
-// curlResult runs `kubectl exec deploy/APP -- curl URL`.
-func curlResult(ctx context.Context, c *cluster.Cluster, app, url string) (string, bool) {
-	out, err := c.Kubectl(ctx, "-n", ns, "exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)
-	if err != nil {
-		return fmt.Sprintf("%s%v", out, err), false
-	}
-	return string(out), true
-}
-
 func curl(t *testing.T, ctx context.Context, c *cluster.Cluster, app, url string, wantOK bool) {
 	t.Helper()
-	out, ok := curlResult(ctx, c, app, url)
+	out, ok := curlIn(ctx, realnode.HostTarget(c), ns, app, url)
 	if ok != wantOK {
 		t.Fatalf("%s → %s: ok=%v, want %v:\n%s", app, url, ok, wantOK, out)
-	}
-}
-
-func waitPodDone(t *testing.T, ctx context.Context, c *cluster.Cluster, name string) *corev1.Pod {
-	t.Helper()
-	var p *corev1.Pod
-	waitFor(t, ctx, "pod "+name+" to finish", func() error {
-		var err error
-		if p, err = c.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{}); err != nil {
-			return err
-		}
-		if p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
-			return fmt.Errorf("phase %s", p.Status.Phase)
-		}
-		return nil
-	})
-	return p
-}
-
-func waitFor(t *testing.T, ctx context.Context, what string, check func() error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
-	defer cancel()
-	for {
-		err := check()
-		if err == nil {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("waiting for %s: %v", what, err)
-		case <-time.After(250 * time.Millisecond):
-		}
 	}
 }
 

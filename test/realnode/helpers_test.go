@@ -1,0 +1,96 @@
+package realnode_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/amber-mesh/amber/test/images"
+	"github.com/amber-mesh/amber/test/realnode"
+)
+
+// podOf returns the running, ready pod of app in ns.
+func podOf(t *testing.T, ctx context.Context, tg *realnode.Target, ns, app string) *corev1.Pod {
+	t.Helper()
+	p, err := tg.RunningPod(ctx, ns, app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// curlIn runs `kubectl exec deploy/APP -- curl URL` in ns.
+func curlIn(ctx context.Context, tg *realnode.Target, ns, app, url string) (string, bool) {
+	out, err := tg.Kubectl(ctx, "-n", ns, "exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)
+	if err != nil {
+		return fmt.Sprintf("%s%v", out, err), false
+	}
+	return string(out), true
+}
+
+// waitPodDone waits until the pod has succeeded or failed.
+func waitPodDone(t *testing.T, ctx context.Context, tg *realnode.Target, ns, name string) *corev1.Pod {
+	t.Helper()
+	var p *corev1.Pod
+	waitFor(t, ctx, "pod "+name+" to finish", func() error {
+		var err error
+		if p, err = tg.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{}); err != nil {
+			return err
+		}
+		if p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+			return fmt.Errorf("phase %s", p.Status.Phase)
+		}
+		return nil
+	})
+	return p
+}
+
+// waitFor calls check every 250 ms until it succeeds, and fails the test
+// with its last error after 90 s.
+func waitFor(t *testing.T, ctx context.Context, what string, check func() error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	for {
+		err := check()
+		if err == nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("waiting for %s: %v", what, err)
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// runClientPod runs a pod whose only container GETs url once (as service
+// account sa, on the node's network with hostNetwork), waits for it to
+// finish and fails the test unless it succeeded.
+func runClientPod(t *testing.T, ctx context.Context, tg *realnode.Target, ns, name, sa string, hostNetwork bool, url string) *corev1.Pod {
+	t.Helper()
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: corev1.PodSpec{
+			ServiceAccountName: sa, RestartPolicy: corev1.RestartPolicyNever,
+			Containers: []corev1.Container{{Name: "curl", Image: images.Curl.Ref, ImagePullPolicy: corev1.PullNever,
+				Args: []string{"-timeout=20s", url}}},
+		},
+	}
+	if hostNetwork {
+		p.Spec.HostNetwork, p.Spec.DNSPolicy = true, corev1.DNSClusterFirstWithHostNet
+	}
+	if _, err := tg.Client.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	done := waitPodDone(t, ctx, tg, ns, name)
+	if done.Status.Phase != corev1.PodSucceeded {
+		out, _ := tg.Kubectl(ctx, "-n", ns, "logs", name)
+		t.Fatalf("%s pod %s:\n%s", name, done.Status.Phase, out)
+	}
+	return done
+}
