@@ -113,7 +113,7 @@ func TestHBONERefusals(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
-			s, err := client.Connect(ctx, key, tc.authority, http.Header{"Forwarded": {formatForwarded(netip.MustParseAddrPort("127.0.0.3:1234"))}})
+			s, err := client.Connect(ctx, key, tc.authority, http.Header{"Forwarded": {formatForwarded(netip.MustParseAddrPort("127.0.0.3:1234"), nil)}})
 			var se *hbone.StatusError
 			if !errors.As(err, &se) || se.Code != http.StatusBadRequest {
 				if s != nil {

@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
+	crand "crypto/rand"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -78,7 +80,9 @@ func (p *Proxy) connectOutbound(down halfConn, src, dst netip.AddrPort) (*record
 	if rt.hbone {
 		r.protocol, r.mtls, r.hboneAddr, r.dstID = protocolHBONE, true, rt.addr, rt.peer
 		hdr := http.Header{}
-		hdr.Set("Forwarded", formatForwarded(src))
+		hdr.Set("Forwarded", formatForwarded(src, rt.svc))
+		hdr.Set("Baggage", baggage(r.srcW))
+		hdr.Set("Traceparent", newTraceparent())
 		key := hbone.Key{Src: r.srcID.String(), Dst: rt.peer.String(), Addr: rt.addr}
 		up, err = p.pool.Connect(ctx, key, rt.authority, hdr)
 	} else {
@@ -196,8 +200,31 @@ func endpointAddr(w *state.Workload, like netip.Addr) netip.Addr {
 
 // formatForwarded is the RFC 7239 Forwarded header naming the client:
 // for="ip:port", IPv6 in brackets (§6: such a node must be quoted).
-func formatForwarded(src netip.AddrPort) string {
-	return fmt.Sprintf("for=%q", src.String())
+// formatForwarded is the CONNECT's Forwarded header, as Istio's ztunnel
+// writes it: the client's address and, for a Service destination, its
+// hostname.
+func formatForwarded(src netip.AddrPort, svc *state.Service) string {
+	if svc == nil {
+		return fmt.Sprintf("for=%q", src.String())
+	}
+	return fmt.Sprintf("for=%q;host=%s", src.String(), svc.Hostname)
+}
+
+// baggage is the CONNECT's W3C baggage header describing the source
+// workload, with the keys Istio's ztunnel sends (waypoints and the peer
+// ztunnel read them for telemetry).
+func baggage(w *state.Workload) string {
+	return fmt.Sprintf("k8s.cluster.name=%s,k8s.namespace.name=%s,k8s.%s.name=%s,service.name=%s,service.version=%s,cloud.region=%s,cloud.availability_zone=%s",
+		w.ClusterID, w.Namespace, cmp.Or(w.WorkloadType, "pod"), workloadName(w), w.CanonicalName, w.CanonicalRevision,
+		w.Locality.Region, w.Locality.Zone)
+}
+
+// newTraceparent is a W3C traceparent header with a random trace and span
+// id, one per proxied connection, not sampled.
+func newTraceparent() string {
+	var id [24]byte
+	crand.Read(id[:])
+	return fmt.Sprintf("00-%x-%x-00", id[:16], id[16:])
 }
 
 // dialHBONE opens the mutual-TLS connection under an HBONE pool entry:

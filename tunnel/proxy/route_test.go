@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"net/netip"
+	"regexp"
 	"testing"
 	"time"
 
@@ -98,8 +99,31 @@ func TestParseForwarded(t *testing.T) {
 		}
 	}
 	src := netip.MustParseAddrPort("[2001:db8::1]:80")
-	if ap, ok := parseForwarded(formatForwarded(src)); !ok || ap != src {
+	if ap, ok := parseForwarded(formatForwarded(src, nil)); !ok || ap != src {
 		t.Errorf("round trip of %s: %s", src, ap)
+	}
+	svc := &state.Service{Hostname: "pp.default.svc.cluster.local"}
+	if got, want := formatForwarded(src, svc), `for="[2001:db8::1]:80";host=pp.default.svc.cluster.local`; got != want {
+		t.Errorf("forwarded = %s, want %s", got, want)
+	}
+	if ap, ok := parseForwarded(formatForwarded(src, svc)); !ok || ap != src {
+		t.Errorf("round trip of %s with host: %s", src, ap)
+	}
+}
+
+// The CONNECT request carries Istio's baggage and a W3C traceparent.
+func TestBaggageTraceparent(t *testing.T) {
+	w := wl("sleep", state.ProtocolHBONE, "10.0.0.1")
+	w.ClusterID, w.WorkloadType, w.WorkloadName = "Kubernetes", "deployment", "sleep"
+	w.CanonicalName, w.CanonicalRevision = "sleep", "v1"
+	w.Locality = state.Locality{Region: "eu", Zone: "eu-1"}
+	want := "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep,service.version=v1,cloud.region=eu,cloud.availability_zone=eu-1"
+	if got := baggage(w); got != want {
+		t.Errorf("baggage = %s\nwant       %s", got, want)
+	}
+	tp := newTraceparent()
+	if !regexp.MustCompile(`^00-[0-9a-f]{32}-[0-9a-f]{16}-00$`).MatchString(tp) || tp == newTraceparent() {
+		t.Errorf("traceparent %q", tp)
 	}
 }
 
