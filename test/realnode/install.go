@@ -29,6 +29,9 @@ const (
 	DaemonSet = "ztunnel"
 	// Release is the Helm release name.
 	Release = "amber"
+	// RunDir is the agent's host directory (plugin socket, API-access
+	// file), the DaemonSet's /var/run/amber hostPath.
+	RunDir = "/run/amber"
 )
 
 // Options configure Install. The zero value is usable.
@@ -187,6 +190,13 @@ func (a *Amber) Uninstall(ctx context.Context) error {
 	for {
 		pods, err := a.c.Client.CoreV1().Pods(Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app=" + DaemonSet})
 		if err == nil && len(pods.Items) == 0 {
+			// The kubelet made the hostPath (DirectoryOrCreate); the agent
+			// empties it but cannot remove its own mount point. The node
+			// is this machine: remove it, and say so if something is left
+			// in it.
+			if err := os.Remove(RunDir); err != nil && !os.IsNotExist(err) {
+				return fmt.Errorf("uninstall: %w", err)
+			}
 			return nil
 		}
 		select {

@@ -253,8 +253,10 @@ func TestPrivilegedRealNode(t *testing.T) {
 			t.Fatal(err)
 		}
 		installed = false
-		if _, err := os.Stat(bpf.DefaultPinRoot); !os.IsNotExist(err) {
-			t.Errorf("%s still there after uninstall (%v)", bpf.DefaultPinRoot, err)
+		for _, p := range []string{bpf.DefaultPinRoot, realnode.RunDir} {
+			if _, err := os.Stat(p); !os.IsNotExist(err) {
+				t.Errorf("%s still there after uninstall (%v)", p, err)
+			}
 		}
 		rules, err := netlink.RuleList(netlink.FAMILY_ALL)
 		if err != nil {
