@@ -29,8 +29,8 @@
 #
 # ISTIO_VERSION: the istiod that make test builds is istio.io/istio at a
 # 1.31-dev commit of 2026-08-27 (test/istiod/tools/go.mod); Istio publishes
-# charts only for releases, and 1.30.4, released that same day, is the
-# closest one.
+# charts only for releases, so the default is a 1.30 release, the line that
+# commit branched from. Pick the release your clusters run.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
