@@ -226,13 +226,27 @@ func TestPrivilegedRealNode(t *testing.T) {
 			return nil
 		})
 		curl(t, ctx, c, realnode.Sleep, url, true)
-		ms, err := realnode.Metrics(ctx, "istio_tcp_connections_opened_total")
+		// The first refusal can come before istiod has sent the policy a
+		// workload names (a refusal too, but not by this policy): ask
+		// again until the policy's own DENY is counted.
+		notsleep := "spiffe://cluster.local/ns/" + ns + "/sa/" + realnode.NotSleep
+		since := time.Now().Add(-time.Second)
+		err := retryFor(ctx, 30*time.Second, func() error {
+			if out, ok := curlIn(ctx, realnode.HostTarget(c), ns, realnode.NotSleep, url); ok {
+				return fmt.Errorf("notsleep allowed: %s", out)
+			}
+			ms, err := realnode.Metrics(ctx, "istio_tcp_connections_opened_total")
+			if err != nil {
+				return err
+			}
+			if realnode.Sum(ms, map[string]string{"reporter": "destination", "response_flags": "DENY", "source_principal": notsleep}) == 0 {
+				return errors.New("no DENY connection from notsleep in the metrics")
+			}
+			return nil
+		})
 		if err != nil {
-			t.Fatal(err)
-		}
-		if realnode.Sum(ms, map[string]string{"response_flags": "DENY",
-			"source_principal": "spiffe://cluster.local/ns/" + ns + "/sa/" + realnode.NotSleep}) == 0 {
-			t.Error("no DENY connection from notsleep in the metrics")
+			logs, _ := realnode.ZtunnelLogs(ctx, c, since)
+			t.Errorf("%v; ztunnel log since the policy:\n%s", err, logs)
 		}
 	})
 
