@@ -32,6 +32,17 @@ func curlIn(ctx context.Context, tg *realnode.Target, ns, app, url string) (stri
 	return string(out), true
 }
 
+// refusedIn runs `kubectl exec deploy/APP -- curl URL` in ns and returns
+// nil when curl itself failed (refused), an error when it succeeded or
+// kubectl could not run it.
+func refusedIn(ctx context.Context, tg *realnode.Target, ns, app, url string) error {
+	out, err := tg.Kubectl(ctx, "-n", ns, "exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)
+	if realnode.ClientFailed(err) {
+		return nil
+	}
+	return fmt.Errorf("%s → %s not refused: %v %s", app, url, err, out)
+}
+
 // waitPodDone waits until the pod has succeeded or failed.
 func waitPodDone(t *testing.T, ctx context.Context, tg *realnode.Target, ns, name string) *corev1.Pod {
 	t.Helper()

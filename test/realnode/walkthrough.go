@@ -183,8 +183,8 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	since := time.Now().Add(-time.Second)
 	notID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, NotSleep)
 	if err := retry(ctx, 60*time.Second, func() error {
-		if _, err := t.Kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); err == nil {
-			return fmt.Errorf("notsleep still allowed")
+		if _, err := t.Kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); !ClientFailed(err) {
+			return fmt.Errorf("notsleep not refused (%v)", err)
 		}
 		return nil
 	}); err != nil {
@@ -193,8 +193,8 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+Sleep, "--", "curl", "-timeout=5s", url)...); err != nil {
 		return fmt.Errorf("sleep refused under the policy: %w", err)
 	}
-	if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); err == nil {
-		return fmt.Errorf("notsleep allowed under the policy")
+	if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); !ClientFailed(err) {
+		return fmt.Errorf("notsleep not refused under the policy (%v)", err)
 	}
 	// Either end may log the refusal: read every node's ztunnel.
 	w.say("notsleep is refused. The ztunnel's access log says why:")
@@ -254,4 +254,11 @@ func retry(ctx context.Context, d time.Duration, f func() error) error {
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
+}
+
+// ClientFailed reports whether err, from `kubectl exec … -- curl URL`, is
+// the client's own failure (curl exited 1: refused, reset, timed out)
+// rather than success or a failure of kubectl or the API server.
+func ClientFailed(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "command terminated with exit code 1")
 }
