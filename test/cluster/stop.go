@@ -57,10 +57,16 @@ func stop(ctx context.Context, l layout, host bool) error {
 	// The kubelet first: it would restart what we remove, and the API
 	// server can hang on SIGTERM while a kubelet exec stream is open.
 	errs = append(errs, stopDaemon(l, "kubelet", graces["kubelet"]))
-	if daemonPid(l, "containerd") != 0 {
+	if pid := daemonPid(l, "containerd"); pid != 0 {
 		cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-		errs = append(errs, removeSandboxes(cctx, l))
+		err := removeSandboxes(cctx, l)
 		cancel()
+		// A containerd that was dying (a crashed node) cannot answer; the
+		// sweep below removes what its sandboxes left.
+		if err != nil && waitGone(pid, 2*time.Second) {
+			err = nil
+		}
+		errs = append(errs, err)
 	}
 	for i := len(components) - 1; i >= 0; i-- {
 		n := components[i]
