@@ -445,20 +445,16 @@ func (d *configDump) workloadHasPolicy(workload, policy string) bool {
 	return false
 }
 
-// holdingEcho is an echo server in a pod whose connections stay open
-// until the client closes them or the test ends (mustEcho's give up after
-// 10 s, too short to outlive an istiod restart).
-type holdingEcho struct {
-	peers chan netip.AddrPort
-}
-
-func mustHoldingEcho(tb testing.TB, p *testbed.Pod, port int) *holdingEcho {
+// mustHoldingEcho is mustEcho whose connections stay open until the
+// client closes them or the test ends (mustEcho's give up after 10 s, too
+// short to outlive an istiod restart).
+func mustHoldingEcho(tb testing.TB, p *testbed.Pod, port int) *echoServer {
 	tb.Helper()
 	ln, err := p.Listen("tcp", fmt.Sprintf("[::]:%d", port))
 	if err != nil {
 		tb.Fatal(err)
 	}
-	s := &holdingEcho{peers: make(chan netip.AddrPort, 64)}
+	s := &echoServer{peers: make(chan netip.AddrPort, 64)}
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	conns := map[net.Conn]struct{}{}
@@ -497,18 +493,6 @@ func mustHoldingEcho(tb testing.TB, p *testbed.Pod, port int) *holdingEcho {
 		}
 	})
 	return s
-}
-
-// lastPeer returns the source address of a connection the server accepted.
-func (s *holdingEcho) lastPeer(tb testing.TB) netip.AddrPort {
-	tb.Helper()
-	select {
-	case p := <-s.peers:
-		return p
-	case <-time.After(2 * time.Second):
-		tb.Fatal("server saw no connection")
-	}
-	return netip.AddrPort{}
 }
 
 // held is a long-lived connection from a pod through the mesh.
