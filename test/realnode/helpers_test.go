@@ -64,7 +64,7 @@ func waitPodDone(t *testing.T, ctx context.Context, tg *realnode.Target, ns, nam
 // with its last error after 90 s.
 func waitFor(t *testing.T, ctx context.Context, what string, check func() error) {
 	t.Helper()
-	if err := retryFor(ctx, 90*time.Second, check); err != nil {
+	if err := realnode.Retry(ctx, 90*time.Second, check); err != nil {
 		t.Fatalf("waiting for %s: %v", what, err)
 	}
 }
@@ -94,22 +94,4 @@ func runClientPod(t *testing.T, ctx context.Context, tg *realnode.Target, ns, na
 		t.Fatalf("%s pod %s:\n%s", name, done.Status.Phase, out)
 	}
 	return done
-}
-
-// retryFor calls f every 250 ms until it succeeds or d passes, and
-// returns its last error.
-func retryFor(ctx context.Context, d time.Duration, f func() error) error {
-	ctx, cancel := context.WithTimeout(ctx, d)
-	defer cancel()
-	for {
-		err := f()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
 }

@@ -226,7 +226,7 @@ func TestPrivilegedRealNode(t *testing.T) {
 		// again until the policy's own DENY is counted.
 		notsleep := "spiffe://cluster.local/ns/" + ns + "/sa/" + realnode.NotSleep
 		since := time.Now().Add(-time.Second)
-		err := retryFor(ctx, 30*time.Second, func() error {
+		err := realnode.Retry(ctx, 30*time.Second, func() error {
 			if err := refusedIn(ctx, realnode.HostTarget(c), ns, realnode.NotSleep, url); err != nil {
 				return err
 			}

@@ -98,7 +98,7 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	}
 	// The Service's endpoints reach kube-proxy a moment after the pods
 	// are Ready.
-	if err := retry(ctx, 30*time.Second, func() error {
+	if err := Retry(ctx, 30*time.Second, func() error {
 		_, err := t.Kubectl(ctx, nsArgs("exec", "deploy/"+Sleep, "--", "curl", "-timeout=2s", url)...)
 		return err
 	}); err != nil {
@@ -118,7 +118,7 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 			return err
 		}
 		nodes[app] = p.Spec.NodeName
-		if err := retry(ctx, 30*time.Second, func() error {
+		if err := Retry(ctx, 30*time.Second, func() error {
 			if ok, err := t.Captured(ctx, p.Spec.NodeName, p.Status.PodIP); err != nil || !ok {
 				return fmt.Errorf("%s (%s) not captured: %v", p.Name, p.Status.PodIP, err)
 			}
@@ -137,7 +137,7 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 		// Until istiod has seen the agent's annotation it describes the
 		// pods without HBONE; the ztunnel then passes traffic through.
 		client := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, app)
-		if err := retry(ctx, 60*time.Second, func() error {
+		if err := Retry(ctx, 60*time.Second, func() error {
 			if _, err := t.Kubectl(ctx, nsArgs("exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)...); err != nil {
 				return err
 			}
@@ -182,7 +182,7 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	}
 	since := time.Now().Add(-time.Second)
 	notID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, NotSleep)
-	if err := retry(ctx, 60*time.Second, func() error {
+	if err := Retry(ctx, 60*time.Second, func() error {
 		if _, err := t.Kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); !ClientFailed(err) {
 			return fmt.Errorf("notsleep not refused (%v)", err)
 		}
@@ -239,8 +239,9 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	return err
 }
 
-// retry calls f every 250 ms until it succeeds or d passes.
-func retry(ctx context.Context, d time.Duration, f func() error) error {
+// Retry calls f every 250 ms until it succeeds or d passes, and returns
+// its last error.
+func Retry(ctx context.Context, d time.Duration, f func() error) error {
 	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	for {
