@@ -58,8 +58,8 @@ bench-datapath: deps ## capture vs nftables TPROXY vs direct, as ratios (testbed
 	$(GO) test -run '^$$' -bench 'BenchmarkProg' -benchtime 5x ./bpf/
 
 .PHONY: bench-tunnel
-bench-tunnel: deps ## amber HBONE tunnel vs a plain TCP proxy pair vs direct: throughput, latency, conn/s, memory (testbed)
-	$(GO) run ./test/cmd/amber-bench tunnel -rounds 3
+bench-tunnel: deps ## amber HBONE tunnel vs plain, copying and AES-GCM proxy pairs vs direct: throughput, latency, conn/s, memory (testbed)
+	$(GO) run ./test/cmd/amber-bench tunnel -rounds 5
 
 .PHONY: bench
 bench: bench-datapath bench-tunnel bench-agent ## every benchmark, each printing ratios against a baseline from the same run

@@ -33,6 +33,9 @@ type Options struct {
 	// Ports of the outbound, inbound and HBONE listeners. Zero means
 	// 15001, 15006 and 15008.
 	Ports [3]int
+	// Relay copies both ways between an accepted connection (down) and
+	// its upstream (up) until both directions are done. Nil means Splice.
+	Relay func(kind bpf.Listener, down, up *net.TCPConn)
 }
 
 // Event is one accepted connection.
@@ -61,6 +64,9 @@ type Proxy struct {
 func Start(opts Options) (*Proxy, error) {
 	if opts.Do == nil {
 		opts.Do = func(fn func() error) error { return fn() }
+	}
+	if opts.Relay == nil {
+		opts.Relay = func(_ bpf.Listener, down, up *net.TCPConn) { Splice(down, up) }
 	}
 	if opts.Ports == [3]int{} {
 		opts.Ports = [3]int{15001, 15006, 15008}
@@ -193,7 +199,7 @@ func (p *Proxy) serve(kind bpf.Listener, down *net.TCPConn) {
 		return
 	}
 	defer p.untrack(up)
-	Splice(down, up.(*net.TCPConn))
+	p.opts.Relay(kind, down, up.(*net.TCPConn))
 }
 
 // Splice copies both ways between two TCP connections with splice(2),

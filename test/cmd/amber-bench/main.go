@@ -3,7 +3,7 @@
 // in the same run.
 //
 //	amber-bench datapath   capture vs nftables TPROXY vs direct pod→pod
-//	amber-bench tunnel     amber's HBONE tunnel vs a plain TCP proxy pair vs direct
+//	amber-bench tunnel     amber's HBONE tunnel vs plain, copying and AES-GCM proxy pairs vs direct
 package main
 
 import (
@@ -23,11 +23,11 @@ func main() {
 	case "tunnel":
 		err = tunnel(os.Args[2:])
 	case "tproxy": // internal: the tunnel benchmark's per-node proxy process
-		if len(os.Args) != 3 {
-			err = fmt.Errorf("usage: amber-bench tproxy PIN_ROOT")
+		if len(os.Args) != 4 {
+			err = fmt.Errorf("usage: amber-bench tproxy PIN_ROOT splice|aes-gcm")
 			break
 		}
-		err = proxyMain(os.Args[2])
+		err = proxyMain(os.Args[2], os.Args[3])
 	default:
 		err = fmt.Errorf("unknown benchmark %q", os.Args[1])
 	}
