@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"os"
 	"strconv"
@@ -281,6 +282,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	})
 	adminMux := http.NewServeMux()
 	adminMux.Handle("/config_dump", &configDump{store: store, proxy: px, certs: mgr, xds: xc})
+	// Go's profiles, where Istio's ztunnel serves its own: admin is
+	// loopback only.
+	adminMux.HandleFunc("/debug/pprof/", pprof.Index)
+	adminMux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	adminMux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	for _, s := range []struct {
 		addr string
 		h    http.Handler
