@@ -388,7 +388,9 @@ func requestFields(authority string, hdr http.Header) ([]hpack.HeaderField, uint
 			if !httpguts.ValidHeaderFieldValue(v) {
 				return nil, 0, fmt.Errorf("hbone: header %q: %w", k, errBadFieldValue)
 			}
-			fields = append(fields, hpack.HeaderField{Name: name, Value: v})
+			// A value that never repeats is sent never-indexed: indexing it
+			// would only churn both ends' HPACK tables, a cost per stream.
+			fields = append(fields, hpack.HeaderField{Name: name, Value: v, Sensitive: name == "traceparent"})
 		}
 	}
 	var size uint32
