@@ -246,16 +246,23 @@ func TestPrivilegedMesh(t *testing.T) {
 		}
 	})
 
-	t.Run("config dump", func(t *testing.T) {
+	t.Run("admin", func(t *testing.T) {
 		// Admin listens on 127.0.0.1 in the node: ask from inside it.
-		out, err := n2.Command(context.Background(), "curl", "-sf", "http://127.0.0.1:15000/config_dump").Output()
+		out, err := z2.ConfigDump()
 		if err != nil {
-			t.Skipf("curl: %v", err)
+			t.Fatal(err)
 		}
 		for _, want := range []string{productpageID, "productpage-viewer", `"not_after"`} {
-			if !bytes.Contains(out, []byte(want)) {
+			if !strings.Contains(out, want) {
 				t.Errorf("config_dump lacks %q:\n%s", want, out)
 			}
+		}
+		out, err = z2.Admin("/debug/pprof/goroutine?debug=1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(out, "goroutine profile:") {
+			t.Errorf("/debug/pprof/goroutine is not a goroutine profile:\n%.300s", out)
 		}
 	})
 

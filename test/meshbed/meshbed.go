@@ -221,9 +221,14 @@ func (z *Ztunnel) Get(port int, path string) (int, string, error) {
 // ConfigDump fetches /config_dump from the admin port, which listens on
 // 127.0.0.1 inside the node only.
 func (z *Ztunnel) ConfigDump() (string, error) {
-	code, body, err := z.get("http://127.0.0.1:15000/config_dump")
+	return z.Admin("/config_dump")
+}
+
+// Admin returns the body of path on the ztunnel's loopback admin port.
+func (z *Ztunnel) Admin(path string) (string, error) {
+	code, body, err := z.get("http://127.0.0.1:15000" + path)
 	if err == nil && code != http.StatusOK {
-		err = fmt.Errorf("config_dump on %s: status %d: %s", z.Node.Name, code, body)
+		err = fmt.Errorf("%s on %s: status %d: %s", path, z.Node.Name, code, body)
 	}
 	return body, err
 }
