@@ -249,7 +249,7 @@ func snapshotHost(tb testing.TB) hostState {
 	for _, k := range watchedSysctls {
 		b, err := os.ReadFile("/proc/sys/" + k)
 		if err != nil {
-			tb.Skipf("read sysctl: %v", err)
+			tb.Fatalf("read sysctl: %v", err)
 		}
 		s.sysctls[k] = strings.TrimSpace(string(b))
 	}
