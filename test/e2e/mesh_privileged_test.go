@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -263,6 +264,41 @@ func TestPrivilegedMesh(t *testing.T) {
 		}
 		if !strings.Contains(out, "goroutine profile:") {
 			t.Errorf("/debug/pprof/goroutine is not a goroutine profile:\n%.300s", out)
+		}
+	})
+
+	t.Run("client reset is not a connection error", func(t *testing.T) {
+		// A client may end a connection with RST once its exchange is
+		// done (SO_LINGER 0): both ztunnels log it as a complete
+		// connection, at INFO and without an error, as Istio's ztunnel
+		// does.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err := sleep.Dial(ctx, "tcp", netip.AddrPortFrom(productpage.IPv4, 9080).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 5)
+		if _, err := c.Write([]byte("reset")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatalf("echo before the reset: %v", err)
+		}
+		src := c.LocalAddr().String()
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+		echoPP.lastPeer(t)
+		for _, z := range []*ztunnel{z1, z2} {
+			var lines []map[string]any
+			waitFor(t, "access log of the reset connection", func() bool {
+				lines = z.accessLogs(map[string]string{"src.addr": src, "dst.addr": productpage.IPv4.String()})
+				return len(lines) > 0
+			})
+			if l := lines[0]; l["level"] != "INFO" || l["error"] != nil {
+				t.Errorf("%s logged the client's reset as level %v, error %v; want INFO and no error", l["reporter"], l["level"], l["error"])
+			}
 		}
 	})
 

@@ -8,7 +8,10 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/net/http2"
 
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -342,10 +345,26 @@ func (p *Proxy) relayEnd(r *record, t *tracked, mc *metrics.Conn) {
 	p.untrack(t)
 	t.down.Close()
 	t.up.Close()
-	if err := t.closeErr(); err != nil && !errors.Is(err, net.ErrClosed) {
+	if err := t.closeErr(); err != nil && !errors.Is(err, net.ErrClosed) && !peerEnded(err) {
 		r.err = err
 	}
 	p.relayDone(r, mc)
+}
+
+// peerEnded reports an error that only says an endpoint ended the
+// connection its own way after it was established: a reset, a write to
+// or a shutdown of a socket its peer already reset, the remote ztunnel
+// cancelling the stream because its side did so. A TCP connection may
+// end like that at any time; as in Istio's ztunnel, it is not a failure
+// of the connection and the access log does not report it as one. The
+// other side is still torn down.
+func peerEnded(err error) bool {
+	var se *hbone.StreamError
+	if errors.As(err, &se) {
+		return se.Remote && (se.Code == http2.ErrCodeCancel || se.Code == http2.ErrCodeNo)
+	}
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, syscall.ENOTCONN) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 func (p *Proxy) relayDone(r *record, mc *metrics.Conn) {
