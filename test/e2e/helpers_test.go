@@ -184,6 +184,28 @@ func (s *echoServer) lastPeer(tb testing.TB) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
+// echoConn dials addr from a pod, sends msg and reads it echoed back, and
+// returns the connection, still open, with a 5 s deadline.
+func echoConn(tb testing.TB, p *testbed.Pod, addr netip.AddrPort, msg string) net.Conn {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := p.Dial(ctx, "tcp", addr.String())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, len(msg))
+	if _, err := c.Write([]byte(msg)); err == nil {
+		_, err = io.ReadFull(c, buf)
+	}
+	if err != nil {
+		c.Close()
+		tb.Fatalf("echo of %q through %s: %v", msg, addr, err)
+	}
+	return c
+}
+
 // roundTrip dials addr from a pod, sends msg and expects it echoed.
 func roundTrip(p *testbed.Pod, addr netip.AddrPort, msg string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -272,20 +272,7 @@ func TestPrivilegedMesh(t *testing.T) {
 		// done (SO_LINGER 0): both ztunnels log it as a complete
 		// connection, at INFO and without an error, as Istio's ztunnel
 		// does.
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		c, err := sleep.Dial(ctx, "tcp", netip.AddrPortFrom(productpage.IPv4, 9080).String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		buf := make([]byte, 5)
-		if _, err := c.Write([]byte("reset")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, buf); err != nil {
-			t.Fatalf("echo before the reset: %v", err)
-		}
+		c := echoConn(t, sleep, netip.AddrPortFrom(productpage.IPv4, 9080), "reset")
 		src := c.LocalAddr().String()
 		c.(*net.TCPConn).SetLinger(0)
 		c.Close()
@@ -303,21 +290,10 @@ func TestPrivilegedMesh(t *testing.T) {
 	})
 
 	t.Run("policy change closes live connection", func(t *testing.T) {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		c, err := sleep.Dial(ctx, "tcp", netip.AddrPortFrom(productpage.IPv4, 9080).String())
-		if err != nil {
-			t.Fatal(err)
-		}
+		c := echoConn(t, sleep, netip.AddrPortFrom(productpage.IPv4, 9080), "ping")
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(8 * time.Second))
 		buf := make([]byte, 4)
-		if _, err := c.Write([]byte("ping")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, buf); err != nil {
-			t.Fatalf("live connection before the change: %v", err)
-		}
 		mesh := strings.Replace(meshYAML(sleep, notsleep, productpage, plain, reviews), "sa/sleep]", "sa/notsleep]", 1)
 		if err := os.WriteFile(meshFile, []byte(mesh), 0o644); err != nil {
 			t.Fatal(err)
