@@ -204,10 +204,23 @@ func (p *Proxy) serve(kind bpf.Listener, down *net.TCPConn) {
 
 // Splice copies both ways between two TCP connections with splice(2),
 // passing each half-close on, and returns when both directions are done.
-// A reset on either side resets the other (SO_LINGER 0), as a transparent
+// A reset on either side resets the other (see Relay).
+func Splice(a, b *net.TCPConn) {
+	Relay(a, b, spliceCopy, spliceCopy)
+}
+
+func spliceCopy(dst, src *net.TCPConn) error {
+	_, err := dst.ReadFrom(src)
+	return err
+}
+
+// Relay copies a to b with aToB and b to a with bToA, each until its
+// source's EOF, then shuts the destination's write side so its peer sees
+// the same half-close; it returns when both directions are done. An error
+// either way resets both connections (SO_LINGER 0), as a transparent
 // proxy must: the peer sees what the client did, and no TIME_WAIT is left
 // behind in the proxy for a connection its client aborted.
-func Splice(a, b *net.TCPConn) {
+func Relay(a, b *net.TCPConn, aToB, bToA func(dst, src *net.TCPConn) error) {
 	var once sync.Once
 	abort := func() {
 		once.Do(func() {
@@ -217,26 +230,22 @@ func Splice(a, b *net.TCPConn) {
 			b.Close()
 		})
 	}
+	half := func(dst, src *net.TCPConn, copyFn func(dst, src *net.TCPConn) error) {
+		err := copyFn(dst, src)
+		if err == nil {
+			err = dst.CloseWrite()
+		}
+		if err != nil {
+			abort()
+		}
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		if spliceHalf(b, a) != nil {
-			abort()
-		}
+		half(b, a, aToB)
 	}()
-	if spliceHalf(a, b) != nil {
-		abort()
-	}
+	half(a, b, bToA)
 	<-done
-}
-
-// spliceHalf copies src to dst until EOF, then shuts dst's write side so
-// the peer sees the same half-close.
-func spliceHalf(dst, src *net.TCPConn) error {
-	if _, err := dst.ReadFrom(src); err != nil {
-		return err
-	}
-	return dst.CloseWrite()
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

@@ -10,6 +10,7 @@ import (
 	"net"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/test/tproxy"
 )
 
 // Reference relays for the proxy pair, a ladder from the splice pair to
@@ -46,7 +47,7 @@ func newAEAD() cipher.AEAD {
 
 // copyRelay copies both ways through user-space buffers.
 func copyRelay(_ bpf.Listener, down, up *net.TCPConn) {
-	relayBoth(down, up, userCopy, userCopy)
+	tproxy.Relay(down, up, userCopy, userCopy)
 }
 
 func userCopy(dst, src *net.TCPConn) error {
@@ -72,32 +73,10 @@ func userCopy(dst, src *net.TCPConn) error {
 // downstream are the node-to-node legs.
 func aeadRelay(kind bpf.Listener, down, up *net.TCPConn) {
 	if kind == bpf.Outbound {
-		relayBoth(down, up, sealCopy, openCopy)
+		tproxy.Relay(down, up, sealCopy, openCopy)
 	} else {
-		relayBoth(down, up, openCopy, sealCopy)
+		tproxy.Relay(down, up, openCopy, sealCopy)
 	}
-}
-
-// relayBoth runs toUp (down → up) and toDown (up → down) until both are
-// done, passing each half-close on; an error resets both connections.
-func relayBoth(down, up *net.TCPConn, toUp, toDown func(dst, src *net.TCPConn) error) {
-	half := func(dst, src *net.TCPConn, copyFn func(dst, src *net.TCPConn) error) {
-		if err := copyFn(dst, src); err != nil {
-			dst.SetLinger(0)
-			src.SetLinger(0)
-			dst.Close()
-			src.Close()
-			return
-		}
-		dst.CloseWrite()
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		half(down, up, toDown)
-	}()
-	half(up, down, toUp)
-	<-done
 }
 
 func sealCopy(dst, src *net.TCPConn) error {
