@@ -120,50 +120,8 @@ func BenchmarkProxyThroughput(b *testing.B) {
 			}()
 		}
 	}()
-	// Inbound side: HBONE server proxying to the destination.
-	ts := startServer(b, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
-		up, err := net.Dial("tcp", dst.Addr().String())
-		if err != nil {
-			rw.Reject(http.StatusServiceUnavailable, err.Error())
-			return
-		}
-		defer up.Close()
-		s, err := rw.Accept()
-		if err != nil {
-			return
-		}
-		proxy(s, up.(*net.TCPConn))
-	}))
-	tp := newPool(b, ts)
-	// Outbound side: a TCP listener tunnelling each connection.
-	out, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer out.Close()
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := out.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
-				if err != nil {
-					return
-				}
-				defer s.Close()
-				proxy(s, c.(*net.TCPConn))
-			}()
-		}
-	}()
+	// Both halves of the tunnel, in front of the destination.
+	out := startTunnel(b, dst.Addr().String())
 
 	send := func(addr string) time.Duration {
 		start := time.Now()
@@ -183,7 +141,7 @@ func BenchmarkProxyThroughput(b *testing.B) {
 	}
 	b.SetBytes(chunk)
 	b.ResetTimer()
-	tunnelled := send(out.Addr().String())
+	tunnelled := send(out)
 	b.StopTimer()
 	direct := send(dst.Addr().String())
 	total := float64(b.N) * chunk
