@@ -140,7 +140,15 @@ type echoServer struct {
 	peers chan netip.AddrPort
 }
 
+// mustEcho echoes on port in p; a connection gives up after 10 s.
 func mustEcho(tb testing.TB, p *testbed.Pod, port int) *echoServer {
+	return startEcho(tb, p, port, 10*time.Second)
+}
+
+// startEcho runs an echo server on port in p. Each connection is closed
+// after timeout (0: when the client closes it), and any still open when
+// the test ends.
+func startEcho(tb testing.TB, p *testbed.Pod, port int, timeout time.Duration) *echoServer {
 	tb.Helper()
 	ln, err := p.Listen("tcp", fmt.Sprintf("[::]:%d", port))
 	if err != nil {
@@ -148,8 +156,15 @@ func mustEcho(tb testing.TB, p *testbed.Pod, port int) *echoServer {
 	}
 	s := &echoServer{peers: make(chan netip.AddrPort, 64)}
 	var wg sync.WaitGroup
+	var mu sync.Mutex
+	conns := map[net.Conn]struct{}{}
 	tb.Cleanup(func() {
 		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
 		wg.Wait()
 	})
 	wg.Go(func() {
@@ -163,9 +178,19 @@ func mustEcho(tb testing.TB, p *testbed.Pod, port int) *echoServer {
 			case s.peers <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()):
 			default:
 			}
+			mu.Lock()
+			conns[c] = struct{}{}
+			mu.Unlock()
 			wg.Go(func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
+				defer func() {
+					mu.Lock()
+					delete(conns, c)
+					mu.Unlock()
+					c.Close()
+				}()
+				if timeout > 0 {
+					c.SetDeadline(time.Now().Add(timeout))
+				}
 				io.Copy(c, c)
 			})
 		}

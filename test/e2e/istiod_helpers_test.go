@@ -449,50 +449,7 @@ func (d *configDump) workloadHasPolicy(workload, policy string) bool {
 // client closes them or the test ends (mustEcho's give up after 10 s, too
 // short to outlive an istiod restart).
 func mustHoldingEcho(tb testing.TB, p *testbed.Pod, port int) *echoServer {
-	tb.Helper()
-	ln, err := p.Listen("tcp", fmt.Sprintf("[::]:%d", port))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	s := &echoServer{peers: make(chan netip.AddrPort, 64)}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]struct{}{}
-	tb.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-			select {
-			case s.peers <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()):
-			default:
-			}
-			mu.Lock()
-			conns[c] = struct{}{}
-			mu.Unlock()
-			wg.Go(func() {
-				defer func() {
-					mu.Lock()
-					delete(conns, c)
-					mu.Unlock()
-					c.Close()
-				}()
-				io.Copy(c, c)
-			})
-		}
-	})
-	return s
+	return startEcho(tb, p, port, 0)
 }
 
 // held is a long-lived connection from a pod through the mesh.
