@@ -66,7 +66,8 @@ enum listener_slot {
 	SLOT_MAX = 6,
 };
 
-// One counter per decision; every packet the programs see bumps exactly one.
+// One counter per decision; every packet the programs see bumps exactly one
+// (an assignment the kernel refuses counts as drop_assign_failed only).
 enum reason {
 	R_PASS_NOT_IP = 0,        // ARP and other non-IP frames
 	R_PASS_NOT_TCP,           // UDP, ICMP, ... (not captured)
@@ -388,11 +389,10 @@ static __always_inline int assign_listener(struct __sk_buff *skb, const struct f
 		return count(R_DROP_NO_LISTENER, TC_ACT_SHOT);
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
-	count(reason, 0);
 	if (err)
 		return count(R_DROP_ASSIGN_FAILED, TC_ACT_SHOT);
 	skb->mark |= route_mark;
-	return TC_ACT_OK;
+	return count(reason, TC_ACT_OK);
 }
 
 // inbound_new decides a new connection to a local pod.
