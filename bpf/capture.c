@@ -1,11 +1,14 @@
 //go:build ignore
 
-// amber capture programs. Two TCX ingress programs:
+// amber capture programs:
 //
-//   amber_pod     on the host side of every local pod veth, so it sees
-//                 packets leaving the pod;
-//   amber_uplink  on each node uplink, so it sees packets arriving from
-//                 other nodes for local pods.
+//   amber_pod     TCX ingress on the host side of every local pod veth, so
+//                 it sees packets leaving the pod;
+//   amber_uplink  TCX ingress on each node uplink, so it sees packets
+//                 arriving from other nodes for local pods;
+//   amber_lookup  sk_lookup on the node's network namespace: it picks the
+//                 ztunnel listener when the kernel itself looks one up for
+//                 a captured connection (see amber_lookup).
 //
 // Nothing is rewritten: a packet that must reach the ztunnel is handed to a
 // ztunnel socket with bpf_sk_assign and marked so that the fwmark rule
@@ -66,8 +69,10 @@ enum listener_slot {
 	SLOT_MAX = 6,
 };
 
-// One counter per decision; every packet the programs see bumps exactly one
-// (an assignment the kernel refuses counts as drop_assign_failed only).
+// One counter per decision; every packet the TC programs see bumps exactly
+// one (an assignment the kernel refuses counts as drop_assign_failed only).
+// amber_lookup counts nothing: it decides lookups, not packets, and the
+// packets it decides for were counted by the TC program they crossed.
 enum reason {
 	R_PASS_NOT_IP = 0,        // ARP and other non-IP frames
 	R_PASS_NOT_TCP,           // UDP, ICMP, ... (not captured)
@@ -76,6 +81,7 @@ enum reason {
 	R_PASS_HOST_SOCKET,       // belongs to a host socket that is not the ztunnel's
 	R_PASS_ESTABLISHED,       // non-SYN TCP of a captured pod with no ztunnel socket (e.g. pre-capture flows)
 	R_PASS_MALFORMED,         // unparsable, on no captured path: left to the kernel, which discards bad headers
+	R_PASS_TUPLE_IN_USE,      // captured SYN whose 4-tuple the node holds a socket for (TIME_WAIT, handshake, connection): routed to the kernel's own lookup
 	R_ASSIGN_ESTABLISHED,     // delivered to an existing ztunnel socket
 	R_ASSIGN_OUTBOUND,        // new connection from a captured pod -> 15001
 	R_ASSIGN_INBOUND,         // new plaintext connection to a captured pod -> 15006
@@ -338,35 +344,55 @@ static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, struct flo
 	             : bpf_skc_lookup_tcp(skb, &f->tuple, sizeof(f->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 }
 
+// connected_lookup is lookup without listeners: bpf_skc_lookup_tcp falls
+// back to the listening hash (and so to amber_lookup, which answers with a
+// ztunnel listener for every captured 4-tuple), but a listener is never
+// the socket a packet of an existing connection belongs to.
+static __always_inline struct bpf_sock *connected_lookup(struct __sk_buff *skb, struct flow *f) {
+	struct bpf_sock *sk = lookup(skb, f);
+	if (sk && sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return NULL;
+	}
+	return sk;
+}
+
+// held_socket is the non-listening socket the node holds for f's 4-tuple,
+// or NULL. A connection to a Service address that the host translates
+// (kube-proxy) is found under the translated address: the ztunnel's socket
+// took the SYN's destination after PREROUTING.
+static __always_inline struct bpf_sock *held_socket(struct __sk_buff *skb, struct flow *f) {
+	struct bpf_sock *sk = connected_lookup(skb, f);
+	if (sk)
+		return sk;
+	struct flow t = *f;
+	if (!translated(skb, &t))
+		return NULL;
+	return connected_lookup(skb, &t);
+}
+
+// host_owned reports whether a non-listening socket of the node netns
+// belongs to the host rather than the ztunnel. Request and time-wait
+// sockets cannot be asked for their mark, but one whose 4-tuple a captured
+// packet matches can only belong to a transparent listener's handshake or
+// a transparent socket (pods' own sockets live in their own netns), so
+// they count as the ztunnel's. A full socket must carry the ztunnel's mark.
+static __always_inline int host_owned(struct bpf_sock *sk) {
+	struct bpf_sock *full = bpf_sk_fullsock(sk);
+	return full && (full->mark & bypass_mask) != bypass_mark;
+}
+
 // assign_established hands a packet of an existing connection to the
 // ztunnel socket it belongs to. Returns -1 when there is none.
 //
-// Request and time-wait sockets cannot be asked for their mark, but a
-// request socket here is the handshake of a connection a ztunnel listener
-// accepted (pods' own sockets live in their own netns), so they are taken.
-// A full socket must carry the ztunnel's mark: a host socket (a kubelet
-// probe, a hostNetwork server) receives its packets by ordinary routing.
-//
-// A connection to a Service address that the host translates (kube-proxy)
-// is found under the translated address: the ztunnel's socket took the
-// SYN's destination after PREROUTING. Packets of connections that are not
-// the ztunnel's are left alone whatever conntrack says.
+// A host socket (a kubelet probe, a hostNetwork server) receives its
+// packets by ordinary routing. Packets of connections that are not the
+// ztunnel's are left alone whatever conntrack says.
 static __always_inline int assign_established(struct __sk_buff *skb, struct flow *f) {
-	struct bpf_sock *sk = lookup(skb, f);
-	if (!sk) {
-		struct flow t = *f;
-		if (!translated(skb, &t))
-			return -1;
-		sk = lookup(skb, &t);
-		if (!sk)
-			return -1;
-	}
-	if (sk->state == BPF_TCP_LISTEN) {
-		bpf_sk_release(sk);
+	struct bpf_sock *sk = held_socket(skb, f);
+	if (!sk)
 		return -1;
-	}
-	struct bpf_sock *full = bpf_sk_fullsock(sk);
-	if (full && (full->mark & bypass_mask) != bypass_mark) {
+	if (host_owned(sk)) {
 		bpf_sk_release(sk);
 		return count(R_PASS_HOST_SOCKET, TC_ACT_OK);
 	}
@@ -381,12 +407,38 @@ static __always_inline int assign_established(struct __sk_buff *skb, struct flow
 // assign_listener hands a new connection to a ztunnel listener. No listener
 // means no ztunnel: the connection is dropped, never let through in
 // plaintext.
-static __always_inline int assign_listener(struct __sk_buff *skb, const struct flow *f, __u32 slot, __u32 reason) {
+//
+// A SYN whose 4-tuple the node already holds a socket for is not assigned
+// but routed to the local stack with the route mark, where the kernel's own
+// lookup finds that socket. A listener assigned by bpf_sk_assign would
+// bypass that lookup; the request socket the listener then creates
+// duplicates the socket in the established hash, inet_ehash_insert()
+// reports the duplicate, inet_csk_reqsk_queue_hash_add() fails and
+// tcp_conn_request() drops the SYN without an answer (Linux 6.18): the
+// client's connect times out. The common
+// case is the ztunnel's side of an earlier connection in TIME_WAIT (the
+// ztunnel closed first, as it does when the server closes first). There
+// tcp_timewait_state_process() accepts the SYN when RFC 6191 allows it (a
+// sequence number past the old connection's, or a newer timestamp) and
+// tcp_v4_rcv()/tcp_v6_rcv() look up a listener, which runs amber_lookup:
+// the same listener this program would have picked. Otherwise the
+// TIME_WAIT socket answers with an ACK, as it would without amber. A
+// retransmitted SYN of a handshake in progress meets its request socket
+// (the SYN-ACK is sent again); a SYN on a live connection gets a challenge
+// ACK (RFC 5961).
+static __always_inline int assign_listener(struct __sk_buff *skb, struct flow *f, __u32 slot, __u32 reason) {
 	if (f->v6)
 		slot += SLOT_OUTBOUND6;
 	struct bpf_sock *sk = bpf_map_lookup_elem(&amber_listeners, &slot);
 	if (!sk)
 		return count(R_DROP_NO_LISTENER, TC_ACT_SHOT);
+	struct bpf_sock *held = held_socket(skb, f);
+	if (held) {
+		bpf_sk_release(held);
+		bpf_sk_release(sk);
+		skb->mark |= route_mark;
+		return count(R_PASS_TUPLE_IN_USE, TC_ACT_OK);
+	}
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	if (err)
@@ -489,4 +541,57 @@ int amber_uplink(struct __sk_buff *skb) {
 		return count(R_PASS_NOT_ENROLLED, TC_ACT_OK);
 	}
 	return inbound_new(skb, &f);
+}
+
+#define AF_INET 2
+#define AF_INET6 10
+
+// amber_lookup runs when the kernel looks up a TCP or UDP listener in the
+// node's network namespace (__inet_lookup_listener(),
+// inet6_lookup_listener(), before the listening hash). The TC programs
+// assign new connections to the ztunnel's listeners themselves; the kernel
+// looks one up for a captured connection when assign_listener leaves a
+// SYN to it (a 4-tuple in TIME_WAIT), and bpf_skc_lookup_tcp falls back to
+// it. It decides as the TC programs do: a connection arriving on a
+// captured pod's veth (whose packets carry only the pod's addresses:
+// anti-spoofing) -> outbound; one to a captured pod -> HBONE for port
+// 15008, inbound otherwise. A missing listener fails closed (SK_DROP: no
+// socket, never a host listener on the same port). Everything else — the
+// node's own traffic, and the ztunnel's connections to the node's own
+// addresses, which come from a pod's address but over loopback — is left
+// to the listening hash.
+SEC("sk_lookup")
+int amber_lookup(struct bpf_sk_lookup *ctx) {
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	__u32 slot;
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct iface_info *iface = bpf_map_lookup_elem(&amber_ifaces, &ifindex);
+	if (iface && (iface->flags & IFACE_CAPTURED_POD)) {
+		slot = SLOT_OUTBOUND4;
+	} else {
+		struct ip_key local = {};
+		if (ctx->family == AF_INET) {
+			map_v4(&local, ctx->local_ip4);
+		} else if (ctx->family == AF_INET6) {
+			for (int i = 0; i < 4; i++) {
+				__u32 w = ctx->local_ip6[i];
+				__builtin_memcpy(&local.addr[i * 4], &w, 4);
+			}
+		} else {
+			return SK_PASS;
+		}
+		struct pod_info *dst = bpf_map_lookup_elem(&amber_pods, &local);
+		if (!dst || !(dst->flags & POD_CAPTURED))
+			return SK_PASS;
+		slot = ctx->local_port == hbone_port ? SLOT_HBONE4 : SLOT_INBOUND4;
+	}
+	if (ctx->family == AF_INET6)
+		slot += SLOT_OUTBOUND6;
+	struct bpf_sock *sk = bpf_map_lookup_elem(&amber_listeners, &slot);
+	if (!sk)
+		return SK_DROP;
+	long err = bpf_sk_assign(ctx, sk, BPF_SK_LOOKUP_F_REPLACE);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
 }

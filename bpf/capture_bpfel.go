@@ -63,16 +63,17 @@ const (
 	captureReasonR_PASS_HOST_SOCKET   captureReason = 4
 	captureReasonR_PASS_ESTABLISHED   captureReason = 5
 	captureReasonR_PASS_MALFORMED     captureReason = 6
-	captureReasonR_ASSIGN_ESTABLISHED captureReason = 7
-	captureReasonR_ASSIGN_OUTBOUND    captureReason = 8
-	captureReasonR_ASSIGN_INBOUND     captureReason = 9
-	captureReasonR_ASSIGN_HBONE       captureReason = 10
-	captureReasonR_DROP_NO_LISTENER   captureReason = 11
-	captureReasonR_DROP_SPOOFED       captureReason = 12
-	captureReasonR_DROP_MALFORMED     captureReason = 13
-	captureReasonR_DROP_FRAGMENT      captureReason = 14
-	captureReasonR_DROP_ASSIGN_FAILED captureReason = 15
-	captureReasonR_MAX                captureReason = 16
+	captureReasonR_PASS_TUPLE_IN_USE  captureReason = 7
+	captureReasonR_ASSIGN_ESTABLISHED captureReason = 8
+	captureReasonR_ASSIGN_OUTBOUND    captureReason = 9
+	captureReasonR_ASSIGN_INBOUND     captureReason = 10
+	captureReasonR_ASSIGN_HBONE       captureReason = 11
+	captureReasonR_DROP_NO_LISTENER   captureReason = 12
+	captureReasonR_DROP_SPOOFED       captureReason = 13
+	captureReasonR_DROP_MALFORMED     captureReason = 14
+	captureReasonR_DROP_FRAGMENT      captureReason = 15
+	captureReasonR_DROP_ASSIGN_FAILED captureReason = 16
+	captureReasonR_MAX                captureReason = 17
 )
 
 // Names of all BPF objects in the ELF.
@@ -83,6 +84,7 @@ const (
 	captureMapAmberIfaces      = "amber_ifaces"
 	captureMapAmberListeners   = "amber_listeners"
 	captureMapAmberPods        = "amber_pods"
+	captureProgAmberLookup     = "amber_lookup"
 	captureProgAmberPod        = "amber_pod"
 	captureProgAmberUplink     = "amber_uplink"
 	captureVarBypassMark       = "bypass_mark"
@@ -135,6 +137,7 @@ type captureSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureProgramSpecs struct {
+	AmberLookup *ebpf.ProgramSpec `ebpf:"amber_lookup"`
 	AmberPod    *ebpf.ProgramSpec `ebpf:"amber_pod"`
 	AmberUplink *ebpf.ProgramSpec `ebpf:"amber_uplink"`
 }
@@ -212,12 +215,14 @@ type captureVariables struct {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type capturePrograms struct {
+	AmberLookup *ebpf.Program `ebpf:"amber_lookup"`
 	AmberPod    *ebpf.Program `ebpf:"amber_pod"`
 	AmberUplink *ebpf.Program `ebpf:"amber_uplink"`
 }
 
 func (p *capturePrograms) Close() error {
 	return _CaptureClose(
+		p.AmberLookup,
 		p.AmberPod,
 		p.AmberUplink,
 	)

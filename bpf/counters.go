@@ -20,6 +20,7 @@ var reasonNames = [...]string{
 	captureReasonR_PASS_HOST_SOCKET:   "pass_host_socket",
 	captureReasonR_PASS_ESTABLISHED:   "pass_established",
 	captureReasonR_PASS_MALFORMED:     "pass_malformed",
+	captureReasonR_PASS_TUPLE_IN_USE:  "pass_tuple_in_use",
 	captureReasonR_ASSIGN_ESTABLISHED: "assign_established",
 	captureReasonR_ASSIGN_OUTBOUND:    "assign_outbound",
 	captureReasonR_ASSIGN_INBOUND:     "assign_inbound",

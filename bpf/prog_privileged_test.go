@@ -3,17 +3,21 @@ package bpf
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"syscall"
 	"testing"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/amber-mesh/amber/test/privileged"
+	"github.com/amber-mesh/amber/test/testbed"
 )
 
 const (
@@ -49,6 +53,19 @@ func vethIfaces(tb testing.TB, n int) []int {
 		out = append(out, l.Attrs().Index)
 	}
 	return out
+}
+
+// capturedNetns enters a new netns with the datapath loaded and n veths,
+// the first of which is pod P's (podP, podP6), captured.
+func capturedNetns(tb testing.TB, n int) (*Datapath, []int) {
+	tb.Helper()
+	enterNetns(tb)
+	d := mustLoad(tb, Config{})
+	idx := vethIfaces(tb, n)
+	if err := d.Capture(idx[0], []netip.Addr{podP, podP6}); err != nil {
+		tb.Fatal(err)
+	}
+	return d, idx
 }
 
 // transparentListener is what the ztunnel registers: IP_TRANSPARENT, no
@@ -94,6 +111,16 @@ func registerAll(tb testing.TB, root string, l *net.TCPListener) *Listeners {
 	return ls
 }
 
+func (d *Datapath) tcProgram(r Role) *ebpf.Program {
+	switch r {
+	case RolePod:
+		return d.objs.AmberPod
+	case RoleUplink:
+		return d.objs.AmberUplink
+	}
+	return nil
+}
+
 type runCase struct {
 	name    string
 	prog    Role
@@ -106,10 +133,14 @@ type runCase struct {
 	// the case runs: under BPF_PROG_TEST_RUN every bpf_sk_assign fails, so
 	// the listener a decision picked shows as drop_assign_failed, and any
 	// other pick as drop_no_listener.
-	only *Listener
+	only     *Listener
+	wantMark uint32 // bits __sk_buff.mark must have after the run
 }
 
 func only(l Listener) *Listener { return &l }
+
+// noListener, as a case's only listener, registers none.
+const noListener Listener = -1
 
 // slots registers sock in the listener slots the cases ask for.
 type slots struct {
@@ -137,7 +168,6 @@ func (s *slots) set(t *testing.T, l *Listener) {
 func runTable(t *testing.T, d *Datapath, s *slots, cases []runCase) {
 	t.Helper()
 	for _, tc := range cases {
-		prog, _ := d.program(tc.prog)
 		if tc.only != nil {
 			if s == nil {
 				t.Fatalf("%s: no listener to register", tc.name)
@@ -151,7 +181,8 @@ func runTable(t *testing.T, d *Datapath, s *slots, cases []runCase) {
 		ctx := make([]byte, 192)                                    // struct __sk_buff
 		binary.NativeEndian.PutUint32(ctx[8:], tc.mark)             // __sk_buff.mark
 		binary.NativeEndian.PutUint32(ctx[40:], uint32(tc.ifindex)) // __sk_buff.ifindex
-		ret, err := prog.Run(&ebpf.RunOptions{Data: tc.pkt.bytes(), Context: ctx})
+		ctxOut := make([]byte, len(ctx))
+		ret, err := d.tcProgram(tc.prog).Run(&ebpf.RunOptions{Data: tc.pkt.bytes(), Context: ctx, ContextOut: ctxOut})
 		if tc.only != nil {
 			s.set(t, nil)
 		}
@@ -165,13 +196,16 @@ func runTable(t *testing.T, d *Datapath, s *slots, cases []runCase) {
 		if ret != tc.want {
 			t.Errorf("%s: verdict %d, want %d", tc.name, ret, tc.want)
 		}
+		if m := binary.NativeEndian.Uint32(ctxOut[8:]); m&tc.wantMark != tc.wantMark {
+			t.Errorf("%s: mark %#x, want bits %#x", tc.name, m, tc.wantMark)
+		}
 		got := map[string]uint64{}
 		for k, v := range after {
 			if v != before[k] {
 				got[k] = v - before[k]
 			}
 		}
-		// Every packet a program sees moves exactly one counter, by one.
+		// Every packet a TC program sees moves exactly one counter, by one.
 		if got[tc.reason] != 1 || len(got) != 1 {
 			t.Errorf("%s: counters moved %v, want only %s by 1", tc.name, got, tc.reason)
 		}
@@ -339,5 +373,214 @@ func TestReasonNames(t *testing.T) {
 		if n == "" {
 			t.Errorf("reason %d has no name", i)
 		}
+	}
+}
+
+// addLocal puts addrs on lo, so that the test's own sockets can use them.
+func addLocal(tb testing.TB, addrs ...netip.Addr) {
+	tb.Helper()
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		tb.Fatal(err)
+	}
+	for _, a := range addrs {
+		n := &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}}
+		if a.Is6() {
+			n.Flags = unix.IFA_F_NODAD
+		}
+		if err := netlink.AddrAdd(lo, n); err != nil {
+			tb.Fatalf("add %s to lo: %v", a, err)
+		}
+	}
+	// IPv6 installs an address's local route from a work queue.
+	for _, a := range addrs {
+		eventually(tb, fmt.Sprintf("local route to %s", a), func() bool {
+			rs, err := netlink.RouteGet(a.AsSlice())
+			return err == nil && len(rs) > 0 && rs[0].Type == unix.RTN_LOCAL
+		})
+	}
+}
+
+// dialFrom connects from src to dst in the current netns with SO_MARK mark.
+func dialFrom(tb testing.TB, src, dst netip.AddrPort, mark int) *net.TCPConn {
+	tb.Helper()
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(src), Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark) })
+		return errors.Join(err, serr)
+	}}
+	d.SetMultipathTCP(false)
+	c, err := d.Dial("tcp", dst.String())
+	if err != nil {
+		tb.Fatalf("dial %s from %s: %v", dst, src, err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// timeWait leaves the server side of a connection client -> server in
+// TIME_WAIT, as the ztunnel's side is after it closed first.
+func timeWait(tb testing.TB, client, server netip.AddrPort) {
+	tb.Helper()
+	ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(server))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer ln.Close()
+	c := dialFrom(tb, client, server, 0)
+	s, err := ln.Accept()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	s.Close() // the server closes first
+	if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+		tb.Fatalf("client read after server close: %v, want EOF", err)
+	}
+	c.Close()
+	eventually(tb, fmt.Sprintf("%s -> %s in TIME_WAIT", client, server), func() bool {
+		st, err := testbed.TCPState(server, client)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		return st == testbed.TCPTimeWait
+	})
+}
+
+// TestPrivilegedProgRunTupleInUse checks the SYN of a 4-tuple the node
+// holds a socket for: it is not assigned to a listener (the kernel would
+// drop it as a duplicate of that socket) but routed to the local stack with
+// the route mark, for the kernel's own lookup — with the listener still
+// required, so that a missing ztunnel fails closed.
+func TestPrivilegedProgRunTupleInUse(t *testing.T) {
+	privileged.Require(t)
+	d, idx := capturedNetns(t, 2)
+	vethA, vethC := idx[0], idx[1]
+	addLocal(t, podP, podP6, remote, rem6)
+	ln := transparentListener(t, "[::]:0")
+	sl := &slots{ls: registerAll(t, d.PinRoot(), ln), sock: ln}
+
+	ap := netip.AddrPortFrom
+	syn := func(src, dst netip.AddrPort) pkt {
+		return pkt{src: src.Addr(), dst: dst.Addr(), proto: protoTCP, sport: src.Port(), dport: dst.Port(), syn: true}
+	}
+	out4, out6 := ap(podP, 40000), ap(podP6, 40000)
+	timeWait(t, out4, ap(remote, 80))
+	timeWait(t, out6, ap(rem6, 80))
+	timeWait(t, ap(remote, 40001), ap(podP, 9080))
+	timeWait(t, ap(rem6, 40002), ap(podP6, HBONEPort))
+	// A live connection: a SYN on its 4-tuple (the client restarted).
+	lln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(ap(remote, 81)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lln.Close()
+	dialFrom(t, ap(podP, 40003), ap(remote, 81), 0)
+
+	const mark = 0x40000 // hostnet.DefaultMark
+	runTable(t, d, sl, []runCase{
+		{name: "outbound SYN on a TIME_WAIT 4-tuple", prog: RolePod, ifindex: vethA, pkt: syn(out4, ap(remote, 80)), want: actOK, reason: "pass_tuple_in_use", only: only(Outbound), wantMark: mark},
+		{name: "v6 outbound SYN on a TIME_WAIT 4-tuple", prog: RolePod, ifindex: vethA, pkt: syn(out6, ap(rem6, 80)), want: actOK, reason: "pass_tuple_in_use", only: only(Outbound), wantMark: mark},
+		{name: "inbound SYN on a TIME_WAIT 4-tuple", prog: RoleUplink, ifindex: vethC, pkt: syn(ap(remote, 40001), ap(podP, 9080)), want: actOK, reason: "pass_tuple_in_use", only: only(Inbound), wantMark: mark},
+		{name: "v6 HBONE SYN on a TIME_WAIT 4-tuple", prog: RoleUplink, ifindex: vethC, pkt: syn(ap(rem6, 40002), ap(podP6, HBONEPort)), want: actOK, reason: "pass_tuple_in_use", only: only(HBONE), wantMark: mark},
+		{name: "SYN on a live connection's 4-tuple", prog: RolePod, ifindex: vethA, pkt: syn(ap(podP, 40003), ap(remote, 81)), want: actOK, reason: "pass_tuple_in_use", only: only(Outbound), wantMark: mark},
+		{name: "SYN on a TIME_WAIT 4-tuple, no listener: fail closed", prog: RolePod, ifindex: vethA, pkt: syn(out4, ap(remote, 80)), want: actShot, reason: "drop_no_listener", only: only(noListener)},
+		{name: "fresh 4-tuple still goes to the listener", prog: RolePod, ifindex: vethA, pkt: syn(ap(podP, 40004), ap(remote, 80)), want: actShot, reason: assignFails, only: only(Outbound)},
+	})
+}
+
+// skLookupCtx is struct bpf_sk_lookup as BPF_PROG_TEST_RUN takes it: the
+// kernel fills in no interface (ingress_ifindex must be 0), so the
+// outbound decision is covered by the netns tests.
+type skLookupCtx struct {
+	Cookie     uint64
+	Family     uint32
+	Protocol   uint32
+	RemoteIP4  [4]byte
+	RemoteIP6  [16]byte
+	RemotePort uint16 // network byte order
+	_          uint16
+	LocalIP4   [4]byte
+	LocalIP6   [16]byte
+	LocalPort  uint32
+	Ifindex    uint32
+	_          uint32
+}
+
+// TestPrivilegedProgRunLookup runs amber_lookup as the kernel's listener
+// lookup would: a captured pod's inbound and HBONE connections get the
+// ztunnel's listeners, a missing one fails closed, anything else is left to
+// the listening hash.
+func TestPrivilegedProgRunLookup(t *testing.T) {
+	privileged.Require(t)
+	d, _ := capturedNetns(t, 1)
+	ls, err := OpenListeners(d.PinRoot())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ls.Close()
+	cookies := map[Listener]uint64{}
+	for k := Outbound; k <= HBONE; k++ {
+		l := transparentListener(t, "[::]:0")
+		for _, f := range []Family{IPv4, IPv6} {
+			if err := ls.Register(k, f, l); err != nil {
+				t.Fatal(err)
+			}
+		}
+		rc, _ := l.SyscallConn()
+		rc.Control(func(fd uintptr) { cookies[k], err = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE) })
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	const (
+		skDrop = 0
+		skPass = 1
+	)
+	run := func(proto uint32, src, dst netip.AddrPort) (uint32, uint64) {
+		t.Helper()
+		c := skLookupCtx{Family: unix.AF_INET, Protocol: proto, LocalPort: uint32(dst.Port())}
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&c.RemotePort))[:], src.Port())
+		if dst.Addr().Is6() {
+			c.Family = unix.AF_INET6
+			c.RemoteIP6, c.LocalIP6 = src.Addr().As16(), dst.Addr().As16()
+		} else {
+			c.RemoteIP4, c.LocalIP4 = src.Addr().As4(), dst.Addr().As4()
+		}
+		var out skLookupCtx
+		ret, err := d.objs.AmberLookup.Run(&ebpf.RunOptions{Context: c, ContextOut: &out})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ret, out.Cookie
+	}
+	ap := netip.AddrPortFrom
+	for _, tc := range []struct {
+		name     string
+		proto    uint32
+		src, dst netip.AddrPort
+		want     uint32
+		listener Listener // -1: none selected
+	}{
+		{"to a captured pod -> inbound", unix.IPPROTO_TCP, ap(remote, 40000), ap(podP, 8080), skPass, Inbound},
+		{"to a captured pod's :15008 -> hbone", unix.IPPROTO_TCP, ap(remote, 40000), ap(podP, HBONEPort), skPass, HBONE},
+		{"v6 to a captured pod -> inbound", unix.IPPROTO_TCP, ap(rem6, 40000), ap(podP6, 8080), skPass, Inbound},
+		{"v6 to a captured pod's :15008 -> hbone", unix.IPPROTO_TCP, ap(rem6, 40000), ap(podP6, HBONEPort), skPass, HBONE},
+		{"to an uncaptured pod: left to the listening hash", unix.IPPROTO_TCP, ap(remote, 40000), ap(podC, 8080), skPass, noListener},
+		{"from a captured pod, not on its veth (the ztunnel's own dial)", unix.IPPROTO_TCP, ap(podP, 62000), ap(remote, 6443), skPass, noListener},
+		{"UDP to a captured pod", unix.IPPROTO_UDP, ap(remote, 40000), ap(podP, 53), skPass, noListener},
+	} {
+		ret, cookie := run(tc.proto, tc.src, tc.dst)
+		if ret != tc.want || (tc.listener == noListener) != (cookie == 0) || tc.listener != noListener && cookie != cookies[tc.listener] {
+			t.Errorf("%s: verdict %d, socket cookie %d; want verdict %d and the %s listener (cookies %v)", tc.name, ret, cookie, tc.want, tc.listener, cookies)
+		}
+	}
+	if err := ls.Unregister(Inbound, IPv4); err != nil {
+		t.Fatal(err)
+	}
+	if ret, cookie := run(unix.IPPROTO_TCP, ap(remote, 40000), ap(podP, 8080)); ret != skDrop || cookie != 0 {
+		t.Errorf("to a captured pod with no inbound listener: verdict %d, cookie %d; want SK_DROP (fail closed, never a host listener)", ret, cookie)
 	}
 }
