@@ -19,7 +19,9 @@ const linksDir = "links"
 type Role string
 
 const (
-	// RolePod is the host side of a pod's veth: packets leaving the pod.
+	// RolePod is the host side of a pod's veth: amber_pod at TCX ingress
+	// (packets leaving the pod) and amber_to_pod at TCX egress (the
+	// node's own replies to the ztunnel's dials from the pod's address).
 	RolePod Role = "pod"
 	// RoleUplink is a node uplink: packets arriving from other nodes.
 	RoleUplink Role = "uplink"
@@ -35,6 +37,7 @@ type Hook string
 
 const (
 	HookIngress  Hook = "ingress"   // TCX ingress of an interface
+	HookEgress   Hook = "egress"    // TCX egress of an interface
 	HookSkLookup Hook = "sk_lookup" // listener lookups of a network namespace
 )
 
@@ -50,12 +53,15 @@ type hook struct {
 
 var hooks = []hook{
 	{RolePod, HookIngress, "pod"},
+	{RolePod, HookEgress, "pod-egress"},
 	{RoleUplink, HookIngress, "uplink"},
 	{RoleNode, HookSkLookup, "node-netns"},
 }
 
 func (d *Datapath) program(h hook) *ebpf.Program {
 	switch {
+	case h.role == RolePod && h.at == HookEgress:
+		return d.objs.AmberToPod
 	case h.role == RolePod:
 		return d.objs.AmberPod
 	case h.role == RoleUplink:
@@ -69,8 +75,13 @@ func (h hook) path(root string, target uint64) string {
 }
 
 func (h hook) attach(target uint64, prog *ebpf.Program) (link.Link, error) {
-	if h.at == HookIngress {
-		return link.AttachTCX(link.TCXOptions{Interface: int(target), Program: prog, Attach: ebpf.AttachTCXIngress})
+	switch h.at {
+	case HookIngress, HookEgress:
+		at := ebpf.AttachTCXIngress
+		if h.at == HookEgress {
+			at = ebpf.AttachTCXEgress
+		}
+		return link.AttachTCX(link.TCXOptions{Interface: int(target), Program: prog, Attach: at})
 	}
 	ns, err := os.Open("/proc/thread-self/ns/net")
 	if err != nil {

@@ -4,6 +4,9 @@
 //
 //   amber_pod     TCX ingress on the host side of every local pod veth, so
 //                 it sees packets leaving the pod;
+//   amber_to_pod  TCX egress on the same veths, so it sees packets going
+//                 to the pod: it hands the node's own replies to ztunnel
+//                 sockets back to the node;
 //   amber_uplink  TCX ingress on each node uplink, so it sees packets
 //                 arriving from other nodes for local pods;
 //   amber_lookup  sk_lookup on the node's network namespace: it picks the
@@ -33,6 +36,7 @@ volatile const __u32 route_mark = 0x40000;  // set on assigned packets; ip rule 
 volatile const __u32 bypass_mark = 0x539;   // SO_MARK of the ztunnel's own sockets
 volatile const __u32 bypass_mask = 0xfff;
 volatile const __u16 hbone_port = 15008;
+volatile const __u16 dial_port_min = 61000;  // lowest source port of the ztunnel's dials from a pod's address
 
 // A pod address: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d) so one map
 // serves both families.
@@ -70,9 +74,11 @@ enum listener_slot {
 };
 
 // One counter per decision; every packet the TC programs see bumps exactly
-// one (an assignment the kernel refuses counts as drop_assign_failed only).
-// amber_lookup counts nothing: it decides lookups, not packets, and the
-// packets it decides for were counted by the TC program they crossed.
+// one (an assignment the kernel refuses counts as drop_assign_failed only;
+// the node's reply amber_to_pod turns back to lo is counted there, and lo
+// runs no program). amber_lookup counts nothing: it decides lookups, not
+// packets, and the packets it decides for were counted by the TC program
+// they crossed.
 enum reason {
 	R_PASS_NOT_IP = 0,        // ARP and other non-IP frames
 	R_PASS_NOT_TCP,           // UDP, ICMP, ... (not captured)
@@ -82,10 +88,12 @@ enum reason {
 	R_PASS_ESTABLISHED,       // non-SYN TCP of a captured pod with no ztunnel socket (e.g. pre-capture flows)
 	R_PASS_MALFORMED,         // unparsable, on no captured path: left to the kernel, which discards bad headers
 	R_PASS_TUPLE_IN_USE,      // captured SYN whose 4-tuple the node holds a socket for (TIME_WAIT, handshake, connection): routed to the kernel's own lookup
+	R_PASS_TO_POD,            // egress: a packet to a pod that is not the node's reply to a ztunnel socket
 	R_ASSIGN_ESTABLISHED,     // delivered to an existing ztunnel socket
 	R_ASSIGN_OUTBOUND,        // new connection from a captured pod -> 15001
 	R_ASSIGN_INBOUND,         // new plaintext connection to a captured pod -> 15006
 	R_ASSIGN_HBONE,           // new connection to a captured pod's :15008 -> 15008
+	R_REDIRECT_HOST_REPLY,    // egress: the node's reply to a ztunnel socket that dialled from a captured pod's address -> loopback ingress
 	R_DROP_NO_LISTENER,       // fail closed: the needed ztunnel listener is not registered
 	R_DROP_SPOOFED,           // source address is not registered for the veth it came from
 	R_DROP_MALFORMED,         // truncated or unparsable headers on a captured path
@@ -541,6 +549,62 @@ int amber_uplink(struct __sk_buff *skb) {
 		return count(R_PASS_NOT_ENROLLED, TC_ACT_OK);
 	}
 	return inbound_new(skb, &f);
+}
+
+// LOOPBACK_IFINDEX: every network namespace's lo has ifindex 1.
+#define LOOPBACK_IFINDEX 1
+
+// amber_to_pod, at TCX egress of every pod veth, exists for one case: the
+// ztunnel dialled a destination local to the node (a host-network server on
+// one of the node's addresses, or a Service address kube-proxy translates
+// to one) from a captured pod's address, as Istio's in-pod ztunnel does.
+// The server's replies are addressed to the pod, so the node routes them
+// out of the pod's veth, where no ingress program sees them and the pod,
+// not the ztunnel's socket, would receive them. Such a reply is recognised
+// by its socket: the lookup of its 4-tuple in the node netns finds the
+// ztunnel's (pods' own sockets live in their own netns). It is turned back
+// into the node: redirected to the loopback's ingress with the route mark,
+// it is routed locally and the kernel's lookup finds the ztunnel's socket.
+//
+// Why loopback, not the veth's own ingress: an IPv4 packet received with a
+// local source address is a martian (fib_validate_source()) unless the
+// receiving device has accept_local, and a veth's reverse-path filter
+// (often on, and max(all, dev)) rejects it too. bpf/hostnet sets
+// accept_local on lo only: fib_validate_source() exempts loopback from the
+// reverse-path filter, and ordinary loopback traffic keeps the route it was
+// sent with and never meets the check. IPv6 has no such check.
+// eth_type_trans() on lo wants lo's (all-zero) MAC as destination, or
+// ip_rcv() drops the packet as PACKET_OTHERHOST.
+//
+// Cost: a forwarded packet (it has an ingress interface) or one of the
+// ztunnel's own (bypass mark) costs two loads; a packet the node sends to
+// a pod port below dial_port_min (kubelet probes, host clients of pods) a
+// parse; only the node's TCP to a captured pod at a port the ztunnel dials
+// from pays a map and a socket lookup.
+SEC("tc")
+int amber_to_pod(struct __sk_buff *skb) {
+	if (skb->ingress_ifindex)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	if ((skb->mark & bypass_mask) == bypass_mark)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	struct flow f = {};
+	if (parse(skb, &f) != P_TCP || bpf_ntohs(dport(&f)) < dial_port_min)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	struct pod_info *dst = bpf_map_lookup_elem(&amber_pods, &f.dst);
+	if (!dst || !(dst->flags & POD_CAPTURED) || dst->ifindex != skb->ifindex)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	struct bpf_sock *sk = connected_lookup(skb, &f);
+	if (!sk)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	int host = host_owned(sk);
+	bpf_sk_release(sk);
+	if (host)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	const __u8 lo_mac[ETH_ALEN] = {};
+	if (bpf_skb_store_bytes(skb, 0, lo_mac, ETH_ALEN, 0) < 0)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	skb->mark |= route_mark;
+	return count(R_REDIRECT_HOST_REPLY, bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS));
 }
 
 #define AF_INET 2

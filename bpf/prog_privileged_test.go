@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -111,10 +112,15 @@ func registerAll(tb testing.TB, root string, l *net.TCPListener) *Listeners {
 	return ls
 }
 
+// roleToPod names the pod program's egress half in the tables.
+const roleToPod Role = "to_pod"
+
 func (d *Datapath) tcProgram(r Role) *ebpf.Program {
 	switch r {
 	case RolePod:
 		return d.objs.AmberPod
+	case roleToPod:
+		return d.objs.AmberToPod
 	case RoleUplink:
 		return d.objs.AmberUplink
 	}
@@ -123,8 +129,9 @@ func (d *Datapath) tcProgram(r Role) *ebpf.Program {
 
 type runCase struct {
 	name    string
-	prog    Role
+	prog    Role // RolePod, RoleUplink or roleToPod
 	ifindex int
+	ingress int // __sk_buff.ingress_ifindex: 0 is a packet the node sent
 	mark    uint32
 	pkt     pkt
 	want    uint32 // TC verdict
@@ -135,6 +142,7 @@ type runCase struct {
 	// other pick as drop_no_listener.
 	only     *Listener
 	wantMark uint32 // bits __sk_buff.mark must have after the run
+	zeroMAC  bool   // the frame leaves with lo's all-zero destination MAC
 }
 
 func only(l Listener) *Listener { return &l }
@@ -181,8 +189,11 @@ func runTable(t *testing.T, d *Datapath, s *slots, cases []runCase) {
 		ctx := make([]byte, 192)                                    // struct __sk_buff
 		binary.NativeEndian.PutUint32(ctx[8:], tc.mark)             // __sk_buff.mark
 		binary.NativeEndian.PutUint32(ctx[40:], uint32(tc.ifindex)) // __sk_buff.ifindex
+		binary.NativeEndian.PutUint32(ctx[36:], uint32(tc.ingress)) // __sk_buff.ingress_ifindex
 		ctxOut := make([]byte, len(ctx))
-		ret, err := d.tcProgram(tc.prog).Run(&ebpf.RunOptions{Data: tc.pkt.bytes(), Context: ctx, ContextOut: ctxOut})
+		data := tc.pkt.bytes()
+		out := make([]byte, len(data)+256)
+		ret, err := d.tcProgram(tc.prog).Run(&ebpf.RunOptions{Data: data, DataOut: out, Context: ctx, ContextOut: ctxOut})
 		if tc.only != nil {
 			s.set(t, nil)
 		}
@@ -198,6 +209,9 @@ func runTable(t *testing.T, d *Datapath, s *slots, cases []runCase) {
 		}
 		if m := binary.NativeEndian.Uint32(ctxOut[8:]); m&tc.wantMark != tc.wantMark {
 			t.Errorf("%s: mark %#x, want bits %#x", tc.name, m, tc.wantMark)
+		}
+		if tc.zeroMAC && !bytes.Equal(out[:6], make([]byte, 6)) {
+			t.Errorf("%s: destination MAC %x, want lo's 000000000000", tc.name, out[:6])
 		}
 		got := map[string]uint64{}
 		for k, v := range after {
@@ -488,6 +502,54 @@ func TestPrivilegedProgRunTupleInUse(t *testing.T) {
 		{name: "SYN on a live connection's 4-tuple", prog: RolePod, ifindex: vethA, pkt: syn(ap(podP, 40003), ap(remote, 81)), want: actOK, reason: "pass_tuple_in_use", only: only(Outbound), wantMark: mark},
 		{name: "SYN on a TIME_WAIT 4-tuple, no listener: fail closed", prog: RolePod, ifindex: vethA, pkt: syn(out4, ap(remote, 80)), want: actShot, reason: "drop_no_listener", only: only(noListener)},
 		{name: "fresh 4-tuple still goes to the listener", prog: RolePod, ifindex: vethA, pkt: syn(ap(podP, 40004), ap(remote, 80)), want: actShot, reason: assignFails, only: only(Outbound)},
+	})
+}
+
+// TestPrivilegedProgRunToPod checks the pod program's egress half: only
+// the node's own packet to a captured pod, at a port the ztunnel dials
+// from, that belongs to a ztunnel socket is redirected to lo's ingress
+// (route mark, lo's MAC); everything else passes untouched.
+func TestPrivilegedProgRunToPod(t *testing.T) {
+	privileged.Require(t)
+	d, idx := capturedNetns(t, 2)
+	vethA, vethC := idx[0], idx[1]
+	node, node6 := netip.MustParseAddr("198.18.0.1"), netip.MustParseAddr("2001:db8:ff::1")
+	addLocal(t, podP, podP6, podC, node, node6)
+	ap := netip.AddrPortFrom
+	for _, a := range []netip.Addr{node, node6} {
+		ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(ap(a, 7000)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+	}
+	// The ztunnel's dials from the pod's address (its mark), a host
+	// socket's, and one from an uncaptured pod's.
+	dialFrom(t, ap(podP, 62000), ap(node, 7000), BypassMark)
+	dialFrom(t, ap(podP6, 62000), ap(node6, 7000), BypassMark)
+	dialFrom(t, ap(podP, 62001), ap(node, 7000), 0)
+	dialFrom(t, ap(podC, 62000), ap(node, 7000), BypassMark)
+
+	reply := func(src netip.Addr, dst netip.AddrPort) pkt {
+		return pkt{src: src, dst: dst.Addr(), proto: protoTCP, sport: 7000, dport: dst.Port(), syn: true, ack: true}
+	}
+	const (
+		actRedirect = 7 // TC_ACT_REDIRECT
+		mark        = 0x40000
+		uplink      = 1 // any ingress interface: a forwarded packet
+	)
+	runTable(t, d, nil, []runCase{
+		{name: "node's reply to the ztunnel's dial from a captured pod", prog: roleToPod, ifindex: vethA, pkt: reply(node, ap(podP, 62000)), want: actRedirect, reason: "redirect_host_reply", wantMark: mark, zeroMAC: true},
+		{name: "v6 node's reply to the ztunnel's dial", prog: roleToPod, ifindex: vethA, pkt: reply(node6, ap(podP6, 62000)), want: actRedirect, reason: "redirect_host_reply", wantMark: mark, zeroMAC: true},
+		{name: "same packet forwarded, not the node's", prog: roleToPod, ifindex: vethA, ingress: uplink, pkt: reply(node, ap(podP, 62000)), want: actOK, reason: "pass_to_pod"},
+		{name: "the ztunnel's own packet", prog: roleToPod, ifindex: vethA, mark: BypassMark, pkt: reply(node, ap(podP, 62000)), want: actOK, reason: "pass_to_pod"},
+		{name: "a host socket's connection", prog: roleToPod, ifindex: vethA, pkt: reply(node, ap(podP, 62001)), want: actOK, reason: "pass_to_pod"},
+		{name: "no socket (kubelet probe to a high port)", prog: roleToPod, ifindex: vethA, pkt: reply(node, ap(podP, 62002)), want: actOK, reason: "pass_to_pod"},
+		{name: "below the ztunnel's dial ports (kubelet probe)", prog: roleToPod, ifindex: vethA, pkt: reply(node, ap(podP, 8080)), want: actOK, reason: "pass_to_pod"},
+		{name: "uncaptured pod", prog: roleToPod, ifindex: vethC, pkt: reply(node, ap(podC, 62000)), want: actOK, reason: "pass_to_pod"},
+		{name: "captured pod's address out of another veth", prog: roleToPod, ifindex: vethC, pkt: reply(node, ap(podP, 62000)), want: actOK, reason: "pass_to_pod"},
+		{name: "UDP", prog: roleToPod, ifindex: vethA, pkt: pkt{src: node, dst: podP, proto: protoUDP, sport: 53, dport: 62000}, want: actOK, reason: "pass_to_pod"},
+		{name: "ARP", prog: roleToPod, ifindex: vethA, pkt: pkt{arp: true}, want: actOK, reason: "pass_to_pod"},
 	})
 }
 

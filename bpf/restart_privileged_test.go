@@ -163,8 +163,8 @@ func TestPrivilegedSurvivesLoaderKill(t *testing.T) {
 		}
 	}
 	ping("before kill")
-	// The node's sk_lookup, the uplink, the pod veth.
-	const links = 3
+	// The node's sk_lookup, the uplink, the pod veth's ingress and egress.
+	const links = 4
 	before, err := bpf.Attachments(root)
 	if err != nil || len(before) != links {
 		t.Fatalf("attachments %v %v", before, err)
