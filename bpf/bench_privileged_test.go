@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
 
 	"github.com/amber-mesh/amber/test/privileged"
 )
@@ -35,15 +34,7 @@ func BenchmarkProg(b *testing.B) {
 	defer ln.Close()
 	dialFrom(b, netip.AddrPortFrom(podP, 62000), netip.AddrPortFrom(node, 7000), BypassMark)
 
-	empty, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         ebpf.SchedCLS,
-		License:      "GPL",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer empty.Close()
+	empty := emptyTC(b)
 
 	syn := pkt{src: podP, dst: remote, proto: protoTCP, sport: 40000, dport: 80, syn: true}
 	ack := syn
