@@ -112,6 +112,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := adoptLinks(dp, log); err != nil {
 		return err
 	}
+	// The node's listener lookups, before the uplinks bring other nodes'
+	// connections (a SYN on a 4-tuple in TIME_WAIT needs it).
+	if err := dp.Attach(0, bpf.RoleNode); err != nil {
+		return err
+	}
 	if err := attachUplinks(dp, cfg.Uplinks, log); err != nil {
 		return err
 	}

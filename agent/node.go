@@ -15,7 +15,9 @@ import (
 
 // adoptLinks replaces the program in every live link an earlier agent
 // pinned (BPF_LINK_UPDATE: no moment without a program), so that an
-// upgraded agent runs its own programs everywhere before it reconciles.
+// upgraded agent runs its own programs everywhere before it reconciles. A
+// pod veth an older agent attached only at ingress gains the egress
+// program here.
 func adoptLinks(dp *bpf.Datapath, log *slog.Logger) error {
 	if n, err := bpf.PruneDead(dp.PinRoot()); err != nil {
 		log.Warn("prune links of vanished interfaces", "err", err)
@@ -26,11 +28,18 @@ func adoptLinks(dp *bpf.Datapath, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	type point struct {
+		role    bpf.Role
+		ifindex int
+	}
+	done := map[point]bool{}
 	var errs []error
 	for _, a := range atts {
-		if !a.Live {
+		p := point{a.Role, a.Ifindex}
+		if !a.Live || done[p] {
 			continue
 		}
+		done[p] = true
 		errs = append(errs, dp.Attach(a.Ifindex, a.Role))
 	}
 	return errors.Join(errs...)

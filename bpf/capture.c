@@ -1,11 +1,17 @@
 //go:build ignore
 
-// amber capture programs. Two TCX ingress programs:
+// amber capture programs:
 //
-//   amber_pod     on the host side of every local pod veth, so it sees
-//                 packets leaving the pod;
-//   amber_uplink  on each node uplink, so it sees packets arriving from
-//                 other nodes for local pods.
+//   amber_pod     TCX ingress on the host side of every local pod veth, so
+//                 it sees packets leaving the pod;
+//   amber_to_pod  TCX egress on the same veths, so it sees packets going
+//                 to the pod: it hands the node's own replies to ztunnel
+//                 sockets back to the node;
+//   amber_uplink  TCX ingress on each node uplink, so it sees packets
+//                 arriving from other nodes for local pods;
+//   amber_lookup  sk_lookup on the node's network namespace: it picks the
+//                 ztunnel listener when the kernel itself looks one up for
+//                 a captured connection (see amber_lookup).
 //
 // Nothing is rewritten: a packet that must reach the ztunnel is handed to a
 // ztunnel socket with bpf_sk_assign and marked so that the fwmark rule
@@ -30,6 +36,7 @@ volatile const __u32 route_mark = 0x40000;  // set on assigned packets; ip rule 
 volatile const __u32 bypass_mark = 0x539;   // SO_MARK of the ztunnel's own sockets
 volatile const __u32 bypass_mask = 0xfff;
 volatile const __u16 hbone_port = 15008;
+volatile const __u16 dial_port_min = 61000;  // lowest source port of the ztunnel's dials from a pod's address
 
 // A pod address: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d) so one map
 // serves both families.
@@ -66,7 +73,12 @@ enum listener_slot {
 	SLOT_MAX = 6,
 };
 
-// One counter per decision; every packet the programs see bumps exactly one.
+// One counter per decision; every packet the TC programs see bumps exactly
+// one (an assignment the kernel refuses counts as drop_assign_failed only;
+// the node's reply amber_to_pod turns back to lo is counted there, and lo
+// runs no program). amber_lookup counts nothing: it decides lookups, not
+// packets, and the packets it decides for were counted by the TC program
+// they crossed.
 enum reason {
 	R_PASS_NOT_IP = 0,        // ARP and other non-IP frames
 	R_PASS_NOT_TCP,           // UDP, ICMP, ... (not captured)
@@ -75,10 +87,13 @@ enum reason {
 	R_PASS_HOST_SOCKET,       // belongs to a host socket that is not the ztunnel's
 	R_PASS_ESTABLISHED,       // non-SYN TCP of a captured pod with no ztunnel socket (e.g. pre-capture flows)
 	R_PASS_MALFORMED,         // unparsable, on no captured path: left to the kernel, which discards bad headers
+	R_PASS_TUPLE_IN_USE,      // captured SYN whose 4-tuple the node holds a socket for (TIME_WAIT, handshake, connection): routed to the kernel's own lookup
+	R_PASS_TO_POD,            // egress: a packet to a pod that is not the node's reply to a ztunnel socket
 	R_ASSIGN_ESTABLISHED,     // delivered to an existing ztunnel socket
 	R_ASSIGN_OUTBOUND,        // new connection from a captured pod -> 15001
 	R_ASSIGN_INBOUND,         // new plaintext connection to a captured pod -> 15006
 	R_ASSIGN_HBONE,           // new connection to a captured pod's :15008 -> 15008
+	R_REDIRECT_HOST_REPLY,    // egress: the node's reply to a ztunnel socket that dialled from a captured pod's address -> loopback ingress
 	R_DROP_NO_LISTENER,       // fail closed: the needed ztunnel listener is not registered
 	R_DROP_SPOOFED,           // source address is not registered for the veth it came from
 	R_DROP_MALFORMED,         // truncated or unparsable headers on a captured path
@@ -337,35 +352,55 @@ static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, struct flo
 	             : bpf_skc_lookup_tcp(skb, &f->tuple, sizeof(f->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 }
 
+// connected_lookup is lookup without listeners: bpf_skc_lookup_tcp falls
+// back to the listening hash (and so to amber_lookup, which answers with a
+// ztunnel listener for every captured 4-tuple), but a listener is never
+// the socket a packet of an existing connection belongs to.
+static __always_inline struct bpf_sock *connected_lookup(struct __sk_buff *skb, struct flow *f) {
+	struct bpf_sock *sk = lookup(skb, f);
+	if (sk && sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return NULL;
+	}
+	return sk;
+}
+
+// held_socket is the non-listening socket the node holds for f's 4-tuple,
+// or NULL. A connection to a Service address that the host translates
+// (kube-proxy) is found under the translated address: the ztunnel's socket
+// took the SYN's destination after PREROUTING.
+static __always_inline struct bpf_sock *held_socket(struct __sk_buff *skb, struct flow *f) {
+	struct bpf_sock *sk = connected_lookup(skb, f);
+	if (sk)
+		return sk;
+	struct flow t = *f;
+	if (!translated(skb, &t))
+		return NULL;
+	return connected_lookup(skb, &t);
+}
+
+// host_owned reports whether a non-listening socket of the node netns
+// belongs to the host rather than the ztunnel. Request and time-wait
+// sockets cannot be asked for their mark, but one whose 4-tuple a captured
+// packet matches can only belong to a transparent listener's handshake or
+// a transparent socket (pods' own sockets live in their own netns), so
+// they count as the ztunnel's. A full socket must carry the ztunnel's mark.
+static __always_inline int host_owned(struct bpf_sock *sk) {
+	struct bpf_sock *full = bpf_sk_fullsock(sk);
+	return full && (full->mark & bypass_mask) != bypass_mark;
+}
+
 // assign_established hands a packet of an existing connection to the
 // ztunnel socket it belongs to. Returns -1 when there is none.
 //
-// Request and time-wait sockets cannot be asked for their mark, but a
-// request socket here is the handshake of a connection a ztunnel listener
-// accepted (pods' own sockets live in their own netns), so they are taken.
-// A full socket must carry the ztunnel's mark: a host socket (a kubelet
-// probe, a hostNetwork server) receives its packets by ordinary routing.
-//
-// A connection to a Service address that the host translates (kube-proxy)
-// is found under the translated address: the ztunnel's socket took the
-// SYN's destination after PREROUTING. Packets of connections that are not
-// the ztunnel's are left alone whatever conntrack says.
+// A host socket (a kubelet probe, a hostNetwork server) receives its
+// packets by ordinary routing. Packets of connections that are not the
+// ztunnel's are left alone whatever conntrack says.
 static __always_inline int assign_established(struct __sk_buff *skb, struct flow *f) {
-	struct bpf_sock *sk = lookup(skb, f);
-	if (!sk) {
-		struct flow t = *f;
-		if (!translated(skb, &t))
-			return -1;
-		sk = lookup(skb, &t);
-		if (!sk)
-			return -1;
-	}
-	if (sk->state == BPF_TCP_LISTEN) {
-		bpf_sk_release(sk);
+	struct bpf_sock *sk = held_socket(skb, f);
+	if (!sk)
 		return -1;
-	}
-	struct bpf_sock *full = bpf_sk_fullsock(sk);
-	if (full && (full->mark & bypass_mask) != bypass_mark) {
+	if (host_owned(sk)) {
 		bpf_sk_release(sk);
 		return count(R_PASS_HOST_SOCKET, TC_ACT_OK);
 	}
@@ -380,19 +415,44 @@ static __always_inline int assign_established(struct __sk_buff *skb, struct flow
 // assign_listener hands a new connection to a ztunnel listener. No listener
 // means no ztunnel: the connection is dropped, never let through in
 // plaintext.
-static __always_inline int assign_listener(struct __sk_buff *skb, const struct flow *f, __u32 slot, __u32 reason) {
+//
+// A SYN whose 4-tuple the node already holds a socket for is not assigned
+// but routed to the local stack with the route mark, where the kernel's own
+// lookup finds that socket. A listener assigned by bpf_sk_assign would
+// bypass that lookup; the request socket the listener then creates
+// duplicates the socket in the established hash, inet_ehash_insert()
+// reports the duplicate, inet_csk_reqsk_queue_hash_add() fails and
+// tcp_conn_request() drops the SYN without an answer (Linux 6.18): the
+// client's connect times out. The common
+// case is the ztunnel's side of an earlier connection in TIME_WAIT (the
+// ztunnel closed first, as it does when the server closes first). There
+// tcp_timewait_state_process() accepts the SYN when RFC 6191 allows it (a
+// sequence number past the old connection's, or a newer timestamp) and
+// tcp_v4_rcv()/tcp_v6_rcv() look up a listener, which runs amber_lookup:
+// the same listener this program would have picked. Otherwise the
+// TIME_WAIT socket answers with an ACK, as it would without amber. A
+// retransmitted SYN of a handshake in progress meets its request socket
+// (the SYN-ACK is sent again); a SYN on a live connection gets a challenge
+// ACK (RFC 5961).
+static __always_inline int assign_listener(struct __sk_buff *skb, struct flow *f, __u32 slot, __u32 reason) {
 	if (f->v6)
 		slot += SLOT_OUTBOUND6;
 	struct bpf_sock *sk = bpf_map_lookup_elem(&amber_listeners, &slot);
 	if (!sk)
 		return count(R_DROP_NO_LISTENER, TC_ACT_SHOT);
+	struct bpf_sock *held = held_socket(skb, f);
+	if (held) {
+		bpf_sk_release(held);
+		bpf_sk_release(sk);
+		skb->mark |= route_mark;
+		return count(R_PASS_TUPLE_IN_USE, TC_ACT_OK);
+	}
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
-	count(reason, 0);
 	if (err)
 		return count(R_DROP_ASSIGN_FAILED, TC_ACT_SHOT);
 	skb->mark |= route_mark;
-	return TC_ACT_OK;
+	return count(reason, TC_ACT_OK);
 }
 
 // inbound_new decides a new connection to a local pod.
@@ -489,4 +549,113 @@ int amber_uplink(struct __sk_buff *skb) {
 		return count(R_PASS_NOT_ENROLLED, TC_ACT_OK);
 	}
 	return inbound_new(skb, &f);
+}
+
+// LOOPBACK_IFINDEX: every network namespace's lo has ifindex 1.
+#define LOOPBACK_IFINDEX 1
+
+// amber_to_pod, at TCX egress of every pod veth, exists for one case: the
+// ztunnel dialled a destination local to the node (a host-network server on
+// one of the node's addresses, or a Service address kube-proxy translates
+// to one) from a captured pod's address, as Istio's in-pod ztunnel does.
+// The server's replies are addressed to the pod, so the node routes them
+// out of the pod's veth, where no ingress program sees them and the pod,
+// not the ztunnel's socket, would receive them. Such a reply is recognised
+// by its socket: the lookup of its 4-tuple in the node netns finds the
+// ztunnel's (pods' own sockets live in their own netns). It is turned back
+// into the node: redirected to the loopback's ingress with the route mark,
+// it is routed locally and the kernel's lookup finds the ztunnel's socket.
+//
+// Why loopback, not the veth's own ingress: an IPv4 packet received with a
+// local source address is a martian (fib_validate_source()) unless the
+// receiving device has accept_local, and a veth's reverse-path filter
+// (often on, and max(all, dev)) rejects it too. bpf/hostnet sets
+// accept_local on lo only: fib_validate_source() exempts loopback from the
+// reverse-path filter, and ordinary loopback traffic keeps the route it was
+// sent with and never meets the check. IPv6 has no such check.
+// eth_type_trans() on lo wants lo's (all-zero) MAC as destination, or
+// ip_rcv() drops the packet as PACKET_OTHERHOST.
+//
+// Cost: a forwarded packet (it has an ingress interface) or one of the
+// ztunnel's own (bypass mark) costs two loads; a packet the node sends to
+// a pod port below dial_port_min (kubelet probes, host clients of pods) a
+// parse; only the node's TCP to a captured pod at a port the ztunnel dials
+// from pays a map and a socket lookup.
+SEC("tc")
+int amber_to_pod(struct __sk_buff *skb) {
+	if (skb->ingress_ifindex)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	if ((skb->mark & bypass_mask) == bypass_mark)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	struct flow f = {};
+	if (parse(skb, &f) != P_TCP || bpf_ntohs(dport(&f)) < dial_port_min)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	struct pod_info *dst = bpf_map_lookup_elem(&amber_pods, &f.dst);
+	if (!dst || !(dst->flags & POD_CAPTURED) || dst->ifindex != skb->ifindex)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	struct bpf_sock *sk = connected_lookup(skb, &f);
+	if (!sk)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	int host = host_owned(sk);
+	bpf_sk_release(sk);
+	if (host)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	const __u8 lo_mac[ETH_ALEN] = {};
+	if (bpf_skb_store_bytes(skb, 0, lo_mac, ETH_ALEN, 0) < 0)
+		return count(R_PASS_TO_POD, TC_ACT_OK);
+	skb->mark |= route_mark;
+	return count(R_REDIRECT_HOST_REPLY, bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS));
+}
+
+#define AF_INET 2
+#define AF_INET6 10
+
+// amber_lookup runs when the kernel looks up a TCP or UDP listener in the
+// node's network namespace (__inet_lookup_listener(),
+// inet6_lookup_listener(), before the listening hash). The TC programs
+// assign new connections to the ztunnel's listeners themselves; the kernel
+// looks one up for a captured connection when assign_listener leaves a
+// SYN to it (a 4-tuple in TIME_WAIT), and bpf_skc_lookup_tcp falls back to
+// it. It decides as the TC programs do: a connection arriving on a
+// captured pod's veth (whose packets carry only the pod's addresses:
+// anti-spoofing) -> outbound; one to a captured pod -> HBONE for port
+// 15008, inbound otherwise. A missing listener fails closed (SK_DROP: no
+// socket, never a host listener on the same port). Everything else — the
+// node's own traffic, and the ztunnel's connections to the node's own
+// addresses, which come from a pod's address but over loopback — is left
+// to the listening hash.
+SEC("sk_lookup")
+int amber_lookup(struct bpf_sk_lookup *ctx) {
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	__u32 slot;
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct iface_info *iface = bpf_map_lookup_elem(&amber_ifaces, &ifindex);
+	if (iface && (iface->flags & IFACE_CAPTURED_POD)) {
+		slot = SLOT_OUTBOUND4;
+	} else {
+		struct ip_key local = {};
+		if (ctx->family == AF_INET) {
+			map_v4(&local, ctx->local_ip4);
+		} else if (ctx->family == AF_INET6) {
+			for (int i = 0; i < 4; i++) {
+				__u32 w = ctx->local_ip6[i];
+				__builtin_memcpy(&local.addr[i * 4], &w, 4);
+			}
+		} else {
+			return SK_PASS;
+		}
+		struct pod_info *dst = bpf_map_lookup_elem(&amber_pods, &local);
+		if (!dst || !(dst->flags & POD_CAPTURED))
+			return SK_PASS;
+		slot = ctx->local_port == hbone_port ? SLOT_HBONE4 : SLOT_INBOUND4;
+	}
+	if (ctx->family == AF_INET6)
+		slot += SLOT_OUTBOUND6;
+	struct bpf_sock *sk = bpf_map_lookup_elem(&amber_listeners, &slot);
+	if (!sk)
+		return SK_DROP;
+	long err = bpf_sk_assign(ctx, sk, BPF_SK_LOOKUP_F_REPLACE);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
 }

@@ -56,23 +56,26 @@ type capturePodInfo struct {
 type captureReason uint32
 
 const (
-	captureReasonR_PASS_NOT_IP        captureReason = 0
-	captureReasonR_PASS_NOT_TCP       captureReason = 1
-	captureReasonR_PASS_NOT_ENROLLED  captureReason = 2
-	captureReasonR_PASS_BYPASS_MARK   captureReason = 3
-	captureReasonR_PASS_HOST_SOCKET   captureReason = 4
-	captureReasonR_PASS_ESTABLISHED   captureReason = 5
-	captureReasonR_PASS_MALFORMED     captureReason = 6
-	captureReasonR_ASSIGN_ESTABLISHED captureReason = 7
-	captureReasonR_ASSIGN_OUTBOUND    captureReason = 8
-	captureReasonR_ASSIGN_INBOUND     captureReason = 9
-	captureReasonR_ASSIGN_HBONE       captureReason = 10
-	captureReasonR_DROP_NO_LISTENER   captureReason = 11
-	captureReasonR_DROP_SPOOFED       captureReason = 12
-	captureReasonR_DROP_MALFORMED     captureReason = 13
-	captureReasonR_DROP_FRAGMENT      captureReason = 14
-	captureReasonR_DROP_ASSIGN_FAILED captureReason = 15
-	captureReasonR_MAX                captureReason = 16
+	captureReasonR_PASS_NOT_IP         captureReason = 0
+	captureReasonR_PASS_NOT_TCP        captureReason = 1
+	captureReasonR_PASS_NOT_ENROLLED   captureReason = 2
+	captureReasonR_PASS_BYPASS_MARK    captureReason = 3
+	captureReasonR_PASS_HOST_SOCKET    captureReason = 4
+	captureReasonR_PASS_ESTABLISHED    captureReason = 5
+	captureReasonR_PASS_MALFORMED      captureReason = 6
+	captureReasonR_PASS_TUPLE_IN_USE   captureReason = 7
+	captureReasonR_PASS_TO_POD         captureReason = 8
+	captureReasonR_ASSIGN_ESTABLISHED  captureReason = 9
+	captureReasonR_ASSIGN_OUTBOUND     captureReason = 10
+	captureReasonR_ASSIGN_INBOUND      captureReason = 11
+	captureReasonR_ASSIGN_HBONE        captureReason = 12
+	captureReasonR_REDIRECT_HOST_REPLY captureReason = 13
+	captureReasonR_DROP_NO_LISTENER    captureReason = 14
+	captureReasonR_DROP_SPOOFED        captureReason = 15
+	captureReasonR_DROP_MALFORMED      captureReason = 16
+	captureReasonR_DROP_FRAGMENT       captureReason = 17
+	captureReasonR_DROP_ASSIGN_FAILED  captureReason = 18
+	captureReasonR_MAX                 captureReason = 19
 )
 
 // Names of all BPF objects in the ELF.
@@ -83,10 +86,13 @@ const (
 	captureMapAmberIfaces      = "amber_ifaces"
 	captureMapAmberListeners   = "amber_listeners"
 	captureMapAmberPods        = "amber_pods"
+	captureProgAmberLookup     = "amber_lookup"
 	captureProgAmberPod        = "amber_pod"
+	captureProgAmberToPod      = "amber_to_pod"
 	captureProgAmberUplink     = "amber_uplink"
 	captureVarBypassMark       = "bypass_mark"
 	captureVarBypassMask       = "bypass_mask"
+	captureVarDialPortMin      = "dial_port_min"
 	captureVarHbonePort        = "hbone_port"
 	captureVarRouteMark        = "route_mark"
 	captureVarUnusedIfaceFlags = "unused_iface_flags"
@@ -135,7 +141,9 @@ type captureSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureProgramSpecs struct {
+	AmberLookup *ebpf.ProgramSpec `ebpf:"amber_lookup"`
 	AmberPod    *ebpf.ProgramSpec `ebpf:"amber_pod"`
+	AmberToPod  *ebpf.ProgramSpec `ebpf:"amber_to_pod"`
 	AmberUplink *ebpf.ProgramSpec `ebpf:"amber_uplink"`
 }
 
@@ -155,6 +163,7 @@ type captureMapSpecs struct {
 type captureVariableSpecs struct {
 	BypassMark       *ebpf.VariableSpec `ebpf:"bypass_mark"`
 	BypassMask       *ebpf.VariableSpec `ebpf:"bypass_mask"`
+	DialPortMin      *ebpf.VariableSpec `ebpf:"dial_port_min"`
 	HbonePort        *ebpf.VariableSpec `ebpf:"hbone_port"`
 	RouteMark        *ebpf.VariableSpec `ebpf:"route_mark"`
 	UnusedIfaceFlags *ebpf.VariableSpec `ebpf:"unused_iface_flags"`
@@ -202,6 +211,7 @@ func (m *captureMaps) Close() error {
 type captureVariables struct {
 	BypassMark       *ebpf.Variable `ebpf:"bypass_mark"`
 	BypassMask       *ebpf.Variable `ebpf:"bypass_mask"`
+	DialPortMin      *ebpf.Variable `ebpf:"dial_port_min"`
 	HbonePort        *ebpf.Variable `ebpf:"hbone_port"`
 	RouteMark        *ebpf.Variable `ebpf:"route_mark"`
 	UnusedIfaceFlags *ebpf.Variable `ebpf:"unused_iface_flags"`
@@ -212,13 +222,17 @@ type captureVariables struct {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type capturePrograms struct {
+	AmberLookup *ebpf.Program `ebpf:"amber_lookup"`
 	AmberPod    *ebpf.Program `ebpf:"amber_pod"`
+	AmberToPod  *ebpf.Program `ebpf:"amber_to_pod"`
 	AmberUplink *ebpf.Program `ebpf:"amber_uplink"`
 }
 
 func (p *capturePrograms) Close() error {
 	return _CaptureClose(
+		p.AmberLookup,
 		p.AmberPod,
+		p.AmberToPod,
 		p.AmberUplink,
 	)
 }

@@ -30,6 +30,11 @@ const (
 	// HBONEPort is the inbound HBONE port a connection to a captured pod
 	// is addressed to by a remote ztunnel.
 	HBONEPort = 15008
+	// DialPortMin is the lowest source port the ztunnel binds when it
+	// dials from a pod's address (ports DialPortMin-65535, above Linux's
+	// default ephemeral range, which pods use). The pod program's egress
+	// half looks for the node's replies to such dials only at these ports.
+	DialPortMin = 61000
 )
 
 // Sentinel errors.
@@ -108,10 +113,11 @@ func Load(cfg Config) (*Datapath, error) {
 	}
 	rc := cfg.Routing.WithDefaults()
 	for name, v := range map[string]any{
-		captureVarRouteMark:  rc.Mark,
-		captureVarBypassMark: uint32(BypassMark),
-		captureVarBypassMask: uint32(BypassMask),
-		captureVarHbonePort:  uint16(HBONEPort),
+		captureVarRouteMark:   rc.Mark,
+		captureVarBypassMark:  uint32(BypassMark),
+		captureVarBypassMask:  uint32(BypassMask),
+		captureVarHbonePort:   uint16(HBONEPort),
+		captureVarDialPortMin: uint16(DialPortMin),
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("set %s: %w", name, err)

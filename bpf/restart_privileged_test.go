@@ -40,6 +40,9 @@ func loaderMain() error {
 	if err != nil {
 		return err
 	}
+	if err := dp.Attach(0, bpf.RoleNode); err != nil {
+		return err
+	}
 	for _, a := range strings.Fields(os.Getenv("AMBER_ATTACH")) {
 		role, idx, _ := strings.Cut(a, ":")
 		i, err := strconv.Atoi(idx)
@@ -160,8 +163,10 @@ func TestPrivilegedSurvivesLoaderKill(t *testing.T) {
 		}
 	}
 	ping("before kill")
+	// The node's sk_lookup, the uplink, the pod veth's ingress and egress.
+	const links = 4
 	before, err := bpf.Attachments(root)
-	if err != nil || len(before) != 2 {
+	if err != nil || len(before) != links {
 		t.Fatalf("attachments %v %v", before, err)
 	}
 
@@ -201,18 +206,18 @@ func TestPrivilegedSurvivesLoaderKill(t *testing.T) {
 	ping("after reload")
 
 	after, err := bpf.Attachments(root)
-	if err != nil || len(after) != 2 {
+	if err != nil || len(after) != links {
 		t.Fatalf("attachments %v %v", after, err)
 	}
 	for i := range after {
 		if after[i].LinkID != before[i].LinkID {
-			t.Errorf("%s link %d replaced by %d: the program should be swapped in place", after[i].Role, before[i].LinkID, after[i].LinkID)
+			t.Errorf("%s %s link %d replaced by %d: the program should be swapped in place", after[i].Role, after[i].Hook, before[i].LinkID, after[i].LinkID)
 		}
 		if after[i].ProgID == before[i].ProgID {
-			t.Errorf("%s still runs program %d after reload", after[i].Role, after[i].ProgID)
+			t.Errorf("%s %s still runs program %d after reload", after[i].Role, after[i].Hook, after[i].ProgID)
 		}
 		if !after[i].Live {
-			t.Errorf("%s link not live", after[i].Role)
+			t.Errorf("%s %s link not live", after[i].Role, after[i].Hook)
 		}
 	}
 }

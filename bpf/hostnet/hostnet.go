@@ -1,19 +1,29 @@
 // Package hostnet installs, checks and removes the policy routing that makes
 // a packet assigned to a ztunnel socket by the capture programs reach the
 // local stack: `ip rule fwmark M/M lookup T` and `local default dev lo
-// table T`, for IPv4 and IPv6, in the calling thread's network namespace.
+// table T`, for IPv4 and IPv6, and net.ipv4.conf.lo.accept_local=1, in the
+// calling thread's network namespace.
 //
-// Without it the kernel routes an assigned SYN by its (foreign) destination
-// address and forwards it, and the listener never sees it.
+// Without the rule and route the kernel routes an assigned SYN by its
+// (foreign) destination address and forwards it, and the listener never
+// sees it. Without accept_local on lo, the node's own replies to the
+// ztunnel's dials from a pod's address, which the pod program's egress half
+// redirects to lo's ingress, are IPv4 martians: fib_validate_source()
+// rejects a received packet whose source is a local address unless the
+// receiving device accepts local sources. Only lo is set: ordinary
+// loopback packets keep the route they were sent with and never meet that
+// check, and loopback is exempt from the reverse-path filter.
 package hostnet
 
 import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -91,7 +101,49 @@ func (c Config) route(family int, dst *net.IPNet) (*netlink.Route, error) {
 	}, nil
 }
 
-// Ensure installs the rule and route for both families; it is idempotent.
+// ipv4DevconfAcceptLocal is IPV4_DEVCONF_ACCEPT_LOCAL (linux/ip.h).
+const ipv4DevconfAcceptLocal = 23
+
+// setAcceptLocal sets net.ipv4.conf.lo.accept_local through rtnetlink
+// (RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF, as
+// inet_set_link_af() takes it), not /proc/sys: container runtimes mount
+// /proc/sys read-only in unprivileged containers such as the agent's, and
+// netlink needs only CAP_NET_ADMIN.
+func setAcceptLocal(on bool) error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo: %w", err)
+	}
+	var v uint32
+	if on {
+		v = 1
+	}
+	req := nl.NewNetlinkRequest(unix.RTM_SETLINK, unix.NLM_F_ACK)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Index = int32(lo.Attrs().Index)
+	req.AddData(msg)
+	spec := nl.NewRtAttr(unix.IFLA_AF_SPEC, nil)
+	spec.AddRtAttr(unix.AF_INET, nil).AddRtAttr(unix.IFLA_INET_CONF, nil).AddRtAttr(ipv4DevconfAcceptLocal, nl.Uint32Attr(v))
+	req.AddData(spec)
+	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
+		return fmt.Errorf("set lo accept_local=%d: %w", v, err)
+	}
+	return nil
+}
+
+// acceptsLocal reads lo's accept_local from /proc/sys/net (read-only in
+// containers, but readable), which the kernel resolves against the calling
+// thread's network namespace.
+func acceptsLocal() (bool, error) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/conf/lo/accept_local")
+	if err != nil {
+		return false, fmt.Errorf("read lo accept_local: %w", err)
+	}
+	return strings.TrimSpace(string(b)) == "1", nil
+}
+
+// Ensure installs the rule and route for both families and accept_local on
+// lo; it is idempotent.
 func Ensure(c Config) error {
 	c = c.WithDefaults()
 	lo, err := netlink.LinkByName("lo")
@@ -122,6 +174,9 @@ func Ensure(c Config) error {
 			}
 		}
 	}
+	if err := setAcceptLocal(true); err != nil {
+		return err
+	}
 	return Check(c)
 }
 
@@ -151,14 +206,21 @@ func Check(c Config) error {
 			missing = append(missing, fmt.Sprintf("%s: no local default route in table %d", f.name, c.Table))
 		}
 	}
+	ok, err := acceptsLocal()
+	if err != nil {
+		return err
+	}
+	if !ok {
+		missing = append(missing, "ipv4: lo does not accept local sources (net.ipv4.conf.lo.accept_local=0)")
+	}
 	if len(missing) > 0 {
 		return fmt.Errorf("%w: %s", ErrIncomplete, strings.Join(missing, "; "))
 	}
 	return nil
 }
 
-// Remove deletes the rules and routes Ensure installed; missing ones are
-// not an error.
+// Remove deletes the rules and routes Ensure installed and turns lo's
+// accept_local off again; missing ones are not an error.
 func Remove(c Config) error {
 	c = c.WithDefaults()
 	var errs []error
@@ -183,6 +245,7 @@ func Remove(c Config) error {
 			errs = append(errs, fmt.Errorf("delete %s local route: %w", f.name, err))
 		}
 	}
+	errs = append(errs, setAcceptLocal(false))
 	return errors.Join(errs...)
 }
 

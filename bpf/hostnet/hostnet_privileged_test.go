@@ -43,8 +43,14 @@ func TestPrivilegedEnsureCheckRemove(t *testing.T) {
 	if err := Check(cfg); err != nil {
 		t.Fatal(err)
 	}
+	if ok, err := acceptsLocal(); err != nil || !ok {
+		t.Fatalf("lo accept_local after Ensure: %v %v, want on", ok, err)
+	}
 	if err := Remove(cfg); err != nil {
 		t.Fatal(err)
+	}
+	if ok, err := acceptsLocal(); err != nil || ok {
+		t.Fatalf("lo accept_local after Remove: %v %v, want off", ok, err)
 	}
 	if err := Check(cfg); !errors.Is(err, ErrIncomplete) {
 		t.Fatalf("Check after Remove = %v, want ErrIncomplete", err)

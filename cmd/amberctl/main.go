@@ -84,13 +84,20 @@ func printStatus(w io.Writer, st *bpf.Status) error {
 	fmt.Fprintf(tw, "host routing:\t%s\n", st.Routing)
 	fmt.Fprintln(tw)
 
-	fmt.Fprintln(tw, "INTERFACE\tIFINDEX\tROLE\tPROGRAM\tPROG ID\tLINK ID\tSTATE")
+	fmt.Fprintln(tw, "INTERFACE\tIFINDEX\tROLE\tHOOK\tPROGRAM\tPROG ID\tLINK ID\tSTATE")
 	for _, a := range st.Attachments {
 		state := "attached"
 		if !a.Live {
 			state = "stale (interface gone)"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%d\t%d\t%s\n", ifname(a.Ifindex), a.Ifindex, a.Role, a.Program, a.ProgID, a.LinkID, state)
+		iface, idx := ifname(a.Ifindex), fmt.Sprint(a.Ifindex)
+		if a.Role == bpf.RoleNode {
+			iface, idx = fmt.Sprintf("netns:[%d]", a.Netns), "-"
+			if !a.Live {
+				state = "stale (namespace gone)"
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", iface, idx, a.Role, a.Hook, a.Program, a.ProgID, a.LinkID, state)
 	}
 	fmt.Fprintln(tw)
 

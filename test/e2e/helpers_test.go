@@ -135,22 +135,52 @@ func waitFor(tb testing.TB, what string, cond func() bool) {
 	}
 }
 
-// echoServer listens in a pod, echoes, and reports each peer address.
+// echoServer listens in a pod (or a node), serves each connection, and
+// reports each peer address.
 type echoServer struct {
 	peers chan netip.AddrPort
 }
 
-// mustEcho echoes on port in p; a connection gives up after 10 s.
-func mustEcho(tb testing.TB, p *testbed.Pod, port int) *echoServer {
-	return startEcho(tb, p, port, 10*time.Second)
+// listenerIn is a pod or a node.
+type listenerIn interface {
+	Listen(network, address string) (net.Listener, error)
 }
 
-// startEcho runs an echo server on port in p. Each connection is closed
+// mustEcho echoes on port in l; a connection gives up after 10 s.
+func mustEcho(tb testing.TB, l listenerIn, port int) *echoServer {
+	return startEcho(tb, l, port, 10*time.Second)
+}
+
+// startEcho runs an echo server on port in l. Each connection is closed
 // after timeout (0: when the client closes it), and any still open when
 // the test ends.
-func startEcho(tb testing.TB, p *testbed.Pod, port int, timeout time.Duration) *echoServer {
+func startEcho(tb testing.TB, l listenerIn, port int, timeout time.Duration) *echoServer {
 	tb.Helper()
-	ln, err := p.Listen("tcp", fmt.Sprintf("[::]:%d", port))
+	return startServer(tb, l, port, func(c net.Conn) {
+		if timeout > 0 {
+			c.SetDeadline(time.Now().Add(timeout))
+		}
+		io.Copy(c, c)
+	})
+}
+
+// startGreeter runs a server on port in l that writes greeting and closes
+// the connection: the server closes first, as HTTP/1.0 or `Connection:
+// close` servers do.
+func startGreeter(tb testing.TB, l listenerIn, port int, greeting string) *echoServer {
+	tb.Helper()
+	return startServer(tb, l, port, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, greeting)
+	})
+}
+
+// startServer accepts on port in l and runs handle on each connection,
+// closing it when handle returns; connections still open when the test
+// ends are closed.
+func startServer(tb testing.TB, l listenerIn, port int, handle func(net.Conn)) *echoServer {
+	tb.Helper()
+	ln, err := l.Listen("tcp", fmt.Sprintf("[::]:%d", port))
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -188,10 +218,7 @@ func startEcho(tb testing.TB, p *testbed.Pod, port int, timeout time.Duration) *
 					mu.Unlock()
 					c.Close()
 				}()
-				if timeout > 0 {
-					c.SetDeadline(time.Now().Add(timeout))
-				}
-				io.Copy(c, c)
+				handle(c)
 			})
 		}
 	})

@@ -38,11 +38,15 @@ type Node struct {
 }
 
 // LoadDatapath loads the datapath into a fresh pin root named after
-// prefix and attaches it to n's uplink and to every pod veth n has now.
+// prefix and attaches it to n's namespace, its uplink and every pod veth n
+// has now.
 func LoadDatapath(n *testbed.Node, prefix string) (*Node, error) {
 	nd := &Node{Node: n, Root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("%s-%d-n%d", prefix, os.Getpid(), rootSeq.Add(1)))}
 	err := n.Do(func() (err error) {
 		if nd.DP, err = bpf.Load(bpf.Config{PinRoot: nd.Root}); err != nil {
+			return err
+		}
+		if err := nd.DP.Attach(0, bpf.RoleNode); err != nil {
 			return err
 		}
 		if err := nd.DP.Attach(n.UplinkIndex, bpf.RoleUplink); err != nil {

@@ -31,13 +31,15 @@ type Options struct {
 	// needs CAP_NET_ADMIN.
 	NoTransparent bool
 	// SourcePorts is the range a Dial from a preserved (pod) source takes
-	// its port from. Zero means DefaultSourcePorts.
+	// its port from. Zero means DefaultSourcePorts. The datapath returns
+	// the node's own replies to such a dial (a server on one of the node's
+	// addresses) only at ports from bpf.DialPortMin up.
 	SourcePorts [2]uint16
 }
 
 // DefaultSourcePorts lie above Linux's default ephemeral range
 // (32768–60999), which pods use for their own connections.
-var DefaultSourcePorts = [2]uint16{61000, 65535}
+var DefaultSourcePorts = [2]uint16{bpf.DialPortMin, 65535}
 
 func (o Options) sourcePorts() (lo, hi uint16) {
 	if o.SourcePorts == [2]uint16{} {

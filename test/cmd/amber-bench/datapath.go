@@ -249,13 +249,17 @@ func connRate(p *testbed.Pod, dst netip.AddrPort, d time.Duration, workers int) 
 	return float64(done.Load()) / time.Since(start).Seconds(), nil
 }
 
-// setupAmber loads the datapath on node n, attaches it to the uplink and
-// the client's veth, captures the client and starts the proxy.
+// setupAmber loads the datapath on node n, attaches it to the node's
+// namespace, the uplink and the client's veth, captures the client and
+// starts the proxy.
 func setupAmber(n *testbed.Node, client *testbed.Pod) (func() error, error) {
 	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("amber-bench-%d", os.Getpid()))
 	var dp *bpf.Datapath
 	err := n.Do(func() (err error) {
 		if dp, err = bpf.Load(bpf.Config{PinRoot: root}); err != nil {
+			return err
+		}
+		if err := dp.Attach(0, bpf.RoleNode); err != nil {
 			return err
 		}
 		if err := dp.Attach(n.UplinkIndex, bpf.RoleUplink); err != nil {
