@@ -91,6 +91,9 @@ type conn struct {
 	resetBudget    rateLimit
 	streamErrs     rateLimit
 	sawSettings    bool
+	// slot is the server's handshake slot, released once the client's
+	// preface is complete or the connection ends.
+	slot *handshakeSlot
 
 	mu        sync.Mutex // guards the fields below
 	pending   []byte     // frames queued for the writer
@@ -508,6 +511,7 @@ func (c *conn) teardown(err error) {
 	linger := c.linger
 	c.mu.Unlock()
 
+	c.slot.release()
 	if !linger {
 		_ = c.nc.Close()
 	}
@@ -747,8 +751,10 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 	if !c.sawSettings {
 		c.sawSettings = true
 		if c.server != nil {
-			// The preface is complete: the handshake budget no longer applies.
+			// The preface is complete: the handshake budget no longer
+			// applies, and the peer no longer counts as unauthenticated.
 			_ = c.nc.SetReadDeadline(time.Time{})
+			c.slot.release()
 		}
 	}
 	for i := range f.NumSettings() {

@@ -137,6 +137,9 @@ type testPool struct {
 	Stats *hbone.Stats
 	// plainTLS dials with tls.Client instead of hbone.TLSClient.
 	plainTLS bool
+	// src is the loopback address dialled from; empty: the system's
+	// choice.
+	src string
 }
 
 // newPool returns a pool dialling ts until the test ends.
@@ -148,6 +151,9 @@ func newPool(tb testing.TB, ts *testServer, mod ...func(*hbone.Pool)) *testPool 
 		Dial: func(ctx context.Context, key hbone.Key) (net.Conn, error) {
 			tp.Dials.Add(1)
 			var d net.Dialer
+			if tp.src != "" {
+				d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(tp.src)}
+			}
 			nc, err := d.DialContext(ctx, "tcp", key.Addr.String())
 			if err != nil {
 				return nil, err

@@ -11,9 +11,14 @@ type Stats struct {
 
 	HandshakeErrors   atomic.Uint64 // server: TLS handshake failed or ALPN was not h2
 	HandshakeTimeouts atomic.Uint64 // server: handshake or preface not done within HandshakeTimeout
-	Dials             atomic.Uint64 // pool: connections dialled
-	DialErrors        atomic.Uint64 // pool: dials that failed
-	IdleCloses        atomic.Uint64 // pool: connections closed for having no streams for IdleTimeout
+	HelloTimeouts     atomic.Uint64 // server: nothing received within HelloTimeout: reset
+
+	HandshakesRefused          atomic.Uint64 // server: reset at accept, MaxHandshakes reached
+	HandshakesRefusedPerSource atomic.Uint64 // server: reset at accept, MaxHandshakesPerSource reached for its address
+
+	Dials      atomic.Uint64 // pool: connections dialled
+	DialErrors atomic.Uint64 // pool: dials that failed
+	IdleCloses atomic.Uint64 // pool: connections closed for having no streams for IdleTimeout
 
 	StreamsOpened   atomic.Uint64 // CONNECT answered 200
 	StreamsRejected atomic.Uint64 // CONNECT answered with another status (server: by the Handler)
