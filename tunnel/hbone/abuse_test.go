@@ -223,6 +223,94 @@ func TestLimitSettingsFlood(t *testing.T) {
 	})
 }
 
+// Frames that carry nothing and cost a frame's work each (CVE-2019-9518
+// and relatives) end the connection once over their budget.
+func TestLimitEmptyFrameFloods(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		send  func(rc *rawClient) error
+		count func(*hbone.Stats) uint64
+	}{
+		{"empty DATA", func(rc *rawClient) error { return rc.fr.WriteData(1, false, nil) },
+			func(s *hbone.Stats) uint64 { return s.EmptyFrameFloods.Load() }},
+		{"padding-only DATA", func(rc *rawClient) error { return rc.fr.WriteDataPadded(1, false, nil, make([]byte, 3)) },
+			func(s *hbone.Stats) uint64 { return s.EmptyFrameFloods.Load() }},
+		{"stream WINDOW_UPDATE", func(rc *rawClient) error { return rc.fr.WriteWindowUpdate(1, 1) },
+			func(s *hbone.Stats) uint64 { return s.WindowUpdateFloods.Load() }},
+		{"connection WINDOW_UPDATE", func(rc *rawClient) error { return rc.fr.WriteWindowUpdate(0, 1) },
+			func(s *hbone.Stats) uint64 { return s.WindowUpdateFloods.Load() }},
+		{"PRIORITY", func(rc *rawClient) error { return rc.fr.WritePriority(3, http2.PriorityParam{Weight: 1}) },
+			func(s *hbone.Stats) uint64 { return s.PriorityFloods.Load() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			ts := startServer(t, blockUntilCancelled)
+			rc := dialRaw(t, ts)
+			rc.connect(1, false)
+			go func() {
+				for range 10000 {
+					if tc.send(rc) != nil {
+						return
+					}
+				}
+			}()
+			rc.expectGoAway(http2.ErrCodeEnhanceYourCalm)
+			if n := tc.count(ts.Stats); n != 1 {
+				t.Errorf("flood counted %d times, want 1", n)
+			}
+			rc.tc.Close()
+			stillServes(t, ts)
+		})
+	}
+}
+
+// WINDOW_UPDATEs that return window our DATA used are not a flood, however
+// many: a peer may return each frame's window twice (stream and
+// connection) as it reads.
+func TestWindowUpdatesForOurData(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo)
+	rc := dialRaw(t, ts)
+	rc.fr.WriteHeaders(http2.HeadersFrameParam{
+		StreamID: 1, BlockFragment: rc.block(":method", "CONNECT", ":authority", "10.0.0.1:8080", "x-echo", "1"), EndHeaders: true,
+	})
+	if code := rc.expectStatus(1); code != 200 {
+		t.Fatalf("status %d", code)
+	}
+	const frames, size = 300, 1000
+	updates := 0
+	for range frames {
+		rc.fr.WriteData(1, false, make([]byte, size))
+		// Read the echo and return its window in two pieces, on the
+		// stream and on the connection.
+		for echoed := 0; echoed < size; {
+			f := rc.next(func(f http2.Frame) bool {
+				_, data := f.(*http2.DataFrame)
+				_, ga := f.(*http2.GoAwayFrame)
+				return data || ga
+			})
+			d, ok := f.(*http2.DataFrame)
+			if !ok {
+				t.Fatalf("after %d WINDOW_UPDATEs: %v", updates, f)
+			}
+			n := uint32(len(d.Data()))
+			echoed += int(n)
+			for _, id := range []uint32{1, 0} {
+				if n > 1 {
+					rc.fr.WriteWindowUpdate(id, n/2)
+					updates++
+				}
+				rc.fr.WriteWindowUpdate(id, n-n/2)
+				updates++
+			}
+		}
+	}
+	rc.ping()
+	if n := ts.Stats.WindowUpdateFloods.Load(); n != 0 {
+		t.Errorf("WindowUpdateFloods = %d after %d WINDOW_UPDATEs", n, updates)
+	}
+}
+
 func TestLimitStreamErrorFlood(t *testing.T) {
 	checkLeaks(t)
 	ts := startServer(t, echo)

@@ -34,6 +34,20 @@ const (
 	// Stream errors the peer provokes (malformed requests, frames on
 	// half-closed streams, window overflows) each cost us a reply.
 	streamErrBurst, streamErrRate = 200, 20
+	// Frames that cost us a frame's work and carry nothing (CVE-2019-9518,
+	// CVE-2019-9513): DATA without data or END_STREAM, WINDOW_UPDATEs no
+	// DATA of ours prompted, PRIORITY frames beyond one per stream the
+	// peer opened. No HBONE client sends the first, and the others come
+	// from what we did: each DATA frame we send earns the peer
+	// updatesPerData WINDOW_UPDATEs (one for the stream and one for the
+	// connection, twice over for peers that return window in pieces), and
+	// each stream it opens one PRIORITY. Earned frames are free up to
+	// maxEarned; the rest spend from a budget like PING's.
+	emptyBurst, emptyRate       = 100, 20
+	updateBurst, updateRate     = 100, 20
+	priorityBurst, priorityRate = 100, 20
+	updatesPerData              = 4
+	maxEarned                   = 4096
 	// maxSettingsFrame bounds one SETTINGS frame: 64 settings, several
 	// times as many as are defined.
 	maxSettingsFrame = 64 * 6
@@ -90,6 +104,10 @@ type conn struct {
 	settingsBudget rateLimit
 	resetBudget    rateLimit
 	streamErrs     rateLimit
+	emptyBudget    rateLimit
+	updateBudget   rateLimit // spent when updatesEarned, under mu, is 0
+	priorityBudget rateLimit
+	prioritiesEarn int // PRIORITY frames the peer may send without spending priorityBudget
 	sawSettings    bool
 	// slot is the server's handshake slot, released once the client's
 	// preface is complete or the connection ends.
@@ -128,6 +146,8 @@ type conn struct {
 	closed     bool
 	err        error
 
+	updatesEarned int // WINDOW_UPDATEs the peer may send without spending updateBudget
+
 	pingOut   bool
 	pingData  [8]byte
 	pingSent  time.Time
@@ -157,6 +177,9 @@ func newConn(nc net.Conn, cfg Settings, stats *Stats, log *slog.Logger) *conn {
 		settingsBudget:    newRateLimit(settingsBurst, settingsRate),
 		resetBudget:       newRateLimit(resetBurst, resetRate),
 		streamErrs:        newRateLimit(streamErrBurst, streamErrRate),
+		emptyBudget:       newRateLimit(emptyBurst, emptyRate),
+		updateBudget:      newRateLimit(updateBurst, updateRate),
+		priorityBudget:    newRateLimit(priorityBurst, priorityRate),
 	}
 	c.recvWin = int64(c.cfg.ConnWindow)
 	c.bc = batcher(nc)
@@ -720,6 +743,14 @@ func (c *conn) onControl(fh http2.FrameHeader) error {
 			// RFC 9113 §5.3.1: a stream cannot depend on itself.
 			return c.streamError(f.StreamID, http2.ErrCodeProtocol)
 		}
+		// RFC 9113 §5.3.2 deprecates priority signalling; we ignore it,
+		// and a peer that keeps sending it is flooding.
+		if c.prioritiesEarn > 0 {
+			c.prioritiesEarn--
+		} else if !c.priorityBudget.allow(time.Now()) {
+			c.stats.PriorityFloods.Add(1)
+			return connError{http2.ErrCodeEnhanceYourCalm, "PRIORITY flood"}
+		}
 	}
 	return nil
 }
@@ -833,6 +864,12 @@ func (c *conn) onPing(f *http2.PingFrame) error {
 func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.updatesEarned > 0 {
+		c.updatesEarned--
+	} else if !c.updateBudget.allow(time.Now()) {
+		c.stats.WindowUpdateFloods.Add(1)
+		return connError{http2.ErrCodeEnhanceYourCalm, "WINDOW_UPDATE flood"}
+	}
 	inc := int64(f.Increment)
 	if f.StreamID == 0 {
 		c.sendWin += inc
@@ -1076,6 +1113,10 @@ func (c *conn) onData(fh http2.FrameHeader) error {
 			return c.protocolError(http2.ErrCodeProtocol, "DATA padding exceeds payload")
 		}
 	}
+	if data == 0 && !fh.Flags.Has(http2.FlagDataEndStream) && !c.emptyBudget.allow(time.Now()) {
+		c.stats.EmptyFrameFloods.Add(1)
+		return connError{http2.ErrCodeEnhanceYourCalm, "empty DATA flood"}
+	}
 	if s == nil {
 		if _, err := io.CopyN(io.Discard, c.br, n-boolInt(fh.Flags.Has(http2.FlagDataPadded))); err != nil {
 			return c.readError(err)
@@ -1207,6 +1248,9 @@ func (c *conn) appendDataLocked(id uint32, endStream bool, p []byte) {
 		c.pending = getBatch()
 	}
 	n := len(p)
+	if n > 0 {
+		c.updatesEarned = min(c.updatesEarned+updatesPerData, maxEarned)
+	}
 	c.pending = append(c.pending,
 		byte(n>>16), byte(n>>8), byte(n), byte(http2.FrameData), byte(flags),
 		byte(id>>24), byte(id>>16), byte(id>>8), byte(id))

@@ -32,6 +32,9 @@ type Stats struct {
 	RapidResets        atomic.Uint64 // too many streams reset before their response (CVE-2023-44487): GOAWAY
 	PingFloods         atomic.Uint64 // PINGs faster than the budget: GOAWAY
 	SettingsFloods     atomic.Uint64 // SETTINGS faster than the budget, or oversized: GOAWAY
+	EmptyFrameFloods   atomic.Uint64 // DATA frames with no data and no END_STREAM faster than the budget (CVE-2019-9518): GOAWAY
+	WindowUpdateFloods atomic.Uint64 // WINDOW_UPDATEs not prompted by our DATA faster than the budget: GOAWAY
+	PriorityFloods     atomic.Uint64 // PRIORITY frames beyond one per stream, faster than the budget (CVE-2019-9513): GOAWAY
 	StreamErrorFloods  atomic.Uint64 // too many malformed requests or stream errors caused by the peer: GOAWAY
 	ControlFloods      atomic.Uint64 // replies queued faster than the peer reads them: connection closed
 	ProtocolErrors     atomic.Uint64 // other connection errors answered with GOAWAY
