@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
@@ -340,28 +339,10 @@ func TestLimitStreamErrorFlood(t *testing.T) {
 func TestLimitControlFlood(t *testing.T) {
 	checkLeaks(t)
 	ts := startServer(t, blockUntilCancelled, func(s *hbone.Server) { s.MaxConcurrentStreams = 1 })
-	_, ctls := mustTLS(t)
-	d := net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
-		// A tiny receive buffer: the server's socket fills at once.
-		return c.Control(func(fd uintptr) {
-			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		})
-	}}
-	nc, err := d.Dial("tcp", ts.Addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	tc := tls.Client(nc, ctls)
-	defer tc.Close()
-	if err := tc.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	rc := &rawClient{t: t, tc: tc, fr: http2.NewFramer(tc, tc)}
-	rc.enc = hpack.NewEncoder(&rc.hbuf)
-	io.WriteString(tc, http2.ClientPreface)
-	rc.fr.WriteSettings()
+	// A tiny receive buffer: the server's socket fills at once.
+	rc := dialRawWith(t, ts, smallReceiveBuffer(4096))
 	rc.connect(1, false) // takes the only slot; every further stream is refused
-	tc.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	rc.tc.SetWriteDeadline(time.Now().Add(20 * time.Second))
 	for id := uint32(3); ; id += 2 {
 		if rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: rc.block(":method", "CONNECT", ":authority", "10.0.0.1:8080"), EndHeaders: true}) != nil {
 			break // the server hung up

@@ -115,6 +115,8 @@ type conn struct {
 
 	mu        sync.Mutex // guards the fields below
 	pending   []byte     // frames queued for the writer
+	marks     []dataMark // the DATA in pending
+	flying    []dataMark // the DATA in the batch being written
 	spare     []byte     // the batch the writer last wrote, for reuse
 	writing   bool       // a batch is being written; only its writer may write to nc
 	leftover  bool       // an inline write left bytes in bc for the writer goroutine
@@ -302,6 +304,7 @@ func (c *conn) writeLoop() {
 			err = c.bc.flush()
 			c.mu.Lock()
 			c.writing = false
+			c.batchDoneLocked(err)
 			c.mu.Unlock()
 		} else {
 			buf := c.takeBatchLocked()
@@ -309,6 +312,7 @@ func (c *conn) writeLoop() {
 			err = c.writeBatch(buf)
 			c.mu.Lock()
 			c.batchWrittenLocked(buf)
+			c.batchDoneLocked(err)
 			c.mu.Unlock()
 		}
 		if err != nil {
@@ -323,6 +327,10 @@ func (c *conn) releaseBatchesLocked() {
 	if c.pending != nil && len(c.pending) == 0 {
 		putBatch(c.pending)
 		c.pending = nil
+		c.marks = nil
+	}
+	if len(c.flying) == 0 {
+		c.flying = nil
 	}
 	if c.spare != nil {
 		putBatch(c.spare)
@@ -334,6 +342,7 @@ func (c *conn) releaseBatchesLocked() {
 func (c *conn) takeBatchLocked() []byte {
 	buf := c.pending
 	c.pending, c.spare = c.spare, nil
+	c.flying, c.marks = c.marks, c.flying[:0] // flying is settled: nothing was writing
 	c.writing = true
 	c.wakeBlockedLocked()
 	return buf
@@ -346,6 +355,50 @@ func (c *conn) batchWrittenLocked(buf []byte) {
 		c.spare = buf[:0]
 	} else {
 		putBatch(buf)
+	}
+}
+
+// dataMark is one DATA frame's payload in a batch, so that bytes a stream
+// accepted and the connection never wrote are known (Unsent).
+type dataMark struct {
+	s *stream // nil once settled out of turn (a reset stream)
+	n int64
+}
+
+// settleLocked ends m's time in a batch: written, or lost.
+func (m *dataMark) settleLocked(lost bool) {
+	if m.s == nil {
+		return
+	}
+	m.s.inBatch -= m.n
+	if lost {
+		m.s.unsent += m.n
+	}
+	m.s = nil
+}
+
+// batchDoneLocked settles the DATA of the batch just written: handed to
+// the socket, or lost with err (the connection is torn down then).
+func (c *conn) batchDoneLocked(err error) {
+	c.settleLocked(c.flying, err != nil)
+	c.flying = c.flying[:0]
+}
+
+func (c *conn) settleLocked(marks []dataMark, lost bool) {
+	for i := range marks {
+		marks[i].settleLocked(lost)
+	}
+}
+
+// dropStreamDataLocked counts the DATA of s still queued or being written
+// as lost: the peer reset s, and discards what arrives for it.
+func (c *conn) dropStreamDataLocked(s *stream) {
+	for _, marks := range [][]dataMark{c.marks, c.flying} {
+		for i := range marks {
+			if marks[i].s == s {
+				marks[i].settleLocked(true)
+			}
+		}
 	}
 }
 
@@ -394,7 +447,9 @@ func (c *conn) flushLocked() error {
 	c.mu.Lock()
 	c.batchWrittenLocked(buf)
 	if !done && err == nil {
-		c.writing, c.leftover = true, true
+		c.writing, c.leftover = true, true // the writer goroutine finishes it
+	} else {
+		c.batchDoneLocked(err)
 	}
 	more := len(c.pending) > 0 || c.closing || c.leftover
 	if !more {
@@ -524,6 +579,11 @@ func (c *conn) teardown(err error) {
 		streams = append(streams, s)
 	}
 	clear(c.streams)
+	// What was not written yet never will be; a write in flight is
+	// counted lost too, whatever it still achieves.
+	c.settleLocked(c.marks, true)
+	c.settleLocked(c.flying, true)
+	c.marks, c.flying = nil, nil
 	c.wakeBlockedLocked()
 	if c.keepTimer != nil {
 		c.keepTimer.Stop()
@@ -911,6 +971,9 @@ func (c *conn) onReset(f *http2.RSTStreamFrame) error {
 		return nil
 	}
 	answered := s.responded
+	if s.inBatch > 0 {
+		c.dropStreamDataLocked(s)
+	}
 	var err error = &StreamError{Code: f.ErrCode, Remote: true}
 	if f.ErrCode == http2.ErrCodeRefusedStream {
 		// RFC 9113 §8.7: a refused stream was not processed; it may be retried.
@@ -1236,10 +1299,11 @@ func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, endStre
 	}
 }
 
-// appendDataLocked queues one DATA frame; the caller then writes it with
-// flushLocked. The header is written by hand so the payload is copied
-// once, straight into the batch.
-func (c *conn) appendDataLocked(id uint32, endStream bool, p []byte) {
+// appendDataLocked queues one DATA frame of s; the caller then writes it
+// with flushLocked. The header is written by hand so the payload is
+// copied once, straight into the batch.
+func (c *conn) appendDataLocked(s *stream, endStream bool, p []byte) {
+	id := s.id
 	var flags http2.Flags
 	if endStream {
 		flags = http2.FlagDataEndStream
@@ -1250,6 +1314,8 @@ func (c *conn) appendDataLocked(id uint32, endStream bool, p []byte) {
 	n := len(p)
 	if n > 0 {
 		c.updatesEarned = min(c.updatesEarned+updatesPerData, maxEarned)
+		c.marks = append(c.marks, dataMark{s: s, n: int64(n)})
+		s.inBatch += int64(n)
 	}
 	c.pending = append(c.pending,
 		byte(n>>16), byte(n>>8), byte(n), byte(http2.FrameData), byte(flags),
