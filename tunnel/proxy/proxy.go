@@ -88,6 +88,7 @@ type Stats struct {
 	UnknownSource   atomic.Uint64 // outbound from an address no local workload owns
 	NoRoute         atomic.Uint64 // outbound to a service without endpoints, or an unusable waypoint
 	UpstreamErrors  atomic.Uint64 // dial or CONNECT towards the destination failed
+	ClientCancelled atomic.Uint64 // inbound CONNECT reset by its client (or its connection gone) before the answer: flag DC
 	BadRequests     atomic.Uint64 // inbound CONNECT refused with 400
 	UnknownDest     atomic.Uint64 // inbound to an address no local workload owns
 	AuthzDenied     atomic.Uint64 // inbound refused by policy
