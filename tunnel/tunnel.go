@@ -30,6 +30,7 @@ import (
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/metrics"
 	"github.com/amber-mesh/amber/tunnel/proxy"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
@@ -130,6 +131,12 @@ type Config struct {
 	// CertTTL is the lifetime asked for workload certificates. Zero means
 	// certs.DefaultTTL.
 	CertTTL time.Duration
+	// Handshakes bound unauthenticated connections on the HBONE port: the
+	// time to the first TLS record, and how many may be in their TLS
+	// handshake or before their HTTP/2 preface at once, in all and per
+	// source address. The zero value is hbone's defaults (2 s, 4096, 256
+	// per source); README, "Security bounds".
+	Handshakes hbone.HandshakeLimits
 	// Logger receives logs and the access log. Nil means slog.Default().
 	Logger *slog.Logger
 	// Ready, if set, is called once when the ztunnel becomes ready
@@ -214,6 +221,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Logger:      log,
 		Sockets:     cfg.Sockets,
 		HBONEPort:   cfg.Ports.HBONE,
+		Handshakes:  cfg.Handshakes,
 		// istiod describes a new pod a moment after the agent captured it.
 		WorkloadWait:  5 * time.Second,
 		ReservedPorts: []uint16{cfg.Ports.Outbound, cfg.Ports.Inbound, cfg.Ports.Admin, cfg.Ports.Metrics, cfg.Ports.Readiness},

@@ -81,6 +81,9 @@ type Config struct {
 	// ConnectTimeout bounds connecting upstream (TCP dial or HBONE
 	// CONNECT). Zero means 10s.
 	ConnectTimeout time.Duration
+	// Handshakes bound unauthenticated connections on the HBONE
+	// listener. The zero value is hbone's defaults.
+	Handshakes hbone.HandshakeLimits
 }
 
 // Stats counts what the proxy refused, by cause.
@@ -165,10 +168,11 @@ func New(cfg Config) (*Proxy, error) {
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, Stats: &p.hstats, Logger: p.log}
 	p.server = &hbone.Server{
-		TLSConfig: cfg.Certs.ServerConfig(p.certFor, cfg.TrustDomain),
-		Handler:   hbone.HandlerFunc(p.serveHBONE),
-		Stats:     &p.hstats,
-		Logger:    p.log,
+		TLSConfig:       cfg.Certs.ServerConfig(p.certFor, cfg.TrustDomain),
+		HandshakeLimits: cfg.Handshakes,
+		Handler:         hbone.HandlerFunc(p.serveHBONE),
+		Stats:           &p.hstats,
+		Logger:          p.log,
 	}
 	if pk, err := newParker(); err != nil {
 		p.log.Warn("idle connections will keep their goroutines", "error", err)
