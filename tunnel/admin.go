@@ -55,7 +55,17 @@ func registerMetrics(reg *metrics.Metrics, cfg Config, px *proxy.Proxy, mgr *cer
 			return err
 		}
 	}
-	return nil
+	return reg.RegisterCounterSamples("amber_accept_errors_total",
+		"Failed accepts on the data plane's listeners, by errno (EMFILE: out of file descriptors); the listener backs off and retries.",
+		[]string{"listener", "errno"}, func() []metrics.Sample {
+			var out []metrics.Sample
+			for l, byErrno := range px.AcceptErrors() {
+				for errno, n := range byErrno {
+					out = append(out, metrics.Sample{Labels: []string{l, errno}, Value: n})
+				}
+			}
+			return out
+		})
 }
 
 // configDump serves /config_dump: what this ztunnel believes about the

@@ -30,6 +30,7 @@ import (
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/metrics"
 	"github.com/amber-mesh/amber/tunnel/proxy"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
@@ -130,6 +131,12 @@ type Config struct {
 	// CertTTL is the lifetime asked for workload certificates. Zero means
 	// certs.DefaultTTL.
 	CertTTL time.Duration
+	// Handshakes bound unauthenticated connections on the HBONE port: the
+	// time to the first TLS record, and how many may be in their TLS
+	// handshake or before their HTTP/2 preface at once, in all and per
+	// source address. The zero value is hbone's defaults (2 s, 4096, 256
+	// per source); README, "Security bounds".
+	Handshakes hbone.HandshakeLimits
 	// Logger receives logs and the access log. Nil means slog.Default().
 	Logger *slog.Logger
 	// Ready, if set, is called once when the ztunnel becomes ready
@@ -214,6 +221,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Logger:      log,
 		Sockets:     cfg.Sockets,
 		HBONEPort:   cfg.Ports.HBONE,
+		Handshakes:  cfg.Handshakes,
 		// istiod describes a new pod a moment after the agent captured it.
 		WorkloadWait:  5 * time.Second,
 		ReservedPorts: []uint16{cfg.Ports.Outbound, cfg.Ports.Inbound, cfg.Ports.Admin, cfg.Ports.Metrics, cfg.Ports.Readiness},
@@ -226,28 +234,44 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 
-	// Data plane listeners: dual stack, transparent, MPTCP off.
-	type listener struct {
+	// Data plane listeners: transparent, MPTCP off. With the datapath,
+	// 15001 and 15006 listen on loopback, a socket per family, where the
+	// network cannot reach them; the datapath assigns their SYNs whatever
+	// their address. 15008 listens on [::] (its clients address
+	// podIP:15008, the kernel's own listener lookup must find it), and so
+	// does everything without the datapath (nftables TPROXY finds its
+	// socket by address). ARCHITECTURE.md, "Listener addresses".
+	var lns []dataListener
+	for _, l := range []struct {
 		kind  bpf.Listener
 		port  uint16
 		serve func(net.Listener) error
-	}
-	var lns []*net.TCPListener
-	for _, l := range []listener{
+	}{
 		{bpf.Outbound, cfg.Ports.Outbound, px.ServeOutbound},
 		{bpf.Inbound, cfg.Ports.Inbound, px.ServeInbound},
 		{bpf.HBONE, cfg.Ports.HBONE, px.ServeHBONE},
 	} {
-		ln, err := cfg.Sockets.Listen(ctx, "[::]:"+strconv.Itoa(int(l.port)))
-		if err != nil {
-			return err
-		}
-		lns = append(lns, ln)
-		wg.Go(func() {
-			if err := l.serve(ln); err != nil && !errors.Is(err, proxy.ErrClosed) {
-				fail(l.kind.String()+" listener", err)
+		dl := dataListener{kind: l.kind}
+		if !cfg.NoCapture && l.kind != bpf.HBONE {
+			dl.v4, dl.v6, err = cfg.Sockets.ListenLoopback(ctx, l.port)
+			if err == nil && dl.v6 == nil {
+				log.Info("no IPv6 loopback: captured IPv6 connections find no listener and fail closed", "listener", l.kind)
 			}
-		})
+		} else {
+			dl.v4, err = cfg.Sockets.Listen(ctx, "[::]:"+strconv.Itoa(int(l.port)))
+			dl.v6 = dl.v4
+		}
+		if err != nil {
+			return err // px.Close closes the listeners already served
+		}
+		lns = append(lns, dl)
+		for _, ln := range dl.sockets() {
+			wg.Go(func() {
+				if err := l.serve(ln); err != nil && !errors.Is(err, proxy.ErrClosed) {
+					fail(l.kind.String()+" listener", err)
+				}
+			})
+		}
 	}
 	if !cfg.NoCapture {
 		if err := register(ctx, cfg.PinRoot, lns, log); err != nil {
@@ -321,7 +345,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 // first (new SYNs are dropped and retransmitted until the next ztunnel
 // registers), handshakes already assigned complete and are accepted, then
 // the proxy serves what it has for up to DrainTimeout.
-func drain(cfg Config, px *proxy.Proxy, lns []*net.TCPListener, log *slog.Logger) {
+func drain(cfg Config, px *proxy.Proxy, lns []dataListener, log *slog.Logger) {
 	timeout := cfg.DrainTimeout
 	if timeout < 0 {
 		return
@@ -332,12 +356,12 @@ func drain(cfg Config, px *proxy.Proxy, lns []*net.TCPListener, log *slog.Logger
 	t0 := time.Now()
 	if !cfg.NoCapture {
 		if ls, err := bpf.OpenListeners(cfg.PinRoot); err == nil {
-			for i, ln := range lns {
-				for _, f := range []bpf.Family{bpf.IPv4, bpf.IPv6} {
-					if err := ls.UnregisterSocket(bpf.Listener(i), f, ln); err != nil {
+			for _, dl := range lns {
+				dl.each(func(f bpf.Family, ln *net.TCPListener) {
+					if err := ls.UnregisterSocket(dl.kind, f, ln); err != nil {
 						log.Warn("drain: unregister listener", "err", err)
 					}
-				}
+				})
 			}
 			ls.Close()
 			// A SYN assigned just before is still in its handshake.
@@ -353,10 +377,39 @@ func drain(cfg Config, px *proxy.Proxy, lns []*net.TCPListener, log *slog.Logger
 	log.Info("drained", "took", time.Since(t0).Round(time.Millisecond))
 }
 
+// dataListener is one of the data plane's listeners: its socket for each
+// family, the same dual-stack socket twice, or none for a family the host
+// lacks.
+type dataListener struct {
+	kind   bpf.Listener
+	v4, v6 *net.TCPListener
+}
+
+// each calls fn for every family that has a socket.
+func (dl dataListener) each(fn func(bpf.Family, *net.TCPListener)) {
+	if dl.v4 != nil {
+		fn(bpf.IPv4, dl.v4)
+	}
+	if dl.v6 != nil {
+		fn(bpf.IPv6, dl.v6)
+	}
+}
+
+// sockets are dl's distinct sockets.
+func (dl dataListener) sockets() []*net.TCPListener {
+	switch {
+	case dl.v6 == nil || dl.v6 == dl.v4:
+		return []*net.TCPListener{dl.v4}
+	case dl.v4 == nil:
+		return []*net.TCPListener{dl.v6}
+	}
+	return []*net.TCPListener{dl.v4, dl.v6}
+}
+
 // register puts the listeners into the datapath's listener map. The node
 // agent pins that map: a ztunnel started first (both containers of the
 // DaemonSet's pod start together) waits for it, up to ctx.
-func register(ctx context.Context, root string, lns []*net.TCPListener, log *slog.Logger) error {
+func register(ctx context.Context, root string, lns []dataListener, log *slog.Logger) error {
 	ls, err := bpf.OpenListeners(root)
 	for waited := false; errors.Is(err, fs.ErrNotExist); ls, err = bpf.OpenListeners(root) {
 		if !waited {
@@ -373,14 +426,14 @@ func register(ctx context.Context, root string, lns []*net.TCPListener, log *slo
 		return err
 	}
 	defer ls.Close()
-	for i, ln := range lns {
-		for _, f := range []bpf.Family{bpf.IPv4, bpf.IPv6} {
-			if err := ls.Register(bpf.Listener(i), f, ln); err != nil {
-				return err
+	for _, dl := range lns {
+		dl.each(func(f bpf.Family, ln *net.TCPListener) {
+			if err == nil {
+				err = ls.Register(dl.kind, f, ln)
 			}
-		}
+		})
 	}
-	return nil
+	return err
 }
 
 func newCA(cfg Config) (ca.Client, error) {

@@ -49,6 +49,9 @@ func run(args []string) error {
 	fs.UintVar(&admin, "admin-port", 0, "admin port on 127.0.0.1 (0: 15000)")
 	fs.UintVar(&metricsPort, "metrics-port", 0, "metrics port (0: 15020)")
 	fs.UintVar(&readiness, "readiness-port", 0, "readiness port (0: 15021)")
+	fs.DurationVar(&cfg.Handshakes.HelloTimeout, "hbone-hello-timeout", 0, "HBONE: reset a connection that sends nothing for this long (0: 2s)")
+	fs.IntVar(&cfg.Handshakes.MaxHandshakes, "hbone-max-handshakes", 0, "HBONE: connections in their TLS handshake or before their HTTP/2 preface at once; more are reset (0: 4096, negative: no bound)")
+	fs.IntVar(&cfg.Handshakes.MaxHandshakesPerSource, "hbone-max-handshakes-per-source", 0, "HBONE: the same per client address (0: 256, negative: no bound)")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {

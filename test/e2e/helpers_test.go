@@ -260,14 +260,20 @@ func echoConn(tb testing.TB, p *testbed.Pod, addr netip.AddrPort, msg string) ne
 
 // roundTrip dials addr from a pod, sends msg and expects it echoed.
 func roundTrip(p *testbed.Pod, addr netip.AddrPort, msg string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	return roundTripWithin(p, addr, msg, 5*time.Second)
+}
+
+// roundTripWithin is roundTrip, all of it within d.
+func roundTripWithin(p *testbed.Pod, addr netip.AddrPort, msg string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	c, err := p.Dial(ctx, "tcp", addr.String())
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
+	c.SetDeadline(deadline)
 	if _, err := c.Write([]byte(msg)); err != nil {
 		return err
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -14,7 +16,6 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
@@ -221,6 +222,94 @@ func TestLimitSettingsFlood(t *testing.T) {
 	})
 }
 
+// Frames that carry nothing and cost a frame's work each (CVE-2019-9518
+// and relatives) end the connection once over their budget.
+func TestLimitEmptyFrameFloods(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		send  func(rc *rawClient) error
+		count func(*hbone.Stats) uint64
+	}{
+		{"empty DATA", func(rc *rawClient) error { return rc.fr.WriteData(1, false, nil) },
+			func(s *hbone.Stats) uint64 { return s.EmptyFrameFloods.Load() }},
+		{"padding-only DATA", func(rc *rawClient) error { return rc.fr.WriteDataPadded(1, false, nil, make([]byte, 3)) },
+			func(s *hbone.Stats) uint64 { return s.EmptyFrameFloods.Load() }},
+		{"stream WINDOW_UPDATE", func(rc *rawClient) error { return rc.fr.WriteWindowUpdate(1, 1) },
+			func(s *hbone.Stats) uint64 { return s.WindowUpdateFloods.Load() }},
+		{"connection WINDOW_UPDATE", func(rc *rawClient) error { return rc.fr.WriteWindowUpdate(0, 1) },
+			func(s *hbone.Stats) uint64 { return s.WindowUpdateFloods.Load() }},
+		{"PRIORITY", func(rc *rawClient) error { return rc.fr.WritePriority(3, http2.PriorityParam{Weight: 1}) },
+			func(s *hbone.Stats) uint64 { return s.PriorityFloods.Load() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			ts := startServer(t, blockUntilCancelled)
+			rc := dialRaw(t, ts)
+			rc.connect(1, false)
+			go func() {
+				for range 10000 {
+					if tc.send(rc) != nil {
+						return
+					}
+				}
+			}()
+			rc.expectGoAway(http2.ErrCodeEnhanceYourCalm)
+			if n := tc.count(ts.Stats); n != 1 {
+				t.Errorf("flood counted %d times, want 1", n)
+			}
+			rc.tc.Close()
+			stillServes(t, ts)
+		})
+	}
+}
+
+// WINDOW_UPDATEs that return window our DATA used are not a flood, however
+// many: a peer may return each frame's window twice (stream and
+// connection) as it reads.
+func TestWindowUpdatesForOurData(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo)
+	rc := dialRaw(t, ts)
+	rc.fr.WriteHeaders(http2.HeadersFrameParam{
+		StreamID: 1, BlockFragment: rc.block(":method", "CONNECT", ":authority", "10.0.0.1:8080", "x-echo", "1"), EndHeaders: true,
+	})
+	if code := rc.expectStatus(1); code != 200 {
+		t.Fatalf("status %d", code)
+	}
+	const frames, size = 300, 1000
+	updates := 0
+	for range frames {
+		rc.fr.WriteData(1, false, make([]byte, size))
+		// Read the echo and return its window in two pieces, on the
+		// stream and on the connection.
+		for echoed := 0; echoed < size; {
+			f := rc.next(func(f http2.Frame) bool {
+				_, data := f.(*http2.DataFrame)
+				_, ga := f.(*http2.GoAwayFrame)
+				return data || ga
+			})
+			d, ok := f.(*http2.DataFrame)
+			if !ok {
+				t.Fatalf("after %d WINDOW_UPDATEs: %v", updates, f)
+			}
+			n := uint32(len(d.Data()))
+			echoed += int(n)
+			for _, id := range []uint32{1, 0} {
+				if n > 1 {
+					rc.fr.WriteWindowUpdate(id, n/2)
+					updates++
+				}
+				rc.fr.WriteWindowUpdate(id, n-n/2)
+				updates++
+			}
+		}
+	}
+	rc.ping()
+	if n := ts.Stats.WindowUpdateFloods.Load(); n != 0 {
+		t.Errorf("WindowUpdateFloods = %d after %d WINDOW_UPDATEs", n, updates)
+	}
+}
+
 func TestLimitStreamErrorFlood(t *testing.T) {
 	checkLeaks(t)
 	ts := startServer(t, echo)
@@ -250,28 +339,10 @@ func TestLimitStreamErrorFlood(t *testing.T) {
 func TestLimitControlFlood(t *testing.T) {
 	checkLeaks(t)
 	ts := startServer(t, blockUntilCancelled, func(s *hbone.Server) { s.MaxConcurrentStreams = 1 })
-	_, ctls := mustTLS(t)
-	d := net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
-		// A tiny receive buffer: the server's socket fills at once.
-		return c.Control(func(fd uintptr) {
-			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		})
-	}}
-	nc, err := d.Dial("tcp", ts.Addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	tc := tls.Client(nc, ctls)
-	defer tc.Close()
-	if err := tc.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	rc := &rawClient{t: t, tc: tc, fr: http2.NewFramer(tc, tc)}
-	rc.enc = hpack.NewEncoder(&rc.hbuf)
-	io.WriteString(tc, http2.ClientPreface)
-	rc.fr.WriteSettings()
+	// A tiny receive buffer: the server's socket fills at once.
+	rc := dialRawWith(t, ts, smallReceiveBuffer(4096))
 	rc.connect(1, false) // takes the only slot; every further stream is refused
-	tc.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	rc.tc.SetWriteDeadline(time.Now().Add(20 * time.Second))
 	for id := uint32(3); ; id += 2 {
 		if rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: rc.block(":method", "CONNECT", ":authority", "10.0.0.1:8080"), EndHeaders: true}) != nil {
 			break // the server hung up
@@ -287,7 +358,8 @@ func TestLimitControlFlood(t *testing.T) {
 func TestLimitHandshakeTimeout(t *testing.T) {
 	checkLeaks(t)
 	ts := startServer(t, echo, func(s *hbone.Server) { s.HandshakeTimeout = time.Second })
-	// Slowloris: connect, say nothing.
+	// Slowloris: connect, say nothing. The hello budget (never more than
+	// HandshakeTimeout) resets it.
 	silent, err := net.Dial("tcp", ts.Addr.String())
 	if err != nil {
 		t.Fatal(err)
@@ -302,8 +374,8 @@ func TestLimitHandshakeTimeout(t *testing.T) {
 	defer mute.Close()
 	start := time.Now()
 	silent.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := silent.Read(make([]byte, 1)); err != io.EOF {
-		t.Fatalf("silent connection: %v, want closed by server", err)
+	if _, err := silent.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("silent connection: %v, want reset by server", err)
 	}
 	mute.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.Copy(io.Discard, mute); err != nil {
@@ -312,8 +384,138 @@ func TestLimitHandshakeTimeout(t *testing.T) {
 	if d := time.Since(start); d > 4*time.Second {
 		t.Errorf("cut off after %v", d)
 	}
-	waitFor(t, "timeouts counted", func() bool { return ts.Stats.HandshakeTimeouts.Load() == 2 })
+	waitFor(t, "timeouts counted", func() bool { return ts.Stats.HandshakeTimeouts.Load() == 1 && ts.Stats.HelloTimeouts.Load() == 1 })
 	stillServes(t, ts)
+}
+
+// A connection that sends nothing is reset after HelloTimeout, long
+// before HandshakeTimeout; a client that speaks is not hurried.
+func TestLimitHelloTimeout(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo, func(s *hbone.Server) { s.HelloTimeout = 100 * time.Millisecond; s.HandshakeTimeout = time.Minute })
+	silent, err := net.Dial("tcp", ts.Addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	// Well before HandshakeTimeout: only the hello budget can end it.
+	silent.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := silent.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("silent connection: %v, want reset by server", err)
+	}
+	if n := ts.Stats.HelloTimeouts.Load(); n != 1 {
+		t.Errorf("HelloTimeouts = %d, want 1", n)
+	}
+	if n := ts.Stats.HandshakeTimeouts.Load(); n != 0 {
+		t.Errorf("HandshakeTimeouts = %d, want 0", n)
+	}
+	stillServes(t, ts)
+}
+
+// dialFrom opens a TCP connection to ts from the loopback address src.
+func dialFrom(t *testing.T, ts *testServer, src string) *net.TCPConn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+	c, err := d.Dial("tcp", ts.Addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// expectReset connects from src and checks that the server resets the
+// connection at once, before any byte (the reset may even beat the
+// dialler's check of its connect).
+func expectReset(t *testing.T, ts *testServer, src string) {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+	c, err := d.Dial("tcp", ts.Addr.String())
+	if err == nil {
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+	}
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("connection over the bound: %v, want reset by the server", err)
+	}
+}
+
+// servesFrom checks that a client at src ("": the pool's default) gets a
+// working tunnel.
+func servesFrom(t *testing.T, ts *testServer, src string) {
+	t.Helper()
+	if err := serves(t, ts, src); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func serves(t *testing.T, ts *testServer, src string) error {
+	tp := newPool(t, ts)
+	tp.src = src
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := tp.Connect(ctx, tp.Key, "10.0.0.1:8080", http.Header{"X-Echo": {"1"}})
+	if err != nil {
+		return fmt.Errorf("connect from %q: %w", src, err)
+	}
+	defer s.Close()
+	s.Write([]byte("hi"))
+	s.CloseWrite()
+	if got := readAllString(t, s); got != "hi" {
+		return fmt.Errorf("echo from %q = %q", src, got)
+	}
+	return nil
+}
+
+// One address cannot hold more than MaxHandshakesPerSource connections
+// in their handshake; the excess is reset at once, and other addresses
+// are served meanwhile.
+func TestLimitHandshakesPerSource(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo, func(s *hbone.Server) { s.MaxHandshakesPerSource = 4 })
+	var held []*net.TCPConn
+	for range 4 {
+		held = append(held, dialFrom(t, ts, "127.0.0.7"))
+	}
+	expectReset(t, ts, "127.0.0.7")
+	if n := ts.Stats.HandshakesRefusedPerSource.Load(); n != 1 {
+		t.Errorf("HandshakesRefusedPerSource = %d, want 1", n)
+	}
+	servesFrom(t, ts, "127.0.0.8")
+	// Authenticated connections hold no slot: another one from the
+	// server's default source works too, and so do the slots it had.
+	servesFrom(t, ts, "")
+	servesFrom(t, ts, "")
+	for _, c := range held {
+		c.Close()
+	}
+	// Once the silent ones are gone, the address is served again.
+	waitFor(t, "the address's slots", func() bool { return serves(t, ts, "127.0.0.7") == nil })
+	if n := ts.Stats.HandshakesRefused.Load(); n != 0 {
+		t.Errorf("HandshakesRefused = %d, want 0", n)
+	}
+}
+
+// All sources together cannot hold more than MaxHandshakes connections in
+// their handshake.
+func TestLimitHandshakes(t *testing.T) {
+	checkLeaks(t)
+	ts := startServer(t, echo, func(s *hbone.Server) { s.MaxHandshakes = 3; s.MaxHandshakesPerSource = -1 })
+	var held []*net.TCPConn
+	for _, src := range []string{"127.0.0.11", "127.0.0.12", "127.0.0.12"} {
+		held = append(held, dialFrom(t, ts, src))
+	}
+	expectReset(t, ts, "127.0.0.13")
+	if n := ts.Stats.HandshakesRefused.Load(); n != 1 {
+		t.Errorf("HandshakesRefused = %d, want 1", n)
+	}
+	held[0].Close()
+	// The freed slot is taken by a client that completes its handshake,
+	// and given back: authenticated connections do not count.
+	waitFor(t, "the closed connection's slot", func() bool { return serves(t, ts, "127.0.0.14") == nil })
+	servesFrom(t, ts, "127.0.0.15")
+	servesFrom(t, ts, "127.0.0.16")
 }
 
 func TestTLSRequired(t *testing.T) {

@@ -34,6 +34,20 @@ const (
 	// Stream errors the peer provokes (malformed requests, frames on
 	// half-closed streams, window overflows) each cost us a reply.
 	streamErrBurst, streamErrRate = 200, 20
+	// Frames that cost us a frame's work and carry nothing (CVE-2019-9518,
+	// CVE-2019-9513): DATA without data or END_STREAM, WINDOW_UPDATEs no
+	// DATA of ours prompted, PRIORITY frames beyond one per stream the
+	// peer opened. No HBONE client sends the first, and the others come
+	// from what we did: each DATA frame we send earns the peer
+	// updatesPerData WINDOW_UPDATEs (one for the stream and one for the
+	// connection, twice over for peers that return window in pieces), and
+	// each stream it opens one PRIORITY. Earned frames are free up to
+	// maxEarned; the rest spend from a budget like PING's.
+	emptyBurst, emptyRate       = 100, 20
+	updateBurst, updateRate     = 100, 20
+	priorityBurst, priorityRate = 100, 20
+	updatesPerData              = 4
+	maxEarned                   = 4096
 	// maxSettingsFrame bounds one SETTINGS frame: 64 settings, several
 	// times as many as are defined.
 	maxSettingsFrame = 64 * 6
@@ -90,10 +104,19 @@ type conn struct {
 	settingsBudget rateLimit
 	resetBudget    rateLimit
 	streamErrs     rateLimit
+	emptyBudget    rateLimit
+	updateBudget   rateLimit // spent when updatesEarned, under mu, is 0
+	priorityBudget rateLimit
+	prioritiesEarn int // PRIORITY frames the peer may send without spending priorityBudget
 	sawSettings    bool
+	// slot is the server's handshake slot, released once the client's
+	// preface is complete or the connection ends.
+	slot *handshakeSlot
 
 	mu        sync.Mutex // guards the fields below
 	pending   []byte     // frames queued for the writer
+	marks     []dataMark // the DATA in pending
+	flying    []dataMark // the DATA in the batch being written
 	spare     []byte     // the batch the writer last wrote, for reuse
 	writing   bool       // a batch is being written; only its writer may write to nc
 	leftover  bool       // an inline write left bytes in bc for the writer goroutine
@@ -125,6 +148,8 @@ type conn struct {
 	closed     bool
 	err        error
 
+	updatesEarned int // WINDOW_UPDATEs the peer may send without spending updateBudget
+
 	pingOut   bool
 	pingData  [8]byte
 	pingSent  time.Time
@@ -154,6 +179,9 @@ func newConn(nc net.Conn, cfg Settings, stats *Stats, log *slog.Logger) *conn {
 		settingsBudget:    newRateLimit(settingsBurst, settingsRate),
 		resetBudget:       newRateLimit(resetBurst, resetRate),
 		streamErrs:        newRateLimit(streamErrBurst, streamErrRate),
+		emptyBudget:       newRateLimit(emptyBurst, emptyRate),
+		updateBudget:      newRateLimit(updateBurst, updateRate),
+		priorityBudget:    newRateLimit(priorityBurst, priorityRate),
 	}
 	c.recvWin = int64(c.cfg.ConnWindow)
 	c.bc = batcher(nc)
@@ -276,6 +304,7 @@ func (c *conn) writeLoop() {
 			err = c.bc.flush()
 			c.mu.Lock()
 			c.writing = false
+			c.batchDoneLocked(err)
 			c.mu.Unlock()
 		} else {
 			buf := c.takeBatchLocked()
@@ -283,6 +312,7 @@ func (c *conn) writeLoop() {
 			err = c.writeBatch(buf)
 			c.mu.Lock()
 			c.batchWrittenLocked(buf)
+			c.batchDoneLocked(err)
 			c.mu.Unlock()
 		}
 		if err != nil {
@@ -297,6 +327,10 @@ func (c *conn) releaseBatchesLocked() {
 	if c.pending != nil && len(c.pending) == 0 {
 		putBatch(c.pending)
 		c.pending = nil
+		c.marks = nil
+	}
+	if len(c.flying) == 0 {
+		c.flying = nil
 	}
 	if c.spare != nil {
 		putBatch(c.spare)
@@ -308,6 +342,7 @@ func (c *conn) releaseBatchesLocked() {
 func (c *conn) takeBatchLocked() []byte {
 	buf := c.pending
 	c.pending, c.spare = c.spare, nil
+	c.flying, c.marks = c.marks, c.flying[:0] // flying is settled: nothing was writing
 	c.writing = true
 	c.wakeBlockedLocked()
 	return buf
@@ -320,6 +355,50 @@ func (c *conn) batchWrittenLocked(buf []byte) {
 		c.spare = buf[:0]
 	} else {
 		putBatch(buf)
+	}
+}
+
+// dataMark is one DATA frame's payload in a batch, so that bytes a stream
+// accepted and the connection never wrote are known (Unsent).
+type dataMark struct {
+	s *stream // nil once settled out of turn (a reset stream)
+	n int64
+}
+
+// settleLocked ends m's time in a batch: written, or lost.
+func (m *dataMark) settleLocked(lost bool) {
+	if m.s == nil {
+		return
+	}
+	m.s.inBatch -= m.n
+	if lost {
+		m.s.unsent += m.n
+	}
+	m.s = nil
+}
+
+// batchDoneLocked settles the DATA of the batch just written: handed to
+// the socket, or lost with err (the connection is torn down then).
+func (c *conn) batchDoneLocked(err error) {
+	c.settleLocked(c.flying, err != nil)
+	c.flying = c.flying[:0]
+}
+
+func (c *conn) settleLocked(marks []dataMark, lost bool) {
+	for i := range marks {
+		marks[i].settleLocked(lost)
+	}
+}
+
+// dropStreamDataLocked counts the DATA of s still queued or being written
+// as lost: the peer reset s, and discards what arrives for it.
+func (c *conn) dropStreamDataLocked(s *stream) {
+	for _, marks := range [][]dataMark{c.marks, c.flying} {
+		for i := range marks {
+			if marks[i].s == s {
+				marks[i].settleLocked(true)
+			}
+		}
 	}
 }
 
@@ -368,7 +447,9 @@ func (c *conn) flushLocked() error {
 	c.mu.Lock()
 	c.batchWrittenLocked(buf)
 	if !done && err == nil {
-		c.writing, c.leftover = true, true
+		c.writing, c.leftover = true, true // the writer goroutine finishes it
+	} else {
+		c.batchDoneLocked(err)
 	}
 	more := len(c.pending) > 0 || c.closing || c.leftover
 	if !more {
@@ -498,6 +579,11 @@ func (c *conn) teardown(err error) {
 		streams = append(streams, s)
 	}
 	clear(c.streams)
+	// What was not written yet never will be; a write in flight is
+	// counted lost too, whatever it still achieves.
+	c.settleLocked(c.marks, true)
+	c.settleLocked(c.flying, true)
+	c.marks, c.flying = nil, nil
 	c.wakeBlockedLocked()
 	if c.keepTimer != nil {
 		c.keepTimer.Stop()
@@ -508,6 +594,7 @@ func (c *conn) teardown(err error) {
 	linger := c.linger
 	c.mu.Unlock()
 
+	c.slot.release()
 	if !linger {
 		_ = c.nc.Close()
 	}
@@ -716,6 +803,14 @@ func (c *conn) onControl(fh http2.FrameHeader) error {
 			// RFC 9113 §5.3.1: a stream cannot depend on itself.
 			return c.streamError(f.StreamID, http2.ErrCodeProtocol)
 		}
+		// RFC 9113 §5.3.2 deprecates priority signalling; we ignore it,
+		// and a peer that keeps sending it is flooding.
+		if c.prioritiesEarn > 0 {
+			c.prioritiesEarn--
+		} else if !c.priorityBudget.allow(time.Now()) {
+			c.stats.PriorityFloods.Add(1)
+			return connError{http2.ErrCodeEnhanceYourCalm, "PRIORITY flood"}
+		}
 	}
 	return nil
 }
@@ -747,8 +842,10 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 	if !c.sawSettings {
 		c.sawSettings = true
 		if c.server != nil {
-			// The preface is complete: the handshake budget no longer applies.
+			// The preface is complete: the handshake budget no longer
+			// applies, and the peer no longer counts as unauthenticated.
 			_ = c.nc.SetReadDeadline(time.Time{})
+			c.slot.release()
 		}
 	}
 	for i := range f.NumSettings() {
@@ -827,6 +924,12 @@ func (c *conn) onPing(f *http2.PingFrame) error {
 func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.updatesEarned > 0 {
+		c.updatesEarned--
+	} else if !c.updateBudget.allow(time.Now()) {
+		c.stats.WindowUpdateFloods.Add(1)
+		return connError{http2.ErrCodeEnhanceYourCalm, "WINDOW_UPDATE flood"}
+	}
 	inc := int64(f.Increment)
 	if f.StreamID == 0 {
 		c.sendWin += inc
@@ -868,6 +971,9 @@ func (c *conn) onReset(f *http2.RSTStreamFrame) error {
 		return nil
 	}
 	answered := s.responded
+	if s.inBatch > 0 {
+		c.dropStreamDataLocked(s)
+	}
 	var err error = &StreamError{Code: f.ErrCode, Remote: true}
 	if f.ErrCode == http2.ErrCodeRefusedStream {
 		// RFC 9113 §8.7: a refused stream was not processed; it may be retried.
@@ -1070,6 +1176,10 @@ func (c *conn) onData(fh http2.FrameHeader) error {
 			return c.protocolError(http2.ErrCodeProtocol, "DATA padding exceeds payload")
 		}
 	}
+	if data == 0 && !fh.Flags.Has(http2.FlagDataEndStream) && !c.emptyBudget.allow(time.Now()) {
+		c.stats.EmptyFrameFloods.Add(1)
+		return connError{http2.ErrCodeEnhanceYourCalm, "empty DATA flood"}
+	}
 	if s == nil {
 		if _, err := io.CopyN(io.Discard, c.br, n-boolInt(fh.Flags.Has(http2.FlagDataPadded))); err != nil {
 			return c.readError(err)
@@ -1189,10 +1299,11 @@ func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, endStre
 	}
 }
 
-// appendDataLocked queues one DATA frame; the caller then writes it with
-// flushLocked. The header is written by hand so the payload is copied
-// once, straight into the batch.
-func (c *conn) appendDataLocked(id uint32, endStream bool, p []byte) {
+// appendDataLocked queues one DATA frame of s; the caller then writes it
+// with flushLocked. The header is written by hand so the payload is
+// copied once, straight into the batch.
+func (c *conn) appendDataLocked(s *stream, endStream bool, p []byte) {
+	id := s.id
 	var flags http2.Flags
 	if endStream {
 		flags = http2.FlagDataEndStream
@@ -1201,6 +1312,11 @@ func (c *conn) appendDataLocked(id uint32, endStream bool, p []byte) {
 		c.pending = getBatch()
 	}
 	n := len(p)
+	if n > 0 {
+		c.updatesEarned = min(c.updatesEarned+updatesPerData, maxEarned)
+		c.marks = append(c.marks, dataMark{s: s, n: int64(n)})
+		s.inBatch += int64(n)
+	}
 	c.pending = append(c.pending,
 		byte(n>>16), byte(n>>8), byte(n), byte(http2.FrameData), byte(flags),
 		byte(id>>24), byte(id>>16), byte(id>>8), byte(id))

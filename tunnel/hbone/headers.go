@@ -238,6 +238,7 @@ func (c *conn) onRequest(hb *headerBlock) error {
 		return connError{http2.ErrCodeProtocol, "HEADERS on a closed stream"}
 	}
 	c.maxPeerID = id
+	c.prioritiesEarn = min(c.prioritiesEarn+1, maxEarned)
 	if !c.controlRoomLocked() {
 		return c.controlFlood()
 	}

@@ -137,6 +137,9 @@ type testPool struct {
 	Stats *hbone.Stats
 	// plainTLS dials with tls.Client instead of hbone.TLSClient.
 	plainTLS bool
+	// src is the loopback address dialled from; empty: the system's
+	// choice.
+	src string
 }
 
 // newPool returns a pool dialling ts until the test ends.
@@ -148,6 +151,9 @@ func newPool(tb testing.TB, ts *testServer, mod ...func(*hbone.Pool)) *testPool 
 		Dial: func(ctx context.Context, key hbone.Key) (net.Conn, error) {
 			tp.Dials.Add(1)
 			var d net.Dialer
+			if tp.src != "" {
+				d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(tp.src)}
+			}
 			nc, err := d.DialContext(ctx, "tcp", key.Addr.String())
 			if err != nil {
 				return nil, err
@@ -200,6 +206,28 @@ var echo = hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hb
 	}
 	s.CloseWrite()
 })
+
+// tcpPair returns both ends of a loopback TCP connection, closed when the
+// test ends.
+func tcpPair(t *testing.T) (a, b *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		c.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
 
 // waitFor polls cond until it holds or 5s pass.
 func waitFor(tb testing.TB, what string, cond func() bool) {

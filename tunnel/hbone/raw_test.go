@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
@@ -57,8 +58,14 @@ type rawClient struct {
 
 func dialRaw(t *testing.T, ts *testServer) *rawClient {
 	t.Helper()
+	return dialRawWith(t, ts, &net.Dialer{})
+}
+
+// dialRawWith is dialRaw with the dialler's socket options.
+func dialRawWith(t *testing.T, ts *testServer, d *net.Dialer) *rawClient {
+	t.Helper()
 	_, ctls := mustTLS(t)
-	tc, err := tls.Dial("tcp", ts.Addr.String(), ctls)
+	tc, err := tls.DialWithDialer(d, "tcp", ts.Addr.String(), ctls)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,4 +205,14 @@ func (rc *rawClient) ping() {
 	if _, ok := f.(*http2.PingFrame); !ok {
 		rc.t.Fatalf("no PING ACK: %v", f)
 	}
+}
+
+// smallReceiveBuffer is a dialler whose sockets have a receive buffer of n
+// bytes, so that a client that stops reading stalls the server at once.
+func smallReceiveBuffer(n int) *net.Dialer {
+	return &net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) {
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, n)
+		})
+	}}
 }

@@ -4,6 +4,7 @@ package hbone
 
 import (
 	"io"
+	"net"
 	"syscall"
 )
 
@@ -12,20 +13,32 @@ import (
 // An idle tunnel spends its life waiting in ReadFrom: this way it waits
 // holding no buffer at all.
 func readableFunc(r io.Reader) func() {
-	sc, ok := r.(syscall.Conn)
-	if !ok {
-		return nil
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
+	raw := rawConn(r)
+	if raw == nil {
 		return nil
 	}
 	return func() {
 		// Errors are left for the Read that follows to report.
-		_ = raw.Read(func(fd uintptr) bool {
-			var b [1]byte
-			_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-			return err != syscall.EAGAIN && err != syscall.EINTR
-		})
+		_ = raw.Read(hasInput)
 	}
+}
+
+// awaitInput blocks until nc has input or an error to report (its end
+// included), holding no buffer. It returns os.ErrDeadlineExceeded when
+// nc's read deadline passes first, and nil at once when nc is not a
+// socket.
+func awaitInput(nc net.Conn) error {
+	raw := rawConn(nc)
+	if raw == nil {
+		return nil
+	}
+	return raw.Read(hasInput)
+}
+
+// hasInput is a syscall.RawConn.Read callback: done once the socket has
+// a byte or an error to report.
+func hasInput(fd uintptr) bool {
+	var b [1]byte
+	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	return err != syscall.EAGAIN && err != syscall.EINTR
 }

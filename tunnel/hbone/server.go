@@ -10,11 +10,15 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/amber-mesh/amber/tunnel/accept"
 )
 
 // Request is a CONNECT request the Server accepted for its Handler.
@@ -48,6 +52,13 @@ func (f HandlerFunc) ServeHBONE(ctx context.Context, req *Request, rw Responder)
 // Server accepts HBONE connections. It owns the TLS handshake so that it
 // can bound it; the TLSConfig decides which client certificates are
 // accepted.
+//
+// Until a connection has completed the TLS handshake and the HTTP/2
+// preface its peer is unauthenticated, and anyone who can route to the
+// port can open such connections: they are bounded in time (HelloTimeout,
+// HandshakeTimeout) and in number, all sources together and per source
+// address. A connection over either bound is reset at once, before it
+// costs a goroutine or a TLS state.
 type Server struct {
 	// TLSConfig is required by Serve. "h2" is added to NextProtos when
 	// missing, and connections that do not negotiate h2 are closed.
@@ -55,6 +66,8 @@ type Server struct {
 	// HandshakeTimeout bounds the TLS handshake plus the HTTP/2 preface.
 	// Zero means 10s.
 	HandshakeTimeout time.Duration
+	// HandshakeLimits bound unauthenticated connections further.
+	HandshakeLimits
 	// Handler serves accepted CONNECT requests. Required.
 	Handler Handler
 	// MaxConcurrentStreams is advertised as SETTINGS_MAX_CONCURRENT_STREAMS
@@ -64,7 +77,8 @@ type Server struct {
 	Settings Settings
 	// Stats, if set, receives the server's counters.
 	Stats *Stats
-	// Logger, if set, receives debug logs about failed connections.
+	// Logger, if set, receives debug logs about failed connections and,
+	// from Serve, a warning per burst of failed accepts.
 	Logger *slog.Logger
 
 	initOnce sync.Once
@@ -80,7 +94,42 @@ type Server struct {
 	conns     map[*conn]struct{}
 	changed   chan struct{} // closed and replaced when a connection ends
 	down      bool
+	pending   int                // connections before the end of their preface
+	bySource  map[netip.Addr]int // pending, by client address
 }
+
+// HandshakeLimits bound the connections a Server holds before they are
+// authenticated: accepted, but without a completed TLS handshake and
+// HTTP/2 preface. The zero value is the defaults.
+type HandshakeLimits struct {
+	// HelloTimeout bounds the wait for the client's first bytes (its TLS
+	// ClientHello, which every TLS client sends right after the TCP
+	// handshake); a connection that sends nothing is reset then. Zero
+	// means 2s; it never exceeds the Server's HandshakeTimeout.
+	HelloTimeout time.Duration
+	// MaxHandshakes bounds such connections, all sources together. Zero
+	// means DefaultMaxHandshakes; negative means no bound.
+	MaxHandshakes int
+	// MaxHandshakesPerSource bounds them per client IP address (each
+	// IPv6 address on its own). Zero means DefaultMaxHandshakesPerSource;
+	// negative means no bound.
+	MaxHandshakesPerSource int
+}
+
+// Defaults of the handshake bounds. A ztunnel's HBONE clients are other
+// ztunnels (one per node, dialling from the node's address) and waypoints,
+// each completing its handshakes within milliseconds; 256 at once from one
+// address leaves room for a node or a waypoint connecting to hundreds of
+// pods at the same moment, and it takes 16 addresses to fill the global
+// bound. An unauthenticated connection costs ≈ 6 KiB while it has sent
+// nothing and ≈ 37 KiB once its TLS handshake runs (the handshake
+// goroutine's stack and TLS state; measured on the testbed), so 4096 cost
+// at most ≈ 150 MiB, well within the ztunnel's memory limit.
+const (
+	DefaultMaxHandshakes          = 4096
+	DefaultMaxHandshakesPerSource = 256
+	defaultHelloTimeout           = 2 * time.Second
+)
 
 func (srv *Server) init() {
 	srv.initOnce.Do(func() {
@@ -102,6 +151,7 @@ func (srv *Server) init() {
 		srv.listeners = make(map[net.Listener]struct{})
 		srv.raw = make(map[net.Conn]struct{})
 		srv.conns = make(map[*conn]struct{})
+		srv.bySource = make(map[netip.Addr]int)
 		srv.changed = make(chan struct{})
 	})
 }
@@ -113,6 +163,25 @@ func (srv *Server) handshakeTimeout() time.Duration {
 	return 10 * time.Second
 }
 
+func (srv *Server) helloTimeout() time.Duration {
+	t := defaultHelloTimeout
+	if srv.HelloTimeout > 0 {
+		t = srv.HelloTimeout
+	}
+	return min(t, srv.handshakeTimeout())
+}
+
+// bound resolves a limit: zero means def, negative means none (0).
+func bound(v, def int) int {
+	switch {
+	case v == 0:
+		return def
+	case v < 0:
+		return 0
+	}
+	return v
+}
+
 func (srv *Server) maxStreams() uint32 {
 	if srv.MaxConcurrentStreams > 0 {
 		return srv.MaxConcurrentStreams
@@ -121,7 +190,9 @@ func (srv *Server) maxStreams() uint32 {
 }
 
 // Serve accepts connections on ln until Shutdown or Close, when it returns
-// ErrServerClosed.
+// ErrServerClosed. A failed accept (out of file descriptors and the like)
+// is retried with backoff, as package accept does for every listener of
+// the ztunnel.
 func (srv *Server) Serve(ln net.Listener) error {
 	srv.init()
 	if srv.tlsConf == nil {
@@ -142,40 +213,112 @@ func (srv *Server) Serve(ln net.Listener) error {
 		delete(srv.listeners, ln)
 		srv.mu.Unlock()
 	}()
-	var delay time.Duration
-	for {
-		nc, err := ln.Accept()
-		if err != nil {
-			srv.mu.Lock()
-			down := srv.down
-			srv.mu.Unlock()
-			if down {
-				return ErrServerClosed
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return fmt.Errorf("hbone: accept: %w", err)
-			}
-			// Out of file descriptors and the like: back off and retry.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			srv.log.Debug("hbone: accept failed", "error", err, "retry_in", delay)
-			select {
-			case <-time.After(delay):
-			case <-srv.ctx.Done():
-				return ErrServerClosed
-			}
-			continue
-		}
-		delay = 0
-		go srv.serveTLS(nc)
+	err := accept.Serve(srv.ctx, ln, accept.Options{Name: "hbone", Logger: srv.log}, srv.ServeAccepted)
+	srv.mu.Lock()
+	down := srv.down
+	srv.mu.Unlock()
+	if down || srv.ctx.Err() != nil {
+		return ErrServerClosed
 	}
+	return fmt.Errorf("hbone: accept: %w", err)
+}
+
+// ServeAccepted serves a connection accepted on a listener the caller
+// runs: it applies the handshake bounds at once, on the caller's
+// goroutine, and then runs the TLS handshake and HTTP/2 on a goroutine of
+// its own. It does not block. A connection over the bounds is reset.
+func (srv *Server) ServeAccepted(nc net.Conn) {
+	srv.init()
+	if srv.tlsConf == nil || srv.Handler == nil {
+		_ = nc.Close()
+		return
+	}
+	slot, ok := srv.admit(nc)
+	if !ok {
+		return
+	}
+	go srv.serveTLS(nc, slot)
+}
+
+// handshakeSlot is a connection's place among the unauthenticated ones;
+// release gives it back, once.
+type handshakeSlot struct {
+	srv  *Server
+	src  netip.Addr
+	once sync.Once
+}
+
+func (h *handshakeSlot) release() {
+	if h == nil {
+		return
+	}
+	h.once.Do(func() {
+		srv := h.srv
+		srv.mu.Lock()
+		defer srv.mu.Unlock()
+		srv.pending--
+		if n := srv.bySource[h.src] - 1; n > 0 {
+			srv.bySource[h.src] = n
+		} else {
+			delete(srv.bySource, h.src)
+		}
+	})
+}
+
+// admit takes a handshake slot for nc, or resets nc when the server is
+// down or a bound is reached.
+func (srv *Server) admit(nc net.Conn) (*handshakeSlot, bool) {
+	src := remoteAddr(nc)
+	srv.mu.Lock()
+	var refused *atomic.Uint64
+	limit, perSource := bound(srv.MaxHandshakes, DefaultMaxHandshakes), bound(srv.MaxHandshakesPerSource, DefaultMaxHandshakesPerSource)
+	switch {
+	case srv.down:
+		srv.mu.Unlock()
+		_ = nc.Close()
+		return nil, false
+	case perSource > 0 && srv.bySource[src] >= perSource:
+		refused = &srv.stats.HandshakesRefusedPerSource
+	case limit > 0 && srv.pending >= limit:
+		refused = &srv.stats.HandshakesRefused
+	default:
+		srv.pending++
+		srv.bySource[src]++
+		srv.mu.Unlock()
+		return &handshakeSlot{srv: srv, src: src}, true
+	}
+	srv.mu.Unlock()
+	refused.Add(1)
+	resetClose(nc)
+	return nil, false
+}
+
+// remoteAddr is nc's peer address, unmapped; the zero Addr if unknown.
+func remoteAddr(nc net.Conn) netip.Addr {
+	if ta, ok := nc.RemoteAddr().(*net.TCPAddr); ok {
+		return ta.AddrPort().Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+// resetClose closes nc with a TCP reset (SO_LINGER 0): nothing is owed to
+// a connection refused before it said anything, and a reset leaves no
+// TIME_WAIT socket behind on this side.
+func resetClose(nc net.Conn) {
+	if tc, ok := nc.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = nc.Close()
 }
 
 // serveTLS runs the TLS handshake for an accepted connection, bounded by
-// HandshakeTimeout, then serves HTTP/2 on it.
-func (srv *Server) serveTLS(nc net.Conn) {
+// HelloTimeout until the first bytes and HandshakeTimeout in all, then
+// serves HTTP/2 on it.
+func (srv *Server) serveTLS(nc net.Conn, slot *handshakeSlot) {
 	srv.mu.Lock()
 	if srv.down {
 		srv.mu.Unlock()
+		slot.release()
 		_ = nc.Close()
 		return
 	}
@@ -187,7 +330,22 @@ func (srv *Server) serveTLS(nc net.Conn) {
 		srv.mu.Unlock()
 	}
 
-	_ = nc.SetDeadline(time.Now().Add(srv.handshakeTimeout()))
+	start := time.Now()
+	_ = nc.SetDeadline(start.Add(srv.helloTimeout()))
+	// Wait for the ClientHello holding no TLS state: a client that opens
+	// connections and sends nothing costs little, and not for long.
+	if err := awaitInput(nc); err != nil {
+		untrack()
+		slot.release()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			srv.stats.HelloTimeouts.Add(1)
+			resetClose(nc)
+			return
+		}
+		_ = nc.Close()
+		return
+	}
+	_ = nc.SetDeadline(start.Add(srv.handshakeTimeout()))
 	tc := tls.Server(&batchConn{Conn: nc}, srv.tlsConf)
 	err := tc.HandshakeContext(srv.ctx)
 	if err == nil && tc.ConnectionState().NegotiatedProtocol != http2.NextProtoTLS {
@@ -195,6 +353,7 @@ func (srv *Server) serveTLS(nc net.Conn) {
 	}
 	if err != nil {
 		untrack()
+		slot.release()
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
 			srv.stats.HandshakeTimeouts.Add(1)
@@ -207,7 +366,9 @@ func (srv *Server) serveTLS(nc net.Conn) {
 	}
 	_ = nc.SetDeadline(time.Time{})
 	untrack()
-	if err := srv.ServeConn(srv.ctx, tc); err != nil {
+	// The slot is released once the client's preface is read (or the
+	// connection fails before).
+	if err := srv.serveConn(srv.ctx, tc, slot); err != nil {
 		srv.log.Debug("hbone: connection ended", "remote", nc.RemoteAddr(), "error", err)
 	}
 }
@@ -216,19 +377,26 @@ func (srv *Server) serveTLS(nc net.Conn) {
 // with h2 negotiated, or a test's plain connection), until the connection
 // ends. Cancelling ctx closes it, and cancels the handlers' contexts.
 func (srv *Server) ServeConn(ctx context.Context, nc net.Conn) error {
+	return srv.serveConn(ctx, nc, nil)
+}
+
+func (srv *Server) serveConn(ctx context.Context, nc net.Conn, slot *handshakeSlot) error {
 	srv.init()
 	if srv.Handler == nil {
+		slot.release()
 		_ = nc.Close()
 		return errors.New("hbone: serve: Server.Handler is nil")
 	}
 	c := newConn(nc, srv.Settings, srv.stats, srv.log)
 	c.server = srv
+	c.slot = slot
 	c.maxStreams = srv.maxStreams()
 	c.ctx, c.cancel = context.WithCancel(ctx)
 
 	srv.mu.Lock()
 	if srv.down {
 		srv.mu.Unlock()
+		slot.release()
 		_ = nc.Close()
 		return ErrServerClosed
 	}

@@ -46,6 +46,9 @@ type stream struct {
 	waiting   bool // in c.blocked
 	status    int  // client: final response status
 
+	inBatch int64 // DATA payload queued or being written; guarded by c.mu
+	unsent  int64 // accepted, then never written or dropped by the peer's reset (Unsent); guarded by c.mu
+
 	wsig chan struct{} // write side may proceed: window, batch room or state
 	rsig chan struct{} // receive side changed
 
@@ -544,7 +547,7 @@ func (s *stream) write(p []byte) (int, error) {
 			c.mu.Unlock()
 			return n, err
 		}
-		c.appendDataLocked(s.id, false, p[:k])
+		c.appendDataLocked(s, false, p[:k])
 		if err := c.flushLocked(); err != nil {
 			return n, err
 		}
@@ -554,7 +557,9 @@ func (s *stream) write(p []byte) (int, error) {
 	return n, nil
 }
 
-// ReadFrom sends what r yields until io.EOF (it does not CloseWrite). Its
+// ReadFrom sends what r yields until io.EOF (it does not CloseWrite) and
+// returns the bytes it sent; bytes read from r that could not be sent are
+// not counted. Its
 // read buffer starts small and grows only while reads fill it, and while
 // reads are small it waits for a socket to become readable before taking
 // a buffer, so a tunnel that mostly waits holds none.
@@ -571,9 +576,11 @@ func (s *stream) ReadFrom(r io.Reader) (int64, error) {
 		ch := getChunk(chunkSizes[class])
 		n, err := r.Read(ch.b)
 		if n > 0 {
-			_, werr := s.write(ch.b[:n])
+			// Count what was sent, not what was read: a write cut off
+			// by a reset or the connection's end sent less.
+			w, werr := s.write(ch.b[:n])
 			putChunk(ch)
-			total += int64(n)
+			total += int64(w)
 			if werr != nil {
 				return total, werr
 			}
@@ -607,7 +614,7 @@ func (s *stream) CloseWrite() error {
 		c.mu.Unlock()
 		return err
 	}
-	c.appendDataLocked(s.id, true, nil)
+	c.appendDataLocked(s, true, nil)
 	s.sendEnded = true
 	if s.recvEnded {
 		c.removeLocked(s)
@@ -647,6 +654,24 @@ func (s *stream) Close() error {
 	s.rdl.set(time.Time{})
 	s.wdl.set(time.Time{})
 	return nil
+}
+
+// Unsent reports how many of the bytes w's Write and ReadFrom accepted
+// never reached the peer's side of the connection, when w is a Stream of
+// this package (0 otherwise): those the connection was torn down before
+// writing, and those queued when the peer reset the stream, which it
+// discards. Accepted bytes minus Unsent are what the stream wrote to the
+// peer. The count is final once the stream was reset by the peer or its
+// connection ended; a stream that ended cleanly may still have bytes in
+// flight then, which are not counted.
+func Unsent(w io.Writer) int64 {
+	s, ok := w.(*stream)
+	if !ok {
+		return 0
+	}
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.unsent
 }
 
 // Responder answers a CONNECT request; use exactly one of its methods.

@@ -144,17 +144,23 @@ func (c *Conn) Close() {
 	}
 }
 
+// Sample is one value of a labelled counter family.
+type Sample struct {
+	Labels []string // label values, in the family's label order
+	Value  uint64
+}
+
 // funcCollector reports counters read from a function at scrape time.
 type funcCollector struct {
 	desc *prometheus.Desc
-	read func() map[string]uint64
+	read func() []Sample
 }
 
 func (f *funcCollector) Describe(ch chan<- *prometheus.Desc) { ch <- f.desc }
 
 func (f *funcCollector) Collect(ch chan<- prometheus.Metric) {
-	for k, v := range f.read() {
-		ch <- prometheus.MustNewConstMetric(f.desc, prometheus.CounterValue, float64(v), k)
+	for _, s := range f.read() {
+		ch <- prometheus.MustNewConstMetric(f.desc, prometheus.CounterValue, float64(s.Value), s.Labels...)
 	}
 }
 
@@ -162,7 +168,19 @@ func (f *funcCollector) Collect(ch chan<- prometheus.Metric) {
 // values read returns at every scrape (for counters kept elsewhere: the
 // datapath's per-CPU map, a library's Stats). read may return nil.
 func (m *Metrics) RegisterCounterFunc(name, help, label string, read func() map[string]uint64) error {
-	return m.reg.Register(&funcCollector{desc: prometheus.NewDesc(name, help, []string{label}, nil), read: read})
+	return m.RegisterCounterSamples(name, help, []string{label}, func() []Sample {
+		var out []Sample
+		for k, v := range read() {
+			out = append(out, Sample{Labels: []string{k}, Value: v})
+		}
+		return out
+	})
+}
+
+// RegisterCounterSamples is RegisterCounterFunc for a family with several
+// labels.
+func (m *Metrics) RegisterCounterSamples(name, help string, labels []string, read func() []Sample) error {
+	return m.reg.Register(&funcCollector{desc: prometheus.NewDesc(name, help, labels, nil), read: read})
 }
 
 var camel = regexp.MustCompile(`([a-z0-9])([A-Z])`)

@@ -79,3 +79,16 @@ func TestCounterFunc(t *testing.T) {
 		t.Errorf("header_floods: %q", l)
 	}
 }
+
+func TestCounterSamples(t *testing.T) {
+	m := New()
+	err := m.RegisterCounterSamples("amber_accept_errors_total", "accept errors", []string{"listener", "errno"}, func() []Sample {
+		return []Sample{{Labels: []string{"outbound", "EMFILE"}, Value: 7}}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := line(scrape(t, m), `amber_accept_errors_total{errno="EMFILE",listener="outbound"}`); !strings.HasSuffix(l, " 7") {
+		t.Errorf("sample: %q", l)
+	}
+}

@@ -31,6 +31,9 @@ var (
 	errBadTarget     = errors.New("destination address may not be tunnelled to")
 	errAuthority     = errors.New("CONNECT authority does not match the connection's destination")
 	errDestRemoved   = errors.New("destination workload removed")
+	// errCancelled: the client reset its CONNECT stream (or its HBONE
+	// connection ended) before the answer. Nothing failed upstream.
+	errCancelled = errors.New("client cancelled the CONNECT before it was answered")
 )
 
 // DeniedError is an authorization decision that refused a connection.
@@ -48,11 +51,16 @@ func (e *DeniedError) Error() string {
 	return "connection denied by policy: " + e.Decision.String()
 }
 
-// Response flags, as Istio's ztunnel reports them.
+// Response flags, as Istio's ztunnel reports them, and Envoy's DC
+// (downstream connection termination) for a CONNECT its client cancelled:
+// Istio's ztunnel has no flag for it, and its CONNECT (upstream connection
+// failure) would be wrong — the label Istio's Envoy-based proxies report
+// for the same event keeps dashboards that alert on CONNECT honest.
 const (
-	flagNone    = "-"
-	flagDenied  = "DENY"
-	flagConnect = "CONNECT"
+	flagNone       = "-"
+	flagDenied     = "DENY"
+	flagConnect    = "CONNECT"
+	flagDownstream = "DC"
 )
 
 // Access-log attribute keys.
@@ -125,6 +133,8 @@ func (r *record) labels() metrics.Labels {
 	switch {
 	case errors.As(r.err, &de):
 		l.ResponseFlags = flagDenied
+	case errors.Is(r.err, errCancelled):
+		l.ResponseFlags = flagDownstream
 	case r.err != nil:
 		l.ResponseFlags = flagConnect
 	}
@@ -173,7 +183,12 @@ func (p *Proxy) logRecord(r *record) {
 	level := slog.LevelInfo
 	if r.err != nil {
 		attrs = append(attrs, slog.String(logKeyError, r.err.Error()))
-		level = slog.LevelWarn
+		// A cancelled CONNECT is the client's choice, not a failure: a
+		// warning would be written at once (internal/cli), one per
+		// stream of a client that resets them all.
+		if !errors.Is(r.err, errCancelled) {
+			level = slog.LevelWarn
+		}
 	}
 	p.log.LogAttrs(p.ctx, level, accessLogMsg, attrs...)
 }
@@ -345,6 +360,11 @@ func (p *Proxy) relayEnd(r *record, t *tracked, mc *metrics.Conn) {
 	p.untrack(t)
 	t.down.Close()
 	t.up.Close()
+	// Bytes count once written to the peer: an HBONE stream accepts
+	// bytes it then never writes when its connection fails or the peer
+	// resets it first (hbone.Unsent; a TCP socket's write is the kernel's).
+	r.sent -= hbone.Unsent(t.down)
+	r.recv -= hbone.Unsent(t.up)
 	if err := t.closeErr(); err != nil && !errors.Is(err, net.ErrClosed) && !peerEnded(err) {
 		r.err = err
 	}

@@ -101,10 +101,27 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
 		return nil, nil
 	}
+	// ctx ends when the client resets the stream or its connection ends
+	// (or the proxy closes): a stream its client cancelled is reported as
+	// such (DC), never as an upstream failure, and costs no upstream
+	// connection once cancelled.
+	clientGone := func() bool { return ctx.Err() != nil && p.ctx.Err() == nil }
+	cancelled := func(err error) {
+		p.stats.ClientCancelled.Add(1)
+		p.refuse(r, fmt.Errorf("%w: %w", errCancelled, err))
+	}
+	if clientGone() {
+		cancelled(context.Cause(ctx))
+		return nil, nil
+	}
 	dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
 	up, err := p.cfg.Sockets.Dial(dctx, req.Addr, spoof)
 	cancel()
 	if err != nil {
+		if clientGone() {
+			cancelled(err)
+			return nil, nil
+		}
 		p.stats.UpstreamErrors.Add(1)
 		reject(http.StatusServiceUnavailable, fmt.Errorf("connect %s: %w", req.Addr, err))
 		return nil, nil
@@ -112,6 +129,10 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	down, err := rw.Accept()
 	if err != nil {
 		up.Close()
+		if clientGone() {
+			cancelled(err)
+			return nil, nil
+		}
 		p.refuse(r, fmt.Errorf("accept CONNECT: %w", err))
 		return nil, nil
 	}

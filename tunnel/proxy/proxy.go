@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/amber-mesh/amber/tunnel/accept"
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -80,6 +81,9 @@ type Config struct {
 	// ConnectTimeout bounds connecting upstream (TCP dial or HBONE
 	// CONNECT). Zero means 10s.
 	ConnectTimeout time.Duration
+	// Handshakes bound unauthenticated connections on the HBONE
+	// listener. The zero value is hbone's defaults.
+	Handshakes hbone.HandshakeLimits
 }
 
 // Stats counts what the proxy refused, by cause.
@@ -87,11 +91,16 @@ type Stats struct {
 	UnknownSource   atomic.Uint64 // outbound from an address no local workload owns
 	NoRoute         atomic.Uint64 // outbound to a service without endpoints, or an unusable waypoint
 	UpstreamErrors  atomic.Uint64 // dial or CONNECT towards the destination failed
+	ClientCancelled atomic.Uint64 // inbound CONNECT reset by its client (or its connection gone) before the answer: flag DC
 	BadRequests     atomic.Uint64 // inbound CONNECT refused with 400
 	UnknownDest     atomic.Uint64 // inbound to an address no local workload owns
 	AuthzDenied     atomic.Uint64 // inbound refused by policy
 	AuthzRevoked    atomic.Uint64 // live connections closed after a policy change
 	HandshakeErrors atomic.Uint64 // outbound HBONE TLS handshakes that failed
+	// NotCaptured counts connections reset at accept on the outbound or
+	// inbound listener because they were addressed to the listener's own
+	// port: made to the ztunnel directly, not captured (see captured).
+	NotCaptured atomic.Uint64
 }
 
 // Proxy is a running data plane. Create it with New; Close stops it.
@@ -102,6 +111,7 @@ type Proxy struct {
 	policies authz.Policies
 	stats    Stats
 	hstats   hbone.Stats
+	accepts  [numListeners]accept.Stats
 	pool     *hbone.Pool
 	server   *hbone.Server
 	reserved map[uint16]bool
@@ -158,10 +168,11 @@ func New(cfg Config) (*Proxy, error) {
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, Stats: &p.hstats, Logger: p.log}
 	p.server = &hbone.Server{
-		TLSConfig: cfg.Certs.ServerConfig(p.certFor, cfg.TrustDomain),
-		Handler:   hbone.HandlerFunc(p.serveHBONE),
-		Stats:     &p.hstats,
-		Logger:    p.log,
+		TLSConfig:       cfg.Certs.ServerConfig(p.certFor, cfg.TrustDomain),
+		HandshakeLimits: cfg.Handshakes,
+		Handler:         hbone.HandlerFunc(p.serveHBONE),
+		Stats:           &p.hstats,
+		Logger:          p.log,
 	}
 	if pk, err := newParker(); err != nil {
 		p.log.Warn("idle connections will keep their goroutines", "error", err)
@@ -189,46 +200,79 @@ func (p *Proxy) Stats() *Stats { return &p.stats }
 // HBONEStats returns the counters of the HBONE client pool and server.
 func (p *Proxy) HBONEStats() *hbone.Stats { return &p.hstats }
 
+// The data plane's listeners, for accept statistics.
+const (
+	listenerOutbound = iota
+	listenerInbound
+	listenerHBONE
+	numListeners
+)
+
+var listenerNames = [numListeners]string{"outbound", "inbound", "hbone"}
+
+// AcceptErrors returns the failed accepts by listener ("outbound",
+// "inbound", "hbone") and errno.
+func (p *Proxy) AcceptErrors() map[string]map[string]uint64 {
+	out := make(map[string]map[string]uint64, numListeners)
+	for i := range p.accepts {
+		out[listenerNames[i]] = p.accepts[i].Counts()
+	}
+	return out
+}
+
 // ServeOutbound accepts connections captured from local pods (15001) until
 // ln is closed or Close is called.
 func (p *Proxy) ServeOutbound(ln net.Listener) error {
-	return p.serve(ln, p.handleOutbound)
+	return p.serve(ln, listenerOutbound, p.captured(ln, p.handleOutbound))
 }
 
 // ServeInbound accepts plaintext connections to local pods (15006).
 func (p *Proxy) ServeInbound(ln net.Listener) error {
-	return p.serve(ln, p.handleInbound)
+	return p.serve(ln, listenerInbound, p.captured(ln, p.handleInbound))
 }
 
 // ServeHBONE accepts HBONE connections to local pods (15008).
 func (p *Proxy) ServeHBONE(ln net.Listener) error {
-	if !p.trackListener(ln) {
-		return ErrClosed
-	}
-	defer p.untrackListener(ln)
-	err := p.server.Serve(ln)
-	if errors.Is(err, hbone.ErrServerClosed) || p.ctx.Err() != nil || p.draining.Load() {
-		return ErrClosed
-	}
-	return err
+	return p.serve(ln, listenerHBONE, p.server.ServeAccepted)
 }
 
-func (p *Proxy) serve(ln net.Listener, handle func(net.Conn)) error {
+// serve runs ln's accept loop, which survives running out of descriptors
+// (package accept), until ln is closed; handle gets each connection and
+// must not block.
+func (p *Proxy) serve(ln net.Listener, kind int, handle func(net.Conn)) error {
 	if !p.trackListener(ln) {
 		return ErrClosed
 	}
 	defer p.untrackListener(ln)
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if p.ctx.Err() != nil || p.draining.Load() {
-				return ErrClosed
+	err := accept.Serve(p.ctx, ln, accept.Options{Name: listenerNames[kind], Logger: p.log, Stats: &p.accepts[kind]}, handle)
+	if p.ctx.Err() != nil || p.draining.Load() {
+		return ErrClosed
+	}
+	return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+}
+
+// captured returns the accept handler of a transparent plaintext listener
+// (15001, 15006): each connection is served on a goroutine of its own,
+// except those addressed to the listener's own port, which are reset at
+// once. A connection the datapath (or nftables TPROXY) hands over keeps
+// its original destination as local address; one addressed to the
+// listener's port was made to the ztunnel itself: from the network to a
+// node address (where the listener is reachable without the datapath),
+// from the node to loopback, or from a pod to some host's 15001 or
+// 15006, which Istio's ztunnel refuses too (a call to its own ports).
+// Serving it would hold it for WorkloadWait and log a warning each time,
+// for anyone who can reach the node.
+func (p *Proxy) captured(ln net.Listener, handle func(net.Conn)) func(net.Conn) {
+	port := sockopt.AddrPort(ln.Addr()).Port()
+	return func(c net.Conn) {
+		if sockopt.AddrPort(c.LocalAddr()).Port() == port {
+			p.stats.NotCaptured.Add(1)
+			p.log.Debug("not captured: connection to the listener's own port reset", "listener", ln.Addr(), "src.addr", c.RemoteAddr(), "dst.addr", c.LocalAddr())
+			if tc, ok := c.(*net.TCPConn); ok {
+				_ = tc.SetLinger(0)
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+			_ = c.Close()
+			return
 		}
 		p.wg.Add(1)
 		go func() {

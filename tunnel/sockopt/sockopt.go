@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"strconv"
 	"syscall"
 	"unsafe"
 
@@ -76,6 +77,31 @@ func (o Options) Listen(ctx context.Context, addr string) (*net.TCPListener, err
 		return nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
 	return ln.(*net.TCPListener), nil
+}
+
+// ListenLoopback opens the transparent listeners of a captured port on
+// loopback, one per family: 127.0.0.1:port and [::1]:port. The datapath's
+// bpf_sk_assign hands a listener its SYNs whatever address the listener is
+// bound to, while the kernel's own lookup finds a loopback listener only
+// for connections made on the host itself, so nothing on the network can
+// connect to it directly. A v6 SYN needs an AF_INET6 socket (assigned to
+// an AF_INET one it is never answered); a socket per family keeps IPv4
+// served on a host without IPv6, where v6 is nil and IPv6 connections
+// find no listener: they fail closed.
+func (o Options) ListenLoopback(ctx context.Context, port uint16) (v4, v6 *net.TCPListener, err error) {
+	p := strconv.Itoa(int(port))
+	if v4, err = o.Listen(ctx, "127.0.0.1:"+p); err != nil {
+		return nil, nil, err
+	}
+	v6, err = o.Listen(ctx, "[::1]:"+p)
+	if errors.Is(err, syscall.EADDRNOTAVAIL) || errors.Is(err, syscall.EAFNOSUPPORT) {
+		return v4, nil, nil
+	}
+	if err != nil {
+		v4.Close()
+		return nil, nil, err
+	}
+	return v4, v6, nil
 }
 
 // Dial connects to dst. When src is valid the socket is bound to it first,
