@@ -96,7 +96,7 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		DstPort:     req.Addr.Port(),
 		DstWorkload: authzWorkload(r.dstW),
 	}
-	if d := p.policies.Evaluate(ac); !d.Allowed {
+	if d := snap.Policies().Evaluate(ac); !d.Allowed {
 		p.stats.AuthzDenied.Add(1)
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
 		return nil, nil
@@ -141,7 +141,7 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		return
 	}
 	ac := authz.Conn{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port(), DstWorkload: authzWorkload(r.dstW)}
-	if d := p.policies.Evaluate(ac); !d.Allowed {
+	if d := snap.Policies().Evaluate(ac); !d.Allowed {
 		p.stats.AuthzDenied.Add(1)
 		refuse(&DeniedError{Decision: d})
 		return
