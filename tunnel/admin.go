@@ -126,7 +126,7 @@ func gateway(g *state.GatewayAddress) string {
 
 func (d *configDump) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	snap := d.store.Load()
-	out := dump{Policies: d.proxy.Policies().All(), XDS: d.xds.Stats(), Workloads: []dumpWorkload{}, Services: []dumpService{}, Certificates: []dumpCert{}}
+	out := dump{Policies: snap.Policies().All(), XDS: d.xds.Stats(), Workloads: []dumpWorkload{}, Services: []dumpService{}, Certificates: []dumpCert{}}
 	ids := map[identity.ID]bool{}
 	for _, wl := range snap.Workloads() {
 		id := identity.ID{TrustDomain: wl.TrustDomain, Namespace: wl.Namespace, ServiceAccount: wl.ServiceAccount}

@@ -23,11 +23,11 @@ import (
 
 	"github.com/amber-mesh/amber/test/istiod"
 	"github.com/amber-mesh/amber/test/kube"
+	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/identity"
 	"github.com/amber-mesh/amber/xds/client"
 	"github.com/amber-mesh/amber/xds/state"
-	"github.com/amber-mesh/amber/xds/workloadapi/security"
 )
 
 const (
@@ -154,12 +154,12 @@ spec:
 		if out, err := cp.Kubectl(ctx, "apply", "-f", policy); err != nil {
 			t.Fatalf("kubectl apply policy: %v\n%s", err, out)
 		}
-		a := waitFor(t, ctx, sub, "authorization default/allow-sleep", func(s *state.Snapshot) *security.Authorization {
-			return s.Authorization("default", "allow-sleep")
-		})
-		t.Logf("authorization: %v", a)
-		if a.GetAction() != security.Action_ALLOW {
-			t.Errorf("action %v, want ALLOW", a.GetAction())
+		a := waitFor(t, ctx, sub, "authorization default/allow-sleep", func(s *state.Snapshot) *authz.Policy {
+			return s.Policies().Get("default/allow-sleep")
+		}).Authorization()
+		t.Logf("authorization: %+v", a)
+		if a.Action != authz.ActionAllow {
+			t.Errorf("action %v, want ALLOW", a.Action)
 		}
 		if !namesSleep(a) {
 			t.Errorf("authorization %v does not match the sleep principal", a)
@@ -277,17 +277,17 @@ func waitFor[T comparable](t *testing.T, ctx context.Context, sub *state.Subscri
 
 // namesSleep reports whether some match of a names sleep's identity, as a
 // principal or (newer istiods) as a service account.
-func namesSleep(a *security.Authorization) bool {
-	for _, g := range a.GetGroups() {
-		for _, r := range g.GetRules() {
-			for _, m := range r.GetMatches() {
-				for _, p := range m.GetPrincipals() {
-					if p.GetExact() == "cluster.local/ns/default/sa/sleep" || p.GetExact() == sleepID {
+func namesSleep(a authz.Authorization) bool {
+	for _, g := range a.Groups {
+		for _, r := range g.Rules {
+			for _, m := range r.Matches {
+				for _, p := range m.Principals {
+					if p.Kind == authz.MatchExact && (p.Value == "cluster.local/ns/default/sa/sleep" || p.Value == sleepID) {
 						return true
 					}
 				}
-				for _, s := range m.GetServiceAccounts() {
-					if s.GetNamespace() == "default" && s.GetServiceAccount() == "sleep" {
+				for _, s := range m.ServiceAccounts {
+					if s.Namespace == "default" && s.ServiceAccount == "sleep" {
 						return true
 					}
 				}

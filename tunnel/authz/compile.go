@@ -6,12 +6,12 @@ import (
 	"slices"
 )
 
-// policy is an Authorization compiled for evaluation: addresses parsed,
-// ports narrowed, and anything that cannot be evaluated recorded in
-// unenforceable instead of being dropped.
-type policy struct {
+// Policy is an Authorization compiled for evaluation: addresses parsed,
+// ports narrowed, and anything that cannot be evaluated recorded instead of
+// being dropped. It is immutable, so sets and snapshots share it.
+type Policy struct {
 	key    string
-	src    Authorization // private deep copy, returned (copied) by Get and All
+	src    Authorization // private deep copy, returned (copied) by Authorization
 	action Action
 	groups []group
 	// unenforceable, when not empty, says why the policy cannot be
@@ -34,9 +34,12 @@ type match struct {
 	ports, notPorts                     []uint16
 }
 
-func compile(a Authorization) *policy {
+// Compile compiles a for evaluation. It keeps a copy: the caller may reuse
+// a's slices. Content that cannot be evaluated does not fail: the policy is
+// kept and enforced fail-closed (see Err).
+func Compile(a Authorization) *Policy {
 	a = cloneAuthorization(a)
-	p := &policy{key: a.Key(), src: a, action: a.Action}
+	p := &Policy{key: a.Key(), src: a, action: a.Action}
 	c := compiler{}
 	switch {
 	case a.Unsupported != "":
@@ -61,6 +64,21 @@ func compile(a Authorization) *policy {
 		p.unenforceable, p.groups = c.reason, nil
 	}
 	return p
+}
+
+// Key returns the policy's "namespace/name".
+func (p *Policy) Key() string { return p.key }
+
+// Authorization returns a copy of the policy as it was compiled.
+func (p *Policy) Authorization() Authorization { return cloneAuthorization(p.src) }
+
+// Err reports why the policy is enforced fail-closed: a *PolicyError
+// wrapping ErrUnenforceable, or nil when it is evaluated as written.
+func (p *Policy) Err() error {
+	if p.unenforceable == "" {
+		return nil
+	}
+	return &PolicyError{Key: p.key, Reason: p.unenforceable}
 }
 
 // compiler records the first reason a policy cannot be evaluated.

@@ -10,9 +10,9 @@ var (
 	ErrUnenforceable = errors.New("policy cannot be enforced at L4")
 )
 
-// PolicyError reports a policy that was stored but is enforced fail-closed
-// because part of it cannot be evaluated. The xDS layer may NACK it and
-// count it; the data plane keeps denying what the policy could deny.
+// PolicyError reports a policy that is kept but enforced fail-closed
+// because part of it cannot be evaluated: the data plane keeps denying what
+// the policy could deny.
 type PolicyError struct {
 	Key    string // "namespace/name"
 	Reason string // what could not be evaluated

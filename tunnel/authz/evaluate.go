@@ -84,9 +84,6 @@ type Decision struct {
 	// no single policy did (ReasonNoAllowPolicy, ReasonNotAllowed, invalid
 	// connections).
 	Policy string
-	// Generation is the policy set's generation the decision was taken
-	// against; re-evaluate when Policies.Generation differs.
-	Generation uint64
 }
 
 // String renders the decision for an access log, e.g.
@@ -107,14 +104,8 @@ func (d Decision) String() string {
 }
 
 // Evaluate decides conn against the policies that apply to
-// conn.DstWorkload. It is safe for concurrent use with updates and does not
-// allocate.
-func (p *Policies) Evaluate(conn Conn) Decision {
-	s := p.load()
-	d := s.evaluate(&conn)
-	d.Generation = s.gen
-	return d
-}
+// conn.DstWorkload. It is safe for concurrent use and does not allocate.
+func (p *Policies) Evaluate(conn Conn) Decision { return p.evaluate(&conn) }
 
 // peer is the connection as the matchers see it.
 type peer struct {
@@ -128,7 +119,7 @@ type peer struct {
 
 const spiffeScheme = "spiffe://"
 
-func (s *snapshot) evaluate(c *Conn) Decision {
+func (p *Policies) evaluate(c *Conn) Decision {
 	if !c.SrcIP.IsValid() || !c.DstIP.IsValid() {
 		return Decision{Reason: ReasonInvalidAddress}
 	}
@@ -150,8 +141,8 @@ func (s *snapshot) evaluate(c *Conn) Decision {
 	// Order as ztunnel's assert_rbac: namespace, global, workload. Every
 	// DENY is checked before any ALLOW can decide.
 	w := &c.DstWorkload
-	nsl := s.byNamespace[w.Namespace]
-	for _, l := range [2]*policyList{nsl, &s.global} {
+	nsl := p.byNamespace[w.Namespace]
+	for _, l := range [2]*policyList{nsl, &p.global} {
 		if l == nil {
 			continue
 		}
@@ -162,7 +153,7 @@ func (s *snapshot) evaluate(c *Conn) Decision {
 		}
 	}
 	for _, key := range w.Policies {
-		pol := s.byKey[key]
+		pol := p.byKey[key]
 		if pol == nil {
 			return Decision{Reason: ReasonUnknownPolicy, Policy: key}
 		}
@@ -172,7 +163,7 @@ func (s *snapshot) evaluate(c *Conn) Decision {
 	}
 
 	haveAllow := false
-	for _, l := range [2]*policyList{nsl, &s.global} {
+	for _, l := range [2]*policyList{nsl, &p.global} {
 		if l == nil {
 			continue
 		}
@@ -184,7 +175,7 @@ func (s *snapshot) evaluate(c *Conn) Decision {
 		}
 	}
 	for _, key := range w.Policies {
-		if pol := s.byKey[key]; pol != nil && pol.action == ActionAllow {
+		if pol := p.byKey[key]; pol != nil && pol.action == ActionAllow {
 			haveAllow = true
 			if pol.matches(&pr) {
 				return Decision{Allowed: true, Reason: ReasonAllowed, Policy: pol.key}
@@ -216,14 +207,14 @@ func parseIdentity(id string) (ns, sa string, ok bool) {
 	return ns, sa, true
 }
 
-func (p *policy) denial() Decision {
+func (p *Policy) denial() Decision {
 	if p.unenforceable != "" {
 		return Decision{Reason: ReasonUnenforceable, Policy: p.key}
 	}
 	return Decision{Reason: ReasonDenied, Policy: p.key}
 }
 
-func (p *policy) matches(pr *peer) bool {
+func (p *Policy) matches(pr *peer) bool {
 	if p.unenforceable != "" {
 		// The most restrictive reading: an ALLOW grants nothing, anything
 		// else (DENY, unknown action) takes everything.

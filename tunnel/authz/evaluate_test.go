@@ -396,7 +396,7 @@ func TestEvaluateStringMatch(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			p := mustPolicies(t, allow("default/p", ScopeNamespace, one(c.match)))
+			p := setOf(allow("default/p", ScopeNamespace, one(c.match)))
 			got := p.Evaluate(withID(mtls(), c.id))
 			if got.Allowed != c.want {
 				t.Errorf("Evaluate(%s) = %s, want allowed=%v", c.id, got, c.want)
@@ -501,7 +501,7 @@ func TestEvaluateAddresses(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			p := mustPolicies(t, allow(key, ScopeNamespace, one(c.match)))
+			p := setOf(allow(key, ScopeNamespace, one(c.match)))
 			got := p.Evaluate(c.conn)
 			if got.Allowed != c.want {
 				t.Errorf("Evaluate(%v -> %v:%d) = %s, want allowed=%v", c.conn.SrcIP, c.conn.DstIP, c.conn.DstPort, got, c.want)
@@ -510,7 +510,7 @@ func TestEvaluateAddresses(t *testing.T) {
 	}
 
 	t.Run("deny everything but 10/8", func(t *testing.T) {
-		p := mustPolicies(t, deny(key, ScopeNamespace, one(Match{NotSourceIPs: cidrs("10.0.0.0/8")})))
+		p := setOf(deny(key, ScopeNamespace, one(Match{NotSourceIPs: cidrs("10.0.0.0/8")})))
 		if d := p.Evaluate(withSrc(mtls(), "192.0.2.1")); d.Allowed {
 			t.Errorf("192.0.2.1: %s, want denied", d)
 		}
@@ -728,7 +728,7 @@ func benchConns() map[string]Conn {
 }
 
 func TestEvaluateDoesNotAllocate(t *testing.T) {
-	p := mustPolicies(t, benchPolicies()...)
+	p := setOf(benchPolicies()...)
 	if p.Len() != 100 {
 		t.Fatalf("bench set has %d policies", p.Len())
 	}
@@ -753,7 +753,7 @@ func TestEvaluateDoesNotAllocate(t *testing.T) {
 }
 
 func BenchmarkEvaluate(b *testing.B) {
-	p := mustPolicies(b, benchPolicies()...)
+	p := setOf(benchPolicies()...)
 	for name, c := range benchConns() {
 		b.Run(name, func(b *testing.B) {
 			b.ReportAllocs()

@@ -96,7 +96,7 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		DstPort:     req.Addr.Port(),
 		DstWorkload: authzWorkload(r.dstW),
 	}
-	if d := p.policies.Evaluate(ac); !d.Allowed {
+	if d := snap.Policies().Evaluate(ac); !d.Allowed {
 		p.stats.AuthzDenied.Add(1)
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
 		return nil, nil
@@ -162,7 +162,7 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		return
 	}
 	ac := authz.Conn{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port(), DstWorkload: authzWorkload(r.dstW)}
-	if d := p.policies.Evaluate(ac); !d.Allowed {
+	if d := snap.Policies().Evaluate(ac); !d.Allowed {
 		p.stats.AuthzDenied.Add(1)
 		refuse(&DeniedError{Decision: d})
 		return
@@ -205,80 +205,4 @@ func parseForwarded(h string) (netip.AddrPort, bool) {
 		return netip.AddrPort{}, false
 	}
 	return netip.AddrPort{}, false
-}
-
-// syncPolicies makes the enforced policy set the snapshot's.
-func (p *Proxy) syncPolicies(snap *state.Snapshot) {
-	all := snap.Authorizations()
-	pols := make([]authz.Authorization, 0, len(all))
-	for _, a := range all {
-		pols = append(pols, convertPolicy(a))
-	}
-	if err := p.policies.Replace(pols); err != nil {
-		p.log.Warn("authorization policies enforced fail-closed", "error", err)
-	}
-}
-
-// watchPolicies keeps the policy set in step with the store and re-checks
-// live inbound connections whenever policies or workloads change (a
-// workload's policy list is part of its resource).
-func (p *Proxy) watchPolicies(sub *state.Subscription) {
-	defer p.wg.Done()
-	defer sub.Close()
-	for {
-		changed := p.policies.Changed()
-		select {
-		case <-p.ctx.Done():
-			return
-		case <-sub.C():
-			snap, what := sub.Take()
-			if what&state.ChangedAuthorizations != 0 {
-				p.syncPolicies(snap)
-			}
-			// changed, taken above, was closed by syncPolicies if it
-			// changed the set; this iteration handles that change.
-			if what&(state.ChangedAuthorizations|state.ChangedWorkloads) != 0 {
-				p.recheck(snap)
-			}
-		case <-changed:
-			p.recheck(p.cfg.Store.Load())
-		}
-	}
-}
-
-// recheck closes the live inbound connections the current policies no
-// longer allow.
-func (p *Proxy) recheck(snap *state.Snapshot) {
-	p.mu.Lock()
-	var live []*tracked
-	for t := range p.conns {
-		if t.inbound {
-			live = append(live, t)
-		}
-	}
-	p.mu.Unlock()
-	for _, t := range live {
-		w := p.localWorkload(snap, t.authz.DstIP)
-		if w == nil {
-			t.close(errDestRemoved)
-			continue
-		}
-		c := t.authz
-		c.DstWorkload = authzWorkload(w)
-		if d := p.policies.Evaluate(c); !d.Allowed {
-			if d.Reason == authz.ReasonUnknownPolicy {
-				// The workload names a policy the store does not hold
-				// yet: istiod pushes workloads before policies, so a
-				// workload that gained a policy names it first (seen
-				// with istiod in test/e2e). New connections are refused
-				// in that window; a live one waits for the policy's own
-				// update, which re-checks it, rather than being closed
-				// on a decision no policy took: that would end the
-				// connections the policy, once known, allows.
-				continue
-			}
-			p.stats.AuthzRevoked.Add(1)
-			t.close(&DeniedError{Decision: d, Revoked: true})
-		}
-	}
 }

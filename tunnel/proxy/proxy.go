@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/tunnel/accept"
-	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
@@ -108,7 +107,6 @@ type Proxy struct {
 	cfg      Config
 	log      *slog.Logger
 	metrics  *metrics.Metrics
-	policies authz.Policies
 	stats    Stats
 	hstats   hbone.Stats
 	accepts  [numListeners]accept.Stats
@@ -127,8 +125,8 @@ type Proxy struct {
 	closed    bool
 }
 
-// New returns a proxy and starts keeping its authorization policies in
-// step with cfg.Store.
+// New returns a proxy and starts re-checking its live inbound connections
+// when cfg.Store's policies or workloads change.
 func New(cfg Config) (*Proxy, error) {
 	if cfg.Store == nil {
 		return nil, ErrNoData
@@ -182,14 +180,10 @@ func New(cfg Config) (*Proxy, error) {
 		go p.runParker()
 	}
 	sub := cfg.Store.Subscribe()
-	p.syncPolicies(cfg.Store.Load())
 	p.wg.Add(1)
 	go p.watchPolicies(sub)
 	return p, nil
 }
-
-// Policies returns the authorization policies the proxy enforces.
-func (p *Proxy) Policies() *authz.Policies { return &p.policies }
 
 // Metrics returns the registry the proxy reports to.
 func (p *Proxy) Metrics() *metrics.Metrics { return p.metrics }

@@ -59,15 +59,16 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 	}
 
 	// Then the policy: it allows sleep only.
-	store.Update(func(tx *state.Txn) {
-		tx.PutAuthorization(&security.Authorization{
-			Name: "allow-sleep", Namespace: "default", Scope: security.Scope_WORKLOAD_SELECTOR, Action: security.Action_ALLOW,
-			Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{
-				Principals: []*security.StringMatch{{MatchType: &security.StringMatch_Exact{Exact: "cluster.local/ns/default/sa/sleep"}}},
-			}}}}}},
-		})
+	allowSleep, err := state.NewAuthorization(&security.Authorization{
+		Name: "allow-sleep", Namespace: "default", Scope: security.Scope_WORKLOAD_SELECTOR, Action: security.Action_ALLOW,
+		Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{
+			Principals: []*security.StringMatch{{MatchType: &security.StringMatch_Exact{Exact: "cluster.local/ns/default/sa/sleep"}}},
+		}}}}}},
 	})
-	p.syncPolicies(store.Load())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store.Update(func(tx *state.Txn) { tx.PutAuthorization(allowSleep) })
 	p.recheck(store.Load())
 	if err := sleep.closeErr(); err != nil {
 		t.Errorf("sleep's connection closed under a policy allowing it: %v", err)
@@ -77,7 +78,7 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 		t.Errorf("notsleep's connection: %v, want revoked by the policy", err)
 	}
 	// A new connection while a listed policy is unknown is still refused.
-	if d := p.policies.Evaluate(authz.Conn{
+	if d := store.Load().Policies().Evaluate(authz.Conn{
 		SrcIdentity: "spiffe://cluster.local/ns/default/sa/sleep", SrcIP: netip.MustParseAddr("10.0.0.3"),
 		DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080,
 		DstWorkload: authz.Workload{Namespace: "default", Name: "productpage", Policies: []string{"default/not-yet"}},

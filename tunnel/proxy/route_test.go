@@ -13,10 +13,8 @@ import (
 
 	"golang.org/x/net/http2"
 
-	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/xds/state"
-	"github.com/amber-mesh/amber/xds/workloadapi/security"
 )
 
 func wl(name string, proto state.Protocol, addr string) *state.Workload {
@@ -132,37 +130,6 @@ func TestBaggageTraceparent(t *testing.T) {
 	tp := newTraceparent()
 	if !regexp.MustCompile(`^00-[0-9a-f]{32}-[0-9a-f]{16}-00$`).MatchString(tp) || tp == newTraceparent() {
 		t.Errorf("traceparent %q", tp)
-	}
-}
-
-func TestConvertPolicyEnforced(t *testing.T) {
-	pol := &security.Authorization{
-		Name: "allow-sleep", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_ALLOW,
-		Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{
-			Principals: []*security.StringMatch{{MatchType: &security.StringMatch_Exact{Exact: "cluster.local/ns/default/sa/sleep"}}},
-		}}}}}},
-	}
-	var ps authz.Policies
-	if err := ps.Replace([]authz.Authorization{convertPolicy(pol)}); err != nil {
-		t.Fatal(err)
-	}
-	dst := authz.Workload{Namespace: "default", Name: "productpage"}
-	conn := func(id string) authz.Conn {
-		return authz.Conn{SrcIdentity: id, SrcIP: netip.MustParseAddr("10.0.0.1"), DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080, DstWorkload: dst}
-	}
-	if d := ps.Evaluate(conn("spiffe://cluster.local/ns/default/sa/sleep")); !d.Allowed {
-		t.Errorf("sleep denied: %v", d)
-	}
-	if d := ps.Evaluate(conn("spiffe://cluster.local/ns/default/sa/notsleep")); d.Allowed {
-		t.Errorf("notsleep allowed: %v", d)
-	}
-	if d := ps.Evaluate(conn("")); d.Allowed {
-		t.Errorf("plaintext allowed: %v", d)
-	}
-	// A dry-run policy cannot be represented: it is kept fail-closed.
-	pol.DryRun = true
-	if a := convertPolicy(pol); a.Unsupported == "" {
-		t.Error("dry-run policy converted as enforceable")
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/xds/client"
 	"github.com/amber-mesh/amber/xds/server"
 	"github.com/amber-mesh/amber/xds/state"
@@ -192,9 +193,8 @@ func TestSyncUpdateRemove(t *testing.T) {
 	if legacy := snap.WorkloadByAddr(addr("10.0.0.4")); legacy == nil || legacy.Protocol != state.ProtocolTCP {
 		t.Fatalf("legacy = %+v", legacy)
 	}
-	pols, missing := snap.PoliciesFor(pp)
-	if len(pols) != 1 || pols[0].GetName() != "viewer" || len(missing) != 0 {
-		t.Fatalf("policies for productpage = %v, missing %v", pols, missing)
+	if got := snap.Policies().Applicable(authz.Workload{Namespace: pp.Namespace, Policies: pp.AuthorizationPolicies}); len(got) != 1 || got[0] != "default/viewer" || snap.Policies().Get(got[0]) == nil {
+		t.Fatalf("policies for productpage = %v", got)
 	}
 
 	eventually(t, "ACK of the initial pushes", func() bool { return acked(srv) })
@@ -220,7 +220,7 @@ func TestSyncUpdateRemove(t *testing.T) {
 	eventually(t, "the update", func() bool {
 		s := c.Store().Load()
 		return s.WorkloadByAddr(addr("10.0.0.11")) != nil && s.Workload("Kubernetes//Pod/default/legacy") == nil &&
-			len(s.Authorization("default", "viewer").GetGroups()[0].GetRules()[0].GetMatches()[0].GetNamespaces()) == 1
+			len(s.Policies().Get("default/viewer").Authorization().Groups[0].Rules[0].Matches[0].Namespaces) == 1
 	})
 	snap = c.Store().Load()
 	if snap.WorkloadByAddr(addr("10.0.0.1")) != nil {
@@ -287,7 +287,7 @@ func TestPartialNACK(t *testing.T) {
 	waitSynced(t, c)
 
 	snap := c.Store().Load()
-	if snap.Workload("good") == nil || snap.Authorization("default", "ok") == nil {
+	if snap.Workload("good") == nil || snap.Policies().Get("default/ok") == nil {
 		t.Fatal("good resources were not applied")
 	}
 	for _, uid := range []string{"five-bytes", "garbage", "wrong-type", "renamed", "other-uid", "no-body", "empty"} {
@@ -295,7 +295,7 @@ func TestPartialNACK(t *testing.T) {
 			t.Errorf("bad resource %s applied", uid)
 		}
 	}
-	if snap.Authorization("default", "bad-action") != nil {
+	if snap.Policies().Get("default/bad-action") != nil {
 		t.Error("bad policy applied")
 	}
 	// The enforcer is told a policy exists that it cannot see.
@@ -418,7 +418,7 @@ func TestReconnect(t *testing.T) {
 	eventually(t, "disconnect", func() bool { return !c.Stats().Connected && c.Stats().Disconnects > 0 })
 	time.Sleep(50 * time.Millisecond) // a few failed reconnect attempts
 	snap := c.Store().Load()
-	if snap.WorkloadByAddr(addr("10.0.0.1")) == nil || snap.WorkloadByAddr(addr("10.0.0.4")) == nil || snap.Authorization("default", "viewer") == nil {
+	if snap.WorkloadByAddr(addr("10.0.0.1")) == nil || snap.WorkloadByAddr(addr("10.0.0.4")) == nil || snap.Policies().Get("default/viewer") == nil {
 		t.Fatal("state lost while the server is down")
 	}
 

@@ -8,6 +8,7 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/xds/state"
 	"github.com/amber-mesh/amber/xds/workloadapi"
 	"github.com/amber-mesh/amber/xds/workloadapi/security"
@@ -156,25 +157,31 @@ func (c *Client) applyAuthorizations(resp *discoveryv3.DeltaDiscoveryResponse) (
 	const typeURL = workloadapi.AuthorizationTypeURL
 	type op struct {
 		name, version string
-		policy        *security.Authorization
+		policy        *authz.Policy
 	}
 	var ops []op
 	for _, r := range resp.GetResources() {
 		reject := func(reason Reason, err error) {
 			rejects = append(rejects, &ResourceError{TypeURL: typeURL, Name: r.GetName(), Reason: reason, Err: err})
 		}
-		p := new(security.Authorization)
-		if rerr := decode(typeURL, r, p); rerr != nil {
+		var a security.Authorization
+		if rerr := decode(typeURL, r, &a); rerr != nil {
 			rejects = append(rejects, rerr)
 			continue
 		}
-		if err := state.ValidateAuthorization(p); err != nil {
+		p, err := state.NewAuthorization(&a)
+		if err != nil {
 			reject(ReasonInvalid, err)
 			continue
 		}
-		if k := state.AuthorizationKey(p); k != r.GetName() {
+		if k := p.Key(); k != r.GetName() {
 			reject(ReasonNameMismatch, fmt.Errorf("policy key is %q", k))
 			continue
+		}
+		if err := p.Err(); err != nil {
+			// Well formed, so ACKed, but enforced as its most restrictive
+			// reading.
+			c.log.Warn("authorization policy enforced fail-closed", "error", err)
 		}
 		ops = append(ops, op{name: r.GetName(), version: r.GetVersion(), policy: p})
 	}

@@ -96,7 +96,7 @@ func TestParseDocExample(t *testing.T) {
 	}
 
 	p := r.Authorizations["default/productpage-viewer"]
-	if err := state.ValidateAuthorization(p); err != nil {
+	if _, err := state.NewAuthorization(p); err != nil {
 		t.Fatal(err)
 	}
 	if p.GetScope() != security.Scope_WORKLOAD_SELECTOR || p.GetAction() != security.Action_ALLOW || len(p.GetGroups()) != 1 {
@@ -302,7 +302,7 @@ policies:
 		t.Errorf("want 6 warnings, got %q", r.Warnings)
 	}
 	for _, p := range r.Authorizations {
-		if err := state.ValidateAuthorization(p); err != nil {
+		if _, err := state.NewAuthorization(p); err != nil {
 			t.Error(err)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/xds/workloadapi"
 	"github.com/amber-mesh/amber/xds/workloadapi/security"
 )
@@ -331,75 +332,122 @@ func NewService(s *workloadapi.Service) (*Service, error) {
 	return out, nil
 }
 
-// AuthorizationKey is a policy's resource name, "namespace/name".
-func AuthorizationKey(a *security.Authorization) string {
-	return a.GetNamespace() + "/" + a.GetName()
-}
-
-// ValidateAuthorization checks that a policy is well formed: an enforcer
-// given a malformed policy could only guess, so such a policy is rejected
-// before it reaches one.
-func ValidateAuthorization(a *security.Authorization) error {
-	c := &checker{kind: "authorization", name: AuthorizationKey(a)}
+// NewAuthorization validates a workload API policy and compiles it for
+// evaluation. A malformed policy is an error (the client NACKs it): an
+// enforcer given one could only guess. Content the policy model has no
+// field for (extensions, dry-run) is not an error: the policy is compiled
+// fail-closed rather than silently widened, and its Err says why.
+func NewAuthorization(a *security.Authorization) (*authz.Policy, error) {
+	c := &checker{kind: "authorization", name: a.GetNamespace() + "/" + a.GetName()}
 	c.segment("namespace", a.GetNamespace())
 	c.segment("name", a.GetName())
 	c.enum("scope", a.GetScope(), knownEnum(security.Scope_name, a.GetScope()))
 	c.enum("action", a.GetAction(), knownEnum(security.Action_name, a.GetAction()))
-	for gi, g := range a.GetGroups() {
-		for ri, r := range g.GetRules() {
-			for mi, m := range r.GetMatches() {
-				checkMatch(c, fmt.Sprintf("groups[%d].rules[%d].matches[%d]", gi, ri, mi), m)
-			}
-		}
+	out := authz.Authorization{
+		Name:      a.GetName(),
+		Namespace: a.GetNamespace(),
+		Scope:     authz.Scope(a.GetScope()),
+		Action:    authz.Action(a.GetAction()),
 	}
-	return c.result()
+	switch {
+	case len(a.GetExtensions()) > 0:
+		out.Unsupported = "policy extensions"
+	case a.GetDryRun():
+		// A dry-run policy must not change traffic; istiod does not send
+		// them to ztunnels today. Fail closed if one arrives anyway.
+		out.Unsupported = "dry-run policy"
+	}
+	for gi, g := range a.GetGroups() {
+		var og authz.Group
+		for ri, r := range g.GetRules() {
+			var or authz.Rules
+			for mi, m := range r.GetMatches() {
+				if len(m.GetExtensions()) > 0 && out.Unsupported == "" {
+					out.Unsupported = "match extensions"
+				}
+				or.Matches = append(or.Matches, c.match(fmt.Sprintf("groups[%d].rules[%d].matches[%d]", gi, ri, mi), m))
+			}
+			og.Rules = append(og.Rules, or)
+		}
+		out.Groups = append(out.Groups, og)
+	}
+	if err := c.result(); err != nil {
+		return nil, err
+	}
+	return authz.Compile(out), nil
 }
 
-func checkMatch(c *checker, field string, m *security.Match) {
-	strs := func(name string, ms []*security.StringMatch) {
-		for i, sm := range ms {
-			if sm.GetMatchType() == nil {
-				c.fail(fmt.Sprintf("%s.%s[%d]", field, name, i), "no match type")
-			}
-		}
+// match converts one Match. Fields are read in the order their failures
+// are reported.
+func (c *checker) match(field string, m *security.Match) authz.Match {
+	return authz.Match{
+		Namespaces:          c.stringMatches(field+".namespaces", m.GetNamespaces()),
+		NotNamespaces:       c.stringMatches(field+".not_namespaces", m.GetNotNamespaces()),
+		Principals:          c.stringMatches(field+".principals", m.GetPrincipals()),
+		NotPrincipals:       c.stringMatches(field+".not_principals", m.GetNotPrincipals()),
+		ServiceAccounts:     c.accounts(field+".service_accounts", m.GetServiceAccounts()),
+		NotServiceAccounts:  c.accounts(field+".not_service_accounts", m.GetNotServiceAccounts()),
+		SourceIPs:           c.cidrs(field+".source_ips", m.GetSourceIps()),
+		NotSourceIPs:        c.cidrs(field+".not_source_ips", m.GetNotSourceIps()),
+		DestinationIPs:      c.cidrs(field+".destination_ips", m.GetDestinationIps()),
+		NotDestinationIPs:   c.cidrs(field+".not_destination_ips", m.GetNotDestinationIps()),
+		DestinationPorts:    c.ports(field+".destination_ports", m.GetDestinationPorts()),
+		NotDestinationPorts: c.ports(field+".not_destination_ports", m.GetNotDestinationPorts()),
 	}
-	strs("namespaces", m.GetNamespaces())
-	strs("not_namespaces", m.GetNotNamespaces())
-	strs("principals", m.GetPrincipals())
-	strs("not_principals", m.GetNotPrincipals())
+}
 
-	sas := func(name string, ms []*security.ServiceAccountMatch) {
-		for i, sa := range ms {
-			f := fmt.Sprintf("%s.%s[%d]", field, name, i)
-			c.segment(f+".namespace", sa.GetNamespace())
-			c.segment(f+".serviceAccount", sa.GetServiceAccount())
+func (c *checker) stringMatches(field string, in []*security.StringMatch) []authz.StringMatch {
+	var out []authz.StringMatch
+	for i, s := range in {
+		var sm authz.StringMatch
+		switch t := s.GetMatchType().(type) {
+		case *security.StringMatch_Exact:
+			sm = authz.Exact(t.Exact)
+		case *security.StringMatch_Prefix:
+			sm = authz.Prefix(t.Prefix)
+		case *security.StringMatch_Suffix:
+			sm = authz.Suffix(t.Suffix)
+		case *security.StringMatch_Presence:
+			sm = authz.Presence()
+		default:
+			c.fail(fmt.Sprintf("%s[%d]", field, i), "no match type")
 		}
+		out = append(out, sm)
 	}
-	sas("service_accounts", m.GetServiceAccounts())
-	sas("not_service_accounts", m.GetNotServiceAccounts())
+	return out
+}
 
-	cidrs := func(name string, as []*security.Address) {
-		for i, a := range as {
-			f := fmt.Sprintf("%s.%s[%d]", field, name, i)
-			ip, ok := netip.AddrFromSlice(a.GetAddress())
-			if !ok {
-				c.fail(f+".address", "%d bytes, want 4 (IPv4) or 16 (IPv6)", len(a.GetAddress()))
-				continue
-			}
-			if int(a.GetLength()) > ip.BitLen() {
-				c.fail(f+".length", "prefix length %d longer than %d", a.GetLength(), ip.BitLen())
-			}
+func (c *checker) accounts(field string, in []*security.ServiceAccountMatch) []authz.ServiceAccountMatch {
+	var out []authz.ServiceAccountMatch
+	for i, sa := range in {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		c.segment(f+".namespace", sa.GetNamespace())
+		c.segment(f+".serviceAccount", sa.GetServiceAccount())
+		out = append(out, authz.ServiceAccountMatch{Namespace: sa.GetNamespace(), ServiceAccount: sa.GetServiceAccount()})
+	}
+	return out
+}
+
+// cidrs checks prefixes against the address as sent, not unmapped as
+// c.addr would: ::ffff:10.0.0.0/104 is a valid prefix (authz matches it as
+// 10.0.0.0/8).
+func (c *checker) cidrs(field string, in []*security.Address) []authz.Address {
+	var out []authz.Address
+	for i, a := range in {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		if ip, ok := netip.AddrFromSlice(a.GetAddress()); !ok {
+			c.fail(f+".address", "%d bytes, want 4 (IPv4) or 16 (IPv6)", len(a.GetAddress()))
+		} else if int(a.GetLength()) > ip.BitLen() {
+			c.fail(f+".length", "prefix length %d longer than %d", a.GetLength(), ip.BitLen())
 		}
+		out = append(out, authz.Address{Address: append([]byte(nil), a.GetAddress()...), Length: a.GetLength()})
 	}
-	cidrs("source_ips", m.GetSourceIps())
-	cidrs("not_source_ips", m.GetNotSourceIps())
-	cidrs("destination_ips", m.GetDestinationIps())
-	cidrs("not_destination_ips", m.GetNotDestinationIps())
+	return out
+}
 
-	for i, p := range m.GetDestinationPorts() {
-		c.port(fmt.Sprintf("%s.destination_ports[%d]", field, i), p, true)
+func (c *checker) ports(field string, in []uint32) []uint32 {
+	for i, p := range in {
+		c.port(fmt.Sprintf("%s[%d]", field, i), p, true)
 	}
-	for i, p := range m.GetNotDestinationPorts() {
-		c.port(fmt.Sprintf("%s.not_destination_ports[%d]", field, i), p, true)
-	}
+	return append([]uint32(nil), in...)
 }

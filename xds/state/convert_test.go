@@ -3,6 +3,7 @@ package state_test
 import (
 	"errors"
 	"net/netip"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -10,6 +11,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/xds/state"
 	"github.com/amber-mesh/amber/xds/workloadapi"
 	"github.com/amber-mesh/amber/xds/workloadapi/security"
@@ -226,9 +228,45 @@ func goodPolicy() *security.Authorization {
 	}
 }
 
-func TestValidateAuthorization(t *testing.T) {
-	if err := state.ValidateAuthorization(goodPolicy()); err != nil {
+func TestNewAuthorization(t *testing.T) {
+	p, err := state.NewAuthorization(goodPolicy())
+	if err != nil {
 		t.Fatal(err)
+	}
+	if p.Key() != "default/allow-sleep" || p.Err() != nil {
+		t.Errorf("policy %s: %v", p.Key(), p.Err())
+	}
+	want := authz.Authorization{
+		Name: "allow-sleep", Namespace: "default", Scope: authz.ScopeWorkloadSelector, Action: authz.ActionAllow,
+		Groups: []authz.Group{{Rules: []authz.Rules{{Matches: []authz.Match{{
+			Principals:       []authz.StringMatch{authz.Exact("cluster.local/ns/default/sa/sleep")},
+			NotPrincipals:    []authz.StringMatch{authz.Presence()},
+			SourceIPs:        []authz.Address{{Address: []byte{10, 0, 0, 0}, Length: 8}},
+			DestinationPorts: []uint32{9080},
+			ServiceAccounts:  []authz.ServiceAccountMatch{{Namespace: "default", ServiceAccount: "sleep"}},
+		}}}}}},
+	}
+	if got := p.Authorization(); !reflect.DeepEqual(got, want) {
+		t.Errorf("converted\n%+v\nwant\n%+v", got, want)
+	}
+
+	// What the policy model cannot represent is kept, fail-closed.
+	for name, edit := range map[string]func(*security.Authorization){
+		"dry-run":          func(p *security.Authorization) { p.DryRun = true },
+		"policy extension": func(p *security.Authorization) { p.Extensions = []*workloadapi.Extension{{Name: "x"}} },
+		"match extension": func(p *security.Authorization) {
+			p.Groups[0].Rules[0].Matches[0].Extensions = []*workloadapi.Extension{{Name: "x"}}
+		},
+	} {
+		pb := goodPolicy()
+		edit(pb)
+		p, err := state.NewAuthorization(pb)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !errors.Is(p.Err(), authz.ErrUnenforceable) {
+			t.Errorf("%s: Err = %v, want ErrUnenforceable", name, p.Err())
+		}
 	}
 	m := func(p *security.Authorization) *security.Match { return p.Groups[0].Rules[0].Matches[0] }
 	cases := []struct {
@@ -252,7 +290,7 @@ func TestValidateAuthorization(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			p := goodPolicy()
 			c.edit(p)
-			err := state.ValidateAuthorization(p)
+			_, err := state.NewAuthorization(p)
 			var ve *state.ValidationError
 			if !errors.As(err, &ve) {
 				t.Fatalf("error = %v, want *ValidationError", err)

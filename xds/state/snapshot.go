@@ -6,18 +6,18 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/amber-mesh/amber/xds/workloadapi/security"
+	"github.com/amber-mesh/amber/tunnel/authz"
 )
 
 // Snapshot is one consistent, immutable view of the mesh. Everything
-// reachable from it, including the authorization protos, is shared and must
-// not be modified. All methods are safe for concurrent use.
+// reachable from it is shared and must not be modified. All methods are
+// safe for concurrent use.
 type Snapshot struct {
 	generation uint64
 
 	workloads map[string]*Workload
 	services  map[NamespacedHostname]*Service
-	policies  map[string]*security.Authorization
+	policies  map[string]*authz.Policy
 	// rejectedPolicies maps policy keys whose latest version was refused to
 	// the reason.
 	rejectedPolicies map[string]string
@@ -29,8 +29,7 @@ type Snapshot struct {
 	vips      map[NetworkAddr]*Service
 	vipRanges []vipRange
 	// Derived from policies.
-	global      []*security.Authorization
-	byNamespace map[string][]*security.Authorization
+	policySet *authz.Policies
 }
 
 type vipRange struct {
@@ -38,7 +37,7 @@ type vipRange struct {
 	svc    *Service
 }
 
-var emptySnapshot = &Snapshot{}
+var emptySnapshot = &Snapshot{policySet: new(authz.Policies)}
 
 // Generation counts the updates that produced this snapshot; it only grows.
 func (s *Snapshot) Generation() uint64 { return s.generation }
@@ -106,35 +105,12 @@ func (s *Snapshot) Services() []*Service {
 // still returned.
 func (s *Snapshot) Endpoints(key NamespacedHostname) []Endpoint { return s.endpoints[key] }
 
-// Authorization returns the policy namespace/name, or nil.
-func (s *Snapshot) Authorization(namespace, name string) *security.Authorization {
-	return s.policies[namespace+"/"+name]
-}
-
-// Authorizations returns all policies ordered by key.
-func (s *Snapshot) Authorizations() []*security.Authorization {
-	return sortedValues(s.policies, comparePolicies)
-}
-
-// PoliciesFor returns the policies that apply to a workload, following
-// Istio's scoping: every GLOBAL policy, the NAMESPACE policies of the
-// workload's namespace, and the selector policies the workload lists. Keys
-// the workload lists that this snapshot lacks are returned in missing: the
-// caller should fail closed for such a workload rather than evaluate an
-// incomplete set (a missing ALLOW or DENY changes the outcome). Policies
-// that were rejected are not returned; see RejectedAuthorizations.
-func (s *Snapshot) PoliciesFor(w *Workload) (policies []*security.Authorization, missing []string) {
-	policies = append(policies, s.global...)
-	policies = append(policies, s.byNamespace[w.Namespace]...)
-	for _, k := range w.AuthorizationPolicies {
-		if p := s.policies[k]; p != nil {
-			policies = append(policies, p)
-		} else {
-			missing = append(missing, k)
-		}
-	}
-	return policies, missing
-}
+// Policies returns the authorization policies of this snapshot, compiled
+// and indexed for evaluation. A connection is authorized against the
+// policies of the snapshot its destination workload was found in, so the
+// workload's policy list and the policies agree. Policies that were
+// rejected are not in the set; see RejectedAuthorizations.
+func (s *Snapshot) Policies() *authz.Policies { return s.policySet }
 
 // RejectedPolicy is a policy whose latest version was refused.
 type RejectedPolicy struct {
@@ -156,10 +132,6 @@ func (s *Snapshot) RejectedAuthorizations() []RejectedPolicy {
 	}
 	slices.SortFunc(out, func(a, b RejectedPolicy) int { return strings.Compare(a.Key, b.Key) })
 	return out
-}
-
-func comparePolicies(a, b *security.Authorization) int {
-	return cmp.Or(strings.Compare(a.GetNamespace(), b.GetNamespace()), strings.Compare(a.GetName(), b.GetName()))
 }
 
 func sortedValues[K comparable, V any](m map[K]V, cmp func(a, b V) int) []V {
@@ -223,18 +195,4 @@ func (s *Snapshot) indexServices() {
 	}
 	// Narrowest range first; stable, so ties keep key order.
 	slices.SortStableFunc(s.vipRanges, func(a, b vipRange) int { return b.prefix.Prefix.Bits() - a.prefix.Prefix.Bits() })
-}
-
-// indexPolicies derives the scope indexes.
-func (s *Snapshot) indexPolicies() {
-	s.global = nil
-	s.byNamespace = make(map[string][]*security.Authorization)
-	for _, p := range s.Authorizations() {
-		switch p.GetScope() {
-		case security.Scope_GLOBAL:
-			s.global = append(s.global, p)
-		case security.Scope_NAMESPACE:
-			s.byNamespace[p.GetNamespace()] = append(s.byNamespace[p.GetNamespace()], p)
-		}
-	}
 }

@@ -1,5 +1,6 @@
 // Package state is the ztunnel's immutable view of the mesh (workloads,
-// services and authorization policies) built from workload API resources.
+// services and compiled authorization policies) built from workload API
+// resources.
 package state
 
 import (
@@ -128,7 +129,7 @@ type Workload struct {
 	// target port).
 	Services map[NamespacedHostname]map[uint16]uint16
 	// AuthorizationPolicies are keys ("namespace/name") of the
-	// selector-scoped policies that apply; see Snapshot.PoliciesFor.
+	// selector-scoped policies that apply; see authz.Policies.Applicable.
 	AuthorizationPolicies []string
 	Healthy               bool
 	Locality              Locality

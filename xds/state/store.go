@@ -7,7 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"github.com/amber-mesh/amber/xds/workloadapi/security"
+	"github.com/amber-mesh/amber/tunnel/authz"
 )
 
 // Changed says which kinds of resources an update touched.
@@ -19,7 +19,8 @@ const (
 	// ChangedServices: services were added, replaced or removed.
 	ChangedServices
 	// ChangedAuthorizations: policies, or the set of rejected policies,
-	// changed; the tunnel re-checks live connections.
+	// changed. With ChangedWorkloads (a workload's resource lists its
+	// policies), it is what makes the tunnel re-check live connections.
 	ChangedAuthorizations
 )
 
@@ -67,7 +68,7 @@ type Txn struct {
 	base      *Snapshot
 	workloads map[string]*Workload
 	services  map[NamespacedHostname]*Service
-	policies  map[string]*security.Authorization
+	policies  map[string]*authz.Policy
 	rejected  map[string]string
 	changed   Changed
 }
@@ -92,11 +93,11 @@ func (t *Txn) svc() map[NamespacedHostname]*Service {
 	return t.services
 }
 
-func (t *Txn) pol() map[string]*security.Authorization {
+func (t *Txn) pol() map[string]*authz.Policy {
 	if t.policies == nil {
 		t.policies = maps.Clone(t.base.policies)
 		if t.policies == nil {
-			t.policies = make(map[string]*security.Authorization)
+			t.policies = make(map[string]*authz.Policy)
 		}
 	}
 	return t.policies
@@ -124,11 +125,10 @@ func (t *Txn) PutService(s *Service) {
 	t.changed |= ChangedServices
 }
 
-// PutAuthorization adds or replaces a policy by key. The policy should have
-// passed ValidateAuthorization.
-func (t *Txn) PutAuthorization(a *security.Authorization) {
-	k := AuthorizationKey(a)
-	t.pol()[k] = a
+// PutAuthorization adds or replaces a policy by key (see NewAuthorization).
+func (t *Txn) PutAuthorization(p *authz.Policy) {
+	k := p.Key()
+	t.pol()[k] = p
 	t.clearRejection(k)
 	t.changed |= ChangedAuthorizations
 }
@@ -219,7 +219,7 @@ func (t *Txn) build() *Snapshot {
 		next.indexServices()
 	}
 	if t.changed&ChangedAuthorizations != 0 {
-		next.indexPolicies()
+		next.policySet = authz.NewPolicies(next.policies)
 	}
 	return next
 }

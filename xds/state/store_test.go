@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/xds/state"
 	"github.com/amber-mesh/amber/xds/workloadapi/security"
 )
@@ -19,6 +20,15 @@ func mustWorkload(t testing.TB, uid, ns string, protocol state.Protocol, addrs .
 		w.Addresses = append(w.Addresses, netip.MustParseAddr(a))
 	}
 	return w
+}
+
+func mustPolicy(t testing.TB, a *security.Authorization) *authz.Policy {
+	t.Helper()
+	p, err := state.NewAuthorization(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 func TestSnapshotLookups(t *testing.T) {
@@ -58,7 +68,7 @@ func TestSnapshotLookups(t *testing.T) {
 		tx.PutService(svc)
 		tx.PutService(rangeSvc)
 		for _, p := range policies {
-			tx.PutAuthorization(p)
+			tx.PutAuthorization(mustPolicy(t, p))
 		}
 	})
 	if changed != state.ChangedWorkloads|state.ChangedServices|state.ChangedAuthorizations {
@@ -100,16 +110,12 @@ func TestSnapshotLookups(t *testing.T) {
 		t.Errorf("endpoints = %+v", eps)
 	}
 
-	got, missing := snap.PoliciesFor(pod)
-	var names []string
-	for _, p := range got {
-		names = append(names, p.GetNamespace()+"/"+p.GetName())
+	applicable := snap.Policies().Applicable(authz.Workload{Namespace: pod.Namespace, Policies: pod.AuthorizationPolicies})
+	if fmt.Sprint(applicable) != "[default/ns istio-system/mesh default/selected default/not-yet-here]" {
+		t.Errorf("policies for pod = %v", applicable)
 	}
-	if fmt.Sprint(names) != "[istio-system/mesh default/ns default/selected]" {
-		t.Errorf("policies for pod = %v", names)
-	}
-	if fmt.Sprint(missing) != "[default/not-yet-here]" {
-		t.Errorf("missing = %v", missing)
+	if snap.Policies().Get("default/selected") == nil || snap.Policies().Get("default/not-yet-here") != nil {
+		t.Error("selected policy missing, or the missing one present")
 	}
 
 	// Removal by Address resource name covers workloads and services.
@@ -141,6 +147,43 @@ func TestSnapshotLookups(t *testing.T) {
 func TestConcurrentReaders(t *testing.T) {
 	const workloads, updates = 50, 200
 	st := state.NewStore()
+	whileReading(t, st, func(snap *state.Snapshot) error {
+		ws := snap.Workloads()
+		if len(ws) == 0 {
+			return nil
+		}
+		if len(ws) != workloads {
+			return fmt.Errorf("generation %d has %d workloads", snap.Generation(), len(ws))
+		}
+		for _, w := range ws {
+			if w.Node != ws[0].Node {
+				return fmt.Errorf("snapshot mixes %s and %s", w.Node, ws[0].Node)
+			}
+			if got := snap.WorkloadByAddr(state.NetworkAddr{Addr: w.Addresses[0]}); got != w {
+				return fmt.Errorf("index of generation %d points elsewhere", snap.Generation())
+			}
+		}
+		return nil
+	}, func() {
+		for gen := range updates {
+			st.Update(func(tx *state.Txn) {
+				for i := range workloads {
+					w := mustWorkload(t, fmt.Sprintf("w%d", i), "default", state.ProtocolHBONE, fmt.Sprintf("10.1.%d.%d", i/250, i%250+1))
+					w.Node = fmt.Sprintf("gen-%d", gen)
+					tx.PutWorkload(w)
+				}
+			})
+		}
+	})
+	if g := st.Load().Generation(); g != updates {
+		t.Errorf("generation = %d, want %d", g, updates)
+	}
+}
+
+// whileReading runs write while four readers check every snapshot they
+// load, and reports what the checks found. Run with -race.
+func whileReading(t *testing.T, st *state.Store, check func(*state.Snapshot) error, write func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var wg sync.WaitGroup
@@ -148,45 +191,19 @@ func TestConcurrentReaders(t *testing.T) {
 	for range 4 {
 		wg.Go(func() {
 			for ctx.Err() == nil {
-				snap := st.Load()
-				ws := snap.Workloads()
-				if len(ws) == 0 {
-					continue
-				}
-				if len(ws) != workloads {
-					errs <- fmt.Errorf("generation %d has %d workloads", snap.Generation(), len(ws))
+				if err := check(st.Load()); err != nil {
+					errs <- err
 					return
 				}
-				for _, w := range ws {
-					if w.Node != ws[0].Node {
-						errs <- fmt.Errorf("snapshot mixes %s and %s", w.Node, ws[0].Node)
-						return
-					}
-					if got := snap.WorkloadByAddr(state.NetworkAddr{Addr: w.Addresses[0]}); got != w {
-						errs <- fmt.Errorf("index of generation %d points elsewhere", snap.Generation())
-						return
-					}
-				}
 			}
 		})
 	}
-	for gen := range updates {
-		st.Update(func(tx *state.Txn) {
-			for i := range workloads {
-				w := mustWorkload(t, fmt.Sprintf("w%d", i), "default", state.ProtocolHBONE, fmt.Sprintf("10.1.%d.%d", i/250, i%250+1))
-				w.Node = fmt.Sprintf("gen-%d", gen)
-				tx.PutWorkload(w)
-			}
-		})
-	}
+	write()
 	cancel()
 	wg.Wait()
 	close(errs)
 	for err := range errs {
 		t.Error(err)
-	}
-	if g := st.Load().Generation(); g != updates {
-		t.Errorf("generation = %d, want %d", g, updates)
 	}
 }
 
@@ -196,7 +213,9 @@ func TestSubscription(t *testing.T) {
 	defer sub.Close()
 
 	st.Update(func(tx *state.Txn) { tx.PutWorkload(mustWorkload(t, "a", "default", state.ProtocolHBONE, "10.0.0.1")) })
-	st.Update(func(tx *state.Txn) { tx.PutAuthorization(&security.Authorization{Name: "p", Namespace: "default"}) })
+	st.Update(func(tx *state.Txn) {
+		tx.PutAuthorization(mustPolicy(t, &security.Authorization{Name: "p", Namespace: "default"}))
+	})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -208,7 +227,7 @@ func TestSubscription(t *testing.T) {
 	if changed != state.ChangedWorkloads|state.ChangedAuthorizations {
 		t.Errorf("changed = %b", changed)
 	}
-	if snap.Workload("a") == nil || snap.Authorization("default", "p") == nil {
+	if snap.Workload("a") == nil || snap.Policies().Get("default/p") == nil {
 		t.Error("snapshot misses an update")
 	}
 	select {
@@ -235,7 +254,7 @@ func TestSubscription(t *testing.T) {
 
 func TestRejectedAuthorizations(t *testing.T) {
 	st := state.NewStore()
-	good := &security.Authorization{Name: "p", Namespace: "default", Action: security.Action_DENY}
+	good := mustPolicy(t, &security.Authorization{Name: "p", Namespace: "default", Action: security.Action_DENY})
 	st.Update(func(tx *state.Txn) {
 		tx.PutAuthorization(good)
 		tx.RejectAuthorization("default/new", "invalid")
@@ -246,16 +265,124 @@ func TestRejectedAuthorizations(t *testing.T) {
 	// A rejected update keeps the old version and is listed.
 	st.Update(func(tx *state.Txn) { tx.RejectAuthorization("default/p", "bad action") })
 	snap := st.Load()
-	if snap.Authorization("default", "p") != good || len(snap.RejectedAuthorizations()) != 2 {
-		t.Errorf("after rejected update: %v %v", snap.Authorization("default", "p"), snap.RejectedAuthorizations())
+	if snap.Policies().Get("default/p") != good || len(snap.RejectedAuthorizations()) != 2 {
+		t.Errorf("after rejected update: %v %v", snap.Policies().Get("default/p"), snap.RejectedAuthorizations())
 	}
 	// A good version or a removal clears the rejection.
 	changed := st.Update(func(tx *state.Txn) {
-		tx.PutAuthorization(&security.Authorization{Name: "new", Namespace: "default"})
+		tx.PutAuthorization(mustPolicy(t, &security.Authorization{Name: "new", Namespace: "default"}))
 		tx.RemoveAuthorization("default/p")
 	})
 	snap = st.Load()
-	if changed != state.ChangedAuthorizations || len(snap.RejectedAuthorizations()) != 0 || snap.Authorization("default", "p") != nil {
+	if changed != state.ChangedAuthorizations || len(snap.RejectedAuthorizations()) != 0 || snap.Policies().Get("default/p") != nil {
 		t.Errorf("after fix: changed %b, rejected %v", changed, snap.RejectedAuthorizations())
+	}
+}
+
+// The policies a connection is authorized against are its snapshot's: a
+// policy update is a new snapshot with the new decisions, announced as
+// ChangedAuthorizations, while a reader of the old snapshot keeps the old
+// ones.
+func TestPoliciesFollowSnapshots(t *testing.T) {
+	st := state.NewStore()
+	sub := st.Subscribe()
+	defer sub.Close()
+	pp := mustWorkload(t, "pp", "default", state.ProtocolHBONE, "10.0.0.2")
+	conn := func(id string, w *state.Workload) authz.Conn {
+		return authz.Conn{
+			SrcIdentity: id, SrcIP: netip.MustParseAddr("10.0.0.1"), DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080,
+			DstWorkload: authz.Workload{Namespace: w.Namespace, Name: w.Name, Policies: w.AuthorizationPolicies},
+		}
+	}
+	const sleep, notsleep = "spiffe://cluster.local/ns/default/sa/sleep", "spiffe://cluster.local/ns/default/sa/notsleep"
+	if d := st.Load().Policies().Evaluate(conn(notsleep, pp)); !d.Allowed {
+		t.Fatalf("empty store: %s, want allowed", d)
+	}
+
+	st.Update(func(tx *state.Txn) {
+		tx.PutWorkload(pp)
+		tx.PutAuthorization(mustPolicy(t, &security.Authorization{
+			Name: "allow-sleep", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_ALLOW,
+			Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{
+				Principals: []*security.StringMatch{{MatchType: &security.StringMatch_Exact{Exact: "cluster.local/ns/default/sa/sleep"}}},
+			}}}}}},
+		}))
+	})
+	if _, changed := sub.Take(); changed&state.ChangedAuthorizations == 0 {
+		t.Errorf("changed = %b, want authorizations", changed)
+	}
+	before := st.Load()
+	for id, want := range map[string]bool{sleep: true, notsleep: false, "": false} {
+		if d := before.Policies().Evaluate(conn(id, pp)); d.Allowed != want {
+			t.Errorf("%q: %s, want allowed=%v", id, d, want)
+		}
+	}
+
+	// The workload names a policy the snapshot lacks: denied, and once the
+	// policy arrives, decided by it.
+	listed := *pp
+	listed.AuthorizationPolicies = []string{"default/lockdown"}
+	st.Update(func(tx *state.Txn) { tx.PutWorkload(&listed) })
+	if d := st.Load().Policies().Evaluate(conn(sleep, &listed)); d.Reason != authz.ReasonUnknownPolicy {
+		t.Errorf("listed policy not yet known: %s, want unknown policy", d)
+	}
+	st.Update(func(tx *state.Txn) {
+		tx.PutAuthorization(mustPolicy(t, &security.Authorization{
+			Name: "lockdown", Namespace: "default", Scope: security.Scope_WORKLOAD_SELECTOR, Action: security.Action_DENY,
+			Groups: []*security.Group{{}},
+		}))
+	})
+	if d := st.Load().Policies().Evaluate(conn(sleep, &listed)); d.Reason != authz.ReasonDenied || d.Policy != "default/lockdown" {
+		t.Errorf("after the policy arrived: %s, want denied by default/lockdown", d)
+	}
+	if d := before.Policies().Evaluate(conn(sleep, pp)); !d.Allowed {
+		t.Errorf("an older snapshot's decision changed: %s", d)
+	}
+
+	// Removals that find nothing publish nothing.
+	cur := st.Load()
+	if c := st.Update(func(tx *state.Txn) { tx.RemoveAuthorization("default/none") }); c != 0 || st.Load() != cur {
+		t.Error("removing a missing policy published a snapshot")
+	}
+	st.Update(func(tx *state.Txn) { tx.RemoveAuthorization("default/lockdown") })
+	if d := st.Load().Policies().Evaluate(conn(sleep, &listed)); d.Reason != authz.ReasonUnknownPolicy {
+		t.Errorf("after removal: %s, want unknown policy", d)
+	}
+}
+
+// Readers see either the old or the new policy, never a mix, while the
+// writer flips a namespace between two. Run with -race.
+func TestConcurrentPolicyReaders(t *testing.T) {
+	const updates = 200
+	st := state.NewStore()
+	flip := func(action security.Action) *authz.Policy {
+		return mustPolicy(t, &security.Authorization{
+			Name: "flip", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: action, Groups: []*security.Group{{}},
+		})
+	}
+	allowAll, denyAll := flip(security.Action_ALLOW), flip(security.Action_DENY)
+	st.Update(func(tx *state.Txn) { tx.PutAuthorization(allowAll) })
+	conn := authz.Conn{
+		SrcIdentity: "spiffe://cluster.local/ns/default/sa/sleep", SrcIP: netip.MustParseAddr("10.0.0.1"),
+		DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080, DstWorkload: authz.Workload{Namespace: "default"},
+	}
+	whileReading(t, st, func(snap *state.Snapshot) error {
+		d := snap.Policies().Evaluate(conn)
+		if d != (authz.Decision{Allowed: true, Reason: authz.ReasonAllowed, Policy: "default/flip"}) &&
+			d != (authz.Decision{Reason: authz.ReasonDenied, Policy: "default/flip"}) {
+			return fmt.Errorf("torn decision %+v", d)
+		}
+		return nil
+	}, func() {
+		for i := range updates {
+			next := allowAll
+			if i%2 == 0 {
+				next = denyAll
+			}
+			st.Update(func(tx *state.Txn) { tx.PutAuthorization(next) })
+		}
+	})
+	if g := st.Load().Generation(); g != updates+1 {
+		t.Errorf("generation = %d, want %d", g, updates+1)
 	}
 }
