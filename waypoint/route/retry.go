@@ -24,8 +24,11 @@ const DefaultRetryBackOff = 25 * time.Millisecond
 // RetryPolicy is a compiled envoy.config.route.v3.RetryPolicy. istiod's
 // default for waypoints (pilot/pkg/networking/core/route/retry/retry.go
 // DefaultPolicy) is 2 retries on connect-failure, refused-stream,
-// unavailable, cancelled and retriable status code 503, on another host
-// (previous_hosts, 5 host selection attempts).
+// unavailable, cancelled and retriable-status-codes, on another host
+// (previous_hosts, 5 host selection attempts). That policy lists no status
+// codes: Envoy would take them from a client's
+// x-envoy-retriable-status-codes header; amber honours no x-envoy-*
+// request header, so only the policy's own codes count.
 type RetryPolicy struct {
 	// On are the retry_on conditions.
 	On []string

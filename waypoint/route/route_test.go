@@ -266,7 +266,6 @@ func TestIstioDefaultRetry(t *testing.T) {
 		NumRetries:                    wrapperspb.UInt32(2),
 		RetryHostPredicate:            []*routev3.RetryPolicy_RetryHostPredicate{{Name: "envoy.retry_host_predicates.previous_hosts"}},
 		HostSelectionRetryMaxAttempts: 5,
-		RetriableStatusCodes:          []uint32{503},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -277,7 +276,8 @@ func TestIstioDefaultRetry(t *testing.T) {
 	}{
 		{Outcome{ConnectFailure: true}, true},
 		{Outcome{RefusedStream: true}, true},
-		{Outcome{Status: 503}, true},
+		// retriable-status-codes without codes: none, whatever the client asks.
+		{Outcome{Status: 503}, false},
 		{Outcome{Status: 500}, false},
 		{Outcome{Status: 200, GRPCStatus: "14"}, true},
 		{Outcome{Status: 200, GRPCStatus: "1"}, true},
@@ -291,5 +291,21 @@ func TestIstioDefaultRetry(t *testing.T) {
 	}
 	if p.NumRetries != 2 || !p.PreviousHosts || p.HostSelectionAttempts != 5 {
 		t.Errorf("policy %+v", p)
+	}
+}
+
+// A VirtualService's retries.retryOn with status codes.
+func TestRetryStatusCodes(t *testing.T) {
+	p, err := newRetryPolicy(&routev3.RetryPolicy{RetryOn: "gateway-error,retriable-status-codes", RetriableStatusCodes: []uint32{409}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for status, want := range map[int]bool{409: true, 502: true, 503: true, 504: true, 500: false, 200: false} {
+		if got := p.Retriable(Outcome{Status: status}); got != want {
+			t.Errorf("status %d: retriable %v, want %v", status, got, want)
+		}
+	}
+	if p.NumRetries != 1 {
+		t.Errorf("num_retries unset: %d, want Envoy's 1", p.NumRetries)
 	}
 }
