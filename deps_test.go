@@ -17,6 +17,7 @@ func TestDependencyDirection(t *testing.T) {
 		{"./bpf/...", []string{"k8s.io/", "net/http", "github.com/amber-mesh/amber/xds", "github.com/amber-mesh/amber/tunnel", "github.com/amber-mesh/amber/agent", "google.golang.org/grpc"}, "bpf/ knows only the kernel"},
 		{"./tunnel/...", []string{"k8s.io/client-go", "k8s.io/api", "k8s.io/apimachinery", "github.com/amber-mesh/amber/agent"}, "the ztunnel runs without Kubernetes"},
 		{"./xds/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent"}, "xds/ is Kubernetes-free"},
+		{"./waypoint/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent", "github.com/amber-mesh/amber/test"}, "the waypoint runs on istiod's xDS alone, never the Kubernetes API"},
 	}
 	for _, r := range rules {
 		out, err := exec.Command("go", "list", "-deps", "-test=false", r.pkgs).CombinedOutput()
