@@ -41,11 +41,16 @@ type Forward struct {
 	Upgrades []string
 	// MaxStreamDuration bounds a stream's life; zero: none.
 	MaxStreamDuration time.Duration
-	// MaxGRPCTimeout caps the grpc-timeout header's deadline when set
-	// (max_stream_duration.grpc_timeout_header_max; zero there means the
-	// header is used as it is). HonorGRPCTimeout says the header is used.
+	// HonorGRPCTimeout says a request's grpc-timeout header bounds it
+	// (max_stream_duration.grpc_timeout_header_max, or the deprecated
+	// max_grpc_timeout istiod still sets, "0s"); MaxGRPCTimeout caps that
+	// deadline, zero meaning uncapped.
 	MaxGRPCTimeout   time.Duration
 	HonorGRPCTimeout bool
+	// ClusterNotFound is the status when the picked cluster does not exist
+	// (cluster_not_found_response_code): 503 by default, 500 for Gateway
+	// API routes (istiod's choice), or 404.
+	ClusterNotFound int
 }
 
 // WeightedCluster is one entry of weighted_clusters.
@@ -150,6 +155,19 @@ func newForward(a *routev3.RouteAction) (*Forward, error) {
 		if u.GetEnabled() == nil || u.GetEnabled().GetValue() {
 			f.Upgrades = append(f.Upgrades, strings.ToLower(u.GetUpgradeType()))
 		}
+	}
+	switch a.GetClusterNotFoundResponseCode() {
+	case routev3.RouteAction_SERVICE_UNAVAILABLE:
+		f.ClusterNotFound = 503
+	case routev3.RouteAction_NOT_FOUND:
+		f.ClusterNotFound = 404
+	case routev3.RouteAction_INTERNAL_SERVER_ERROR:
+		f.ClusterNotFound = 500
+	default:
+		return nil, fmt.Errorf("cluster_not_found_response_code %v: %w", a.GetClusterNotFoundResponseCode(), ErrUnsupported)
+	}
+	if m := a.GetMaxGrpcTimeout(); m != nil {
+		f.HonorGRPCTimeout, f.MaxGRPCTimeout = true, m.AsDuration()
 	}
 	if m := a.GetMaxStreamDuration(); m != nil {
 		f.MaxStreamDuration = m.GetMaxStreamDuration().AsDuration()

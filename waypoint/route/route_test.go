@@ -205,7 +205,7 @@ func TestActions(t *testing.T) {
 
 	r = c.Select(request("x", "/v1/items?z", nil))
 	f := r.Forward
-	if f.Timeout != 0 || f.HostRewrite != "backend" || len(f.Upgrades) != 1 || f.Upgrades[0] != "websocket" {
+	if f.Timeout != 0 || f.HostRewrite != "backend" || len(f.Upgrades) != 1 || f.Upgrades[0] != "websocket" || f.ClusterNotFound != 503 {
 		t.Errorf("forward %+v", f)
 	}
 	if got := r.UpstreamPath("/v1/items?z"); got != "/v2/items?z" {
