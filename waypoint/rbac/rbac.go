@@ -9,6 +9,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	rbachttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	rbacnetv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -67,8 +68,8 @@ type Engine struct {
 
 type policy struct {
 	name        string
-	permissions []permission
-	principals  []principal
+	permissions []cond
+	principals  []cond
 }
 
 // NewHTTP compiles an envoy.extensions.filters.http.rbac.v3.RBAC.
@@ -149,19 +150,12 @@ func newPolicy(name string, p *rbacv3.Policy) (policy, error) {
 		return policy{}, fmt.Errorf("condition: %w", ErrUnsupported)
 	}
 	out := policy{name: name}
-	for i, pm := range p.GetPermissions() {
-		c, err := newPermission(pm)
-		if err != nil {
-			return policy{}, fmt.Errorf("permissions[%d]: %w", i, err)
-		}
-		out.permissions = append(out.permissions, c)
+	var err error
+	if out.permissions, err = compileAll(p.GetPermissions(), "permissions", newPermission); err != nil {
+		return policy{}, err
 	}
-	for i, pr := range p.GetPrincipals() {
-		c, err := newPrincipal(pr)
-		if err != nil {
-			return policy{}, fmt.Errorf("principals[%d]: %w", i, err)
-		}
-		out.principals = append(out.principals, c)
+	if out.principals, err = compileAll(p.GetPrincipals(), "principals", newPrincipal); err != nil {
+		return policy{}, err
 	}
 	return out, nil
 }
@@ -259,76 +253,97 @@ func (e *Engine) evaluate(r *Request) Decision {
 }
 
 func (p *policy) matches(r *Request) bool {
-	return slices.ContainsFunc(p.permissions, func(c permission) bool { return c.match(r) }) &&
-		slices.ContainsFunc(p.principals, func(c principal) bool { return c.match(r) })
+	return anyOf(p.permissions)(r) && anyOf(p.principals)(r)
 }
 
-// permission and principal are compiled trees; one closure per node.
-type (
-	permission func(*Request) bool
-	principal  func(*Request) bool
-)
+// cond is one compiled node of a permission or principal tree.
+type cond func(*Request) bool
 
-func (p permission) match(r *Request) bool { return p(r) }
-func (p principal) match(r *Request) bool  { return p(r) }
+// allOf is and_rules/and_ids: true without members.
+func allOf(subs []cond) cond {
+	return func(r *Request) bool {
+		for _, s := range subs {
+			if !s(r) {
+				return false
+			}
+		}
+		return true
+	}
+}
 
-func newPermission(p *rbacv3.Permission) (permission, error) {
+// anyOf is or_rules/or_ids: false without members.
+func anyOf(subs []cond) cond {
+	return func(r *Request) bool {
+		for _, s := range subs {
+			if s(r) {
+				return true
+			}
+		}
+		return false
+	}
+}
+
+func not(c cond) cond { return func(r *Request) bool { return !c(r) } }
+
+// compileAll compiles the members of a set, naming a failing one by index.
+func compileAll[T any](in []T, field string, compile func(T) (cond, error)) ([]cond, error) {
+	out := make([]cond, len(in))
+	for i, m := range in {
+		c, err := compile(m)
+		if err != nil {
+			return nil, fmt.Errorf("%s[%d]: %w", field, i, err)
+		}
+		out[i] = c
+	}
+	return out, nil
+}
+
+// inRange matches the address addr picks from a request against c.
+func inRange(field string, c *corev3.CidrRange, addr func(*Request) netip.Addr) (cond, error) {
+	pfx, err := cidr(c)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", field, err)
+	}
+	return func(r *Request) bool { return contains(pfx, addr(r)) }, nil
+}
+
+func header(m *routev3.HeaderMatcher) (cond, error) {
+	h, err := match.NewHeader(m)
+	if err != nil {
+		return nil, fmt.Errorf("header: %w", err)
+	}
+	return func(r *Request) bool { return h.Match(headersOf(r)) }, nil
+}
+
+func newPermission(p *rbacv3.Permission) (cond, error) {
 	switch rule := p.GetRule().(type) {
 	case *rbacv3.Permission_AndRules:
-		subs, err := permissions(rule.AndRules.GetRules(), "and_rules")
-		if err != nil {
-			return nil, err
-		}
-		return func(r *Request) bool {
-			for _, s := range subs {
-				if !s(r) {
-					return false
-				}
-			}
-			return true
-		}, nil
+		subs, err := compileAll(rule.AndRules.GetRules(), "and_rules.rules", newPermission)
+		return allOf(subs), err
 	case *rbacv3.Permission_OrRules:
-		subs, err := permissions(rule.OrRules.GetRules(), "or_rules")
-		if err != nil {
-			return nil, err
-		}
-		return func(r *Request) bool {
-			for _, s := range subs {
-				if s(r) {
-					return true
-				}
-			}
-			return false
-		}, nil
+		subs, err := compileAll(rule.OrRules.GetRules(), "or_rules.rules", newPermission)
+		return anyOf(subs), err
 	case *rbacv3.Permission_NotRule:
 		sub, err := newPermission(rule.NotRule)
 		if err != nil {
 			return nil, fmt.Errorf("not_rule: %w", err)
 		}
-		return func(r *Request) bool { return !sub(r) }, nil
+		return not(sub), nil
 	case *rbacv3.Permission_Any:
 		if !rule.Any {
 			return nil, errors.New("any: false is not a rule")
 		}
 		return func(*Request) bool { return true }, nil
 	case *rbacv3.Permission_Header:
-		h, err := match.NewHeader(rule.Header)
-		if err != nil {
-			return nil, fmt.Errorf("header: %w", err)
-		}
-		return func(r *Request) bool { return h.Match(headersOf(r)) }, nil
+		return header(rule.Header)
 	case *rbacv3.Permission_UrlPath:
 		m, err := newPath(rule.UrlPath)
 		if err != nil {
 			return nil, fmt.Errorf("url_path: %w", err)
 		}
-		return func(r *Request) bool { return m(r) }, nil
+		return m, nil
 	case *rbacv3.Permission_DestinationIp:
-		pfx, err := cidr(rule.DestinationIp)
-		if err != nil {
-			return nil, fmt.Errorf("destination_ip: %w", err)
-		}
-		return func(r *Request) bool { return contains(pfx, r.Destination.Addr()) }, nil
+		return inRange("destination_ip", rule.DestinationIp, func(r *Request) netip.Addr { return r.Destination.Addr() })
 	case *rbacv3.Permission_DestinationPort:
 		port := rule.DestinationPort
 		return func(r *Request) bool { return r.Destination.IsValid() && uint32(r.Destination.Port()) == port }, nil
@@ -359,52 +374,20 @@ func newPermission(p *rbacv3.Permission) (permission, error) {
 	}
 }
 
-func permissions(in []*rbacv3.Permission, field string) ([]permission, error) {
-	out := make([]permission, len(in))
-	for i, p := range in {
-		c, err := newPermission(p)
-		if err != nil {
-			return nil, fmt.Errorf("%s.rules[%d]: %w", field, i, err)
-		}
-		out[i] = c
-	}
-	return out, nil
-}
-
-func newPrincipal(p *rbacv3.Principal) (principal, error) {
+func newPrincipal(p *rbacv3.Principal) (cond, error) {
 	switch id := p.GetIdentifier().(type) {
 	case *rbacv3.Principal_AndIds:
-		subs, err := principals(id.AndIds.GetIds(), "and_ids")
-		if err != nil {
-			return nil, err
-		}
-		return func(r *Request) bool {
-			for _, s := range subs {
-				if !s(r) {
-					return false
-				}
-			}
-			return true
-		}, nil
+		subs, err := compileAll(id.AndIds.GetIds(), "and_ids.ids", newPrincipal)
+		return allOf(subs), err
 	case *rbacv3.Principal_OrIds:
-		subs, err := principals(id.OrIds.GetIds(), "or_ids")
-		if err != nil {
-			return nil, err
-		}
-		return func(r *Request) bool {
-			for _, s := range subs {
-				if s(r) {
-					return true
-				}
-			}
-			return false
-		}, nil
+		subs, err := compileAll(id.OrIds.GetIds(), "or_ids.ids", newPrincipal)
+		return anyOf(subs), err
 	case *rbacv3.Principal_NotId:
 		sub, err := newPrincipal(id.NotId)
 		if err != nil {
 			return nil, fmt.Errorf("not_id: %w", err)
 		}
-		return func(r *Request) bool { return !sub(r) }, nil
+		return not(sub), nil
 	case *rbacv3.Principal_Any:
 		if !id.Any {
 			return nil, errors.New("any: false is not a principal")
@@ -421,41 +404,24 @@ func newPrincipal(p *rbacv3.Principal) (principal, error) {
 		}
 		return func(r *Request) bool { return authenticated(r.PeerCertificate, name) }, nil
 	case *rbacv3.Principal_SourceIp:
-		pfx, err := cidr(id.SourceIp)
-		if err != nil {
-			return nil, fmt.Errorf("source_ip: %w", err)
-		}
-		return func(r *Request) bool { return contains(pfx, r.Source) }, nil
+		return inRange("source_ip", id.SourceIp, func(r *Request) netip.Addr { return r.Source })
 	case *rbacv3.Principal_DirectRemoteIp:
-		pfx, err := cidr(id.DirectRemoteIp)
-		if err != nil {
-			return nil, fmt.Errorf("direct_remote_ip: %w", err)
-		}
-		return func(r *Request) bool { return contains(pfx, r.Source) }, nil
+		return inRange("direct_remote_ip", id.DirectRemoteIp, func(r *Request) netip.Addr { return r.Source })
 	case *rbacv3.Principal_RemoteIp:
-		pfx, err := cidr(id.RemoteIp)
-		if err != nil {
-			return nil, fmt.Errorf("remote_ip: %w", err)
-		}
-		return func(r *Request) bool {
-			a := r.Remote
-			if !a.IsValid() {
-				a = r.Source
+		return inRange("remote_ip", id.RemoteIp, func(r *Request) netip.Addr {
+			if r.Remote.IsValid() {
+				return r.Remote
 			}
-			return contains(pfx, a)
-		}, nil
+			return r.Source
+		})
 	case *rbacv3.Principal_Header:
-		h, err := match.NewHeader(id.Header)
-		if err != nil {
-			return nil, fmt.Errorf("header: %w", err)
-		}
-		return func(r *Request) bool { return h.Match(headersOf(r)) }, nil
+		return header(id.Header)
 	case *rbacv3.Principal_UrlPath:
 		m, err := newPath(id.UrlPath)
 		if err != nil {
 			return nil, fmt.Errorf("url_path: %w", err)
 		}
-		return func(r *Request) bool { return m(r) }, nil
+		return m, nil
 	case *rbacv3.Principal_FilterState:
 		key := id.FilterState.GetKey()
 		if key == "" {
@@ -486,20 +452,8 @@ func newPrincipal(p *rbacv3.Principal) (principal, error) {
 	}
 }
 
-func principals(in []*rbacv3.Principal, field string) ([]principal, error) {
-	out := make([]principal, len(in))
-	for i, p := range in {
-		c, err := newPrincipal(p)
-		if err != nil {
-			return nil, fmt.Errorf("%s.ids[%d]: %w", field, i, err)
-		}
-		out[i] = c
-	}
-	return out, nil
-}
-
 // newPath compiles a PathMatcher: the path without query and fragment.
-func newPath(pm *matcherv3.PathMatcher) (func(*Request) bool, error) {
+func newPath(pm *matcherv3.PathMatcher) (cond, error) {
 	sm := pm.GetPath()
 	if sm == nil {
 		return nil, errors.New("no path matcher")
