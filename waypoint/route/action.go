@@ -156,14 +156,8 @@ func newForward(a *routev3.RouteAction) (*Forward, error) {
 			f.Upgrades = append(f.Upgrades, strings.ToLower(u.GetUpgradeType()))
 		}
 	}
-	switch a.GetClusterNotFoundResponseCode() {
-	case routev3.RouteAction_SERVICE_UNAVAILABLE:
-		f.ClusterNotFound = 503
-	case routev3.RouteAction_NOT_FOUND:
-		f.ClusterNotFound = 404
-	case routev3.RouteAction_INTERNAL_SERVER_ERROR:
-		f.ClusterNotFound = 500
-	default:
+	var ok bool
+	if f.ClusterNotFound, ok = notFoundCodes[a.GetClusterNotFoundResponseCode()]; !ok {
 		return nil, fmt.Errorf("cluster_not_found_response_code %v: %w", a.GetClusterNotFoundResponseCode(), ErrUnsupported)
 	}
 	if m := a.GetMaxGrpcTimeout(); m != nil {
@@ -219,12 +213,18 @@ func (r *Route) UpstreamPath(path string) string {
 	}
 	switch {
 	case f.PrefixRewrite != "" && r.match.kind != pathRegex:
-		return f.PrefixRewrite + path[min(len(r.match.value), len(path)):]
+		return r.rewritePrefix(path, f.PrefixRewrite)
 	case f.RegexRewrite != nil:
 		p, q := splitQuery(path)
 		return f.RegexRewrite.ReplaceAllString(p, f.RegexSubstitution) + q
 	}
 	return path
+}
+
+// rewritePrefix replaces the part of path the route's prefix, path or
+// path_separated_prefix matched.
+func (r *Route) rewritePrefix(path, with string) string {
+	return with + path[min(len(r.match.value), len(path)):]
 }
 
 // Redirect is a route's redirect action.
@@ -244,6 +244,21 @@ type Redirect struct {
 	// StripQuery drops the query.
 	StripQuery bool
 }
+
+var (
+	notFoundCodes = map[routev3.RouteAction_ClusterNotFoundResponseCode]int{
+		routev3.RouteAction_SERVICE_UNAVAILABLE:   503,
+		routev3.RouteAction_NOT_FOUND:             404,
+		routev3.RouteAction_INTERNAL_SERVER_ERROR: 500,
+	}
+	redirectCodes = map[routev3.RedirectAction_RedirectResponseCode]int{
+		routev3.RedirectAction_MOVED_PERMANENTLY:  301,
+		routev3.RedirectAction_FOUND:              302,
+		routev3.RedirectAction_SEE_OTHER:          303,
+		routev3.RedirectAction_TEMPORARY_REDIRECT: 307,
+		routev3.RedirectAction_PERMANENT_REDIRECT: 308,
+	}
+)
 
 func newRedirect(a *routev3.RedirectAction) (*Redirect, error) {
 	r := &Redirect{Host: a.GetHostRedirect(), Port: a.GetPortRedirect(), StripQuery: a.GetStripQuery()}
@@ -265,18 +280,8 @@ func newRedirect(a *routev3.RedirectAction) (*Redirect, error) {
 	default:
 		return nil, fmt.Errorf("path rewrite %T: %w", p, ErrUnsupported)
 	}
-	switch a.GetResponseCode() {
-	case routev3.RedirectAction_MOVED_PERMANENTLY:
-		r.Code = 301
-	case routev3.RedirectAction_FOUND:
-		r.Code = 302
-	case routev3.RedirectAction_SEE_OTHER:
-		r.Code = 303
-	case routev3.RedirectAction_TEMPORARY_REDIRECT:
-		r.Code = 307
-	case routev3.RedirectAction_PERMANENT_REDIRECT:
-		r.Code = 308
-	default:
+	var ok bool
+	if r.Code, ok = redirectCodes[a.GetResponseCode()]; !ok {
 		return nil, fmt.Errorf("response_code %v: %w", a.GetResponseCode(), ErrUnsupported)
 	}
 	return r, nil
@@ -314,7 +319,7 @@ func (r *Route) Location(scheme, authority, path string) string {
 			path = rd.Path + q
 		}
 	case rd.PrefixRewrite != "" && r.match.kind != pathRegex:
-		path = rd.PrefixRewrite + path[min(len(r.match.value), len(path)):]
+		path = r.rewritePrefix(path, rd.PrefixRewrite)
 	}
 	if !strings.HasPrefix(path, "/") {
 		path = "/" + path

@@ -1,6 +1,10 @@
 package route
 
-import "strings"
+import (
+	"strings"
+
+	"github.com/amber-mesh/amber/waypoint/match"
+)
 
 // EscapedSlashes is the HCM's path_with_escaped_slashes_action.
 type EscapedSlashes uint8
@@ -211,8 +215,8 @@ func CanonicalPath(p string) (string, bool) {
 		case c == '\\':
 			out = append(out, '/')
 		case c == '%':
-			if i+2 < len(p) && isHexDigit(p[i+1]) && isHexDigit(p[i+2]) {
-				v := fromHex(p[i+1])<<4 | fromHex(p[i+2])
+			if i+2 < len(p) && match.IsHex(p[i+1]) && match.IsHex(p[i+2]) {
+				v := match.Unhex(p[i+1])<<4 | match.Unhex(p[i+2])
 				switch pathClass(v) {
 				case pathUnescape:
 					out = append(out, v)
@@ -298,19 +302,4 @@ func backUpToPreviousSlash(out []byte) []byte {
 func appendEscaped(out []byte, c byte) []byte {
 	const hex = "0123456789ABCDEF"
 	return append(out, '%', hex[c>>4], hex[c&0xf])
-}
-
-func isHexDigit(c byte) bool {
-	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
-}
-
-func fromHex(c byte) byte {
-	switch {
-	case '0' <= c && c <= '9':
-		return c - '0'
-	case 'a' <= c && c <= 'f':
-		return c - 'a' + 10
-	default:
-		return c - 'A' + 10
-	}
 }
