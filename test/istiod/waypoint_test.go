@@ -57,14 +57,10 @@ func contains(file string, needles ...string) func(map[string][]byte) error {
 	}
 }
 
-var waypointScenarios = []waypointScenario{
-	{name: "base"},
-	{
-		// The walkthrough's L7 policy in its current form (istio.io
-		// ambient getting-started): attached to the Service, enforced by
-		// its waypoint.
-		name: "authz-productpage-viewer",
-		yaml: `apiVersion: security.istio.io/v1
+// viewerPolicy is the walkthrough's L7 policy in its current form
+// (istio.io ambient getting-started): attached to the Service, enforced by
+// its waypoint.
+const viewerPolicy = `apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
   name: productpage-viewer
@@ -83,33 +79,36 @@ spec:
     to:
     - operation:
         methods: ["GET"]
-`,
+`
+
+// reviewsRoute starts an HTTPRoute for the reviews Service (GAMMA:
+// parentRef to the Service and its port); the scenario adds the rules.
+const reviewsRoute = `apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: reviews
+  namespace: default
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: reviews
+    port: 9080
+  rules:
+`
+
+var waypointScenarios = []waypointScenario{
+	{name: "base"},
+	{
+		name:  "authz-productpage-viewer",
+		yaml:  viewerPolicy,
 		shows: contains("lds.json", "ns[default]-policy[productpage-viewer]-rule[0]"),
 	},
 	{
 		// A DENY and an AUDIT beside the ALLOW: istiod's filter order, path
 		// and header matchers, not-values and a when condition.
 		name: "authz-deny-audit",
-		yaml: `apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: productpage-viewer
-  namespace: default
-spec:
-  targetRefs:
-  - kind: Service
-    group: ""
-    name: productpage
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals:
-        - cluster.local/ns/default/sa/sleep
-    to:
-    - operation:
-        methods: ["GET"]
----
+		yaml: viewerPolicy + `---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
@@ -160,19 +159,7 @@ spec:
 		// The walkthrough's traffic split in its current form (Gateway API,
 		// GAMMA parentRef to the Service).
 		name: "httproute-reviews-90-10",
-		yaml: `apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: reviews
-  namespace: default
-spec:
-  parentRefs:
-  - group: ""
-    kind: Service
-    name: reviews
-    port: 9080
-  rules:
-  - backendRefs:
+		yaml: reviewsRoute + `  - backendRefs:
     - name: reviews-v1
       port: 9080
       weight: 90
@@ -233,19 +220,7 @@ spec:
 	{
 		// Istio's request-routing task: end-user jason goes to v2.
 		name: "httproute-header-match",
-		yaml: `apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: reviews
-  namespace: default
-spec:
-  parentRefs:
-  - group: ""
-    kind: Service
-    name: reviews
-    port: 9080
-  rules:
-  - matches:
+		yaml: reviewsRoute + `  - matches:
     - headers:
       - name: end-user
         value: jason

@@ -74,23 +74,13 @@ func Dir() string {
 }
 
 // Versions lists the istiod versions with goldens, sorted.
-func Versions() ([]string, error) {
-	entries, err := os.ReadDir(Dir())
-	if err != nil {
-		return nil, fmt.Errorf("goldens: %w", err)
-	}
-	var out []string
-	for _, e := range entries {
-		if e.IsDir() {
-			out = append(out, e.Name())
-		}
-	}
-	return out, nil
-}
+func Versions() ([]string, error) { return subdirs(Dir()) }
 
 // Scenarios lists the scenarios of an istiod version, sorted.
-func Scenarios(version string) ([]string, error) {
-	entries, err := os.ReadDir(filepath.Join(Dir(), version))
+func Scenarios(version string) ([]string, error) { return subdirs(filepath.Join(Dir(), version)) }
+
+func subdirs(dir string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("goldens: %w", err)
 	}
