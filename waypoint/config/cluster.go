@@ -85,9 +85,10 @@ type Cluster struct {
 	ServiceMeta ServiceMeta
 }
 
-// Limits are circuit-breaker thresholds; Envoy's defaults are 1024 each,
-// istiod sets "unlimited" (2^32-1) unless a DestinationRule says
-// otherwise.
+// Limits are the circuit-breaker thresholds of the default priority.
+// Unset ones take Envoy's defaults (1024 connections, pending and active
+// requests, 3 concurrent retries); istiod sets all four to 2^32-1 unless
+// a DestinationRule says otherwise.
 type Limits struct {
 	MaxConnections, MaxPendingRequests, MaxRequests, MaxRetries uint32
 }
