@@ -8,8 +8,10 @@
 #   -check  build nothing: exit 3 if a named file is missing or stale
 #
 # Output lands in .cache/istiod/<istio version>/bin/ (override the root with
-# ISTIOD_CACHE_DIR): pilot-discovery and crd-all.gen.yaml (from
-# manifests/charts/base/files/ of the same istio.io/istio module), and
+# ISTIOD_CACHE_DIR): pilot-discovery, crd-all.gen.yaml (from
+# manifests/charts/base/files/ of the same istio.io/istio module) and
+# gateway-api-crd.yaml (the Gateway API CRDs Istio's own integration tests
+# install, tests/integration/pilot/testdata/ of that module), and
 # hbone-interop. A stamp per binary in .cache/istiod/<istio version>/stamp/
 # holds the hash of what it was built from: the tools module's go.mod and
 # go.sum, and for hbone-interop also its source. A binary is rebuilt only
@@ -26,6 +28,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools=$root/test/istiod/tools
 crds=crd-all.gen.yaml
+gwcrds=gateway-api-crd.yaml
 all=(pilot-discovery hbone-interop)
 
 die() { echo "istiod-bin: $*" >&2; exit 1; }
@@ -83,9 +86,30 @@ stamp() {
   esac
 }
 
+# built NAME: the binary matches its stamp. fresh NAME: and the files that
+# come with it are there (a cache from before a file was added gets the
+# file copied, not the binary rebuilt).
+built() {
+  [ -x "$bin/$1" ] && [ "$(cat "$stamps/$1" 2>/dev/null)" = "$(stamp "$1")" ]
+}
 fresh() {
-  [ -x "$bin/$1" ] && [ "$(cat "$stamps/$1" 2>/dev/null)" = "$(stamp "$1")" ] || return 1
-  [ "$1" != pilot-discovery ] || [ -s "$bin/$crds" ]
+  built "$1" || return 1
+  [ "$1" != pilot-discovery ] || { [ -s "$bin/$crds" ] && [ -s "$bin/$gwcrds" ]; }
+}
+
+# copy_crds: the CRD files from the very module the binary was built from,
+# so the two always match.
+copy_crds() {
+  local src
+  src=$(cd "$tools" && GOWORK=off GOFLAGS=-mod=readonly go list -m -f '{{.Dir}}' istio.io/istio)
+  [ -n "$src" ] && [ -s "$src/manifests/charts/base/files/$crds" ] ||
+    die "no $crds in istio.io/istio $version at ${src:-?}/manifests/charts/base/files"
+  [ -s "$src/tests/integration/pilot/testdata/$gwcrds" ] ||
+    die "no $gwcrds in istio.io/istio $version at $src/tests/integration/pilot/testdata"
+  cp -f "$src/manifests/charts/base/files/$crds" "$bin/.$crds.tmp"
+  mv -f "$bin/.$crds.tmp" "$bin/$crds"
+  cp -f "$src/tests/integration/pilot/testdata/$gwcrds" "$bin/.$gwcrds.tmp"
+  mv -f "$bin/.$gwcrds.tmp" "$bin/$gwcrds"
 }
 
 # stale: the requested names that need building.
@@ -111,19 +135,18 @@ lock_cache istiod-bin.sh
 todo=$(stale) # another run may have built some meanwhile
 
 for name in $todo; do
+  if [ "$name" = pilot-discovery ] && built "$name"; then
+    copy_crds
+    say "copied the CRD files of $version into $bin"
+    continue
+  fi
   case $name in
   pilot-discovery) hint="first time: several minutes" ;;
   *) hint="seconds once pilot-discovery was built" ;;
   esac
   go_build "$name" "$version" "$tools" "$(pkg "$name")" "-s -w" "$hint"
   if [ "$name" = pilot-discovery ]; then
-    # The CRDs come from the very module the binary was built from, so the
-    # two always match.
-    src=$(cd "$tools" && GOWORK=off GOFLAGS=-mod=readonly go list -m -f '{{.Dir}}' istio.io/istio)
-    [ -n "$src" ] && [ -s "$src/manifests/charts/base/files/$crds" ] ||
-      die "no $crds in istio.io/istio $version at ${src:-?}/manifests/charts/base/files"
-    cp -f "$src/manifests/charts/base/files/$crds" "$bin/.$crds.tmp"
-    mv -f "$bin/.$crds.tmp" "$bin/$crds"
+    copy_crds
   fi
   mv -f "$bin/.$name.tmp" "$bin/$name"
   stamp "$name" >"$stamps/$name"

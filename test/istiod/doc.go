@@ -17,7 +17,9 @@
 // and the istio-system/ztunnel service account, and runs pilot-discovery
 // with the control plane's admin kubeconfig, PILOT_ENABLE_AMBIENT=true and
 // CA_TRUSTED_NODE_ACCOUNTS=istio-system/ztunnel (so the ztunnel may ask for
-// certificates of pods on its node, as in Istio's ambient install). Every
+// certificates of pods on its node, as in Istio's ambient install), with
+// the mesh configuration Istio's Helm chart renders by default
+// (MeshConfig). Every
 // listener is on 127.0.0.1 at a free port; Address is the TLS gRPC port
 // that serves both xDS and the CA (istiod's 15012). istiod signs its
 // serving certificate with its self-signed CA for istiod.istio-system.svc
@@ -32,7 +34,8 @@
 // istiod has Pdeathsig SIGKILL, so it dies with the test binary.
 //
 // Token mints service-account tokens for istio-system/ztunnel with audience
-// istio-ca through the TokenRequest API. istiod authorises impersonation
+// istio-ca through the TokenRequest API (TokenFor: any service account, as
+// a waypoint's projected token). istiod authorises impersonation
 // (a certificate for another identity) only when the token is bound to a
 // ztunnel Pod object and a pod with the requested service account has the
 // same spec.nodeName; pass that pod to Token.
@@ -42,9 +45,10 @@
 // Binaries runs hack/istiod-bin.sh, which builds
 // istio.io/istio/pilot/cmd/pilot-discovery from the tools module in
 // tools/ (its own module: Istio pins its own k8s.io versions) and copies
-// the CRDs next to it:
+// Istio's CRDs and the Gateway API CRDs Istio's integration tests use
+// (Options.GatewayAPI applies them) next to it:
 //
-//	.cache/istiod/<istio version>/bin/{pilot-discovery,crd-all.gen.yaml}
+//	.cache/istiod/<istio version>/bin/{pilot-discovery,crd-all.gen.yaml,gateway-api-crd.yaml}
 //	.cache/istiod/<istio version>/stamp/pilot-discovery
 //
 // A cold build takes ≈ 3.5 min on the 2-core development machine; a warm

@@ -47,9 +47,12 @@ const (
 	// publishes its root certificate in, in every namespace.
 	RootCertConfigMap = "istio-ca-root-cert"
 
-	// BinaryName and CRDFile are what Binaries' directory holds.
-	BinaryName = "pilot-discovery"
-	CRDFile    = "crd-all.gen.yaml"
+	// BinaryName, CRDFile and GatewayAPICRDFile are what Binaries'
+	// directory holds. GatewayAPICRDFile is the Gateway API bundle Istio's
+	// integration tests install (same istio.io/istio module).
+	BinaryName        = "pilot-discovery"
+	CRDFile           = "crd-all.gen.yaml"
+	GatewayAPICRDFile = "gateway-api-crd.yaml"
 	// BinDirEnv names a directory of prebuilt files that Binaries uses
 	// instead of building.
 	BinDirEnv = "AMBER_ISTIOD_BIN_DIR"
@@ -64,6 +67,10 @@ type Options struct {
 	Env []string
 	// Args are added to pilot-discovery's command line. Zero adds nothing.
 	Args []string
+	// GatewayAPI applies the Gateway API CRDs (GatewayAPICRDFile) before
+	// istiod starts, so that it serves Gateway, HTTPRoute and waypoints.
+	// Zero: only Istio's CRDs.
+	GatewayAPI bool
 	// ReadyTimeout bounds the wait for CRDs, readiness and the root
 	// certificate. Zero means 90 s.
 	ReadyTimeout time.Duration
@@ -107,6 +114,11 @@ func Start(tb testing.TB, cp *kube.ControlPlane, opts Options) *Istiod {
 	d.Log = filepath.Join(d.Dir, "istiod.log")
 	if err := Prepare(ctx, cp.Kubectl, cp.Client, filepath.Join(opts.BinDir, CRDFile)); err != nil {
 		tb.Fatalf("istiod: %v", err)
+	}
+	if opts.GatewayAPI {
+		if err := ApplyCRDs(ctx, cp.Kubectl, filepath.Join(opts.BinDir, GatewayAPICRDFile)); err != nil {
+			tb.Fatalf("istiod: gateway api: %v", err)
+		}
 	}
 	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: ZtunnelServiceAccount, Namespace: Namespace}}
 	if _, err := cp.Client.CoreV1().ServiceAccounts(Namespace).Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
@@ -153,13 +165,8 @@ type Kubectl func(ctx context.Context, args ...string) ([]byte, error)
 // namespace. The ztunnel's service account is the ztunnel's installer's
 // business (Start creates one; amber's chart brings its own).
 func Prepare(ctx context.Context, kubectl Kubectl, cs kubernetes.Interface, crds string) error {
-	// Server-side apply: several CRDs exceed the 256 KiB annotation
-	// client-side apply would add.
-	if out, err := kubectl(ctx, "apply", "--server-side", "-f", crds); err != nil {
-		return fmt.Errorf("apply crds: %w\n%s", err, out)
-	}
-	if out, err := kubectl(ctx, "wait", "--for=condition=established", "--timeout=60s", "-f", crds); err != nil {
-		return fmt.Errorf("wait for crds: %w\n%s", err, out)
+	if err := ApplyCRDs(ctx, kubectl, crds); err != nil {
+		return err
 	}
 	c := cs.CoreV1()
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: Namespace}}
@@ -168,6 +175,46 @@ func Prepare(ctx context.Context, kubectl Kubectl, cs kubernetes.Interface, crds
 	}
 	return nil
 }
+
+// ApplyCRDs applies the objects in the file crds and waits until its CRDs
+// are established (the Gateway API bundle also holds a
+// ValidatingAdmissionPolicy, which has no such condition).
+func ApplyCRDs(ctx context.Context, kubectl Kubectl, crds string) error {
+	// Server-side apply: several CRDs exceed the 256 KiB annotation
+	// client-side apply would add.
+	out, err := kubectl(ctx, "apply", "--server-side", "-o", "name", "-f", crds)
+	if err != nil {
+		return fmt.Errorf("apply crds: %w\n%s", err, out)
+	}
+	var names []string
+	for _, n := range strings.Fields(string(out)) {
+		if strings.HasPrefix(n, "customresourcedefinition.apiextensions.k8s.io/") {
+			names = append(names, n)
+		}
+	}
+	if len(names) == 0 {
+		return fmt.Errorf("apply crds: %s holds no CRD", crds)
+	}
+	args := append([]string{"wait", "--for=condition=established", "--timeout=60s"}, names...)
+	if out, err := kubectl(ctx, args...); err != nil {
+		return fmt.Errorf("wait for crds: %w\n%s", err, out)
+	}
+	return nil
+}
+
+// MeshConfig is the mesh configuration istiod runs with: what Istio's
+// istio-discovery Helm chart renders with its default values
+// (templates/configmap.yaml "mesh"), so that istiod generates what it
+// generates in a default install (the Prometheus metrics provider puts
+// istio.stats into sidecar and waypoint configuration).
+const MeshConfig = `trustDomain: cluster.local
+rootNamespace: istio-system
+defaultProviders:
+  metrics:
+  - prometheus
+defaultConfig:
+  discoveryAddress: istiod.istio-system.svc:15012
+`
 
 // Listen holds the host:port addresses pilot-discovery listens on.
 type Listen struct {
@@ -192,7 +239,7 @@ type Listen struct {
 func Command(kubeconfig, dir string, l Listen) (args, env []string, err error) {
 	mesh := filepath.Join(dir, "mesh.yaml")
 	networks := filepath.Join(dir, "meshNetworks.yaml")
-	if err := os.WriteFile(mesh, []byte("trustDomain: cluster.local\n"), 0o644); err != nil {
+	if err := os.WriteFile(mesh, []byte(MeshConfig), 0o644); err != nil {
 		return nil, nil, err
 	}
 	if err := os.WriteFile(networks, []byte("networks: {}\n"), 0o644); err != nil {
@@ -302,6 +349,13 @@ func RootCert(ctx context.Context, cs kubernetes.Interface) ([]byte, error) {
 // If pod is not nil the token is bound to it, which istiod needs to allow
 // impersonation (it reads the pod's node from the token's pod claims).
 func (d *Istiod) Token(ctx context.Context, pod *corev1.Pod) (string, error) {
+	return d.TokenFor(ctx, Namespace, ZtunnelServiceAccount, pod)
+}
+
+// TokenFor mints a token for namespace/serviceAccount with audience
+// istio-ca, bound to pod when it is not nil: what the kubelet projects into
+// a pod's istio-token volume.
+func (d *Istiod) TokenFor(ctx context.Context, namespace, serviceAccount string, pod *corev1.Pod) (string, error) {
 	expiry := int64(3600)
 	tr := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
 		Audiences:         []string{TokenAudience},
@@ -312,9 +366,9 @@ func (d *Istiod) Token(ctx context.Context, pod *corev1.Pod) (string, error) {
 			Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID,
 		}
 	}
-	out, err := d.cp.Client.CoreV1().ServiceAccounts(Namespace).CreateToken(ctx, ZtunnelServiceAccount, tr, metav1.CreateOptions{})
+	out, err := d.cp.Client.CoreV1().ServiceAccounts(namespace).CreateToken(ctx, serviceAccount, tr, metav1.CreateOptions{})
 	if err != nil {
-		return "", fmt.Errorf("token for %s/%s: %w", Namespace, ZtunnelServiceAccount, err)
+		return "", fmt.Errorf("token for %s/%s: %w", namespace, serviceAccount, err)
 	}
 	return out.Status.Token, nil
 }
@@ -356,6 +410,6 @@ func Binaries(tb testing.TB) (dir string) {
 		What:      "istiod binaries",
 		Script:    "istiod-bin.sh",
 		BinDirEnv: BinDirEnv,
-		Files:     []string{BinaryName, CRDFile},
+		Files:     []string{BinaryName, CRDFile, GatewayAPICRDFile},
 	})
 }

@@ -1,0 +1,74 @@
+package node
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+)
+
+func waypoint() Node {
+	return Node{
+		IP: netip.MustParseAddr("10.244.0.20"), PodName: "waypoint-7d5c9b8f6-x2x7q", Namespace: "default",
+		ServiceAccount: "waypoint", NodeName: "node-1", TrustDomain: "cluster.local",
+		Labels: map[string]string{GatewayNameLabel: "waypoint", "gateway.istio.io/managed": "istio.io-mesh-controller"},
+	}
+}
+
+func TestID(t *testing.T) {
+	// istiod parses type~ip~pod.namespace~domain (pkg/model ParseServiceNodeWithMetadata).
+	if got, want := waypoint().ID(), "waypoint~10.244.0.20~waypoint-7d5c9b8f6-x2x7q.default~default.svc.cluster.local"; got != want {
+		t.Errorf("ID %q, want %q", got, want)
+	}
+	n := waypoint()
+	n.IP = netip.MustParseAddr("::ffff:10.244.0.20")
+	if got := n.ID(); got != "waypoint~10.244.0.20~waypoint-7d5c9b8f6-x2x7q.default~default.svc.cluster.local" {
+		t.Errorf("mapped address: ID %q", got)
+	}
+}
+
+func TestMetadata(t *testing.T) {
+	md, err := waypoint().Metadata()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := md.GetFields()
+	for key, want := range map[string]string{
+		"NAME": "waypoint-7d5c9b8f6-x2x7q", "NAMESPACE": "default", "SERVICE_ACCOUNT": "waypoint",
+		"CLUSTER_ID": ClusterID, "INSTANCE_IPS": "10.244.0.20", "ISTIO_VERSION": IstioVersion,
+		"NODE_NAME": "node-1", "MESH_ID": "cluster.local", "WORKLOAD_NAME": "waypoint",
+		"OWNER": "kubernetes://apis/apps/v1/namespaces/default/deployments/waypoint", "INTERCEPTION_MODE": "REDIRECT",
+	} {
+		if got := f[key].GetStringValue(); got != want {
+			t.Errorf("%s = %q, want %q", key, got, want)
+		}
+	}
+	if got := f["LABELS"].GetStructValue().GetFields()[GatewayNameLabel].GetStringValue(); got != "waypoint" {
+		t.Errorf("LABELS[%s] = %q", GatewayNameLabel, got)
+	}
+	if _, ok := f["ANNOTATIONS"]; ok {
+		t.Error("ANNOTATIONS sent without annotations")
+	}
+	if got := f["ENVOY_STATUS_PORT"].GetNumberValue(); got != 15021 {
+		t.Errorf("ENVOY_STATUS_PORT = %v", got)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	cases := map[string]struct {
+		mut  func(*Node)
+		want error
+	}{
+		"no IP":           {func(n *Node) { n.IP = netip.Addr{} }, ErrNoIP},
+		"no pod":          {func(n *Node) { n.PodName = "" }, ErrNoPod},
+		"no account":      {func(n *Node) { n.ServiceAccount = "" }, ErrNoAccount},
+		"no gateway name": {func(n *Node) { delete(n.Labels, GatewayNameLabel) }, ErrNoGatewayID},
+	}
+	for name, c := range cases {
+		n := waypoint()
+		n.Labels = map[string]string{GatewayNameLabel: "waypoint"}
+		c.mut(&n)
+		if _, err := n.Metadata(); !errors.Is(err, c.want) {
+			t.Errorf("%s: %v, want %v", name, err, c.want)
+		}
+	}
+}
