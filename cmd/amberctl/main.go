@@ -121,8 +121,12 @@ func printStatus(w io.Writer, st *bpf.Status) error {
 	}
 	fmt.Fprintln(tw)
 
+	reasons, err := bpf.Reasons()
+	if err != nil {
+		return err
+	}
 	fmt.Fprintln(tw, "COUNTER\tPACKETS")
-	for _, r := range bpf.Reasons() { // enum order: pass, assign, drop
+	for _, r := range reasons { // enum order: pass, assign, drop
 		fmt.Fprintf(tw, "%s\t%d\n", r, st.Counters[r.String()])
 	}
 	return tw.Flush()
