@@ -24,6 +24,7 @@ import (
 	"github.com/amber-mesh/amber/agent/enrol"
 	"github.com/amber-mesh/amber/agent/kube"
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
 	"github.com/amber-mesh/amber/internal/supervise"
 )
 
@@ -112,6 +113,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 	g.Defer("host", host.Close)
+	if err := hostnet.Ensure(hostnet.Config{}); err != nil {
+		return err
+	}
 	bcfg := bpf.Config{PinRoot: cfg.PinRoot, MaxPods: cfg.MaxPods}
 	dp, err := bpf.Load(bcfg)
 	if err != nil {
