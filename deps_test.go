@@ -18,6 +18,8 @@ func TestDependencyDirection(t *testing.T) {
 		why       string
 	}{
 		{"./bpf/...", []string{"k8s.io/", "net/http", "github.com/amber-mesh/amber/xds", "github.com/amber-mesh/amber/tunnel", "github.com/amber-mesh/amber/agent", "google.golang.org/grpc"}, nil, "bpf/ knows only the kernel"},
+		{"./bpf", []string{"github.com/vishvananda/"}, nil, "package bpf knows only BPF objects; host routing is bpf/hostnet's"},
+		{"./cmd/amber-ztunnel", []string{"github.com/vishvananda/"}, nil, "the ztunnel only registers listeners and reads counters in pinned maps: no netlink"},
 		{"./tunnel/...", []string{"k8s.io/client-go", "k8s.io/api", "k8s.io/apimachinery", "github.com/amber-mesh/amber/agent"}, nil, "the ztunnel runs without Kubernetes"},
 		{"./xds/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent"}, nil, "xds/ is Kubernetes-free"},
 		{"./xds/...", []string{"github.com/amber-mesh/amber/tunnel"}, []string{authz}, "xds/state holds compiled policies; nothing else of the data plane"},

@@ -24,6 +24,8 @@ import (
 	"github.com/amber-mesh/amber/agent/enrol"
 	"github.com/amber-mesh/amber/agent/kube"
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
+	"github.com/amber-mesh/amber/internal/supervise"
 )
 
 // DefaultMetricsAddr serves /metrics and /readyz (istio-cni's monitoring
@@ -77,8 +79,9 @@ type CNIConfig struct {
 	Install cniinstall.Config
 }
 
-// Run runs the agent until ctx is done.
-func Run(ctx context.Context, cfg Config) error {
+// Run runs the agent until ctx is done. It returns the first failure of a
+// part, or else why ctx ended.
+func Run(ctx context.Context, cfg Config) (err error) {
 	if cfg.NodeName == "" {
 		return errors.New("agent: NodeName is required")
 	}
@@ -98,17 +101,27 @@ func Run(ctx context.Context, cfg Config) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	// Each part is registered as it is set up and stopped in reverse
+	// order: the datapath and the host are closed after every task has
+	// returned and the uninstall check has run (package supervise).
+	parent := ctx
+	g, ctx := supervise.New(ctx)
+	defer func() { err = errors.Join(err, g.Stop()) }()
+
 	host, err := capture.OpenHost(capture.HostConfig{})
 	if err != nil {
 		return err
 	}
-	defer host.Close()
+	g.Defer("host", host.Close)
+	if err := hostnet.Ensure(hostnet.Config{}); err != nil {
+		return err
+	}
 	bcfg := bpf.Config{PinRoot: cfg.PinRoot, MaxPods: cfg.MaxPods}
 	dp, err := bpf.Load(bcfg)
 	if err != nil {
 		return err
 	}
-	defer dp.Close()
+	g.Defer("datapath", dp.Close)
 	if err := adoptLinks(dp, log); err != nil {
 		return err
 	}
@@ -160,38 +173,26 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("metrics listener: %w", err)
 	}
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errc := make(chan error, 8)
-	var running int
-	spawn := func(name string, fn func() error) {
-		running++
-		go func() {
-			err := fn()
-			if err != nil && !errors.Is(err, context.Canceled) {
-				err = fmt.Errorf("%s: %w", name, err)
-			} else {
-				err = nil
-			}
-			errc <- err
-		}()
+	// Nothing below fails: the uninstall check runs only for an agent
+	// that ran, after its tasks stopped.
+	if cfg.PodName != "" && cfg.PodNamespace != "" {
+		g.Defer("uninstall", func() error { return uninstallIfRemoved(kc, cfg, host, log) })
 	}
-
-	spawn("capture", func() error { return ctl.Run(ctx) })
-	spawn("kubernetes", func() error { return kc.Run(ctx, ctl) })
+	g.Go("capture", ctl.Run)
+	g.Go("kubernetes", func(ctx context.Context) error { return kc.Run(ctx, ctl) })
 
 	cniSrv := &http.Server{Handler: cniapi.Handle(&cniHandler{kube: kc, ctl: ctl, metrics: cniMetrics, log: log}), ReadHeaderTimeout: 10 * time.Second}
-	spawn("cni server", func() error { return serve(ctx, cniSrv, cniLn) })
+	serve(g, "cni server", cniSrv, cniLn)
 
 	var installed readyFlag
 	if cfg.CNI.SkipInstall {
 		installed.set()
 	}
-	spawn("api access", func() error { return keepAPIAccess(ctx, kc, cfg.CNI.APIAccessFile, log) })
+	g.Go("api access", func(ctx context.Context) error { return keepAPIAccess(ctx, kc, cfg.CNI.APIAccessFile, log) })
 	if !cfg.CNI.SkipInstall {
-		spawn("cni install", func() error { return keepInstalled(ctx, cfg, &installed, log) })
+		g.Go("cni install", func(ctx context.Context) error { return keepInstalled(ctx, cfg, &installed, log) })
 	}
-	spawn("pruner", func() error { return pruneLinks(ctx, dp, cfg.Resync) })
+	g.Go("pruner", func(ctx context.Context) error { return pruneLinks(ctx, dp, cfg.Resync) })
 
 	ready := func() bool { return ctl.Ready() && installed.get() }
 	mux := http.NewServeMux()
@@ -205,39 +206,30 @@ func Run(ctx context.Context, cfg Config) error {
 	})
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	spawn("metrics server", func() error { return serve(ctx, msrv, mln) })
+	serve(g, "metrics server", msrv, mln)
 	log.Info("agent started", "node", cfg.NodeName, "metrics", mln.Addr().String(), "cni_socket", cfg.CNI.Socket, "pin_root", dp.PinRoot(), "capacity", capacity)
 
-	var runErr error
-	select {
-	case <-ctx.Done():
-	case runErr = <-errc:
-		running--
-	}
-	cancel()
-	for ; running > 0; running-- {
-		if err := <-errc; err != nil && runErr == nil {
-			runErr = err
-		}
-	}
-	if cfg.PodName != "" && cfg.PodNamespace != "" {
-		runErr = errors.Join(runErr, uninstallIfRemoved(kc, cfg, host, log))
-	}
-	if runErr != nil {
-		return runErr
-	}
-	return context.Cause(ctx)
-}
-
-func serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
-	go func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-	}()
-	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+	if err := g.Wait(); err != nil {
 		return err
 	}
-	return nil
+	if err := g.Stop(); err != nil {
+		return err
+	}
+	return context.Cause(parent)
+}
+
+// serve runs srv on ln in g; stopping shuts it down gracefully, for up
+// to 5 s.
+func serve(g *supervise.Group, name string, srv *http.Server, ln net.Listener) {
+	g.Go(name, func(context.Context) error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	g.Defer(name, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(ctx)
+	})
 }

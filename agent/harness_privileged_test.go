@@ -33,6 +33,7 @@ import (
 	"github.com/amber-mesh/amber/agent/capture"
 	"github.com/amber-mesh/amber/agent/enrol"
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
@@ -151,7 +152,9 @@ func newEnvTB(t testing.TB, opts envOptions) *env {
 	e.forwardAPIServer()
 	e.root = fmt.Sprintf("/sys/fs/bpf/amber-test-%d-agent-%d", os.Getpid(), rootSeq.Add(1))
 	t.Cleanup(func() {
-		if err := e.n1.Do(func() error { return bpf.Uninstall(bpf.Config{PinRoot: e.root}) }); err != nil {
+		if err := e.n1.Do(func() error {
+			return errors.Join(bpf.Uninstall(bpf.Config{PinRoot: e.root}), hostnet.Remove(hostnet.Config{}))
+		}); err != nil {
 			t.Errorf("uninstall: %v", err)
 		}
 	})

@@ -11,6 +11,7 @@ import (
 	"github.com/amber-mesh/amber/agent/cniinstall"
 	"github.com/amber-mesh/amber/agent/kube"
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
 )
 
 // uninstallIfRemoved takes amber off the node when the agent stops
@@ -46,7 +47,7 @@ func uninstallIfRemoved(kc *kube.Client, cfg Config, host capture.Host, log *slo
 	if q, err := host.Quarantined(); err == nil {
 		errs = append(errs, host.Unquarantine(q))
 	}
-	errs = append(errs, bpf.Uninstall(bpf.Config{PinRoot: cfg.PinRoot}))
+	errs = append(errs, bpf.Uninstall(bpf.Config{PinRoot: cfg.PinRoot}), hostnet.Remove(hostnet.Config{}))
 	var out []error
 	for _, e := range errs {
 		if e != nil && !errors.Is(e, os.ErrNotExist) {

@@ -1,53 +1,76 @@
 package bpf
 
 import (
+	"bytes"
 	"fmt"
 	"path/filepath"
+	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 )
 
-// Reason is why the programs let a packet pass, assigned it or dropped it.
+// Reason is why the programs let a packet pass, assigned it or dropped it:
+// a value of capture.c's enum reason, which keys the counters map.
 type Reason uint32
 
-// reasonNames are the stable names of the counters (amberctl, metrics).
-// Indexed by the C enum reason; TestReasonNames keeps them complete.
-var reasonNames = [...]string{
-	captureReasonR_PASS_NOT_IP:         "pass_not_ip",
-	captureReasonR_PASS_NOT_TCP:        "pass_not_tcp",
-	captureReasonR_PASS_NOT_ENROLLED:   "pass_not_enrolled",
-	captureReasonR_PASS_BYPASS_MARK:    "pass_bypass_mark",
-	captureReasonR_PASS_HOST_SOCKET:    "pass_host_socket",
-	captureReasonR_PASS_ESTABLISHED:    "pass_established",
-	captureReasonR_PASS_MALFORMED:      "pass_malformed",
-	captureReasonR_PASS_TUPLE_IN_USE:   "pass_tuple_in_use",
-	captureReasonR_PASS_TO_POD:         "pass_to_pod",
-	captureReasonR_ASSIGN_ESTABLISHED:  "assign_established",
-	captureReasonR_ASSIGN_OUTBOUND:     "assign_outbound",
-	captureReasonR_ASSIGN_INBOUND:      "assign_inbound",
-	captureReasonR_ASSIGN_HBONE:        "assign_hbone",
-	captureReasonR_REDIRECT_HOST_REPLY: "redirect_host_reply",
-	captureReasonR_DROP_NO_LISTENER:    "drop_no_listener",
-	captureReasonR_DROP_SPOOFED:        "drop_spoofed",
-	captureReasonR_DROP_MALFORMED:      "drop_malformed",
-	captureReasonR_DROP_FRAGMENT:       "drop_fragment",
-	captureReasonR_DROP_ASSIGN_FAILED:  "drop_assign_failed",
+// reasonNames are the stable names of the counters (amberctl, metrics),
+// indexed by reason: enum reason's R_PASS_NOT_IP is "pass_not_ip". They
+// are read from the BTF of the object this package embeds, so a reason
+// added to capture.c needs no Go edit.
+var reasonNames = sync.OnceValues(func() ([]string, error) {
+	spec, err := btf.LoadSpecFromReader(bytes.NewReader(_CaptureBytes))
+	if err != nil {
+		return nil, fmt.Errorf("reason names: %w", err)
+	}
+	var e *btf.Enum
+	if err := spec.TypeByName("reason", &e); err != nil {
+		return nil, fmt.Errorf("reason names: enum reason: %w", err)
+	}
+	return namesOf(e)
+})
+
+// namesOf turns enum reason's values into counter names. The values must
+// count up from 0, as the counters map's keys do; R_MAX, the map's size,
+// may end them.
+func namesOf(e *btf.Enum) ([]string, error) {
+	var names []string
+	for i, v := range e.Values {
+		name, ok := strings.CutPrefix(v.Name, "R_")
+		switch {
+		case !ok:
+			return nil, fmt.Errorf("reason names: %s lacks the R_ prefix", v.Name)
+		case v.Value != uint64(i):
+			return nil, fmt.Errorf("reason names: %s is %d, want %d: reasons count up from 0", v.Name, v.Value, i)
+		case name == "MAX" && i != len(e.Values)-1:
+			return nil, fmt.Errorf("reason names: R_MAX is not the last value")
+		case name == "MAX":
+			return names, nil
+		}
+		names = append(names, strings.ToLower(name))
+	}
+	return names, nil
 }
 
 func (r Reason) String() string {
-	if int(r) < len(reasonNames) {
-		return reasonNames[r]
+	if names, err := reasonNames(); err == nil && int(r) < len(names) {
+		return names[r]
 	}
 	return fmt.Sprintf("reason(%d)", uint32(r))
 }
 
 // Reasons lists every reason in counter order.
-func Reasons() []Reason {
-	out := make([]Reason, len(reasonNames))
+func Reasons() ([]Reason, error) {
+	names, err := reasonNames()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Reason, len(names))
 	for i := range out {
 		out[i] = Reason(i)
 	}
-	return out
+	return out, nil
 }
 
 // Counters maps a reason name to packets since the counters map was created.
@@ -70,9 +93,13 @@ func ReadCounters(root string) (Counters, error) {
 }
 
 func readCounters(m *ebpf.Map) (Counters, error) {
-	out := make(Counters, len(reasonNames))
+	reasons, err := Reasons()
+	if err != nil {
+		return nil, err
+	}
+	out := make(Counters, len(reasons))
 	var perCPU []uint64
-	for _, r := range Reasons() {
+	for _, r := range reasons {
 		if err := m.Lookup(uint32(r), &perCPU); err != nil {
 			return nil, fmt.Errorf("read counter %s: %w", r, err)
 		}

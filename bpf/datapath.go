@@ -1,6 +1,9 @@
 // Package bpf loads, pins and attaches amber's capture programs and gives
 // typed access to their maps: pod membership, listener sockets and
-// per-reason counters. It knows only the kernel.
+// per-reason counters. It knows only the kernel's BPF objects: the host
+// routing assigned packets need is bpf/hostnet's, so that the ztunnel,
+// which only registers listeners and reads counters, links no netlink
+// library.
 package bpf
 
 import (
@@ -12,8 +15,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
-
-	"github.com/amber-mesh/amber/bpf/hostnet"
 )
 
 // Defaults shared by the agent, the ztunnel and amberctl.
@@ -30,6 +31,12 @@ const (
 	// HBONEPort is the inbound HBONE port a connection to a captured pod
 	// is addressed to by a remote ztunnel.
 	HBONEPort = 15008
+	// DefaultRouteMark is the mark the programs set on every packet they
+	// assign to a socket, under mask DefaultRouteMark; bpf/hostnet's
+	// fwmark rule delivers such packets locally. Bit 18 is clear of
+	// kube-proxy's 0x4000/0x8000, Istio's 0x539/0xfff and Calico's default
+	// 0xffff0000 range.
+	DefaultRouteMark = 0x40000
 	// DialPortMin is the lowest source port the ztunnel binds when it
 	// dials from a pod's address (ports DialPortMin-65535, above Linux's
 	// default ephemeral range, which pods use). The pod program's egress
@@ -57,13 +64,10 @@ type Config struct {
 	// Changing it needs `amberctl uninstall` first: pinned maps keep
 	// their size.
 	MaxPods int
-	// Routing is the fwmark rule and local table assigned packets use.
-	// The zero value is hostnet's default.
-	Routing hostnet.Config
-	// SkipRouting leaves the host routing to the caller (tests that share
-	// one netns between several pin roots). Zero means the loader
-	// installs and checks it.
-	SkipRouting bool
+	// RouteMark is the mark set on assigned packets; the host's fwmark
+	// rule (hostnet.Config.Mark) must match it. Zero means
+	// DefaultRouteMark.
+	RouteMark uint32
 }
 
 func (c Config) pinRoot() string {
@@ -89,10 +93,10 @@ type Datapath struct {
 }
 
 // Load loads the capture programs, creating or reusing the maps pinned
-// under cfg.PinRoot, and (unless SkipRouting) makes sure the host routing
-// that delivers assigned packets locally is in place. Load does not attach
-// anything; links pinned by an earlier process keep running the earlier
-// programs until Attach replaces them.
+// under cfg.PinRoot. Load does not attach anything; links pinned by an
+// earlier process keep running the earlier programs until Attach replaces
+// them. Assigned packets reach their sockets only with the host routing
+// of bpf/hostnet (hostnet.Ensure) in place.
 func Load(cfg Config) (*Datapath, error) {
 	root := cfg.pinRoot()
 	if err := ensureBPFFS(root); err != nil {
@@ -101,19 +105,16 @@ func Load(cfg Config) (*Datapath, error) {
 	if err := os.MkdirAll(filepath.Join(root, linksDir), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin root: %w", err)
 	}
-	if !cfg.SkipRouting {
-		if err := hostnet.Ensure(cfg.Routing); err != nil {
-			return nil, err
-		}
-	}
-
 	spec, err := loadCapture()
 	if err != nil {
 		return nil, err
 	}
-	rc := cfg.Routing.WithDefaults()
+	mark := cfg.RouteMark
+	if mark == 0 {
+		mark = DefaultRouteMark
+	}
 	for name, v := range map[string]any{
-		captureVarRouteMark:   rc.Mark,
+		captureVarRouteMark:   mark,
 		captureVarBypassMark:  uint32(BypassMark),
 		captureVarBypassMask:  uint32(BypassMask),
 		captureVarHbonePort:   uint16(HBONEPort),

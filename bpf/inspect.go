@@ -7,8 +7,6 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
-
-	"github.com/amber-mesh/amber/bpf/hostnet"
 )
 
 // Status is a node's datapath as its pins show it: what amberctl prints.
@@ -23,7 +21,10 @@ type Status struct {
 }
 
 // Inspect reads everything pinned under root without loading programs.
-func Inspect(root string, routing hostnet.Config) (*Status, error) {
+// routing checks the host routing (hostnet.Check, passed in by the
+// caller: this package knows no netlink); its error goes to
+// Status.Routing.
+func Inspect(root string, routing func() error) (*Status, error) {
 	if root == "" {
 		root = DefaultPinRoot
 	}
@@ -62,15 +63,15 @@ func Inspect(root string, routing hostnet.Config) (*Status, error) {
 	if st.Counters, err = ReadCounters(root); err != nil {
 		return nil, err
 	}
-	if err := hostnet.Check(routing); err != nil {
+	if err := routing(); err != nil {
 		st.Routing = err.Error()
 	}
 	return st, nil
 }
 
-// Uninstall detaches every pinned link, removes the pinned maps and the
-// pin root, and (unless skipRouting) the host routing. What is not there is
-// not an error.
+// Uninstall detaches every pinned link and removes the pinned maps and
+// the pin root; the host routing is hostnet.Remove's. What is not there
+// is not an error.
 func Uninstall(cfg Config) error {
 	root := cfg.pinRoot()
 	var errs []error
@@ -88,9 +89,6 @@ func Uninstall(cfg Config) error {
 		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
 		}
-	}
-	if !cfg.SkipRouting {
-		errs = append(errs, hostnet.Remove(cfg.Routing))
 	}
 	return errors.Join(errs...)
 }

@@ -379,17 +379,6 @@ func TestPrivilegedProgRunEstablished(t *testing.T) {
 	})
 }
 
-func TestReasonNames(t *testing.T) {
-	if len(reasonNames) != int(captureReasonR_MAX) {
-		t.Fatalf("%d reason names for %d reasons", len(reasonNames), captureReasonR_MAX)
-	}
-	for i, n := range reasonNames {
-		if n == "" {
-			t.Errorf("reason %d has no name", i)
-		}
-	}
-}
-
 // addLocal puts addrs on lo, so that the test's own sockets can use them.
 func addLocal(tb testing.TB, addrs ...netip.Addr) {
 	tb.Helper()

@@ -3,6 +3,7 @@ package bpf_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 
@@ -36,6 +38,9 @@ func TestMain(m *testing.M) {
 }
 
 func loaderMain() error {
+	if err := hostnet.Ensure(hostnet.Config{}); err != nil {
+		return err
+	}
 	dp, err := bpf.Load(bpf.Config{PinRoot: os.Getenv("AMBER_PIN_ROOT")})
 	if err != nil {
 		return err
@@ -126,7 +131,9 @@ func TestPrivilegedSurvivesLoaderKill(t *testing.T) {
 	}
 	root := fmt.Sprintf("/sys/fs/bpf/amber-test-%d-restart", os.Getpid())
 	t.Cleanup(func() {
-		n1.Do(func() error { return bpf.Uninstall(bpf.Config{PinRoot: root}) })
+		n1.Do(func() error {
+			return errors.Join(bpf.Uninstall(bpf.Config{PinRoot: root}), hostnet.Remove(hostnet.Config{}))
+		})
 	})
 	loader := startLoader(t, n1, root, []*testbed.Pod{a}, []*testbed.Pod{a})
 

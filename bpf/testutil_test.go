@@ -22,20 +22,20 @@ func testPinRoot(tb testing.TB) string {
 	tb.Helper()
 	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("amber-test-%d-%d", os.Getpid(), pinSeq.Add(1)))
 	tb.Cleanup(func() {
-		if err := Uninstall(Config{PinRoot: root, SkipRouting: true}); err != nil {
+		if err := Uninstall(Config{PinRoot: root}); err != nil {
 			tb.Errorf("uninstall %s: %v", root, err)
 		}
 	})
 	return root
 }
 
-// mustLoad loads the datapath into a fresh pin root without host routing.
+// mustLoad loads the datapath into a fresh pin root (without host
+// routing: that is bpf/hostnet's).
 func mustLoad(tb testing.TB, cfg Config) *Datapath {
 	tb.Helper()
 	if cfg.PinRoot == "" {
 		cfg.PinRoot = testPinRoot(tb)
 	}
-	cfg.SkipRouting = true
 	d, err := Load(cfg)
 	if err != nil {
 		tb.Fatal(err)

@@ -11,7 +11,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io/fs"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -19,7 +19,6 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -28,6 +27,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/supervise"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -144,8 +144,8 @@ type Config struct {
 	Ready func()
 }
 
-// Run runs the ztunnel until ctx is done; it then stops everything and
-// returns nil, or the first error that stopped it earlier.
+// Run runs the ztunnel until ctx is done; it then drains, stops
+// everything and returns nil, or the first error that stopped it earlier.
 func Run(ctx context.Context, cfg Config) (err error) {
 	log := cfg.Logger
 	if log == nil {
@@ -158,40 +158,25 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		cfg.PinRoot = bpf.DefaultPinRoot
 	}
 	cfg.Ports = cfg.Ports.withDefaults()
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
 
-	// Everything started below is stopped in reverse order, then its
-	// goroutines are waited for: they end only once their part is closed.
-	var closers []func() error
-	var wg sync.WaitGroup
-	defer func() {
-		cancel(nil)
-		var errs []error
-		for i := len(closers) - 1; i >= 0; i-- {
-			errs = append(errs, closers[i]())
-		}
-		wg.Wait()
-		err = errors.Join(append([]error{err}, errs...)...)
-	}()
-	fail := func(what string, err error) {
-		if err != nil && ctx.Err() == nil {
-			cancel(fmt.Errorf("%s: %w", what, err))
-		}
-	}
+	// Each part is registered as it is set up and stopped in reverse
+	// order: a closer is called once every task registered after it has
+	// returned (package supervise).
+	g, ctx := supervise.New(ctx)
+	defer func() { err = errors.Join(err, g.Stop()) }()
 
 	caClient, err := newCA(cfg)
 	if err != nil {
 		return err
 	}
-	if c, ok := caClient.(interface{ Close() error }); ok {
-		closers = append(closers, c.Close)
+	if c, ok := caClient.(io.Closer); ok {
+		g.Defer("ca", c.Close)
 	}
 	mgr := &certs.Manager{CA: caClient, TTL: cfg.CertTTL, Logger: log}
-	closers = append(closers, mgr.Close)
+	g.Defer("certificates", mgr.Close)
 
 	store := state.NewStore()
-	conn, err := dialControlPlane(ctx, cfg, log, &wg, &closers, fail)
+	conn, err := dialControlPlane(g, cfg, log)
 	if err != nil {
 		return err
 	}
@@ -204,13 +189,14 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return fmt.Errorf("xds client: %w", err)
 	}
-	wg.Go(func() {
-		if err := xc.Run(ctx); err != nil && ctx.Err() == nil {
-			fail("xds client", err)
-		}
-	})
-	closers = append(closers, xc.Close)
+	g.Go("xds client", func(ctx context.Context) error { return unless(xc.Run(ctx), client.ErrClosed) })
+	g.Defer("xds client", xc.Close)
 
+	lns, err := listenData(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	g.Defer("data listeners", lns.Close)
 	reg := metrics.New()
 	px, err := proxy.New(proxy.Config{
 		Store:       store,
@@ -229,59 +215,27 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
-	closers = append(closers, px.Close)
+	// The accept loops end when the proxy closes their listeners: they
+	// are registered before its closer.
+	for _, dl := range lns {
+		serve := dl.handler(px)
+		for _, ln := range dl.sockets() {
+			g.Go(dl.role.String()+" listener", func(context.Context) error { return unless(serve(ln), proxy.ErrClosed) })
+		}
+	}
+	g.Defer("proxy", px.Close)
 	if err := registerMetrics(reg, cfg, px, mgr, xc); err != nil {
 		return err
 	}
-
-	// Data plane listeners: transparent, MPTCP off. With the datapath,
-	// 15001 and 15006 listen on loopback, a socket per family, where the
-	// network cannot reach them; the datapath assigns their SYNs whatever
-	// their address. 15008 listens on [::] (its clients address
-	// podIP:15008, the kernel's own listener lookup must find it), and so
-	// does everything without the datapath (nftables TPROXY finds its
-	// socket by address). ARCHITECTURE.md, "Listener addresses".
-	var lns []dataListener
-	for _, l := range []struct {
-		kind  bpf.Listener
-		port  uint16
-		serve func(net.Listener) error
-	}{
-		{bpf.Outbound, cfg.Ports.Outbound, px.ServeOutbound},
-		{bpf.Inbound, cfg.Ports.Inbound, px.ServeInbound},
-		{bpf.HBONE, cfg.Ports.HBONE, px.ServeHBONE},
-	} {
-		dl := dataListener{kind: l.kind}
-		if !cfg.NoCapture && l.kind != bpf.HBONE {
-			dl.v4, dl.v6, err = cfg.Sockets.ListenLoopback(ctx, l.port)
-			if err == nil && dl.v6 == nil {
-				log.Info("no IPv6 loopback: captured IPv6 connections find no listener and fail closed", "listener", l.kind)
-			}
-		} else {
-			dl.v4, err = cfg.Sockets.Listen(ctx, "[::]:"+strconv.Itoa(int(l.port)))
-			dl.v6 = dl.v4
-		}
-		if err != nil {
-			return err // px.Close closes the listeners already served
-		}
-		lns = append(lns, dl)
-		for _, ln := range dl.sockets() {
-			wg.Go(func() {
-				if err := l.serve(ln); err != nil && !errors.Is(err, proxy.ErrClosed) {
-					fail(l.kind.String()+" listener", err)
-				}
-			})
-		}
-	}
 	if !cfg.NoCapture {
-		if err := register(ctx, cfg.PinRoot, lns, log); err != nil {
+		if err := lns.register(ctx, cfg.PinRoot, log); err != nil {
 			return err
 		}
 		log.Info("listeners registered in the datapath", "pin_root", cfg.PinRoot)
 	}
 
 	var ready atomic.Bool
-	wg.Go(func() {
+	g.Go("readiness", func(ctx context.Context) error {
 		select {
 		case <-xc.Synced():
 			ready.Store(true)
@@ -291,6 +245,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			}
 		case <-ctx.Done():
 		}
+		return nil
 	})
 
 	metricsMux := http.NewServeMux()
@@ -324,114 +279,22 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			return fmt.Errorf("listen %s: %w", s.addr, err)
 		}
 		hs := &http.Server{Handler: s.h, ReadHeaderTimeout: 10 * time.Second}
-		closers = append(closers, hs.Close)
-		wg.Go(func() {
-			if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				fail("http "+s.addr, err)
-			}
-		})
+		g.Go("http "+s.addr, func(context.Context) error { return unless(hs.Serve(ln), http.ErrServerClosed) })
+		g.Defer("http "+s.addr, hs.Close)
 	}
 
-	<-ctx.Done()
-	if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) && !errors.Is(cause, context.DeadlineExceeded) {
-		return cause
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	drain(cfg, px, lns, log)
 	return nil
 }
 
-// drain hands new connections over to the next ztunnel and lets the
-// current ones finish: the listeners leave the datapath's listener map
-// first (new SYNs are dropped and retransmitted until the next ztunnel
-// registers), handshakes already assigned complete and are accepted, then
-// the proxy serves what it has for up to DrainTimeout.
-func drain(cfg Config, px *proxy.Proxy, lns []dataListener, log *slog.Logger) {
-	timeout := cfg.DrainTimeout
-	if timeout < 0 {
-		return
-	}
-	if timeout == 0 {
-		timeout = 5 * time.Second
-	}
-	t0 := time.Now()
-	if !cfg.NoCapture {
-		if ls, err := bpf.OpenListeners(cfg.PinRoot); err == nil {
-			for _, dl := range lns {
-				dl.each(func(f bpf.Family, ln *net.TCPListener) {
-					if err := ls.UnregisterSocket(dl.kind, f, ln); err != nil {
-						log.Warn("drain: unregister listener", "err", err)
-					}
-				})
-			}
-			ls.Close()
-			// A SYN assigned just before is still in its handshake.
-			time.Sleep(200 * time.Millisecond)
-		}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	if err := px.Drain(ctx); err != nil {
-		log.Info("drained; closing the rest", "took", time.Since(t0).Round(time.Millisecond), "err", err)
-		return
-	}
-	log.Info("drained", "took", time.Since(t0).Round(time.Millisecond))
-}
-
-// dataListener is one of the data plane's listeners: its socket for each
-// family, the same dual-stack socket twice, or none for a family the host
-// lacks.
-type dataListener struct {
-	kind   bpf.Listener
-	v4, v6 *net.TCPListener
-}
-
-// each calls fn for every family that has a socket.
-func (dl dataListener) each(fn func(bpf.Family, *net.TCPListener)) {
-	if dl.v4 != nil {
-		fn(bpf.IPv4, dl.v4)
-	}
-	if dl.v6 != nil {
-		fn(bpf.IPv6, dl.v6)
-	}
-}
-
-// sockets are dl's distinct sockets.
-func (dl dataListener) sockets() []*net.TCPListener {
-	switch {
-	case dl.v6 == nil || dl.v6 == dl.v4:
-		return []*net.TCPListener{dl.v4}
-	case dl.v4 == nil:
-		return []*net.TCPListener{dl.v6}
-	}
-	return []*net.TCPListener{dl.v4, dl.v6}
-}
-
-// register puts the listeners into the datapath's listener map. The node
-// agent pins that map: a ztunnel started first (both containers of the
-// DaemonSet's pod start together) waits for it, up to ctx.
-func register(ctx context.Context, root string, lns []dataListener, log *slog.Logger) error {
-	ls, err := bpf.OpenListeners(root)
-	for waited := false; errors.Is(err, fs.ErrNotExist); ls, err = bpf.OpenListeners(root) {
-		if !waited {
-			log.Info("waiting for the agent to pin the datapath", "pin_root", root)
-			waited = true
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w (gave up: %v)", err, context.Cause(ctx))
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
-	if err != nil {
-		return err
-	}
-	defer ls.Close()
-	for _, dl := range lns {
-		dl.each(func(f bpf.Family, ln *net.TCPListener) {
-			if err == nil {
-				err = ls.Register(dl.kind, f, ln)
-			}
-		})
+// unless is err, or nil if err is sentinel: what a part returns once it
+// was closed.
+func unless(err, sentinel error) error {
+	if errors.Is(err, sentinel) {
+		return nil
 	}
 	return err
 }
@@ -460,7 +323,7 @@ func newCA(cfg Config) (ca.Client, error) {
 // dialControlPlane returns the gRPC channel of the xDS client: to an
 // in-process server on loopback in local mode, to istiod over TLS
 // otherwise.
-func dialControlPlane(ctx context.Context, cfg Config, log *slog.Logger, wg *sync.WaitGroup, closers *[]func() error, fail func(string, error)) (*grpc.ClientConn, error) {
+func dialControlPlane(g *supervise.Group, cfg Config, log *slog.Logger) (*grpc.ClientConn, error) {
 	var target string
 	var opts []grpc.DialOption
 	switch {
@@ -473,12 +336,8 @@ func dialControlPlane(ctx context.Context, cfg Config, log *slog.Logger, wg *syn
 		if err != nil {
 			return nil, fmt.Errorf("local xds server: %w", err)
 		}
-		wg.Go(func() {
-			if err := srv.Serve(ctx, ln); err != nil && ctx.Err() == nil && !errors.Is(err, server.ErrClosed) {
-				fail("local xds server", err)
-			}
-		})
-		*closers = append(*closers, srv.Close)
+		g.Go("local xds server", func(ctx context.Context) error { return unless(srv.Serve(ctx, ln), server.ErrClosed) })
+		g.Defer("local xds server", srv.Close)
 		target = "passthrough:///" + ln.Addr().String()
 		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	case cfg.XDSAddress != "":
@@ -509,7 +368,7 @@ func dialControlPlane(ctx context.Context, cfg Config, log *slog.Logger, wg *syn
 	if err != nil {
 		return nil, fmt.Errorf("xds channel: %w", err)
 	}
-	*closers = append(*closers, cc.Close)
+	g.Defer("xds channel", cc.Close)
 	return cc, nil
 }
 

@@ -536,3 +536,39 @@ func TestRefusedAddQuarantineLiftedByDel(t *testing.T) {
 		t.Fatal("refused sandbox left entries")
 	}
 }
+
+// desired only computes: the pods a claim takes a veth from are evicted by
+// sync, which applies the answer.
+func TestDesiredChangesNothing(t *testing.T) {
+	host := newFakeHost()
+	v := Veth{12, "vethnew"}
+	host.addPod("/ns/new", v, addr("10.0.0.7"))
+	c, err := New(Config{Datapath: newFakeDatapath(16), Host: host, Capacity: 16, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.namespaces["app"] = &enrol.Namespace{Name: "app", Labels: ambient}
+	old, nw := c.state("old"), c.state("new")
+	old.pod = pod("old", "app", nil, "10.0.0.7")
+	nw.pod = pod("new", "app", nil, "10.0.0.7")
+	nw.pod.Created = old.pod.Created.Add(time.Second)
+	c.own(old, v, []netip.Addr{addr("10.0.0.7")})
+	before := c.Pods()
+
+	w := c.desired(nw)
+	if w.vethErr != nil || w.veth != v || len(w.evict) != 1 || w.evict[0] != old {
+		t.Fatalf("desired: veth %v, error %v, evict %v", w.veth, w.vethErr, w.evict)
+	}
+	if after := c.Pods(); !slices.EqualFunc(before, after, func(a, b Snapshot) bool {
+		return a.UID == b.UID && a.Veth == b.Veth && slices.Equal(a.Addrs, b.Addrs)
+	}) || c.vethOwner[v.Index] != "old" || c.addrOwner[addr("10.0.0.7")] != "old" || len(c.queue.order) != 0 {
+		t.Fatalf("desired changed the controller: %+v -> %+v, owners %v %v, queue %v", before, after, c.vethOwner, c.addrOwner, c.queue.order)
+	}
+
+	if err := c.sync("new"); err != nil {
+		t.Fatal(err)
+	}
+	if c.vethOwner[v.Index] != "new" || c.addrOwner[addr("10.0.0.7")] != "new" || len(old.addrs) != 0 || !slices.Contains(c.queue.order, "old") {
+		t.Errorf("sync did not move the capture: owners %v %v, old %v, queue %v", c.vethOwner, c.addrOwner, old.addrs, c.queue.order)
+	}
+}

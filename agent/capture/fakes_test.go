@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"sync"
 	"testing"
@@ -16,7 +17,8 @@ import (
 
 // fakeDatapath holds bpf.Datapath's membership semantics in memory: the
 // unit tests here check the controller's bookkeeping; the privileged
-// tests in package agent run the same scenarios on the real datapath.
+// tests in package agent run the same scenarios on the real datapath, and
+// both datapaths pass testDatapathContract.
 type fakeDatapath struct {
 	mu       sync.Mutex
 	max      int
@@ -33,6 +35,9 @@ func newFakeDatapath(max int) *fakeDatapath {
 func (d *fakeDatapath) Attach(i int, r bpf.Role) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if i <= 0 {
+		return fmt.Errorf("%s programs: invalid ifindex %d", r, i)
+	}
 	d.attached[i] = true
 	return nil
 }
@@ -40,6 +45,9 @@ func (d *fakeDatapath) Attach(i int, r bpf.Role) error {
 func (d *fakeDatapath) Detach(i int, r bpf.Role) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if i <= 0 {
+		return fmt.Errorf("%s programs: invalid ifindex %d", r, i)
+	}
 	delete(d.attached, i)
 	return nil
 }
@@ -48,11 +56,15 @@ func (d *fakeDatapath) Capture(i int, addrs []netip.Addr) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.ops = append(d.ops, fmt.Sprintf("capture %d %v", i, addrs))
+	if len(addrs) == 0 || slices.ContainsFunc(addrs, func(a netip.Addr) bool { return !a.IsValid() }) {
+		return fmt.Errorf("capture ifindex %d: no or invalid addresses %v", i, addrs)
+	}
 	if !d.ifaces[i] && len(d.ifaces) >= d.max {
 		return fmt.Errorf("capture ifindex %d: %w", i, bpf.ErrMapFull)
 	}
 	d.ifaces[i] = true
 	for _, a := range addrs {
+		a = a.Unmap() // one key per address, as the kernel map's
 		if _, ok := d.pods[a]; !ok && len(d.pods) >= 2*d.max {
 			return fmt.Errorf("capture %s: %w", a, bpf.ErrMapFull)
 		}
@@ -67,6 +79,7 @@ func (d *fakeDatapath) Release(i int, addrs []netip.Addr) error {
 	d.ops = append(d.ops, fmt.Sprintf("release %d %v", i, addrs))
 	delete(d.ifaces, i)
 	for _, a := range addrs {
+		a = a.Unmap()
 		if d.pods[a] == i {
 			delete(d.pods, a)
 		}

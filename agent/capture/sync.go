@@ -24,6 +24,9 @@ type want struct {
 	// sandboxGone: the pod's sandbox was deleted (CNI DEL) or its veth
 	// vanished; what it held, quarantine included, goes with it.
 	sandboxGone bool
+	// evict are the pods whose capture on veth is this pod's now (see
+	// claim): their bookkeeping goes, without touching the kernel.
+	evict []*podState
 }
 
 // olderThan reports whether a is an older view of the pod than b.
@@ -36,6 +39,8 @@ func olderThan(a, b *enrol.Pod) bool {
 	return err1 == nil && err2 == nil && x < y
 }
 
+// desired is what st's view asks of the datapath. It changes nothing:
+// sync applies the answer.
 func (c *Controller) desired(st *podState) want {
 	p := st.pod
 	switch {
@@ -82,7 +87,8 @@ func (c *Controller) desired(st *podState) want {
 		}
 	}
 	if w.vethErr == nil {
-		if err := c.claim(st, w.veth); err != nil {
+		var err error
+		if w.evict, err = c.claim(st, w.veth); err != nil {
 			w.veth, w.vethErr = Veth{}, err
 		}
 	}
@@ -116,8 +122,9 @@ func (c *Controller) claimAddrs(st *podState, v Veth, addrs []netip.Addr) error 
 // at it, which happens when an address was reused while one of them was
 // still known: a CNI-reported sandbox is ground truth; otherwise the newer
 // pod holds the address (IPAM hands it out again only after the older
-// sandbox released it).
-func (c *Controller) claim(st *podState, v Veth) error {
+// sandbox released it). It returns the pods whose capture on v st takes
+// over, those it met before a pod with a better claim, if any, refused it.
+func (c *Controller) claim(st *podState, v Veth) (evict []*podState, err error) {
 	for uid, o := range c.pods {
 		if uid == st.uid {
 			continue
@@ -134,18 +141,16 @@ func (c *Controller) claim(st *podState, v Veth) error {
 		switch {
 		case mine && !oCNI:
 		case oCNI && !mine:
-			return fmt.Errorf("%w: %s", ErrAddressReused, v.Name)
+			return evict, fmt.Errorf("%w: %s", ErrAddressReused, v.Name)
 		case o.pod != nil && st.pod != nil && st.pod.Created.Before(o.pod.Created):
-			return fmt.Errorf("%w: %s", ErrAddressReused, v.Name)
+			return evict, fmt.Errorf("%w: %s", ErrAddressReused, v.Name)
 		}
-		// st wins: o's capture on this veth is st's from now on; its
-		// bookkeeping goes without touching the kernel.
+		// st wins: o's capture on this veth is st's from now on.
 		if o.veth.Index == v.Index {
-			c.forget(o)
-			c.queue.add(uid)
+			evict = append(evict, o)
 		}
 	}
-	return nil
+	return evict, nil
 }
 
 // sync brings one pod's datapath state in line with its view. c.mu is
@@ -167,6 +172,10 @@ func (c *Controller) sync(uid string) error {
 		}
 	}
 	w := c.desired(st)
+	for _, o := range w.evict {
+		c.forget(o)
+		c.queue.add(o.uid)
+	}
 	if w.keep {
 		return nil
 	}

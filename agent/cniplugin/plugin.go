@@ -211,7 +211,7 @@ func attachWithoutAgent(conf *Conf, prev *current.Result) error {
 	if err != nil {
 		return fmt.Errorf("amber agent unreachable: host interface %s: %w", veth, err)
 	}
-	dp, err := bpf.Load(bpf.Config{PinRoot: conf.PinRoot, MaxPods: capacity, SkipRouting: true})
+	dp, err := bpf.Load(bpf.Config{PinRoot: conf.PinRoot, MaxPods: capacity})
 	if err != nil {
 		return fmt.Errorf("amber agent unreachable and the datapath cannot be loaded: %w", err)
 	}

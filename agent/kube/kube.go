@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -143,7 +144,7 @@ func stripManagedFields(obj any) (any, error) {
 }
 
 // Run starts the informers, feeds sink and sends events until ctx is
-// done. List and watch errors are retried by the informers' reflectors
+// done, and returns once all of that has stopped. List and watch errors are retried by the informers' reflectors
 // with backoff; MarkSynced is called only after the initial lists of both
 // pods and namespaces reached sink.
 func (c *Client) Run(ctx context.Context, sink Sink) error {
@@ -175,16 +176,16 @@ func (c *Client) Run(ctx context.Context, sink Sink) error {
 			c.log.Warn("kubernetes watch failed; retrying with backoff", "err", err)
 		})
 	}
-	done := make(chan struct{})
-	go func() { defer close(done); c.pods.RunWithContext(ctx) }()
-	go func() { c.nss.RunWithContext(ctx) }()
-	go c.sendEvents(ctx)
-	if !cache.WaitForCacheSync(ctx.Done(), podReg.HasSynced, nsReg.HasSynced) {
-		<-done
-		return ctx.Err()
+	// Everything started here ends with ctx, and Run returns after it.
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { c.pods.RunWithContext(ctx) })
+	wg.Go(func() { c.nss.RunWithContext(ctx) })
+	wg.Go(func() { c.sendEvents(ctx) })
+	if cache.WaitForCacheSync(ctx.Done(), podReg.HasSynced, nsReg.HasSynced) {
+		sink.MarkSynced()
 	}
-	sink.MarkSynced()
-	<-done
+	<-ctx.Done()
 	return ctx.Err()
 }
 

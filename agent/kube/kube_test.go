@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -259,4 +260,61 @@ func TestUninstalling(t *testing.T) {
 	if u, err := c.Uninstalling(ctx, "amber", "agent-x"); err != nil || !u {
 		t.Fatalf("credentials refused: %v %v", u, err)
 	}
+}
+
+// Run returns only once everything it started has stopped: the informers
+// and the event sender, here held in an event creation the API server has
+// not answered yet.
+func TestRunJoinsWhatItStarts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cs := fake.NewClientset(
+			&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "app"}},
+			apiPod("a", "app", "n1", nil),
+		)
+		creating, answer := make(chan struct{}), make(chan struct{})
+		cs.PrependReactor("create", "events", func(k8stesting.Action) (bool, runtime.Object, error) {
+			close(creating)
+			<-answer
+			return false, nil, nil
+		})
+		c, err := NewForClientset(cs, Config{NodeName: "n1", Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := &syncSignal{recorder: &recorder{pods: map[string]*enrol.Pod{}, nss: map[string]*enrol.Namespace{}}, synced: make(chan struct{})}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- c.Run(ctx, r) }()
+		<-r.synced
+
+		c.Warn(&enrol.Pod{UID: "uid-a", Namespace: "app", Name: "a"}, "MapFull", "no room")
+		<-creating
+		cancel()
+		synctest.Wait()
+		select {
+		case err := <-done:
+			t.Errorf("Run returned (%v) while its event sender was still in a request", err)
+			close(answer)
+			return
+		default:
+		}
+		close(answer)
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("Run = %v, want context.Canceled", err)
+		}
+		if !c.pods.IsStopped() || !c.nss.IsStopped() {
+			t.Errorf("Run returned with informers running: pods stopped %v, namespaces stopped %v", c.pods.IsStopped(), c.nss.IsStopped())
+		}
+	})
+}
+
+// syncSignal is a recorder that says when it was marked synced.
+type syncSignal struct {
+	*recorder
+	synced chan struct{}
+}
+
+func (s *syncSignal) MarkSynced() {
+	s.recorder.MarkSynced()
+	close(s.synced)
 }

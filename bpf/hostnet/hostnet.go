@@ -25,14 +25,16 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
+
+	"github.com/amber-mesh/amber/bpf"
 )
 
-// Defaults. Mark bit 18 is clear of kube-proxy's 0x4000/0x8000, Istio's
-// 0x539/0xfff and Calico's default 0xffff0000 range; table 133 and
-// priority 100 sit before the main table (32766) and clear of Istio's
-// in-pod tables (100-102 are tables there, not priorities here).
+// Defaults. The mark is the one the datapath sets (bpf.DefaultRouteMark);
+// table 133 and priority 100 sit before the main table (32766) and clear
+// of Istio's in-pod tables (100-102 are tables there, not priorities
+// here).
 const (
-	DefaultMark     = 0x40000
+	DefaultMark     = bpf.DefaultRouteMark
 	DefaultTable    = 133
 	DefaultPriority = 100
 )

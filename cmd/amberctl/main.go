@@ -15,6 +15,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
 )
 
 const usage = `usage: amberctl [flags] <command>
@@ -51,7 +52,7 @@ func run(_ context.Context, args []string, out io.Writer) error {
 	}
 	switch cmd {
 	case "status":
-		st, err := bpf.Inspect(*pinRoot, bpf.Config{}.Routing)
+		st, err := bpf.Inspect(*pinRoot, func() error { return hostnet.Check(hostnet.Config{}) })
 		if err != nil {
 			return err
 		}
@@ -65,7 +66,7 @@ func run(_ context.Context, args []string, out io.Writer) error {
 		}
 		return fmt.Errorf("unknown output format %q", *output)
 	case "uninstall":
-		return bpf.Uninstall(bpf.Config{PinRoot: *pinRoot})
+		return errors.Join(bpf.Uninstall(bpf.Config{PinRoot: *pinRoot}), hostnet.Remove(hostnet.Config{}))
 	}
 	fs.Usage()
 	return errors.New("unknown command " + cmd)
@@ -121,8 +122,12 @@ func printStatus(w io.Writer, st *bpf.Status) error {
 	}
 	fmt.Fprintln(tw)
 
+	reasons, err := bpf.Reasons()
+	if err != nil {
+		return err
+	}
 	fmt.Fprintln(tw, "COUNTER\tPACKETS")
-	for _, r := range bpf.Reasons() { // enum order: pass, assign, drop
+	for _, r := range reasons { // enum order: pass, assign, drop
 		fmt.Fprintf(tw, "%s\t%d\n", r, st.Counters[r.String()])
 	}
 	return tw.Flush()

@@ -25,15 +25,7 @@ import (
 // nodes share, and starts a ztunnel on each node.
 func mustLocalMesh(t *testing.T, mesh string, nodes ...*meshbed.Node) []*ztunnel {
 	t.Helper()
-	dir := t.TempDir()
-	caDir := filepath.Join(dir, "ca")
-	if _, err := ca.OpenLocal(caDir, "cluster.local"); err != nil {
-		t.Fatal(err)
-	}
-	meshFile := filepath.Join(dir, "mesh.yaml")
-	if err := os.WriteFile(meshFile, []byte(mesh), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	meshFile, caDir := mustMeshFiles(t, mesh)
 	var zs []*ztunnel
 	for _, nd := range nodes {
 		zs = append(zs, mustZtunnel(t, nd, meshFile, caDir))
@@ -41,20 +33,46 @@ func mustLocalMesh(t *testing.T, mesh string, nodes ...*meshbed.Node) []*ztunnel
 	return zs
 }
 
-// clientServer is two nodes with the datapath and a ztunnel each: a
-// captured client pod on n1, a captured server pod on n2 behind a server
-// that closes first, both in the mesh.
+// mustMeshFiles writes mesh as the local-mode mesh file and creates a
+// local CA, and returns their paths.
+func mustMeshFiles(t *testing.T, mesh string) (meshFile, caDir string) {
+	t.Helper()
+	dir := t.TempDir()
+	caDir = filepath.Join(dir, "ca")
+	if _, err := ca.OpenLocal(caDir, "cluster.local"); err != nil {
+		t.Fatal(err)
+	}
+	meshFile = filepath.Join(dir, "mesh.yaml")
+	if err := os.WriteFile(meshFile, []byte(mesh), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return meshFile, caDir
+}
+
+// clientServer is two nodes with the datapath: a captured client pod on
+// n1, a captured server pod on n2, both in mesh.
 type clientServer struct {
 	n1, n2         *testbed.Node
-	node1          *meshbed.Node
+	node1, node2   *meshbed.Node
 	client, server *testbed.Pod
+	mesh           string // the local-mode mesh file naming both pods
 }
 
 const greeting = "hello from the server"
 
-// mustClientServer builds a clientServer; more (uncaptured) pods named
-// extra are added to n1 first.
+// mustClientServer builds a clientServer with a ztunnel on each node and,
+// on the server pod, a server that closes first (port 9090); more
+// (uncaptured) pods named extra are added to n1 first.
 func mustClientServer(t *testing.T, extra ...string) (*clientServer, map[string]*testbed.Pod) {
+	t.Helper()
+	cs, pods := mustClientServerBed(t, extra...)
+	mustLocalMesh(t, cs.mesh, cs.node1, cs.node2)
+	startGreeter(t, cs.server, 9090, greeting)
+	return cs, pods
+}
+
+// mustClientServerBed builds a clientServer without ztunnels or servers.
+func mustClientServerBed(t *testing.T, extra ...string) (*clientServer, map[string]*testbed.Pod) {
 	t.Helper()
 	bed := testbed.New(t)
 	cs := &clientServer{}
@@ -77,15 +95,13 @@ func mustClientServer(t *testing.T, extra ...string) (*clientServer, map[string]
 	if cs.server, err = cs.n2.AddPod("server"); err != nil {
 		t.Fatal(err)
 	}
-	var node2 *meshbed.Node
-	cs.node1, node2 = meshbed.MustLoadDatapath(t, cs.n1, "amber-e2e"), meshbed.MustLoadDatapath(t, cs.n2, "amber-e2e")
+	cs.node1, cs.node2 = meshbed.MustLoadDatapath(t, cs.n1, "amber-e2e"), meshbed.MustLoadDatapath(t, cs.n2, "amber-e2e")
 	cs.node1.MustCapture(t, cs.client)
-	node2.MustCapture(t, cs.server)
-	mustLocalMesh(t, meshbed.MeshYAML([]meshbed.Workload{
+	cs.node2.MustCapture(t, cs.server)
+	cs.mesh = meshbed.MeshYAML([]meshbed.Workload{
 		{Name: "client", ServiceAccount: "client", Pod: cs.client, HBONE: true},
 		{Name: "server", ServiceAccount: "server", Pod: cs.server, HBONE: true},
-	}, ""), cs.node1, node2)
-	startGreeter(t, cs.server, 9090, greeting)
+	}, "")
 	return cs, pods
 }
 

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
 	"github.com/amber-mesh/amber/test/testbed"
 )
 
@@ -43,6 +44,9 @@ type Node struct {
 func LoadDatapath(n *testbed.Node, prefix string) (*Node, error) {
 	nd := &Node{Node: n, Root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("%s-%d-n%d", prefix, os.Getpid(), rootSeq.Add(1)))}
 	err := n.Do(func() (err error) {
+		if err := hostnet.Ensure(hostnet.Config{}); err != nil {
+			return err
+		}
 		if nd.DP, err = bpf.Load(bpf.Config{PinRoot: nd.Root}); err != nil {
 			return err
 		}
@@ -106,7 +110,9 @@ func (nd *Node) Close() error {
 		errs = append(errs, nd.DP.Close())
 		nd.DP = nil
 	}
-	errs = append(errs, nd.Do(func() error { return bpf.Uninstall(bpf.Config{PinRoot: nd.Root}) }))
+	errs = append(errs, nd.Do(func() error {
+		return errors.Join(bpf.Uninstall(bpf.Config{PinRoot: nd.Root}), hostnet.Remove(hostnet.Config{}))
+	}))
 	return errors.Join(errs...)
 }
 

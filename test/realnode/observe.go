@@ -127,7 +127,7 @@ next:
 
 // Datapath reads the node's pinned datapath (what `amberctl` shows).
 func Datapath() (*bpf.Status, error) {
-	return bpf.Inspect(bpf.DefaultPinRoot, hostnet.Config{})
+	return bpf.Inspect(bpf.DefaultPinRoot, func() error { return hostnet.Check(hostnet.Config{}) })
 }
 
 // Captured reports whether ip is in the datapath's membership map.

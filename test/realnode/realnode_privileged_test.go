@@ -22,6 +22,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
 	"github.com/amber-mesh/amber/test/cluster"
 	"github.com/amber-mesh/amber/test/images"
 	"github.com/amber-mesh/amber/test/privileged"
@@ -64,7 +65,7 @@ func TestPrivilegedRealNode(t *testing.T) {
 		// Whatever an uninstall that failed left on the host.
 		if _, err := os.Stat(bpf.DefaultPinRoot); err == nil {
 			t.Errorf("cleanup: %s left behind; removing it", bpf.DefaultPinRoot)
-			if err := bpf.Uninstall(bpf.Config{}); err != nil {
+			if err := errors.Join(bpf.Uninstall(bpf.Config{}), hostnet.Remove(hostnet.Config{})); err != nil {
 				t.Errorf("cleanup: %v", err)
 			}
 		}

@@ -256,6 +256,9 @@ func setupAmber(n *testbed.Node, client *testbed.Pod) (func() error, error) {
 	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("amber-bench-%d", os.Getpid()))
 	var dp *bpf.Datapath
 	err := n.Do(func() (err error) {
+		if err := hostnet.Ensure(hostnet.Config{}); err != nil {
+			return err
+		}
 		if dp, err = bpf.Load(bpf.Config{PinRoot: root}); err != nil {
 			return err
 		}
@@ -271,7 +274,9 @@ func setupAmber(n *testbed.Node, client *testbed.Pod) (func() error, error) {
 		if dp != nil {
 			dp.Close()
 		}
-		return n.Do(func() error { return bpf.Uninstall(bpf.Config{PinRoot: root}) })
+		return n.Do(func() error {
+			return errors.Join(bpf.Uninstall(bpf.Config{PinRoot: root}), hostnet.Remove(hostnet.Config{}))
+		})
 	}
 	if err == nil {
 		err = dp.Capture(client.HostIndex, []netip.Addr{client.IPv4, client.IPv6})
