@@ -113,21 +113,26 @@ func (w *ResponseWriter) writeHead(code int, h http.Header, final bool) {
 			continue
 		}
 		for _, v := range vs {
-			// Values came through validated parsers; a newline here would
-			// be a header injection, so strip rather than trust.
-			v = strings.Map(func(r rune) rune {
-				if r == '\r' || r == '\n' || r == 0 {
-					return ' '
-				}
-				return r
-			}, v)
-			w.bw.WriteString(k)
-			w.bw.WriteString(": ")
-			w.bw.WriteString(v)
-			w.bw.WriteString("\r\n")
+			writeField(w.bw, k, v)
 		}
 	}
 	w.bw.WriteString("\r\n")
+}
+
+// writeField writes one header or trailer field. Values came through
+// validated parsers; a CR, LF or NUL here would be a header injection, so
+// it is replaced rather than trusted.
+func writeField(bw *bufio.Writer, name, value string) {
+	value = strings.Map(func(r rune) rune {
+		if r == '\r' || r == '\n' || r == 0 {
+			return ' '
+		}
+		return r
+	}, value)
+	bw.WriteString(name)
+	bw.WriteString(": ")
+	bw.WriteString(value)
+	bw.WriteString("\r\n")
 }
 
 // Write writes body bytes, sending the header first if needed.
@@ -193,7 +198,7 @@ func (w *ResponseWriter) Finish() error {
 			}
 			name = textproto.CanonicalMIMEHeaderKey(name)
 			for _, v := range vs {
-				fmt.Fprintf(w.bw, "%s: %s\r\n", name, strings.NewReplacer("\r", " ", "\n", " ").Replace(v))
+				writeField(w.bw, name, v)
 			}
 		}
 		w.bw.WriteString("\r\n")
