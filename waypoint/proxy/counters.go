@@ -37,7 +37,6 @@ const (
 	causeBodySize         = "body_too_large"         // 413
 	causeHeaderTimeout    = "header_timeout"         // 408 slowloris
 	causeH2Malformed      = "h2_malformed_request"   // RST_STREAM(PROTOCOL_ERROR) from the HTTP/2 server
-	causeCustomAuthz      = "custom_authz"           // reserved: CUSTOM/ext_authz chains are refused at compile time (chain_refused)
 	causeClientReset      = "client_reset"           // the client went away before the response (DC)
 )
 
