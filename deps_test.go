@@ -24,6 +24,7 @@ func TestDependencyDirection(t *testing.T) {
 		{"./xds/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent"}, nil, "xds/ is Kubernetes-free"},
 		{"./xds/...", []string{"github.com/amber-mesh/amber/tunnel"}, []string{authz}, "xds/state holds compiled policies; nothing else of the data plane"},
 		{"./waypoint/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent", "github.com/amber-mesh/amber/test"}, nil, "the waypoint runs on istiod's xDS alone, never the Kubernetes API"},
+		{"./waypoint/...", []string{"github.com/amber-mesh/amber/tunnel/proxy"}, nil, "the waypoint reuses the ztunnel's HBONE, certificates and identities, not its proxy"},
 	}
 	for _, r := range rules {
 		out, err := exec.Command("go", "list", "-deps", "-test=false", r.pkgs).CombinedOutput()

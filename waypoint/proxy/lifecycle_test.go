@@ -1,0 +1,108 @@
+package proxy_test
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net/http"
+	"testing"
+	"time"
+)
+
+// TestDrain: Drain closes idle inner connections at once, lets a request
+// in flight finish (its response closes its connection), and returns once
+// nothing is left; the listener is closed.
+func TestDrain(t *testing.T) {
+	m := newMesh(t, meshOptions{})
+	m.wp.Update(compile(t, golden(t, "base")))
+	sleep := m.sleep()
+	app := m.pods["productpage-v1"].app
+
+	idle, err := sleep.connect(context.Background(), productpageVIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	idleR := bufio.NewReader(idle)
+	io.WriteString(idle, "GET /1 HTTP/1.1\r\nHost: productpage\r\n\r\n")
+	if resp, err := http.ReadResponse(idleR, nil); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("%v %v", resp, err)
+	} else {
+		io.ReadAll(resp.Body)
+	}
+
+	busy, err := sleep.connect(context.Background(), productpageVIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	io.WriteString(busy, "GET /hold HTTP/1.1\r\nHost: productpage\r\n\r\n")
+	waitFor(t, "the held request at the application", func() bool { return len(app.requests()) == 2 })
+
+	drained := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		drained <- m.wp.Drain(ctx)
+	}()
+	if b, err := idleR.ReadByte(); err != io.EOF {
+		t.Fatalf("idle connection: %q %v, want it ended", b, err)
+	}
+	// Ends its side in turn, as a ztunnel does once its application
+	// closed: the waypoint lingers for that.
+	idle.CloseWrite()
+	app.open()
+	busyR := bufio.NewReader(busy)
+	resp, err := http.ReadResponse(busyR, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || string(body) != "held" || !resp.Close {
+		t.Errorf("request in flight: %d %q close %v, want 200 held with the connection closed", resp.StatusCode, body, resp.Close)
+	}
+	if b, err := busyR.ReadByte(); err != io.EOF {
+		t.Errorf("after the last response: %q %v, want the stream ended", b, err)
+	}
+	busy.CloseWrite()
+	if err := <-drained; err != nil {
+		t.Errorf("Drain: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := m.client(sleepID, nil).connect(ctx, productpageVIP); err == nil {
+		t.Error("a CONNECT succeeded after Drain")
+	}
+}
+
+// TestUpgrade: a WebSocket upgrade the chain allows is forwarded, and the
+// connection relayed both ways until it ends; the access log reports it
+// then.
+func TestUpgrade(t *testing.T) {
+	m := newMesh(t, meshOptions{})
+	m.wp.Update(compile(t, golden(t, "base")))
+	s, err := m.sleep().connect(context.Background(), productpageVIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	io.WriteString(s, "GET /ws HTTP/1.1\r\nHost: productpage\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	br := bufio.NewReader(s)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "websocket" {
+		t.Fatalf("%v %v", resp, err)
+	}
+	io.WriteString(s, "ping")
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("echo %q %v", buf, err)
+	}
+	s.CloseWrite()
+	if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {
+		t.Errorf("after the client's end: %q %v", rest, err)
+	}
+	waitFor(t, "the upgrade's access-log line", func() bool {
+		return len(m.logs.lines(map[string]any{"status": 101, "bytes_received": nil})) == 0 &&
+			len(m.logs.lines(map[string]any{"status": 101})) == 1
+	})
+}

@@ -1,0 +1,399 @@
+// Package proxy is amber-waypoint's data path: everything between a TCP
+// connection accepted on :15008 and the application's response. It
+// terminates HBONE, dispatches each CONNECT stream to a filter chain of
+// the compiled configuration (waypoint/config), serves HTTP/1.1 and HTTP/2
+// with prior knowledge inside the tunnel through RBAC, routing and the
+// upstream clusters, or relays TCP, and opens HBONE to the chosen
+// endpoint with the waypoint's own identity. docs/waypoint.md §8 says
+// where it follows Envoy and where it deliberately does not.
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http2"
+
+	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/tunnel/hbone"
+	"github.com/amber-mesh/amber/tunnel/identity"
+	"github.com/amber-mesh/amber/waypoint/config"
+	"github.com/amber-mesh/amber/waypoint/h2guard"
+	"github.com/amber-mesh/amber/waypoint/telemetry"
+	"github.com/amber-mesh/amber/xds/state"
+)
+
+// Errors of New and the serving methods.
+var (
+	ErrClosed     = errors.New("waypoint proxy: closed")
+	ErrNoStore    = errors.New("waypoint proxy: Config.Store is required")
+	ErrNoCerts    = errors.New("waypoint proxy: Config.Certs is required")
+	ErrNoIdentity = errors.New("waypoint proxy: Config.Identity is required")
+)
+
+// Config configures a Proxy. Store, Certs and Identity are required; the
+// zero value of every other field is documented and usable.
+type Config struct {
+	// Store is workload discovery: the source and destination workloads
+	// by address, and their identities.
+	Store *state.Store
+	// Certs issues the waypoint's own certificate (served on :15008 and
+	// presented to destinations) and holds the mesh roots.
+	Certs *certs.Manager
+	// Identity is the waypoint's own SPIFFE identity.
+	Identity identity.ID
+	// Metrics receives istio_requests_*, istio_tcp_* (with the waypoint's
+	// 23/25 labels) and amber_waypoint_*. It must not also hold
+	// tunnel/metrics' istio_tcp_* families, whose label set is the
+	// ztunnel's. Nil: a private registry (Registry returns it).
+	Metrics prometheus.Registerer
+	// Logger receives the access log (one line per request or TCP
+	// connection) and operational messages. Nil: discarded.
+	Logger *slog.Logger
+	// Dial opens a TCP connection to addr: an endpoint's podIP:15008 for
+	// HBONE, or a plain endpoint. Nil: a net.Dialer. The control side may
+	// set one that binds the pod's address or sets a mark; tests map the
+	// goldens' pod addresses to loopback listeners with it.
+	Dial func(ctx context.Context, addr netip.AddrPort) (net.Conn, error)
+	// Handshakes bound unauthenticated connections on :15008. The zero
+	// value is tunnel/hbone's defaults.
+	Handshakes hbone.HandshakeLimits
+	// Limits bound what a client may send inside the tunnel.
+	Limits Limits
+}
+
+// Limits bound requests inside the tunnel. The zero value of each field is
+// documented; where istiod configures nothing, they are amber's bounds.
+type Limits struct {
+	// MaxRequestHeaderBytes lowers the chain's max_request_headers_kb
+	// (Envoy's default 60 KiB, which istiod keeps). Zero: the chain's.
+	MaxRequestHeaderBytes int
+	// MaxRequestBodyBytes bounds a request body: a larger declared
+	// Content-Length is answered 413 before anything is forwarded, a
+	// streamed body that grows past it ends the request (413 when no
+	// response has started). Zero: no bound (Envoy streams bodies without
+	// one).
+	MaxRequestBodyBytes int64
+	// RetryBufferBytes is how much of a request body is kept to replay on
+	// a retry; a request whose body outgrew it is not retried once any
+	// of it was sent. Zero: 64 KiB.
+	RetryBufferBytes int
+	// HeaderTimeout bounds reading a request's header inside the tunnel,
+	// from its first byte (HTTP/1) or from the first frame of its header
+	// block (HTTP/2), when the chain sets no request_headers_timeout.
+	// Zero: 10 s. istiod sets none, and Envoy then waits as long as the
+	// stream lives: amber bounds it against slowloris.
+	HeaderTimeout time.Duration
+	// MaxResponseHeaderBytes bounds an upstream response's header. Zero:
+	// 60 KiB.
+	MaxResponseHeaderBytes int
+	// H2 bounds HTTP/2 abuse on the inner connection. The zero value is
+	// h2guard's defaults; MaxHeaderBlock defaults to the header limit.
+	H2 h2guard.Limits
+}
+
+func (l Limits) withDefaults() Limits {
+	if l.RetryBufferBytes <= 0 {
+		l.RetryBufferBytes = 64 << 10
+	}
+	if l.HeaderTimeout <= 0 {
+		l.HeaderTimeout = 10 * time.Second
+	}
+	if l.MaxResponseHeaderBytes <= 0 {
+		l.MaxResponseHeaderBytes = 60 << 10
+	}
+	if l.H2.HeaderTimeout <= 0 {
+		l.H2.HeaderTimeout = l.HeaderTimeout
+	}
+	return l
+}
+
+// Proxy is the waypoint's data path. Create it with New, give it a
+// configuration with Update and a listener with ServeHBONE.
+type Proxy struct {
+	cfg     Config
+	lim     Limits
+	log     *slog.Logger
+	reg     prometheus.Registerer
+	tel     *telemetry.Metrics
+	counts  *counters
+	cur     atomic.Pointer[snapshot]
+	pool    *hbone.Pool
+	hstats  hbone.Stats // the HBONE server's
+	pstats  hbone.Stats // the HBONE client pool's
+	h2      *http2.Server
+	h2base  *http.Server // only for HTTP/2's graceful GOAWAY on Drain
+	ctx     context.Context
+	cancel  context.CancelFunc
+	closeMu sync.Once
+
+	mu       sync.Mutex // guards the fields below
+	servers  []*hbone.Server
+	clusters map[string]*clusterState
+	conns    map[*downstream]struct{}
+	tcps     map[*tcpConn]struct{}
+	draining bool
+	closed   bool
+}
+
+// snapshot is one configuration as the data path uses it.
+type snapshot struct {
+	cfg *config.Config
+	// trustDomains are those a client certificate may be in.
+	trustDomains []string
+}
+
+// New returns a Proxy that refuses every stream until Update gives it a
+// configuration.
+func New(cfg Config) (*Proxy, error) {
+	switch {
+	case cfg.Store == nil:
+		return nil, ErrNoStore
+	case cfg.Certs == nil:
+		return nil, ErrNoCerts
+	case cfg.Identity.IsZero():
+		return nil, ErrNoIdentity
+	}
+	p := &Proxy{
+		cfg:      cfg,
+		lim:      cfg.Limits.withDefaults(),
+		log:      cfg.Logger,
+		reg:      cfg.Metrics,
+		clusters: map[string]*clusterState{},
+		conns:    map[*downstream]struct{}{},
+		tcps:     map[*tcpConn]struct{}{},
+	}
+	if p.log == nil {
+		p.log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if p.reg == nil {
+		p.reg = prometheus.NewRegistry()
+	}
+	if p.cfg.Dial == nil {
+		var d net.Dialer
+		p.cfg.Dial = func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+			return d.DialContext(ctx, "tcp", a.String())
+		}
+	}
+	var err error
+	if p.tel, err = telemetry.New(p.reg); err != nil {
+		return nil, fmt.Errorf("waypoint proxy: metrics: %w", err)
+	}
+	if p.counts, err = newCounters(p); err != nil {
+		return nil, fmt.Errorf("waypoint proxy: metrics: %w", err)
+	}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.pool = &hbone.Pool{Dial: p.dialHBONE, Stats: &p.pstats, Logger: p.log}
+	p.h2base = &http.Server{}
+	p.h2 = &http2.Server{
+		// The outer HBONE connection carries 100 streams; an inner
+		// connection gets the same bound.
+		MaxConcurrentStreams: 100,
+		CountError:           p.counts.h2Error,
+	}
+	if err := http2.ConfigureServer(p.h2base, p.h2); err != nil {
+		return nil, fmt.Errorf("waypoint proxy: http2: %w", err)
+	}
+	return p, nil
+}
+
+// Registry returns the registry the metrics are registered with.
+func (p *Proxy) Registry() prometheus.Registerer { return p.reg }
+
+// Update installs c for new streams and the next request of every
+// connection; requests already being served finish on the configuration
+// they started with. Live TCP connections whose chain c no longer admits
+// are closed.
+func (p *Proxy) Update(c *config.Config) {
+	s := &snapshot{cfg: c}
+	if c != nil && c.Terminate != nil {
+		s.trustDomains = c.Terminate.TrustDomains
+	}
+	if len(s.trustDomains) == 0 {
+		// istiod always names the trust domain(s); without them only the
+		// waypoint's own is accepted (Envoy's empty list would accept
+		// any identity the roots signed).
+		s.trustDomains = []string{p.cfg.Identity.TrustDomain}
+	}
+	p.cur.Store(s)
+	p.counts.setDegraded(c)
+	p.recheckTCP(s)
+}
+
+// config returns the current snapshot, nil before the first Update.
+func (p *Proxy) snapshot() *snapshot { return p.cur.Load() }
+
+// ServeHBONE serves HBONE on ln until Drain or Close, when it returns
+// ErrClosed. The listener's HTTP/2 settings (streams per connection,
+// keepalive) are those of the configuration current when it starts, or
+// istiod's (100 streams, 10 s/20 s) before the first Update.
+func (p *Proxy) ServeHBONE(ln net.Listener) error {
+	srv := &hbone.Server{
+		TLSConfig:            p.serverTLS(),
+		HandshakeLimits:      p.cfg.Handshakes,
+		Handler:              hbone.HandlerFunc(p.serveConnect),
+		MaxConcurrentStreams: 100,
+		Settings:             hbone.Settings{PingInterval: 10 * time.Second, PingTimeout: 20 * time.Second},
+		Stats:                &p.hstats,
+		Logger:               p.log,
+	}
+	if s := p.snapshot(); s != nil && s.cfg != nil && s.cfg.Terminate != nil {
+		t := s.cfg.Terminate
+		if t.MaxConcurrentStreams > 0 {
+			srv.MaxConcurrentStreams = t.MaxConcurrentStreams
+		}
+		switch {
+		case t.KeepaliveInterval > 0:
+			srv.Settings.PingInterval, srv.Settings.PingTimeout = t.KeepaliveInterval, t.KeepaliveTimeout
+		default:
+			srv.Settings.PingInterval = -1
+		}
+	}
+	p.mu.Lock()
+	if p.closed || p.draining {
+		p.mu.Unlock()
+		return ErrClosed
+	}
+	p.servers = append(p.servers, srv)
+	p.mu.Unlock()
+	err := srv.Serve(ln)
+	if errors.Is(err, hbone.ErrServerClosed) {
+		return ErrClosed
+	}
+	return err
+}
+
+// serverTLS is :15008's TLS: the waypoint's certificate, a client
+// certificate required that chains to the mesh roots and names an
+// identity in one of the current configuration's trust domains.
+func (p *Proxy) serverTLS() *tls.Config {
+	own := p.cfg.Identity
+	certFor := func(net.Addr) (identity.ID, error) { return own, nil }
+	base := p.cfg.Certs.ServerConfig(certFor, own.TrustDomain)
+	var mu sync.Mutex
+	verifiers := map[string]func(tls.ConnectionState) error{}
+	verifier := func(td string) func(tls.ConnectionState) error {
+		mu.Lock()
+		defer mu.Unlock()
+		v, ok := verifiers[td]
+		if !ok {
+			v = p.cfg.Certs.ServerConfig(certFor, td).VerifyConnection
+			verifiers[td] = v
+		}
+		return v
+	}
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		NextProtos: []string{http2.NextProtoTLS},
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+			c := base.Clone()
+			tds := []string{own.TrustDomain}
+			if s := p.snapshot(); s != nil {
+				tds = s.trustDomains
+			}
+			c.VerifyConnection = func(cs tls.ConnectionState) error {
+				var first error
+				for _, td := range tds {
+					err := verifier(td)(cs)
+					if err == nil {
+						return nil
+					}
+					if first == nil {
+						first = err
+					}
+				}
+				return first
+			}
+			return c, nil
+		},
+	}
+}
+
+// Drain stops accepting connections, asks HTTP/2 clients to go away
+// (GOAWAY on both the HBONE and the inner connections), closes idle
+// HTTP/1 connections and ends the others after their current response,
+// and waits for streams to finish until ctx ends; then it closes what
+// remains and returns ctx's error.
+func (p *Proxy) Drain(ctx context.Context) error {
+	p.mu.Lock()
+	p.draining = true
+	servers := append([]*hbone.Server(nil), p.servers...)
+	var idle []*downstream
+	for d := range p.conns {
+		idle = append(idle, d)
+	}
+	p.mu.Unlock()
+	for _, d := range idle {
+		d.drain()
+	}
+	// Runs the HTTP/2 servers' graceful shutdown (GOAWAY) on every inner
+	// connection; h2base serves nothing itself.
+	_ = p.h2base.Shutdown(ctx)
+	var errs []error
+	for _, s := range servers {
+		if err := s.Shutdown(ctx); err != nil && !errors.Is(err, hbone.ErrServerClosed) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Close closes listeners, connections and upstream pools at once.
+func (p *Proxy) Close() error {
+	var errs []error
+	p.closeMu.Do(func() {
+		p.mu.Lock()
+		p.closed = true
+		servers := p.servers
+		clusters := p.clusters
+		p.mu.Unlock()
+		p.cancel()
+		for _, s := range servers {
+			if err := s.Close(); err != nil && !errors.Is(err, hbone.ErrServerClosed) {
+				errs = append(errs, err)
+			}
+		}
+		if err := p.pool.Close(); err != nil {
+			errs = append(errs, err)
+		}
+		for _, c := range clusters {
+			c.closeIdle()
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// track registers a live inner connection; false when the proxy is
+// closed.
+func (p *Proxy) track(d *downstream) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.conns[d] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrack(d *downstream) {
+	p.mu.Lock()
+	delete(p.conns, d)
+	p.mu.Unlock()
+}
+
+func (p *Proxy) isDraining() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.draining || p.closed
+}
