@@ -97,7 +97,7 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		DstWorkload: authzWorkload(r.dstW),
 	}
 	if d := snap.Policies().Evaluate(ac); !d.Allowed {
-		p.stats.AuthzDenied.Add(1)
+		p.denied(d)
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
 		return nil, nil
 	}
@@ -163,7 +163,7 @@ func (p *Proxy) handleInbound(c net.Conn) {
 	}
 	ac := authz.Conn{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port(), DstWorkload: authzWorkload(r.dstW)}
 	if d := snap.Policies().Evaluate(ac); !d.Allowed {
-		p.stats.AuthzDenied.Add(1)
+		p.denied(d)
 		refuse(&DeniedError{Decision: d})
 		return
 	}

@@ -10,6 +10,15 @@ func authzWorkload(w *state.Workload) authz.Workload {
 	return authz.Workload{Namespace: w.Namespace, Name: w.Name, Policies: w.AuthorizationPolicies}
 }
 
+// denied counts a connection refused by decision d.
+func (p *Proxy) denied(d authz.Decision) {
+	if d.Reason == authz.ReasonRejected {
+		p.stats.AuthzRejectedPolicy.Add(1)
+		return
+	}
+	p.stats.AuthzDenied.Add(1)
+}
+
 // watchPolicies re-checks live inbound connections whenever policies or
 // workloads change (a workload's policy list is part of its resource).
 // New subscribes before any connection is accepted.

@@ -94,8 +94,12 @@ type Stats struct {
 	BadRequests     atomic.Uint64 // inbound CONNECT refused with 400
 	UnknownDest     atomic.Uint64 // inbound to an address no local workload owns
 	AuthzDenied     atomic.Uint64 // inbound refused by policy
-	AuthzRevoked    atomic.Uint64 // live connections closed after a policy change
-	HandshakeErrors atomic.Uint64 // outbound HBONE TLS handshakes that failed
+	// AuthzRejectedPolicy counts inbound connections refused by the
+	// stand-in of a policy the xDS client rejected (enforced fail-closed,
+	// tunnel/authz); they are not in AuthzDenied.
+	AuthzRejectedPolicy atomic.Uint64
+	AuthzRevoked        atomic.Uint64 // live connections closed after a policy change
+	HandshakeErrors     atomic.Uint64 // outbound HBONE TLS handshakes that failed
 	// NotCaptured counts connections reset at accept on the outbound or
 	// inbound listener because they were addressed to the listener's own
 	// port: made to the ztunnel directly, not captured (see captured).

@@ -2,12 +2,17 @@ package proxy
 
 import (
 	"errors"
+	"log/slog"
+	"net"
 	"net/netip"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
 	"github.com/amber-mesh/amber/xds/workloadapi/security"
 )
@@ -84,5 +89,84 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 		DstWorkload: authz.Workload{Namespace: "default", Name: "productpage", Policies: []string{"default/not-yet"}},
 	}); d.Allowed || d.Reason != authz.ReasonUnknownPolicy {
 		t.Errorf("new connection to a workload naming an unknown policy: %v, want denied", d)
+	}
+}
+
+// loopbackConn returns both ends of a TCP connection from src to a new
+// listener on dst (loopback addresses): the accepted end has dst as its
+// local address, as a captured connection has its original destination.
+func loopbackConn(t *testing.T, src, dst string) (client, accepted *net.TCPConn, ln *net.TCPListener) {
+	t.Helper()
+	l, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(dst), 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(src), 0))}
+	c, err := d.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := l.AcceptTCP()
+	if err != nil {
+		c.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); a.Close() })
+	return c.(*net.TCPConn), a, l
+}
+
+// startInboundProxy returns a proxy for a store holding productpage at
+// 127.0.0.2 (on this node) and sleep at 127.0.0.3, logging to logs.
+func startInboundProxy(t *testing.T, logs *lockedBuffer) (*Proxy, *state.Store, *state.Workload) {
+	t.Helper()
+	local, err := ca.OpenLocal(t.TempDir(), "cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgr := &certs.Manager{CA: local}
+	t.Cleanup(func() { mgr.Close() })
+	pp := wl("productpage", state.ProtocolHBONE, "127.0.0.2")
+	store := state.NewStore()
+	store.Update(func(tx *state.Txn) {
+		tx.PutWorkload(pp)
+		tx.PutWorkload(wl("sleep", state.ProtocolHBONE, "127.0.0.3"))
+	})
+	p, err := New(Config{
+		Store: store, Certs: mgr, NodeName: "n1",
+		Logger:  slog.New(slog.NewJSONHandler(logs, nil)),
+		Sockets: sockopt.Options{Mark: -1, NoTransparent: true},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p, store, pp
+}
+
+// TestRejectedPolicyRefuses: a connection to a workload in the namespace
+// of a policy the xDS client rejected is refused by its stand-in, counted
+// apart from other policy refusals, and the access log names the policy.
+func TestRejectedPolicyRefuses(t *testing.T) {
+	var logs lockedBuffer
+	p, store, _ := startInboundProxy(t, &logs)
+	store.Update(func(tx *state.Txn) {
+		tx.RejectAuthorization(state.RejectedAuthorization("default/broken", nil, "decode: unexpected EOF"))
+	})
+	client, down, _ := loopbackConn(t, "127.0.0.3", "127.0.0.2")
+	p.handleInbound(down)
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := client.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("read %d bytes through a connection the policy refuses", n)
+	}
+	if got, denied := p.Stats().AuthzRejectedPolicy.Load(), p.Stats().AuthzDenied.Load(); got != 1 || denied != 0 {
+		t.Errorf("AuthzRejectedPolicy = %d, AuthzDenied = %d; want 1 and 0", got, denied)
+	}
+	lines := logs.lines()
+	if len(lines) != 1 {
+		t.Fatalf("access log: %v, want one line", lines)
+	}
+	if e, _ := lines[0][logKeyError].(string); !strings.Contains(e, "denied by rejected policy default/broken") {
+		t.Errorf("access log error = %q", e)
 	}
 }

@@ -160,13 +160,23 @@ func (c *Client) applyAuthorizations(resp *discoveryv3.DeltaDiscoveryResponse) (
 		policy        *authz.Policy
 	}
 	var ops []op
+	// The enforcer must know a policy exists that it cannot read, or a
+	// malformed DENY would silently allow: what could be read of each
+	// rejected policy stands in for it, fail-closed.
+	var standIns []*authz.Policy
 	for _, r := range resp.GetResources() {
-		reject := func(reason Reason, err error) {
-			rejects = append(rejects, &ResourceError{TypeURL: typeURL, Name: r.GetName(), Reason: reason, Err: err})
-		}
 		var a security.Authorization
-		if rerr := decode(typeURL, r, &a); rerr != nil {
+		rejectRead := func(rerr *ResourceError, read *security.Authorization) {
 			rejects = append(rejects, rerr)
+			if r.GetName() != "" {
+				standIns = append(standIns, state.RejectedAuthorization(r.GetName(), read, rerr.Err.Error()))
+			}
+		}
+		reject := func(reason Reason, err error) {
+			rejectRead(&ResourceError{TypeURL: typeURL, Name: r.GetName(), Reason: reason, Err: err}, &a)
+		}
+		if rerr := decode(typeURL, r, &a); rerr != nil {
+			rejectRead(rerr, nil)
 			continue
 		}
 		p, err := state.NewAuthorization(&a)
@@ -199,12 +209,8 @@ func (c *Client) applyAuthorizations(resp *discoveryv3.DeltaDiscoveryResponse) (
 			known[op.name] = op.version
 			applied++
 		}
-		// The enforcer must know a policy exists that it cannot see, or a
-		// malformed DENY would silently allow.
-		for _, r := range rejects {
-			if r.Name != "" {
-				tx.RejectAuthorization(r.Name, r.Err.Error())
-			}
+		for _, p := range standIns {
+			tx.RejectAuthorization(p)
 		}
 	})
 	names := make([]string, len(ops))
