@@ -215,6 +215,7 @@ type tracked struct {
 	// inbound connections are re-authorized when policies change.
 	inbound bool
 	authz   authz.Conn
+	gen     uint64 // generation of the snapshot that authorized it (inbound)
 
 	mu     sync.Mutex // guards the fields below
 	err    error
@@ -351,6 +352,9 @@ func (p *Proxy) relayStart(r *record, t *tracked) *metrics.Conn {
 		r.err = ErrClosed
 		p.relayDone(r, mc)
 		return nil
+	}
+	if t.inbound {
+		p.recheckTracked(t)
 	}
 	return mc
 }

@@ -101,6 +101,9 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
 		return nil, nil
 	}
+	if testHookAuthorized != nil {
+		testHookAuthorized()
+	}
 	// ctx ends when the client resets the stream or its connection ends
 	// (or the proxy closes): a stream its client cancelled is reported as
 	// such (DC), never as an upstream failure, and costs no upstream
@@ -136,7 +139,7 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		p.refuse(r, fmt.Errorf("accept CONNECT: %w", err))
 		return nil, nil
 	}
-	return &tracked{down: down, up: up, inbound: true, authz: ac}, r
+	return &tracked{down: down, up: up, inbound: true, authz: ac, gen: snap.Generation()}, r
 }
 
 // handleInbound serves a plaintext connection to a local pod from a client
@@ -167,6 +170,9 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		refuse(&DeniedError{Decision: d})
 		return
 	}
+	if testHookAuthorized != nil {
+		testHookAuthorized()
+	}
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
 	up, err := p.cfg.Sockets.Dial(ctx, dst, src.Addr())
 	cancel()
@@ -176,7 +182,7 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		return
 	}
 	down := c.(halfConn)
-	p.relay(r, &tracked{down: down, up: up, inbound: true, authz: ac}, down, up)
+	p.relay(r, &tracked{down: down, up: up, inbound: true, authz: ac, gen: snap.Generation()}, down, up)
 }
 
 // tunnelTarget reports whether a CONNECT may reach addr: never the

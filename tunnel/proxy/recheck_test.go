@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -114,6 +115,61 @@ func loopbackConn(t *testing.T, src, dst string) (client, accepted *net.TCPConn,
 	}
 	t.Cleanup(func() { c.Close(); a.Close() })
 	return c.(*net.TCPConn), a, l
+}
+
+// TestPolicyChangeBeforeTracking publishes a DENY after an inbound
+// connection was authorized and before it is tracked, and lets the
+// re-check of live connections finish before the connection is tracked:
+// the connection is still closed, not left open against the new policy.
+func TestPolicyChangeBeforeTracking(t *testing.T) {
+	rechecked := make(chan uint64, 16)
+	t.Cleanup(func() { testHookAuthorized, testHookRechecked = nil, nil })
+	testHookRechecked = func(gen uint64) { rechecked <- gen }
+	var logs lockedBuffer
+	p, store, _ := startInboundProxy(t, &logs)
+	denyAll, err := state.NewAuthorization(&security.Authorization{
+		Name: "deny-all", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY,
+		Groups: []*security.Group{{}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testHookAuthorized = func() {
+		store.Update(func(tx *state.Txn) { tx.PutAuthorization(denyAll) })
+		gen := store.Load().Generation()
+		for g := range rechecked {
+			if g >= gen {
+				return
+			}
+		}
+	}
+
+	client, down, ln := loopbackConn(t, "127.0.0.3", "127.0.0.2")
+	handled := make(chan struct{})
+	go func() {
+		defer close(handled)
+		p.handleInbound(down)
+	}()
+	up, err := ln.AcceptTCP() // the proxy's upstream connection
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := client.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection denied while it was set up: read %d, %v; want it closed", n, err)
+	}
+	<-handled
+	if n := p.Stats().AuthzRevoked.Load(); n != 1 {
+		t.Errorf("AuthzRevoked = %d, want 1", n)
+	}
+	lines := logs.lines()
+	if len(lines) != 1 {
+		t.Fatalf("access log: %v, want one line", lines)
+	}
+	if e, _ := lines[0][logKeyError].(string); !strings.Contains(e, "revoked by policy change: denied by default/deny-all") {
+		t.Errorf("access log error = %q", e)
+	}
 }
 
 // startInboundProxy returns a proxy for a store holding productpage at
