@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -255,7 +256,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		if !cfg.NoCapture && l.kind != bpf.HBONE {
 			dl.v4, dl.v6, err = cfg.Sockets.ListenLoopback(ctx, l.port)
 			if err == nil && dl.v6 == nil {
-				log.Info("no IPv6 loopback: captured IPv6 connections find no listener and fail closed", "listener", l.kind)
+				log.Info("no IPv6 loopback: captured IPv6 connections find no listener and fail closed", logkey.Listener, l.kind)
 			}
 		} else {
 			dl.v4, err = cfg.Sockets.Listen(ctx, "[::]:"+strconv.Itoa(int(l.port)))
@@ -277,7 +278,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		if err := register(ctx, cfg.PinRoot, lns, log); err != nil {
 			return err
 		}
-		log.Info("listeners registered in the datapath", "pin_root", cfg.PinRoot)
+		log.Info("listeners registered in the datapath", logkey.PinRoot, cfg.PinRoot)
 	}
 
 	var ready atomic.Bool
@@ -285,7 +286,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		select {
 		case <-xc.Synced():
 			ready.Store(true)
-			log.Info("ztunnel ready", "node", cfg.NodeName)
+			log.Info("ztunnel ready", logkey.Node, cfg.NodeName)
 			if cfg.Ready != nil {
 				cfg.Ready()
 			}
@@ -359,7 +360,7 @@ func drain(cfg Config, px *proxy.Proxy, lns []dataListener, log *slog.Logger) {
 			for _, dl := range lns {
 				dl.each(func(f bpf.Family, ln *net.TCPListener) {
 					if err := ls.UnregisterSocket(dl.kind, f, ln); err != nil {
-						log.Warn("drain: unregister listener", "err", err)
+						log.Warn("drain: unregister listener", logkey.Error, err)
 					}
 				})
 			}
@@ -371,10 +372,10 @@ func drain(cfg Config, px *proxy.Proxy, lns []dataListener, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	if err := px.Drain(ctx); err != nil {
-		log.Info("drained; closing the rest", "took", time.Since(t0).Round(time.Millisecond), "err", err)
+		log.Info("drained; closing the rest", logkey.Took, time.Since(t0).Round(time.Millisecond), logkey.Error, err)
 		return
 	}
-	log.Info("drained", "took", time.Since(t0).Round(time.Millisecond))
+	log.Info("drained", logkey.Took, time.Since(t0).Round(time.Millisecond))
 }
 
 // dataListener is one of the data plane's listeners: its socket for each
@@ -413,7 +414,7 @@ func register(ctx context.Context, root string, lns []dataListener, log *slog.Lo
 	ls, err := bpf.OpenListeners(root)
 	for waited := false; errors.Is(err, fs.ErrNotExist); ls, err = bpf.OpenListeners(root) {
 		if !waited {
-			log.Info("waiting for the agent to pin the datapath", "pin_root", root)
+			log.Info("waiting for the agent to pin the datapath", logkey.PinRoot, root)
 			waited = true
 		}
 		select {

@@ -18,6 +18,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/amber-mesh/amber/internal/logkey"
 )
 
 const (
@@ -501,7 +503,7 @@ func (c *conn) readLoop() {
 		last := c.maxPeerID
 		c.mu.Unlock()
 		c.shutdown(ce.code, ce.reason, &GoAwayError{Code: ce.code, LastStreamID: last, Debug: ce.reason}, true)
-		c.log.Debug("hbone: connection error", "remote", c.nc.RemoteAddr(), "error", err)
+		c.log.Debug("hbone: connection error", logkey.Remote, c.nc.RemoteAddr(), logkey.Error, err)
 		return
 	}
 	c.teardown(err)

@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/accept"
 )
 
@@ -360,7 +361,7 @@ func (srv *Server) serveTLS(nc net.Conn, slot *handshakeSlot) {
 		} else {
 			srv.stats.HandshakeErrors.Add(1)
 		}
-		srv.log.Debug("hbone: TLS handshake failed", "remote", nc.RemoteAddr(), "error", err)
+		srv.log.Debug("hbone: TLS handshake failed", logkey.Remote, nc.RemoteAddr(), logkey.Error, err)
 		_ = nc.Close()
 		return
 	}
@@ -369,7 +370,7 @@ func (srv *Server) serveTLS(nc net.Conn, slot *handshakeSlot) {
 	// The slot is released once the client's preface is read (or the
 	// connection fails before).
 	if err := srv.serveConn(srv.ctx, tc, slot); err != nil {
-		srv.log.Debug("hbone: connection ended", "remote", nc.RemoteAddr(), "error", err)
+		srv.log.Debug("hbone: connection ended", logkey.Remote, nc.RemoteAddr(), logkey.Error, err)
 	}
 }
 

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/amber-mesh/amber/internal/logkey"
 )
 
 // Stream is one tunnelled connection: a CONNECT stream used as a net.Conn.
@@ -698,7 +700,7 @@ func (r responder) Reject(status int, reason string) error {
 	if status < 300 || status > 599 {
 		return fmt.Errorf("hbone: reject with status %d: not a failure status", status)
 	}
-	r.s.c.log.Debug("hbone: rejecting CONNECT", "stream", r.s.id, "status", status, "reason", reason)
+	r.s.c.log.Debug("hbone: rejecting CONNECT", logkey.Stream, r.s.id, logkey.Status, status, logkey.Reason, reason)
 	return r.s.respond(status)
 }
 
@@ -748,7 +750,7 @@ func (c *conn) serveStream(s *stream, req *Request) {
 		if r := recover(); r != nil {
 			// Fail closed: the stream is reset or closed by handlerDone.
 			s.detached.Store(false)
-			c.log.Error("hbone: handler panic", "panic", r, "stack", string(debug.Stack()))
+			c.log.Error("hbone: handler panic", logkey.Panic, r, logkey.Stack, string(debug.Stack()))
 		}
 	}()
 	c.server.Handler.ServeHBONE(s.ctx, req, responder{s})

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
@@ -80,8 +81,8 @@ const (
 	logKeySent      = "bytes_sent"
 	logKeyRecv      = "bytes_recv"
 	logKeyDuration  = "duration"
-	logKeyError     = "error"
-	logKeyListener  = "listener"
+	logKeyError     = logkey.Error
+	logKeyListener  = logkey.Listener
 	accessLogMsg    = "connection complete"
 	protocolHBONE   = "HBONE"
 	protocolTCP     = "TCP"

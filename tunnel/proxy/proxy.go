@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/accept"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -177,7 +178,7 @@ func New(cfg Config) (*Proxy, error) {
 		Logger:          p.log,
 	}
 	if pk, err := newParker(); err != nil {
-		p.log.Warn("idle connections will keep their goroutines", "error", err)
+		p.log.Warn("idle connections will keep their goroutines", logkey.Error, err)
 	} else {
 		p.parker = pk
 		p.wg.Add(1)
@@ -265,7 +266,7 @@ func (p *Proxy) captured(ln net.Listener, handle func(net.Conn)) func(net.Conn) 
 	return func(c net.Conn) {
 		if sockopt.AddrPort(c.LocalAddr()).Port() == port {
 			p.stats.NotCaptured.Add(1)
-			p.log.Debug("not captured: connection to the listener's own port reset", "listener", ln.Addr(), "src.addr", c.RemoteAddr(), "dst.addr", c.LocalAddr())
+			p.log.Debug("not captured: connection to the listener's own port reset", logKeyListener, ln.Addr(), logKeySrcAddr, c.RemoteAddr(), logKeyDstAddr, c.LocalAddr())
 			if tc, ok := c.(*net.TCPConn); ok {
 				_ = tc.SetLinger(0)
 			}

@@ -8,6 +8,7 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/xds/state"
 	"github.com/amber-mesh/amber/xds/workloadapi"
@@ -191,7 +192,7 @@ func (c *Client) applyAuthorizations(resp *discoveryv3.DeltaDiscoveryResponse) (
 		if err := p.Err(); err != nil {
 			// Well formed, so ACKed, but enforced as its most restrictive
 			// reading.
-			c.log.Warn("authorization policy enforced fail-closed", "error", err)
+			c.log.Warn("authorization policy enforced fail-closed", logkey.Error, err)
 		}
 		ops = append(ops, op{name: r.GetName(), version: r.GetVersion(), policy: p})
 	}
