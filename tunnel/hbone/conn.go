@@ -20,6 +20,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/amber-mesh/amber/internal/logkey"
+	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
 const (
@@ -188,7 +189,7 @@ func newConn(nc net.Conn, cfg Settings, stats *Stats, log *slog.Logger) *conn {
 	c.recvWin = int64(c.cfg.ConnWindow)
 	c.bc = batcher(nc)
 	if c.bc != nil {
-		c.bc.raw = rawConn(c.bc.Conn)
+		c.bc.raw = nonblock.Raw(c.bc.Conn)
 	}
 	// A tls.Conn already hands out decrypted records from its own buffer;
 	// anything else gets a small read buffer so frame headers are not

@@ -4,7 +4,8 @@ import (
 	"io"
 	"net"
 	"os"
-	"syscall"
+
+	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
 // Forward copies what r receives to w, as io.Copy(w, r) would, when r is
@@ -29,7 +30,7 @@ func Forward(r io.Reader, w io.Writer, done func(n int64, err error)) bool {
 	}
 	s.readMu.Lock() // released by finishForward
 	s.rmu.Lock()
-	s.fwd = &forwarder{w: w, sink: rawConn(w), done: done}
+	s.fwd = &forwarder{w: w, sink: nonblock.Raw(w), done: done}
 	start := s.forwardReadyLocked()
 	if !start {
 		s.fwdIdle = true
@@ -45,7 +46,7 @@ func Forward(r io.Reader, w io.Writer, done func(n int64, err error)) bool {
 // forwarder is the state of a Forward call.
 type forwarder struct {
 	w     io.Writer
-	sink  syscall.RawConn // w for direct delivery, or nil
+	sink  nonblock.RawConn // w for direct delivery, or nil
 	done  func(int64, error)
 	total int64 // bytes written so far; guarded by the running goroutine
 }

@@ -10,12 +10,12 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
 
 	"github.com/amber-mesh/amber/internal/logkey"
+	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
 // Stream is one tunnelled connection: a CONNECT stream used as a net.Conn.
@@ -62,11 +62,11 @@ type stream struct {
 	closedR  bool       // Close was called: data is dropped
 	// Direct delivery (see deliver): while WriteTo waits with nothing
 	// buffered, the reader goroutine writes DATA straight to its socket.
-	sink     syscall.RawConn // WriteTo's destination while it waits; nil otherwise
-	sinking  bool            // the reader goroutine is writing to sink
-	sinkN    int64           // bytes delivered directly, not yet counted by WriteTo
-	sinkErr  error           // a direct write failed: WriteTo returns it
-	unacked  int64           // bytes read but not yet returned with WINDOW_UPDATE
+	sink     nonblock.RawConn // WriteTo's destination while it waits; nil otherwise
+	sinking  bool             // the reader goroutine is writing to sink
+	sinkN    int64            // bytes delivered directly, not yet counted by WriteTo
+	sinkErr  error            // a direct write failed: WriteTo returns it
+	unacked  int64            // bytes read but not yet returned with WINDOW_UPDATE
 	resp     chan struct{}
 	respErr  error
 	respDone bool
@@ -201,7 +201,7 @@ func (s *stream) Read(p []byte) (int, error) {
 func (s *stream) WriteTo(w io.Writer) (int64, error) {
 	s.readMu.Lock()
 	defer s.readMu.Unlock()
-	sink := rawConn(w)
+	sink := nonblock.Raw(w)
 	var total int64
 	for {
 		s.rmu.Lock()
@@ -381,7 +381,7 @@ func (s *stream) deliver(r io.Reader, n int) (int, error) {
 	ch.w = k
 	var werr error
 	for ch.r < ch.w {
-		m, err := tryWrite(sink, ch.b[ch.r:ch.w])
+		m, err := nonblock.Write(sink, ch.b[ch.r:ch.w])
 		if err != nil {
 			werr = err
 			break

@@ -4,13 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"sync"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
 // idleAfter is how long an upload direction waits for its socket on its
@@ -20,9 +21,6 @@ import (
 // soon, and with it its stack, which is most of what an idle connection
 // costs (DESIGN.md §3).
 const idleAfter = 100 * time.Millisecond
-
-// errWouldBlock ends a pump's ReadFrom when its socket has nothing to read.
-var errWouldBlock = errors.New("proxy: no data")
 
 // parker waits for many idle sockets with one goroutine: each parked
 // socket is in an epoll set (EPOLLONESHOT), and the epoll descriptor
@@ -160,9 +158,9 @@ func newPump(pk *parker, dst, src halfConn, done func(int64, error)) *pump {
 // parks; or until EOF or an error, which end the copy.
 func (u *pump) run() {
 	for {
-		n, err := u.rf.ReadFrom(nonblockReader{u.raw})
+		n, err := u.rf.ReadFrom(nonblock.Reader{Raw: u.raw})
 		u.n += n
-		if !errors.Is(err, errWouldBlock) {
+		if !errors.Is(err, nonblock.ErrWouldBlock) {
 			u.finish(err)
 			return
 		}
@@ -179,11 +177,7 @@ func (u *pump) run() {
 // error (which the next read reports).
 func (u *pump) waitReadable() bool {
 	_ = u.src.SetReadDeadline(time.Now().Add(idleAfter))
-	err := u.raw.Read(func(fd uintptr) bool {
-		var b [1]byte
-		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return err != unix.EAGAIN && err != unix.EINTR
-	})
+	err := nonblock.WaitReadable(u.raw)
 	_ = u.src.SetReadDeadline(time.Time{})
 	return !errors.Is(err, os.ErrDeadlineExceeded)
 }
@@ -234,32 +228,4 @@ func (u *pump) finish(err error) {
 		err = u.dst.CloseWrite() // passes the half-close on, as proxyCopy
 	}
 	u.done(u.n, err)
-}
-
-// nonblockReader reads a socket without waiting: errWouldBlock when it
-// has nothing, io.EOF at the end.
-type nonblockReader struct{ raw syscall.RawConn }
-
-func (r nonblockReader) Read(p []byte) (int, error) {
-	var n int
-	var rerr error
-	err := r.raw.Read(func(fd uintptr) bool {
-		for {
-			n, rerr = unix.Read(int(fd), p)
-			if rerr != unix.EINTR {
-				return true
-			}
-		}
-	})
-	switch {
-	case err != nil:
-		return 0, err
-	case rerr == unix.EAGAIN:
-		return 0, errWouldBlock
-	case rerr != nil:
-		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
-	case n == 0:
-		return 0, io.EOF
-	}
-	return n, nil
 }
