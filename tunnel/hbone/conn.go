@@ -126,8 +126,8 @@ type conn struct {
 	wfr       *http2.Framer
 	henc      *hpack.Encoder
 	hbuf      bytes.Buffer
-	streams   map[uint32]*stream
-	blocked   []*stream // writers waiting for connection window or batch room
+	streams   map[uint32]*Stream
+	blocked   []*Stream // writers waiting for connection window or batch room
 	nextID    uint32    // client: next stream id
 	maxPeerID uint32    // server: highest stream id the client opened
 	sendWin   int64     // connection send window (RFC 9113 §6.9.1)
@@ -170,7 +170,7 @@ func newConn(nc net.Conn, cfg Settings, stats *Stats, log *slog.Logger) *conn {
 		readDone:       make(chan struct{}),
 		writeDone:      make(chan struct{}),
 		torn:           make(chan struct{}),
-		streams:        make(map[uint32]*stream),
+		streams:        make(map[uint32]*Stream),
 		nextID:         1,
 		sendWin:        initialWindow,
 		peerInitWin:    initialWindow,
@@ -364,7 +364,7 @@ func (c *conn) batchWrittenLocked(buf []byte) {
 // dataMark is one DATA frame's payload in a batch, so that bytes a stream
 // accepted and the connection never wrote are known (Unsent).
 type dataMark struct {
-	s *stream // nil once settled out of turn (a reset stream)
+	s *Stream // nil once settled out of turn (a reset stream)
 	n int64
 }
 
@@ -395,7 +395,7 @@ func (c *conn) settleLocked(marks []dataMark, lost bool) {
 
 // dropStreamDataLocked counts the DATA of s still queued or being written
 // as lost: the peer reset s, and discards what arrives for it.
-func (c *conn) dropStreamDataLocked(s *stream) {
+func (c *conn) dropStreamDataLocked(s *Stream) {
 	for _, marks := range [][]dataMark{c.marks, c.flying} {
 		for i := range marks {
 			if marks[i].s == s {
@@ -576,7 +576,7 @@ func (c *conn) teardown(err error) {
 		err = ErrConnClosed
 	}
 	c.err = err
-	streams := make([]*stream, 0, len(c.streams))
+	streams := make([]*Stream, 0, len(c.streams))
 	for _, s := range c.streams {
 		s.inMap = false
 		streams = append(streams, s)
@@ -1010,7 +1010,7 @@ func (c *conn) onGoAway(last uint32, code http2.ErrCode, debug []byte) error {
 	}
 	c.mu.Lock()
 	c.goAwayRecv = true
-	var unprocessed []*stream
+	var unprocessed []*Stream
 	for id, s := range c.streams {
 		// RFC 9113 §6.8: streams we opened above last were not processed
 		// and may be retried on another connection.
@@ -1078,7 +1078,7 @@ func (c *conn) streamErrorBudget() error {
 
 // resetLocked ends s with RST_STREAM code sent by us. The error it may
 // return is a control flood: the reset is queued regardless.
-func (c *conn) resetLocked(s *stream, code http2.ErrCode) error {
+func (c *conn) resetLocked(s *Stream, code http2.ErrCode) error {
 	_ = c.wfr.WriteRSTStream(s.id, code)
 	c.signalWriter()
 	err := &StreamError{Code: code}
@@ -1095,7 +1095,7 @@ func (c *conn) resetLocked(s *stream, code http2.ErrCode) error {
 
 // removeLocked forgets a stream that is closed in both directions or
 // reset, and does the bookkeeping that follows.
-func (c *conn) removeLocked(s *stream) {
+func (c *conn) removeLocked(s *Stream) {
 	if !s.inMap {
 		return
 	}
@@ -1105,8 +1105,8 @@ func (c *conn) removeLocked(s *stream) {
 }
 
 // newStreamLocked registers a stream opened by either side.
-func (c *conn) newStreamLocked(id uint32) *stream {
-	s := &stream{
+func (c *conn) newStreamLocked(id uint32) *Stream {
+	s := &Stream{
 		c:       c,
 		id:      id,
 		sendWin: c.peerInitWin,
@@ -1218,7 +1218,7 @@ func boolInt(b bool) int64 {
 
 // onEndStream records the peer's END_STREAM: reads see io.EOF once the
 // buffered data is consumed.
-func (c *conn) onEndStream(s *stream) {
+func (c *conn) onEndStream(s *Stream) {
 	c.mu.Lock()
 	if s.recvEnded || !s.inMap {
 		c.mu.Unlock()
@@ -1305,7 +1305,7 @@ func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, endStre
 // appendDataLocked queues one DATA frame of s; the caller then writes it
 // with flushLocked. The header is written by hand so the payload is
 // copied once, straight into the batch.
-func (c *conn) appendDataLocked(s *stream, endStream bool, p []byte) {
+func (c *conn) appendDataLocked(s *Stream, endStream bool, p []byte) {
 	id := s.id
 	var flags http2.Flags
 	if endStream {

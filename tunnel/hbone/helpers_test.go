@@ -182,7 +182,7 @@ func newPool(tb testing.TB, ts *testServer, mod ...func(*hbone.Pool)) *testPool 
 }
 
 // connect opens a stream to a fixed authority through tp.
-func (tp *testPool) connect(tb testing.TB) hbone.Stream {
+func (tp *testPool) connect(tb testing.TB) *hbone.Stream {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

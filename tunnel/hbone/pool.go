@@ -115,7 +115,7 @@ func (p *Pool) dialTimeout() time.Duration {
 // a connection for key, dialling one if none has room. hdr adds request
 // header fields (forwarded, baggage, traceparent, ...). It returns once the
 // server answered 200; any other status is a *StatusError.
-func (p *Pool) Connect(ctx context.Context, key Key, authority string, hdr http.Header) (Stream, error) {
+func (p *Pool) Connect(ctx context.Context, key Key, authority string, hdr http.Header) (*Stream, error) {
 	p.init()
 	fields, size, err := requestFields(authority, hdr)
 	if err != nil {
@@ -292,7 +292,7 @@ func (c *conn) tryReserve(limit int) bool {
 }
 
 // connect opens a stream in a reserved slot and waits for the response.
-func (c *conn) connect(ctx context.Context, fields []hpack.HeaderField, size uint32) (*stream, error) {
+func (c *conn) connect(ctx context.Context, fields []hpack.HeaderField, size uint32) (*Stream, error) {
 	c.mu.Lock()
 	c.reserved--
 	var err error

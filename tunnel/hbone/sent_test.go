@@ -3,7 +3,6 @@ package hbone_test
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"testing"
 	"time"
@@ -28,7 +27,7 @@ func relayApp(relay *net.TCPConn, res chan<- sentResult) hbone.Handler {
 			res <- sentResult{err: err}
 			return
 		}
-		n, err := s.(io.ReaderFrom).ReadFrom(relay)
+		n, err := s.ReadFrom(relay)
 		res <- sentResult{n: n, unsent: hbone.Unsent(s), err: err}
 	})
 }

@@ -18,7 +18,9 @@ import (
 	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
-// Stream is one tunnelled connection: a CONNECT stream used as a net.Conn.
+// Stream is one tunnelled connection: a CONNECT stream, on either side
+// of an HBONE connection, used as a net.Conn. Pool.Connect returns the
+// client's end, Responder.Accept the server's.
 //
 // CloseWrite sends END_STREAM, after which the peer reads io.EOF while
 // this side can still read; Read returns io.EOF once the peer has done the
@@ -26,13 +28,7 @@ import (
 // resets the stream with RST_STREAM(CANCEL), and the peer sees a
 // *StreamError. A reset received from the peer drops unread data and
 // fails Read and Write with a *StreamError.
-type Stream interface {
-	net.Conn
-	CloseWrite() error
-}
-
-// stream implements Stream on either side of a connection.
-type stream struct {
+type Stream struct {
 	c  *conn
 	id uint32
 
@@ -90,47 +86,45 @@ type stream struct {
 // on, so that an idle tunnel need not keep the handler's goroutine (and
 // its stack) waiting: the caller then owns s and must Close it. The
 // handler's context is still cancelled when it returns. It reports false,
-// and does nothing, for a stream that is not a server stream of this
-// package.
-func Detach(s Stream) bool {
-	st, ok := s.(*stream)
-	if !ok || st.cancel == nil {
+// and does nothing, for a client stream.
+func Detach(s *Stream) bool {
+	if s.cancel == nil {
 		return false
 	}
-	st.detached.Store(true)
+	s.detached.Store(true)
 	return true
 }
 
-var _ Stream = (*stream)(nil)
+var _ net.Conn = (*Stream)(nil)
 
-func (s *stream) LocalAddr() net.Addr  { return s.c.nc.LocalAddr() }
-func (s *stream) RemoteAddr() net.Addr { return s.c.nc.RemoteAddr() }
+func (s *Stream) LocalAddr() net.Addr  { return s.c.nc.LocalAddr() }
+func (s *Stream) RemoteAddr() net.Addr { return s.c.nc.RemoteAddr() }
 
-func (s *stream) SetDeadline(t time.Time) error {
+func (s *Stream) SetDeadline(t time.Time) error {
 	_ = s.SetReadDeadline(t)
 	return s.SetWriteDeadline(t)
 }
 
-func (s *stream) SetReadDeadline(t time.Time) error {
+func (s *Stream) SetReadDeadline(t time.Time) error {
 	s.rdl.set(t)
 	s.wakeRead()
 	return nil
 }
 
-func (s *stream) SetWriteDeadline(t time.Time) error {
+func (s *Stream) SetWriteDeadline(t time.Time) error {
 	s.wdl.set(t)
 	notify(s.wsig)
 	return nil
 }
 
 // hasDataLocked: chunks other than the last are never empty.
-func (s *stream) hasDataLocked() bool {
+func (s *Stream) hasDataLocked() bool {
 	return len(s.rbuf) > 1 || len(s.rbuf) == 1 && s.rbuf[0].r < s.rbuf[0].w
 }
 
 // waitDataLocked waits until there is data to read or a reason there
 // never will be.
-func (s *stream) waitDataLocked() error {
+func (s *Stream) waitDataLocked() error {
 	for {
 		switch {
 		case s.closedR:
@@ -155,7 +149,7 @@ func (s *stream) waitDataLocked() error {
 }
 
 // popLocked releases the first chunk.
-func (s *stream) popLocked() {
+func (s *Stream) popLocked() {
 	putChunk(s.rbuf[0])
 	n := copy(s.rbuf, s.rbuf[1:])
 	s.rbuf[n] = nil
@@ -165,7 +159,7 @@ func (s *stream) popLocked() {
 	}
 }
 
-func (s *stream) Read(p []byte) (int, error) {
+func (s *Stream) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
@@ -198,7 +192,7 @@ func (s *stream) Read(p []byte) (int, error) {
 // so io.Copy(dst, stream) copies each byte once. When w is a socket, data
 // that arrives while WriteTo waits is written by the connection's reader
 // itself (see deliver), without waking WriteTo.
-func (s *stream) WriteTo(w io.Writer) (int64, error) {
+func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 	s.readMu.Lock()
 	defer s.readMu.Unlock()
 	sink := nonblock.Raw(w)
@@ -238,7 +232,7 @@ func (s *stream) WriteTo(w io.Writer) (int64, error) {
 
 // writeOut writes the first buffered chunk to w and returns the window it
 // frees to the peer. It is called with s.rmu held and releases it.
-func (s *stream) writeOut(w io.Writer) (int64, error) {
+func (s *Stream) writeOut(w io.Writer) (int64, error) {
 	ch := s.rbuf[0]
 	data := ch.b[ch.r:ch.w]
 	s.draining = true
@@ -269,7 +263,7 @@ func (s *stream) writeOut(w io.Writer) (int64, error) {
 
 // consumedLocked counts n bytes read by the application and returns the
 // stream window increment to send, once a quarter of the window is due.
-func (s *stream) consumedLocked(n int64) int64 {
+func (s *Stream) consumedLocked(n int64) int64 {
 	s.unacked += n
 	if s.unacked < int64(s.c.cfg.StreamWindow/4) {
 		return 0
@@ -280,14 +274,14 @@ func (s *stream) consumedLocked(n int64) int64 {
 }
 
 // credit returns padding, which is never read, to the stream window.
-func (s *stream) credit(n int64) {
+func (s *Stream) credit(n int64) {
 	s.rmu.Lock()
 	inc := s.consumedLocked(n)
 	s.rmu.Unlock()
 	s.sendWindowUpdate(inc)
 }
 
-func (s *stream) sendWindowUpdate(inc int64) {
+func (s *Stream) sendWindowUpdate(inc int64) {
 	if inc <= 0 {
 		return
 	}
@@ -304,7 +298,7 @@ func (s *stream) sendWindowUpdate(inc int64) {
 
 // receive reads n bytes of DATA payload from r into the receive buffer.
 // It runs on the reader goroutine.
-func (s *stream) receive(r io.Reader, n int) error {
+func (s *Stream) receive(r io.Reader, n int) error {
 	for n > 0 {
 		s.rmu.Lock()
 		if s.sink != nil && !s.hasDataLocked() && !s.closedR && s.rerr == nil && s.sinkErr == nil {
@@ -371,7 +365,7 @@ func (s *stream) receive(r io.Reader, n int) error {
 // exactly as if it had not been offered. A slow consumer then costs the
 // reader one failed write per frame until WriteTo has drained the buffer,
 // and the stream window bounds what it can buffer, as before.
-func (s *stream) deliver(r io.Reader, n int) (int, error) {
+func (s *Stream) deliver(r io.Reader, n int) (int, error) {
 	sink := s.sink
 	s.sinking = true
 	s.rmu.Unlock()
@@ -435,7 +429,7 @@ func (s *stream) deliver(r io.Reader, n int) (int, error) {
 
 // dropLocked releases all buffered data and returns how many unread bytes
 // it held. Chunks another goroutine is using are left to the collector.
-func (s *stream) dropLocked() int64 {
+func (s *Stream) dropLocked() int64 {
 	var unread int64
 	for i, ch := range s.rbuf {
 		unread += int64(ch.w - ch.r)
@@ -452,7 +446,7 @@ func (s *stream) dropLocked() int64 {
 // sending, in which case what it sent stays readable. It takes only
 // s.rmu, so callers may hold c.mu. It returns the unread bytes dropped,
 // which the caller returns to the connection window.
-func (s *stream) abort(err error) int64 {
+func (s *Stream) abort(err error) int64 {
 	var dropped int64
 	s.rmu.Lock()
 	if s.rerr == nil {
@@ -474,7 +468,7 @@ func (s *stream) abort(err error) int64 {
 }
 
 // deliverResponse wakes the Connect waiting for this stream's response.
-func (s *stream) deliverResponse(err error) {
+func (s *Stream) deliverResponse(err error) {
 	s.rmu.Lock()
 	if !s.respDone {
 		s.respDone = true
@@ -485,7 +479,7 @@ func (s *stream) deliverResponse(err error) {
 }
 
 // writeErrLocked is why the stream cannot send, or nil. c.mu is held.
-func (s *stream) writeErrLocked() error {
+func (s *Stream) writeErrLocked() error {
 	switch {
 	case s.closed.Load():
 		return net.ErrClosed
@@ -506,7 +500,7 @@ func (s *stream) writeErrLocked() error {
 // awaitSendLocked waits until the stream may send a DATA frame and takes
 // flow-control window for up to want bytes (RFC 9113 §6.9). c.mu is held
 // on entry and on return.
-func (s *stream) awaitSendLocked(want int) (int, error) {
+func (s *Stream) awaitSendLocked(want int) (int, error) {
 	c := s.c
 	for {
 		if err := s.writeErrLocked(); err != nil {
@@ -533,13 +527,13 @@ func (s *stream) awaitSendLocked(want int) (int, error) {
 	}
 }
 
-func (s *stream) Write(p []byte) (int, error) {
+func (s *Stream) Write(p []byte) (int, error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	return s.write(p)
 }
 
-func (s *stream) write(p []byte) (int, error) {
+func (s *Stream) write(p []byte) (int, error) {
 	c := s.c
 	n := 0
 	for len(p) > 0 {
@@ -565,7 +559,7 @@ func (s *stream) write(p []byte) (int, error) {
 // read buffer starts small and grows only while reads fill it, and while
 // reads are small it waits for a socket to become readable before taking
 // a buffer, so a tunnel that mostly waits holds none.
-func (s *stream) ReadFrom(r io.Reader) (int64, error) {
+func (s *Stream) ReadFrom(r io.Reader) (int64, error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	var total int64
@@ -603,7 +597,7 @@ func (s *stream) ReadFrom(r io.Reader) (int64, error) {
 	}
 }
 
-func (s *stream) CloseWrite() error {
+func (s *Stream) CloseWrite() error {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	c := s.c
@@ -627,7 +621,7 @@ func (s *stream) CloseWrite() error {
 	return nil
 }
 
-func (s *stream) Close() error {
+func (s *Stream) Close() error {
 	if !s.closed.CompareAndSwap(false, true) {
 		return net.ErrClosed
 	}
@@ -658,19 +652,14 @@ func (s *stream) Close() error {
 	return nil
 }
 
-// Unsent reports how many of the bytes w's Write and ReadFrom accepted
-// never reached the peer's side of the connection, when w is a Stream of
-// this package (0 otherwise): those the connection was torn down before
-// writing, and those queued when the peer reset the stream, which it
-// discards. Accepted bytes minus Unsent are what the stream wrote to the
-// peer. The count is final once the stream was reset by the peer or its
-// connection ended; a stream that ended cleanly may still have bytes in
-// flight then, which are not counted.
-func Unsent(w io.Writer) int64 {
-	s, ok := w.(*stream)
-	if !ok {
-		return 0
-	}
+// Unsent reports how many of the bytes s's Write and ReadFrom accepted
+// never reached the peer's side of the connection: those the connection
+// was torn down before writing, and those queued when the peer reset the
+// stream, which it discards. Accepted bytes minus Unsent are what the
+// stream wrote to the peer. The count is final once the stream was reset
+// by the peer or its connection ended; a stream that ended cleanly may
+// still have bytes in flight then, which are not counted.
+func Unsent(s *Stream) int64 {
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
 	return s.unsent
@@ -681,15 +670,15 @@ type Responder interface {
 	// Accept answers 200 and returns the tunnel. Call it only once the
 	// upstream connection is established: a 200 tells the client its
 	// destination accepted the connection.
-	Accept() (Stream, error)
+	Accept() (*Stream, error)
 	// Reject answers status (300-599) and ends the stream. The reason is
 	// logged, not sent.
 	Reject(status int, reason string) error
 }
 
-type responder struct{ s *stream }
+type responder struct{ s *Stream }
 
-func (r responder) Accept() (Stream, error) {
+func (r responder) Accept() (*Stream, error) {
 	if err := r.s.respond(http.StatusOK); err != nil {
 		return nil, err
 	}
@@ -706,7 +695,7 @@ func (r responder) Reject(status int, reason string) error {
 
 // respond sends the response HEADERS; any status but 200 also ends the
 // stream.
-func (s *stream) respond(status int) error {
+func (s *Stream) respond(status int) error {
 	c := s.c
 	c.mu.Lock()
 	var err error
@@ -744,7 +733,7 @@ func (s *stream) respond(status int) error {
 }
 
 // serveStream runs the Handler for one CONNECT.
-func (c *conn) serveStream(s *stream, req *Request) {
+func (c *conn) serveStream(s *Stream, req *Request) {
 	defer c.handlerDone(s)
 	defer func() {
 		if r := recover(); r != nil {
@@ -759,7 +748,7 @@ func (c *conn) serveStream(s *stream, req *Request) {
 // handlerDone ends the stream of a returned handler: a handler that never
 // answered gets its stream reset, an accepted stream is closed unless it
 // was detached.
-func (c *conn) handlerDone(s *stream) {
+func (c *conn) handlerDone(s *Stream) {
 	c.mu.Lock()
 	if !s.responded && s.inMap {
 		_ = c.resetLocked(s, http2.ErrCodeInternal)

@@ -368,12 +368,20 @@ func (p *Proxy) relayEnd(r *record, t *tracked, mc *metrics.Conn) {
 	// Bytes count once written to the peer: an HBONE stream accepts
 	// bytes it then never writes when its connection fails or the peer
 	// resets it first (hbone.Unsent; a TCP socket's write is the kernel's).
-	r.sent -= hbone.Unsent(t.down)
-	r.recv -= hbone.Unsent(t.up)
+	r.sent -= unsent(t.down)
+	r.recv -= unsent(t.up)
 	if err := t.closeErr(); err != nil && !errors.Is(err, net.ErrClosed) && !peerEnded(err) {
 		r.err = err
 	}
 	p.relayDone(r, mc)
+}
+
+// unsent is hbone.Unsent for an HBONE stream, 0 for a socket.
+func unsent(c halfConn) int64 {
+	if s, ok := c.(*hbone.Stream); ok {
+		return hbone.Unsent(s)
+	}
+	return 0
 }
 
 // peerEnded reports an error that only says an endpoint ended the
@@ -445,12 +453,17 @@ func (t *tracked) copy(dst, src halfConn) int64 {
 // what arrives straight to dst, and an idle connection keeps no goroutine
 // (and no stack) for that direction. fin gets proxyCopy's results.
 func forward(dst, src halfConn, fin func(int64, error)) bool {
-	return hbone.Forward(src, dst, func(n int64, err error) {
+	s, ok := src.(*hbone.Stream)
+	if !ok {
+		return false
+	}
+	hbone.Forward(s, dst, func(n int64, err error) {
 		if err == nil {
 			err = dst.CloseWrite()
 		}
 		fin(n, err)
 	})
+	return true
 }
 
 // asyncCopy is a copy direction on a goroutine of its own.

@@ -28,7 +28,7 @@ func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Res
 	// The relay may outlive this handler (relayIdle), and closes the
 	// stream itself.
 	if t, r := p.acceptHBONE(ctx, req, rw); t != nil {
-		hbone.Detach(t.down)
+		hbone.Detach(t.down.(*hbone.Stream))
 		p.relay(r, t, t.down, t.up)
 	}
 }
