@@ -50,6 +50,17 @@ func (f HandlerFunc) ServeHBONE(ctx context.Context, req *Request, rw Responder)
 	f(ctx, req, rw)
 }
 
+// Responder answers a CONNECT request; use exactly one of its methods.
+type Responder interface {
+	// Accept answers 200 and returns the tunnel. Call it only once the
+	// upstream connection is established: a 200 tells the client its
+	// destination accepted the connection.
+	Accept() (*Stream, error)
+	// Reject answers status (300-599) and ends the stream. The reason is
+	// logged, not sent.
+	Reject(status int, reason string) error
+}
+
 // Server accepts HBONE connections. It owns the TLS handshake so that it
 // can bound it; the TLSConfig decides which client certificates are
 // accepted.
@@ -92,7 +103,7 @@ type Server struct {
 	mu        sync.Mutex // guards the fields below
 	listeners map[net.Listener]struct{}
 	raw       map[net.Conn]struct{} // connections in their TLS handshake
-	conns     map[*conn]struct{}
+	conns     map[*serverConn]struct{}
 	changed   chan struct{} // closed and replaced when a connection ends
 	down      bool
 	pending   int                // connections before the end of their preface
@@ -151,7 +162,7 @@ func (srv *Server) init() {
 		}
 		srv.listeners = make(map[net.Listener]struct{})
 		srv.raw = make(map[net.Conn]struct{})
-		srv.conns = make(map[*conn]struct{})
+		srv.conns = make(map[*serverConn]struct{})
 		srv.bySource = make(map[netip.Addr]int)
 		srv.changed = make(chan struct{})
 	})
@@ -388,11 +399,7 @@ func (srv *Server) serveConn(ctx context.Context, nc net.Conn, slot *handshakeSl
 		_ = nc.Close()
 		return errors.New("hbone: serve: Server.Handler is nil")
 	}
-	c := newConn(nc, srv.Settings, srv.stats, srv.log)
-	c.server = srv
-	c.slot = slot
-	c.maxStreams = srv.maxStreams()
-	c.ctx, c.cancel = context.WithCancel(ctx)
+	c := newServerConn(ctx, nc, srv, slot)
 
 	srv.mu.Lock()
 	if srv.down {
@@ -444,7 +451,7 @@ func (srv *Server) Shutdown(ctx context.Context) error {
 	srv.init()
 	err := srv.stop()
 	srv.mu.Lock()
-	conns := make([]*conn, 0, len(srv.conns))
+	conns := make([]*serverConn, 0, len(srv.conns))
 	for c := range srv.conns {
 		conns = append(conns, c)
 	}
