@@ -14,7 +14,7 @@ import (
 // goroutine runs only while received data waits for w or when the copy
 // ends. An idle tunnel then costs its receive direction no goroutine
 // stack, which is most of what a Go proxy holds per idle connection
-// (DESIGN.md §3: 16–20 KiB per side with a goroutine per direction).
+// (ARCHITECTURE.md, "Idle connections hold no goroutine").
 //
 // done is called once, on a goroutine of its own, when the copy ends: with
 // the bytes written and nil when the peer ended its side (io.EOF), or the

@@ -23,6 +23,7 @@ import (
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
 	"github.com/amber-mesh/amber/tunnel/metrics"
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
 )
@@ -118,7 +119,7 @@ type Proxy struct {
 	pool     *hbone.Pool
 	server   *hbone.Server
 	reserved map[uint16]bool
-	parker   *parker // nil: idle connections keep their goroutines
+	parker   *relay.Parker // nil: idle connections keep their goroutines
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -177,12 +178,10 @@ func New(cfg Config) (*Proxy, error) {
 		Stats:           &p.hstats,
 		Logger:          p.log,
 	}
-	if pk, err := newParker(); err != nil {
+	if pk, err := relay.NewParker(); err != nil {
 		p.log.Warn("idle connections will keep their goroutines", logkey.Error, err)
 	} else {
 		p.parker = pk
-		p.wg.Add(1)
-		go p.runParker()
 	}
 	sub := cfg.Store.Subscribe()
 	p.wg.Add(1)
@@ -281,11 +280,6 @@ func (p *Proxy) captured(ln net.Listener, handle func(net.Conn)) func(net.Conn) 
 	}
 }
 
-func (p *Proxy) runParker() {
-	defer p.wg.Done()
-	p.parker.run()
-}
-
 func (p *Proxy) trackListener(ln net.Listener) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -358,10 +352,10 @@ func (p *Proxy) Close() error {
 		t.close(ErrClosed)
 	}
 	errs = append(errs, p.server.Close(), p.pool.Close())
-	if p.parker != nil {
-		errs = append(errs, p.parker.close())
-	}
 	p.wg.Wait()
+	if p.parker != nil {
+		errs = append(errs, p.parker.Close())
+	}
 	return errors.Join(errs...)
 }
 

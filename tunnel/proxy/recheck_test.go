@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
 	"github.com/amber-mesh/amber/xds/workloadapi/security"
@@ -41,13 +43,11 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 	live := func(id, src string) *tracked {
 		down, _ := tcpPair(t)
 		up, _ := tcpPair(t)
-		tr := &tracked{down: down, up: up, inbound: true, authz: authz.Conn{
+		tr := &tracked{pair: relay.NewPair(down, up), inbound: true, authz: authz.Conn{
 			SrcIdentity: id, SrcIP: netip.MustParseAddr(src),
 			DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080, DstWorkload: authzWorkload(pp),
-		}}
-		if !p.track(tr) {
-			t.Fatal("proxy closed")
-		}
+		}, gen: store.Load().Generation()}
+		p.relay(&record{reporter: reporterDestino, start: time.Now(), protocol: protocolTCP}, tr)
 		return tr
 	}
 	sleep := live("spiffe://cluster.local/ns/default/sa/sleep", "10.0.0.3")
@@ -91,6 +91,13 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 	}); d.Allowed || d.Reason != authz.ReasonUnknownPolicy {
 		t.Errorf("new connection to a workload naming an unknown policy: %v, want denied", d)
 	}
+}
+
+// tcpPair returns both ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (a, b *net.TCPConn) {
+	t.Helper()
+	c, s, _ := loopbackConn(t, "127.0.0.1", "127.0.0.1")
+	return c, s
 }
 
 // loopbackConn returns both ends of a TCP connection from src to a new
@@ -160,6 +167,11 @@ func TestPolicyChangeBeforeTracking(t *testing.T) {
 		t.Fatalf("connection denied while it was set up: read %d, %v; want it closed", n, err)
 	}
 	<-handled
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.Drain(ctx); err != nil { // the relay ended and was reported
+		t.Fatal(err)
+	}
 	if n := p.Stats().AuthzRevoked.Load(); n != 1 {
 		t.Errorf("AuthzRevoked = %d, want 1", n)
 	}

@@ -1,4 +1,4 @@
-package proxy
+package relay
 
 import (
 	"errors"
@@ -14,29 +14,31 @@ import (
 	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
-// idleAfter is how long an upload direction waits for its socket on its
-// own goroutine before it hands the wait to the parker. Request/response
-// traffic stays on the direct wait (the parker adds a goroutine hand-off
+// idleAfter is how long a direction from a socket waits for it on its own
+// goroutine before it hands the wait to the Parker. Request/response
+// traffic stays on the direct wait (the Parker adds a goroutine hand-off
 // per wake-up); connections that really idle give their goroutine back
 // soon, and with it its stack, which is most of what an idle connection
-// costs (DESIGN.md §3).
+// costs (ARCHITECTURE.md, "Idle connections hold no goroutine").
 const idleAfter = 100 * time.Millisecond
 
-// parker waits for many idle sockets with one goroutine: each parked
+// Parker waits for many idle sockets with one goroutine: each parked
 // socket is in an epoll set (EPOLLONESHOT), and the epoll descriptor
 // itself waits in the runtime's poller. A socket that becomes readable
-// gets its pump restarted on a new goroutine.
-type parker struct {
+// gets its direction restarted on a new goroutine. One Parker serves any
+// number of relays.
+type Parker struct {
 	epfd int
-	file *os.File // epfd, registered with the runtime's poller
+	file *os.File      // epfd, registered with the runtime's poller
+	done chan struct{} // closed when run returns
 
 	mu     sync.Mutex // guards the fields below
 	parked map[int32]*pump
 }
 
-// newParker returns a parker and starts its goroutine, which ends once
-// close is called.
-func newParker() (*parker, error) {
+// NewParker returns a Parker and starts its goroutine, which ends once
+// Close is called.
+func NewParker() (*Parker, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
@@ -46,11 +48,14 @@ func newParker() (*parker, error) {
 		unix.Close(epfd)
 		return nil, fmt.Errorf("epoll nonblock: %w", err)
 	}
-	return &parker{epfd: epfd, file: os.NewFile(uintptr(epfd), "amber-idle"), parked: make(map[int32]*pump)}, nil
+	pk := &Parker{epfd: epfd, file: os.NewFile(uintptr(epfd), "amber-idle"), done: make(chan struct{}), parked: make(map[int32]*pump)}
+	go pk.run()
+	return pk, nil
 }
 
-// run dispatches readiness until close.
-func (pk *parker) run() {
+// run dispatches readiness until Close.
+func (pk *Parker) run() {
+	defer close(pk.done)
 	raw, err := pk.file.SyscallConn()
 	if err != nil {
 		return
@@ -78,12 +83,16 @@ func (pk *parker) run() {
 	})
 }
 
-func (pk *parker) close() error {
-	return pk.file.Close()
+// Close stops the Parker and waits for its goroutine. The relays using it
+// must have ended: a socket still parked is never woken.
+func (pk *Parker) Close() error {
+	err := pk.file.Close()
+	<-pk.done
+	return err
 }
 
 // arm waits (once) for u's socket to become readable. u.mu is held.
-func (pk *parker) arm(u *pump) error {
+func (pk *Parker) arm(u *pump) error {
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(u.fd)}
 	pk.mu.Lock()
 	defer pk.mu.Unlock()
@@ -101,7 +110,7 @@ func (pk *parker) arm(u *pump) error {
 
 // disarm removes u's socket from the set, which must happen before the
 // socket is closed: its descriptor may be reused. u.mu is held.
-func (pk *parker) disarm(u *pump) {
+func (pk *Parker) disarm(u *pump) {
 	if !u.registered {
 		return
 	}
@@ -114,29 +123,28 @@ func (pk *parker) disarm(u *pump) {
 	u.registered = false
 }
 
-// pump copies a socket into an HBONE stream (a connection's upload
-// direction) without keeping a goroutine while the socket is idle: when
-// nothing arrived for idleAfter it parks with the parker and its
-// goroutine ends; readiness starts a new one.
+// pump copies a socket into an HBONE stream without keeping a goroutine
+// while the socket is idle: when nothing arrived for idleAfter it parks
+// with the Parker and its goroutine ends; readiness starts a new one.
 type pump struct {
-	src  halfConn
+	src  Conn
 	raw  syscall.RawConn
-	dst  halfConn
+	dst  Conn
 	rf   io.ReaderFrom // dst
 	fd   int
-	pk   *parker
+	pk   *Parker
 	n    int64 // bytes copied; owned by the running goroutine
 	done func(int64, error)
 
 	mu         sync.Mutex // guards the fields below
-	parked     bool       // waiting with the parker, no goroutine running
+	parked     bool       // waiting with the Parker, no goroutine running
 	stopped    bool       // the sockets are being closed: never park again
-	registered bool       // fd is in the parker's epoll set
+	registered bool       // fd is in the Parker's epoll set
 }
 
 // newPump returns a pump for src → dst, or nil when src is not a socket
 // it can wait for without a goroutine.
-func newPump(pk *parker, dst, src halfConn, done func(int64, error)) *pump {
+func newPump(pk *Parker, dst, src Conn, done func(int64, error)) *pump {
 	rf, ok := dst.(io.ReaderFrom)
 	sc, ok2 := src.(syscall.Conn)
 	if pk == nil || !ok || !ok2 {
@@ -182,8 +190,8 @@ func (u *pump) waitReadable() bool {
 	return !errors.Is(err, os.ErrDeadlineExceeded)
 }
 
-// park hands the wait to the parker; false means the pump must go on
-// (stopped, or the parker failed), so the next read reports the outcome.
+// park hands the wait to the Parker; false means the pump must go on
+// (stopped, or the Parker failed), so the next read reports the outcome.
 func (u *pump) park() bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -206,7 +214,7 @@ func (u *pump) resume() {
 }
 
 // stop is called before the sockets are closed: the pump leaves the
-// parker and, if it was parked, runs to read the close.
+// Parker and, if it was parked, runs to read the close.
 func (u *pump) stop() {
 	u.mu.Lock()
 	u.stopped = true

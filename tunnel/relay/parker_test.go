@@ -1,4 +1,4 @@
-package proxy
+package relay
 
 import (
 	"io"
@@ -29,18 +29,13 @@ func tcpPair(t *testing.T) (a, b *net.TCPConn) {
 	return c.(*net.TCPConn), s.(*net.TCPConn)
 }
 
-func mustParker(t *testing.T) *parker {
+func mustParker(t *testing.T) *Parker {
 	t.Helper()
-	pk, err := newParker()
+	pk, err := NewParker()
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() { pk.run(); close(done) }()
-	t.Cleanup(func() {
-		pk.close()
-		<-done
-	})
+	t.Cleanup(func() { pk.Close() })
 	return pk
 }
 
@@ -51,7 +46,7 @@ type pumpResult struct {
 
 // startPump copies client → peer through a pump: client writes into src,
 // the pump copies src into dst, peer reads dst's other end.
-func startPump(t *testing.T, pk *parker) (client, peer *net.TCPConn, u *pump, results chan pumpResult) {
+func startPump(t *testing.T, pk *Parker) (client, peer *net.TCPConn, u *pump, results chan pumpResult) {
 	client, src := tcpPair(t)
 	dst, peer := tcpPair(t)
 	results = make(chan pumpResult, 1)
@@ -61,18 +56,6 @@ func startPump(t *testing.T, pk *parker) (client, peer *net.TCPConn, u *pump, re
 	}
 	go u.run()
 	return client, peer, u, results
-}
-
-func roundTrip(t *testing.T, client, peer *net.TCPConn, msg string) {
-	t.Helper()
-	if _, err := client.Write([]byte(msg)); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, len(msg))
-	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != msg {
-		t.Fatalf("read %q, %v; want %q", buf, err, msg)
-	}
 }
 
 // waitParked waits until the pump gave its goroutine back.
