@@ -3,39 +3,19 @@ package nonblock_test
 import (
 	"errors"
 	"io"
-	"net"
 	"os"
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
-
-func tcpPair(t *testing.T) (a, b *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		c.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
 
 // Read and Write never wait: an empty socket is ErrWouldBlock, a full one
 // takes 0 bytes; WaitReadable waits for input without reading it, up to
 // the read deadline.
 func TestNonblocking(t *testing.T) {
-	a, b := tcpPair(t)
+	a, b := tcptest.Pair(t)
 	if nonblock.Raw(struct{}{}) != nil {
 		t.Error("Raw of a non-socket is not nil")
 	}

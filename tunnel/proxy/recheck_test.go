@@ -4,16 +4,14 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/authz"
-	"github.com/amber-mesh/amber/tunnel/ca"
-	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
@@ -25,12 +23,7 @@ import (
 // workload naming the policy, then the policy. Only the connection the
 // policy does not allow may be closed, and only once the policy is known.
 func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
-	local, err := ca.OpenLocal(t.TempDir(), "cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	mgr := &certs.Manager{CA: local}
-	t.Cleanup(func() { mgr.Close() })
+	mgr := mustCerts(t)
 	pp := wl("productpage", state.ProtocolHBONE, "10.0.0.2")
 	store := state.NewStore()
 	store.Update(func(tx *state.Txn) { tx.PutWorkload(pp) })
@@ -41,8 +34,8 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 	t.Cleanup(func() { p.Close() })
 
 	live := func(id, src string) *tracked {
-		down, _ := tcpPair(t)
-		up, _ := tcpPair(t)
+		down, _ := tcptest.Pair(t)
+		up, _ := tcptest.Pair(t)
 		tr := &tracked{pair: relay.NewPair(down, up), inbound: true, authz: authz.Conn{
 			SrcIdentity: id, SrcIP: netip.MustParseAddr(src),
 			DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080, DstWorkload: authzWorkload(pp),
@@ -93,37 +86,6 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 	}
 }
 
-// tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(t *testing.T) (a, b *net.TCPConn) {
-	t.Helper()
-	c, s, _ := loopbackConn(t, "127.0.0.1", "127.0.0.1")
-	return c, s
-}
-
-// loopbackConn returns both ends of a TCP connection from src to a new
-// listener on dst (loopback addresses): the accepted end has dst as its
-// local address, as a captured connection has its original destination.
-func loopbackConn(t *testing.T, src, dst string) (client, accepted *net.TCPConn, ln *net.TCPListener) {
-	t.Helper()
-	l, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(dst), 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(src), 0))}
-	c, err := d.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := l.AcceptTCP()
-	if err != nil {
-		c.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); a.Close() })
-	return c.(*net.TCPConn), a, l
-}
-
 // TestPolicyChangeBeforeTracking publishes a DENY after an inbound
 // connection was authorized and before it is tracked, and lets the
 // re-check of live connections finish before the connection is tracked:
@@ -151,7 +113,7 @@ func TestPolicyChangeBeforeTracking(t *testing.T) {
 		}
 	}
 
-	client, down, ln := loopbackConn(t, "127.0.0.3", "127.0.0.2")
+	client, down, ln := tcptest.Conn(t, netip.MustParseAddr("127.0.0.3"), netip.MustParseAddr("127.0.0.2"))
 	handled := make(chan struct{})
 	go func() {
 		defer close(handled)
@@ -188,12 +150,7 @@ func TestPolicyChangeBeforeTracking(t *testing.T) {
 // 127.0.0.2 (on this node) and sleep at 127.0.0.3, logging to logs.
 func startInboundProxy(t *testing.T, logs *lockedBuffer) (*Proxy, *state.Store, *state.Workload) {
 	t.Helper()
-	local, err := ca.OpenLocal(t.TempDir(), "cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	mgr := &certs.Manager{CA: local}
-	t.Cleanup(func() { mgr.Close() })
+	mgr := mustCerts(t)
 	pp := wl("productpage", state.ProtocolHBONE, "127.0.0.2")
 	store := state.NewStore()
 	store.Update(func(tx *state.Txn) {
@@ -221,7 +178,7 @@ func TestRejectedPolicyRefuses(t *testing.T) {
 	store.Update(func(tx *state.Txn) {
 		tx.RejectAuthorization(state.RejectedAuthorization("default/broken", nil, "decode: unexpected EOF"))
 	})
-	client, down, _ := loopbackConn(t, "127.0.0.3", "127.0.0.2")
+	client, down, _ := tcptest.Conn(t, netip.MustParseAddr("127.0.0.3"), netip.MustParseAddr("127.0.0.2"))
 	p.handleInbound(down)
 	client.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if n, err := client.Read(make([]byte, 1)); err == nil {

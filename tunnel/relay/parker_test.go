@@ -6,28 +6,9 @@ import (
 	"runtime"
 	"testing"
 	"time"
-)
 
-// tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(t *testing.T) (a, b *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		c.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
+	"github.com/amber-mesh/amber/internal/tcptest"
+)
 
 func mustParker(t *testing.T) *Parker {
 	t.Helper()
@@ -47,8 +28,8 @@ type pumpResult struct {
 // startPump copies client → peer through a pump: client writes into src,
 // the pump copies src into dst, peer reads dst's other end.
 func startPump(t *testing.T, pk *Parker) (client, peer *net.TCPConn, u *pump, results chan pumpResult) {
-	client, src := tcpPair(t)
-	dst, peer := tcpPair(t)
+	client, src := tcptest.Pair(t)
+	dst, peer := tcptest.Pair(t)
 	results = make(chan pumpResult, 1)
 	u = newPump(pk, dst, src, func(n int64, err error) { results <- pumpResult{n, err} })
 	if u == nil {

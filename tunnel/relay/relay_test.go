@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -70,8 +71,8 @@ func roundTrip(t *testing.T, from, to Conn, msg string) {
 // TestPairSockets relays two TCP connections: bytes and half-closes pass
 // both ways, and the counts come back.
 func TestPairSockets(t *testing.T) {
-	client, a := tcpPair(t)
-	b, server := tcpPair(t)
+	client, a := tcptest.Pair(t)
+	b, server := tcptest.Pair(t)
 	_, res := startPair(t, a, b, mustParker(t))
 	exchange(t, client, server)
 	if r := result(t, res); r.Err != nil || r.AToB != 4 || r.BToA != 4+20 {
@@ -84,8 +85,8 @@ func TestPairSockets(t *testing.T) {
 func TestPairClose(t *testing.T) {
 	errRevoked := errors.New("revoked")
 	for _, started := range []bool{true, false} {
-		client, a := tcpPair(t)
-		b, server := tcpPair(t)
+		client, a := tcptest.Pair(t)
+		b, server := tcptest.Pair(t)
 		p := NewPair(a, b)
 		res := make(chan Result, 1)
 		if started {
@@ -160,7 +161,7 @@ func TestPairStreams(t *testing.T) {
 		upstream func(t *testing.T) (up, peer Conn)
 	}{
 		{"socket", func(t *testing.T) (Conn, Conn) {
-			up, peer := tcpPair(t)
+			up, peer := tcptest.Pair(t)
 			return up, peer
 		}},
 		{"stream", func(t *testing.T) (Conn, Conn) {
