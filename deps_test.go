@@ -23,6 +23,8 @@ func TestDependencyDirection(t *testing.T) {
 		{"./tunnel/...", []string{"k8s.io/client-go", "k8s.io/api", "k8s.io/apimachinery", "github.com/amber-mesh/amber/agent"}, nil, "the ztunnel runs without Kubernetes"},
 		{"./xds/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent"}, nil, "xds/ is Kubernetes-free"},
 		{"./xds/...", []string{"github.com/amber-mesh/amber/tunnel"}, []string{authz}, "xds/state holds compiled policies; nothing else of the data plane"},
+		{"./tunnel/relay/...", []string{"github.com/amber-mesh/amber/xds", "github.com/amber-mesh/amber/tunnel/proxy", "github.com/amber-mesh/amber/tunnel/metrics", "github.com/amber-mesh/amber/tunnel/authz", "github.com/amber-mesh/amber/tunnel/certs", "github.com/prometheus/"}, nil, "the relay copies bytes for the ztunnel and the waypoint alike: it knows no workloads, policy or telemetry"},
+		{"./tunnel/hbone/...", []string{"github.com/amber-mesh/amber/tunnel/relay", "github.com/amber-mesh/amber/tunnel/proxy", "github.com/amber-mesh/amber/xds"}, nil, "HBONE is the wire; relaying and routing sit on it"},
 		{"./waypoint/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent", "github.com/amber-mesh/amber/test"}, nil, "the waypoint runs on istiod's xDS alone, never the Kubernetes API"},
 		{"./waypoint/...", []string{"github.com/amber-mesh/amber/tunnel/proxy"}, nil, "the waypoint reuses the ztunnel's HBONE, certificates and identities, not its proxy"},
 	}

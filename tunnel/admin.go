@@ -27,7 +27,7 @@ func registerMetrics(reg *metrics.Metrics, cfg Config, px *proxy.Proxy, mgr *cer
 	}{
 		{"amber_hbone_events_total", "HBONE client pool and server events.", "event",
 			func() map[string]uint64 { return metrics.AtomicFields(px.HBONEStats()) }},
-		{"amber_proxy_refused_total", "Connections the ztunnel refused or closed, by cause (authz_denied: refused by policy).", "reason",
+		{"amber_proxy_refused_total", "Connections the ztunnel refused or closed, by cause (authz_denied: refused by policy; authz_rejected_policy: by a policy the xDS client rejected, enforced fail-closed).", "reason",
 			func() map[string]uint64 { return metrics.AtomicFields(px.Stats()) }},
 		{"amber_certificate_events_total", "Workload certificate issuance events.", "event", func() map[string]uint64 {
 			s := mgr.Stats()

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/proxy"
 )
 
@@ -49,7 +50,7 @@ func listenData(ctx context.Context, cfg Config, log *slog.Logger) (dataListener
 		if !cfg.NoCapture && l.role != bpf.HBONE {
 			dl.v4, dl.v6, err = cfg.Sockets.ListenLoopback(ctx, l.port)
 			if err == nil && dl.v6 == nil {
-				log.Info("no IPv6 loopback: captured IPv6 connections find no listener and fail closed", "listener", l.role)
+				log.Info("no IPv6 loopback: captured IPv6 connections find no listener and fail closed", logkey.Listener, l.role)
 			}
 		} else {
 			dl.v4, err = cfg.Sockets.Listen(ctx, "[::]:"+strconv.Itoa(int(l.port)))
@@ -117,7 +118,7 @@ func (lns dataListeners) register(ctx context.Context, root string, log *slog.Lo
 	ls, err := bpf.OpenListeners(root)
 	for waited := false; errors.Is(err, fs.ErrNotExist); ls, err = bpf.OpenListeners(root) {
 		if !waited {
-			log.Info("waiting for the agent to pin the datapath", "pin_root", root)
+			log.Info("waiting for the agent to pin the datapath", logkey.PinRoot, root)
 			waited = true
 		}
 		select {
@@ -146,14 +147,14 @@ func (lns dataListeners) register(ctx context.Context, root string, log *slog.Lo
 func (lns dataListeners) unregister(root string, log *slog.Logger) bool {
 	ls, err := bpf.OpenListeners(root)
 	if err != nil {
-		log.Warn("drain: open the listener map", "err", err)
+		log.Warn("drain: open the listener map", logkey.Error, err)
 		return false
 	}
 	defer ls.Close()
 	for _, dl := range lns {
 		dl.each(func(f bpf.Family, ln *net.TCPListener) {
 			if err := ls.UnregisterSocket(dl.role, f, ln); err != nil {
-				log.Warn("drain: unregister listener", "err", err)
+				log.Warn("drain: unregister listener", logkey.Error, err)
 			}
 		})
 	}
@@ -181,8 +182,8 @@ func drain(cfg Config, px *proxy.Proxy, lns dataListeners, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	if err := px.Drain(ctx); err != nil {
-		log.Info("drained; closing the rest", "took", time.Since(t0).Round(time.Millisecond), "err", err)
+		log.Info("drained; closing the rest", logkey.Took, time.Since(t0).Round(time.Millisecond), logkey.Error, err)
 		return
 	}
-	log.Info("drained", "took", time.Since(t0).Round(time.Millisecond))
+	log.Info("drained", logkey.Took, time.Since(t0).Round(time.Millisecond))
 }

@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/internal/supervise"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
@@ -231,7 +232,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		if err := lns.register(ctx, cfg.PinRoot, log); err != nil {
 			return err
 		}
-		log.Info("listeners registered in the datapath", "pin_root", cfg.PinRoot)
+		log.Info("listeners registered in the datapath", logkey.PinRoot, cfg.PinRoot)
 	}
 
 	var ready atomic.Bool
@@ -239,7 +240,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		select {
 		case <-xc.Synced():
 			ready.Store(true)
-			log.Info("ztunnel ready", "node", cfg.NodeName)
+			log.Info("ztunnel ready", logkey.Node, cfg.NodeName)
 			if cfg.Ready != nil {
 				cfg.Ready()
 			}

@@ -28,7 +28,7 @@ func TestIntegrationIstioHBONEServer(t *testing.T) {
 	key := hbone.Key{Src: clientID.String(), Dst: serverID.String(), Addr: istio.Addr}
 	m := mustManager(t, mesh)
 
-	connect := func(t *testing.T, p *hbone.Pool, target netip.AddrPort) (hbone.Stream, error) {
+	connect := func(t *testing.T, p *hbone.Pool, target netip.AddrPort) (*hbone.Stream, error) {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
@@ -40,7 +40,7 @@ func TestIntegrationIstioHBONEServer(t *testing.T) {
 	}
 	// deadline bounds a stream's remaining reads and writes: a tunnel
 	// that fails to end must fail the test, not hang it.
-	deadline := func(t *testing.T, s hbone.Stream) {
+	deadline := func(t *testing.T, s *hbone.Stream) {
 		t.Helper()
 		if err := s.SetDeadline(time.Now().Add(30 * time.Second)); err != nil {
 			t.Fatal(err)

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/amber-mesh/amber/internal/logkey"
 )
 
 // Backoff between failed accepts: doubled from minDelay up to maxDelay,
@@ -109,8 +111,8 @@ func Serve(ctx context.Context, ln net.Listener, opts Options, handle func(net.C
 		c, err := ln.Accept()
 		if err == nil {
 			if warned {
-				log.Info("accepting connections again", "listener", name,
-					"failed_accepts", failures, "for", time.Since(since).Round(time.Millisecond))
+				log.Info("accepting connections again", logkey.Listener, name,
+					logkey.FailedAccepts, failures, logkey.For, time.Since(since).Round(time.Millisecond))
 				warned = false
 			}
 			delay = 0
@@ -132,7 +134,7 @@ func Serve(ctx context.Context, ln net.Listener, opts Options, handle func(net.C
 		if !warned && (lastFail.IsZero() || now.Sub(lastFail) >= burstGap) {
 			// One line per burst: a ztunnel out of descriptors fails
 			// every accept until connections close.
-			log.Warn("accept failed; retrying with backoff until it works again", "listener", name, "errno", errno, "error", err)
+			log.Warn("accept failed; retrying with backoff until it works again", logkey.Listener, name, logkey.Errno, errno, logkey.Error, err)
 			warned, failures, since = true, 0, now
 		}
 		lastFail = now

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 )
 
 // Policy is an Authorization compiled for evaluation: addresses parsed,
@@ -17,6 +18,8 @@ type Policy struct {
 	// unenforceable, when not empty, says why the policy cannot be
 	// evaluated; it then matches every connection unless it is an ALLOW.
 	unenforceable string
+	// rejected: the policy stands in for one the client refused (Rejected).
+	rejected bool
 }
 
 type group struct{ all []rules } // AND-ed
@@ -66,6 +69,25 @@ func Compile(a Authorization) *Policy {
 	return p
 }
 
+// Rejected returns the policy that stands in for one the control plane
+// sent and the client refused as malformed (and NACKed), so that the policy
+// is enforced fail-closed rather than being absent, or kept in a version
+// its author replaced: an absent DENY allows what it should deny, and an
+// absent ALLOW can turn "no allow policy applies" into allow-all. As an
+// ALLOW the stand-in matches nothing; with any other action, ActionUnknown
+// included, it matches every connection it applies to. It applies as the
+// policy would: by scope (ScopeUnknown to its namespace) and to the
+// workloads that list key. scope and action are what could be read of the
+// policy; its namespace is key's "namespace/" prefix.
+func Rejected(key string, scope Scope, action Action, reason string) *Policy {
+	ns, name, ok := strings.Cut(key, "/")
+	if !ok {
+		ns, name = "", key
+	}
+	a := Authorization{Name: name, Namespace: ns, Scope: scope, Action: action, Unsupported: "rejected: " + reason}
+	return &Policy{key: key, src: a, action: action, unenforceable: reason, rejected: true}
+}
+
 // Key returns the policy's "namespace/name".
 func (p *Policy) Key() string { return p.key }
 
@@ -73,12 +95,13 @@ func (p *Policy) Key() string { return p.key }
 func (p *Policy) Authorization() Authorization { return cloneAuthorization(p.src) }
 
 // Err reports why the policy is enforced fail-closed: a *PolicyError
-// wrapping ErrUnenforceable, or nil when it is evaluated as written.
+// wrapping ErrUnenforceable, or ErrRejected for a rejected policy's
+// stand-in; nil when it is evaluated as written.
 func (p *Policy) Err() error {
 	if p.unenforceable == "" {
 		return nil
 	}
-	return &PolicyError{Key: p.key, Reason: p.unenforceable}
+	return &PolicyError{Key: p.key, Reason: p.unenforceable, Rejected: p.rejected}
 }
 
 // compiler records the first reason a policy cannot be evaluated.

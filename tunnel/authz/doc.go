@@ -35,6 +35,17 @@
 //     otherwise it matches everything it applies to. ztunnel drops such
 //     values, which widens the policy. An unknown scope applies to the
 //     policy's own namespace.
+//   - A policy the client rejected as malformed (and NACKed) is enforced
+//     through a stand-in (Rejected) built from what could be read of it:
+//     its key, and its scope and action when they decoded. As an ALLOW it
+//     matches nothing; otherwise, or when its action is unknown, it denies
+//     every connection it applies to: by scope (an unknown one meaning its
+//     namespace) and to the workloads that list it. A rejected update
+//     replaces the version before it until a good one arrives: Envoy and
+//     ztunnel keep the last accepted version, but that one may allow what
+//     its replacement denies. A rejected policy in the root namespace whose
+//     scope could not be read is taken to apply to that namespace only
+//     (the data plane does not know which namespace is the root).
 //   - A listed key missing from the set denies: istiod pushes workloads
 //     before policies (pilot/pkg/xds/ads.go PushOrder), so a reference can
 //     arrive before its policy, which may be a DENY. ztunnel skips it.

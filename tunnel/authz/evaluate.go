@@ -55,6 +55,10 @@ const (
 	ReasonInvalidIdentity
 	// ReasonInvalidAddress denies: SrcIP or DstIP is not a valid address.
 	ReasonInvalidAddress
+	// ReasonRejected denies: Decision.Policy was rejected by the client,
+	// and its stand-in (see Rejected) is not an ALLOW, so it is taken to
+	// match.
+	ReasonRejected
 )
 
 var reasonText = [...]string{
@@ -67,6 +71,7 @@ var reasonText = [...]string{
 	ReasonUnknownPolicy:   "unknown policy",
 	ReasonInvalidIdentity: "invalid source identity",
 	ReasonInvalidAddress:  "invalid address",
+	ReasonRejected:        "rejected policy",
 }
 
 func (r Reason) String() string {
@@ -99,6 +104,8 @@ func (d Decision) String() string {
 		return "denied by unenforceable policy " + d.Policy
 	case ReasonUnknownPolicy:
 		return "denied by unknown policy " + d.Policy
+	case ReasonRejected:
+		return "denied by rejected policy " + d.Policy
 	}
 	return d.Reason.String()
 }
@@ -208,6 +215,9 @@ func parseIdentity(id string) (ns, sa string, ok bool) {
 }
 
 func (p *Policy) denial() Decision {
+	if p.rejected {
+		return Decision{Reason: ReasonRejected, Policy: p.key}
+	}
 	if p.unenforceable != "" {
 		return Decision{Reason: ReasonUnenforceable, Policy: p.key}
 	}

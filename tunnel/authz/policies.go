@@ -16,6 +16,7 @@ type Policies struct {
 	global        policyList
 	byNamespace   map[string]*policyList
 	unenforceable int
+	rejected      int
 }
 
 // policyList splits policies by action so that every DENY can be checked
@@ -30,7 +31,10 @@ func NewPolicies(byKey map[string]*Policy) *Policies {
 	// order.
 	for _, k := range slices.Sorted(maps.Keys(byKey)) {
 		pol := byKey[k]
-		if pol.unenforceable != "" {
+		switch {
+		case pol.rejected:
+			s.rejected++
+		case pol.unenforceable != "":
 			s.unenforceable++
 		}
 		var l *policyList
@@ -64,6 +68,10 @@ func (p *Policies) Len() int { return len(p.byKey) }
 // Unenforceable returns how many policies in the set are enforced
 // fail-closed because part of them cannot be evaluated.
 func (p *Policies) Unenforceable() int { return p.unenforceable }
+
+// Rejected returns how many policies in the set stand in, fail-closed, for
+// policies the client rejected (see Rejected).
+func (p *Policies) Rejected() int { return p.rejected }
 
 // Get returns the policy stored under key ("namespace/name"), or nil.
 func (p *Policies) Get(key string) *Policy { return p.byKey[key] }

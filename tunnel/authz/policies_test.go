@@ -108,3 +108,91 @@ func TestPoliciesListing(t *testing.T) {
 		t.Errorf("Applicable = %v, want %v", got, want)
 	}
 }
+
+// A rejected policy is enforced through its stand-in, fail-closed, for the
+// workloads it would apply to: as an ALLOW it matches nothing, otherwise it
+// denies everything; an unreadable scope means its namespace.
+func TestPoliciesRejected(t *testing.T) {
+	bySleep := one(Match{Principals: []StringMatch{Exact(sleepP)}})
+	for _, tc := range []struct {
+		name  string
+		set   []*Policy
+		conn  Conn
+		want  Decision
+		other Decision // the same connection to a workload in namespace "other"
+	}{
+		{
+			name:  "namespace deny",
+			set:   []*Policy{Rejected("default/deny", ScopeNamespace, ActionDeny, "bad address")},
+			conn:  mtls(),
+			want:  Decision{Reason: ReasonRejected, Policy: "default/deny"},
+			other: allowedNoPolicy,
+		},
+		{
+			name:  "namespace allow matches nothing",
+			set:   []*Policy{Rejected("default/allow", ScopeNamespace, ActionAllow, "bad address")},
+			conn:  mtls(),
+			want:  notAllowed,
+			other: allowedNoPolicy,
+		},
+		{
+			name: "rejected allow beside a good one",
+			set: []*Policy{
+				Rejected("default/allow", ScopeNamespace, ActionAllow, "bad address"),
+				Compile(allow("default/allow-sleep", ScopeNamespace, bySleep)),
+			},
+			conn:  mtls(),
+			want:  allowedBy("default/allow-sleep"),
+			other: allowedNoPolicy,
+		},
+		{
+			name:  "global deny",
+			set:   []*Policy{Rejected("istio-system/deny", ScopeGlobal, ActionDeny, "bad address")},
+			conn:  mtls(),
+			want:  Decision{Reason: ReasonRejected, Policy: "istio-system/deny"},
+			other: Decision{Reason: ReasonRejected, Policy: "istio-system/deny"},
+		},
+		{
+			name:  "unreadable: its namespace, denying",
+			set:   []*Policy{Rejected("default/garbage", ScopeUnknown, ActionUnknown, "decode")},
+			conn:  mtls(),
+			want:  Decision{Reason: ReasonRejected, Policy: "default/garbage"},
+			other: allowedNoPolicy,
+		},
+		{
+			name:  "workload selector: only where listed",
+			set:   []*Policy{Rejected("default/sel", ScopeWorkloadSelector, ActionDeny, "bad address")},
+			conn:  withRefs(mtls(), "default/sel"),
+			want:  Decision{Reason: ReasonRejected, Policy: "default/sel"},
+			other: allowedNoPolicy,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			byKey := make(map[string]*Policy)
+			for _, p := range tc.set {
+				byKey[p.Key()] = p
+			}
+			set := NewPolicies(byKey)
+			if got := set.Evaluate(tc.conn); got != tc.want {
+				t.Errorf("Evaluate = %s, want %s", got, tc.want)
+			}
+			other := tc.conn
+			other.DstWorkload = Workload{Namespace: "other", Name: "x"}
+			if got := set.Evaluate(other); got != tc.other {
+				t.Errorf("Evaluate in namespace other = %s, want %s", got, tc.other)
+			}
+			if set.Rejected() != 1 || set.Unenforceable() != 0 {
+				t.Errorf("Rejected %d, Unenforceable %d; want 1 and 0", set.Rejected(), set.Unenforceable())
+			}
+		})
+	}
+	err := Rejected("default/x", ScopeUnknown, ActionUnknown, "decode: bad wire type").Err()
+	var pe *PolicyError
+	if !errors.Is(err, ErrRejected) || errors.Is(err, ErrUnenforceable) || !errors.As(err, &pe) ||
+		pe.Key != "default/x" || pe.Reason != "decode: bad wire type" {
+		t.Errorf("Err = %v (%+v), want a rejected *PolicyError for default/x", err, pe)
+	}
+	if d := (Decision{Reason: ReasonRejected, Policy: "default/x"}).String(); d != "denied by rejected policy default/x" {
+		t.Errorf("decision text %q", d)
+	}
+}

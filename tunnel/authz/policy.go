@@ -152,6 +152,10 @@ const (
 	ScopeGlobal           Scope = 0
 	ScopeNamespace        Scope = 1
 	ScopeWorkloadSelector Scope = 2
+	// ScopeUnknown is the scope of a rejected policy that could not be
+	// read (see Rejected): like any scope this package does not know, it
+	// applies to the policy's namespace.
+	ScopeUnknown Scope = -1
 )
 
 func (s Scope) String() string {
@@ -174,6 +178,10 @@ type Action int32
 const (
 	ActionAllow Action = 0
 	ActionDeny  Action = 1
+	// ActionUnknown is the action of a rejected policy that could not be
+	// read (see Rejected): like any action this package does not know, it
+	// denies every connection the policy applies to.
+	ActionUnknown Action = -1
 )
 
 func (a Action) String() string {

@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/identity"
 )
@@ -33,14 +34,6 @@ const (
 	// signTimeout bounds one CA round trip so that a hung CA turns into a
 	// retry rather than a stuck identity.
 	signTimeout = 30 * time.Second
-)
-
-// Log attribute keys.
-const (
-	logKeyIdentity = "identity"
-	logKeyError    = "error"
-	logKeyRetryIn  = "retry_in"
-	logKeyNotAfter = "not_after"
 )
 
 // Errors returned (wrapped) by the Manager and its TLS configurations.
@@ -354,9 +347,9 @@ func (m *Manager) issue(e *entry, done chan struct{}) {
 		e.lastErr = err
 		d := backoff(e.failures)
 		m.scheduleLocked(e, d)
-		attrs := []any{logKeyIdentity, e.id.String(), logKeyError, err, logKeyRetryIn, d}
+		attrs := []any{logkey.Identity, e.id.String(), logkey.Error, err, logkey.RetryIn, d}
 		if e.cur != nil {
-			attrs = append(attrs, logKeyNotAfter, e.cur.Leaf.NotAfter)
+			attrs = append(attrs, logkey.NotAfter, e.cur.Leaf.NotAfter)
 		}
 		m.logger().Warn("certificate issuance failed", attrs...)
 		return
@@ -375,7 +368,7 @@ func (m *Manager) issue(e *entry, done chan struct{}) {
 		at = now.Add(leaf.NotAfter.Sub(now) / 2)
 	}
 	m.scheduleLocked(e, at.Sub(now))
-	m.logger().Debug("certificate issued", logKeyIdentity, e.id.String(), logKeyNotAfter, leaf.NotAfter)
+	m.logger().Debug("certificate issued", logkey.Identity, e.id.String(), logkey.NotAfter, leaf.NotAfter)
 }
 
 // obtain generates a key and has the CA certify it for id. The reply is

@@ -4,7 +4,8 @@ import (
 	"crypto/tls"
 	"net"
 	"sync"
-	"syscall"
+
+	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
 // batchConn sits under a tls.Conn. crypto/tls writes every record (at
@@ -19,8 +20,8 @@ type batchConn struct {
 	wmu       sync.Mutex // guards the write side
 	buffering bool
 	wbuf      []byte
-	woff      int             // wbuf[:woff] is written
-	raw       syscall.RawConn // for writes that must not block; nil if unsupported; set before use
+	woff      int              // wbuf[:woff] is written
+	raw       nonblock.RawConn // for writes that must not block; nil if unsupported; set before use
 
 	// The read side is used only under the tls.Conn's read lock.
 	rbuf     *chunk
@@ -77,7 +78,7 @@ func (bc *batchConn) tryFlush() (done bool, err error) {
 	bc.wmu.Lock()
 	defer bc.wmu.Unlock()
 	for bc.woff < len(bc.wbuf) {
-		n, err := tryWrite(bc.raw, bc.wbuf[bc.woff:])
+		n, err := nonblock.Write(bc.raw, bc.wbuf[bc.woff:])
 		if err != nil {
 			return false, err
 		}

@@ -151,14 +151,14 @@ func BenchmarkProxyThroughput(b *testing.B) {
 
 // proxy copies both ways between a stream and a TCP connection, passing
 // half-closes along, as the tunnel does.
-func proxy(s hbone.Stream, c *net.TCPConn) {
+func proxy(s *hbone.Stream, c *net.TCPConn) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		io.Copy(c, s)
 		c.CloseWrite()
 	}()
-	s.(io.ReaderFrom).ReadFrom(c)
+	s.ReadFrom(c)
 	s.CloseWrite()
 	<-done
 }
@@ -217,7 +217,7 @@ func idleStreamCost(tb testing.TB, n int) (heap, stack float64) {
 		return ms.HeapAlloc, ms.StackInuse
 	}
 	h0, s0 := measure()
-	streams := make([]hbone.Stream, n)
+	streams := make([]*hbone.Stream, n)
 	for i := range streams {
 		s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
 		if err != nil {
@@ -274,7 +274,7 @@ func TestIdleReadFromMemory(t *testing.T) {
 	}
 	defer ln.Close()
 	var srcs, peers []net.Conn
-	var streams []hbone.Stream
+	var streams []*hbone.Stream
 	for range n {
 		c, err := net.Dial("tcp", ln.Addr().String())
 		if err != nil {
@@ -297,7 +297,7 @@ func TestIdleReadFromMemory(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			streams[i].(io.ReaderFrom).ReadFrom(srcs[i])
+			streams[i].ReadFrom(srcs[i])
 		}()
 	}
 	// One message each: the buffer used for it must not stay behind.

@@ -4,32 +4,27 @@ import (
 	"io"
 	"net"
 	"os"
-	"syscall"
+
+	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
-// Forward copies what r receives to w, as io.Copy(w, r) would, when r is
-// a Stream of this package, and reports whether it is; otherwise it does
-// nothing. It holds no goroutine while nothing arrives: the connection's
-// reader writes DATA straight to w when w is a socket that takes it (see
-// deliver), and a goroutine runs only while received data waits for w or
-// when the copy ends. An idle tunnel then costs its receive direction no
-// goroutine stack, which is most of what a Go proxy holds per idle
-// connection (DESIGN.md §3: 16–20 KiB per side with a goroutine per
-// direction).
+// Forward copies what s receives to w, as io.Copy(w, s) would, holding
+// no goroutine while nothing arrives: the connection's reader writes DATA
+// straight to w when w is a socket that takes it (see deliver), and a
+// goroutine runs only while received data waits for w or when the copy
+// ends. An idle tunnel then costs its receive direction no goroutine
+// stack, which is most of what a Go proxy holds per idle connection
+// (ARCHITECTURE.md, "Idle connections hold no goroutine").
 //
 // done is called once, on a goroutine of its own, when the copy ends: with
 // the bytes written and nil when the peer ended its side (io.EOF), or the
 // error that stopped it. Until then the stream must not be read. Read
 // deadlines are observed only when they are set or data arrives; Close
 // stops an idle copy.
-func Forward(r io.Reader, w io.Writer, done func(n int64, err error)) bool {
-	s, ok := r.(*stream)
-	if !ok {
-		return false
-	}
+func Forward(s *Stream, w io.Writer, done func(n int64, err error)) {
 	s.readMu.Lock() // released by finishForward
 	s.rmu.Lock()
-	s.fwd = &forwarder{w: w, sink: rawConn(w), done: done}
+	s.fwd = &forwarder{w: w, sink: nonblock.Raw(w), done: done}
 	start := s.forwardReadyLocked()
 	if !start {
 		s.fwdIdle = true
@@ -39,27 +34,26 @@ func Forward(r io.Reader, w io.Writer, done func(n int64, err error)) bool {
 	if start {
 		go s.forward()
 	}
-	return true
 }
 
 // forwarder is the state of a Forward call.
 type forwarder struct {
 	w     io.Writer
-	sink  syscall.RawConn // w for direct delivery, or nil
+	sink  nonblock.RawConn // w for direct delivery, or nil
 	done  func(int64, error)
 	total int64 // bytes written so far; guarded by the running goroutine
 }
 
 // forwardReadyLocked reports whether a forward goroutine has something to
 // do: data to write, an end to report, or a delivery to wait for.
-func (s *stream) forwardReadyLocked() bool {
+func (s *Stream) forwardReadyLocked() bool {
 	return s.closedR || s.hasDataLocked() || s.sinkErr != nil || s.rerr != nil ||
 		s.sinking || s.rdl.expired()
 }
 
 // wakeRead tells the receive side's consumer that its state changed: a
 // waiting Read or WriteTo, or an idle Forward, which gets a goroutine.
-func (s *stream) wakeRead() {
+func (s *Stream) wakeRead() {
 	notify(s.rsig)
 	s.rmu.Lock()
 	start := s.fwdIdle
@@ -77,7 +71,7 @@ func (s *stream) wakeRead() {
 
 // forward runs Forward's copy until nothing is left to do, then leaves
 // the stream to direct delivery and exits, or ends the copy.
-func (s *stream) forward() {
+func (s *Stream) forward() {
 	f := s.fwd
 	var err error
 	for {
@@ -121,7 +115,7 @@ func (s *stream) forward() {
 	}
 }
 
-func (s *stream) finishForward(f *forwarder, err error) {
+func (s *Stream) finishForward(f *forwarder, err error) {
 	s.rmu.Lock()
 	s.fwd = nil
 	s.rmu.Unlock()

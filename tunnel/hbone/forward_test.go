@@ -19,7 +19,7 @@ type forwardResult struct {
 // startForwarder serves CONNECTs by forwarding each stream to a new TCP
 // connection it returns on conns, from a detached stream, the handler
 // returning at once. Forward's results arrive on results.
-func startForwarder(t *testing.T) (tp *testPool, conns chan net.Conn, results chan forwardResult, streams chan hbone.Stream) {
+func startForwarder(t *testing.T) (tp *testPool, conns chan net.Conn, results chan forwardResult, streams chan *hbone.Stream) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -28,7 +28,7 @@ func startForwarder(t *testing.T) (tp *testPool, conns chan net.Conn, results ch
 	t.Cleanup(func() { ln.Close() })
 	conns = make(chan net.Conn, 4)
 	results = make(chan forwardResult, 4)
-	streams = make(chan hbone.Stream, 4)
+	streams = make(chan *hbone.Stream, 4)
 	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
 		up, err := net.Dial("tcp", ln.Addr().String())
 		if err != nil {
@@ -50,13 +50,10 @@ func startForwarder(t *testing.T) (tp *testPool, conns chan net.Conn, results ch
 		if !hbone.Detach(s) {
 			t.Error("Detach refused a server stream")
 		}
-		ok := hbone.Forward(s, up, func(n int64, err error) {
+		hbone.Forward(s, up, func(n int64, err error) {
 			up.(*net.TCPConn).CloseWrite()
 			results <- forwardResult{n, err}
 		})
-		if !ok {
-			t.Error("Forward refused a stream")
-		}
 		conns <- peer
 		streams <- s
 	}))
@@ -79,6 +76,9 @@ func TestForward(t *testing.T) {
 	defer peer.Close()
 	up := <-streams
 	defer up.Close()
+	if hbone.Detach(s) {
+		t.Error("Detach took a client stream")
+	}
 	for _, msg := range []string{"hello", "again"} {
 		if _, err := s.Write([]byte(msg)); err != nil {
 			t.Fatal(err)

@@ -1,10 +1,8 @@
 package hbone
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -76,17 +74,17 @@ func (c *conn) onHeaderField(f hpack.HeaderField) {
 		var bit uint8
 		var dst *string
 		switch {
-		case c.server != nil && f.Name == ":method":
+		case c.isServer && f.Name == ":method":
 			bit, dst = seenMethod, &hb.method
-		case c.server != nil && f.Name == ":authority":
+		case c.isServer && f.Name == ":authority":
 			bit, dst = seenAuthority, &hb.authority
-		case c.server != nil && f.Name == ":scheme":
+		case c.isServer && f.Name == ":scheme":
 			bit, dst = seenScheme, &hb.scheme
-		case c.server != nil && f.Name == ":path":
+		case c.isServer && f.Name == ":path":
 			bit, dst = seenPath, &hb.path
-		case c.server != nil && f.Name == ":protocol":
+		case c.isServer && f.Name == ":protocol":
 			bit, dst = seenProtocol, &hb.protocol
-		case c.server == nil && f.Name == ":status":
+		case !c.isServer && f.Name == ":status":
 			bit, dst = seenStatus, &hb.status
 		default:
 			hb.invalid = errUnknownPseudo
@@ -201,167 +199,24 @@ func (c *conn) decodeFragment(frag []byte, end bool) error {
 		return connError{http2.ErrCodeCompression, "HPACK: " + err.Error()}
 	}
 	hb := &c.hb
-	if !c.isPeerID(hb.streamID) && c.server != nil {
-		return c.protocolError(http2.ErrCodeProtocol, "HEADERS on a server stream id")
-	}
-	var err error
-	if c.server != nil {
-		err = c.onRequest(hb)
-	} else {
-		err = c.onResponse(hb)
-	}
+	err := c.side.onHeaderBlock(hb)
 	if cap(hb.fields) > 64 {
 		hb.fields = nil
 	}
 	return err
 }
 
-// onRequest handles a complete request header block on the server.
-func (c *conn) onRequest(hb *headerBlock) error {
-	id := hb.streamID
-	c.mu.Lock()
-	if s := c.streams[id]; s != nil {
-		// Trailers (RFC 9113 §8.1): they must end the stream.
-		if !hb.endStream {
-			err := c.resetLocked(s, http2.ErrCodeProtocol)
-			c.mu.Unlock()
-			return err
-		}
-		c.mu.Unlock()
-		c.onEndStream(s)
-		return nil
-	}
-	defer c.mu.Unlock()
-	if id <= c.maxPeerID {
-		// RFC 9113 §5.1.1: new stream ids only grow; this one is closed.
-		c.stats.ProtocolErrors.Add(1)
-		return connError{http2.ErrCodeProtocol, "HEADERS on a closed stream"}
-	}
-	c.maxPeerID = id
-	c.prioritiesEarn = min(c.prioritiesEarn+1, maxEarned)
-	if !c.controlRoomLocked() {
-		return c.controlFlood()
-	}
-	// Refusals are answered without creating the stream.
-	refuse := func(code http2.ErrCode) error {
-		_ = c.wfr.WriteRSTStream(id, code)
-		c.signalWriter()
-		return nil
-	}
-	respond := func(status int) error {
-		c.writeHeadersLocked(id, statusFields(status), true)
-		if !hb.endStream {
-			// RFC 9113 §8.1: after a complete response the server may stop
-			// the request with RST_STREAM(NO_ERROR).
-			_ = c.wfr.WriteRSTStream(id, http2.ErrCodeNo)
-		}
-		c.signalWriter() // the reader never writes itself
-		return nil
-	}
-	switch {
-	case c.goAwaySent || c.closing:
-		c.stats.StreamsRefused.Add(1)
-		return refuse(http2.ErrCodeRefusedStream)
-	case hb.tooLarge:
-		c.stats.HeaderListTooLarge.Add(1)
-		if err := c.streamErrorBudget(); err != nil {
-			return err
-		}
-		return respond(http.StatusRequestHeaderFieldsTooLarge)
-	case hb.invalid != nil, hb.selfDep:
-		c.stats.BadRequests.Add(1)
-		if err := c.streamErrorBudget(); err != nil {
-			return err
-		}
-		return refuse(http2.ErrCodeProtocol)
-	case uint32(len(c.streams)) >= c.maxStreams || c.handlers >= 2*int(c.maxStreams):
-		// Handlers of streams the client already reset still count, so
-		// resetting streams cannot start unbounded work (CVE-2023-44487).
-		// A refusal costs no more than the HEADERS that caused it; a client
-		// that sends them without reading the answers hits the control
-		// backlog limit.
-		c.stats.StreamsRefused.Add(1)
-		return refuse(http2.ErrCodeRefusedStream)
-	}
-	// RFC 9113 §8.5: CONNECT carries :method and :authority only.
-	addr, err := ParseAuthority(hb.authority)
-	if hb.method != http.MethodConnect || hb.seen&(seenScheme|seenPath|seenProtocol) != 0 || err != nil {
-		c.stats.BadRequests.Add(1)
-		if err := c.streamErrorBudget(); err != nil {
-			return err
-		}
-		return respond(http.StatusBadRequest)
-	}
-	s := c.newStreamLocked(id)
-	s.recvEnded = hb.endStream
-	if hb.endStream {
-		s.rerr = io.EOF // a CONNECT that will send nothing: reads see EOF at once
-	}
-	c.handlers++
-	req := &Request{
-		Method:    hb.method,
-		Authority: hb.authority,
-		Addr:      addr,
-		Header:    make(http.Header, len(hb.fields)),
-		Conn:      c.nc,
-	}
-	for _, f := range hb.fields {
-		req.Header.Add(http.CanonicalHeaderKey(f.Name), f.Value)
-	}
-	s.ctx, s.cancel = context.WithCancel(c.ctx)
-	go c.serveStream(s, req)
-	return nil
-}
-
-// onResponse handles a complete response header block on the client.
-func (c *conn) onResponse(hb *headerBlock) error {
-	id := hb.streamID
-	c.mu.Lock()
-	if !c.isPeerID(id) && id >= c.nextID || c.isPeerID(id) {
-		// Servers open no streams here (push is disabled), and never
-		// answer a stream not yet opened (RFC 9113 §5.1).
-		c.mu.Unlock()
-		return c.protocolError(http2.ErrCodeProtocol, "HEADERS on idle stream")
-	}
-	s := c.streams[id]
-	if s == nil {
-		c.mu.Unlock()
-		return nil // closed by us; the block was decoded, that is all it needs
-	}
-	if s.responded {
-		// Trailers must end the stream.
-		if !hb.endStream {
-			err := c.resetLocked(s, http2.ErrCodeProtocol)
-			c.mu.Unlock()
-			return err
-		}
-		c.mu.Unlock()
-		c.onEndStream(s)
-		return nil
-	}
-	var status int
-	if hb.tooLarge {
-		c.stats.HeaderListTooLarge.Add(1)
-	} else if hb.invalid == nil && !hb.selfDep && hb.seen&seenStatus != 0 && len(hb.status) == 3 {
-		status, _ = strconv.Atoi(hb.status)
-	}
-	if status < 100 || status > 599 || status == http.StatusSwitchingProtocols || (status < 200 && hb.endStream) {
-		// Malformed response (RFC 9113 §8.1.1, §8.6).
+// onTrailersLocked handles a header block on a stream that already had
+// its request or final response: trailers, which must end the stream
+// (RFC 9113 §8.1). It is called with c.mu held and releases it.
+func (c *conn) onTrailersLocked(s *Stream, hb *headerBlock) error {
+	if !hb.endStream {
 		err := c.resetLocked(s, http2.ErrCodeProtocol)
 		c.mu.Unlock()
 		return err
 	}
-	if status < 200 {
-		c.mu.Unlock()
-		return nil // informational: the final response follows
-	}
-	s.responded = true
-	s.status = status
 	c.mu.Unlock()
-	s.deliverResponse(nil)
-	if hb.endStream {
-		c.onEndStream(s)
-	}
+	c.onEndStream(s)
 	return nil
 }
 

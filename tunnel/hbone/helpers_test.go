@@ -182,7 +182,7 @@ func newPool(tb testing.TB, ts *testServer, mod ...func(*hbone.Pool)) *testPool 
 }
 
 // connect opens a stream to a fixed authority through tp.
-func (tp *testPool) connect(tb testing.TB) hbone.Stream {
+func (tp *testPool) connect(tb testing.TB) *hbone.Stream {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -206,28 +206,6 @@ var echo = hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hb
 	}
 	s.CloseWrite()
 })
-
-// tcpPair returns both ends of a loopback TCP connection, closed when the
-// test ends.
-func tcpPair(t *testing.T) (a, b *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		c.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
 
 // waitFor polls cond until it holds or 5s pass.
 func waitFor(tb testing.TB, what string, cond func() bool) {

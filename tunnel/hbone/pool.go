@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 )
 
 // Key selects the connections a stream may share: HBONE connections are
@@ -55,13 +54,13 @@ type Pool struct {
 
 	mu     sync.Mutex // guards the fields below; taken before any conn's mu
 	keys   map[Key]*poolKey
-	all    map[*conn]struct{}
+	all    map[*clientConn]struct{}
 	closed bool
 }
 
 // poolKey holds the connections of one Key that take new streams.
 type poolKey struct {
-	conns []*conn
+	conns []*clientConn
 	dial  *dialCall // in flight, shared by every Connect that needs it
 }
 
@@ -86,7 +85,7 @@ func (p *Pool) init() {
 			p.log = slog.New(slog.DiscardHandler)
 		}
 		p.keys = make(map[Key]*poolKey)
-		p.all = make(map[*conn]struct{})
+		p.all = make(map[*clientConn]struct{})
 	})
 }
 
@@ -115,7 +114,7 @@ func (p *Pool) dialTimeout() time.Duration {
 // a connection for key, dialling one if none has room. hdr adds request
 // header fields (forwarded, baggage, traceparent, ...). It returns once the
 // server answered 200; any other status is a *StatusError.
-func (p *Pool) Connect(ctx context.Context, key Key, authority string, hdr http.Header) (Stream, error) {
+func (p *Pool) Connect(ctx context.Context, key Key, authority string, hdr http.Header) (*Stream, error) {
 	p.init()
 	fields, size, err := requestFields(authority, hdr)
 	if err != nil {
@@ -143,7 +142,7 @@ func (p *Pool) Connect(ctx context.Context, key Key, authority string, hdr http.
 }
 
 // getConn returns a connection for key with a stream slot reserved.
-func (p *Pool) getConn(ctx context.Context, key Key) (*conn, error) {
+func (p *Pool) getConn(ctx context.Context, key Key) (*clientConn, error) {
 	p.mu.Lock()
 	for {
 		if p.closed {
@@ -194,15 +193,12 @@ func (p *Pool) dialConn(key Key, pk *poolKey, d *dialCall) {
 			err = errors.New("ALPN did not negotiate h2")
 		}
 	}
-	var c *conn
+	var c *clientConn
 	if err != nil {
 		p.stats.DialErrors.Add(1)
 		err = fmt.Errorf("dial: %w", err)
 	} else {
-		c = newConn(nc, p.Settings, p.stats, p.log)
-		c.pool = p
-		c.key = key
-		c.idleTimeout = p.idleTimeout()
+		c = newClientConn(nc, p, key)
 		c.start()
 	}
 	p.mu.Lock()
@@ -227,13 +223,13 @@ func (p *Pool) dialConn(key Key, pk *poolKey, d *dialCall) {
 }
 
 // remove stops handing out c, once it took a GOAWAY or closed.
-func (p *Pool) remove(c *conn) {
+func (p *Pool) remove(c *clientConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.removeLocked(c)
 }
 
-func (p *Pool) removeLocked(c *conn) {
+func (p *Pool) removeLocked(c *clientConn) {
 	if pk := p.keys[c.key]; pk != nil {
 		if i := slices.Index(pk.conns, c); i >= 0 {
 			pk.conns = slices.Delete(pk.conns, i, i+1)
@@ -252,7 +248,7 @@ func (p *Pool) Close() error {
 	p.init()
 	p.mu.Lock()
 	p.closed = true
-	conns := make([]*conn, 0, len(p.all))
+	conns := make([]*clientConn, 0, len(p.all))
 	for c := range p.all {
 		conns = append(conns, c)
 	}
@@ -268,127 +264,4 @@ func (p *Pool) Close() error {
 	}
 	p.dials.Wait()
 	return nil
-}
-
-func (c *conn) isClosed() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.closed
-}
-
-// tryReserve claims a stream slot for a Connect, within limit and the
-// server's SETTINGS_MAX_CONCURRENT_STREAMS.
-func (c *conn) tryReserve(limit int) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed || c.closing || c.goAwaySent || c.goAwayRecv || c.exhausted {
-		return false
-	}
-	if len(c.streams)+c.reserved >= min(limit, int(c.peerMaxStreams)) {
-		return false
-	}
-	c.reserved++
-	return true
-}
-
-// connect opens a stream in a reserved slot and waits for the response.
-func (c *conn) connect(ctx context.Context, fields []hpack.HeaderField, size uint32) (*stream, error) {
-	c.mu.Lock()
-	c.reserved--
-	var err error
-	switch {
-	case c.closed:
-		err = retryableError{c.err}
-	case c.closing || c.goAwaySent || c.goAwayRecv:
-		err = retryableError{ErrConnClosed}
-	case c.nextID > maxStreamID:
-		c.exhausted = true
-		err = retryableError{errors.New("hbone: stream ids exhausted")}
-	case size > c.peerMaxHeaderList:
-		err = fmt.Errorf("hbone: request header list of %d bytes over the server's limit of %d", size, c.peerMaxHeaderList)
-	}
-	if err != nil {
-		c.slotFreedLocked()
-		c.mu.Unlock()
-		return nil, err
-	}
-	if c.idleTimer != nil {
-		c.idleTimer.Stop()
-	}
-	id := c.nextID
-	c.nextID += 2
-	s := c.newStreamLocked(id)
-	s.resp = make(chan struct{})
-	c.writeHeadersLocked(id, fields, false)
-	if err := c.flushLocked(); err != nil {
-		_ = s.Close()
-		return nil, retryableError{err}
-	}
-
-	select {
-	case <-s.resp:
-	case <-ctx.Done():
-		_ = s.Close()
-		return nil, ctx.Err()
-	}
-	if s.respErr != nil {
-		_ = s.Close()
-		return nil, s.respErr
-	}
-	if s.status != http.StatusOK {
-		c.stats.StreamsRejected.Add(1)
-		_ = s.Close()
-		return nil, &StatusError{Code: s.status}
-	}
-	c.stats.StreamsOpened.Add(1)
-	return s, nil
-}
-
-// slotFreedLocked follows a stream slot becoming free: a draining
-// connection may now close, an unused one starts its idle timer.
-func (c *conn) slotFreedLocked() {
-	if c.closed || c.closing {
-		return
-	}
-	if c.drainedLocked() {
-		c.closing = true
-		c.closeErr = ErrConnClosed
-		c.signalWriter()
-		return
-	}
-	if c.pool != nil && len(c.streams) == 0 && c.reserved == 0 {
-		c.idleSince = time.Now()
-		if c.idleTimer == nil {
-			c.idleTimer = time.AfterFunc(c.idleTimeout, c.idleCheck)
-		} else {
-			c.idleTimer.Reset(c.idleTimeout)
-		}
-	}
-}
-
-// idleCheck closes the connection if it is still unused after
-// IdleTimeout.
-func (c *conn) idleCheck() {
-	p := c.pool
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	c.mu.Lock()
-	idle := !c.closed && !c.closing && len(c.streams) == 0 && c.reserved == 0
-	if idle {
-		if wait := c.idleTimeout - time.Since(c.idleSince); wait > 0 {
-			c.idleTimer.Reset(wait)
-			c.mu.Unlock()
-			return
-		}
-		_ = c.wfr.WriteGoAway(0, http2.ErrCodeNo, nil)
-		c.goAwaySent = true
-		c.closing = true
-		c.closeErr = ErrConnClosed
-		c.signalWriter()
-	}
-	c.mu.Unlock()
-	if idle {
-		p.stats.IdleCloses.Add(1)
-		p.removeLocked(c)
-	}
 }

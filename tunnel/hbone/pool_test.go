@@ -30,7 +30,7 @@ func TestPoolReuseAndLimits(t *testing.T) {
 	ts := startServer(t, echo)
 	tp := newPool(t, ts)
 	const n = 150
-	streams := make([]hbone.Stream, n)
+	streams := make([]*hbone.Stream, n)
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Add(1)
@@ -91,7 +91,7 @@ func TestPoolRespectsServerMaxStreams(t *testing.T) {
 	tp := newPool(t, ts)
 	// The first stream lets the pool learn the server's SETTINGS.
 	first := tp.connect(t)
-	var streams []hbone.Stream
+	var streams []*hbone.Stream
 	for range 5 {
 		streams = append(streams, tp.connect(t))
 	}

@@ -3,13 +3,13 @@ package hbone_test
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -28,7 +28,7 @@ func relayApp(relay *net.TCPConn, res chan<- sentResult) hbone.Handler {
 			res <- sentResult{err: err}
 			return
 		}
-		n, err := s.(io.ReaderFrom).ReadFrom(relay)
+		n, err := s.ReadFrom(relay)
 		res <- sentResult{n: n, unsent: hbone.Unsent(s), err: err}
 	})
 }
@@ -38,7 +38,7 @@ func relayApp(relay *net.TCPConn, res chan<- sentResult) hbone.Handler {
 func TestSentCountsWhatReachedThePeer(t *testing.T) {
 	t.Run("flow-control window closed", func(t *testing.T) {
 		checkLeaks(t)
-		app, relay := tcpPair(t) // the application writes into app
+		app, relay := tcptest.Pair(t) // the application writes into app
 		res := make(chan sentResult, 1)
 		ts := startServer(t, relayApp(relay, res))
 		rc := dialRaw(t, ts)
@@ -61,7 +61,7 @@ func TestSentCountsWhatReachedThePeer(t *testing.T) {
 
 	t.Run("peer not reading", func(t *testing.T) {
 		checkLeaks(t)
-		app, relay := tcpPair(t) // the application writes into app
+		app, relay := tcptest.Pair(t) // the application writes into app
 		res := make(chan sentResult, 1)
 		// Keepalive ends the connection once the stalled peer leaves a
 		// PING unanswered.

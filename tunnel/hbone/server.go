@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/accept"
 )
 
@@ -47,6 +48,17 @@ type HandlerFunc func(ctx context.Context, req *Request, rw Responder)
 
 func (f HandlerFunc) ServeHBONE(ctx context.Context, req *Request, rw Responder) {
 	f(ctx, req, rw)
+}
+
+// Responder answers a CONNECT request; use exactly one of its methods.
+type Responder interface {
+	// Accept answers 200 and returns the tunnel. Call it only once the
+	// upstream connection is established: a 200 tells the client its
+	// destination accepted the connection.
+	Accept() (*Stream, error)
+	// Reject answers status (300-599) and ends the stream. The reason is
+	// logged, not sent.
+	Reject(status int, reason string) error
 }
 
 // Server accepts HBONE connections. It owns the TLS handshake so that it
@@ -91,7 +103,7 @@ type Server struct {
 	mu        sync.Mutex // guards the fields below
 	listeners map[net.Listener]struct{}
 	raw       map[net.Conn]struct{} // connections in their TLS handshake
-	conns     map[*conn]struct{}
+	conns     map[*serverConn]struct{}
 	changed   chan struct{} // closed and replaced when a connection ends
 	down      bool
 	pending   int                // connections before the end of their preface
@@ -150,7 +162,7 @@ func (srv *Server) init() {
 		}
 		srv.listeners = make(map[net.Listener]struct{})
 		srv.raw = make(map[net.Conn]struct{})
-		srv.conns = make(map[*conn]struct{})
+		srv.conns = make(map[*serverConn]struct{})
 		srv.bySource = make(map[netip.Addr]int)
 		srv.changed = make(chan struct{})
 	})
@@ -360,7 +372,7 @@ func (srv *Server) serveTLS(nc net.Conn, slot *handshakeSlot) {
 		} else {
 			srv.stats.HandshakeErrors.Add(1)
 		}
-		srv.log.Debug("hbone: TLS handshake failed", "remote", nc.RemoteAddr(), "error", err)
+		srv.log.Debug("hbone: TLS handshake failed", logkey.Remote, nc.RemoteAddr(), logkey.Error, err)
 		_ = nc.Close()
 		return
 	}
@@ -369,7 +381,7 @@ func (srv *Server) serveTLS(nc net.Conn, slot *handshakeSlot) {
 	// The slot is released once the client's preface is read (or the
 	// connection fails before).
 	if err := srv.serveConn(srv.ctx, tc, slot); err != nil {
-		srv.log.Debug("hbone: connection ended", "remote", nc.RemoteAddr(), "error", err)
+		srv.log.Debug("hbone: connection ended", logkey.Remote, nc.RemoteAddr(), logkey.Error, err)
 	}
 }
 
@@ -387,11 +399,7 @@ func (srv *Server) serveConn(ctx context.Context, nc net.Conn, slot *handshakeSl
 		_ = nc.Close()
 		return errors.New("hbone: serve: Server.Handler is nil")
 	}
-	c := newConn(nc, srv.Settings, srv.stats, srv.log)
-	c.server = srv
-	c.slot = slot
-	c.maxStreams = srv.maxStreams()
-	c.ctx, c.cancel = context.WithCancel(ctx)
+	c := newServerConn(ctx, nc, srv, slot)
 
 	srv.mu.Lock()
 	if srv.down {
@@ -443,7 +451,7 @@ func (srv *Server) Shutdown(ctx context.Context) error {
 	srv.init()
 	err := srv.stop()
 	srv.mu.Lock()
-	conns := make([]*conn, 0, len(srv.conns))
+	conns := make([]*serverConn, 0, len(srv.conns))
 	for c := range srv.conns {
 		conns = append(conns, c)
 	}

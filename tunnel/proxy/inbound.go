@@ -14,6 +14,7 @@ import (
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
 )
@@ -24,12 +25,8 @@ import (
 // workload (400), authorization (401), the upstream connection (503); 200
 // only once the application accepted.
 func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
-	// The relay runs under a small frame: see copyBoth.
-	// The relay may outlive this handler (relayIdle), and closes the
-	// stream itself.
 	if t, r := p.acceptHBONE(ctx, req, rw); t != nil {
-		hbone.Detach(t.down)
-		p.relay(r, t, t.down, t.up)
+		p.relay(r, t)
 	}
 }
 
@@ -97,9 +94,12 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		DstWorkload: authzWorkload(r.dstW),
 	}
 	if d := snap.Policies().Evaluate(ac); !d.Allowed {
-		p.stats.AuthzDenied.Add(1)
+		p.denied(d)
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
 		return nil, nil
+	}
+	if testHookAuthorized != nil {
+		testHookAuthorized()
 	}
 	// ctx ends when the client resets the stream or its connection ends
 	// (or the proxy closes): a stream its client cancelled is reported as
@@ -136,7 +136,9 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		p.refuse(r, fmt.Errorf("accept CONNECT: %w", err))
 		return nil, nil
 	}
-	return &tracked{down: down, up: up, inbound: true, authz: ac}, r
+	// The relay outlives this handler and closes the stream itself.
+	hbone.Detach(down)
+	return &tracked{pair: relay.NewPair(down, up), inbound: true, authz: ac, gen: snap.Generation()}, r
 }
 
 // handleInbound serves a plaintext connection to a local pod from a client
@@ -163,9 +165,12 @@ func (p *Proxy) handleInbound(c net.Conn) {
 	}
 	ac := authz.Conn{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port(), DstWorkload: authzWorkload(r.dstW)}
 	if d := snap.Policies().Evaluate(ac); !d.Allowed {
-		p.stats.AuthzDenied.Add(1)
+		p.denied(d)
 		refuse(&DeniedError{Decision: d})
 		return
+	}
+	if testHookAuthorized != nil {
+		testHookAuthorized()
 	}
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
 	up, err := p.cfg.Sockets.Dial(ctx, dst, src.Addr())
@@ -175,8 +180,7 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		refuse(fmt.Errorf("connect %s: %w", dst, err))
 		return
 	}
-	down := c.(halfConn)
-	p.relay(r, &tracked{down: down, up: up, inbound: true, authz: ac}, down, up)
+	p.relay(r, &tracked{pair: relay.NewPair(c.(relay.Conn), up), inbound: true, authz: ac, gen: snap.Generation()})
 }
 
 // tunnelTarget reports whether a CONNECT may reach addr: never the

@@ -22,6 +22,19 @@ import (
 	"github.com/amber-mesh/amber/xds/state"
 )
 
+// mustCerts returns a certificate manager on a local CA for cluster.local,
+// closed when t ends.
+func mustCerts(t *testing.T) *certs.Manager {
+	t.Helper()
+	local, err := ca.OpenLocal(t.TempDir(), "cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgr := &certs.Manager{CA: local}
+	t.Cleanup(func() { mgr.Close() })
+	return mgr
+}
+
 type lockedBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
@@ -50,13 +63,7 @@ func (l *lockedBuffer) lines() []map[string]any {
 // 400 before it looks at policy, over real mTLS on loopback, and checks
 // what the client, the access log and the metrics see.
 func TestHBONERefusals(t *testing.T) {
-	dir := t.TempDir()
-	local, err := ca.OpenLocal(dir, "cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	mgr := &certs.Manager{CA: local}
-	t.Cleanup(func() { mgr.Close() })
+	mgr := mustCerts(t)
 	pp := wl("productpage", state.ProtocolHBONE, "127.0.0.2")
 	sleep := wl("sleep", state.ProtocolHBONE, "127.0.0.3")
 	store := state.NewStore()

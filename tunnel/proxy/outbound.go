@@ -13,6 +13,7 @@ import (
 
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
 )
@@ -39,19 +40,18 @@ func (p *Proxy) handleOutbound(c net.Conn) {
 			dst = od
 		}
 	}
-	p.outbound(c.(halfConn), sockopt.AddrPort(c.RemoteAddr()), dst)
+	p.outbound(c.(relay.Conn), sockopt.AddrPort(c.RemoteAddr()), dst)
 }
 
-func (p *Proxy) outbound(down halfConn, src, dst netip.AddrPort) {
-	// The relay runs under a small frame: see copyBoth.
+func (p *Proxy) outbound(down relay.Conn, src, dst netip.AddrPort) {
 	if r, up := p.connectOutbound(down, src, dst); up != nil {
-		p.relay(r, &tracked{down: down, up: up}, down, up)
+		p.relay(r, &tracked{pair: relay.NewPair(down, up)})
 	}
 }
 
 // connectOutbound resolves and connects an outbound connection; a nil
-// halfConn means it was refused and reported.
-func (p *Proxy) connectOutbound(down halfConn, src, dst netip.AddrPort) (*record, halfConn) {
+// relay.Conn means it was refused and reported.
+func (p *Proxy) connectOutbound(down relay.Conn, src, dst netip.AddrPort) (*record, relay.Conn) {
 	r := &record{reporter: reporterSource, src: src, dst: dst, start: time.Now(), protocol: protocolTCP}
 	// A captured pod must be known: anything else would let an unknown
 	// address borrow the node's mesh identity. A pod's first connection
@@ -76,7 +76,7 @@ func (p *Proxy) connectOutbound(down halfConn, src, dst netip.AddrPort) (*record
 	r.dstW, r.svc = rt.dstW, rt.svc
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
 	defer cancel()
-	var up halfConn
+	var up relay.Conn
 	if rt.hbone {
 		r.protocol, r.mtls, r.hboneAddr, r.dstID = protocolHBONE, true, rt.addr, rt.peer
 		hdr := http.Header{}

@@ -10,6 +10,15 @@ func authzWorkload(w *state.Workload) authz.Workload {
 	return authz.Workload{Namespace: w.Namespace, Name: w.Name, Policies: w.AuthorizationPolicies}
 }
 
+// denied counts a connection refused by decision d.
+func (p *Proxy) denied(d authz.Decision) {
+	if d.Reason == authz.ReasonRejected {
+		p.stats.AuthzRejectedPolicy.Add(1)
+		return
+	}
+	p.stats.AuthzDenied.Add(1)
+}
+
 // watchPolicies re-checks live inbound connections whenever policies or
 // workloads change (a workload's policy list is part of its resource).
 // New subscribes before any connection is accepted.
@@ -23,6 +32,9 @@ func (p *Proxy) watchPolicies(sub *state.Subscription) {
 		case <-sub.C():
 			if snap, what := sub.Take(); what&(state.ChangedAuthorizations|state.ChangedWorkloads) != 0 {
 				p.recheck(snap)
+				if testHookRechecked != nil {
+					testHookRechecked(snap.Generation())
+				}
 			}
 		}
 	}
@@ -40,27 +52,54 @@ func (p *Proxy) recheck(snap *state.Snapshot) {
 	}
 	p.mu.Unlock()
 	for _, t := range live {
-		w := p.localWorkload(snap, t.authz.DstIP)
-		if w == nil {
-			t.close(errDestRemoved)
-			continue
-		}
-		c := t.authz
-		c.DstWorkload = authzWorkload(w)
-		if d := snap.Policies().Evaluate(c); !d.Allowed {
-			if d.Reason == authz.ReasonUnknownPolicy {
-				// The workload names a policy the store does not hold
-				// yet: istiod pushes workloads before policies, so a
-				// workload that gained a policy names it first (seen
-				// with istiod in test/e2e). New connections are refused
-				// in that window; a live one waits for the policy's own
-				// update, which re-checks it, rather than being closed
-				// on a decision no policy took: that would end the
-				// connections the policy, once known, allows.
-				continue
-			}
-			p.stats.AuthzRevoked.Add(1)
-			t.close(&DeniedError{Decision: d, Revoked: true})
-		}
+		p.check(t, snap)
 	}
 }
+
+// recheckTracked re-checks an inbound connection just tracked if the
+// store moved on since it was authorized: a change published in between
+// found it untracked, so its own re-check passed it by. (ztunnel
+// registers a connection before its first check for the same reason.)
+// Any later change finds it tracked.
+func (p *Proxy) recheckTracked(t *tracked) {
+	if snap := p.cfg.Store.Load(); snap.Generation() != t.gen {
+		p.check(t, snap)
+	}
+}
+
+// check closes the live inbound connection t if snap's policies no longer
+// allow it, or no longer hold its destination.
+func (p *Proxy) check(t *tracked, snap *state.Snapshot) {
+	w := p.localWorkload(snap, t.authz.DstIP)
+	if w == nil {
+		t.close(errDestRemoved)
+		return
+	}
+	c := t.authz
+	c.DstWorkload = authzWorkload(w)
+	if d := snap.Policies().Evaluate(c); !d.Allowed {
+		if d.Reason == authz.ReasonUnknownPolicy {
+			// The workload names a policy the store does not hold
+			// yet: istiod pushes workloads before policies, so a
+			// workload that gained a policy names it first (seen
+			// with istiod in test/e2e). New connections are refused
+			// in that window; a live one waits for the policy's own
+			// update, which re-checks it, rather than being closed
+			// on a decision no policy took: that would end the
+			// connections the policy, once known, allows.
+			return
+		}
+		p.stats.AuthzRevoked.Add(1)
+		t.close(&DeniedError{Decision: d, Revoked: true})
+	}
+}
+
+// Test hooks, nil outside tests.
+var (
+	// testHookAuthorized runs when an inbound connection was authorized,
+	// before it is tracked.
+	testHookAuthorized func()
+	// testHookRechecked runs when the live connections were re-checked
+	// against the snapshot of generation gen.
+	testHookRechecked func(gen uint64)
+)

@@ -17,11 +17,13 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/accept"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
 	"github.com/amber-mesh/amber/tunnel/metrics"
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
 )
@@ -94,8 +96,12 @@ type Stats struct {
 	BadRequests     atomic.Uint64 // inbound CONNECT refused with 400
 	UnknownDest     atomic.Uint64 // inbound to an address no local workload owns
 	AuthzDenied     atomic.Uint64 // inbound refused by policy
-	AuthzRevoked    atomic.Uint64 // live connections closed after a policy change
-	HandshakeErrors atomic.Uint64 // outbound HBONE TLS handshakes that failed
+	// AuthzRejectedPolicy counts inbound connections refused by the
+	// stand-in of a policy the xDS client rejected (enforced fail-closed,
+	// tunnel/authz); they are not in AuthzDenied.
+	AuthzRejectedPolicy atomic.Uint64
+	AuthzRevoked        atomic.Uint64 // live connections closed after a policy change
+	HandshakeErrors     atomic.Uint64 // outbound HBONE TLS handshakes that failed
 	// NotCaptured counts connections reset at accept on the outbound or
 	// inbound listener because they were addressed to the listener's own
 	// port: made to the ztunnel directly, not captured (see captured).
@@ -113,7 +119,7 @@ type Proxy struct {
 	pool     *hbone.Pool
 	server   *hbone.Server
 	reserved map[uint16]bool
-	parker   *parker // nil: idle connections keep their goroutines
+	parker   *relay.Parker // nil: idle connections keep their goroutines
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -172,12 +178,10 @@ func New(cfg Config) (*Proxy, error) {
 		Stats:           &p.hstats,
 		Logger:          p.log,
 	}
-	if pk, err := newParker(); err != nil {
-		p.log.Warn("idle connections will keep their goroutines", "error", err)
+	if pk, err := relay.NewParker(); err != nil {
+		p.log.Warn("idle connections will keep their goroutines", logkey.Error, err)
 	} else {
 		p.parker = pk
-		p.wg.Add(1)
-		go p.runParker()
 	}
 	sub := cfg.Store.Subscribe()
 	p.wg.Add(1)
@@ -261,7 +265,7 @@ func (p *Proxy) captured(ln net.Listener, handle func(net.Conn)) func(net.Conn) 
 	return func(c net.Conn) {
 		if sockopt.AddrPort(c.LocalAddr()).Port() == port {
 			p.stats.NotCaptured.Add(1)
-			p.log.Debug("not captured: connection to the listener's own port reset", "listener", ln.Addr(), "src.addr", c.RemoteAddr(), "dst.addr", c.LocalAddr())
+			p.log.Debug("not captured: connection to the listener's own port reset", logKeyListener, ln.Addr(), logKeySrcAddr, c.RemoteAddr(), logKeyDstAddr, c.LocalAddr())
 			if tc, ok := c.(*net.TCPConn); ok {
 				_ = tc.SetLinger(0)
 			}
@@ -274,11 +278,6 @@ func (p *Proxy) captured(ln net.Listener, handle func(net.Conn)) func(net.Conn) 
 			handle(c)
 		}()
 	}
-}
-
-func (p *Proxy) runParker() {
-	defer p.wg.Done()
-	p.parker.run()
 }
 
 func (p *Proxy) trackListener(ln net.Listener) bool {
@@ -353,10 +352,10 @@ func (p *Proxy) Close() error {
 		t.close(ErrClosed)
 	}
 	errs = append(errs, p.server.Close(), p.pool.Close())
-	if p.parker != nil {
-		errs = append(errs, p.parker.close())
-	}
 	p.wg.Wait()
+	if p.parker != nil {
+		errs = append(errs, p.parker.Close())
+	}
 	return errors.Join(errs...)
 }
 

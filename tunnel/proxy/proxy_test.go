@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/amber-mesh/amber/tunnel/ca"
-	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
 )
@@ -20,12 +18,7 @@ import (
 // is reset at once and counted, not held for WorkloadWait and logged as a
 // failed connection.
 func TestNotCapturedReset(t *testing.T) {
-	local, err := ca.OpenLocal(t.TempDir(), "cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	mgr := &certs.Manager{CA: local}
-	t.Cleanup(func() { mgr.Close() })
+	mgr := mustCerts(t)
 	var logs lockedBuffer
 	p, err := New(Config{
 		Store: state.NewStore(), Certs: mgr, NodeName: "n1",

@@ -1,13 +1,19 @@
 package proxy
 
 import (
+	"context"
 	"errors"
+	"log/slog"
 	"net/netip"
+	"os"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/authz"
-	"github.com/amber-mesh/amber/tunnel/ca"
-	"github.com/amber-mesh/amber/tunnel/certs"
+	"github.com/amber-mesh/amber/tunnel/relay"
+	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
 	"github.com/amber-mesh/amber/xds/workloadapi/security"
 )
@@ -17,12 +23,7 @@ import (
 // workload naming the policy, then the policy. Only the connection the
 // policy does not allow may be closed, and only once the policy is known.
 func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
-	local, err := ca.OpenLocal(t.TempDir(), "cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	mgr := &certs.Manager{CA: local}
-	t.Cleanup(func() { mgr.Close() })
+	mgr := mustCerts(t)
 	pp := wl("productpage", state.ProtocolHBONE, "10.0.0.2")
 	store := state.NewStore()
 	store.Update(func(tx *state.Txn) { tx.PutWorkload(pp) })
@@ -33,15 +34,13 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 	t.Cleanup(func() { p.Close() })
 
 	live := func(id, src string) *tracked {
-		down, _ := tcpPair(t)
-		up, _ := tcpPair(t)
-		tr := &tracked{down: down, up: up, inbound: true, authz: authz.Conn{
+		down, _ := tcptest.Pair(t)
+		up, _ := tcptest.Pair(t)
+		tr := &tracked{pair: relay.NewPair(down, up), inbound: true, authz: authz.Conn{
 			SrcIdentity: id, SrcIP: netip.MustParseAddr(src),
 			DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080, DstWorkload: authzWorkload(pp),
-		}}
-		if !p.track(tr) {
-			t.Fatal("proxy closed")
-		}
+		}, gen: store.Load().Generation()}
+		p.relay(&record{reporter: reporterDestino, start: time.Now(), protocol: protocolTCP}, tr)
 		return tr
 	}
 	sleep := live("spiffe://cluster.local/ns/default/sa/sleep", "10.0.0.3")
@@ -84,5 +83,115 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 		DstWorkload: authz.Workload{Namespace: "default", Name: "productpage", Policies: []string{"default/not-yet"}},
 	}); d.Allowed || d.Reason != authz.ReasonUnknownPolicy {
 		t.Errorf("new connection to a workload naming an unknown policy: %v, want denied", d)
+	}
+}
+
+// TestPolicyChangeBeforeTracking publishes a DENY after an inbound
+// connection was authorized and before it is tracked, and lets the
+// re-check of live connections finish before the connection is tracked:
+// the connection is still closed, not left open against the new policy.
+func TestPolicyChangeBeforeTracking(t *testing.T) {
+	rechecked := make(chan uint64, 16)
+	t.Cleanup(func() { testHookAuthorized, testHookRechecked = nil, nil })
+	testHookRechecked = func(gen uint64) { rechecked <- gen }
+	var logs lockedBuffer
+	p, store, _ := startInboundProxy(t, &logs)
+	denyAll, err := state.NewAuthorization(&security.Authorization{
+		Name: "deny-all", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY,
+		Groups: []*security.Group{{}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testHookAuthorized = func() {
+		store.Update(func(tx *state.Txn) { tx.PutAuthorization(denyAll) })
+		gen := store.Load().Generation()
+		for g := range rechecked {
+			if g >= gen {
+				return
+			}
+		}
+	}
+
+	client, down, ln := tcptest.Conn(t, netip.MustParseAddr("127.0.0.3"), netip.MustParseAddr("127.0.0.2"))
+	handled := make(chan struct{})
+	go func() {
+		defer close(handled)
+		p.handleInbound(down)
+	}()
+	up, err := ln.AcceptTCP() // the proxy's upstream connection
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := client.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection denied while it was set up: read %d, %v; want it closed", n, err)
+	}
+	<-handled
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.Drain(ctx); err != nil { // the relay ended and was reported
+		t.Fatal(err)
+	}
+	if n := p.Stats().AuthzRevoked.Load(); n != 1 {
+		t.Errorf("AuthzRevoked = %d, want 1", n)
+	}
+	lines := logs.lines()
+	if len(lines) != 1 {
+		t.Fatalf("access log: %v, want one line", lines)
+	}
+	if e, _ := lines[0][logKeyError].(string); !strings.Contains(e, "revoked by policy change: denied by default/deny-all") {
+		t.Errorf("access log error = %q", e)
+	}
+}
+
+// startInboundProxy returns a proxy for a store holding productpage at
+// 127.0.0.2 (on this node) and sleep at 127.0.0.3, logging to logs.
+func startInboundProxy(t *testing.T, logs *lockedBuffer) (*Proxy, *state.Store, *state.Workload) {
+	t.Helper()
+	mgr := mustCerts(t)
+	pp := wl("productpage", state.ProtocolHBONE, "127.0.0.2")
+	store := state.NewStore()
+	store.Update(func(tx *state.Txn) {
+		tx.PutWorkload(pp)
+		tx.PutWorkload(wl("sleep", state.ProtocolHBONE, "127.0.0.3"))
+	})
+	p, err := New(Config{
+		Store: store, Certs: mgr, NodeName: "n1",
+		Logger:  slog.New(slog.NewJSONHandler(logs, nil)),
+		Sockets: sockopt.Options{Mark: -1, NoTransparent: true},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p, store, pp
+}
+
+// TestRejectedPolicyRefuses: a connection to a workload in the namespace
+// of a policy the xDS client rejected is refused by its stand-in, counted
+// apart from other policy refusals, and the access log names the policy.
+func TestRejectedPolicyRefuses(t *testing.T) {
+	var logs lockedBuffer
+	p, store, _ := startInboundProxy(t, &logs)
+	store.Update(func(tx *state.Txn) {
+		tx.RejectAuthorization(state.RejectedAuthorization("default/broken", nil, "decode: unexpected EOF"))
+	})
+	client, down, _ := tcptest.Conn(t, netip.MustParseAddr("127.0.0.3"), netip.MustParseAddr("127.0.0.2"))
+	p.handleInbound(down)
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := client.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("read %d bytes through a connection the policy refuses", n)
+	}
+	if got, denied := p.Stats().AuthzRejectedPolicy.Load(), p.Stats().AuthzDenied.Load(); got != 1 || denied != 0 {
+		t.Errorf("AuthzRejectedPolicy = %d, AuthzDenied = %d; want 1 and 0", got, denied)
+	}
+	lines := logs.lines()
+	if len(lines) != 1 {
+		t.Fatalf("access log: %v, want one line", lines)
+	}
+	if e, _ := lines[0][logKeyError].(string); !strings.Contains(e, "denied by rejected policy default/broken") {
+		t.Errorf("access log error = %q", e)
 	}
 }

@@ -81,7 +81,7 @@ func TestHTTP1BadInput(t *testing.T) {
 
 // h2conn is a raw HTTP/2 client connection inside a CONNECT stream.
 type h2conn struct {
-	s   hbone.Stream
+	s   *hbone.Stream
 	fr  *http2.Framer
 	enc *hpack.Encoder
 	buf bytes.Buffer

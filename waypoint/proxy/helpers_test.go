@@ -441,7 +441,7 @@ func (m *mesh) sleep() *client {
 }
 
 // connect opens a CONNECT stream to authority through the waypoint.
-func (c *client) connect(ctx context.Context, authority string) (hbone.Stream, error) {
+func (c *client) connect(ctx context.Context, authority string) (*hbone.Stream, error) {
 	key := hbone.Key{Src: c.id.String(), Dst: c.m.wpID.String(), Addr: c.m.addr}
 	return c.pool.Connect(ctx, key, authority, c.hdr.Clone())
 }

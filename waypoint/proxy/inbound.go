@@ -87,7 +87,7 @@ func (p *Proxy) serveConnect(ctx context.Context, req *hbone.Request, rw hbone.R
 	in := d.in
 	in.Protocol = func() string { sniff = true; return "" }
 	ch := snap.cfg.Dispatch.Lookup(in)
-	var s hbone.Stream
+	var s *hbone.Stream
 	var br *bufio.Reader
 	if sniff {
 		var err error
@@ -146,7 +146,7 @@ const lingerTime = 2 * time.Second
 // peer drop what it has not read yet: the last response, often a local
 // reply saying why the connection ends. The lingering close of an HTTP
 // server (net/http closeWriteAndWait) for a tunnel.
-func lingerClose(s hbone.Stream, br *bufio.Reader) {
+func lingerClose(s *hbone.Stream, br *bufio.Reader) {
 	if s.CloseWrite() == nil {
 		s.SetReadDeadline(time.Now().Add(lingerTime))
 		io.Copy(io.Discard, io.LimitReader(br, maxDrainBody))

@@ -14,7 +14,7 @@ import (
 // rest of the package: relay's signature is the seam.
 
 // halfCloser is a connection that can end its sending side alone
-// (*net.TCPConn, hbone.Stream).
+// (*net.TCPConn, *hbone.Stream).
 type halfCloser interface {
 	CloseWrite() error
 }

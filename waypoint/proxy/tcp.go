@@ -39,7 +39,7 @@ type tcpConn struct {
 // the stream was not accepted yet (no sniffing needed), a refusal is the
 // CONNECT's status and the 200 goes out only once the upstream accepted,
 // as Istio's ztunnel does; otherwise the stream is closed.
-func (p *Proxy) serveTCP(ctx context.Context, d *downstream, snap *snapshot, ch *config.Chain, rw hbone.Responder, s hbone.Stream, br *bufio.Reader) {
+func (p *Proxy) serveTCP(ctx context.Context, d *downstream, snap *snapshot, ch *config.Chain, rw hbone.Responder, s *hbone.Stream, br *bufio.Reader) {
 	start := time.Now()
 	t := ch.TCP
 	labels := telemetry.Labels{Source: d.source, Protocol: telemetry.ProtocolTCP, ConnectionSecurityPolicy: telemetry.MutualTLS}

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/xds/state"
 	"github.com/amber-mesh/amber/xds/workloadapi"
 )
@@ -198,7 +199,7 @@ func (c *Client) Run(ctx context.Context) error {
 			b.reset()
 		}
 		d := b.next()
-		c.log.Warn("xds stream ended, reconnecting", "error", err, "backoff", d)
+		c.log.Warn("xds stream ended, reconnecting", logkey.Error, err, logkey.Backoff, d)
 		t := time.NewTimer(d)
 		select {
 		case <-ctx.Done():

@@ -295,8 +295,8 @@ func TestPartialNACK(t *testing.T) {
 			t.Errorf("bad resource %s applied", uid)
 		}
 	}
-	if snap.Policies().Get("default/bad-action") != nil {
-		t.Error("bad policy applied")
+	if p := snap.Policies().Get("default/bad-action"); p == nil || !errors.Is(p.Err(), authz.ErrRejected) {
+		t.Errorf("bad policy enforced as %v, want its fail-closed stand-in", p)
 	}
 	// The enforcer is told a policy exists that it cannot see.
 	if rej := snap.RejectedAuthorizations(); len(rej) != 1 || rej[0].Key != "default/bad-action" || !strings.Contains(rej[0].Reason, "action") {
@@ -372,6 +372,61 @@ func TestPartialNACK(t *testing.T) {
 	// Deleting the bad policy at the server clears its rejection.
 	srv.Delete(workloadapi.AuthorizationTypeURL, "default/bad-action")
 	eventually(t, "rejection cleared", func() bool { return len(c.Store().Load().RejectedAuthorizations()) == 0 })
+}
+
+// TestRejectedPoliciesFailClosed: a NAMESPACE- or GLOBAL-scoped policy the
+// client NACKs is not simply absent, which would let through what a DENY
+// denies or what an ALLOW leaves out: its stand-in is enforced for the
+// workloads it would apply to. A fix replaces it.
+func TestRejectedPoliciesFailClosed(t *testing.T) {
+	badAddr := []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{
+		SourceIps: []*security.Address{{Address: []byte{10, 0, 0}, Length: 24}},
+	}}}}}}
+	srv := mustServer(t, "")
+	srv.Set(workloadapi.AuthorizationTypeURL, "deny-ns/deny", mustAny(t, &security.Authorization{
+		Name: "deny", Namespace: "deny-ns", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY, Groups: badAddr}))
+	srv.Set(workloadapi.AuthorizationTypeURL, "allow-ns/allow", mustAny(t, &security.Authorization{
+		Name: "allow", Namespace: "allow-ns", Scope: security.Scope_NAMESPACE, Action: security.Action_ALLOW, Groups: badAddr}))
+	srv.Set(workloadapi.AuthorizationTypeURL, "garbage-ns/x", &anypb.Any{TypeUrl: workloadapi.AuthorizationTypeURL, Value: []byte{0xff, 0xff, 0xff}})
+	c := startClient(t, client.Config{Dial: bufDialer(t, srv)})
+	waitSynced(t, c)
+
+	to := func(ns string) authz.Conn {
+		return authz.Conn{
+			SrcIdentity: "spiffe://cluster.local/ns/default/sa/sleep", SrcIP: netip.MustParseAddr("10.0.0.1"),
+			DstIP: netip.MustParseAddr("10.0.1.1"), DstPort: 8080, DstWorkload: authz.Workload{Namespace: ns, Name: "app"},
+		}
+	}
+	set := c.Store().Load().Policies()
+	for ns, want := range map[string]authz.Decision{
+		"deny-ns":    {Reason: authz.ReasonRejected, Policy: "deny-ns/deny"},
+		"allow-ns":   {Reason: authz.ReasonNotAllowed}, // an ALLOW applies and matches nothing
+		"garbage-ns": {Reason: authz.ReasonRejected, Policy: "garbage-ns/x"},
+		"default":    {Allowed: true, Reason: authz.ReasonNoAllowPolicy},
+	} {
+		if got := set.Evaluate(to(ns)); got != want {
+			t.Errorf("connection to namespace %s: %s, want %s", ns, got, want)
+		}
+	}
+	if set.Rejected() != 3 {
+		t.Errorf("%d rejected policies enforced, want 3", set.Rejected())
+	}
+
+	// A rejected GLOBAL DENY denies everywhere.
+	srv.Set(workloadapi.AuthorizationTypeURL, "istio-system/deny-global", mustAny(t, &security.Authorization{
+		Name: "deny-global", Namespace: "istio-system", Scope: security.Scope_GLOBAL, Action: security.Action_DENY, Groups: badAddr}))
+	eventually(t, "the rejected global policy", func() bool { return c.Store().Load().Policies().Rejected() == 4 })
+	if got := c.Store().Load().Policies().Evaluate(to("default")); got.Allowed || got.Policy != "istio-system/deny-global" {
+		t.Errorf("connection to namespace default under a rejected global DENY: %s", got)
+	}
+
+	// Fixed, the policy is enforced as sent.
+	srv.Set(workloadapi.AuthorizationTypeURL, "istio-system/deny-global", mustAny(t, &security.Authorization{
+		Name: "deny-global", Namespace: "istio-system", Scope: security.Scope_GLOBAL, Action: security.Action_DENY}))
+	eventually(t, "the fixed global policy", func() bool { return c.Store().Load().Policies().Rejected() == 3 })
+	if got := c.Store().Load().Policies().Evaluate(to("default")); !got.Allowed {
+		t.Errorf("connection to namespace default under a fixed DENY without rules: %s", got)
+	}
 }
 
 // TestReconnect runs over real TCP: the server goes away, the client keeps

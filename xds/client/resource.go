@@ -8,6 +8,7 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/xds/state"
 	"github.com/amber-mesh/amber/xds/workloadapi"
@@ -160,13 +161,23 @@ func (c *Client) applyAuthorizations(resp *discoveryv3.DeltaDiscoveryResponse) (
 		policy        *authz.Policy
 	}
 	var ops []op
+	// The enforcer must know a policy exists that it cannot read, or a
+	// malformed DENY would silently allow: what could be read of each
+	// rejected policy stands in for it, fail-closed.
+	var standIns []*authz.Policy
 	for _, r := range resp.GetResources() {
-		reject := func(reason Reason, err error) {
-			rejects = append(rejects, &ResourceError{TypeURL: typeURL, Name: r.GetName(), Reason: reason, Err: err})
-		}
 		var a security.Authorization
-		if rerr := decode(typeURL, r, &a); rerr != nil {
+		rejectRead := func(rerr *ResourceError, read *security.Authorization) {
 			rejects = append(rejects, rerr)
+			if r.GetName() != "" {
+				standIns = append(standIns, state.RejectedAuthorization(r.GetName(), read, rerr.Err.Error()))
+			}
+		}
+		reject := func(reason Reason, err error) {
+			rejectRead(&ResourceError{TypeURL: typeURL, Name: r.GetName(), Reason: reason, Err: err}, &a)
+		}
+		if rerr := decode(typeURL, r, &a); rerr != nil {
+			rejectRead(rerr, nil)
 			continue
 		}
 		p, err := state.NewAuthorization(&a)
@@ -181,7 +192,7 @@ func (c *Client) applyAuthorizations(resp *discoveryv3.DeltaDiscoveryResponse) (
 		if err := p.Err(); err != nil {
 			// Well formed, so ACKed, but enforced as its most restrictive
 			// reading.
-			c.log.Warn("authorization policy enforced fail-closed", "error", err)
+			c.log.Warn("authorization policy enforced fail-closed", logkey.Error, err)
 		}
 		ops = append(ops, op{name: r.GetName(), version: r.GetVersion(), policy: p})
 	}
@@ -199,12 +210,8 @@ func (c *Client) applyAuthorizations(resp *discoveryv3.DeltaDiscoveryResponse) (
 			known[op.name] = op.version
 			applied++
 		}
-		// The enforcer must know a policy exists that it cannot see, or a
-		// malformed DENY would silently allow.
-		for _, r := range rejects {
-			if r.Name != "" {
-				tx.RejectAuthorization(r.Name, r.Err.Error())
-			}
+		for _, p := range standIns {
+			tx.RejectAuthorization(p)
 		}
 	})
 	names := make([]string, len(ops))

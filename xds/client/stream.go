@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/xds/workloadapi"
 )
 
@@ -118,9 +119,9 @@ func (c *Client) handle(resp *discoveryv3.DeltaDiscoveryResponse) *discoveryv3.D
 
 	if len(rejects) > 0 {
 		reply.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: nackDetail(rejects)}
-		c.log.Error("xds NACK", "type_url", typeURL, "nonce", resp.GetNonce(), "rejected", len(rejects), "error", reply.ErrorDetail.Message)
+		c.log.Error("xds NACK", logkey.TypeURL, typeURL, logkey.Nonce, resp.GetNonce(), logkey.Rejected, len(rejects), logkey.Error, reply.ErrorDetail.Message)
 	} else {
-		c.log.Debug("xds ACK", "type_url", typeURL, "nonce", resp.GetNonce(), "resources", applied, "removed", removed)
+		c.log.Debug("xds ACK", logkey.TypeURL, typeURL, logkey.Nonce, resp.GetNonce(), logkey.Resources, applied, logkey.Removed, removed)
 	}
 	if _, ok := c.known[typeURL]; ok && !c.syncedSeen[typeURL] {
 		c.syncedSeen[typeURL] = true

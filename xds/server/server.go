@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/xds/workloadapi"
 )
 
@@ -261,7 +262,7 @@ func (s *Server) Reload() error {
 		return fmt.Errorf("reload %s: %w", s.cfg.File, err)
 	}
 	for _, w := range r.Warnings {
-		s.log.Warn("mesh file", "file", s.cfg.File, "warning", w)
+		s.log.Warn("mesh file", logkey.File, s.cfg.File, logkey.Warning, w)
 	}
 	if err := s.Replace(r); err != nil {
 		return fmt.Errorf("reload %s: %w", s.cfg.File, err)
@@ -269,7 +270,7 @@ func (s *Server) Reload() error {
 	s.mu.Lock()
 	s.fileStamp = fi
 	s.mu.Unlock()
-	s.log.Info("mesh file loaded", "file", s.cfg.File, "addresses", len(r.Addresses), "authorizations", len(r.Authorizations))
+	s.log.Info("mesh file loaded", logkey.File, s.cfg.File, logkey.Addresses, len(r.Addresses), logkey.Authorizations, len(r.Authorizations))
 	return nil
 }
 
@@ -295,7 +296,7 @@ func (s *Server) watchFile(ctx context.Context) {
 			continue
 		}
 		if err := s.Reload(); err != nil {
-			s.log.Error("mesh file reload failed, keeping previous state", "error", err)
+			s.log.Error("mesh file reload failed, keeping previous state", logkey.Error, err)
 			// Do not retry the same broken content every tick.
 			s.mu.Lock()
 			s.fileStamp = fi

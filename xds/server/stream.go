@@ -16,6 +16,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/amber-mesh/amber/internal/logkey"
 )
 
 type deltaStream = grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]
@@ -178,7 +180,7 @@ func (s *Server) handleRequest(str *stream, req *discoveryv3.DeltaDiscoveryReque
 		str.nodeID = req.GetNode().GetId()
 	}
 	if typeURL == "" {
-		s.log.Warn("xds request without type_url", "node", str.nodeID)
+		s.log.Warn("xds request without type_url", logkey.Node, str.nodeID)
 		return
 	}
 	sub := str.subs[typeURL]
@@ -197,7 +199,7 @@ func (s *Server) handleRequest(str *stream, req *discoveryv3.DeltaDiscoveryReque
 		}
 		sub.status.InitialResources = len(sub.known)
 		str.subs[typeURL] = sub
-		s.log.Info("xds subscribe", "node", str.nodeID, "type_url", typeURL, "initial_resources", len(sub.known))
+		s.log.Info("xds subscribe", logkey.Node, str.nodeID, logkey.TypeURL, typeURL, logkey.InitialResources, len(sub.known))
 	}
 	for _, n := range req.GetResourceNamesSubscribe() {
 		if n == "*" {
@@ -225,7 +227,7 @@ func (s *Server) handleRequest(str *stream, req *discoveryv3.DeltaDiscoveryReque
 			sub.status.NACKs++
 			sub.status.NACKedNonce = nonce
 			sub.status.NACK = d.GetMessage()
-			s.log.Warn("xds NACK", "node", str.nodeID, "type_url", typeURL, "nonce", nonce, "error", d.GetMessage())
+			s.log.Warn("xds NACK", logkey.Node, str.nodeID, logkey.TypeURL, typeURL, logkey.Nonce, nonce, logkey.Error, d.GetMessage())
 		} else {
 			sub.status.ACKs++
 			sub.status.AckedNonce = nonce

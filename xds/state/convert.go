@@ -377,6 +377,21 @@ func NewAuthorization(a *security.Authorization) (*authz.Policy, error) {
 	return authz.Compile(out), nil
 }
 
+// RejectedAuthorization returns the stand-in enforced for policy key when
+// the client refused its latest version for reason (see
+// Txn.RejectAuthorization): read holds what decoded of it, or is nil when
+// nothing did. Its scope and action are taken from read even when they
+// are values this proto does not know (authz treats those fail-closed);
+// without read they are unknown, which applies the stand-in to key's
+// namespace and denies there.
+func RejectedAuthorization(key string, read *security.Authorization, reason string) *authz.Policy {
+	scope, action := authz.ScopeUnknown, authz.ActionUnknown
+	if read != nil {
+		scope, action = authz.Scope(read.GetScope()), authz.Action(read.GetAction())
+	}
+	return authz.Rejected(key, scope, action, reason)
+}
+
 // match converts one Match. Fields are read in the order their failures
 // are reported.
 func (c *checker) match(field string, m *security.Match) authz.Match {

@@ -2,6 +2,7 @@ package state
 
 import (
 	"cmp"
+	"errors"
 	"maps"
 	"slices"
 	"strings"
@@ -18,9 +19,9 @@ type Snapshot struct {
 	workloads map[string]*Workload
 	services  map[NamespacedHostname]*Service
 	policies  map[string]*authz.Policy
-	// rejectedPolicies maps policy keys whose latest version was refused to
-	// the reason.
-	rejectedPolicies map[string]string
+	// rejectedPolicies maps the keys of policies whose latest version was
+	// refused to the stand-ins enforced in their place (authz.Rejected).
+	rejectedPolicies map[string]*authz.Policy
 
 	// Derived from workloads.
 	byAddr    map[NetworkAddr][]*Workload
@@ -108,8 +109,10 @@ func (s *Snapshot) Endpoints(key NamespacedHostname) []Endpoint { return s.endpo
 // Policies returns the authorization policies of this snapshot, compiled
 // and indexed for evaluation. A connection is authorized against the
 // policies of the snapshot its destination workload was found in, so the
-// workload's policy list and the policies agree. Policies that were
-// rejected are not in the set; see RejectedAuthorizations.
+// workload's policy list and the policies agree. A policy whose latest
+// version was rejected is enforced, fail-closed, by its stand-in
+// (authz.Rejected) in place of any earlier version; see
+// RejectedAuthorizations.
 func (s *Snapshot) Policies() *authz.Policies { return s.policySet }
 
 // RejectedPolicy is a policy whose latest version was refused.
@@ -121,14 +124,16 @@ type RejectedPolicy struct {
 
 // RejectedAuthorizations lists, by key, the policies whose latest version
 // the client refused. A refused policy cannot be enforced as written, and
-// since an absent DENY (or ALLOW) changes decisions, an enforcer that must
-// fail closed should deny traffic the policy might cover, e.g. to
-// workloads in its namespace, until it is fixed. For an update, the
-// previous good version is still among Authorizations.
+// an absent DENY (or ALLOW) changes decisions, so Policies enforces its
+// stand-in instead until a good version arrives or it is removed.
 func (s *Snapshot) RejectedAuthorizations() []RejectedPolicy {
 	out := make([]RejectedPolicy, 0, len(s.rejectedPolicies))
-	for k, r := range s.rejectedPolicies {
-		out = append(out, RejectedPolicy{Key: k, Reason: r})
+	for k, p := range s.rejectedPolicies {
+		r := RejectedPolicy{Key: k}
+		if pe := (*authz.PolicyError)(nil); errors.As(p.Err(), &pe) {
+			r.Reason = pe.Reason
+		}
+		out = append(out, r)
 	}
 	slices.SortFunc(out, func(a, b RejectedPolicy) int { return strings.Compare(a.Key, b.Key) })
 	return out

@@ -69,7 +69,7 @@ type Txn struct {
 	workloads map[string]*Workload
 	services  map[NamespacedHostname]*Service
 	policies  map[string]*authz.Policy
-	rejected  map[string]string
+	rejected  map[string]*authz.Policy
 	changed   Changed
 }
 
@@ -103,11 +103,11 @@ func (t *Txn) pol() map[string]*authz.Policy {
 	return t.policies
 }
 
-func (t *Txn) rej() map[string]string {
+func (t *Txn) rej() map[string]*authz.Policy {
 	if t.rejected == nil {
 		t.rejected = maps.Clone(t.base.rejectedPolicies)
 		if t.rejected == nil {
-			t.rejected = make(map[string]string)
+			t.rejected = make(map[string]*authz.Policy)
 		}
 	}
 	return t.rejected
@@ -133,11 +133,12 @@ func (t *Txn) PutAuthorization(p *authz.Policy) {
 	t.changed |= ChangedAuthorizations
 }
 
-// RejectAuthorization records that the latest version of policy key was
-// refused (reason says why). A previous good version, if any, stays. See
-// Snapshot.RejectedAuthorizations.
-func (t *Txn) RejectAuthorization(key, reason string) {
-	t.rej()[key] = reason
+// RejectAuthorization records that the latest version of a policy was
+// refused: stand-in, from RejectedAuthorization, is enforced under its key
+// in place of any previous version until PutAuthorization or
+// RemoveAuthorization. See Snapshot.RejectedAuthorizations.
+func (t *Txn) RejectAuthorization(standIn *authz.Policy) {
+	t.rej()[standIn.Key()] = standIn
 	t.changed |= ChangedAuthorizations
 }
 
@@ -219,7 +220,13 @@ func (t *Txn) build() *Snapshot {
 		next.indexServices()
 	}
 	if t.changed&ChangedAuthorizations != 0 {
-		next.policySet = authz.NewPolicies(next.policies)
+		enforced := next.policies
+		if len(next.rejectedPolicies) > 0 {
+			enforced = make(map[string]*authz.Policy, len(next.policies)+len(next.rejectedPolicies))
+			maps.Copy(enforced, next.policies)
+			maps.Copy(enforced, next.rejectedPolicies) // a stand-in replaces the version it failed to update
+		}
+		next.policySet = authz.NewPolicies(enforced)
 	}
 	return next
 }

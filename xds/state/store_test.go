@@ -2,6 +2,7 @@ package state_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"sync"
@@ -257,16 +258,22 @@ func TestRejectedAuthorizations(t *testing.T) {
 	good := mustPolicy(t, &security.Authorization{Name: "p", Namespace: "default", Action: security.Action_DENY})
 	st.Update(func(tx *state.Txn) {
 		tx.PutAuthorization(good)
-		tx.RejectAuthorization("default/new", "invalid")
+		tx.RejectAuthorization(state.RejectedAuthorization("default/new", nil, "invalid"))
 	})
 	if got := fmt.Sprint(st.Load().RejectedAuthorizations()); got != "[{default/new invalid}]" {
 		t.Errorf("rejected = %s", got)
 	}
-	// A rejected update keeps the old version and is listed.
-	st.Update(func(tx *state.Txn) { tx.RejectAuthorization("default/p", "bad action") })
+	// A rejected update is listed, and its stand-in is enforced in place
+	// of the old version: that one may allow what the update denies.
+	st.Update(func(tx *state.Txn) {
+		tx.RejectAuthorization(state.RejectedAuthorization("default/p", &security.Authorization{Name: "p", Namespace: "default", Action: 7}, "bad action"))
+	})
 	snap := st.Load()
-	if snap.Policies().Get("default/p") != good || len(snap.RejectedAuthorizations()) != 2 {
-		t.Errorf("after rejected update: %v %v", snap.Policies().Get("default/p"), snap.RejectedAuthorizations())
+	if p := snap.Policies().Get("default/p"); p == nil || p == good || !errors.Is(p.Err(), authz.ErrRejected) || len(snap.RejectedAuthorizations()) != 2 {
+		t.Errorf("after rejected update: %v %v", p, snap.RejectedAuthorizations())
+	}
+	if snap.Policies().Rejected() != 2 {
+		t.Errorf("%d stand-ins enforced, want 2", snap.Policies().Rejected())
 	}
 	// A good version or a removal clears the rejection.
 	changed := st.Update(func(tx *state.Txn) {

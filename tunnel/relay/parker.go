@@ -1,44 +1,44 @@
-package proxy
+package relay
 
 import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"sync"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
-// idleAfter is how long an upload direction waits for its socket on its
-// own goroutine before it hands the wait to the parker. Request/response
-// traffic stays on the direct wait (the parker adds a goroutine hand-off
+// idleAfter is how long a direction from a socket waits for it on its own
+// goroutine before it hands the wait to the Parker. Request/response
+// traffic stays on the direct wait (the Parker adds a goroutine hand-off
 // per wake-up); connections that really idle give their goroutine back
 // soon, and with it its stack, which is most of what an idle connection
-// costs (DESIGN.md §3).
+// costs (ARCHITECTURE.md, "Idle connections hold no goroutine").
 const idleAfter = 100 * time.Millisecond
 
-// errWouldBlock ends a pump's ReadFrom when its socket has nothing to read.
-var errWouldBlock = errors.New("proxy: no data")
-
-// parker waits for many idle sockets with one goroutine: each parked
+// Parker waits for many idle sockets with one goroutine: each parked
 // socket is in an epoll set (EPOLLONESHOT), and the epoll descriptor
 // itself waits in the runtime's poller. A socket that becomes readable
-// gets its pump restarted on a new goroutine.
-type parker struct {
+// gets its direction restarted on a new goroutine. One Parker serves any
+// number of relays.
+type Parker struct {
 	epfd int
-	file *os.File // epfd, registered with the runtime's poller
+	file *os.File      // epfd, registered with the runtime's poller
+	done chan struct{} // closed when run returns
 
 	mu     sync.Mutex // guards the fields below
 	parked map[int32]*pump
 }
 
-// newParker returns a parker and starts its goroutine, which ends once
-// close is called.
-func newParker() (*parker, error) {
+// NewParker returns a Parker and starts its goroutine, which ends once
+// Close is called.
+func NewParker() (*Parker, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
@@ -48,11 +48,14 @@ func newParker() (*parker, error) {
 		unix.Close(epfd)
 		return nil, fmt.Errorf("epoll nonblock: %w", err)
 	}
-	return &parker{epfd: epfd, file: os.NewFile(uintptr(epfd), "amber-idle"), parked: make(map[int32]*pump)}, nil
+	pk := &Parker{epfd: epfd, file: os.NewFile(uintptr(epfd), "amber-idle"), done: make(chan struct{}), parked: make(map[int32]*pump)}
+	go pk.run()
+	return pk, nil
 }
 
-// run dispatches readiness until close.
-func (pk *parker) run() {
+// run dispatches readiness until Close.
+func (pk *Parker) run() {
+	defer close(pk.done)
 	raw, err := pk.file.SyscallConn()
 	if err != nil {
 		return
@@ -80,12 +83,16 @@ func (pk *parker) run() {
 	})
 }
 
-func (pk *parker) close() error {
-	return pk.file.Close()
+// Close stops the Parker and waits for its goroutine. The relays using it
+// must have ended: a socket still parked is never woken.
+func (pk *Parker) Close() error {
+	err := pk.file.Close()
+	<-pk.done
+	return err
 }
 
 // arm waits (once) for u's socket to become readable. u.mu is held.
-func (pk *parker) arm(u *pump) error {
+func (pk *Parker) arm(u *pump) error {
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(u.fd)}
 	pk.mu.Lock()
 	defer pk.mu.Unlock()
@@ -103,7 +110,7 @@ func (pk *parker) arm(u *pump) error {
 
 // disarm removes u's socket from the set, which must happen before the
 // socket is closed: its descriptor may be reused. u.mu is held.
-func (pk *parker) disarm(u *pump) {
+func (pk *Parker) disarm(u *pump) {
 	if !u.registered {
 		return
 	}
@@ -116,29 +123,28 @@ func (pk *parker) disarm(u *pump) {
 	u.registered = false
 }
 
-// pump copies a socket into an HBONE stream (a connection's upload
-// direction) without keeping a goroutine while the socket is idle: when
-// nothing arrived for idleAfter it parks with the parker and its
-// goroutine ends; readiness starts a new one.
+// pump copies a socket into an HBONE stream without keeping a goroutine
+// while the socket is idle: when nothing arrived for idleAfter it parks
+// with the Parker and its goroutine ends; readiness starts a new one.
 type pump struct {
-	src  halfConn
+	src  Conn
 	raw  syscall.RawConn
-	dst  halfConn
+	dst  Conn
 	rf   io.ReaderFrom // dst
 	fd   int
-	pk   *parker
+	pk   *Parker
 	n    int64 // bytes copied; owned by the running goroutine
 	done func(int64, error)
 
 	mu         sync.Mutex // guards the fields below
-	parked     bool       // waiting with the parker, no goroutine running
+	parked     bool       // waiting with the Parker, no goroutine running
 	stopped    bool       // the sockets are being closed: never park again
-	registered bool       // fd is in the parker's epoll set
+	registered bool       // fd is in the Parker's epoll set
 }
 
 // newPump returns a pump for src → dst, or nil when src is not a socket
 // it can wait for without a goroutine.
-func newPump(pk *parker, dst, src halfConn, done func(int64, error)) *pump {
+func newPump(pk *Parker, dst, src Conn, done func(int64, error)) *pump {
 	rf, ok := dst.(io.ReaderFrom)
 	sc, ok2 := src.(syscall.Conn)
 	if pk == nil || !ok || !ok2 {
@@ -160,9 +166,9 @@ func newPump(pk *parker, dst, src halfConn, done func(int64, error)) *pump {
 // parks; or until EOF or an error, which end the copy.
 func (u *pump) run() {
 	for {
-		n, err := u.rf.ReadFrom(nonblockReader{u.raw})
+		n, err := u.rf.ReadFrom(nonblock.Reader{Raw: u.raw})
 		u.n += n
-		if !errors.Is(err, errWouldBlock) {
+		if !errors.Is(err, nonblock.ErrWouldBlock) {
 			u.finish(err)
 			return
 		}
@@ -179,17 +185,13 @@ func (u *pump) run() {
 // error (which the next read reports).
 func (u *pump) waitReadable() bool {
 	_ = u.src.SetReadDeadline(time.Now().Add(idleAfter))
-	err := u.raw.Read(func(fd uintptr) bool {
-		var b [1]byte
-		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return err != unix.EAGAIN && err != unix.EINTR
-	})
+	err := nonblock.WaitReadable(u.raw)
 	_ = u.src.SetReadDeadline(time.Time{})
 	return !errors.Is(err, os.ErrDeadlineExceeded)
 }
 
-// park hands the wait to the parker; false means the pump must go on
-// (stopped, or the parker failed), so the next read reports the outcome.
+// park hands the wait to the Parker; false means the pump must go on
+// (stopped, or the Parker failed), so the next read reports the outcome.
 func (u *pump) park() bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -212,7 +214,7 @@ func (u *pump) resume() {
 }
 
 // stop is called before the sockets are closed: the pump leaves the
-// parker and, if it was parked, runs to read the close.
+// Parker and, if it was parked, runs to read the close.
 func (u *pump) stop() {
 	u.mu.Lock()
 	u.stopped = true
@@ -234,32 +236,4 @@ func (u *pump) finish(err error) {
 		err = u.dst.CloseWrite() // passes the half-close on, as proxyCopy
 	}
 	u.done(u.n, err)
-}
-
-// nonblockReader reads a socket without waiting: errWouldBlock when it
-// has nothing, io.EOF at the end.
-type nonblockReader struct{ raw syscall.RawConn }
-
-func (r nonblockReader) Read(p []byte) (int, error) {
-	var n int
-	var rerr error
-	err := r.raw.Read(func(fd uintptr) bool {
-		for {
-			n, rerr = unix.Read(int(fd), p)
-			if rerr != unix.EINTR {
-				return true
-			}
-		}
-	})
-	switch {
-	case err != nil:
-		return 0, err
-	case rerr == unix.EAGAIN:
-		return 0, errWouldBlock
-	case rerr != nil:
-		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
-	case n == 0:
-		return 0, io.EOF
-	}
-	return n, nil
 }

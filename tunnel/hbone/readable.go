@@ -1,11 +1,10 @@
-//go:build unix
-
 package hbone
 
 import (
 	"io"
 	"net"
-	"syscall"
+
+	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
 // readableFunc returns a function that blocks until r has data or an
@@ -13,13 +12,13 @@ import (
 // An idle tunnel spends its life waiting in ReadFrom: this way it waits
 // holding no buffer at all.
 func readableFunc(r io.Reader) func() {
-	raw := rawConn(r)
+	raw := nonblock.Raw(r)
 	if raw == nil {
 		return nil
 	}
 	return func() {
 		// Errors are left for the Read that follows to report.
-		_ = raw.Read(hasInput)
+		_ = nonblock.WaitReadable(raw)
 	}
 }
 
@@ -28,17 +27,9 @@ func readableFunc(r io.Reader) func() {
 // nc's read deadline passes first, and nil at once when nc is not a
 // socket.
 func awaitInput(nc net.Conn) error {
-	raw := rawConn(nc)
+	raw := nonblock.Raw(nc)
 	if raw == nil {
 		return nil
 	}
-	return raw.Read(hasInput)
-}
-
-// hasInput is a syscall.RawConn.Read callback: done once the socket has
-// a byte or an error to report.
-func hasInput(fd uintptr) bool {
-	var b [1]byte
-	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-	return err != syscall.EAGAIN && err != syscall.EINTR
+	return nonblock.WaitReadable(raw)
 }

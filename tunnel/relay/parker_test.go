@@ -1,4 +1,4 @@
-package proxy
+package relay
 
 import (
 	"io"
@@ -6,41 +6,17 @@ import (
 	"runtime"
 	"testing"
 	"time"
+
+	"github.com/amber-mesh/amber/internal/tcptest"
 )
 
-// tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(t *testing.T) (a, b *net.TCPConn) {
+func mustParker(t *testing.T) *Parker {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	pk, err := NewParker()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		c.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
-
-func mustParker(t *testing.T) *parker {
-	t.Helper()
-	pk, err := newParker()
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { pk.run(); close(done) }()
-	t.Cleanup(func() {
-		pk.close()
-		<-done
-	})
+	t.Cleanup(func() { pk.Close() })
 	return pk
 }
 
@@ -51,9 +27,9 @@ type pumpResult struct {
 
 // startPump copies client → peer through a pump: client writes into src,
 // the pump copies src into dst, peer reads dst's other end.
-func startPump(t *testing.T, pk *parker) (client, peer *net.TCPConn, u *pump, results chan pumpResult) {
-	client, src := tcpPair(t)
-	dst, peer := tcpPair(t)
+func startPump(t *testing.T, pk *Parker) (client, peer *net.TCPConn, u *pump, results chan pumpResult) {
+	client, src := tcptest.Pair(t)
+	dst, peer := tcptest.Pair(t)
 	results = make(chan pumpResult, 1)
 	u = newPump(pk, dst, src, func(n int64, err error) { results <- pumpResult{n, err} })
 	if u == nil {
@@ -61,18 +37,6 @@ func startPump(t *testing.T, pk *parker) (client, peer *net.TCPConn, u *pump, re
 	}
 	go u.run()
 	return client, peer, u, results
-}
-
-func roundTrip(t *testing.T, client, peer *net.TCPConn, msg string) {
-	t.Helper()
-	if _, err := client.Write([]byte(msg)); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, len(msg))
-	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != msg {
-		t.Fatalf("read %q, %v; want %q", buf, err, msg)
-	}
 }
 
 // waitParked waits until the pump gave its goroutine back.

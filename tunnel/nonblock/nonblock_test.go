@@ -1,0 +1,73 @@
+package nonblock_test
+
+import (
+	"errors"
+	"io"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/amber-mesh/amber/internal/tcptest"
+	"github.com/amber-mesh/amber/tunnel/nonblock"
+)
+
+// Read and Write never wait: an empty socket is ErrWouldBlock, a full one
+// takes 0 bytes; WaitReadable waits for input without reading it, up to
+// the read deadline.
+func TestNonblocking(t *testing.T) {
+	a, b := tcptest.Pair(t)
+	if nonblock.Raw(struct{}{}) != nil {
+		t.Error("Raw of a non-socket is not nil")
+	}
+	ra, rb := nonblock.Raw(a), nonblock.Raw(b)
+	buf := make([]byte, 64)
+	if n, err := nonblock.Read(rb, buf); n != 0 || !errors.Is(err, nonblock.ErrWouldBlock) {
+		t.Fatalf("read of an empty socket: %d, %v", n, err)
+	}
+	b.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	if err := nonblock.WaitReadable(rb); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("wait on an empty socket: %v", err)
+	}
+	b.SetReadDeadline(time.Time{})
+	if n, err := nonblock.Write(ra, []byte("hello")); n != 5 || err != nil {
+		t.Fatalf("write: %d, %v", n, err)
+	}
+	if err := nonblock.WaitReadable(rb); err != nil {
+		t.Fatalf("wait for input: %v", err)
+	}
+	if n, err := (nonblock.Reader{Raw: rb}).Read(buf); string(buf[:n]) != "hello" || err != nil {
+		t.Fatalf("read %q, %v", buf[:n], err)
+	}
+	// Fill a's send buffer and b's receive buffer: Write takes 0, not an error.
+	big := make([]byte, 1<<20)
+	for {
+		n, err := nonblock.Write(ra, big)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+	}
+	a.CloseWrite()
+	var total int
+	for {
+		n, err := nonblock.Read(rb, big)
+		total += n
+		if errors.Is(err, nonblock.ErrWouldBlock) {
+			if err := nonblock.WaitReadable(rb); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if total == 0 {
+		t.Error("read nothing of a full socket")
+	}
+}

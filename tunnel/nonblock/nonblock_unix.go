@@ -1,0 +1,89 @@
+//go:build unix
+
+package nonblock
+
+import (
+	"io"
+	"net"
+	"os"
+	"syscall"
+)
+
+// RawConn is a socket's syscall.RawConn.
+type RawConn = syscall.RawConn
+
+// Raw returns c's syscall.RawConn, or nil when c is not a socket.
+func Raw(c any) RawConn {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return raw
+}
+
+// Write writes as much of p to raw's socket as it takes without blocking:
+// 0 and no error when its buffer is full.
+func Write(raw RawConn, p []byte) (int, error) {
+	n, errno, err := once(raw.Write, syscall.Write, p)
+	switch {
+	case err != nil:
+		return 0, err
+	case errno == syscall.EAGAIN:
+		return 0, nil
+	case errno != nil:
+		return 0, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", errno)}
+	}
+	return max(n, 0), nil
+}
+
+// Read reads what raw's socket holds without waiting: ErrWouldBlock when
+// it holds nothing, io.EOF at its end.
+func Read(raw RawConn, p []byte) (int, error) {
+	n, errno, err := once(raw.Read, syscall.Read, p)
+	switch {
+	case err != nil:
+		return 0, err
+	case errno == syscall.EAGAIN:
+		return 0, ErrWouldBlock
+	case errno != nil:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", errno)}
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// once runs the system call call on raw's descriptor exactly once (EINTR
+// aside) through access, raw.Read or raw.Write, without ever parking on
+// the poller: errno is the call's result, err the RawConn's.
+func once(access func(func(uintptr) bool) error, call func(int, []byte) (int, error), p []byte) (n int, errno, err error) {
+	err = access(func(fd uintptr) bool {
+		for {
+			n, errno = call(int(fd), p)
+			if errno != syscall.EINTR {
+				return true
+			}
+		}
+	})
+	return n, errno, err
+}
+
+// WaitReadable blocks until raw's socket has input or an error to report
+// (its end included), holding no buffer: the read that follows reports
+// what there is. The socket's read deadline applies
+// (os.ErrDeadlineExceeded).
+func WaitReadable(raw RawConn) error {
+	return raw.Read(hasInput)
+}
+
+// hasInput is a syscall.RawConn.Read callback: done once the socket has
+// a byte or an error to report.
+func hasInput(fd uintptr) bool {
+	var b [1]byte
+	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	return err != syscall.EAGAIN && err != syscall.EINTR
+}

@@ -1,0 +1,201 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/amber-mesh/amber/internal/tcptest"
+	"github.com/amber-mesh/amber/tunnel/hbone"
+)
+
+func startPair(t *testing.T, a, b Conn, pk *Parker) (*Pair, chan Result) {
+	t.Helper()
+	res := make(chan Result, 1)
+	p := NewPair(a, b)
+	p.Start(pk, func(r Result) { res <- r })
+	return p, res
+}
+
+func result(t *testing.T, res chan Result) Result {
+	t.Helper()
+	select {
+	case r := <-res:
+		return r
+	case <-time.After(5 * time.Second):
+		t.Fatal("relay did not end")
+		return Result{}
+	}
+}
+
+// exchange writes to c and reads the answer back from peer, and the other
+// way round, then half-closes c and checks that peer reads EOF while peer's
+// direction still flows, then half-closes peer.
+func exchange(t *testing.T, c, peer Conn) {
+	t.Helper()
+	roundTrip(t, c, peer, "ping")
+	roundTrip(t, peer, c, "pong")
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if rest, err := io.ReadAll(peer); err != nil || len(rest) != 0 {
+		t.Fatalf("after the half-close read %q, %v; want EOF", rest, err)
+	}
+	roundTrip(t, peer, c, "after the half-close")
+	if err := peer.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
+		t.Fatalf("after both half-closes read %q, %v; want EOF", rest, err)
+	}
+}
+
+func roundTrip(t *testing.T, from, to Conn, msg string) {
+	t.Helper()
+	if _, err := from.Write([]byte(msg)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(msg))
+	to.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(to, buf); err != nil || string(buf) != msg {
+		t.Fatalf("read %q, %v; want %q", buf, err, msg)
+	}
+}
+
+// TestPairSockets relays two TCP connections: bytes and half-closes pass
+// both ways, and the counts come back.
+func TestPairSockets(t *testing.T) {
+	client, a := tcptest.Pair(t)
+	b, server := tcptest.Pair(t)
+	_, res := startPair(t, a, b, mustParker(t))
+	exchange(t, client, server)
+	if r := result(t, res); r.Err != nil || r.AToB != 4 || r.BToA != 4+20 {
+		t.Errorf("result %+v; want 4 and 24 bytes, no error", r)
+	}
+}
+
+// TestPairClose: Close ends a live relay, or one not yet started, with
+// its error; the endpoints see their connections end.
+func TestPairClose(t *testing.T) {
+	errRevoked := errors.New("revoked")
+	for _, started := range []bool{true, false} {
+		client, a := tcptest.Pair(t)
+		b, server := tcptest.Pair(t)
+		p := NewPair(a, b)
+		res := make(chan Result, 1)
+		if started {
+			p.Start(nil, func(r Result) { res <- r })
+			roundTrip(t, client, server, "x")
+		}
+		p.Close(errRevoked)
+		if !started {
+			p.Start(nil, func(r Result) { res <- r })
+		}
+		if r := result(t, res); !errors.Is(r.Err, errRevoked) {
+			t.Errorf("started %v: result %+v, want the Close error", started, r)
+		}
+		for _, c := range []net.Conn{client, server} {
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadAll(c); err != nil {
+				t.Errorf("started %v: endpoint of a closed relay: %v, want EOF", started, err)
+			}
+		}
+	}
+}
+
+// hbonePool serves h on a loopback listener, HTTP/2 without TLS
+// (Server.ServeConn takes any established connection), and returns a Pool
+// dialling it.
+func hbonePool(t *testing.T, h hbone.HandlerFunc) (*hbone.Pool, hbone.Key) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &hbone.Server{Handler: h}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go srv.ServeConn(context.Background(), c)
+		}
+	}()
+	pool := &hbone.Pool{Dial: func(ctx context.Context, _ hbone.Key) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", ln.Addr().String())
+	}}
+	t.Cleanup(func() {
+		pool.Close()
+		ln.Close()
+		srv.Close()
+	})
+	return pool, hbone.Key{Addr: netip.MustParseAddrPort(ln.Addr().String())}
+}
+
+func connect(t *testing.T, pool *hbone.Pool, key hbone.Key) *hbone.Stream {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := pool.Connect(ctx, key, "10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestPairStreams relays an HBONE stream, as a server handler that
+// returns at once, to a socket (parked when idle) and to another HBONE
+// stream (a waypoint's chain): bytes and half-closes pass both ways.
+func TestPairStreams(t *testing.T) {
+	pk := mustParker(t)
+	for _, tc := range []struct {
+		name     string
+		upstream func(t *testing.T) (up, peer Conn)
+	}{
+		{"socket", func(t *testing.T) (Conn, Conn) {
+			up, peer := tcptest.Pair(t)
+			return up, peer
+		}},
+		{"stream", func(t *testing.T) (Conn, Conn) {
+			peers := make(chan *hbone.Stream, 1)
+			pool, key := hbonePool(t, func(_ context.Context, _ *hbone.Request, rw hbone.Responder) {
+				s, err := rw.Accept()
+				if err != nil {
+					return
+				}
+				hbone.Detach(s)
+				peers <- s
+			})
+			up := connect(t, pool, key)
+			return up, <-peers
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up, peer := tc.upstream(t)
+			defer peer.Close()
+			res := make(chan Result, 1)
+			pool, key := hbonePool(t, func(_ context.Context, _ *hbone.Request, rw hbone.Responder) {
+				s, err := rw.Accept()
+				if err != nil {
+					return
+				}
+				hbone.Detach(s)
+				NewPair(s, up).Start(pk, func(r Result) { res <- r })
+			})
+			client := connect(t, pool, key)
+			defer client.Close()
+			exchange(t, client, peer)
+			if r := result(t, res); r.Err != nil || r.AToB != 4 || r.BToA != 4+20 {
+				t.Errorf("result %+v; want 4 and 24 bytes, no error", r)
+			}
+		})
+	}
+}
