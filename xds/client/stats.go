@@ -39,6 +39,12 @@ type Stats struct {
 	Types map[string]TypeStats
 }
 
+// Counters are the stream's event counters by name (connects,
+// disconnects, responses, acks, nacks), for a labelled metric family.
+func (s Stats) Counters() map[string]uint64 {
+	return map[string]uint64{"connects": s.Connects, "disconnects": s.Disconnects, "responses": s.Responses, "acks": s.ACKs, "nacks": s.NACKs}
+}
+
 // TypeStats are one type's counters.
 type TypeStats struct {
 	// Responses counts the type's responses; ACKs and NACKs the replies.
