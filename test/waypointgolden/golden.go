@@ -30,6 +30,7 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -166,7 +167,7 @@ func Render(s *Snapshot) (map[string][]byte, error) {
 	add(WorkloadType, messages(s.Workloads), func(m proto.Message) string { return m.(*workloadapi.Workload).GetUid() })
 	if len(errs) > 0 {
 		if missing := unresolved(s); len(missing) > 0 {
-			errs = append(errs, fmt.Errorf("types to link into test/waypointgolden (types.go): %s", strings.Join(missing, ", ")))
+			errs = append(errs, fmt.Errorf("types to link into waypoint/envoytypes: %s", strings.Join(missing, ", ")))
 		}
 	}
 	return out, errors.Join(errs...)
@@ -264,6 +265,34 @@ func compact(b []byte) []byte {
 		return b
 	}
 	return out.Bytes()
+}
+
+// Resources returns s as delta-ADS responses carry it: per type URL, each
+// resource with its name, the version "golden" and its body.
+func Resources(s *Snapshot) (map[string][]*discoveryv3.Resource, error) {
+	out := map[string][]*discoveryv3.Resource{}
+	var errs []error
+	add := func(typeURL, name string, m proto.Message) {
+		a, err := anypb.New(m)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: %w", typeURL, name, err))
+			return
+		}
+		out[typeURL] = append(out[typeURL], &discoveryv3.Resource{Name: name, Version: "golden", Resource: a})
+	}
+	for _, m := range s.Listeners {
+		add(ListenerType, m.GetName(), m)
+	}
+	for _, m := range s.Clusters {
+		add(ClusterType, m.GetName(), m)
+	}
+	for _, m := range s.Endpoints {
+		add(EndpointType, m.GetClusterName(), m)
+	}
+	for _, m := range s.Workloads {
+		add(WorkloadType, m.GetUid(), m)
+	}
+	return out, errors.Join(errs...)
 }
 
 // Write writes s into dir (created if needed), replacing its files.

@@ -21,13 +21,11 @@ import (
 	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	luav3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/lua/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -56,38 +54,17 @@ func golden(t *testing.T, scenario string) *waypointgolden.Snapshot {
 	return s
 }
 
-func resources[M proto.Message](t *testing.T, ms []M, name func(M) string) []*discoveryv3.Resource {
-	t.Helper()
-	var out []*discoveryv3.Resource
-	for _, m := range ms {
-		a, err := anypb.New(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, &discoveryv3.Resource{Name: name(m), Version: "v1", Resource: a})
-	}
-	return out
-}
-
 // fill applies s to a new set through its own handlers, as the xDS client
 // would.
 func fill(t *testing.T, s *waypointgolden.Snapshot) *discovery.Set {
 	t.Helper()
+	rs, err := waypointgolden.Resources(s)
+	if err != nil {
+		t.Fatal(err)
+	}
 	set := discovery.New(nil)
 	for _, ty := range set.Types() {
-		var rs []*discoveryv3.Resource
-		switch ty.URL {
-		case config.ListenerType:
-			rs = resources(t, s.Listeners, (*listenerv3.Listener).GetName)
-		case config.ClusterType:
-			rs = resources(t, s.Clusters, (*clusterv3.Cluster).GetName)
-		}
-		ty.Handler.Apply(rs, nil)
-	}
-	for _, ty := range set.Types() {
-		if ty.URL == config.EndpointType {
-			ty.Handler.Apply(resources(t, s.Endpoints, func(m *endpointAssignment) string { return m.GetClusterName() }), nil)
-		}
+		ty.Handler.Apply(rs[ty.URL], nil)
 	}
 	return set
 }
@@ -180,8 +157,8 @@ func TestConfigDump(t *testing.T) {
 		if err := l.GetActiveState().GetListener().UnmarshalTo(m); err != nil {
 			t.Fatal(err)
 		}
-		if m.GetName() != l.GetName() || l.GetActiveState().GetVersionInfo() != "v1" || l.GetClientStatus() != adminv3.ClientResourceStatus_ACKED || l.GetErrorState() != nil {
-			t.Errorf("listener %s: %v", l.GetName(), l)
+		if m.GetName() != l.GetName() || l.GetActiveState().GetVersionInfo() != "golden" || l.GetClientStatus() != adminv3.ClientResourceStatus_ACKED || l.GetErrorState() != nil {
+			t.Errorf("listener %s: version %q, status %v, error %v", l.GetName(), l.GetActiveState().GetVersionInfo(), l.GetClientStatus(), l.GetErrorState())
 		}
 		listeners = append(listeners, m.GetName())
 	}
@@ -369,8 +346,6 @@ func TestClusters(t *testing.T) {
 		t.Error("not JSON")
 	}
 }
-
-type endpointAssignment = endpointv3.ClusterLoadAssignment
 
 // lenientResolver resolves unknown Any types to Empty, as istioctl's
 // config dump reader does.

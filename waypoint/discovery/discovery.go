@@ -51,6 +51,15 @@ type Set struct {
 	edsNames  []string // sorted
 	compiled  *config.Config
 	compiles  uint64
+	updates   map[string]Updates
+}
+
+// Updates counts the responses of one type the set took, as Envoy's
+// update_success and update_rejected stats do (pilot-agent's readiness
+// reads those): Success when every resource was taken, Rejected when the
+// NACK named at least one.
+type Updates struct {
+	Success, Rejected uint64
 }
 
 // New returns an empty set whose compiled configurations go to publish.
@@ -62,7 +71,15 @@ func New(publish func(*config.Config)) *Set {
 		listeners: map[string]Resource[*listenerv3.Listener]{},
 		clusters:  map[string]Resource[*clusterv3.Cluster]{},
 		endpoints: map[string]Resource[*endpointv3.ClusterLoadAssignment]{},
+		updates:   map[string]Updates{},
 	}
+}
+
+// Updates returns the response counts of typeURL.
+func (s *Set) Updates(typeURL string) Updates {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.updates[typeURL]
 }
 
 // Types are the set's subscriptions, in the order Envoy sends them: CDS
@@ -187,6 +204,7 @@ func (h handler[M]) Apply(resources []*discoveryv3.Resource, removed []string) [
 		}
 	}
 	if !changed {
+		s.countLocked(h.typeURL, rejects)
 		s.mu.Unlock()
 		return rejects
 	}
@@ -198,19 +216,32 @@ func (h handler[M]) Apply(resources []*discoveryv3.Resource, removed []string) [
 		Clusters:  messages(sorted(s.clusters, clusterName)),
 		Endpoints: messages(sorted(s.endpoints, endpointsName)),
 	})
-	s.compiled = cfg
-	s.compiles++
-	s.mu.Unlock()
-
 	for _, p := range cfg.Problems {
 		if p.TypeURL == h.typeURL {
 			rejects = append(rejects, &client.ResourceError{TypeURL: h.typeURL, Name: p.Resource, Reason: client.ReasonRefused, Err: p.Err})
 		}
 	}
+	s.compiled = cfg
+	s.compiles++
+	s.countLocked(h.typeURL, rejects)
+	s.mu.Unlock()
+
 	if s.publish != nil {
 		s.publish(cfg)
 	}
 	return rejects
+}
+
+// countLocked counts one Apply of typeURL: a response, or the client
+// forgetting EDS names it unsubscribed from.
+func (s *Set) countLocked(typeURL string, rejects []*client.ResourceError) {
+	u := s.updates[typeURL]
+	if len(rejects) == 0 {
+		u.Success++
+	} else {
+		u.Rejected++
+	}
+	s.updates[typeURL] = u
 }
 
 // followClusters recomputes the EDS names after a CDS change and drops

@@ -58,14 +58,14 @@ func mustAny(t *testing.T, m proto.Message) *anypb.Any {
 // serveGolden puts a scenario's LDS, CDS and EDS on a local xDS server.
 func serveGolden(t *testing.T, srv *server.Server, s *waypointgolden.Snapshot) {
 	t.Helper()
-	for _, l := range s.Listeners {
-		srv.Set(config.ListenerType, l.GetName(), mustAny(t, l))
+	rs, err := waypointgolden.Resources(s)
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, c := range s.Clusters {
-		srv.Set(config.ClusterType, c.GetName(), mustAny(t, c))
-	}
-	for _, e := range s.Endpoints {
-		srv.Set(config.EndpointType, e.GetClusterName(), mustAny(t, e))
+	for _, typeURL := range []string{config.ListenerType, config.ClusterType, config.EndpointType} {
+		for _, r := range rs[typeURL] {
+			srv.Set(typeURL, r.GetName(), r.GetResource())
+		}
 	}
 }
 
