@@ -53,6 +53,8 @@ const (
 	BinaryName        = "pilot-discovery"
 	CRDFile           = "crd-all.gen.yaml"
 	GatewayAPICRDFile = "gateway-api-crd.yaml"
+	// IstioctlName is Istioctl's binary, in the same directory.
+	IstioctlName = "istioctl"
 	// BinDirEnv names a directory of prebuilt files that Binaries uses
 	// instead of building.
 	BinDirEnv = "AMBER_ISTIOD_BIN_DIR"
@@ -93,8 +95,9 @@ type Istiod struct {
 	// Dir is istiod's working directory; Log its output.
 	Dir, Log string
 
-	cp   *kube.ControlPlane
-	proc *proc.Process
+	cp      *kube.ControlPlane
+	proc    *proc.Process
+	stopped bool
 }
 
 // Start runs istiod against cp; see the package doc. Failures are fatal
@@ -146,6 +149,9 @@ func Start(tb testing.TB, cp *kube.ControlPlane, opts Options) *Istiod {
 	tb.Cleanup(func() {
 		if tb.Failed() {
 			tb.Logf("istiod log tail (%s):\n%s", d.Log, proc.Tail(d.Log, 40))
+		}
+		if d.stopped {
+			return
 		}
 		if err := d.proc.Stop(5 * time.Second); err != nil {
 			tb.Errorf("istiod: %v", err)
@@ -388,6 +394,14 @@ func (d *Istiod) WriteToken(tb testing.TB, ctx context.Context, pod *corev1.Pod)
 	return f
 }
 
+// Stop stops istiod before the test ends (to test what its clients do
+// without it); the cleanup then has nothing to stop. Not safe for
+// concurrent use with the cleanup.
+func (d *Istiod) Stop() error {
+	d.stopped = true
+	return d.proc.Stop(5 * time.Second)
+}
+
 // Pid returns istiod's process id.
 func (d *Istiod) Pid() int { return d.proc.Cmd.Process.Pid }
 
@@ -398,6 +412,21 @@ func freePort() (int, error) {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Istioctl returns the pinned Istio's istioctl, built with
+// hack/istiod-bin.sh like the other binaries (about a minute once
+// pilot-discovery was built), for tests that read amber's output with its
+// parsers (`istioctl proxy-config ... --file`).
+func Istioctl(tb testing.TB) string {
+	tb.Helper()
+	return filepath.Join(buildcache.Dir(tb, buildcache.Build{
+		What:      "istioctl",
+		Script:    "istiod-bin.sh",
+		Args:      []string{"istioctl"},
+		BinDirEnv: BinDirEnv,
+		Files:     []string{IstioctlName},
+	}), IstioctlName)
 }
 
 // Binaries returns the directory holding pilot-discovery and Istio's CRDs,
