@@ -41,7 +41,7 @@ vet: ## gofmt and go vet
 test: deps check-generate vet ## run every test tier this machine supports (CI runs this)
 	@bash hack/kube-bins.sh all >/dev/null
 	@bash hack/istiod-bin.sh pilot-discovery hbone-interop istioctl >/dev/null
-	@bash hack/helm.sh
+	@bash hack/helm.sh >/dev/null
 	PATH="$(CURDIR)/.cache/bin:$$PATH" $(GO) test $(GOFLAGS_T) -timeout 30m ./...
 
 .PHONY: test-kind

@@ -156,52 +156,14 @@ func TestIntegrationWaypointRun(t *testing.T) {
 	must(t, os.WriteFile(tokenFile, []byte(token), 0o600))
 	must(t, os.WriteFile(rootFile, d.RootPEM, 0o644))
 
-	dp := &recordingDataPath{}
-	lns := waypoint.Listeners{HBONE: mustListen(t), Metrics: mustListen(t), Readiness: mustListen(t), Admin: mustListen(t)}
-	readyURL := "http://" + lns.Readiness.Addr().String() + "/healthz/ready"
-	metricsURL := "http://" + lns.Metrics.Addr().String() + "/stats/prometheus"
-	adminURL := "http://" + lns.Admin.Addr().String()
-	ready := make(chan struct{})
-	runCtx, stop := context.WithCancel(context.Background())
-	runDone := make(chan error, 1)
-	go func() {
-		runDone <- waypoint.Run(runCtx, waypoint.Config{
-			Node:         waypointNode(),
-			XDSAddress:   d.Address,
-			ServerName:   d.ServerName,
-			RootCertFile: rootFile,
-			TokenFile:    tokenFile,
-			Listeners:    lns,
-			NewDataPath: func(c waypoint.DataPathConfig) (waypoint.DataPath, error) {
-				dp.deps = c
-				return dp, nil
-			},
-			Logger: slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
-			Ready:  func() { close(ready) },
-		})
-	}()
-	stopped := false
-	stopRun := func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		stop()
-		if err := <-runDone; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}
-	defer stopRun()
-
-	select {
-	case <-ready:
-	case err := <-runDone:
-		stopped = true
-		t.Fatalf("Run returned before ready: %v", err)
-	case <-ctx.Done():
-		_, body, _ := httpGet(context.Background(), readyURL)
-		t.Fatalf("never ready: %s", body)
-	}
+	w := startWaypoint(t, ctx, waypoint.Config{
+		Node:         waypointNode(),
+		XDSAddress:   d.Address,
+		ServerName:   d.ServerName,
+		RootCertFile: rootFile,
+		TokenFile:    tokenFile,
+	})
+	dp, readyURL, metricsURL, adminURL := w.dp, w.readyURL, w.metricsURL, w.adminURL
 	if code, body, err := httpGet(ctx, readyURL); err != nil || code != http.StatusOK {
 		t.Fatalf("/healthz/ready after Ready: %d %s %v", code, body, err)
 	}
@@ -280,11 +242,66 @@ func TestIntegrationWaypointRun(t *testing.T) {
 	}
 
 	// SIGTERM: drain, then close.
-	stopRun()
+	w.stop(t)
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
 	if !dp.drained || !dp.closed {
 		t.Errorf("drained %v, closed %v", dp.drained, dp.closed)
+	}
+}
+
+// runningWaypoint is waypoint.Run in a goroutine, on loopback listeners,
+// with a recordingDataPath.
+type runningWaypoint struct {
+	dp                             *recordingDataPath
+	readyURL, metricsURL, adminURL string
+	done                           chan error
+	cancel                         context.CancelFunc
+	stopped                        bool
+}
+
+// startWaypoint runs cfg (its listeners, data path, logger and Ready set
+// here) until the test ends, and waits until it is ready.
+func startWaypoint(t *testing.T, ctx context.Context, cfg waypoint.Config) *runningWaypoint {
+	t.Helper()
+	w := &runningWaypoint{dp: &recordingDataPath{}, done: make(chan error, 1)}
+	cfg.Listeners = waypoint.Listeners{HBONE: mustListen(t), Metrics: mustListen(t), Readiness: mustListen(t), Admin: mustListen(t)}
+	w.readyURL = "http://" + cfg.Listeners.Readiness.Addr().String() + "/healthz/ready"
+	w.metricsURL = "http://" + cfg.Listeners.Metrics.Addr().String() + "/stats/prometheus"
+	w.adminURL = "http://" + cfg.Listeners.Admin.Addr().String()
+	cfg.NewDataPath = func(c waypoint.DataPathConfig) (waypoint.DataPath, error) {
+		w.dp.deps = c
+		return w.dp, nil
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	ready := make(chan struct{})
+	cfg.Ready = func() { close(ready) }
+	var runCtx context.Context
+	runCtx, w.cancel = context.WithCancel(context.Background())
+	go func() { w.done <- waypoint.Run(runCtx, cfg) }()
+	t.Cleanup(func() { w.stop(t) })
+
+	select {
+	case <-ready:
+	case err := <-w.done:
+		w.stopped = true
+		t.Fatalf("Run returned before ready: %v", err)
+	case <-ctx.Done():
+		_, body, _ := httpGet(context.Background(), w.readyURL)
+		t.Fatalf("never ready: %s", body)
+	}
+	return w
+}
+
+// stop is SIGTERM: Run drains and returns, which must be without error.
+func (w *runningWaypoint) stop(t *testing.T) {
+	if w.stopped {
+		return
+	}
+	w.stopped = true
+	w.cancel()
+	if err := <-w.done; err != nil {
+		t.Errorf("Run: %v", err)
 	}
 }
 

@@ -26,8 +26,9 @@ var templateArgs = []string{
 	"--log_output_level", "default:info",
 }
 
-// proxyConfig is PROXY_CONFIG as istiod renders the mesh defaults
-// (protoToJSON of the merged ProxyConfig).
+// proxyConfig is a PROXY_CONFIG with the mesh default ProxyConfig's
+// fields set explicitly, as a ProxyConfig resource may set them (istiod
+// renders `{}` with its default mesh config: TestIntegrationWaypointTemplate).
 const proxyConfig = `{"configPath":"./etc/istio/proxy","binaryPath":"/usr/local/bin/envoy","serviceCluster":"istio-proxy","drainDuration":"45s","discoveryAddress":"istiod.istio-system.svc:15012","proxyAdminPort":15000,"controlPlaneAuthPolicy":"MUTUAL_TLS","statNameLength":189,"statusPort":15020,"terminationDrainDuration":"5s","tracing":{"zipkin":{"address":"zipkin.istio-system:9411"}},"proxyMetadata":{"ISTIO_META_DNS_CAPTURE":"true"}}`
 
 // templateEnv is the template's env for the walkthrough's waypoint pod.
