@@ -17,11 +17,7 @@ import (
 
 func goldenResources(t *testing.T) map[string][]*discoveryv3.Resource {
 	t.Helper()
-	vs, err := waypointgolden.Versions()
-	if err != nil || len(vs) == 0 {
-		t.Fatalf("no goldens: %v", err)
-	}
-	s, err := waypointgolden.Load(vs[len(vs)-1], "base")
+	s, err := waypointgolden.Latest("base")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -94,6 +94,18 @@ func subdirs(dir string) ([]string, error) {
 	return out, nil
 }
 
+// Latest reads one scenario of the newest istiod version with goldens.
+func Latest(scenario string) (*Snapshot, error) {
+	vs, err := Versions()
+	if err != nil {
+		return nil, err
+	}
+	if len(vs) == 0 {
+		return nil, fmt.Errorf("goldens: none under %s", Dir())
+	}
+	return Load(vs[len(vs)-1], scenario)
+}
+
 // Load reads one scenario of one istiod version.
 func Load(version, scenario string) (*Snapshot, error) {
 	return Read(filepath.Join(Dir(), version, scenario))

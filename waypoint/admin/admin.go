@@ -76,7 +76,13 @@ func Handler(src Source) http.Handler {
 // expanded. An Any of a type this binary does not link (something amber
 // refused) is shown with its type URL only, as istioctl itself reads
 // unknown types.
-var marshal = protojson.MarshalOptions{UseProtoNames: true, Resolver: lenient{protoregistry.GlobalTypes}}
+var marshal = protojson.MarshalOptions{UseProtoNames: true, Resolver: LenientResolver}
+
+// LenientResolver resolves an Any of a type this binary does not link to
+// an empty message, as istioctl's config dump reader does
+// (istioctl/pkg/util/configdump wrapper.go): for protojson, to marshal
+// and to read dumps.
+var LenientResolver = lenient{protoregistry.GlobalTypes}
 
 type lenient struct{ *protoregistry.Types }
 

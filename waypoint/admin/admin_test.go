@@ -28,10 +28,7 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
-	"google.golang.org/protobuf/reflect/protoregistry"
 	"google.golang.org/protobuf/types/known/anypb"
-	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/amber-mesh/amber/test/waypointgolden"
 	"github.com/amber-mesh/amber/waypoint/admin"
@@ -43,11 +40,7 @@ const productpage = "inbound-vip|9080|http|productpage.default.svc.cluster.local
 
 func golden(t *testing.T, scenario string) *waypointgolden.Snapshot {
 	t.Helper()
-	vs, err := waypointgolden.Versions()
-	if err != nil || len(vs) == 0 {
-		t.Fatalf("no goldens: %v", err)
-	}
-	s, err := waypointgolden.Load(vs[len(vs)-1], scenario)
+	s, err := waypointgolden.Latest(scenario)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,7 +290,7 @@ func TestConfigDumpNACKed(t *testing.T) {
 	}
 	// istioctl reads unknown types leniently; so does this check.
 	d := &adminv3.ConfigDump{}
-	if err := (protojson.UnmarshalOptions{DiscardUnknown: true, Resolver: lenientResolver{}}).Unmarshal(body, d); err != nil {
+	if err := (protojson.UnmarshalOptions{DiscardUnknown: true, Resolver: admin.LenientResolver}).Unmarshal(body, d); err != nil {
 		t.Fatal(err)
 	}
 	for _, l := range section(t, d, &adminv3.ListenersConfigDump{}).GetDynamicListeners() {
@@ -345,27 +338,4 @@ func TestClusters(t *testing.T) {
 	if json.Unmarshal(body, &anything) != nil {
 		t.Error("not JSON")
 	}
-}
-
-// lenientResolver resolves unknown Any types to Empty, as istioctl's
-// config dump reader does.
-type lenientResolver struct{}
-
-func (lenientResolver) FindMessageByURL(url string) (protoreflect.MessageType, error) {
-	if mt, err := protoregistry.GlobalTypes.FindMessageByURL(url); err == nil {
-		return mt, nil
-	}
-	return (&emptypb.Empty{}).ProtoReflect().Type(), nil
-}
-
-func (lenientResolver) FindMessageByName(n protoreflect.FullName) (protoreflect.MessageType, error) {
-	return protoregistry.GlobalTypes.FindMessageByName(n)
-}
-
-func (lenientResolver) FindExtensionByName(n protoreflect.FullName) (protoreflect.ExtensionType, error) {
-	return protoregistry.GlobalTypes.FindExtensionByName(n)
-}
-
-func (lenientResolver) FindExtensionByNumber(m protoreflect.FullName, n protoreflect.FieldNumber) (protoreflect.ExtensionType, error) {
-	return protoregistry.GlobalTypes.FindExtensionByNumber(m, n)
 }
