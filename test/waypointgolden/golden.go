@@ -30,6 +30,7 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -305,6 +306,39 @@ func Resources(s *Snapshot) (map[string][]*discoveryv3.Resource, error) {
 		add(WorkloadType, m.GetUid(), m)
 	}
 	return out, errors.Join(errs...)
+}
+
+// WithHTTPFilter returns a copy of s whose listener holds filter first in
+// the HTTP connection manager of its filter chain named chain: how tests
+// make istiod's configuration carry something the compiler must refuse.
+func WithHTTPFilter(s *Snapshot, listener, chain string, filter *hcmv3.HttpFilter) (*Snapshot, error) {
+	out := *s
+	out.Listeners = slices.Clone(s.Listeners)
+	for i, l := range out.Listeners {
+		if l.GetName() != listener {
+			continue
+		}
+		l = proto.Clone(l).(*listenerv3.Listener)
+		for _, fc := range l.GetFilterChains() {
+			if fc.GetName() != chain || len(fc.GetFilters()) == 0 {
+				continue
+			}
+			last := fc.GetFilters()[len(fc.GetFilters())-1]
+			hcm := &hcmv3.HttpConnectionManager{}
+			if err := last.GetTypedConfig().UnmarshalTo(hcm); err != nil {
+				return nil, fmt.Errorf("chain %s: %w", chain, err)
+			}
+			hcm.HttpFilters = append([]*hcmv3.HttpFilter{filter}, hcm.HttpFilters...)
+			a, err := anypb.New(hcm)
+			if err != nil {
+				return nil, err
+			}
+			last.ConfigType = &listenerv3.Filter_TypedConfig{TypedConfig: a}
+			out.Listeners[i] = l
+			return &out, nil
+		}
+	}
+	return nil, fmt.Errorf("no chain %s in listener %s", chain, listener)
 }
 
 // Write writes s into dir (created if needed), replacing its files.

@@ -256,29 +256,16 @@ func TestConfigDumpMask(t *testing.T) {
 // NACKED, with the problem; an Any of a type the binary does not know is
 // shown by its type URL.
 func TestConfigDumpNACKed(t *testing.T) {
-	g := golden(t, "base")
-	for i, l := range g.Listeners {
-		if l.GetName() != config.MainInternal {
-			continue
-		}
-		l = proto.Clone(l).(*listenerv3.Listener)
-		for _, fc := range l.GetFilterChains() {
-			if fc.GetName() != productpage {
-				continue
-			}
-			f := fc.GetFilters()[len(fc.GetFilters())-1]
-			hcm := &hcmv3.HttpConnectionManager{}
-			if err := f.GetTypedConfig().UnmarshalTo(hcm); err != nil {
-				t.Fatal(err)
-			}
-			lua, _ := anypb.New(&luav3.Lua{})
-			// A type this binary cannot know.
-			lua.TypeUrl = "type.googleapis.com/example.Unknown"
-			hcm.HttpFilters = append([]*hcmv3.HttpFilter{{Name: "x", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: lua}}}, hcm.HttpFilters...)
-			a, _ := anypb.New(hcm)
-			f.ConfigType = &listenerv3.Filter_TypedConfig{TypedConfig: a}
-		}
-		g.Listeners[i] = l
+	// A filter of a type this binary cannot know.
+	unknown, err := anypb.New(&luav3.Lua{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unknown.TypeUrl = "type.googleapis.com/example.Unknown"
+	g, err := waypointgolden.WithHTTPFilter(golden(t, "base"), config.MainInternal, productpage,
+		&hcmv3.HttpFilter{Name: "x", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: unknown}})
+	if err != nil {
+		t.Fatal(err)
 	}
 	h := admin.Handler(admin.Source{Set: fill(t, g)})
 	code, body := get(t, h, "/config_dump")

@@ -206,26 +206,17 @@ func TestGoldenThroughXDS(t *testing.T) {
 // chain: a filter amber refuses.
 func withLua(t *testing.T, g *waypointgolden.Snapshot) *listenerv3.Listener {
 	t.Helper()
-	for _, l := range g.Listeners {
-		if l.GetName() != config.MainInternal {
-			continue
-		}
-		l = proto.Clone(l).(*listenerv3.Listener)
-		for _, fc := range l.GetFilterChains() {
-			if fc.GetName() != productpage {
-				continue
-			}
-			hcm := &hcmv3.HttpConnectionManager{}
-			if err := fc.GetFilters()[len(fc.GetFilters())-1].GetTypedConfig().UnmarshalTo(hcm); err != nil {
-				t.Fatal(err)
-			}
-			lua := &hcmv3.HttpFilter{Name: "envoy.filters.http.lua", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(t, &luav3.Lua{})}}
-			hcm.HttpFilters = append([]*hcmv3.HttpFilter{lua}, hcm.HttpFilters...)
-			fc.GetFilters()[len(fc.GetFilters())-1].ConfigType = &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(t, hcm)}
+	lua := &hcmv3.HttpFilter{Name: "envoy.filters.http.lua", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(t, &luav3.Lua{})}}
+	s, err := waypointgolden.WithHTTPFilter(g, config.MainInternal, productpage, lua)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range s.Listeners {
+		if l.GetName() == config.MainInternal {
 			return l
 		}
 	}
-	t.Fatal("no productpage chain in main_internal")
+	t.Fatal("no main_internal")
 	return nil
 }
 
