@@ -22,6 +22,7 @@ func TestDependencyDirection(t *testing.T) {
 		{"./xds/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent"}, nil, "xds/ is Kubernetes-free"},
 		{"./xds/...", []string{"github.com/amber-mesh/amber/tunnel"}, []string{authz}, "xds/state holds compiled policies; nothing else of the data plane"},
 		{"./waypoint/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent", "github.com/amber-mesh/amber/test"}, nil, "the waypoint runs on istiod's xDS alone, never the Kubernetes API"},
+		{"./cmd/amber-waypoint", []string{"k8s.io/", "github.com/amber-mesh/amber/agent", "github.com/amber-mesh/amber/test"}, nil, "the waypoint's container reads its pod from the environment and files istiod's template gives it, never the Kubernetes API"},
 	}
 	for _, r := range rules {
 		out, err := exec.Command("go", "list", "-deps", "-test=false", r.pkgs).CombinedOutput()
