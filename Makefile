@@ -28,7 +28,7 @@ demo: deps ## Istio ambient's walkthrough on a real node with istiod and amber (
 	$(GO) run ./test/cmd/amber-demo $(DEMO_ARGS)
 
 .PHONY: build
-build: ## build amber-agent, amber-ztunnel, amber-cni and amberctl into bin/
+build: ## build amber-agent, amber-ztunnel, amber-waypoint, amber-cni and amberctl into bin/
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./cmd/...
 
@@ -40,8 +40,8 @@ vet: ## gofmt and go vet
 .PHONY: test
 test: deps check-generate vet ## run every test tier this machine supports (CI runs this)
 	@bash hack/kube-bins.sh all >/dev/null
-	@bash hack/istiod-bin.sh >/dev/null
-	@bash hack/helm.sh
+	@bash hack/istiod-bin.sh pilot-discovery hbone-interop istioctl >/dev/null
+	@bash hack/helm.sh >/dev/null
 	PATH="$(CURDIR)/.cache/bin:$$PATH" $(GO) test $(GOFLAGS_T) -timeout 30m ./...
 
 .PHONY: test-kind

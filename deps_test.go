@@ -27,6 +27,7 @@ func TestDependencyDirection(t *testing.T) {
 		{"./tunnel/hbone/...", []string{"github.com/amber-mesh/amber/tunnel/relay", "github.com/amber-mesh/amber/tunnel/proxy", "github.com/amber-mesh/amber/xds"}, nil, "HBONE is the wire; relaying and routing sit on it"},
 		{"./waypoint/...", []string{"k8s.io/", "github.com/amber-mesh/amber/agent", "github.com/amber-mesh/amber/test"}, nil, "the waypoint runs on istiod's xDS alone, never the Kubernetes API"},
 		{"./waypoint/...", []string{"github.com/amber-mesh/amber/tunnel/proxy"}, nil, "the waypoint reuses the ztunnel's HBONE, certificates and identities, not its proxy"},
+		{"./cmd/amber-waypoint", []string{"k8s.io/", "github.com/amber-mesh/amber/agent", "github.com/amber-mesh/amber/test"}, nil, "the waypoint's container reads its pod from the environment and files istiod's template gives it, never the Kubernetes API"},
 	}
 	for _, r := range rules {
 		out, err := exec.Command("go", "list", "-deps", "-test=false", r.pkgs).CombinedOutput()

@@ -2,9 +2,11 @@
 # Builds Istio's binaries from the Go module proxy into a cache, once:
 # hack/istiod-bin.sh [-check] [NAME...]
 #
-#   NAME    pilot-discovery (istiod, with Istio's CRDs next to it) or
+#   NAME    pilot-discovery (istiod, with Istio's CRDs next to it),
 #           hbone-interop (Istio's Go HBONE client and server, for
-#           test/interop); no NAME means both
+#           test/interop) or istioctl (whose proxy-config parsers read
+#           amber-waypoint's admin output in test/istiod); no NAME means
+#           pilot-discovery and hbone-interop
 #   -check  build nothing: exit 3 if a named file is missing or stale
 #
 # Output lands in .cache/istiod/<istio version>/bin/ (override the root with
@@ -12,9 +14,11 @@
 # manifests/charts/base/files/ of the same istio.io/istio module) and
 # gateway-api-crd.yaml (the Gateway API CRDs Istio's own integration tests
 # install, tests/integration/pilot/testdata/ of that module), and
-# hbone-interop. A stamp per binary in .cache/istiod/<istio version>/stamp/
-# holds the hash of what it was built from: the tools module's go.mod and
-# go.sum, and for hbone-interop also its source. A binary is rebuilt only
+# hbone-interop and istioctl. A stamp per binary in
+# .cache/istiod/<istio version>/stamp/ holds the hash of what it was built
+# from: the tools module's go.mod and go.sum, and for hbone-interop also its
+# source; for istioctl its own module's (test/istiod/istioctl, which must
+# require the same istio.io/istio). A binary is rebuilt only
 # when that changes, so a warm run takes well under a second. Progress goes
 # to stderr; the bin directory is printed on stdout.
 #
@@ -27,6 +31,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools=$root/test/istiod/tools
+ctltools=$root/test/istiod/istioctl
 crds=crd-all.gen.yaml
 gwcrds=gateway-api-crd.yaml
 all=(pilot-discovery hbone-interop)
@@ -35,8 +40,11 @@ die() { echo "istiod-bin: $*" >&2; exit 1; }
 say() { echo "istiod-bin: $*" >&2; }
 
 # The istio.io/istio requirement, in a require block or on a line of its own.
-version=$(awk '$1 == "require" { $1 = "" ; $0 = $0 }
-  $1 == "istio.io/istio" && $2 ~ /^v/ { print $2; exit }' "$tools/go.mod")
+istio_version() {
+  awk '$1 == "require" { $1 = "" ; $0 = $0 }
+    $1 == "istio.io/istio" && $2 ~ /^v/ { print $2; exit }' "$1/go.mod"
+}
+version=$(istio_version "$tools")
 [ -n "$version" ] || die "cannot read the istio.io/istio version from $tools/go.mod"
 
 cache=${ISTIOD_CACHE_DIR:-$root/.cache/istiod}/$version
@@ -50,18 +58,29 @@ names=("$@")
 for n in "${names[@]}"; do
   case $n in
   pilot-discovery | hbone-interop) ;;
-  *) die "usage: hack/istiod-bin.sh [-check] [pilot-discovery|hbone-interop...]" ;;
+  istioctl)
+    [ "$(istio_version "$ctltools")" = "$version" ] ||
+      die "$ctltools/go.mod requires istio.io/istio $(istio_version "$ctltools"), $tools/go.mod $version: make them agree"
+    ;;
+  *) die "usage: hack/istiod-bin.sh [-check] [pilot-discovery|hbone-interop|istioctl...]" ;;
   esac
 done
 
 command -v go >/dev/null || die "go is not in PATH"
 mkdir -p "$bin" "$stamps"
 
-# pkg NAME: the package NAME is built from, in the tools module.
+# pkg NAME: the package NAME is built from; dir NAME: in which module.
 pkg() {
   case $1 in
   pilot-discovery) echo istio.io/istio/pilot/cmd/pilot-discovery ;;
   hbone-interop) echo ./hbone-interop ;;
+  istioctl) echo istio.io/istio/istioctl/cmd/istioctl ;;
+  esac
+}
+dir() {
+  case $1 in
+  istioctl) echo "$ctltools" ;;
+  *) echo "$tools" ;;
   esac
 }
 
@@ -69,11 +88,13 @@ pkg() {
 # comment lines) and go.sum cover every version that went into it;
 # hbone-interop's own source is hashed too, file names included.
 modhash() {
-  { grep -v '^[[:space:]]*//' "$tools/go.mod"; cat "$tools/go.sum"; } | sha256sum | cut -d' ' -f1
+  local m=${1:-$tools}
+  { grep -v '^[[:space:]]*//' "$m/go.mod"; cat "$m/go.sum"; } | sha256sum | cut -d' ' -f1
 }
 stamp() {
   case $1 in
   pilot-discovery) printf '%s %s\n' "$1" "$(modhash)" ;;
+  istioctl) printf '%s %s\n' "$1" "$(modhash "$ctltools")" ;;
   hbone-interop)
     printf '%s %s\n' "$1" "$({
       modhash
@@ -142,9 +163,10 @@ for name in $todo; do
   fi
   case $name in
   pilot-discovery) hint="first time: several minutes" ;;
+  istioctl) hint="about a minute once pilot-discovery was built" ;;
   *) hint="seconds once pilot-discovery was built" ;;
   esac
-  go_build "$name" "$version" "$tools" "$(pkg "$name")" "-s -w" "$hint"
+  go_build "$name" "$version" "$(dir "$name")" "$(pkg "$name")" "-s -w" "$hint"
   if [ "$name" = pilot-discovery ]; then
     copy_crds
   fi

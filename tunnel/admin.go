@@ -33,10 +33,7 @@ func registerMetrics(reg *metrics.Metrics, cfg Config, px *proxy.Proxy, mgr *cer
 			s := mgr.Stats()
 			return map[string]uint64{"issued": s.Issued, "issue_failures": s.IssueFailures, "peers_rejected": s.PeersRejected}
 		}},
-		{"amber_xds_events_total", "xDS client events.", "event", func() map[string]uint64 {
-			s := xc.Stats()
-			return map[string]uint64{"connects": s.Connects, "disconnects": s.Disconnects, "responses": s.Responses, "acks": s.ACKs, "nacks": s.NACKs}
-		}},
+		{"amber_xds_events_total", "xDS client events.", "event", func() map[string]uint64 { return xc.Stats().Counters() }},
 	}
 	if !cfg.NoCapture {
 		regs = append(regs, struct {

@@ -5,10 +5,7 @@
 package tunnel
 
 import (
-	"cmp"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -23,7 +20,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/amber-mesh/amber/bpf"
@@ -325,8 +321,7 @@ func newCA(cfg Config) (ca.Client, error) {
 // in-process server on loopback in local mode, to istiod over TLS
 // otherwise.
 func dialControlPlane(g *supervise.Group, cfg Config, log *slog.Logger) (*grpc.ClientConn, error) {
-	var target string
-	var opts []grpc.DialOption
+	var cc *grpc.ClientConn
 	switch {
 	case cfg.LocalConfig != "":
 		srv, err := server.New(server.Config{File: cfg.LocalConfig, Logger: log})
@@ -339,8 +334,9 @@ func dialControlPlane(g *supervise.Group, cfg Config, log *slog.Logger) (*grpc.C
 		}
 		g.Go("local xds server", func(ctx context.Context) error { return unless(srv.Serve(ctx, ln), server.ErrClosed) })
 		g.Defer("local xds server", srv.Close)
-		target = "passthrough:///" + ln.Addr().String()
-		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if cc, err = grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()), ca.Reconnect); err != nil {
+			return nil, fmt.Errorf("xds channel: %w", err)
+		}
 	case cfg.XDSAddress != "":
 		if cfg.RootCertFile == "" {
 			return nil, ErrNoCA
@@ -349,52 +345,18 @@ func dialControlPlane(g *supervise.Group, cfg Config, log *slog.Logger) (*grpc.C
 		if err != nil {
 			return nil, fmt.Errorf("read root cert: %w", err)
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(root) {
-			return nil, fmt.Errorf("root cert %s: no certificates", cfg.RootCertFile)
-		}
-		host, _, err := net.SplitHostPort(cfg.XDSAddress)
+		roots, err := ca.ParseRoots(root)
 		if err != nil {
-			return nil, fmt.Errorf("xds address: %w", err)
+			return nil, fmt.Errorf("root cert %s: %w", cfg.RootCertFile, err)
 		}
-		target = cfg.XDSAddress
-		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: cmp.Or(cfg.ServerName, host), MinVersion: tls.VersionTLS12})))
-		if cfg.TokenFile != "" {
-			opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{file: cfg.TokenFile, clusterID: cmp.Or(cfg.ClusterID, ca.DefaultClusterID)}))
+		// The token is re-read for every stream: projected tokens rotate
+		// in place.
+		if cc, err = ca.DialIstiod(cfg.XDSAddress, cfg.ServerName, roots, &ca.TokenCredentials{File: cfg.TokenFile, ClusterID: cfg.ClusterID}); err != nil {
+			return nil, fmt.Errorf("xds channel: %w", err)
 		}
 	default:
 		return nil, ErrNoControlPlane
 	}
-	cc, err := grpc.NewClient(target, append(opts, ca.Reconnect)...)
-	if err != nil {
-		return nil, fmt.Errorf("xds channel: %w", err)
-	}
 	g.Defer("xds channel", cc.Close)
 	return cc, nil
-}
-
-// tokenCreds sends the service-account token istiod authenticates xDS
-// clients with; it is re-read on every stream because projected tokens
-// rotate in place.
-type tokenCreds struct{ file, clusterID string }
-
-func (t tokenCreds) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	b, err := os.ReadFile(t.file)
-	if err != nil {
-		return nil, fmt.Errorf("read token: %w", err)
-	}
-	md := map[string]string{"authorization": "Bearer " + string(trimSpace(b))}
-	if t.clusterID != "" {
-		md["clusterid"] = t.clusterID
-	}
-	return md, nil
-}
-
-func (tokenCreds) RequireTransportSecurity() bool { return true }
-
-func trimSpace(b []byte) []byte {
-	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == '\r' || b[len(b)-1] == ' ') {
-		b = b[:len(b)-1]
-	}
-	return b
 }

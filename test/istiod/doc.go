@@ -57,6 +57,12 @@
 // skips, unless CI=true, where it fails; with -short it only uses the
 // cache.
 //
+// Options.Injector also creates the injector ConfigMap the pinned
+// istio-discovery chart renders (Helm, hack/helm.sh) before istiod starts,
+// so that istiod's deployment controller renders waypoints as in a real
+// install. Istioctl builds the pinned istioctl (hack/istiod-bin.sh
+// istioctl) for tests that read amber's admin output with its parsers.
+//
 // Integration tests that use this package are named TestIntegration...;
 // they need no root.
 package istiod

@@ -3,12 +3,15 @@ package istiod
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -53,6 +56,8 @@ const (
 	BinaryName        = "pilot-discovery"
 	CRDFile           = "crd-all.gen.yaml"
 	GatewayAPICRDFile = "gateway-api-crd.yaml"
+	// IstioctlName is Istioctl's binary, in the same directory.
+	IstioctlName = "istioctl"
 	// BinDirEnv names a directory of prebuilt files that Binaries uses
 	// instead of building.
 	BinDirEnv = "AMBER_ISTIOD_BIN_DIR"
@@ -71,6 +76,14 @@ type Options struct {
 	// istiod starts, so that it serves Gateway, HTTPRoute and waypoints.
 	// Zero: only Istio's CRDs.
 	GatewayAPI bool
+	// Injector creates the injector ConfigMap (istio-sidecar-injector:
+	// the templates, waypoint's among them, and values) as Istio's
+	// istio-discovery Helm chart renders it with its defaults, from the
+	// same istio module, before istiod starts: istiod's deployment
+	// controller then renders a Deployment, Service and ServiceAccount for
+	// every waypoint Gateway (nothing runs their pods). Zero: none, and
+	// istiod deploys nothing ("no waypoint template").
+	Injector bool
 	// ReadyTimeout bounds the wait for CRDs, readiness and the root
 	// certificate. Zero means 90 s.
 	ReadyTimeout time.Duration
@@ -93,8 +106,9 @@ type Istiod struct {
 	// Dir is istiod's working directory; Log its output.
 	Dir, Log string
 
-	cp   *kube.ControlPlane
-	proc *proc.Process
+	cp      *kube.ControlPlane
+	proc    *proc.Process
+	stopped bool
 }
 
 // Start runs istiod against cp; see the package doc. Failures are fatal
@@ -118,6 +132,11 @@ func Start(tb testing.TB, cp *kube.ControlPlane, opts Options) *Istiod {
 	if opts.GatewayAPI {
 		if err := ApplyCRDs(ctx, cp.Kubectl, filepath.Join(opts.BinDir, GatewayAPICRDFile)); err != nil {
 			tb.Fatalf("istiod: gateway api: %v", err)
+		}
+	}
+	if opts.Injector {
+		if err := applyInjector(ctx, tb, cp); err != nil {
+			tb.Fatalf("istiod: injector config: %v", err)
 		}
 	}
 	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: ZtunnelServiceAccount, Namespace: Namespace}}
@@ -146,6 +165,9 @@ func Start(tb testing.TB, cp *kube.ControlPlane, opts Options) *Istiod {
 	tb.Cleanup(func() {
 		if tb.Failed() {
 			tb.Logf("istiod log tail (%s):\n%s", d.Log, proc.Tail(d.Log, 40))
+		}
+		if d.stopped {
+			return
 		}
 		if err := d.proc.Stop(5 * time.Second); err != nil {
 			tb.Errorf("istiod: %v", err)
@@ -388,6 +410,14 @@ func (d *Istiod) WriteToken(tb testing.TB, ctx context.Context, pod *corev1.Pod)
 	return f
 }
 
+// Stop stops istiod before the test ends (to test what its clients do
+// without it); the cleanup then has nothing to stop. Not safe for
+// concurrent use with the cleanup.
+func (d *Istiod) Stop() error {
+	d.stopped = true
+	return d.proc.Stop(5 * time.Second)
+}
+
 // Pid returns istiod's process id.
 func (d *Istiod) Pid() int { return d.proc.Cmd.Process.Pid }
 
@@ -398,6 +428,71 @@ func freePort() (int, error) {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// InjectorConfigMap is the ConfigMap istiod reads its injection templates
+// from when it has no injection directory (pilot/pkg/bootstrap
+// sidecarinjector.go).
+const InjectorConfigMap = "istio-sidecar-injector"
+
+// applyInjector renders the istio-discovery chart's injector ConfigMap
+// with Helm and creates it.
+func applyInjector(ctx context.Context, tb testing.TB, cp *kube.ControlPlane) error {
+	helm := filepath.Join(buildcache.Dir(tb, buildcache.Build{What: "helm", Script: "helm.sh", Files: []string{"helm"}}), "helm")
+	src, err := istioModuleDir(ctx)
+	if err != nil {
+		return err
+	}
+	dir := tb.TempDir()
+	cmd := exec.CommandContext(ctx, helm, "template", "istiod", filepath.Join(src, "manifests", "charts", "istio-control", "istio-discovery"),
+		"--namespace", Namespace, "--show-only", "templates/istiod-injector-configmap.yaml")
+	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+filepath.Join(dir, "cache"), "HELM_CONFIG_HOME="+filepath.Join(dir, "config"), "HELM_DATA_HOME="+filepath.Join(dir, "data"))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return fmt.Errorf("helm template: %w: %s", err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	f := filepath.Join(dir, "injector.yaml")
+	if err := os.WriteFile(f, out, 0o644); err != nil {
+		return err
+	}
+	if out, err := cp.Kubectl(ctx, "apply", "--server-side", "-f", f); err != nil {
+		return fmt.Errorf("apply: %w: %s", err, out)
+	}
+	return nil
+}
+
+// istioModuleDir is the module cache directory of the istio.io/istio the
+// tools module (next to this file) builds istiod from.
+func istioModuleDir(ctx context.Context) (string, error) {
+	_, file, _, ok := runtime.Caller(0)
+	if !ok {
+		return "", errors.New("no caller information")
+	}
+	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", "istio.io/istio")
+	cmd.Dir = filepath.Join(filepath.Dir(file), "tools")
+	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=readonly")
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("go list istio.io/istio: %w", err)
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+// Istioctl returns the pinned Istio's istioctl, built with
+// hack/istiod-bin.sh like the other binaries (about a minute once
+// pilot-discovery was built), for tests that read amber's output with its
+// parsers (`istioctl proxy-config ... --file`).
+func Istioctl(tb testing.TB) string {
+	tb.Helper()
+	return filepath.Join(buildcache.Dir(tb, buildcache.Build{
+		What:      "istioctl",
+		Script:    "istiod-bin.sh",
+		Args:      []string{"istioctl"},
+		BinDirEnv: BinDirEnv,
+		Files:     []string{IstioctlName},
+	}), IstioctlName)
 }
 
 // Binaries returns the directory holding pilot-discovery and Istio's CRDs,

@@ -30,6 +30,8 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -91,6 +93,18 @@ func subdirs(dir string) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// Latest reads one scenario of the newest istiod version with goldens.
+func Latest(scenario string) (*Snapshot, error) {
+	vs, err := Versions()
+	if err != nil {
+		return nil, err
+	}
+	if len(vs) == 0 {
+		return nil, fmt.Errorf("goldens: none under %s", Dir())
+	}
+	return Load(vs[len(vs)-1], scenario)
 }
 
 // Load reads one scenario of one istiod version.
@@ -166,7 +180,7 @@ func Render(s *Snapshot) (map[string][]byte, error) {
 	add(WorkloadType, messages(s.Workloads), func(m proto.Message) string { return m.(*workloadapi.Workload).GetUid() })
 	if len(errs) > 0 {
 		if missing := unresolved(s); len(missing) > 0 {
-			errs = append(errs, fmt.Errorf("types to link into test/waypointgolden (types.go): %s", strings.Join(missing, ", ")))
+			errs = append(errs, fmt.Errorf("types to link into waypoint/envoytypes: %s", strings.Join(missing, ", ")))
 		}
 	}
 	return out, errors.Join(errs...)
@@ -264,6 +278,67 @@ func compact(b []byte) []byte {
 		return b
 	}
 	return out.Bytes()
+}
+
+// Resources returns s as delta-ADS responses carry it: per type URL, each
+// resource with its name, the version "golden" and its body.
+func Resources(s *Snapshot) (map[string][]*discoveryv3.Resource, error) {
+	out := map[string][]*discoveryv3.Resource{}
+	var errs []error
+	add := func(typeURL, name string, m proto.Message) {
+		a, err := anypb.New(m)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: %w", typeURL, name, err))
+			return
+		}
+		out[typeURL] = append(out[typeURL], &discoveryv3.Resource{Name: name, Version: "golden", Resource: a})
+	}
+	for _, m := range s.Listeners {
+		add(ListenerType, m.GetName(), m)
+	}
+	for _, m := range s.Clusters {
+		add(ClusterType, m.GetName(), m)
+	}
+	for _, m := range s.Endpoints {
+		add(EndpointType, m.GetClusterName(), m)
+	}
+	for _, m := range s.Workloads {
+		add(WorkloadType, m.GetUid(), m)
+	}
+	return out, errors.Join(errs...)
+}
+
+// WithHTTPFilter returns a copy of s whose listener holds filter first in
+// the HTTP connection manager of its filter chain named chain: how tests
+// make istiod's configuration carry something the compiler must refuse.
+func WithHTTPFilter(s *Snapshot, listener, chain string, filter *hcmv3.HttpFilter) (*Snapshot, error) {
+	out := *s
+	out.Listeners = slices.Clone(s.Listeners)
+	for i, l := range out.Listeners {
+		if l.GetName() != listener {
+			continue
+		}
+		l = proto.Clone(l).(*listenerv3.Listener)
+		for _, fc := range l.GetFilterChains() {
+			if fc.GetName() != chain || len(fc.GetFilters()) == 0 {
+				continue
+			}
+			last := fc.GetFilters()[len(fc.GetFilters())-1]
+			hcm := &hcmv3.HttpConnectionManager{}
+			if err := last.GetTypedConfig().UnmarshalTo(hcm); err != nil {
+				return nil, fmt.Errorf("chain %s: %w", chain, err)
+			}
+			hcm.HttpFilters = append([]*hcmv3.HttpFilter{filter}, hcm.HttpFilters...)
+			a, err := anypb.New(hcm)
+			if err != nil {
+				return nil, err
+			}
+			last.ConfigType = &listenerv3.Filter_TypedConfig{TypedConfig: a}
+			out.Listeners[i] = l
+			return &out, nil
+		}
+	}
+	return nil, fmt.Errorf("no chain %s in listener %s", chain, listener)
 }
 
 // Write writes s into dir (created if needed), replacing its files.

@@ -55,17 +55,24 @@ type IstioConfig struct {
 	// with "no node authorizer for cluster \"\"" otherwise), so it is
 	// always sent. Zero means DefaultClusterID.
 	ClusterID string
-	// Self is the ztunnel's own identity. Requests for any other identity
+	// Self is the caller's own identity. Requests for any other identity
 	// carry the ImpersonatedIdentity metadata, which istiod honours only for
 	// callers in CA_TRUSTED_NODE_ACCOUNTS. Zero means every request
 	// carries it, as Istio's ztunnel in shared (node proxy) mode does.
 	Self identity.ID
+	// SelfOnly makes the client sign Self's certificates only, as a
+	// workload's own proxy (pilot-agent for a sidecar or a waypoint) does:
+	// it never sends ImpersonatedIdentity, istiod takes the identity from
+	// the token, and a request for any other identity fails here with
+	// ErrIdentityMismatch. It requires Self.
+	SelfOnly bool
 }
 
 // Istio is a Client of istiod's istio.v1.auth.IstioCertificateService.
 type Istio struct {
 	cfg   IstioConfig
 	roots *x509.CertPool
+	creds *TokenCredentials
 	conn  *grpc.ClientConn
 	svc   pb.IstioCertificateServiceClient
 }
@@ -78,39 +85,27 @@ func NewIstio(cfg IstioConfig) (*Istio, error) {
 	if cfg.Address == "" {
 		return nil, errors.New("istio ca: no address")
 	}
-	roots := x509.NewCertPool()
-	rootCerts, err := parseCertsPEM(cfg.RootPEM)
-	if err != nil {
-		return nil, fmt.Errorf("istio ca: root pem: %w", err)
-	}
-	if len(rootCerts) == 0 {
-		return nil, errors.New("istio ca: root pem: no certificates")
-	}
-	for _, c := range rootCerts {
-		roots.AddCert(c)
-	}
-	if cfg.ServerName == "" {
-		host, _, err := net.SplitHostPort(cfg.Address)
-		if err != nil {
-			return nil, fmt.Errorf("istio ca: server name from address %q: %w", cfg.Address, err)
-		}
-		cfg.ServerName = host
-	}
-	if !cfg.Self.IsZero() {
-		if err := cfg.Self.Validate(); err != nil {
-			return nil, fmt.Errorf("istio ca: self identity: %w", err)
-		}
-	}
-	creds := credentials.NewTLS(&tls.Config{
-		RootCAs:    roots,
-		ServerName: cfg.ServerName,
-		MinVersion: tls.VersionTLS12,
-	})
-	conn, err := grpc.NewClient(cfg.Address, grpc.WithTransportCredentials(creds), Reconnect)
+	roots, err := ParseRoots(cfg.RootPEM)
 	if err != nil {
 		return nil, fmt.Errorf("istio ca: %w", err)
 	}
-	return &Istio{cfg: cfg, roots: roots, conn: conn, svc: pb.NewIstioCertificateServiceClient(conn)}, nil
+	switch {
+	case !cfg.Self.IsZero():
+		if err := cfg.Self.Validate(); err != nil {
+			return nil, fmt.Errorf("istio ca: self identity: %w", err)
+		}
+	case cfg.SelfOnly:
+		return nil, errors.New("istio ca: SelfOnly without Self")
+	}
+	// The token goes into each request's metadata by hand rather than as
+	// the channel's per-call credentials, so that a bad token fails Sign
+	// with ErrToken before anything is sent.
+	conn, err := DialIstiod(cfg.Address, cfg.ServerName, roots, nil)
+	if err != nil {
+		return nil, fmt.Errorf("istio ca: %w", err)
+	}
+	creds := &TokenCredentials{File: cfg.TokenFile, ClusterID: cfg.ClusterID}
+	return &Istio{cfg: cfg, roots: roots, creds: creds, conn: conn, svc: pb.NewIstioCertificateServiceClient(conn)}, nil
 }
 
 // Roots returns the pool built from IstioConfig.RootPEM.
@@ -139,21 +134,19 @@ func (c *Istio) Sign(ctx context.Context, csrPEM []byte, id identity.ID, ttl tim
 }
 
 func (c *Istio) sign(ctx context.Context, csrPEM []byte, id identity.ID, ttl time.Duration) ([]*x509.Certificate, error) {
+	if c.cfg.SelfOnly && id != c.cfg.Self {
+		return nil, fmt.Errorf("%w: this client signs only its own identity %s", ErrIdentityMismatch, c.cfg.Self)
+	}
 	csr, err := checkCSR(csrPEM, id)
 	if err != nil {
 		return nil, err
 	}
-	var md []string
-	if c.cfg.TokenFile != "" {
-		tok, err := readToken(c.cfg.TokenFile)
-		if err != nil {
-			return nil, err
-		}
-		md = append(md, headerAuthorization, "Bearer "+tok)
+	md, err := c.creds.GetRequestMetadata(ctx)
+	if err != nil {
+		return nil, err
 	}
-	md = append(md, headerClusterID, cmp.Or(c.cfg.ClusterID, DefaultClusterID))
-	if len(md) > 0 {
-		ctx = metadata.AppendToOutgoingContext(ctx, md...)
+	for k, v := range md {
+		ctx = metadata.AppendToOutgoingContext(ctx, k, v)
 	}
 	req := &pb.IstioCertificateRequest{Csr: string(csrPEM)}
 	if ttl > 0 {
@@ -274,3 +267,74 @@ func verifyLeaf(chain []*x509.Certificate, roots *x509.CertPool) error {
 var Reconnect = grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
 	BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 15 * time.Second,
 }})
+
+// ParseRoots parses the mesh root certificates (root-cert.pem): PEM
+// certificates and nothing else, at least one.
+func ParseRoots(rootPEM []byte) (*x509.CertPool, error) {
+	certs, err := parseCertsPEM(rootPEM)
+	if err != nil {
+		return nil, fmt.Errorf("root pem: %w", err)
+	}
+	if len(certs) == 0 {
+		return nil, errors.New("root pem: no certificates")
+	}
+	roots := x509.NewCertPool()
+	for _, c := range certs {
+		roots.AddCert(c)
+	}
+	return roots, nil
+}
+
+// DialIstiod returns a channel to istiod's TLS gRPC port (15012: xDS and
+// the CA), which it does not dial yet: istiod's certificate is verified
+// against roots for serverName (zero: the host of address; istiod's own
+// is issued for istiod.istio-system.svc), creds, if not nil, are sent on
+// every call, and the channel reconnects within 15 s (Reconnect).
+func DialIstiod(address, serverName string, roots *x509.CertPool, creds *TokenCredentials) (*grpc.ClientConn, error) {
+	if serverName == "" {
+		host, _, err := net.SplitHostPort(address)
+		if err != nil {
+			return nil, fmt.Errorf("server name from address %q: %w", address, err)
+		}
+		serverName = host
+	}
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: serverName, MinVersion: tls.VersionTLS12})),
+		Reconnect,
+	}
+	if creds != nil {
+		opts = append(opts, grpc.WithPerRPCCredentials(creds))
+	}
+	return grpc.NewClient(address, opts...)
+}
+
+// TokenCredentials are what istiod authenticates a proxy by, on xDS and
+// CA calls alike: the bearer token in File, read on every call because
+// projected tokens rotate in place, and the "clusterid" header (istiod
+// finds a request's token reviewer and node authorizer by it). They are
+// gRPC per-call credentials and need TLS.
+type TokenCredentials struct {
+	// File holds the token (a service-account token with audience
+	// "istio-ca"). Zero sends no authorization header, which istiod
+	// refuses unless another authenticator applies.
+	File string
+	// ClusterID is the clusterid header. Zero means DefaultClusterID.
+	ClusterID string
+}
+
+// GetRequestMetadata reads the token; an unreadable or corrupt one is an
+// ErrToken.
+func (t *TokenCredentials) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	md := map[string]string{headerClusterID: cmp.Or(t.ClusterID, DefaultClusterID)}
+	if t.File != "" {
+		tok, err := readToken(t.File)
+		if err != nil {
+			return nil, err
+		}
+		md[headerAuthorization] = "Bearer " + tok
+	}
+	return md, nil
+}
+
+// RequireTransportSecurity is true: a token must not travel in clear.
+func (*TokenCredentials) RequireTransportSecurity() bool { return true }

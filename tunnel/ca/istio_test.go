@@ -54,9 +54,9 @@ func (f *fakeIstiod) CreateCertificate(ctx context.Context, req *pb.IstioCertifi
 	f.mu.Lock()
 	f.seen = append(f.seen, seen{md: md, req: req})
 	respond := f.respond
+	id := f.caller
 	f.mu.Unlock()
 
-	id := f.caller
 	if s := req.GetMetadata().GetFields()[metaImpersonatedIdentity].GetStringValue(); s != "" {
 		var err error
 		if id, err = identity.Parse(s); err != nil {
@@ -259,6 +259,52 @@ func TestIstioSelfIsNotImpersonated(t *testing.T) {
 	}
 }
 
+// TestIstioSelfOnly: a waypoint asks for its own identity with its own
+// token, never impersonating; istiod takes the identity from the token.
+// Asking for another identity fails before anything is sent.
+func TestIstioSelfOnly(t *testing.T) {
+	f, addr := startIstiod(t)
+	waypointID := identity.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "waypoint"}
+	f.caller = waypointID
+	tokenFile := filepath.Join(t.TempDir(), "istio-token")
+	writeToken(t, tokenFile, "waypoint-token")
+	c := mustIstio(t, f, addr, func(cfg *IstioConfig) {
+		cfg.Self, cfg.SelfOnly, cfg.TokenFile = waypointID, true, tokenFile
+	})
+	chain, err := c.Sign(ctxTimeout(t), mustCSR(t, mustKey(t), waypointID), waypointID, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := identity.FromCertificate(chain[0]); got != waypointID {
+		t.Errorf("leaf identity %v", got)
+	}
+	if _, err := c.Sign(ctxTimeout(t), mustCSR(t, mustKey(t), sleepID), sleepID, time.Hour); !errors.Is(err, ErrIdentityMismatch) {
+		t.Errorf("Sign for another identity = %v, want ErrIdentityMismatch", err)
+	}
+	reqs := f.requests()
+	if len(reqs) != 1 {
+		t.Fatalf("istiod saw %d requests, want 1", len(reqs))
+	}
+	if reqs[0].req.Metadata != nil {
+		t.Errorf("request carried metadata %v", reqs[0].req.Metadata)
+	}
+	if got := reqs[0].md.Get("authorization"); len(got) != 1 || got[0] != "Bearer waypoint-token" {
+		t.Errorf("authorization %q", got)
+	}
+	if got := reqs[0].md.Get("clusterid"); len(got) != 1 || got[0] != DefaultClusterID {
+		t.Errorf("clusterid %q", got)
+	}
+
+	// An istiod that answers with another identity (the token's account
+	// is not the one asked for) is refused.
+	f.mu.Lock()
+	f.caller = sleepID
+	f.mu.Unlock()
+	if _, err := c.Sign(ctxTimeout(t), mustCSR(t, mustKey(t), waypointID), waypointID, time.Hour); !errors.Is(err, ErrIdentityMismatch) {
+		t.Errorf("Sign answered for another account = %v, want ErrIdentityMismatch", err)
+	}
+}
+
 func TestIstioRejectsBadReplies(t *testing.T) {
 	f, addr := startIstiod(t)
 	c := mustIstio(t, f, addr)
@@ -420,6 +466,7 @@ func TestNewIstioValidates(t *testing.T) {
 		"bad roots":    {Address: "istiod:15012", RootPEM: []byte("junk")},
 		"no port":      {Address: "istiod", RootPEM: l.RootPEM()},
 		"invalid self": {Address: "istiod:15012", RootPEM: l.RootPEM(), Self: identity.ID{TrustDomain: "td"}},
+		"self only":    {Address: "istiod:15012", RootPEM: l.RootPEM(), SelfOnly: true},
 	} {
 		if c, err := NewIstio(cfg); err == nil {
 			c.Close()

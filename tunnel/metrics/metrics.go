@@ -150,9 +150,10 @@ type Sample struct {
 	Value  uint64
 }
 
-// funcCollector reports counters read from a function at scrape time.
+// funcCollector reports values read from a function at scrape time.
 type funcCollector struct {
 	desc *prometheus.Desc
+	kind prometheus.ValueType
 	read func() []Sample
 }
 
@@ -160,7 +161,7 @@ func (f *funcCollector) Describe(ch chan<- *prometheus.Desc) { ch <- f.desc }
 
 func (f *funcCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, s := range f.read() {
-		ch <- prometheus.MustNewConstMetric(f.desc, prometheus.CounterValue, float64(s.Value), s.Labels...)
+		ch <- prometheus.MustNewConstMetric(f.desc, f.kind, float64(s.Value), s.Labels...)
 	}
 }
 
@@ -180,7 +181,14 @@ func (m *Metrics) RegisterCounterFunc(name, help, label string, read func() map[
 // RegisterCounterSamples is RegisterCounterFunc for a family with several
 // labels.
 func (m *Metrics) RegisterCounterSamples(name, help string, labels []string, read func() []Sample) error {
-	return m.reg.Register(&funcCollector{desc: prometheus.NewDesc(name, help, labels, nil), read: read})
+	return m.reg.Register(&funcCollector{desc: prometheus.NewDesc(name, help, labels, nil), kind: prometheus.CounterValue, read: read})
+}
+
+// RegisterGaugeSamples registers a gauge family whose values read returns
+// at every scrape (a count of what is the case now, e.g. the parts of a
+// configuration refused).
+func (m *Metrics) RegisterGaugeSamples(name, help string, labels []string, read func() []Sample) error {
+	return m.reg.Register(&funcCollector{desc: prometheus.NewDesc(name, help, labels, nil), kind: prometheus.GaugeValue, read: read})
 }
 
 var camel = regexp.MustCompile(`([a-z0-9])([A-Z])`)

@@ -92,3 +92,22 @@ func TestCounterSamples(t *testing.T) {
 		t.Errorf("sample: %q", l)
 	}
 }
+
+func TestGaugeSamples(t *testing.T) {
+	m := New()
+	n := uint64(2)
+	err := m.RegisterGaugeSamples("amber_waypoint_config_problems", "refused parts", []string{"type"}, func() []Sample {
+		return []Sample{{Labels: []string{"listener"}, Value: n}}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := scrape(t, m)
+	if !strings.Contains(body, "# TYPE amber_waypoint_config_problems gauge") {
+		t.Errorf("not a gauge:\n%s", body)
+	}
+	n = 0
+	if l := line(scrape(t, m), `amber_waypoint_config_problems{type="listener"}`); !strings.HasSuffix(l, " 0") {
+		t.Errorf("a gauge goes down: %q", l)
+	}
+}

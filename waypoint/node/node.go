@@ -72,6 +72,10 @@ type Node struct {
 	// IstioVersion is ISTIO_VERSION. Empty means the package's
 	// IstioVersion.
 	IstioVersion string
+	// Extra is more metadata, sent as strings: what pilot-agent passes
+	// through from ISTIO_META_<KEY> variables (NETWORK, DNS_CAPTURE...).
+	// The keys Metadata sets from the fields above take precedence.
+	Extra map[string]string
 }
 
 // Validate reports what istiod would need and is missing.
@@ -118,7 +122,11 @@ func (n Node) Metadata() (*structpb.Struct, error) {
 	if workload == "" {
 		workload = n.Labels[GatewayNameLabel]
 	}
-	m := map[string]any{
+	m := map[string]any{}
+	for k, v := range n.Extra {
+		m[k] = v
+	}
+	for k, v := range map[string]any{
 		"NAME":              n.PodName,
 		"NAMESPACE":         n.Namespace,
 		"SERVICE_ACCOUNT":   n.ServiceAccount,
@@ -133,6 +141,8 @@ func (n Node) Metadata() (*structpb.Struct, error) {
 		// nothing a waypoint gets, but sends them back in config dumps.
 		"ENVOY_STATUS_PORT":     15021,
 		"ENVOY_PROMETHEUS_PORT": 15090,
+	} {
+		m[k] = v
 	}
 	if n.NodeName != "" {
 		m["NODE_NAME"] = n.NodeName

@@ -53,6 +53,23 @@ func TestMetadata(t *testing.T) {
 	}
 }
 
+// Extra metadata is passed through as strings; the node's own keys win.
+func TestMetadataExtra(t *testing.T) {
+	n := waypoint()
+	n.Extra = map[string]string{"NETWORK": "net-1", "NAMESPACE": "spoofed"}
+	md, err := n.Metadata()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := md.GetFields()
+	if got := f["NETWORK"].GetStringValue(); got != "net-1" {
+		t.Errorf("NETWORK = %q", got)
+	}
+	if got := f["NAMESPACE"].GetStringValue(); got != "default" {
+		t.Errorf("NAMESPACE = %q, want the node's own", got)
+	}
+}
+
 func TestValidate(t *testing.T) {
 	cases := map[string]struct {
 		mut  func(*Node)

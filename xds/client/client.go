@@ -1,5 +1,8 @@
-// Package client keeps a state.Store in step with a control plane (istiod,
-// or amber's local server) over delta ADS, using Istio's workload API.
+// Package client is a delta-ADS client: it subscribes to resource types,
+// wildcard or by name, hands each response to its type's Handler, ACKs or
+// NACKs it per resource, and reconnects announcing what it holds. Its
+// default types keep a state.Store in step with a control plane (istiod,
+// or amber's local server) over Istio's workload API, as a ztunnel does.
 package client
 
 import (
@@ -17,7 +20,6 @@ import (
 
 	"github.com/amber-mesh/amber/internal/logkey"
 	"github.com/amber-mesh/amber/xds/state"
-	"github.com/amber-mesh/amber/xds/workloadapi"
 )
 
 // Sentinel errors: the exported ones come from New and Run; errUnknownType
@@ -26,6 +28,7 @@ var (
 	ErrNoConn  = errors.New("xds client: neither Conn nor Dial set")
 	ErrRunning = errors.New("xds client: already running")
 	ErrClosed  = errors.New("xds client: closed")
+	ErrTypes   = errors.New("xds client: invalid types")
 
 	errUnknownType = errors.New("type not subscribed")
 )
@@ -67,10 +70,17 @@ type Config struct {
 	// Dial opens a fresh connection for each stream attempt; the client
 	// closes it when the stream ends. Nil means use Conn.
 	Dial func(ctx context.Context) (*grpc.ClientConn, error)
-	// Node identifies this ztunnel; see Node for the zero value.
+	// Node identifies this ztunnel; see Node for the zero value. Ignored
+	// when XDSNode is set.
 	Node Node
-	// Store receives the mesh state. Nil means a new empty store (see
-	// Client.Store).
+	// XDSNode, if set, is sent as the node as it is (another proxy type,
+	// e.g. a waypoint's, with its own metadata). Nil means Node's.
+	XDSNode *corev3.Node
+	// Types are the resource types to subscribe to, in the order of their
+	// first requests. Nil means a ztunnel's: WorkloadAPI(Store, Logger).
+	Types []Type
+	// Store receives the mesh state of the default Types. Nil means a new
+	// empty store (see Client.Store).
 	Store *state.Store
 	// Logger gets connection and NACK events. Nil discards them.
 	Logger *slog.Logger
@@ -80,13 +90,8 @@ type Config struct {
 	MaxBackoff time.Duration
 }
 
-// Types the client subscribes to, in the order it subscribes. Policies go
-// first so that, on a fresh stream, a workload rarely arrives before the
-// policies it names.
-var subscribedTypes = []string{workloadapi.AuthorizationTypeURL, workloadapi.AddressTypeURL}
-
-// Client is a delta-ADS client for the workload API. It serves the last
-// good state from its Store while the control plane is unreachable.
+// Client is a delta-ADS client. Its handlers keep the last good state
+// while the control plane is unreachable.
 type Client struct {
 	cfg   Config
 	store *state.Store
@@ -96,13 +101,12 @@ type Client struct {
 	closing chan struct{}
 	wg      sync.WaitGroup
 
-	synced     chan struct{}
-	syncedSeen map[string]bool // owned by the Run goroutine
-
-	// known holds, per type, the version of every applied resource: it is
-	// what the next stream announces in initial_resource_versions. Owned by
-	// the Run goroutine.
-	known map[string]map[string]string
+	synced chan struct{}
+	// types are the subscriptions, in order, and byURL indexes them.
+	// Their per-type state is owned by the Run goroutine.
+	types    []*subscription
+	byURL    map[string]*subscription
+	isSynced bool // owned by the Run goroutine
 
 	mu        sync.Mutex // guards the fields below
 	running   bool
@@ -110,6 +114,23 @@ type Client struct {
 	stats     Stats
 	rejected  map[string]map[string]Rejection
 	connected bool
+}
+
+// subscription is one Type and what the client holds of it.
+type subscription struct {
+	Type
+	// known holds the version of every resource applied: what the next
+	// stream announces in initial_resource_versions. A rejected resource
+	// is announced with an empty version, which matches none, so that the
+	// server resends it or reports it removed.
+	known map[string]string
+	// answered: a response of the type was handled (Synced).
+	answered bool
+
+	// started and names are the current stream's: whether the first
+	// request was sent, and (named types) the names subscribed.
+	started bool
+	names   map[string]bool
 }
 
 // New returns a client; call Run to start it.
@@ -124,16 +145,18 @@ func New(cfg Config) (*Client, error) {
 		cfg.MaxBackoff = 15 * time.Second
 	}
 	c := &Client{
-		cfg:        cfg,
-		store:      cfg.Store,
-		log:        cfg.Logger,
-		node:       &corev3.Node{Id: cfg.Node.ID(), Metadata: cfg.Node.Metadata},
-		closing:    make(chan struct{}),
-		synced:     make(chan struct{}),
-		syncedSeen: make(map[string]bool),
-		known:      make(map[string]map[string]string),
-		rejected:   make(map[string]map[string]Rejection),
-		stats:      Stats{Rejected: make(map[Reason]uint64)},
+		cfg:      cfg,
+		store:    cfg.Store,
+		log:      cfg.Logger,
+		node:     cfg.XDSNode,
+		closing:  make(chan struct{}),
+		synced:   make(chan struct{}),
+		byURL:    make(map[string]*subscription),
+		rejected: make(map[string]map[string]Rejection),
+		stats:    Stats{Rejected: make(map[Reason]uint64), Types: make(map[string]TypeStats)},
+	}
+	if c.node == nil {
+		c.node = &corev3.Node{Id: cfg.Node.ID(), Metadata: cfg.Node.Metadata}
 	}
 	if c.store == nil {
 		c.store = state.NewStore()
@@ -141,19 +164,35 @@ func New(cfg Config) (*Client, error) {
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
 	}
-	for _, t := range subscribedTypes {
-		c.known[t] = make(map[string]string)
-		c.rejected[t] = make(map[string]Rejection)
+	types := cfg.Types
+	if types == nil {
+		types = WorkloadAPI(c.store, c.log)
+	}
+	if len(types) == 0 {
+		return nil, fmt.Errorf("%w: none", ErrTypes)
+	}
+	for _, t := range types {
+		switch {
+		case t.URL == "" || t.Handler == nil:
+			return nil, fmt.Errorf("%w: %q needs a URL and a Handler", ErrTypes, t.URL)
+		case c.byURL[t.URL] != nil:
+			return nil, fmt.Errorf("%w: %q twice", ErrTypes, t.URL)
+		}
+		sub := &subscription{Type: t, known: make(map[string]string)}
+		c.types = append(c.types, sub)
+		c.byURL[t.URL] = sub
+		c.rejected[t.URL] = make(map[string]Rejection)
 	}
 	return c, nil
 }
 
-// Store returns the store the client writes.
+// Store returns the store the default types write.
 func (c *Client) Store() *state.Store { return c.store }
 
-// Synced is closed once a response of each subscribed type has been
-// applied (even if some of its resources were NACKed): from then on the
-// store reflects the control plane rather than an empty start.
+// Synced is closed once a response of each wildcard type, and of each
+// named type that has names, has been applied (even if some of its
+// resources were NACKed): from then on the handlers reflect the control
+// plane rather than an empty start.
 func (c *Client) Synced() <-chan struct{} { return c.synced }
 
 // Run connects and keeps the store in step until ctx is done (returning

@@ -30,9 +30,27 @@ type Stats struct {
 	// Rejected counts rejected resources by reason.
 	Rejected map[Reason]uint64
 	// Rejections lists the resources whose latest version was rejected and
-	// not since replaced or removed, ordered by type and name. For an
-	// update, the store still holds the previous good version.
+	// not since replaced or removed, ordered by type and name. What a
+	// handler holds for them is its rule (the workload API's keep the
+	// previous good version).
 	Rejections []Rejection
+	// Types has the counters of each subscribed type that was answered,
+	// by type URL.
+	Types map[string]TypeStats
+}
+
+// Counters are the stream's event counters by name (connects,
+// disconnects, responses, acks, nacks), for a labelled metric family.
+func (s Stats) Counters() map[string]uint64 {
+	return map[string]uint64{"connects": s.Connects, "disconnects": s.Disconnects, "responses": s.Responses, "acks": s.ACKs, "nacks": s.NACKs}
+}
+
+// TypeStats are one type's counters.
+type TypeStats struct {
+	// Responses counts the type's responses; ACKs and NACKs the replies.
+	// An ACK means every resource of its response was taken (Envoy's
+	// update_success), a NACK that at least one was refused.
+	Responses, ACKs, NACKs uint64
 }
 
 // Rejection is a resource whose latest version the client refused.
@@ -50,6 +68,7 @@ func (c *Client) Stats() Stats {
 	s := c.stats
 	s.Connected = c.connected
 	s.Rejected = maps.Clone(c.stats.Rejected)
+	s.Types = maps.Clone(c.stats.Types)
 	s.Rejections = nil
 	for _, m := range c.rejected {
 		for _, r := range m {

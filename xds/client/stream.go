@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"slices"
 	"strings"
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -12,7 +13,6 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/amber-mesh/amber/internal/logkey"
-	"github.com/amber-mesh/amber/xds/workloadapi"
 )
 
 // maxResponseSize is the largest response accepted. A full push of a big
@@ -23,6 +23,8 @@ const maxResponseSize = 200 << 20
 // plane sending thousands of bad resources gets the first ones by name and
 // a count of the rest.
 const maxNACKDetail = 4096
+
+type adsStream = grpc.BidiStreamingClient[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]
 
 // runStream runs one ADS stream until it fails or ctx is done. gotResponse
 // reports whether the server answered at all, which resets the backoff.
@@ -45,24 +47,121 @@ func (c *Client) runStream(ctx context.Context) (gotResponse bool, err error) {
 	c.count(func(s *Stats) { s.Connects++ })
 	c.setConnected(true)
 
-	// A wildcard subscription is an initial request with no resource names
-	// (delta xDS "legacy wildcard", what Istio's ztunnel sends). The names
-	// and versions we already hold let the server send only what changed
-	// and tell us what was deleted while we were away.
-	for _, typeURL := range subscribedTypes {
-		req := &discoveryv3.DeltaDiscoveryRequest{
-			Node:                    c.node,
-			TypeUrl:                 typeURL,
-			InitialResourceVersions: maps.Clone(c.known[typeURL]),
-		}
-		if err := stream.Send(req); err != nil {
-			return false, fmt.Errorf("send subscription %s: %w", typeURL, err)
-		}
+	for _, sub := range c.types {
+		sub.started, sub.names = false, nil
+	}
+	if err := c.subscribe(stream); err != nil {
+		return false, err
 	}
 	return c.serve(stream)
 }
 
-func (c *Client) serve(stream grpc.BidiStreamingClient[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]) (gotResponse bool, err error) {
+// subscribe sends what the subscriptions need: each type's first request,
+// and for named types the names that changed. A wildcard subscription is
+// a first request with no names (delta xDS "legacy wildcard", what Istio's
+// ztunnel and Envoy send); a named one lists its names. Both announce the
+// names and versions already held, so that the server sends only what
+// changed and tells what was deleted meanwhile.
+func (c *Client) subscribe(stream adsStream) error {
+	for _, sub := range c.types {
+		var req *discoveryv3.DeltaDiscoveryRequest
+		switch {
+		case !sub.named():
+			if sub.started {
+				continue
+			}
+			req = &discoveryv3.DeltaDiscoveryRequest{InitialResourceVersions: maps.Clone(sub.known)}
+		default:
+			want := make(map[string]bool)
+			for _, n := range sub.Names() {
+				if n != "" && n != "*" {
+					want[n] = true
+				}
+			}
+			if !sub.started {
+				// What an earlier stream held and is no longer named
+				// goes; the first request names everything wanted.
+				held := make(map[string]bool, len(sub.known))
+				for n := range sub.known {
+					held[n] = true
+				}
+				all, _ := nameDiff(want, nil)
+				if _, gone := nameDiff(want, held); len(gone) > 0 {
+					c.forget(sub, gone)
+				}
+				if len(all) == 0 {
+					continue // no names yet: an empty first request would be a wildcard
+				}
+				initial := make(map[string]string)
+				for _, n := range all {
+					if v, ok := sub.known[n]; ok {
+						initial[n] = v
+					}
+				}
+				req = &discoveryv3.DeltaDiscoveryRequest{ResourceNamesSubscribe: all, InitialResourceVersions: initial}
+			} else {
+				added, removed := nameDiff(want, sub.names)
+				if len(removed) > 0 {
+					c.forget(sub, removed)
+				}
+				if len(added) == 0 && len(removed) == 0 {
+					continue
+				}
+				req = &discoveryv3.DeltaDiscoveryRequest{ResourceNamesSubscribe: added, ResourceNamesUnsubscribe: removed}
+			}
+			sub.names = want
+		}
+		req.TypeUrl = sub.URL
+		if !sub.started {
+			req.Node = c.node
+			sub.started = true
+		}
+		if err := stream.Send(req); err != nil {
+			return fmt.Errorf("send subscription %s: %w", sub.URL, err)
+		}
+	}
+	return nil
+}
+
+// forget drops resources the client no longer subscribes to: the server
+// sends no removal for them (delta xDS: the client forgets what it
+// unsubscribes from).
+func (c *Client) forget(sub *subscription, names []string) {
+	var held []string
+	for _, n := range names {
+		if _, ok := sub.known[n]; ok {
+			held = append(held, n)
+			delete(sub.known, n)
+		}
+	}
+	if len(held) == 0 {
+		return
+	}
+	if rejects := sub.Handler.Apply(nil, held); len(rejects) > 0 {
+		c.log.Warn("xds handler refused after unsubscribing", logkey.TypeURL, sub.URL, logkey.Error, nackDetail(rejects))
+	}
+	c.clearRejected(sub.URL, held)
+}
+
+// nameDiff returns, sorted, the names in want but not in have and those in
+// have but not in want.
+func nameDiff(want, have map[string]bool) (added, removed []string) {
+	for n := range want {
+		if !have[n] {
+			added = append(added, n)
+		}
+	}
+	for n := range have {
+		if !want[n] {
+			removed = append(removed, n)
+		}
+	}
+	slices.Sort(added)
+	slices.Sort(removed)
+	return added, removed
+}
+
+func (c *Client) serve(stream adsStream) (gotResponse bool, err error) {
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
@@ -72,6 +171,11 @@ func (c *Client) serve(stream grpc.BidiStreamingClient[discoveryv3.DeltaDiscover
 		reply := c.handle(resp)
 		if err := stream.Send(reply); err != nil {
 			return gotResponse, fmt.Errorf("send ack: %w", err)
+		}
+		// After the ACK, as Envoy does: the response may name resources
+		// of another type (CDS names EDS clusters).
+		if err := c.subscribe(stream); err != nil {
+			return gotResponse, err
 		}
 	}
 }
@@ -83,12 +187,10 @@ func (c *Client) handle(resp *discoveryv3.DeltaDiscoveryResponse) *discoveryv3.D
 	typeURL := resp.GetTypeUrl()
 	var rejects []*ResourceError
 	var applied, removed int
-	switch typeURL {
-	case workloadapi.AddressTypeURL:
-		rejects, applied, removed = c.applyAddresses(resp)
-	case workloadapi.AuthorizationTypeURL:
-		rejects, applied, removed = c.applyAuthorizations(resp)
-	default:
+	sub := c.byURL[typeURL]
+	if sub != nil {
+		rejects, applied, removed = c.apply(sub, resp)
+	} else {
 		// Not something we asked for: reject it all rather than ACK state
 		// we did not take.
 		for _, r := range resp.GetResources() {
@@ -104,16 +206,23 @@ func (c *Client) handle(resp *discoveryv3.DeltaDiscoveryResponse) *discoveryv3.D
 	c.stats.Responses++
 	c.stats.Applied += uint64(applied)
 	c.stats.Removed += uint64(removed)
+	ts := c.stats.Types[typeURL]
+	ts.Responses++
 	if len(rejects) == 0 {
 		c.stats.ACKs++
+		ts.ACKs++
 	} else {
 		c.stats.NACKs++
+		ts.NACKs++
 	}
 	for _, r := range rejects {
 		c.stats.Rejected[r.Reason]++
-		if m := c.rejected[typeURL]; m != nil {
+		if m := c.rejected[typeURL]; m != nil && r.Name != "" {
 			m[r.Name] = Rejection{TypeURL: typeURL, Name: r.Name, Reason: r.Reason, Message: r.Err.Error()}
 		}
+	}
+	if sub != nil {
+		c.stats.Types[typeURL] = ts
 	}
 	c.mu.Unlock()
 
@@ -123,13 +232,72 @@ func (c *Client) handle(resp *discoveryv3.DeltaDiscoveryResponse) *discoveryv3.D
 	} else {
 		c.log.Debug("xds ACK", logkey.TypeURL, typeURL, logkey.Nonce, resp.GetNonce(), logkey.Resources, applied, logkey.Removed, removed)
 	}
-	if _, ok := c.known[typeURL]; ok && !c.syncedSeen[typeURL] {
-		c.syncedSeen[typeURL] = true
-		if len(c.syncedSeen) == len(subscribedTypes) {
-			close(c.synced)
-		}
+	if sub != nil {
+		sub.answered = true
+		c.checkSynced()
 	}
 	return reply
+}
+
+// apply hands a response to its type's handler and records what the
+// client now holds.
+func (c *Client) apply(sub *subscription, resp *discoveryv3.DeltaDiscoveryResponse) (rejects []*ResourceError, applied, removed int) {
+	resources := resp.GetResources()
+	if sub.named() {
+		// A response crossing our unsubscribe may still carry names we
+		// dropped; taking them would hold what nobody asked for.
+		resources = slices.DeleteFunc(slices.Clone(resources), func(r *discoveryv3.Resource) bool { return !sub.names[r.GetName()] })
+	}
+	rejects = sub.Handler.Apply(resources, resp.GetRemovedResources())
+	refused := make(map[string]bool, len(rejects))
+	for _, r := range rejects {
+		refused[r.Name] = true
+	}
+	for _, name := range resp.GetRemovedResources() {
+		if _, ok := sub.known[name]; ok {
+			delete(sub.known, name)
+			removed++
+		}
+	}
+	var good []string
+	for _, r := range resources {
+		switch name := r.GetName(); {
+		case name == "":
+		case refused[name]:
+			sub.known[name] = ""
+		default:
+			sub.known[name] = r.GetVersion()
+			good = append(good, name)
+			applied++
+		}
+	}
+	c.clearRejected(sub.URL, append(good, resp.GetRemovedResources()...))
+	return rejects, applied, removed
+}
+
+// checkSynced closes Synced once every type that can be answered has been.
+func (c *Client) checkSynced() {
+	if c.isSynced {
+		return
+	}
+	for _, sub := range c.types {
+		if !sub.answered && (!sub.named() || len(sub.names) > 0) {
+			return
+		}
+	}
+	c.isSynced = true
+	close(c.synced)
+}
+
+// clearRejected forgets earlier rejections of resources that are now
+// applied or gone.
+func (c *Client) clearRejected(typeURL string, names []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	m := c.rejected[typeURL]
+	for _, n := range names {
+		delete(m, n)
+	}
 }
 
 // nackDetail names each rejected resource and why, in the

@@ -27,6 +27,13 @@ func TestTypeURLs(t *testing.T) {
 	if p.TypeUrl != workloadapi.AuthorizationTypeURL {
 		t.Errorf("Authorization type URL = %q, want %q", p.TypeUrl, workloadapi.AuthorizationTypeURL)
 	}
+	w, err := anypb.New(&workloadapi.Workload{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.TypeUrl != workloadapi.WorkloadTypeURL {
+		t.Errorf("Workload type URL = %q, want %q", w.TypeUrl, workloadapi.WorkloadTypeURL)
+	}
 }
 
 // TestUpstreamFieldNumbers pins the wire contract with istiod: a sample of
