@@ -206,7 +206,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	g.OnStop("certificates", mgr.Close)
 
 	store := state.NewStore()
-	reg := metrics.New()
+	// The data path registers the istio_* families with an Envoy
+	// waypoint's labels; the ztunnel's would clash.
+	reg := metrics.NewRegistry()
 	dp, err := cfg.NewDataPath(DataPathConfig{Store: store, Certs: mgr, Identity: id, Metrics: reg, Logger: log})
 	if err != nil {
 		return fmt.Errorf("waypoint: data path: %w", err)

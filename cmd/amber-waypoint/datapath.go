@@ -1,12 +1,12 @@
 package main
 
-import "github.com/amber-mesh/amber/waypoint"
+import (
+	"github.com/amber-mesh/amber/waypoint"
+	"github.com/amber-mesh/amber/waypoint/proxy"
+)
 
-// newDataPath builds the data path, waypoint/proxy, which is written in
-// parallel with the control side. Until it is merged the command has none
-// and exits with waypoint.ErrNoDataPath; at the merge this becomes:
-//
-//	func newDataPath(c waypoint.DataPathConfig) (waypoint.DataPath, error) {
-//		return proxy.New(proxy.Config{Store: c.Store, Certs: c.Certs, Identity: c.Identity, Metrics: c.Metrics, Logger: c.Logger})
-//	}
-var newDataPath func(waypoint.DataPathConfig) (waypoint.DataPath, error)
+// newDataPath builds the waypoint's data path on the registry, store and
+// certificate waypoint.Run set up.
+func newDataPath(c waypoint.DataPathConfig) (waypoint.DataPath, error) {
+	return proxy.New(proxy.Config{Store: c.Store, Certs: c.Certs, Identity: c.Identity, Metrics: c.Metrics.Registry(), Logger: c.Logger})
+}

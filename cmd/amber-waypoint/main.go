@@ -37,8 +37,5 @@ func run(args []string) error {
 	cfg := c.Config
 	cfg.Logger = logger
 	cfg.NewDataPath = newDataPath
-	if cfg.NewDataPath == nil {
-		return waypoint.ErrNoDataPath
-	}
 	return cli.RunUntilSignal(func(ctx context.Context) error { return waypoint.Run(ctx, cfg) })
 }

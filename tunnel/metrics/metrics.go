@@ -78,10 +78,10 @@ type Metrics struct {
 	opened, closed, recv, sent *prometheus.CounterVec
 }
 
-// New returns a registry with the istio_tcp_* metrics and the Go and
-// process collectors.
+// New returns a registry with the ztunnel's istio_tcp_* metrics and the
+// Go and process collectors.
 func New() *Metrics {
-	m := &Metrics{reg: prometheus.NewRegistry()}
+	m := NewRegistry()
 	vec := func(name, help string) *prometheus.CounterVec {
 		v := prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labelNames)
 		m.reg.MustRegister(v)
@@ -91,6 +91,15 @@ func New() *Metrics {
 	m.closed = vec("istio_tcp_connections_closed_total", "Total TCP connections closed")
 	m.recv = vec("istio_tcp_received_bytes_total", "Total bytes received by the destination of TCP connections")
 	m.sent = vec("istio_tcp_sent_bytes_total", "Total bytes sent by the destination of TCP connections")
+	return m
+}
+
+// NewRegistry returns a registry with only the Go and process collectors
+// and amber's counters registered later: for a proxy whose istio_*
+// families have another label set (amber-waypoint registers its own
+// istio_tcp_* with an Envoy waypoint's labels). Open panics on it.
+func NewRegistry() *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry()}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
