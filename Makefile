@@ -58,8 +58,8 @@ bench-datapath: deps ## capture vs nftables TPROXY vs direct, as ratios (testbed
 	$(GO) test -run '^$$' -bench 'BenchmarkProg' -benchtime 5x ./bpf/
 
 .PHONY: bench-tunnel
-bench-tunnel: deps ## amber HBONE tunnel vs plain, copying and AES-GCM proxy pairs vs direct: throughput, latency, conn/s, memory (testbed)
-	$(GO) run ./test/cmd/amber-bench tunnel -rounds 5
+bench-tunnel: deps ## amber HBONE tunnel vs plain, copying and AES-GCM proxy pairs, HAProxy's mTLS pair and Istio's Go HBONE pair, vs direct: throughput, latency, conn/s, CPU, memory (testbed; BENCH_ARGS="-profile DIR" adds profiles)
+	$(GO) run ./test/cmd/amber-bench tunnel -rounds 5 $(BENCH_ARGS)
 
 .PHONY: bench
 bench: bench-datapath bench-tunnel bench-agent ## every benchmark, each printing ratios against a baseline from the same run

@@ -7,6 +7,7 @@ pkgs=(
   bpftool iproute2 nftables tcpdump util-linux  # datapath tests, amberctl docs, benchmarks
   protobuf-compiler libprotobuf-dev        # xds/workloadapi generation (protoc + well-known types)
   containerd runc containernetworking-plugins  # the real Kubernetes node (test/cluster); amber-cluster runs containerd itself
+  haproxy linux-perf                       # make bench-tunnel: HAProxy's mTLS pair as a peer; perf for -profile
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -254,8 +254,11 @@ func (z *Ztunnel) get(url string) (int, string, error) {
 }
 
 // RSS is the process's resident set size in bytes.
-func (z *Ztunnel) RSS() (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", z.Cmd.Process.Pid))
+func (z *Ztunnel) RSS() (int64, error) { return RSS(z.Cmd.Process.Pid) }
+
+// RSS is the resident set size of process pid in bytes (VmRSS).
+func RSS(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
 	}
@@ -268,7 +271,7 @@ func (z *Ztunnel) RSS() (int64, error) {
 			return kb << 10, nil
 		}
 	}
-	return 0, errors.New("no VmRSS")
+	return 0, fmt.Errorf("pid %d: no VmRSS", pid)
 }
 
 // Workload is a pod as the local-mode mesh file describes it.

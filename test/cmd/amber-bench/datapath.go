@@ -72,7 +72,7 @@ func datapath(args []string) error {
 			if err != nil {
 				return fmt.Errorf("%s: %w", m.name, err)
 			}
-			gbps, err := throughput(clients[m.name], dst, *dur)
+			gbps, _, err := throughput(clients[m.name], dst, *dur)
 			if err == nil {
 				tput[m.name] = append(tput[m.name], gbps)
 				var cps float64
@@ -182,13 +182,14 @@ func sinkServer(p *testbed.Pod) (func(), error) {
 }
 
 // throughput streams for d over one connection and returns Gbit/s as the
-// client wrote it (the receiver drains everything before close returns).
-func throughput(p *testbed.Pod, dst netip.AddrPort, d time.Duration) (float64, error) {
+// client wrote it (the receiver drains everything before close returns)
+// and the bytes written.
+func throughput(p *testbed.Pod, dst netip.AddrPort, d time.Duration) (float64, int64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	c, err := p.Dial(ctx, "tcp", dst.String())
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer c.Close()
 	buf := make([]byte, 256<<10)
@@ -202,7 +203,7 @@ func throughput(p *testbed.Pod, dst netip.AddrPort, d time.Duration) (float64, e
 			break
 		}
 	}
-	return float64(n*8) / time.Since(start).Seconds() / 1e9, nil
+	return float64(n*8) / time.Since(start).Seconds() / 1e9, n, nil
 }
 
 // connRate opens connections with one request/response each, from several

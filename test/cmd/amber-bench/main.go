@@ -3,7 +3,8 @@
 // in the same run.
 //
 //	amber-bench datapath   capture vs nftables TPROXY vs direct pod→pod
-//	amber-bench tunnel     amber's HBONE tunnel vs plain, copying and AES-GCM proxy pairs vs direct
+//	amber-bench tunnel     amber's HBONE tunnel vs plain, copying and AES-GCM proxy pairs,
+//	                       HAProxy's mTLS pair and Istio's Go HBONE pair, vs direct
 package main
 
 import (

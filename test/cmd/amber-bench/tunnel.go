@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"syscall"
@@ -30,13 +31,23 @@ import (
 // (c) amber: capture + HBONE + mTLS between two amber-ztunnel processes.
 // Two reference pairs between (b) and (c) measure throughput only: the
 // same proxies copying through user space, and sealing/opening every
-// byte with AES-GCM (relays.go).
+// byte with AES-GCM (relays.go). Two real peers, HAProxy's mutual-TLS
+// pair and Istio's Go HBONE pair (peers.go), are measured like (b) and
+// (c).
 // allModes in the order each round runs them; reference modes measure
-// throughput only.
+// throughput only; peers and amber also report idle memory.
 var (
-	allModes  = []string{"direct", "tcp-pair", "copy-pair", "aes-pair", "amber"}
+	allModes  = []string{"direct", "tcp-pair", "copy-pair", "aes-pair", "haproxy-pair", "istio-hbone-pair", "amber"}
 	reference = map[string]bool{"copy-pair": true, "aes-pair": true}
+	idleModes = map[string]bool{"haproxy-pair": true, "istio-hbone-pair": true, "amber": true}
 )
+
+// deployment is one mode set up: its proxy processes (none for direct)
+// and its teardown.
+type deployment struct {
+	pids []int
+	stop func() error
+}
 
 func tunnel(args []string) error {
 	fs := flag.NewFlagSet("tunnel", flag.ContinueOnError)
@@ -47,9 +58,28 @@ func tunnel(args []string) error {
 	idle := fs.Int("idle-conns", 1000, "idle tunnelled connections for the memory test")
 	workers := fs.Int("conn-workers", 4, "parallel clients in the connection-rate test")
 	only := fs.String("modes", strings.Join(allModes, ","), "modes to run, comma-separated (a subset is for profiling: the summary needs them all)")
+	profDir := fs.String("profile", "", "after the rounds, profile amber and the peers in one extra throughput and one connection-rate run each, outside the medians, into this directory: the ztunnels' Go CPU profiles (pprof) and `perf record -g` of each mode's proxy processes when perf is installed")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	modes := strings.Split(*only, ",")
+	selected := map[string]bool{}
+	for _, m := range modes {
+		if !slices.Contains(allModes, m) {
+			return fmt.Errorf("-modes: unknown mode %q (%s)", m, strings.Join(allModes, ", "))
+		}
+		selected[m] = true
+	}
+	if *profDir != "" {
+		if err := os.MkdirAll(*profDir, 0o755); err != nil {
+			return err
+		}
+	}
+	// SIGINT or SIGTERM ends the run between two measurements, through the
+	// same teardown as an error: no peer process, pin or namespace is left.
+	ctx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stopSignals()
+
 	tmp, err := os.MkdirTemp("", "amber-bench-")
 	if err != nil {
 		return err
@@ -58,6 +88,23 @@ func tunnel(args []string) error {
 	bin, err := meshbed.BuildZtunnel(tmp)
 	if err != nil {
 		return err
+	}
+	caDir := filepath.Join(tmp, "ca")
+	clientFiles, serverFiles, err := peerCreds(caDir, filepath.Join(tmp, "peers"))
+	if err != nil {
+		return err
+	}
+	peerFiles := map[string]peerFiles{"client": clientFiles, "server": serverFiles}
+	var haproxyVer, hboneBin string
+	if selected["haproxy-pair"] {
+		if haproxyVer, err = haproxyVersion(); err != nil {
+			return err
+		}
+	}
+	if selected["istio-hbone-pair"] {
+		if hboneBin, err = hboneInteropBin(); err != nil {
+			return err
+		}
 	}
 
 	bed, n1, n2, err := twoNodes("tbench")
@@ -91,10 +138,9 @@ func tunnel(args []string) error {
 	if err := os.WriteFile(meshFile, []byte(mesh), 0o644); err != nil {
 		return err
 	}
-	caDir := filepath.Join(tmp, "ca")
 
-	// Each mode's setup returns its teardown; the amber mode also hands
-	// back the ztunnels for the memory measurement.
+	// Each mode's setup returns its deployment; the amber mode also hands
+	// back the ztunnels for the profiles.
 	var ztunnels []*meshbed.Ztunnel
 	load := func(capture ...*testbed.Pod) ([]*meshbed.Node, error) {
 		var nodes []*meshbed.Node
@@ -124,18 +170,18 @@ func tunnel(args []string) error {
 	// A proxy pair: each node's proxy is a process of its own, like a
 	// ztunnel: a proxy inside this (busy) benchmark process would never pay
 	// the wake-up of an idle process that each ztunnel hop does.
-	proxyPair := func(mode, relay string) func() (func() error, error) {
-		return func() (func() error, error) {
+	proxyPair := func(mode, relay string) func() (*deployment, error) {
+		return func() (*deployment, error) {
 			p := pairs[mode]
 			nodes, err := load(p.client, p.server)
 			var proxies []*exec.Cmd
-			teardown := func() error {
+			d := &deployment{stop: func() error {
 				for _, c := range proxies {
 					c.Process.Signal(syscall.SIGTERM)
 					c.Wait()
 				}
 				return unload(nodes)
-			}
+			}}
 			for _, nd := range nodes {
 				if err != nil {
 					break
@@ -143,30 +189,57 @@ func tunnel(args []string) error {
 				var c *exec.Cmd
 				if c, err = startProxyProcess(nd, relay); err == nil {
 					proxies = append(proxies, c)
+					d.pids = append(d.pids, c.Process.Pid)
 				}
 			}
 			if err != nil {
-				return nil, errors.Join(err, teardown())
+				return nil, errors.Join(err, d.stop())
 			}
-			return teardown, nil
+			return d, nil
 		}
 	}
-	setups := map[string]func() (func() error, error){
-		"direct":    func() (func() error, error) { return func() error { return nil }, nil },
+	// A peer pair: the processes peers.go starts, on a loaded datapath
+	// with both pods captured.
+	peerMode := func(mode string, start func(nodes []*meshbed.Node, client, server *testbed.Pod) ([]*peerProc, error)) func() (*deployment, error) {
+		return func() (*deployment, error) {
+			p := pairs[mode]
+			nodes, err := load(p.client, p.server)
+			var procs []*peerProc
+			d := &deployment{stop: func() error { return errors.Join(stopPeers(procs), unload(nodes)) }}
+			if err == nil {
+				procs, err = start(nodes, p.client, p.server)
+			}
+			if err != nil {
+				return nil, errors.Join(err, d.stop())
+			}
+			for _, pr := range procs {
+				d.pids = append(d.pids, pr.cmd.Process.Pid)
+			}
+			return d, nil
+		}
+	}
+	setups := map[string]func() (*deployment, error){
+		"direct":    func() (*deployment, error) { return &deployment{stop: func() error { return nil }}, nil },
 		"tcp-pair":  proxyPair("tcp-pair", "splice"),
 		"copy-pair": proxyPair("copy-pair", "copy"),
 		"aes-pair":  proxyPair("aes-pair", "aes-gcm"),
-		"amber": func() (func() error, error) {
+		"haproxy-pair": peerMode("haproxy-pair", func(nodes []*meshbed.Node, c, s *testbed.Pod) ([]*peerProc, error) {
+			return startHAProxyPair(nodes, c, s, tmp, peerFiles)
+		}),
+		"istio-hbone-pair": peerMode("istio-hbone-pair", func(nodes []*meshbed.Node, c, s *testbed.Pod) ([]*peerProc, error) {
+			return startHBONEPair(nodes, c, s, hboneBin, peerFiles)
+		}),
+		"amber": func() (*deployment, error) {
 			p := pairs["amber"]
 			nodes, err := load(p.client, p.server)
 			ztunnels = nil
-			teardown := func() error {
+			d := &deployment{stop: func() error {
 				var errs []error
 				for _, z := range ztunnels {
 					errs = append(errs, z.Stop())
 				}
 				return errors.Join(append(errs, unload(nodes))...)
-			}
+			}}
 			for _, nd := range nodes {
 				if err != nil {
 					break
@@ -174,27 +247,24 @@ func tunnel(args []string) error {
 				var z *meshbed.Ztunnel
 				if z, err = meshbed.StartZtunnel(nd, bin, meshFile, caDir, io.Discard); err == nil {
 					ztunnels = append(ztunnels, z)
+					d.pids = append(d.pids, z.Cmd.Process.Pid)
 				}
 			}
 			if err != nil {
-				return nil, errors.Join(err, teardown())
+				return nil, errors.Join(err, d.stop())
 			}
-			return teardown, nil
+			return d, nil
 		},
 	}
-	modes := strings.Split(*only, ",")
-	for _, m := range modes {
-		if setups[m] == nil {
-			return fmt.Errorf("-modes: unknown mode %q (%s)", m, strings.Join(allModes, ", "))
-		}
-	}
 
-	type result struct{ gbps, cps, p50, p99 []float64 }
 	res := map[string]*result{}
-	var idleRSS, perConn float64
+	idleRSS, perConn := map[string]float64{}, map[string]float64{}
 	for r := 0; r < *rounds; r++ {
 		for _, m := range modes {
-			teardown, err := setups[m]()
+			if err := ctx.Err(); err != nil {
+				return fmt.Errorf("interrupted: %w", context.Cause(ctx))
+			}
+			d, err := setups[m]()
 			if err != nil {
 				return fmt.Errorf("%s: %w", m, err)
 			}
@@ -205,30 +275,38 @@ func tunnel(args []string) error {
 				res[m] = &result{}
 			}
 			rr := res[m]
-			var gbps, cps, p50, p99 float64
-			gbps, err = throughput(p.client, sink, *dur)
-			if err == nil && !reference[m] {
-				cps, err = connRate(p.client, sink, *dur, *workers)
+			var x sample
+			x, err = measure(p.client, sink, echo, d.pids, !reference[m], *dur, *workers, *rate, *latDur)
+			if err == nil && idleModes[m] && r == 0 {
+				idleRSS[m], perConn[m], err = idleMemory(p.client, echo, d.pids, *idle)
 			}
-			if err == nil && !reference[m] {
-				p50, p99, err = latency(p.client, echo, *rate, *latDur)
-			}
-			if err == nil && m == "amber" && r == 0 {
-				idleRSS, perConn, err = idleMemory(p.client, echo, ztunnels, *idle)
-			}
-			if terr := teardown(); err == nil {
+			if terr := d.stop(); err == nil {
 				err = terr
 			}
 			if err != nil {
 				return fmt.Errorf("%s: %w", m, err)
 			}
-			rr.gbps, rr.cps, rr.p50, rr.p99 = append(rr.gbps, gbps), append(rr.cps, cps), append(rr.p50, p50), append(rr.p99, p99)
+			rr.add(x)
 			if reference[m] {
-				fmt.Fprintf(os.Stderr, "round %d %-9s %6.2f Gbit/s\n", r+1, m, gbps)
+				fmt.Fprintf(os.Stderr, "round %d %-16s %6.2f Gbit/s\n", r+1, m, x.gbps)
 			} else {
-				fmt.Fprintf(os.Stderr, "round %d %-9s %6.2f Gbit/s %7.0f conn/s  p50 %6.0f µs  p99 %6.0f µs\n", r+1, m, gbps, cps, p50, p99)
+				fmt.Fprintf(os.Stderr, "round %d %-16s %6.2f Gbit/s %7.0f conn/s  p50 %6.0f µs  p99 %6.0f µs\n", r+1, m, x.gbps, x.cps, x.p50, x.p99)
 			}
 		}
+	}
+	if *profDir != "" {
+		for _, m := range []string{"amber", "haproxy-pair", "istio-hbone-pair"} {
+			if !selected[m] {
+				continue
+			}
+			if err := ctx.Err(); err != nil {
+				return fmt.Errorf("interrupted: %w", context.Cause(ctx))
+			}
+			if err := profileMode(*profDir, m, setups[m], func() []*meshbed.Ztunnel { return ztunnels }, pairs[m].client, pairs[m].server, *dur, *workers); err != nil {
+				return fmt.Errorf("profile %s: %w", m, err)
+			}
+		}
+		fmt.Fprintf(os.Stderr, "profiles in %s (go tool pprof FILE.pprof; perf report -i FILE.perf.data)\n", *profDir)
 	}
 
 	for _, m := range allModes {
@@ -236,30 +314,145 @@ func tunnel(args []string) error {
 			return nil // a profiling run: the rounds above are the result
 		}
 	}
-	d, t, c, g, a := res["direct"], res["tcp-pair"], res["copy-pair"], res["aes-pair"], res["amber"]
-	fmt.Printf("\namber tunnel benchmark: pod→pod across two testbed nodes, medians of %d interleaved rounds\n\n", *rounds)
-	fmt.Printf("| path | throughput Gbit/s | × direct | new conn/s | × tcp-pair | p50 µs | p99 µs | added p99 µs |\n|---|---|---|---|---|---|---|---|\n")
+	printTunnelSummary(res, idleRSS, perConn, *rounds, *idle, haproxyVer)
+	return nil
+}
+
+// sample is one round's measurements of one mode; zero where the mode
+// does not measure it. CPU is the mode's proxy processes' (both nodes).
+type sample struct {
+	gbps, cps, p50, p99 float64
+	cpuPerGB            float64 // CPU seconds per GB carried in the throughput test
+	cpuPerConn          float64 // CPU µs per connection in the connection-rate test
+}
+
+// result holds a mode's samples over the rounds.
+type result struct{ gbps, cps, p50, p99, cpuPerGB, cpuPerConn []float64 }
+
+func (r *result) add(x sample) {
+	r.gbps, r.cps, r.p50, r.p99 = append(r.gbps, x.gbps), append(r.cps, x.cps), append(r.p50, x.p50), append(r.p99, x.p99)
+	r.cpuPerGB, r.cpuPerConn = append(r.cpuPerGB, x.cpuPerGB), append(r.cpuPerConn, x.cpuPerConn)
+}
+
+// measure runs the throughput test and, when full, the connection-rate
+// and latency tests, metering the CPU of pids across the first two.
+func measure(client *testbed.Pod, sink, echo netip.AddrPort, pids []int, full bool, dur time.Duration, workers, rate int, latDur time.Duration) (sample, error) {
+	var x sample
+	cpu, err := startCPU(pids)
+	if err != nil {
+		return x, err
+	}
+	var bytes int64
+	if x.gbps, bytes, err = throughput(client, sink, dur); err != nil {
+		return x, err
+	}
+	used, err := cpu.used()
+	if err != nil {
+		return x, err
+	}
+	if bytes > 0 {
+		x.cpuPerGB = used.Seconds() / (float64(bytes) / 1e9)
+	}
+	if !full {
+		return x, nil
+	}
+	if cpu, err = startCPU(pids); err != nil {
+		return x, err
+	}
+	if x.cps, err = connRate(client, sink, dur, workers); err != nil {
+		return x, err
+	}
+	if used, err = cpu.used(); err != nil {
+		return x, err
+	}
+	if n := x.cps * dur.Seconds(); n > 0 {
+		x.cpuPerConn = float64(used.Microseconds()) / n
+	}
+	x.p50, x.p99, err = latency(client, echo, rate, latDur)
+	return x, err
+}
+
+// profileMode sets mode up once more and profiles its proxy processes
+// through one throughput and one connection-rate run.
+func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels func() []*meshbed.Ztunnel, client, server *testbed.Pod, dur time.Duration, workers int) error {
+	d, err := setup()
+	if err != nil {
+		return err
+	}
+	var zs []*meshbed.Ztunnel
+	if mode == "amber" {
+		zs = ztunnels()
+	}
+	sink := netip.AddrPortFrom(server.IPv4, 5001)
+	for _, phase := range []string{"throughput", "connrate"} {
+		pr, perr := startProfile(dir, mode+"-"+phase, dur, d.pids, zs)
+		if perr == nil {
+			if phase == "throughput" {
+				_, _, perr = throughput(client, sink, dur)
+			} else {
+				_, perr = connRate(client, sink, dur, workers)
+			}
+			perr = errors.Join(perr, pr.wait())
+		}
+		if perr != nil {
+			err = perr
+			break
+		}
+	}
+	return errors.Join(err, d.stop())
+}
+
+// printTunnelSummary prints the table and the ratios against the
+// baselines and the peers.
+func printTunnelSummary(res map[string]*result, idleRSS, perConn map[string]float64, rounds, idle int, haproxyVer string) {
+	d, t, c, g, h, i, a := res["direct"], res["tcp-pair"], res["copy-pair"], res["aes-pair"], res["haproxy-pair"], res["istio-hbone-pair"], res["amber"]
+	fmt.Printf("\namber tunnel benchmark: pod→pod across two testbed nodes, medians of %d interleaved rounds\n\n", rounds)
+	fmt.Printf("| path | throughput Gbit/s | × direct | new conn/s | × tcp-pair | p50 µs | p99 µs | added p99 µs | proxy CPU s/GB | proxy CPU µs/conn |\n|---|---|---|---|---|---|---|---|---|---|\n")
+	cpu := func(x *result) string {
+		if x == d {
+			return "– | –"
+		}
+		if x == c || x == g {
+			return fmt.Sprintf("%.2f | –", median(x.cpuPerGB))
+		}
+		return fmt.Sprintf("%.2f | %.0f", median(x.cpuPerGB), median(x.cpuPerConn))
+	}
 	row := func(name string, x *result) {
-		fmt.Printf("| %s | %.2f | %.2f | %.0f | %.2f | %.0f | %.0f | %.0f |\n", name,
+		fmt.Printf("| %s | %.2f | %.2f | %.0f | %.2f | %.0f | %.0f | %.0f | %s |\n", name,
 			median(x.gbps), median(x.gbps)/median(d.gbps), median(x.cps), median(x.cps)/median(t.cps),
-			median(x.p50), median(x.p99), median(x.p99)-median(d.p99))
+			median(x.p50), median(x.p99), median(x.p99)-median(d.p99), cpu(x))
 	}
 	ref := func(name string, x *result) {
-		fmt.Printf("| %s | %.2f | %.2f | – | – | – | – | – |\n", name, median(x.gbps), median(x.gbps)/median(d.gbps))
+		fmt.Printf("| %s | %.2f | %.2f | – | – | – | – | – | %s |\n", name, median(x.gbps), median(x.gbps)/median(d.gbps), cpu(x))
 	}
 	row("(a) direct pod→pod", d)
 	row("(b) capture + plain splice TCP proxy on each node", t)
 	ref("(b′) the same pair copying through user space (read + write per hop)", c)
 	ref("(b″) the copying pair sealing/opening every byte with AES-128-GCM in 16 KiB records", g)
+	row(fmt.Sprintf("(h) capture + HAProxy %s mutual-TLS 1.3 pair (OpenSSL): one TLS connection per client connection, destination in a PROXY v2 header before TLS, server side dials from the node's address", haproxyVer), h)
+	row("(i) capture + Istio's Go pkg/hbone pair: HTTP/2 CONNECT over mTLS, all streams on one connection, server side dials from the node's address", i)
 	row("(c) amber: capture + HBONE/mTLS between two ztunnels", a)
 	addT, addA := median(t.p99)-median(d.p99), median(a.p99)-median(d.p99)
+	addH, addI := median(h.p99)-median(d.p99), median(i.p99)-median(d.p99)
 	fmt.Printf("\nthroughput (c)/(a) %.2f (goal ≥ 0.40) · added p99 (c)/(b) %.2f (goal ≤ 1.2) · conn/s (c)/(b) %.2f (goal ≥ 0.8)\n",
 		median(a.gbps)/median(d.gbps), addA/addT, median(a.cps)/median(t.cps))
 	fmt.Printf("throughput (c)/(b″) %.2f: amber against the bound for any proxy that encrypts in user space on this machine\n",
 		median(a.gbps)/median(g.gbps))
-	fmt.Printf("ztunnel idle RSS %.1f MiB per node · %.2f KiB per idle tunnelled connection (both ztunnels, %d connections; goal ≤ 8 KiB)\n",
-		idleRSS/(1<<20), perConn/1024, *idle)
-	return nil
+	for _, peer := range []struct {
+		name string
+		x    *result
+		add  float64
+	}{{"(h) HAProxy", h, addH}, {"(i) Istio pkg/hbone", i, addI}} {
+		fmt.Printf("amber against %s: throughput (c)/(%s) %.2f (goal ≥ 1) · added p99 %.0f vs %.0f µs (%.2f×) · conn/s (c)/(%s) %.2f · CPU per GB %.2f× · CPU per connection %.2f×\n",
+			peer.name, peer.name[1:2], median(a.gbps)/median(peer.x.gbps), addA, peer.add, addA/peer.add,
+			peer.name[1:2], median(a.cps)/median(peer.x.cps),
+			median(a.cpuPerGB)/median(peer.x.cpuPerGB), median(a.cpuPerConn)/median(peer.x.cpuPerConn))
+	}
+	fmt.Printf("ztunnel idle RSS %.1f MiB per node · %.2f KiB per idle tunnelled connection (both ztunnels, %d connections; goal ≤ 4 KiB)\n",
+		idleRSS["amber"]/(1<<20), perConn["amber"]/1024, idle)
+	fmt.Printf("per idle connection, both nodes: amber %.2f KiB · HAProxy %.2f KiB · Istio pkg/hbone %.2f KiB (idle RSS per node %.1f · %.1f · %.1f MiB)\n",
+		perConn["amber"]/1024, perConn["haproxy-pair"]/1024, perConn["istio-hbone-pair"]/1024,
+		idleRSS["amber"]/(1<<20), idleRSS["haproxy-pair"]/(1<<20), idleRSS["istio-hbone-pair"]/(1<<20))
 }
 
 // benchServer runs, in pod p, a sink on :5001 (throughput and the
@@ -322,14 +515,15 @@ func latency(p *testbed.Pod, dst netip.AddrPort, rate int, d time.Duration) (flo
 	return rtts[len(rtts)/2], rtts[len(rtts)*99/100], nil
 }
 
-// idleMemory opens n idle connections through the mesh and returns the
-// ztunnels' RSS before (average per node) and the growth per connection
-// (summed over both nodes, since each connection lives in both).
-func idleMemory(p *testbed.Pod, dst netip.AddrPort, zs []*meshbed.Ztunnel, n int) (float64, float64, error) {
+// idleMemory opens n idle connections through the pair and returns its
+// proxy processes' RSS before (average per node) and the growth per
+// connection (summed over both nodes, since each connection lives in
+// both).
+func idleMemory(p *testbed.Pod, dst netip.AddrPort, pids []int, n int) (float64, float64, error) {
 	rss := func() (int64, error) {
 		var sum int64
-		for _, z := range zs {
-			r, err := z.RSS()
+		for _, pid := range pids {
+			r, err := meshbed.RSS(pid)
 			if err != nil {
 				return 0, err
 			}
@@ -366,12 +560,12 @@ func idleMemory(p *testbed.Pod, dst netip.AddrPort, zs []*meshbed.Ztunnel, n int
 			return 0, 0, fmt.Errorf("idle conn %d: %w", i, err)
 		}
 	}
-	time.Sleep(2 * time.Second) // let both ztunnels settle
+	time.Sleep(2 * time.Second) // let the proxies settle
 	after, err := rss()
 	if err != nil {
 		return 0, 0, err
 	}
-	return float64(before) / float64(len(zs)), float64(after-before) / float64(n), nil
+	return float64(before) / float64(len(pids)), float64(after-before) / float64(n), nil
 }
 
 // startProxyProcess runs this command's tproxy mode inside nd's namespace,

@@ -1,9 +1,11 @@
 // Command hbone-interop runs Istio's own Go HBONE implementation
 // (istio.io/istio/pkg/hbone) as a client or a server, so that amber's
-// tunnel/hbone can be tested against it (test/interop):
+// tunnel/hbone can be tested against it (test/interop) and measured
+// beside it (amber-bench tunnel):
 //
 //	hbone-interop client -proxy ADDR -target IP:PORT -cert F -key F -roots F [flags] <payload
-//	hbone-interop server -listen ADDR -cert F -key F -roots F [-addr-file F]
+//	hbone-interop server -listen ADDR|-listen-fd N -cert F -key F -roots F [-addr-file F]
+//	hbone-interop outbound -listen-fd N -hbone-port P -cert F -key F -roots F
 //
 // Certificates, keys and roots are PEM files; the identities are the SPIFFE
 // URI SANs of the certificates, read with Istio's own SAN parser.
@@ -25,7 +27,21 @@
 //
 //	connect <authority> peer=<client SPIFFE ID>
 //
-// Istio's logs go to stderr. It runs until SIGTERM or SIGINT.
+// With -listen-fd it serves a listening socket inherited as that file
+// descriptor instead of opening one.
+//
+// outbound is the client half of a proxy pair (amber-bench's
+// istio-hbone-pair): it serves the transparent listener inherited as
+// -listen-fd (amber's datapath assigns a captured pod's connections to it,
+// so each accepted socket's local address is the original destination),
+// and carries each connection over Istio's dialer to that destination, as
+// the CONNECT :authority, through the HBONE proxy at the destination's
+// address and -hbone-port. One dialer per proxy address: Istio's dialer
+// multiplexes all its streams on one HTTP/2 connection. It runs until
+// SIGTERM or SIGINT.
+//
+// Istio's logs go to stderr, at -log-level (default info; Istio's
+// per-stream lines are info). server runs until SIGTERM or SIGINT.
 package main
 
 import (
@@ -38,6 +54,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
@@ -51,18 +68,13 @@ import (
 )
 
 const usage = `usage:
-  hbone-interop client -proxy ADDR -target IP:PORT -cert F -key F -roots F [-server-id ID] [-streams N] [-read N] [-timeout D] <payload
-  hbone-interop server -listen ADDR -cert F -key F -roots F [-addr-file F]`
+  hbone-interop client -proxy ADDR -target IP:PORT -cert F -key F -roots F [-server-id ID] [-streams N] [-read N] [-timeout D] [-log-level L] <payload
+  hbone-interop server -listen ADDR|-listen-fd N -cert F -key F -roots F [-addr-file F] [-log-level L]
+  hbone-interop outbound -listen-fd N -hbone-port P -cert F -key F -roots F [-server-id ID] [-log-level L]`
 
 func main() {
 	if len(os.Args) < 2 {
 		fatal(errors.New(usage))
-	}
-	// Istio's logger writes to stdout by default; stdout carries results.
-	opts := istiolog.DefaultOptions()
-	opts.OutputPaths = []string{"stderr"}
-	if err := istiolog.Configure(opts); err != nil {
-		fatal(fmt.Errorf("configure istio logging: %w", err))
 	}
 	var err error
 	switch os.Args[1] {
@@ -70,6 +82,8 @@ func main() {
 		err = runClient(os.Args[2:])
 	case "server":
 		err = runServer(os.Args[2:])
+	case "outbound":
+		err = runOutbound(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown mode %q\n%s", os.Args[1], usage)
 	}
@@ -81,6 +95,51 @@ func main() {
 func fatal(err error) {
 	fmt.Fprintf(os.Stderr, "hbone-interop: %v\n", err)
 	os.Exit(1)
+}
+
+// common are the flags of every mode: the credentials and the level of
+// Istio's logs.
+type common struct {
+	files pemFiles
+	level *string
+}
+
+func registerCommon(fs *flag.FlagSet) *common {
+	c := &common{level: fs.String("log-level", "info", "level of Istio's logs: debug, info, warn, error or none")}
+	c.files.register(fs)
+	return c
+}
+
+// parse parses args, which must take no positional arguments and satisfy
+// valid, configures Istio's logs and loads the credentials.
+func (c *common) parse(fs *flag.FlagSet, args []string, valid func() bool) (tls.Certificate, *x509.CertPool, error) {
+	if err := fs.Parse(args); err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	if fs.NArg() != 0 || !valid() {
+		return tls.Certificate{}, nil, errors.New(usage)
+	}
+	if err := configureLogs(*c.level); err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	return c.files.load()
+}
+
+// configureLogs sets Istio's logs to level. Istio's logger writes to
+// stdout by default, and stdout carries results: logs go to stderr.
+func configureLogs(level string) error {
+	switch level {
+	case "debug", "info", "warn", "error", "none":
+	default:
+		return fmt.Errorf("-log-level %q: want debug, info, warn, error or none", level)
+	}
+	opts := istiolog.DefaultOptions()
+	opts.OutputPaths = []string{"stderr"}
+	opts.SetDefaultOutputLevel(istiolog.OverrideScopeName, istiolog.StringToLevel(level))
+	if err := istiolog.Configure(opts); err != nil {
+		return fmt.Errorf("configure istio logging: %w", err)
+	}
+	return nil
 }
 
 // pemFiles are the flags naming a side's credentials.
@@ -125,21 +184,14 @@ func spiffeID(cert *x509.Certificate) (string, error) {
 
 func runClient(args []string) error {
 	fs := flag.NewFlagSet("client", flag.ContinueOnError)
-	var files pemFiles
-	files.register(fs)
+	common := registerCommon(fs)
 	proxy := fs.String("proxy", "", "address of the HBONE proxy, IP:PORT (required)")
 	target := fs.String("target", "", "CONNECT :authority, IP:PORT (required)")
 	serverID := fs.String("server-id", "", "SPIFFE ID the proxy's certificate must carry (empty: any)")
 	streams := fs.Int("streams", 1, "concurrent streams, each sending the payload")
 	read := fs.Int("read", -1, "bytes to read back per stream (negative: the payload's length)")
 	timeout := fs.Duration("timeout", 20*time.Second, "limit for the whole run")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if *proxy == "" || *target == "" || fs.NArg() != 0 || *streams < 1 {
-		return errors.New(usage)
-	}
-	cert, roots, err := files.load()
+	cert, roots, err := common.parse(fs, args, func() bool { return *proxy != "" && *target != "" && *streams >= 1 })
 	if err != nil {
 		return err
 	}
@@ -154,18 +206,7 @@ func runClient(args []string) error {
 	// Istio's dialer ignores its context, so the limit is enforced here.
 	time.AfterFunc(*timeout, func() { fatal(fmt.Errorf("timed out after %v", *timeout)) })
 
-	d := hbone.NewDialer(hbone.Config{
-		ProxyAddress: *proxy,
-		TLS: &tls.Config{
-			Certificates: []tls.Certificate{cert},
-			// The proxy is named by its SPIFFE ID, not a hostname: the
-			// chain and the ID are checked in VerifyConnection instead.
-			InsecureSkipVerify: true,
-			VerifyConnection: func(cs tls.ConnectionState) error {
-				return verifyServer(cs, roots, *serverID)
-			},
-		},
-	})
+	d := hbone.NewDialer(hbone.Config{ProxyAddress: *proxy, TLS: clientTLS(cert, roots, *serverID, true)})
 	replies := make([][]byte, *streams)
 	errs := make([]error, *streams)
 	var wg sync.WaitGroup
@@ -188,7 +229,22 @@ func runClient(args []string) error {
 	return nil
 }
 
-func verifyServer(cs tls.ConnectionState, roots *x509.CertPool, want string) error {
+// clientTLS is the client side's TLS configuration: its certificate, and
+// the proxy's checked against roots and, when serverID is set, that
+// identity. With report, each proxy's identity is printed to stderr.
+func clientTLS(cert tls.Certificate, roots *x509.CertPool, serverID string, report bool) *tls.Config {
+	return &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		// The proxy is named by its SPIFFE ID, not a hostname: the
+		// chain and the ID are checked in VerifyConnection instead.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			return verifyServer(cs, roots, serverID, report)
+		},
+	}
+}
+
+func verifyServer(cs tls.ConnectionState, roots *x509.CertPool, want string, report bool) error {
 	if len(cs.PeerCertificates) == 0 {
 		return errors.New("proxy presented no certificate")
 	}
@@ -211,7 +267,9 @@ func verifyServer(cs tls.ConnectionState, roots *x509.CertPool, want string) err
 	if want != "" && id != want {
 		return fmt.Errorf("proxy is %s, want %s", id, want)
 	}
-	fmt.Fprintf(os.Stderr, "hbone-interop: proxy identity %s\n", id)
+	if report {
+		fmt.Fprintf(os.Stderr, "hbone-interop: proxy identity %s\n", id)
+	}
 	return nil
 }
 
@@ -244,21 +302,20 @@ func exchange(d hbone.Dialer, target string, payload []byte, want int) ([]byte, 
 
 func runServer(args []string) error {
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
-	var files pemFiles
-	files.register(fs)
+	common := registerCommon(fs)
 	listen := fs.String("listen", "127.0.0.1:0", "address to listen on")
+	listenFD := fs.Int("listen-fd", -1, "serve this inherited listening socket instead of -listen (negative: none)")
 	addrFile := fs.String("addr-file", "", "file to write the listening address to once serving (empty: none)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() != 0 {
-		return errors.New(usage)
-	}
-	cert, roots, err := files.load()
+	cert, roots, err := common.parse(fs, args, func() bool { return true })
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", *listen)
+	var ln net.Listener
+	if *listenFD >= 0 {
+		ln, err = inheritedListener(*listenFD)
+	} else {
+		ln, err = net.Listen("tcp", *listen)
+	}
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
@@ -290,6 +347,99 @@ func runServer(args []string) error {
 	case err := <-served:
 		return fmt.Errorf("serve: %w", err)
 	}
+}
+
+// inheritedListener is the listening socket the parent passed as fd.
+func inheritedListener(fd int) (net.Listener, error) {
+	f := os.NewFile(uintptr(fd), fmt.Sprintf("listen-fd-%d", fd))
+	if f == nil {
+		return nil, fmt.Errorf("fd %d is not open", fd)
+	}
+	defer f.Close() // FileListener holds a duplicate
+	ln, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("fd %d: %w", fd, err)
+	}
+	return ln, nil
+}
+
+func runOutbound(args []string) error {
+	fs := flag.NewFlagSet("outbound", flag.ContinueOnError)
+	common := registerCommon(fs)
+	listenFD := fs.Int("listen-fd", -1, "inherited transparent listening socket (required)")
+	port := fs.Int("hbone-port", 15008, "port of the HBONE proxy at each destination's address")
+	serverID := fs.String("server-id", "", "SPIFFE ID the proxies' certificates must carry (empty: any)")
+	cert, roots, err := common.parse(fs, args, func() bool { return *listenFD >= 0 && *port >= 1 && *port <= 65535 })
+	if err != nil {
+		return err
+	}
+	ln, err := inheritedListener(*listenFD)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	o := &outbound{tls: clientTLS(cert, roots, *serverID, false), port: uint16(*port), dialers: map[string]hbone.Dialer{}}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	served := make(chan error, 1)
+	go func() { served <- o.serve(ln) }()
+	select {
+	case <-ctx.Done():
+		return ln.Close()
+	case err := <-served:
+		return fmt.Errorf("serve: %w", err)
+	}
+}
+
+// outbound carries captured connections over HBONE with Istio's dialer.
+type outbound struct {
+	tls  *tls.Config
+	port uint16
+
+	mu      sync.Mutex // guards the field below
+	dialers map[string]hbone.Dialer
+}
+
+func (o *outbound) serve(ln net.Listener) error {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		go o.relay(c)
+	}
+}
+
+// dialer returns the dialer for the HBONE proxy at proxy, made once so
+// that its streams share one HTTP/2 connection, as Istio's dialer does.
+func (o *outbound) dialer(proxy string) hbone.Dialer {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	d, ok := o.dialers[proxy]
+	if !ok {
+		d = hbone.NewDialer(hbone.Config{ProxyAddress: proxy, TLS: o.tls})
+		o.dialers[proxy] = d
+	}
+	return d
+}
+
+// relay tunnels one captured connection to its original destination, the
+// accepted socket's local address. Istio's dialer hands out one end of a
+// net.Pipe, which cannot half-close: the first direction to finish ends
+// both.
+func (o *outbound) relay(down net.Conn) {
+	defer down.Close()
+	dst := down.LocalAddr().(*net.TCPAddr).AddrPort()
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	up, err := o.dialer(netip.AddrPortFrom(dst.Addr(), o.port).String()).Dial("tcp", dst.String())
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hbone-interop: %s: %v\n", dst, err)
+		return
+	}
+	defer up.Close()
+	done := make(chan struct{}, 2)
+	go func() { io.Copy(up, down); done <- struct{}{} }()
+	go func() { io.Copy(down, up); done <- struct{}{} }()
+	<-done
 }
 
 // reportConnect prints each CONNECT and its client's identity before

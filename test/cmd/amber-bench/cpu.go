@@ -1,0 +1,231 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/amber-mesh/amber/test/meshbed"
+)
+
+// userHZ is the unit of utime and stime in /proc/PID/stat: USER_HZ, fixed
+// at 100 in Linux's user ABI whatever the kernel's HZ.
+const userHZ = 100
+
+// cpuTime is the user and system CPU time processes pids have used, all
+// threads included (/proc/PID/stat fields 14 and 15). It is what perf
+// stat's task-clock would count for them, at 10 ms resolution: enough
+// over a measurement of seconds.
+func cpuTime(pids []int) (time.Duration, error) {
+	var ticks int64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return 0, err
+		}
+		// The command name (field 2) is in parentheses and may hold
+		// spaces: count fields after its closing parenthesis.
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 {
+			return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 13 {
+			return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f)+2)
+		}
+		for _, s := range f[11:13] { // fields 14 and 15
+			t, err := strconv.ParseInt(s, 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+			}
+			ticks += t
+		}
+	}
+	return time.Duration(ticks) * time.Second / userHZ, nil
+}
+
+// cpuMeter measures the CPU time of processes across one measurement.
+type cpuMeter struct {
+	pids  []int
+	start time.Duration
+}
+
+func startCPU(pids []int) (*cpuMeter, error) {
+	t, err := cpuTime(pids)
+	return &cpuMeter{pids: pids, start: t}, err
+}
+
+// used returns the CPU time since start; zero without processes.
+func (m *cpuMeter) used() (time.Duration, error) {
+	t, err := cpuTime(m.pids)
+	return t - m.start, err
+}
+
+// profiler records CPU profiles of a mode's proxy processes during one
+// measurement, into files named after the mode and the measurement:
+// Go's pprof profile from each ztunnel's admin port (amber), and `perf
+// record -g` of every proxy process when perf is installed, so amber and
+// HAProxy are seen with the same tool, kernel included.
+type profiler struct {
+	errs chan error
+	n    int
+	perf *perfRecord
+}
+
+// startProfile starts profiling for about d. name is the files' prefix.
+func startProfile(dir, name string, d time.Duration, pids []int, ztunnels []*meshbed.Ztunnel) (*profiler, error) {
+	pr := &profiler{errs: make(chan error, len(ztunnels))}
+	if perf, err := exec.LookPath("perf"); err == nil && len(pids) > 0 {
+		if pr.perf, err = startPerf(perf, filepath.Join(dir, name), pids); err != nil {
+			return nil, err
+		}
+	}
+	secs := max(1, int((d+time.Second-1)/time.Second))
+	for _, z := range ztunnels {
+		pr.n++
+		go func() {
+			pr.errs <- pprofCPU(z, filepath.Join(dir, fmt.Sprintf("%s-ztunnel-%s.pprof", name, z.Node.Name)), secs)
+		}()
+	}
+	return pr, nil
+}
+
+// wait stops perf and waits for the pprof profiles.
+func (pr *profiler) wait() error {
+	var errs []error
+	if pr.perf != nil {
+		errs = append(errs, pr.perf.stop())
+	}
+	for ; pr.n > 0; pr.n-- {
+		errs = append(errs, <-pr.errs)
+	}
+	return errors.Join(errs...)
+}
+
+// perfRecord is a `perf record -g` of some processes into PREFIX.perf.data.
+// It starts with its events disabled and is enabled through its control
+// FIFO, whose acknowledgement says sampling has begun: perf takes a while
+// to attach to every thread, longer than a short measurement may last.
+type perfRecord struct {
+	cmd      *exec.Cmd
+	ctl, ack *os.File
+}
+
+func startPerf(perf, prefix string, pids []int) (*perfRecord, error) {
+	ctlPath, ackPath := prefix+".perf-ctl", prefix+".perf-ack"
+	for _, f := range []string{ctlPath, ackPath} {
+		os.Remove(f)
+		if err := syscall.Mkfifo(f, 0o600); err != nil {
+			return nil, fmt.Errorf("perf control fifo: %w", err)
+		}
+	}
+	p := make([]string, len(pids))
+	for i, pid := range pids {
+		p[i] = strconv.Itoa(pid)
+	}
+	r := &perfRecord{}
+	var err error
+	// Opened read-write, neither end blocks until perf opens its own.
+	if r.ctl, err = os.OpenFile(ctlPath, os.O_RDWR, 0); err == nil {
+		r.ack, err = os.OpenFile(ackPath, os.O_RDWR, 0)
+	}
+	if err != nil {
+		r.close()
+		return nil, err
+	}
+	r.cmd = exec.Command(perf, "record", "-q", "-g", "-D", "-1", "--control", "fifo:"+ctlPath+","+ackPath,
+		"-o", prefix+".perf.data", "-p", strings.Join(p, ","))
+	r.cmd.Stderr = os.Stderr
+	if err := r.cmd.Start(); err != nil {
+		r.close()
+		return nil, fmt.Errorf("perf record: %w", err)
+	}
+	if err := r.control("enable"); err != nil {
+		return nil, errors.Join(err, r.stop())
+	}
+	return r, nil
+}
+
+// control sends perf a command and waits for its acknowledgement.
+func (r *perfRecord) control(cmd string) error {
+	if _, err := r.ctl.WriteString(cmd + "\n"); err != nil {
+		return fmt.Errorf("perf %s: %w", cmd, err)
+	}
+	r.ack.SetReadDeadline(time.Now().Add(10 * time.Second))
+	b := make([]byte, 16)
+	for got := ""; !strings.Contains(got, "ack"); {
+		n, err := r.ack.Read(b)
+		if err != nil {
+			return fmt.Errorf("perf %s: no acknowledgement: %w", cmd, err)
+		}
+		got += string(b[:n])
+	}
+	return nil
+}
+
+// stop disables sampling, then interrupts perf, which writes its file.
+func (r *perfRecord) stop() error {
+	err := r.control("disable")
+	r.cmd.Process.Signal(syscall.SIGINT)
+	werr := r.cmd.Wait()
+	// perf record dies of the SIGINT once its file is written.
+	var exit *exec.ExitError
+	if errors.As(werr, &exit) {
+		if ws, ok := exit.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGINT {
+			werr = nil
+		}
+	}
+	if werr != nil {
+		werr = fmt.Errorf("perf record: %w", werr)
+	}
+	r.close()
+	return errors.Join(err, werr)
+}
+
+func (r *perfRecord) close() {
+	for _, f := range []*os.File{r.ctl, r.ack} {
+		if f != nil {
+			os.Remove(f.Name())
+			f.Close()
+		}
+	}
+}
+
+// pprofCPU saves a CPU profile of secs seconds from the ztunnel's
+// loopback admin port (/debug/pprof/profile).
+func pprofCPU(z *meshbed.Ztunnel, file string, secs int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+10)*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:15000/debug/pprof/profile?seconds=%d", secs), nil)
+	if err != nil {
+		return err
+	}
+	// z.HTTP dials inside the node; its own timeout is for short requests.
+	resp, err := (&http.Client{Transport: z.HTTP.Transport}).Do(req)
+	if err != nil {
+		return fmt.Errorf("pprof from %s: %w", z.Node.Name, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("pprof from %s: %s: %s", z.Node.Name, resp.Status, b)
+	}
+	f, err := os.Create(file)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return fmt.Errorf("pprof from %s: %w", z.Node.Name, err)
+	}
+	return f.Close()
+}
