@@ -17,7 +17,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
+
+	"github.com/amber-mesh/amber/waypoint/internal/waittest"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -608,20 +609,7 @@ func (m *mesh) refused(cause string) float64 {
 // waitRefused waits until the refusal counter of cause reached n.
 func (m *mesh) waitRefused(cause string, n float64) {
 	m.t.Helper()
-	waitFor(m.t, "amber_waypoint_refused_total{cause="+cause+"}", func() bool { return m.refused(cause) >= n })
-}
-
-// waitFor polls cond until it holds, failing the test after a generous
-// bound: it waits for an event, never for time.
-func waitFor(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waittest.For(m.t, "amber_waypoint_refused_total{cause="+cause+"}", func() bool { return m.refused(cause) >= n })
 }
 
 // logBuffer collects the JSON access log.

@@ -17,6 +17,7 @@ import (
 
 	"github.com/amber-mesh/amber/test/waypointgolden"
 	"github.com/amber-mesh/amber/tunnel/hbone"
+	"github.com/amber-mesh/amber/waypoint/internal/waittest"
 )
 
 // tcpGolden is the base scenario with the kubernetes Service's TCP chain
@@ -84,7 +85,7 @@ func TestTCPChain(t *testing.T) {
 		"destination_service_namespace": "default", "destination_cluster": "Kubernetes", "request_protocol": "tcp", "response_flags": "-",
 		"connection_security_policy": "mutual_tls",
 	}
-	waitFor(t, "the TCP connection closed", func() bool { return m.counter("istio_tcp_connections_closed_total", labels) == 1 })
+	waittest.For(t, "the TCP connection closed", func() bool { return m.counter("istio_tcp_connections_closed_total", labels) == 1 })
 	if got := m.counter("istio_tcp_connections_opened_total", labels); got != 1 {
 		t.Errorf("opened %v; series %v", got, m.samples("istio_tcp_connections_opened_total"))
 	}
@@ -126,7 +127,7 @@ func TestTCPRBAC(t *testing.T) {
 	if _, err := io.ReadAll(s); err == nil {
 		t.Log("stream ended cleanly")
 	}
-	waitFor(t, "the revoked connection's access-log line", func() bool {
+	waittest.For(t, "the revoked connection's access-log line", func() bool {
 		return len(m.logs.lines(map[string]any{"kind": "tcp", "error": "the configuration no longer admits the connection"})) == 1
 	})
 }
