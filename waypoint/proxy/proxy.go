@@ -36,7 +36,7 @@ import (
 
 // Errors of New and the serving methods.
 var (
-	ErrClosed     = errors.New("waypoint proxy: closed")
+	ErrClosed     = fmt.Errorf("waypoint proxy: %w", net.ErrClosed)
 	ErrNoStore    = errors.New("waypoint proxy: Config.Store is required")
 	ErrNoCerts    = errors.New("waypoint proxy: Config.Certs is required")
 	ErrNoIdentity = errors.New("waypoint proxy: Config.Identity is required")
@@ -235,7 +235,8 @@ func (p *Proxy) Update(c *config.Config) {
 func (p *Proxy) snapshot() *snapshot { return p.cur.Load() }
 
 // ServeHBONE serves HBONE on ln until Drain or Close, when it returns
-// ErrClosed. The listener's HTTP/2 settings (streams per connection,
+// ErrClosed (which wraps net.ErrClosed, as does its error when ln is
+// closed under it). The listener's HTTP/2 settings (streams per connection,
 // keepalive) are those of the configuration current when it starts, or
 // istiod's (100 streams, 10 s/20 s) before the first Update.
 func (p *Proxy) ServeHBONE(ln net.Listener) error {
