@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"errors"
+	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -89,14 +91,12 @@ func serviceOfHost(host string) telemetry.Service {
 }
 
 // upgrade is an accepted protocol upgrade (HTTP/1 101) for the
-// connection to relay.
+// connection to relay: the response body the transport handed over, and
+// the connection under it.
 type upgrade struct {
-	x        *exchange
-	upstream interface {
-		Read([]byte) (int, error)
-		Write([]byte) (int, error)
-		Close() error
-	}
+	x    *exchange
+	body io.ReadCloser
+	conn net.Conn
 }
 
 // serveRequest runs one request through the HCM's steps in Envoy's order

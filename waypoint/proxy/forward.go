@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/netip"
@@ -37,7 +38,8 @@ type result struct {
 	err     error
 	timeout bool
 	start   time.Time
-	done    func() // releases the attempt's context and endpoint count
+	conn    net.Conn // the upstream connection the response came on
+	done    func()   // releases the attempt's context and endpoint count
 }
 
 // forward is Envoy's router: pick the cluster, then endpoints, attempts
@@ -270,8 +272,10 @@ func (x *exchange) try(ctx context.Context, cs *clusterState, cl *config.Cluster
 	var sentMu sync.Mutex
 	sent := false
 	var req *http.Request
+	var conn net.Conn
 	trace := &httptrace.ClientTrace{
 		GotConn: func(info httptrace.GotConnInfo) {
+			conn = info.Conn
 			// max_requests_per_connection: the Nth request on a connection
 			// asks for it to close (Connection: close; HTTP/2 does not
 			// reuse it). GotConn runs before the request is written.
@@ -314,6 +318,7 @@ func (x *exchange) try(ctx context.Context, cs *clusterState, cl *config.Cluster
 	if err == nil {
 		x.upstreamMs = time.Since(res.start).Milliseconds()
 		res.resp = resp
+		res.conn = conn
 		res.outcome = route.Outcome{Status: resp.StatusCode, GRPCStatus: resp.Header.Get("Grpc-Status")}
 		return res
 	}
@@ -449,14 +454,13 @@ func (x *exchange) respond(ctx context.Context, res result, wc *route.WeightedCl
 	x.grpcStatus = resp.Header.Get("Grpc-Status")
 	x.w.WriteHeader(resp.StatusCode)
 	if switching {
-		rwc, ok := resp.Body.(io.ReadWriteCloser)
-		if !ok || x.upgrade == "" {
+		if _, ok := resp.Body.(io.ReadWriteCloser); !ok || x.upgrade == "" || res.conn == nil {
 			resp.Body.Close()
 			x.abort()
 			return nil
 		}
 		x.w.Flush()
-		return &upgrade{x: x, upstream: rwc}
+		return &upgrade{x: x, body: resp.Body, conn: res.conn}
 	}
 	defer resp.Body.Close()
 	buf := make([]byte, 32<<10)

@@ -385,7 +385,9 @@ func (a *httpApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		defer c.Close()
-		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+		// A greeting goes out with the 101, as a server that speaks first
+		// sends it: the client's HTTP reader gets it with the response.
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n" + r.Header.Get("X-Greeting"))
 		brw.Flush()
 		io.Copy(c, brw)
 		return

@@ -46,7 +46,8 @@ type downstream struct {
 	// source is the client's workload for telemetry.
 	source telemetry.Peer
 
-	conn net.Conn
+	// stream is the accepted CONNECT stream of an HTTP chain.
+	stream *hbone.Stream
 
 	mu       sync.Mutex // guards the fields below
 	idle     bool       // an HTTP/1 connection waiting for its next request
@@ -126,13 +127,15 @@ func (p *Proxy) serveConnect(ctx context.Context, req *hbone.Request, rw hbone.R
 		}
 		br = bufio.NewReader(s)
 	}
-	d.conn = s
+	d.stream = s
 	if !p.track(d) {
 		s.Close()
 		return
 	}
 	defer p.untrack(d)
-	p.serveHTTP(ctx, d, br)
+	if p.serveHTTP(ctx, d, br) {
+		return // an upgrade's relay took the stream
+	}
 	lingerClose(s, br)
 }
 
@@ -304,8 +307,8 @@ func (d *downstream) drain() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.draining = true
-	if d.idle && d.conn != nil {
-		d.conn.SetReadDeadline(time.Now())
+	if d.idle && d.stream != nil {
+		d.stream.SetReadDeadline(time.Now())
 	}
 }
 

@@ -78,7 +78,8 @@ func TestDrain(t *testing.T) {
 }
 
 // TestUpgrade: a WebSocket upgrade the chain allows is forwarded, and the
-// connection relayed both ways until it ends; the access log reports it
+// connection relayed both ways until it ends, bytes sent behind the
+// upgrade request and behind the 101 included; the access log reports it
 // then.
 func TestUpgrade(t *testing.T) {
 	m := newMesh(t, meshOptions{})
@@ -88,14 +89,19 @@ func TestUpgrade(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	io.WriteString(s, "GET /ws HTTP/1.1\r\nHost: productpage\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	// The client does not wait for the 101 before it speaks.
+	io.WriteString(s, "GET /ws HTTP/1.1\r\nHost: productpage\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-Greeting: hello\r\n\r\nearly")
 	br := bufio.NewReader(s)
 	resp, err := http.ReadResponse(br, nil)
 	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "websocket" {
 		t.Fatalf("%v %v", resp, err)
 	}
+	buf := make([]byte, len("helloearly"))
+	if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "helloearly" {
+		t.Fatalf("read %q %v, want the greeting behind the 101, then the echo of the early bytes", buf, err)
+	}
 	io.WriteString(s, "ping")
-	buf := make([]byte, 4)
+	buf = make([]byte, 4)
 	if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "ping" {
 		t.Fatalf("echo %q %v", buf, err)
 	}

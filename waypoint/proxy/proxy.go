@@ -28,6 +28,7 @@ import (
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/waypoint/config"
 	"github.com/amber-mesh/amber/waypoint/h2guard"
 	"github.com/amber-mesh/amber/waypoint/telemetry"
@@ -138,11 +139,17 @@ type Proxy struct {
 	cancel  context.CancelFunc
 	closeMu sync.Once
 
+	// The relays' Parker, opened for the first relay from a socket
+	// (parkerFor); relaysWG counts the relays that have not ended.
+	parkerOnce sync.Once
+	parker     *relay.Parker
+	relaysWG   sync.WaitGroup
+
 	mu       sync.Mutex // guards the fields below
 	servers  []*hbone.Server
 	clusters map[string]*clusterState
 	conns    map[*downstream]struct{}
-	tcps     map[*tcpConn]struct{}
+	relays   map[*relayed]struct{}
 	draining bool
 	closed   bool
 }
@@ -172,7 +179,7 @@ func New(cfg Config) (*Proxy, error) {
 		reg:      cfg.Metrics,
 		clusters: map[string]*clusterState{},
 		conns:    map[*downstream]struct{}{},
-		tcps:     map[*tcpConn]struct{}{},
+		relays:   map[*relayed]struct{}{},
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -350,7 +357,8 @@ func (p *Proxy) Drain(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// Close closes listeners, connections and upstream pools at once.
+// Close closes listeners, connections and upstream pools at once, and
+// waits for the relays it closed to end.
 func (p *Proxy) Close() error {
 	var errs []error
 	p.closeMu.Do(func() {
@@ -358,8 +366,15 @@ func (p *Proxy) Close() error {
 		p.closed = true
 		servers := p.servers
 		clusters := p.clusters
+		relays := make([]*relayed, 0, len(p.relays))
+		for r := range p.relays {
+			relays = append(relays, r)
+		}
 		p.mu.Unlock()
 		p.cancel()
+		for _, r := range relays {
+			r.pair.Close(ErrClosed)
+		}
 		for _, s := range servers {
 			if err := s.Close(); err != nil && !errors.Is(err, hbone.ErrServerClosed) {
 				errs = append(errs, err)
@@ -370,6 +385,12 @@ func (p *Proxy) Close() error {
 		}
 		for _, c := range clusters {
 			c.closeIdle()
+		}
+		// A relay still parked would never wake once its Parker is gone.
+		p.relaysWG.Wait()
+		p.parkerOnce.Do(func() {}) // none opened from now on
+		if p.parker != nil {
+			errs = append(errs, p.parker.Close())
 		}
 	})
 	return errors.Join(errs...)
