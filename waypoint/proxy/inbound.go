@@ -7,7 +7,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -136,26 +135,16 @@ func (p *Proxy) serveConnect(ctx context.Context, req *hbone.Request, rw hbone.R
 	if p.serveHTTP(ctx, d, br) {
 		return // an upgrade's relay took the stream
 	}
-	lingerClose(s, br)
+	// END_STREAM, then the close once the client ended its side: closing
+	// at once would reset the stream, and the client's ztunnel could drop
+	// the last response (often a local reply saying why the connection
+	// ends) with it.
+	s.CloseLinger(lingerTime)
 }
 
-// lingerTime bounds how long an inner connection the waypoint ends waits
-// for its client to end its side.
+// lingerTime bounds how long an inner connection the waypoint ended waits
+// for its client to end its side before it is reset.
 const lingerTime = 2 * time.Second
-
-// lingerClose ends a stream the waypoint is done with: END_STREAM first,
-// then, once the client ended its side too (or lingerTime passed), the
-// close. Closing at once would reset the stream, and a reset makes the
-// peer drop what it has not read yet: the last response, often a local
-// reply saying why the connection ends. The lingering close of an HTTP
-// server (net/http closeWriteAndWait) for a tunnel.
-func lingerClose(s *hbone.Stream, br *bufio.Reader) {
-	if s.CloseWrite() == nil {
-		s.SetReadDeadline(time.Now().Add(lingerTime))
-		io.Copy(io.Discard, io.LimitReader(br, maxDrainBody))
-	}
-	s.Close()
-}
 
 // rejectConnect answers a CONNECT with a non-200 status and reports it.
 func (p *Proxy) rejectConnect(d *downstream, rw hbone.Responder, status int, cause string, err error) {
