@@ -104,6 +104,7 @@ func compile(tb testing.TB, s *waypointgolden.Snapshot) *config.Config {
 // listeners.
 type mesh struct {
 	t     testing.TB
+	caDir string
 	ca    *ca.Local
 	store *state.Store
 	reg   *prometheus.Registry
@@ -142,12 +143,13 @@ type meshOptions struct {
 
 func newMesh(tb testing.TB, opts meshOptions) *mesh {
 	tb.Helper()
-	local, err := ca.OpenLocal(filepath.Join(tb.TempDir(), "ca"), trustDomain)
+	caDir := filepath.Join(tb.TempDir(), "ca")
+	local, err := ca.OpenLocal(caDir, trustDomain)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	m := &mesh{
-		t: tb, ca: local, store: state.NewStore(), reg: prometheus.NewRegistry(), logs: &logBuffer{},
+		t: tb, caDir: caDir, ca: local, store: state.NewStore(), reg: prometheus.NewRegistry(), logs: &logBuffer{},
 		dial: map[netip.AddrPort]netip.AddrPort{}, pods: map[string]*pod{}, wpID: mustID(tb, waypointID),
 	}
 	wds := golden(tb, "base").Workloads
@@ -420,6 +422,12 @@ type client struct {
 func (m *mesh) client(principal string, hdr http.Header) *client {
 	id := mustID(m.t, principal)
 	mgr := m.certs()
+	cfg := mgr.ClientConfig(id, m.wpID)
+	if id.TrustDomain != trustDomain {
+		// Another trust domain of the same root (an alias): ClientConfig
+		// would refuse the waypoint's, so the client checks nothing.
+		cfg = m.foreignClientTLS(id)
+	}
 	c := &client{m: m, id: id, hdr: hdr}
 	c.pool = &hbone.Pool{Dial: func(ctx context.Context, key hbone.Key) (net.Conn, error) {
 		var d net.Dialer
@@ -427,7 +435,7 @@ func (m *mesh) client(principal string, hdr http.Header) *client {
 		if err != nil {
 			return nil, err
 		}
-		tc := tls.Client(nc, mgr.ClientConfig(id, m.wpID))
+		tc := tls.Client(nc, cfg)
 		if err := tc.HandshakeContext(ctx); err != nil {
 			nc.Close()
 			return nil, err
@@ -436,6 +444,22 @@ func (m *mesh) client(principal string, hdr http.Header) *client {
 	}}
 	m.t.Cleanup(func() { c.pool.Close() })
 	return c
+}
+
+// foreignClientTLS is a client configuration with a certificate for id,
+// in another trust domain than the mesh CA's, from the same root.
+func (m *mesh) foreignClientTLS(id identity.ID) *tls.Config {
+	local, err := ca.OpenLocal(m.caDir, id.TrustDomain)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	mgr := &certs.Manager{CA: local}
+	m.t.Cleanup(func() { mgr.Close() })
+	cert, err := mgr.Get(context.Background(), id)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{*cert}, InsecureSkipVerify: true, NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13}
 }
 
 // sleep is the walkthrough's client, forwarded as from its pod address.

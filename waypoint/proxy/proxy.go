@@ -284,46 +284,20 @@ func (p *Proxy) ServeHBONE(ln net.Listener) error {
 
 // serverTLS is :15008's TLS: the waypoint's certificate, a client
 // certificate required that chains to the mesh roots and names an
-// identity in one of the current configuration's trust domains.
+// identity in one of the trust domains of the configuration current at
+// the handshake.
 func (p *Proxy) serverTLS() *tls.Config {
 	own := p.cfg.Identity
 	certFor := func(net.Addr) (identity.ID, error) { return own, nil }
-	base := p.cfg.Certs.ServerConfig(certFor, own.TrustDomain)
-	var mu sync.Mutex
-	verifiers := map[string]func(tls.ConnectionState) error{}
-	verifier := func(td string) func(tls.ConnectionState) error {
-		mu.Lock()
-		defer mu.Unlock()
-		v, ok := verifiers[td]
-		if !ok {
-			v = p.cfg.Certs.ServerConfig(certFor, td).VerifyConnection
-			verifiers[td] = v
-		}
-		return v
-	}
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		NextProtos: []string{http2.NextProtoTLS},
 		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-			c := base.Clone()
 			tds := []string{own.TrustDomain}
 			if s := p.snapshot(); s != nil {
 				tds = s.trustDomains
 			}
-			c.VerifyConnection = func(cs tls.ConnectionState) error {
-				var first error
-				for _, td := range tds {
-					err := verifier(td)(cs)
-					if err == nil {
-						return nil
-					}
-					if first == nil {
-						first = err
-					}
-				}
-				return first
-			}
-			return c, nil
+			return p.cfg.Certs.ServerConfig(certFor, own.TrustDomain, tds...), nil
 		},
 	}
 }
