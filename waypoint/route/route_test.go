@@ -308,4 +308,11 @@ func TestRetryStatusCodes(t *testing.T) {
 	if p.NumRetries != 1 {
 		t.Errorf("num_retries unset: %d, want Envoy's 1", p.NumRetries)
 	}
+	// gateway-error covers a reset (and a per-try timeout), which becomes
+	// a 503, as 5xx does (Envoy's wouldRetryFromReset).
+	for _, o := range []Outcome{{Reset: true, RequestSent: true}, {ConnectFailure: true}, {RefusedStream: true}} {
+		if !p.Retriable(o) {
+			t.Errorf("%+v: not retriable under gateway-error", o)
+		}
+	}
 }
