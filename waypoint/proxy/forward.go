@@ -463,6 +463,12 @@ func (x *exchange) respond(ctx context.Context, res result, wc *route.WeightedCl
 		return &upgrade{x: x, body: resp.Body, conn: res.conn}
 	}
 	defer resp.Body.Close()
+	if resp.ContentLength != 0 {
+		// Envoy forwards the header as it arrives: a client of a
+		// response whose body comes later (a long poll, events) sees
+		// it at once.
+		x.w.Flush()
+	}
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := resp.Body.Read(buf)
