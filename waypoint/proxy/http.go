@@ -88,6 +88,10 @@ func (p *Proxy) headerLimit(h *config.HTTPChain) int {
 // upgrade's relay took the connection over.
 func (p *Proxy) serveHTTP(ctx context.Context, d *downstream, br *bufio.Reader) (relayed bool) {
 	h := d.httpChain()
+	if h != nil {
+		stop := p.connectionDuration(d, h.MaxConnectionDuration)
+		defer stop()
+	}
 	d.stream.SetReadDeadline(idleDeadline(h))
 	if _, err := br.Peek(1); err != nil {
 		return false
@@ -216,14 +220,27 @@ func (p *Proxy) serveH2(ctx context.Context, d *downstream, br *bufio.Reader, h 
 	})
 	// The server's decoded-header bound sits above the waypoint's own
 	// (checked per request, which counts and answers 431), so that what
-	// x/net answers itself is only the grossly oversized. Graceful
-	// shutdown does not come from this per-connection base but from
-	// p.h2base, which p.h2 was configured with.
+	// x/net answers itself is only the grossly oversized.
 	base := &http.Server{MaxHeaderBytes: 4 * p.headerLimit(h)}
 	if h != nil {
 		base.IdleTimeout = h.IdleTimeout
 	}
-	p.h2.ServeConn(g, &http2.ServeConnOpts{
+	// A server per inner connection, so that a drain of this connection
+	// alone (max_connection_duration) can end it gracefully: base's
+	// Shutdown runs the server's GOAWAY on its one connection, which
+	// closes once its streams are done.
+	srv := &http2.Server{
+		// The outer HBONE connection carries 100 streams; an inner
+		// connection gets the same bound.
+		MaxConcurrentStreams: 100,
+		CountError:           p.counts.h2Error,
+	}
+	if err := http2.ConfigureServer(base, srv); err != nil {
+		p.log.Error("inner HTTP/2 server", logKeyError, err)
+		return
+	}
+	d.setGoAway(func() { _ = base.Shutdown(context.Background()) })
+	srv.ServeConn(g, &http2.ServeConnOpts{
 		Context:    ctx,
 		BaseConfig: base,
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -51,6 +51,7 @@ type downstream struct {
 	mu       sync.Mutex // guards the fields below
 	idle     bool       // an HTTP/1 connection waiting for its next request
 	draining bool
+	goAway   func() // an HTTP/2 connection's graceful end
 }
 
 // serveConnect answers one CONNECT on :15008. Refusals before the tunnel
@@ -290,14 +291,31 @@ func (d *downstream) setIdle(idle bool) bool {
 }
 
 // drain ends an idle HTTP/1 connection now and any other after its
-// current response: waking the idle wait with a deadline lets the loop
-// end the stream cleanly (END_STREAM), where closing would reset it.
+// current response, and an HTTP/2 one with GOAWAY once its streams are
+// done: waking the idle wait with a deadline lets the loop end the stream
+// cleanly (END_STREAM), where closing would reset it.
 func (d *downstream) drain() {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	d.draining = true
 	if d.idle && d.stream != nil {
 		d.stream.SetReadDeadline(time.Now())
+	}
+	goAway := d.goAway
+	d.mu.Unlock()
+	if goAway != nil {
+		goAway()
+	}
+}
+
+// setGoAway registers an HTTP/2 connection's graceful end, which a drain
+// already under way runs at once.
+func (d *downstream) setGoAway(f func()) {
+	d.mu.Lock()
+	d.goAway = f
+	draining := d.draining
+	d.mu.Unlock()
+	if draining {
+		f()
 	}
 }
 

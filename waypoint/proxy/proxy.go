@@ -16,7 +16,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -133,8 +132,6 @@ type Proxy struct {
 	pool    *hbone.Pool
 	hstats  hbone.Stats // the HBONE server's
 	pstats  hbone.Stats // the HBONE client pool's
-	h2      *http2.Server
-	h2base  *http.Server // only for HTTP/2's graceful GOAWAY on Drain
 	ctx     context.Context
 	cancel  context.CancelFunc
 	closeMu sync.Once
@@ -202,16 +199,6 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, Stats: &p.pstats, Logger: p.log}
-	p.h2base = &http.Server{}
-	p.h2 = &http2.Server{
-		// The outer HBONE connection carries 100 streams; an inner
-		// connection gets the same bound.
-		MaxConcurrentStreams: 100,
-		CountError:           p.counts.h2Error,
-	}
-	if err := http2.ConfigureServer(p.h2base, p.h2); err != nil {
-		return nil, fmt.Errorf("waypoint proxy: http2: %w", err)
-	}
 	return p, nil
 }
 
@@ -311,17 +298,14 @@ func (p *Proxy) Drain(ctx context.Context) error {
 	p.mu.Lock()
 	p.draining = true
 	servers := append([]*hbone.Server(nil), p.servers...)
-	var idle []*downstream
+	conns := make([]*downstream, 0, len(p.conns))
 	for d := range p.conns {
-		idle = append(idle, d)
+		conns = append(conns, d)
 	}
 	p.mu.Unlock()
-	for _, d := range idle {
+	for _, d := range conns {
 		d.drain()
 	}
-	// Runs the HTTP/2 servers' graceful shutdown (GOAWAY) on every inner
-	// connection; h2base serves nothing itself.
-	_ = p.h2base.Shutdown(ctx)
 	var errs []error
 	for _, s := range servers {
 		if err := s.Shutdown(ctx); err != nil && !errors.Is(err, hbone.ErrServerClosed) {

@@ -128,7 +128,10 @@ func (p *Proxy) relayUpgrade(d *downstream, br *bufio.Reader, bw *bufio.Writer, 
 	s := d.stream
 	hbone.Detach(s)
 	pair := relay.NewPair(relay.Replay(s, readAhead(br)), relay.Replay(relayConn(upConn), ahead))
+	stopTimers := x.handOver(pair)
 	p.startRelay(&relayed{pair: pair, d: d}, nil, upConn, func(res relay.Result) {
+		stopTimers()
+		x.relayTimedOut(res.Err)
 		x.w.bytes += res.BToA
 		x.body.mu.Lock()
 		x.body.n += res.AToB
