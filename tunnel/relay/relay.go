@@ -59,17 +59,14 @@ type Pair struct {
 	left       atomic.Int32 // directions still running
 	res        Result       // each count written by its direction; read once both ended
 
-	// The idle timeout (SetIdleTimeout): idleSince is when the relay
-	// started, last the time since then of the last byte moved.
+	// The idle timeout (SetIdleTimeout) and its timer, set by Start.
 	idle      time.Duration
-	idleSince time.Time
-	last      atomic.Int64
+	idleTimer *IdleTimer
 
-	mu        sync.Mutex // guards the fields below
-	err       error      // the first error: Close's or a direction's
-	closed    bool
-	pump      *pump       // the direction that can park, once started
-	idleTimer *time.Timer // SetIdleTimeout's, once started
+	mu     sync.Mutex // guards the fields below
+	err    error      // the first error: Close's or a direction's
+	closed bool
+	pump   *pump // the direction that can park, once started
 }
 
 // NewPair returns the relay of a and b, not yet started. A connection
@@ -101,10 +98,8 @@ func (p *Pair) Start(pk *Parker, done func(Result)) {
 	p.done = done
 	p.left.Store(2)
 	if p.idle > 0 {
-		p.idleSince = time.Now()
-		p.mu.Lock()
-		p.idleTimer = time.AfterFunc(p.idle, p.checkIdle)
-		p.mu.Unlock()
+		p.idleTimer = NewIdleTimer(p.idle, func() { p.Close(ErrIdleTimeout) })
+		p.idleTimer.Start()
 	}
 	p.direction(pk, p.b, p.a, p.aBuf, &p.res.AToB)
 	p.direction(pk, p.a, p.b, p.bBuf, &p.res.BToA)
@@ -170,12 +165,7 @@ func (p *Pair) end(n *int64, k int64, err error) {
 }
 
 func (p *Pair) finish() {
-	p.mu.Lock()
-	if p.idleTimer != nil {
-		p.idleTimer.Stop()
-		p.idleTimer = nil
-	}
-	p.mu.Unlock()
+	p.idleTimer.Stop()
 	p.a.Close()
 	p.b.Close()
 	res := p.res
@@ -229,25 +219,10 @@ func (p *Pair) setPump(u *pump) {
 // touch returns what a direction calls when bytes moved, nil without an
 // idle timeout.
 func (p *Pair) touch() func() {
-	if p.idle <= 0 {
+	if p.idleTimer == nil {
 		return nil
 	}
-	return func() { p.last.Store(int64(time.Since(p.idleSince))) }
-}
-
-// checkIdle is the idle timer: it ends the relay, or waits for the rest
-// of the timeout counted from the last byte moved.
-func (p *Pair) checkIdle() {
-	quiet := time.Since(p.idleSince) - time.Duration(p.last.Load())
-	if quiet >= p.idle {
-		p.Close(ErrIdleTimeout)
-		return
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.idleTimer != nil { // nil: the relay ended meanwhile
-		p.idleTimer.Reset(p.idle - quiet)
-	}
+	return p.idleTimer.Touch
 }
 
 // watch is dst for a direction's writes, noting each as activity when the

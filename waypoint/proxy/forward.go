@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/waypoint/config"
 	"github.com/amber-mesh/amber/waypoint/route"
 	"github.com/amber-mesh/amber/waypoint/telemetry"
@@ -33,10 +34,10 @@ type result struct {
 	timeout bool // the route's or a per-try timeout
 	perTry  bool // a per-try timeout: retried as a reset is
 	start   time.Time
-	conn    net.Conn        // the upstream connection the response came on
-	ctx     context.Context // the attempt's, which the response body reads under
-	idle    *idleTimer      // the attempt's per-try idle timer, touched by upstream bytes; nil: none
-	done    func()          // releases the attempt's context and endpoint count
+	conn    net.Conn         // the upstream connection the response came on
+	ctx     context.Context  // the attempt's, which the response body reads under
+	idle    *relay.IdleTimer // the attempt's per-try idle timer, touched by upstream bytes; nil: none
+	done    func()           // releases the attempt's context and endpoint count
 }
 
 // forward is Envoy's router: pick the cluster, then endpoints, attempts
@@ -308,7 +309,7 @@ func (x *exchange) try(ctx context.Context, cs *clusterState, cl *config.Cluster
 	x.body.whenEnded(pt.start)
 	resp, err := rt.RoundTrip(req)
 	if err == nil {
-		pt.idle.touch()
+		pt.idle.Touch()
 		x.upstreamMs = time.Since(res.start).Milliseconds()
 		res.resp = resp
 		res.conn = conn
@@ -469,7 +470,7 @@ func (x *exchange) respond(ctx context.Context, res result, wc *route.WeightedCl
 	for {
 		n, err := resp.Body.Read(buf)
 		if n > 0 {
-			res.idle.touch()
+			res.idle.Touch()
 			x.timers.touch()
 			if _, werr := x.w.Write(buf[:n]); werr != nil {
 				x.err = werr

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/amber-mesh/amber/tunnel/relay"
@@ -40,7 +39,7 @@ func upstreamTimeout(cause error) bool {
 type perTryTimers struct {
 	d      time.Duration
 	cancel context.CancelCauseFunc
-	idle   *idleTimer
+	idle   *relay.IdleTimer
 
 	mu      sync.Mutex // guards the fields below
 	t       *time.Timer
@@ -56,7 +55,7 @@ func (x *exchange) perTryTimers(p *route.RetryPolicy, cancel context.CancelCause
 	}
 	pt.d = p.PerTryTimeout
 	if p.PerTryIdleTimeout > 0 {
-		pt.idle = newIdleTimer(p.PerTryIdleTimeout, func() { cancel(errPerTryIdle) })
+		pt.idle = relay.NewIdleTimer(p.PerTryIdleTimeout, func() { cancel(errPerTryIdle) })
 	}
 	return pt
 }
@@ -71,7 +70,7 @@ func (pt *perTryTimers) start() {
 	if pt.d > 0 && pt.t == nil {
 		pt.t = time.AfterFunc(pt.d, func() { pt.cancel(errPerTryTimeout) })
 	}
-	pt.idle.start()
+	pt.idle.Start()
 }
 
 // stop disarms the timers for good: the attempt is over.
@@ -82,73 +81,7 @@ func (pt *perTryTimers) stop() {
 	if pt.t != nil {
 		pt.t.Stop()
 	}
-	pt.idle.stop()
-}
-
-// idleTimer calls expire once nothing touched it for d after start: one
-// timer, re-armed from the last touch when it fires, so that a touch (a
-// read or write on the hot path) costs an atomic store.
-type idleTimer struct {
-	d      time.Duration
-	expire func()
-	since  time.Time
-	last   atomic.Int64 // time.Since(since) of the last touch
-
-	mu      sync.Mutex // guards the fields below
-	t       *time.Timer
-	stopped bool
-}
-
-func newIdleTimer(d time.Duration, expire func()) *idleTimer {
-	return &idleTimer{d: d, expire: expire, since: time.Now()}
-}
-
-// start arms the timer, counting from now; nil-safe.
-func (it *idleTimer) start() {
-	if it == nil {
-		return
-	}
-	it.touch()
-	it.mu.Lock()
-	defer it.mu.Unlock()
-	if it.t == nil && !it.stopped {
-		it.t = time.AfterFunc(it.d, it.check)
-	}
-}
-
-// touch notes activity; nil-safe.
-func (it *idleTimer) touch() {
-	if it != nil {
-		it.last.Store(int64(time.Since(it.since)))
-	}
-}
-
-// stop disarms the timer for good; nil-safe.
-func (it *idleTimer) stop() {
-	if it == nil {
-		return
-	}
-	it.mu.Lock()
-	defer it.mu.Unlock()
-	it.stopped = true
-	if it.t != nil {
-		it.t.Stop()
-	}
-}
-
-// check is the timer: it expires, or waits for the rest of d counted
-// from the last touch.
-func (it *idleTimer) check() {
-	quiet := time.Since(it.since) - time.Duration(it.last.Load())
-	it.mu.Lock()
-	stopped := it.stopped
-	if !stopped && quiet < it.d {
-		it.t.Reset(it.d - quiet)
-	}
-	it.mu.Unlock()
-	if !stopped && quiet >= it.d {
-		it.expire()
-	}
+	pt.idle.Stop()
 }
 
 // streamTimers are one request's HCM timers: stream_idle_timeout (the
@@ -166,7 +99,7 @@ type streamTimers struct {
 	cancel       context.CancelCauseFunc
 	unblockRead  func()
 	unblockWrite func()
-	idle         *idleTimer
+	idle         *relay.IdleTimer
 
 	// mu guards the fields below, and is held while the unblock funcs
 	// run so that none runs once stop returned (the handler is gone).
@@ -212,8 +145,8 @@ func (x *exchange) startTimers() {
 	defer st.mu.Unlock()
 	st.ended = ended
 	if t.idle > 0 {
-		st.idle = newIdleTimer(t.idle, func() { st.fire(errStreamIdle) })
-		st.idle.start()
+		st.idle = relay.NewIdleTimer(t.idle, func() { st.fire(errStreamIdle) })
+		st.idle.Start()
 	}
 	if t.request > 0 && !ended {
 		st.request = time.AfterFunc(t.request-time.Since(x.start), func() { st.fire(errRequestTimeout) })
@@ -264,7 +197,7 @@ func (st *streamTimers) fire(cause error) {
 // touch notes activity on the stream: request or response bytes.
 func (st *streamTimers) touch() {
 	if st != nil {
-		st.idle.touch()
+		st.idle.Touch()
 	}
 }
 
@@ -308,7 +241,7 @@ func (st *streamTimers) stop() {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.stopped = true
-	st.idle.stop()
+	st.idle.Stop()
 	for _, t := range []*time.Timer{st.request, st.duration} {
 		if t != nil {
 			t.Stop()
