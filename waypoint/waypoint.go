@@ -18,6 +18,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/supervise"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/identity"
@@ -59,7 +60,8 @@ type DataPath interface {
 	// Update installs a new configuration. Called from the xDS stream's
 	// goroutine, in order; it must not block for long.
 	Update(*config.Config)
-	// ServeHBONE serves the HBONE listener until Close.
+	// ServeHBONE serves the HBONE listener until Drain, Close or the
+	// listener's close, and then returns an error wrapping net.ErrClosed.
 	ServeHBONE(net.Listener) error
 	// Drain lets open streams finish, until ctx is done.
 	Drain(ctx context.Context) error
@@ -188,10 +190,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	xdsNode.Cluster = cmp.Or(cfg.ServiceCluster, cfg.Node.ServiceAccount+"."+cfg.Node.Namespace)
 
-	g := newGroup(ctx)
-	defer func() {
-		err = errors.Join(err, g.Stop())
-	}()
+	// Each part is registered as it is set up and stopped in reverse
+	// order: a closer is called once every task registered after it has
+	// returned (package supervise).
+	g, ctx := supervise.New(ctx)
+	defer func() { err = errors.Join(err, g.Stop()) }()
 
 	// The certificate: the waypoint's own identity, with its own token.
 	caClient, err := ca.NewIstio(ca.IstioConfig{
@@ -201,9 +204,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return fmt.Errorf("waypoint: %w", err)
 	}
-	g.OnStop("ca client", caClient.Close)
+	g.Defer("ca client", caClient.Close)
 	mgr := &certs.Manager{CA: caClient, TTL: cfg.CertTTL, Logger: log}
-	g.OnStop("certificates", mgr.Close)
+	g.Defer("certificates", mgr.Close)
 
 	store := state.NewStore()
 	// The data path registers the istio_* families with an Envoy
@@ -213,7 +216,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return fmt.Errorf("waypoint: data path: %w", err)
 	}
-	g.OnStop("data path", dp.Close)
+	// Closed once everything registered below, which feeds it or serves
+	// with it, has stopped.
+	g.Defer("data path", dp.Close)
 
 	ready := &readiness{onReady: func() {
 		log.Info("waypoint ready", "identity", id.String())
@@ -254,28 +259,28 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return fmt.Errorf("waypoint: xds channel: %w", err)
 	}
-	g.OnStop("xds channel", conn.Close)
+	g.Defer("xds channel", conn.Close)
 	types := set.Types()
 	types = slices.Insert(types, 2, client.Workloads(store))
 	xc, err := client.New(client.Config{Conn: conn, XDSNode: xdsNode, Types: types, Logger: log})
 	if err != nil {
 		return fmt.Errorf("waypoint: xds client: %w", err)
 	}
-	g.OnStop("xds client", xc.Close)
-	g.Go("xds client", xc.Run)
+	g.Go("xds client", func(ctx context.Context) error { return unless(xc.Run(ctx), client.ErrClosed) })
+	g.Defer("xds client", xc.Close)
 	if err := registerMetrics(reg, xc, set, mgr); err != nil {
 		return fmt.Errorf("waypoint: metrics: %w", err)
 	}
 
-	// Listeners.
 	lns, err := listen(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	for _, ln := range []net.Listener{lns.HBONE, lns.Metrics, lns.Readiness, lns.Admin} {
-		g.OnStop("listener "+ln.Addr().String(), func() error { ln.Close(); return nil })
-	}
-	g.Go("hbone", func(ctx context.Context) error { return dp.ServeHBONE(lns.HBONE) })
+	g.Defer("listeners", lns.close)
+	// The HBONE task ends when its listener closes: on Drain, or at Stop,
+	// which closes it before waiting for the task.
+	g.Go("hbone", func(context.Context) error { return unless(dp.ServeHBONE(lns.HBONE), net.ErrClosed) })
+	g.Defer("hbone listener", func() error { return unless(lns.HBONE.Close(), net.ErrClosed) })
 
 	metricsMux := http.NewServeMux()
 	metricsMux.Handle("/stats/prometheus", reg.Handler())
@@ -310,19 +315,13 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		h    http.Handler
 	}{{"metrics", lns.Metrics, metricsMux}, {"readiness", lns.Readiness, readyMux}, {"admin", lns.Admin, adminMux}} {
 		hs := &http.Server{Handler: s.h, ReadHeaderTimeout: 10 * time.Second}
-		g.OnStop(s.name+" server", hs.Close)
-		g.Go(s.name+" server", func(context.Context) error {
-			if err := hs.Serve(s.ln); !errors.Is(err, http.ErrServerClosed) {
-				return err
-			}
-			return nil
-		})
+		g.Go(s.name+" server", func(context.Context) error { return unless(hs.Serve(s.ln), http.ErrServerClosed) })
+		g.Defer(s.name+" server", hs.Close)
 	}
 	log.Info("waypoint started", "identity", id.String(), "node", xdsNode.GetId(), "xds", cfg.XDSAddress,
 		"hbone", lns.HBONE.Addr().String(), "admin", lns.Admin.Addr().String())
 
-	<-g.ctx.Done()
-	if err := g.Err(); err != nil {
+	if err := g.Wait(); err != nil {
 		return err
 	}
 	// Like pilot-agent on SIGTERM: fail readiness so that istiod and the
@@ -330,6 +329,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	ready.draining.Store(true)
 	drain(cfg, dp, log)
 	return nil
+}
+
+// unless is err, or nil if err is sentinel: what a part returns once it
+// was closed.
+func unless(err, sentinel error) error {
+	if errors.Is(err, sentinel) {
+		return nil
+	}
+	return err
 }
 
 func drain(cfg Config, dp DataPath, log *slog.Logger) {
@@ -348,6 +356,16 @@ func drain(cfg Config, dp DataPath, log *slog.Logger) {
 		return
 	}
 	log.Info("drained", "took", time.Since(t0).Round(time.Millisecond))
+}
+
+// close closes the listeners; one closed already (by Drain, or by the
+// server that served it) is not an error.
+func (l Listeners) close() error {
+	var errs []error
+	for _, ln := range []net.Listener{l.HBONE, l.Metrics, l.Readiness, l.Admin} {
+		errs = append(errs, unless(ln.Close(), net.ErrClosed))
+	}
+	return errors.Join(errs...)
 }
 
 // listen opens the listeners cfg does not bring.

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
+	"strings"
 
 	"github.com/amber-mesh/amber/tunnel/identity"
 )
@@ -48,10 +50,17 @@ func orNone(s string) string {
 // ServerConfig returns the TLS configuration of the inbound HBONE listener.
 // Listeners are transparent, so an accepted connection's local address is
 // the destination pod's IP; certFor maps it to the workload whose
-// certificate is served. The client must present a certificate chaining to
-// the mesh roots whose SPIFFE identity is in trustDomain; PeerID then
-// returns that identity.
-func (m *Manager) ServerConfig(certFor func(local net.Addr) (identity.ID, error), trustDomain string) *tls.Config {
+// certificate is served, which must be in trustDomain. The client must
+// present a certificate chaining to the mesh roots whose SPIFFE identity
+// is in one of clientTrustDomains, or in trustDomain when none is given
+// (the ztunnel's case; a waypoint accepts the trust domains istiod names
+// for connect_terminate, aliases included); PeerID then returns that
+// identity.
+func (m *Manager) ServerConfig(certFor func(local net.Addr) (identity.ID, error), trustDomain string, clientTrustDomains ...string) *tls.Config {
+	if len(clientTrustDomains) == 0 {
+		clientTrustDomains = []string{trustDomain}
+	}
+	clientTrustDomains = slices.Clone(clientTrustDomains)
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		NextProtos: []string{alpnH2},
@@ -79,7 +88,7 @@ func (m *Manager) ServerConfig(certFor func(local net.Addr) (identity.ID, error)
 			return m.Get(hello.Context(), id)
 		},
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			_, err := m.verifyPeer(cs, "client", x509.ExtKeyUsageClientAuth, identity.ID{TrustDomain: trustDomain})
+			_, err := m.verifyPeer(cs, "client", x509.ExtKeyUsageClientAuth, identity.ID{}, clientTrustDomains)
 			return err
 		},
 	}
@@ -107,17 +116,16 @@ func (m *Manager) ClientConfig(src, want identity.ID) *tls.Config {
 				m.rejected.Add(1)
 				return &PeerError{Role: "server", Want: "trust domain " + src.TrustDomain, Got: want.String(), Err: ErrTrustDomain}
 			}
-			_, err := m.verifyPeer(cs, "server", x509.ExtKeyUsageServerAuth, want)
+			_, err := m.verifyPeer(cs, "server", x509.ExtKeyUsageServerAuth, want, []string{want.TrustDomain})
 			return err
 		},
 	}
 }
 
-// verifyPeer checks the peer's chain, identity and ALPN. want always names
-// the trust domain; if it also names a workload, the peer must be exactly
-// that workload.
-func (m *Manager) verifyPeer(cs tls.ConnectionState, role string, usage x509.ExtKeyUsage, want identity.ID) (identity.ID, error) {
-	id, err := m.checkPeer(cs, usage, want)
+// verifyPeer checks the peer's chain, identity and ALPN: the peer must be
+// exactly want when it names a workload, and in one of trustDomains.
+func (m *Manager) verifyPeer(cs tls.ConnectionState, role string, usage x509.ExtKeyUsage, want identity.ID, trustDomains []string) (identity.ID, error) {
+	id, err := m.checkPeer(cs, usage, want, trustDomains)
 	if err != nil {
 		m.rejected.Add(1)
 		err.Role = role
@@ -126,9 +134,9 @@ func (m *Manager) verifyPeer(cs tls.ConnectionState, role string, usage x509.Ext
 	return id, nil
 }
 
-func (m *Manager) checkPeer(cs tls.ConnectionState, usage x509.ExtKeyUsage, want identity.ID) (identity.ID, *PeerError) {
+func (m *Manager) checkPeer(cs tls.ConnectionState, usage x509.ExtKeyUsage, want identity.ID, trustDomains []string) (identity.ID, *PeerError) {
 	exact := want.Namespace != "" || want.ServiceAccount != ""
-	wantText := "trust domain " + want.TrustDomain
+	wantText := "trust domain " + strings.Join(trustDomains, " or ")
 	if exact {
 		wantText = want.String()
 	}
@@ -157,7 +165,7 @@ func (m *Manager) checkPeer(cs tls.ConnectionState, usage x509.ExtKeyUsage, want
 	if err != nil {
 		return identity.ID{}, &PeerError{Want: wantText, Got: sanText(leaf), Err: fmt.Errorf("%w: %w", ErrPeerIdentity, err)}
 	}
-	if id.TrustDomain != want.TrustDomain {
+	if !slices.Contains(trustDomains, id.TrustDomain) {
 		return identity.ID{}, &PeerError{Want: wantText, Got: id.String(), Err: ErrTrustDomain}
 	}
 	if exact && id != want {

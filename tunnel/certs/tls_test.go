@@ -421,6 +421,50 @@ func TestHandshakeRejects(t *testing.T) {
 	}
 }
 
+// TestServerTrustDomains: a server given several client trust domains
+// accepts clients of each, one verification per handshake, and rejects a
+// client of any other once, naming them all.
+func TestServerTrustDomains(t *testing.T) {
+	ms := newMesh(t)
+	ctx := testCtx(t)
+	other := mustManager(t, &Manager{CA: mustLocal(t, ms.dir, "other.local")})
+	asOther := func(id identity.ID) identity.ID { id.TrustDomain = "other.local"; return id }
+	otherSleep, err := other.Get(ctx, asOther(sleep))
+	if err != nil {
+		t.Fatal(err)
+	}
+	evil := mustManager(t, &Manager{CA: mustLocal(t, ms.dir, "evil.local")})
+	evilSleep, err := evil.Get(ctx, identity.ID{TrustDomain: "evil.local", Namespace: sleep.Namespace, ServiceAccount: sleep.ServiceAccount})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, results := mustServe(t, "127.0.0.1", ms.server.ServerConfig(certFor, td, td, "other.local"))
+	for _, tc := range []struct {
+		client *tls.Config
+		want   identity.ID
+	}{
+		{ms.client.ClientConfig(sleep, productpage), sleep},
+		{rawClient(*otherSleep), asOther(sleep)},
+	} {
+		if _, err := dial(t, addr, tc.client); err != nil {
+			t.Fatalf("client %v: %v", tc.want, err)
+		}
+		if r := result(t, results); r.err != nil || r.peer != tc.want {
+			t.Errorf("server saw %v, %v; want %v", r.peer, r.err, tc.want)
+		}
+	}
+	if _, err := dial(t, addr, rawClient(*evilSleep)); err == nil {
+		t.Fatal("a client of another trust domain connected")
+	}
+	r := result(t, results)
+	if !errors.Is(r.err, ErrTrustDomain) || !strings.Contains(r.err.Error(), "trust domain "+td+" or other.local") {
+		t.Errorf("server error %v, want ErrTrustDomain naming both trust domains", r.err)
+	}
+	if n := ms.server.Stats().PeersRejected; n != 1 {
+		t.Errorf("PeersRejected = %d, want 1", n)
+	}
+}
+
 func TestPeerIDNeedsHandshake(t *testing.T) {
 	if _, err := PeerID(tls.ConnectionState{}); !errors.Is(err, ErrNotHandshaken) {
 		t.Errorf("PeerID(zero) = %v", err)

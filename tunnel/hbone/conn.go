@@ -245,6 +245,7 @@ func (c *conn) teardown(err error) {
 	streams := make([]*Stream, 0, len(c.streams))
 	for _, s := range c.streams {
 		s.inMap = false
+		s.stopLingerLocked()
 		streams = append(streams, s)
 	}
 	clear(c.streams)
@@ -332,6 +333,7 @@ func (c *conn) removeLocked(s *Stream) {
 		return
 	}
 	s.inMap = false
+	s.stopLingerLocked()
 	delete(c.streams, s.id)
 	c.slotFreedLocked()
 }

@@ -70,6 +70,8 @@ type streamState struct {
 
 	inBatch int64 // DATA payload queued or being written
 	unsent  int64 // accepted, then never written or dropped by the peer's reset (Unsent)
+
+	linger *time.Timer // CloseLinger's reset, until the stream leaves the connection
 }
 
 // Detach lets the Handler that accepted s return while the tunnel goes
@@ -180,6 +182,52 @@ func (s *Stream) Close() error {
 	s.rdl.set(time.Time{})
 	s.wdl.set(time.Time{})
 	return nil
+}
+
+// CloseLinger closes s without cutting off what it sent. Close before the
+// peer ended its side resets the stream (RST_STREAM CANCEL, RFC 9113
+// §8.5), and a peer that sees the reset may drop what it has not passed
+// on yet: the last response, often a local reply saying why the
+// connection ends (a relay tearing both sides down on the reset). HTTP
+// servers linger on close for the same reason (net/http's
+// closeWriteAndWait). CloseLinger sends END_STREAM instead (CloseWrite)
+// and returns at once: what the peer still sends is discarded, and s
+// closes cleanly once the peer ended its side too, or is reset when
+// timeout passes first. A server handler may return right after (s is
+// detached). No goroutine waits meanwhile.
+func (s *Stream) CloseLinger(timeout time.Duration) error {
+	if err := s.CloseWrite(); err != nil {
+		s.Close()
+		return err
+	}
+	Detach(s)
+	s.rmu.Lock()
+	s.closedR = true // reads fail, received data is dropped
+	dropped := s.dropLocked()
+	s.rmu.Unlock()
+	s.wakeRead()
+	s.c.creditConn(dropped)
+	c := s.c
+	c.mu.Lock()
+	if s.inMap && s.linger == nil {
+		s.linger = time.AfterFunc(timeout, func() { s.Close() })
+		c.mu.Unlock()
+		return nil
+	}
+	c.mu.Unlock()
+	return s.Close() // both sides ended already: a clean close
+}
+
+// stopLingerLocked ends CloseLinger's wait once s left the connection
+// (both sides ended, reset, or the connection's end): nothing is left to
+// reset, and nothing to read. c.mu is held.
+func (s *Stream) stopLingerLocked() {
+	if s.linger == nil {
+		return
+	}
+	s.linger.Stop()
+	s.linger = nil
+	s.closed.Store(true)
 }
 
 // abort ends the stream with err unless the peer had already finished

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -376,4 +377,91 @@ func TestServeConn(t *testing.T) {
 	if _, err := s2.Read(make([]byte, 1)); err == nil || err == io.EOF {
 		t.Errorf("stream read after the server side was cancelled: %v", err)
 	}
+}
+
+// TestCloseLinger: a handler that ends its stream with CloseLinger
+// returns at once; the client reads everything it was sent and the end,
+// is not reset while it still sends (what it sends is discarded), and
+// once it ends its side the stream leaves the connection cleanly: a
+// graceful shutdown then has nothing to wait for.
+func TestCloseLinger(t *testing.T) {
+	checkLeaks(t)
+	returned := make(chan error, 1)
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		s, err := rw.Accept()
+		if err != nil {
+			returned <- err
+			return
+		}
+		io.WriteString(s, "last words")
+		returned <- s.CloseLinger(time.Hour)
+	}))
+	tp := newPool(t, ts)
+	s := tp.connect(t)
+	if err := <-returned; err != nil {
+		t.Fatalf("CloseLinger: %v", err)
+	}
+	if got := readAllString(t, s); got != "last words" {
+		t.Fatalf("read %q, want everything before the end", got)
+	}
+	for range 3 {
+		if _, err := s.Write(make([]byte, 32<<10)); err != nil {
+			t.Fatalf("write to a lingering stream: %v", err)
+		}
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ts.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown: %v: the stream is still there after both sides ended", err)
+	}
+	if n := tp.Stats.StreamsReset.Load(); n != 0 {
+		t.Errorf("the client saw %d resets", n)
+	}
+}
+
+// TestCloseLingerTimeout: a peer that never ends its side is reset after
+// the linger timeout, not before.
+func TestCloseLingerTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		srv := &hbone.Server{Handler: hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+			s, err := rw.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(s, "bye")
+			s.CloseLinger(2 * time.Second)
+		})}
+		a, b := net.Pipe()
+		ctx, cancel := context.WithCancel(context.Background())
+		served := make(chan error, 1)
+		go func() { served <- srv.ServeConn(ctx, a) }()
+		pool := &hbone.Pool{Dial: func(context.Context, hbone.Key) (net.Conn, error) { return b, nil }}
+		s, err := pool.Connect(context.Background(), hbone.Key{Addr: netip.MustParseAddrPort("10.0.0.2:15008")}, "10.0.0.1:80", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		if got := readAllString(t, s); got != "bye" {
+			t.Fatalf("read %q", got)
+		}
+		time.Sleep(2*time.Second - time.Nanosecond - time.Since(start))
+		synctest.Wait()
+		if _, err := s.Write([]byte("still talking")); err != nil {
+			t.Fatalf("write before the linger timeout: %v", err)
+		}
+		time.Sleep(time.Nanosecond)
+		synctest.Wait()
+		var se *hbone.StreamError
+		if _, err := s.Write([]byte("x")); !errors.As(err, &se) || se.Code != http2.ErrCodeCancel || !se.Remote {
+			t.Errorf("write after the linger timeout: %v, want the peer's reset (CANCEL)", err)
+		}
+		s.Close()
+		pool.Close()
+		cancel()
+		<-served
+		srv.Close()
+	})
 }

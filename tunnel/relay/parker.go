@@ -135,6 +135,9 @@ type pump struct {
 	pk   *Parker
 	n    int64 // bytes copied; owned by the running goroutine
 	done func(int64, error)
+	// touch, when set, is told of every read that brought bytes (the
+	// relay's idle timeout).
+	touch func()
 
 	mu         sync.Mutex // guards the fields below
 	parked     bool       // waiting with the Parker, no goroutine running
@@ -166,7 +169,11 @@ func newPump(pk *Parker, dst, src Conn, done func(int64, error)) *pump {
 // parks; or until EOF or an error, which end the copy.
 func (u *pump) run() {
 	for {
-		n, err := u.rf.ReadFrom(nonblock.Reader{Raw: u.raw})
+		var src io.Reader = nonblock.Reader{Raw: u.raw}
+		if u.touch != nil {
+			src = touchReader{r: src, touch: u.touch}
+		}
+		n, err := u.rf.ReadFrom(src)
 		u.n += n
 		if !errors.Is(err, nonblock.ErrWouldBlock) {
 			u.finish(err)
@@ -236,4 +243,17 @@ func (u *pump) finish(err error) {
 		err = u.dst.CloseWrite() // passes the half-close on, as proxyCopy
 	}
 	u.done(u.n, err)
+}
+
+type touchReader struct {
+	r     io.Reader
+	touch func()
+}
+
+func (t touchReader) Read(b []byte) (int, error) {
+	n, err := t.r.Read(b)
+	if n > 0 {
+		t.touch()
+	}
+	return n, err
 }

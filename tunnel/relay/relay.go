@@ -5,20 +5,27 @@
 // A direction out of an HBONE stream is driven by its HBONE connection's
 // reader (hbone.Forward); one from a socket into an HBONE stream parks
 // its socket in a Parker's epoll set once idle; anything else, such as
-// socket to socket (splice), copies on a goroutine of its own. The package
-// knows nothing of workloads, policy or telemetry: the caller gets the
-// bytes each way and why the relay ended (ztunnel keeps its copy.rs apart
-// from proxy/ the same way).
+// socket to socket (splice), copies on a goroutine of its own. Bytes a
+// caller read ahead (Replay) go first; an idle timeout is a timer, not a
+// goroutine. The package knows nothing of workloads, policy or telemetry:
+// the caller gets the bytes each way and why the relay ended (ztunnel
+// keeps its copy.rs apart from proxy/ the same way).
 package relay
 
 import (
 	"errors"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
+
+// ErrIdleTimeout ends a relay that moved no byte either way for its idle
+// timeout (SetIdleTimeout).
+var ErrIdleTimeout = errors.New("relay: idle timeout")
 
 // Conn is a connection whose sending side can be ended on its own:
 // *net.TCPConn, *hbone.Stream.
@@ -46,10 +53,15 @@ type Result struct {
 // Pair is two connections relayed into each other. Create it with
 // NewPair, then Start it; Close may be called before, during and after.
 type Pair struct {
-	a, b Conn
-	done func(Result)
-	left atomic.Int32 // directions still running
-	res  Result       // each count written by its direction; read once both ended
+	a, b       Conn
+	aBuf, bBuf []byte // read ahead from a and b (Replay): relayed first
+	done       func(Result)
+	left       atomic.Int32 // directions still running
+	res        Result       // each count written by its direction; read once both ended
+
+	// The idle timeout (SetIdleTimeout) and its timer, set by Start.
+	idle      time.Duration
+	idleTimer *IdleTimer
 
 	mu     sync.Mutex // guards the fields below
 	err    error      // the first error: Close's or a direction's
@@ -57,9 +69,23 @@ type Pair struct {
 	pump   *pump // the direction that can park, once started
 }
 
-// NewPair returns the relay of a and b, not yet started.
+// NewPair returns the relay of a and b, not yet started. A connection
+// from Replay has its bytes read ahead relayed first.
 func NewPair(a, b Conn) *Pair {
-	return &Pair{a: a, b: b}
+	p := &Pair{}
+	p.a, p.aBuf = unreplay(a)
+	p.b, p.bBuf = unreplay(b)
+	return p
+}
+
+// SetIdleTimeout makes the relay end with ErrIdleTimeout once no byte
+// moved in either direction for d (tcp_proxy's idle_timeout); zero, the
+// default, never. Call it before Start. A timer does the waiting, so an
+// idle relay still holds no goroutine; noticing each byte costs the
+// direction out of an HBONE stream its direct delivery to a socket, and a
+// socket-to-socket direction its splice, so only relays that need it ask.
+func (p *Pair) SetIdleTimeout(d time.Duration) {
+	p.idle = d
 }
 
 // Start relays a and b in both directions and returns at once. A
@@ -71,15 +97,37 @@ func NewPair(a, b Conn) *Pair {
 func (p *Pair) Start(pk *Parker, done func(Result)) {
 	p.done = done
 	p.left.Store(2)
-	p.direction(pk, p.b, p.a, &p.res.AToB)
-	p.direction(pk, p.a, p.b, &p.res.BToA)
+	if p.idle > 0 {
+		p.idleTimer = NewIdleTimer(p.idle, func() { p.Close(ErrIdleTimeout) })
+		p.idleTimer.Start()
+	}
+	p.direction(pk, p.b, p.a, p.aBuf, &p.res.AToB)
+	p.direction(pk, p.a, p.b, p.bBuf, &p.res.BToA)
 }
 
-// direction starts copying src to dst, counting into n.
-func (p *Pair) direction(pk *Parker, dst, src Conn, n *int64) {
-	end := func(k int64, err error) { p.end(n, k, err) }
+// direction starts copying src to dst, counting into n: first what was
+// read ahead from src, on a goroutine of its own (dst may not take it at
+// once), then src its usual way.
+func (p *Pair) direction(pk *Parker, dst, src Conn, ahead []byte, n *int64) {
+	if len(ahead) == 0 {
+		p.copyDirection(pk, dst, src, 0, n)
+		return
+	}
+	go func() {
+		k, err := p.watch(dst).Write(ahead)
+		if err != nil {
+			p.end(n, int64(k), err)
+			return
+		}
+		p.copyDirection(pk, dst, src, int64(k), n)
+	}()
+}
+
+// copyDirection starts copying src to dst, counting into n after base.
+func (p *Pair) copyDirection(pk *Parker, dst, src Conn, base int64, n *int64) {
+	end := func(k int64, err error) { p.end(n, base+k, err) }
 	if s, ok := src.(*hbone.Stream); ok {
-		hbone.Forward(s, dst, func(k int64, err error) {
+		hbone.Forward(s, p.watch(dst), func(k int64, err error) {
 			if err == nil {
 				err = dst.CloseWrite() // passes the half-close on, as proxyCopy
 			}
@@ -89,12 +137,13 @@ func (p *Pair) direction(pk *Parker, dst, src Conn, n *int64) {
 	}
 	if _, ok := dst.(*hbone.Stream); ok && pk != nil {
 		if u := newPump(pk, dst, src, end); u != nil {
+			u.touch = p.touch()
 			p.setPump(u)
 			go u.run()
 			return
 		}
 	}
-	go copyLoop(dst, src, end)
+	go copyLoop(dst, p.watchReads(src), end)
 }
 
 // copyLoop is a direction on a goroutine of its own for as long as the
@@ -116,6 +165,7 @@ func (p *Pair) end(n *int64, k int64, err error) {
 }
 
 func (p *Pair) finish() {
+	p.idleTimer.Stop()
 	p.a.Close()
 	p.b.Close()
 	res := p.res
@@ -164,4 +214,96 @@ func (p *Pair) setPump(u *pump) {
 	if closed {
 		u.stop()
 	}
+}
+
+// touch returns what a direction calls when bytes moved, nil without an
+// idle timeout.
+func (p *Pair) touch() func() {
+	if p.idleTimer == nil {
+		return nil
+	}
+	return p.idleTimer.Touch
+}
+
+// watch is dst for a direction's writes, noting each as activity when the
+// relay has an idle timeout.
+func (p *Pair) watch(dst Conn) io.Writer {
+	touch := p.touch()
+	if touch == nil {
+		return dst
+	}
+	return touchWriter{w: dst, touch: touch}
+}
+
+// watchReads is src for a direction that reads it itself, noting each
+// read as activity when the relay has an idle timeout.
+func (p *Pair) watchReads(src Conn) Conn {
+	touch := p.touch()
+	if touch == nil {
+		return src
+	}
+	return touchConn{Conn: src, touch: touch}
+}
+
+type touchWriter struct {
+	w     io.Writer
+	touch func()
+}
+
+func (t touchWriter) Write(b []byte) (int, error) {
+	n, err := t.w.Write(b)
+	if n > 0 {
+		t.touch()
+	}
+	return n, err
+}
+
+// touchConn hides src's own ways of being copied (splice), so that every
+// read goes through Read.
+type touchConn struct {
+	Conn
+	touch func()
+}
+
+func (t touchConn) Read(b []byte) (int, error) {
+	n, err := t.Conn.Read(b)
+	if n > 0 {
+		t.touch()
+	}
+	return n, err
+}
+
+// Replay returns c with buffered, bytes already read from it (a protocol
+// sniffer's, or an HTTP reader's read-ahead), put back in front of what c
+// delivers: reading it yields them first, and a Pair relays them before
+// relaying c its usual way (which for an HBONE stream or a socket holds
+// no goroutine while idle).
+func Replay(c Conn, buffered []byte) Conn {
+	if len(buffered) == 0 {
+		return c
+	}
+	return &replayed{Conn: c, ahead: buffered}
+}
+
+type replayed struct {
+	Conn
+	ahead []byte
+}
+
+func (r *replayed) Read(b []byte) (int, error) {
+	if len(r.ahead) > 0 {
+		n := copy(b, r.ahead)
+		r.ahead = r.ahead[n:]
+		return n, nil
+	}
+	return r.Conn.Read(b)
+}
+
+// unreplay splits a connection from Replay into the connection and what
+// is still to be replayed.
+func unreplay(c Conn) (Conn, []byte) {
+	if r, ok := c.(*replayed); ok {
+		return r.Conn, r.ahead
+	}
+	return c, nil
 }

@@ -3,10 +3,12 @@ package relay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/amber-mesh/amber/internal/tcptest"
@@ -198,4 +200,130 @@ func TestPairStreams(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestPairReplay: bytes read ahead from either side (Replay) reach the
+// other side first, then the connections are relayed their usual way;
+// with an idle timeout (long enough never to fire here) the same holds
+// through the paths that notice activity.
+func TestPairReplay(t *testing.T) {
+	pk := mustParker(t)
+	for _, idle := range []time.Duration{0, time.Hour} {
+		for _, kind := range []string{"socket", "stream"} {
+			t.Run(fmt.Sprintf("%s/idle=%v", kind, idle), func(t *testing.T) {
+				var up, peer Conn
+				if kind == "socket" {
+					up, peer = tcptest.Pair(t)
+				} else {
+					peers := make(chan *hbone.Stream, 1)
+					pool, key := hbonePool(t, func(_ context.Context, _ *hbone.Request, rw hbone.Responder) {
+						s, err := rw.Accept()
+						if err != nil {
+							return
+						}
+						hbone.Detach(s)
+						peers <- s
+					})
+					up = connect(t, pool, key)
+					peer = <-peers
+				}
+				defer peer.Close()
+				res := make(chan Result, 1)
+				pool, key := hbonePool(t, func(_ context.Context, _ *hbone.Request, rw hbone.Responder) {
+					s, err := rw.Accept()
+					if err != nil {
+						return
+					}
+					hbone.Detach(s)
+					p := NewPair(Replay(s, []byte("sniffed:")), Replay(up, []byte("buffered:")))
+					p.SetIdleTimeout(idle)
+					p.Start(pk, func(r Result) { res <- r })
+				})
+				client := connect(t, pool, key)
+				defer client.Close()
+				buf := make([]byte, len("buffered:"))
+				if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "buffered:" {
+					t.Fatalf("client read %q, %v; want the upstream's read-ahead first", buf, err)
+				}
+				buf = make([]byte, len("sniffed:"))
+				if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != "sniffed:" {
+					t.Fatalf("upstream read %q, %v; want the client's read-ahead first", buf, err)
+				}
+				exchange(t, client, peer)
+				if r := result(t, res); r.Err != nil || r.AToB != 8+4 || r.BToA != 9+4+20 {
+					t.Errorf("result %+v; want 12 and 33 bytes, no error", r)
+				}
+			})
+		}
+	}
+}
+
+// memConn is one end of an in-memory connection with half-close, which
+// a synctest bubble can wait on (a socket's wait is not durable).
+type memConn struct {
+	r *io.PipeReader
+	w *io.PipeWriter
+}
+
+func memPair() (a, b *memConn) {
+	ar, bw := io.Pipe()
+	br, aw := io.Pipe()
+	return &memConn{r: ar, w: aw}, &memConn{r: br, w: bw}
+}
+
+func (c *memConn) Read(p []byte) (int, error)       { return c.r.Read(p) }
+func (c *memConn) Write(p []byte) (int, error)      { return c.w.Write(p) }
+func (c *memConn) CloseWrite() error                { return c.w.Close() }
+func (c *memConn) Close() error                     { c.r.Close(); return c.w.Close() }
+func (c *memConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (c *memConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
+func (c *memConn) SetDeadline(time.Time) error      { return errors.ErrUnsupported }
+func (c *memConn) SetReadDeadline(time.Time) error  { return errors.ErrUnsupported }
+func (c *memConn) SetWriteDeadline(time.Time) error { return errors.ErrUnsupported }
+
+// TestPairIdleTimeout: a relay ends with ErrIdleTimeout exactly when no
+// byte moved either way for its idle timeout, counted from the last byte
+// in either direction.
+func TestPairIdleTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		client, a := memPair()
+		b, server := memPair()
+		p := NewPair(a, b)
+		p.SetIdleTimeout(time.Minute)
+		res := make(chan Result, 1)
+		start := time.Now()
+		p.Start(nil, func(r Result) { res <- r })
+		send := func(from, to *memConn, msg string) {
+			t.Helper()
+			go from.Write([]byte(msg))
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(to, buf); err != nil || string(buf) != msg {
+				t.Fatalf("read %q, %v", buf, err)
+			}
+		}
+		time.Sleep(50 * time.Second)
+		send(client, server, "up")
+		time.Sleep(50 * time.Second)
+		send(server, client, "down") // each direction keeps the relay alive
+		time.Sleep(time.Minute - time.Nanosecond)
+		synctest.Wait()
+		select {
+		case r := <-res:
+			t.Fatalf("ended after %v of a 1m idle timeout: %+v", time.Since(start), r)
+		default:
+		}
+		time.Sleep(time.Nanosecond)
+		synctest.Wait()
+		select {
+		case r := <-res:
+			if !errors.Is(r.Err, ErrIdleTimeout) || r.AToB != 2 || r.BToA != 4 {
+				t.Errorf("result %+v, want ErrIdleTimeout after 2 and 4 bytes", r)
+			}
+			if d := time.Since(start); d != 160*time.Second {
+				t.Errorf("ended after %v, want 2m40s (the last byte at 1m40s, then 1m idle)", d)
+			}
+		default:
+			t.Fatal("not ended after 1m without a byte")
+		}
+	})
 }

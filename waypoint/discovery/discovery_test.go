@@ -24,6 +24,7 @@ import (
 	"github.com/amber-mesh/amber/test/waypointgolden"
 	"github.com/amber-mesh/amber/waypoint/config"
 	"github.com/amber-mesh/amber/waypoint/discovery"
+	"github.com/amber-mesh/amber/waypoint/internal/waittest"
 	"github.com/amber-mesh/amber/xds/client"
 	"github.com/amber-mesh/amber/xds/server"
 )
@@ -136,17 +137,6 @@ func start(t *testing.T, scenario string) *fixture {
 	return &fixture{srv: srv, set: set, pub: pub, xc: xc}
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func (f *fixture) status(typeURL string) server.TypeStatus {
 	cs := f.srv.Clients()
 	if len(cs) != 1 {
@@ -166,10 +156,10 @@ func (f *fixture) acked(typeURL string) bool {
 func TestGoldenThroughXDS(t *testing.T) {
 	g := golden(t, "authz-productpage-viewer")
 	f := start(t, "authz-productpage-viewer")
-	eventually(t, "ACKs of every type", func() bool {
+	waittest.For(t, "ACKs of every type", func() bool {
 		return f.acked(config.ListenerType) && f.acked(config.ClusterType) && f.acked(config.EndpointType)
 	})
-	eventually(t, "warm endpoints", f.set.EndpointsWarm)
+	waittest.For(t, "warm endpoints", f.set.EndpointsWarm)
 	var want []string
 	for _, c := range g.Clusters {
 		if c.GetType() == clusterv3.Cluster_EDS {
@@ -227,10 +217,10 @@ func withLua(t *testing.T, g *waypointgolden.Snapshot) *listenerv3.Listener {
 func TestRefusedListenerFailsClosed(t *testing.T) {
 	g := golden(t, "authz-productpage-viewer")
 	f := start(t, "authz-productpage-viewer")
-	eventually(t, "the first ACK", func() bool { return f.acked(config.ListenerType) })
+	waittest.For(t, "the first ACK", func() bool { return f.acked(config.ListenerType) })
 
 	f.srv.Set(config.ListenerType, config.MainInternal, mustAny(t, withLua(t, g)))
-	eventually(t, "the NACK", func() bool { return f.status(config.ListenerType).NACKs == 1 })
+	waittest.For(t, "the NACK", func() bool { return f.status(config.ListenerType).NACKs == 1 })
 	nack := f.status(config.ListenerType).NACK
 	for _, want := range []string{config.MainInternal + ": ", "http_filters[0]", "lua"} {
 		if !strings.Contains(nack, want) {
@@ -259,7 +249,7 @@ func TestRefusedListenerFailsClosed(t *testing.T) {
 			f.srv.Set(config.ListenerType, l.GetName(), mustAny(t, l))
 		}
 	}
-	eventually(t, "the ACK of the fix", func() bool { return f.acked(config.ListenerType) })
+	waittest.For(t, "the ACK of the fix", func() bool { return f.acked(config.ListenerType) })
 	if ch := f.pub.latest().Dispatch.Chains[productpage]; ch == nil || ch.Err != nil {
 		t.Errorf("productpage's chain after the fix: %+v", ch)
 	}
@@ -271,11 +261,11 @@ func TestRefusedListenerFailsClosed(t *testing.T) {
 func TestEndpointsFollowClusters(t *testing.T) {
 	g := golden(t, "base")
 	f := start(t, "base")
-	eventually(t, "warm endpoints", func() bool {
+	waittest.For(t, "warm endpoints", func() bool {
 		return f.acked(config.EndpointType) && f.set.EndpointsWarm() && slices.Contains(f.set.EDSNames(), reviews)
 	})
 	f.srv.Delete(config.ClusterType, reviews)
-	eventually(t, "reviews unsubscribed", func() bool {
+	waittest.For(t, "reviews unsubscribed", func() bool {
 		snap := f.set.Snapshot()
 		return !slices.Contains(f.set.EDSNames(), reviews) &&
 			!slices.ContainsFunc(snap.Endpoints, func(r discovery.Resource[*endpointv3.ClusterLoadAssignment]) bool {
@@ -294,7 +284,7 @@ func TestEndpointsFollowClusters(t *testing.T) {
 			f.srv.Set(config.ClusterType, reviews, mustAny(t, c))
 		}
 	}
-	eventually(t, "reviews back with its endpoints", func() bool {
+	waittest.For(t, "reviews back with its endpoints", func() bool {
 		c := f.pub.latest().Clusters[reviews]
 		return c != nil && len(c.Endpoints) == 2 && f.set.EndpointsWarm()
 	})
@@ -308,12 +298,12 @@ func TestEndpointsFollowClusters(t *testing.T) {
 // is refused.
 func TestUndecodableDropped(t *testing.T) {
 	f := start(t, "base")
-	eventually(t, "the first ACK", func() bool { return f.acked(config.ListenerType) })
+	waittest.For(t, "the first ACK", func() bool { return f.acked(config.ListenerType) })
 	if f.pub.latest().Dispatch == nil {
 		t.Fatal("no dispatch to begin with")
 	}
 	f.srv.Set(config.ListenerType, config.MainInternal, &anypb.Any{TypeUrl: config.ListenerType, Value: []byte{0xff, 0xff}})
-	eventually(t, "the NACK", func() bool { return f.status(config.ListenerType).NACKs == 1 })
+	waittest.For(t, "the NACK", func() bool { return f.status(config.ListenerType).NACKs == 1 })
 	cfg := f.pub.latest()
 	if cfg.Dispatch != nil {
 		t.Error("main_internal still dispatches after an unreadable update")

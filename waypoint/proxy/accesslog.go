@@ -57,6 +57,8 @@ func (x *exchange) finish() {
 		return
 	}
 	x.finished = true
+	x.timers.stop()
+	defer x.cancel(nil)
 	p := x.p
 	if x.cause != "" {
 		p.counts.refuse(x.cause)

@@ -23,9 +23,10 @@ type requestBody struct {
 	src   io.ReadCloser
 	limit int64
 	keep  int
-	onEnd func()
 
 	mu       sync.Mutex // guards the fields below
+	onEnd    []func()   // run once when the whole body arrived
+	timers   *streamTimers
 	n        int64
 	kept     []byte
 	overflow bool // more was read than kept: no replay
@@ -40,6 +41,29 @@ func newRequestBody(x *exchange, r *http.Request) *requestBody {
 		b.eof = true
 	}
 	return b
+}
+
+// watch tells timers of the body's bytes and end from now on, and
+// reports whether it ended already.
+func (b *requestBody) watch(timers *streamTimers) (ended bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.timers = timers
+	return b.eof
+}
+
+// whenEnded runs f once the whole body has arrived: now if it has, else
+// from the read that sees its end. Envoy starts the route timeout and the
+// per-try timers only once the downstream request is complete.
+func (b *requestBody) whenEnded(f func()) {
+	b.mu.Lock()
+	if !b.eof {
+		b.onEnd = append(b.onEnd, f)
+		b.mu.Unlock()
+		return
+	}
+	b.mu.Unlock()
+	f()
 }
 
 // empty reports whether the request has no body at all.
@@ -121,6 +145,9 @@ func (a *attemptBody) Read(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.n += int64(n)
+	if n > 0 {
+		b.timers.touch()
+	}
 	if b.limit > 0 && b.n > b.limit {
 		b.err = errBodyTooLarge
 		return 0, b.err
@@ -135,9 +162,11 @@ func (a *attemptBody) Read(p []byte) (int, error) {
 	switch {
 	case err == io.EOF:
 		b.eof = true
-		if b.onEnd != nil {
-			b.onEnd()
+		b.timers.requestEnded()
+		for _, f := range b.onEnd {
+			f()
 		}
+		b.onEnd = nil
 	case err != nil:
 		b.err = err
 	}

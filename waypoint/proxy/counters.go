@@ -15,29 +15,33 @@ import (
 // (waypoint/h2guard Cause*) count under their own names; the HTTP/2
 // server's own refusals as "h2_" plus x/net's error name.
 const (
-	causeNoConfig         = "no_config"              // no configuration, or no connect_terminate/main_internal in it
-	causeNoChain          = "no_filter_chain"        // the CONNECT's destination matches no chain
-	causeChainRefused     = "chain_refused"          // the chain failed to compile: fail closed
-	causeNotTLS           = "not_tls"                // the HBONE connection has no peer certificate
-	causeRBAC             = "rbac_denied"            // an RBAC filter denied (HTTP 403, TCP close)
-	causeNoRoute          = "no_route"               // 404 NR
-	causeNoCluster        = "no_cluster"             // the route's cluster does not exist, or weights are all zero
-	causeClusterRefused   = "cluster_refused"        // the cluster failed to compile: 503
-	causeNoHealthy        = "no_healthy_upstream"    // 503 UH
-	causeOverflow         = "upstream_overflow"      // circuit breaker: 503 UO
-	causeConnectFailure   = "upstream_connect_error" // 503 UF
-	causeUpstreamIdentity = "upstream_identity"      // no WDS identity for the endpoint, or the peer is not it
-	causeUpstreamReset    = "upstream_reset"         // 503 UC, or a reset after the response started
-	causeTimeout          = "upstream_timeout"       // 504 UT
-	causePath             = "path_normalization"     // 400 (or 307) from the HCM's path rules
-	causeHTTP10           = "http10_refused"         // 426
-	causeAbsolutePath     = "absolute_path"          // 404: not origin-form
-	causeUnderscore       = "header_with_underscore" // headers_with_underscores_action REJECT_REQUEST
-	causeHeaderSize       = "header_too_large"       // HTTP/2 header over the limit: 431
-	causeBodySize         = "body_too_large"         // 413
-	causeHeaderTimeout    = "header_timeout"         // 408 slowloris
-	causeH2Malformed      = "h2_malformed_request"   // RST_STREAM(PROTOCOL_ERROR) from the HTTP/2 server
-	causeClientReset      = "client_reset"           // the client went away before the response (DC)
+	causeNoConfig         = "no_config"               // no configuration, or no connect_terminate/main_internal in it
+	causeNoChain          = "no_filter_chain"         // the CONNECT's destination matches no chain
+	causeChainRefused     = "chain_refused"           // the chain failed to compile: fail closed
+	causeNotTLS           = "not_tls"                 // the HBONE connection has no peer certificate
+	causeRBAC             = "rbac_denied"             // an RBAC filter denied (HTTP 403, TCP close)
+	causeNoRoute          = "no_route"                // 404 NR
+	causeNoCluster        = "no_cluster"              // the route's cluster does not exist, or weights are all zero
+	causeClusterRefused   = "cluster_refused"         // the cluster failed to compile: 503
+	causeNoHealthy        = "no_healthy_upstream"     // 503 UH
+	causeOverflow         = "upstream_overflow"       // circuit breaker: 503 UO
+	causeConnectFailure   = "upstream_connect_error"  // 503 UF
+	causeUpstreamIdentity = "upstream_identity"       // no WDS identity for the endpoint, or the peer is not it
+	causeUpstreamReset    = "upstream_reset"          // 503 UC, or a reset after the response started
+	causeTimeout          = "upstream_timeout"        // 504 UT
+	causePath             = "path_normalization"      // 400 (or 307) from the HCM's path rules
+	causeHTTP10           = "http10_refused"          // 426
+	causeAbsolutePath     = "absolute_path"           // 404: not origin-form
+	causeUnderscore       = "header_with_underscore"  // headers_with_underscores_action REJECT_REQUEST
+	causeHeaderSize       = "header_too_large"        // HTTP/2 header over the limit: 431
+	causeBodySize         = "body_too_large"          // 413
+	causeHeaderTimeout    = "header_timeout"          // 408 slowloris
+	causeH2Malformed      = "h2_malformed_request"    // RST_STREAM(PROTOCOL_ERROR) from the HTTP/2 server
+	causeClientReset      = "client_reset"            // the client went away before the response (DC)
+	causeStreamIdle       = "stream_idle_timeout"     // 504/408 "stream timeout" (SI), or the stream reset
+	causeRequestTimeout   = "request_timeout"         // 408 "request timeout": the request not complete in time
+	causeStreamDuration   = "max_stream_duration"     // 504/408 "downstream duration timeout", or the stream reset
+	causeConnDuration     = "max_connection_duration" // the inner connection drained at its maximum age
 )
 
 // counters are amber_waypoint_*.

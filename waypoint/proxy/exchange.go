@@ -1,7 +1,10 @@
 package proxy
 
 import (
+	"context"
 	"errors"
+	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -37,6 +40,11 @@ type exchange struct {
 	r     *http.Request
 	w     *tracker
 	start time.Time
+	// ctx is the stream's: its timers end it (timedOut), and the
+	// router's attempts derive from it.
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	timers *streamTimers // nil until routed
 
 	chain   *config.Chain
 	hc      *config.HTTPChain
@@ -60,11 +68,14 @@ type exchange struct {
 	upstreamMs int64
 	closeConn  bool
 	upgrade    string // the allowed upgrade the request asks for
+	localGRPC  int    // a local reply's gRPC status, when not its HTTP status's
 	finished   bool
 }
 
 func (p *Proxy) newExchange(d *downstream, w *tracker, r *http.Request, start time.Time) *exchange {
-	return &exchange{p: p, d: d, r: r, w: w, start: start}
+	x := &exchange{p: p, d: d, r: r, w: w, start: start}
+	x.ctx, x.cancel = context.WithCancelCause(r.Context())
+	return x
 }
 
 // setChain records the chain and, for a VIP chain, its service: what
@@ -89,14 +100,12 @@ func serviceOfHost(host string) telemetry.Service {
 }
 
 // upgrade is an accepted protocol upgrade (HTTP/1 101) for the
-// connection to relay.
+// connection to relay: the response body the transport handed over, and
+// the connection under it.
 type upgrade struct {
-	x        *exchange
-	upstream interface {
-		Read([]byte) (int, error)
-		Write([]byte) (int, error)
-		Close() error
-	}
+	x    *exchange
+	body io.ReadCloser
+	conn net.Conn
 }
 
 // serveRequest runs one request through the HCM's steps in Envoy's order
@@ -216,6 +225,7 @@ func (p *Proxy) serveRequest(d *downstream, rw http.ResponseWriter, r *http.Requ
 		x.localReply(rt.Redirect.Code, "", hdr)
 		return nil
 	}
+	x.startTimers()
 	return x.forward()
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/netip"
@@ -18,16 +19,11 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/waypoint/config"
 	"github.com/amber-mesh/amber/waypoint/route"
 	"github.com/amber-mesh/amber/waypoint/telemetry"
 	"github.com/amber-mesh/amber/xds/state"
-)
-
-// Why an attempt's context ended.
-var (
-	errRouteTimeout  = errors.New("route timeout")
-	errPerTryTimeout = errors.New("per-try timeout")
 )
 
 // result is how one upstream attempt ended.
@@ -35,9 +31,13 @@ type result struct {
 	resp    *http.Response
 	outcome route.Outcome
 	err     error
-	timeout bool
+	timeout bool // the route's or a per-try timeout
+	perTry  bool // a per-try timeout: retried as a reset is
 	start   time.Time
-	done    func() // releases the attempt's context and endpoint count
+	conn    net.Conn         // the upstream connection the response came on
+	ctx     context.Context  // the attempt's, which the response body reads under
+	idle    *relay.IdleTimer // the attempt's per-try idle timer, touched by upstream bytes; nil: none
+	done    func()           // releases the attempt's context and endpoint count
 }
 
 // forward is Envoy's router: pick the cluster, then endpoints, attempts
@@ -78,7 +78,7 @@ func (x *exchange) forward() *upgrade {
 
 	// The route timeout runs from the end of the request (Envoy starts it
 	// once the downstream request is complete) to the end of the response.
-	ctx, cancel := context.WithCancelCause(x.r.Context())
+	ctx, cancel := context.WithCancelCause(x.ctx)
 	defer cancel(nil)
 	timeout := x.routeTimeout()
 	var timer *time.Timer
@@ -100,13 +100,7 @@ func (x *exchange) forward() *upgrade {
 		}
 		timerMu.Unlock()
 	}()
-	x.body.mu.Lock()
-	x.body.onEnd = startTimer
-	ended := x.body.eof
-	x.body.mu.Unlock()
-	if ended {
-		startTimer()
-	}
+	x.body.whenEnded(startTimer)
 
 	hdr := x.upstreamHeader(wc, timeout)
 	policy := x.route.RetryPolicy()
@@ -136,9 +130,10 @@ func (x *exchange) forward() *upgrade {
 		res := x.try(ctx, cs, cl, ep, rt, hdr, snap.cfg.Originate, policy)
 		last = res
 		retry := policy.Retriable(res.outcome) && !res.timeout
-		if policy != nil && res.timeout && context.Cause(ctx) != errRouteTimeout && policy.PerTryTimeout > 0 {
-			// A per-try timeout is retried like a reset (Envoy's
-			// retry_on 5xx/reset/gateway-error cover it).
+		if res.perTry && context.Cause(ctx) != errRouteTimeout {
+			// A per-try timeout, idle or not, is retried as the reset
+			// of a request already sent is (Envoy's onPerTryTimeout:
+			// retry_on 5xx, gateway-error or reset).
 			retry = policy.Retriable(route.Outcome{Reset: true, RequestSent: true})
 		}
 		if !retry || x.attempts >= maxAttempts || !x.body.replayable() || ctx.Err() != nil {
@@ -259,10 +254,8 @@ func grpcTimeout(v string) (time.Duration, bool) {
 // try runs one attempt to ep.
 func (x *exchange) try(ctx context.Context, cs *clusterState, cl *config.Cluster, ep config.Endpoint, rt http.RoundTripper, hdr http.Header, orig *config.Originate, policy *route.RetryPolicy) result {
 	maxPerConn := cl.MaxRequestsPerConnection
-	actx, cancel := ctx, context.CancelFunc(func() {})
-	if policy != nil && policy.PerTryTimeout > 0 {
-		actx, cancel = context.WithTimeoutCause(ctx, policy.PerTryTimeout, errPerTryTimeout)
-	}
+	actx, cancel := context.WithCancelCause(ctx)
+	pt := x.perTryTimers(policy, cancel)
 	t := &dialTarget{ep: ep, connectTimeout: cl.ConnectTimeout}
 	if orig != nil {
 		t.originatePort = orig.Port
@@ -270,8 +263,10 @@ func (x *exchange) try(ctx context.Context, cs *clusterState, cl *config.Cluster
 	var sentMu sync.Mutex
 	sent := false
 	var req *http.Request
+	var conn net.Conn
 	trace := &httptrace.ClientTrace{
 		GotConn: func(info httptrace.GotConnInfo) {
+			conn = info.Conn
 			// max_requests_per_connection: the Nth request on a connection
 			// asks for it to close (Connection: close; HTTP/2 does not
 			// reuse it). GotConn runs before the request is written.
@@ -305,15 +300,19 @@ func (x *exchange) try(ctx context.Context, cs *clusterState, cl *config.Cluster
 	actx = httptrace.WithClientTrace(context.WithValue(actx, dialKey{}, t), trace)
 	req = x.upstreamRequest(actx, ep, hdr)
 	cs.begin(ep.Address)
-	res := result{start: time.Now()}
+	res := result{start: time.Now(), ctx: actx, idle: pt.idle}
 	res.done = func() {
-		cancel()
+		pt.stop()
+		cancel(nil)
 		cs.end(ep.Address)
 	}
+	x.body.whenEnded(pt.start)
 	resp, err := rt.RoundTrip(req)
 	if err == nil {
+		pt.idle.Touch()
 		x.upstreamMs = time.Since(res.start).Milliseconds()
 		res.resp = resp
+		res.conn = conn
 		res.outcome = route.Outcome{Status: resp.StatusCode, GRPCStatus: resp.Header.Get("Grpc-Status")}
 		return res
 	}
@@ -325,8 +324,9 @@ func (x *exchange) try(ctx context.Context, cs *clusterState, cl *config.Cluster
 	var se http2.StreamError
 	cause := context.Cause(actx)
 	switch {
-	case cause == errPerTryTimeout || cause == errRouteTimeout:
+	case upstreamTimeout(cause):
 		res.timeout = true
+		res.perTry = cause != errRouteTimeout
 		res.err = cause
 	case errors.As(err, &de):
 		res.outcome.ConnectFailure = true
@@ -398,6 +398,8 @@ func (x *exchange) failed(res result) {
 	x.err = res.err
 	var de *dialError
 	switch {
+	case x.timedOut() != nil:
+		x.timeoutReply(x.timedOut())
 	case errors.Is(res.err, errBodyTooLarge):
 		x.refuse(http.StatusRequestEntityTooLarge, bodyPayloadLarge, causeBodySize)
 	case x.r.Context().Err() != nil:
@@ -449,24 +451,40 @@ func (x *exchange) respond(ctx context.Context, res result, wc *route.WeightedCl
 	x.grpcStatus = resp.Header.Get("Grpc-Status")
 	x.w.WriteHeader(resp.StatusCode)
 	if switching {
-		rwc, ok := resp.Body.(io.ReadWriteCloser)
-		if !ok || x.upgrade == "" {
+		if _, ok := resp.Body.(io.ReadWriteCloser); !ok || x.upgrade == "" || res.conn == nil {
 			resp.Body.Close()
 			x.abort()
 			return nil
 		}
 		x.w.Flush()
-		return &upgrade{x: x, upstream: rwc}
+		return &upgrade{x: x, body: resp.Body, conn: res.conn}
 	}
 	defer resp.Body.Close()
+	if resp.ContentLength != 0 {
+		// Envoy forwards the header as it arrives: a client of a
+		// response whose body comes later (a long poll, events) sees
+		// it at once.
+		x.w.Flush()
+	}
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := resp.Body.Read(buf)
 		if n > 0 {
+			res.idle.Touch()
+			x.timers.touch()
 			if _, werr := x.w.Write(buf[:n]); werr != nil {
-				x.flags |= flagDC
 				x.err = werr
 				x.closeConn = true
+				if cause := x.timedOut(); cause != nil {
+					// The stream's timer ended the write to a client
+					// that did not read.
+					x.err = cause
+					x.flags |= timeoutFlags(cause)
+					x.cause = timeoutCause(cause)
+					x.abort()
+					return nil
+				}
+				x.flags |= flagDC
 				return nil
 			}
 			x.w.Flush()
@@ -476,8 +494,12 @@ func (x *exchange) respond(ctx context.Context, res result, wc *route.WeightedCl
 		}
 		if err != nil {
 			x.err = err
-			switch {
-			case context.Cause(ctx) == errRouteTimeout || errors.Is(err, os.ErrDeadlineExceeded):
+			switch cause := x.timedOut(); {
+			case cause != nil:
+				x.err = cause
+				x.flags |= timeoutFlags(cause)
+				x.cause = timeoutCause(cause)
+			case upstreamTimeout(context.Cause(res.ctx)) || errors.Is(err, os.ErrDeadlineExceeded):
 				x.flags |= flagUT
 				x.cause = causeTimeout
 			case x.r.Context().Err() != nil:

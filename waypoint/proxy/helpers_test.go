@@ -19,6 +19,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/waypoint/internal/memnet"
+	"github.com/amber-mesh/amber/waypoint/internal/waittest"
+
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
@@ -103,6 +106,8 @@ func compile(tb testing.TB, s *waypointgolden.Snapshot) *config.Config {
 // listeners.
 type mesh struct {
 	t     testing.TB
+	net   network
+	caDir string
 	ca    *ca.Local
 	store *state.Store
 	reg   *prometheus.Registry
@@ -123,6 +128,7 @@ type pod struct {
 	ip   netip.Addr
 	id   identity.ID
 	app  *httpApp
+	net  network
 	// reject, when non-zero, makes the ztunnel refuse CONNECTs with it.
 	reject atomic.Int32
 	// peers records the identities that opened CONNECTs, and authorities
@@ -137,16 +143,65 @@ type meshOptions struct {
 	// certAs presents another identity from a pod's ztunnel (by
 	// workload name), as a pod IP reused by another workload would.
 	certAs map[string]string
+	// inMemory connects everything through a memnet.Network instead of
+	// loopback sockets, for tests in a synctest bubble (where time is
+	// what they test).
+	inMemory bool
+}
+
+// network is where the mesh's listeners and connections live: loopback
+// sockets, or memory for a synctest bubble.
+type network interface {
+	listen(tb testing.TB) (net.Listener, netip.AddrPort)
+	dial(ctx context.Context, to netip.AddrPort) (net.Conn, error)
+}
+
+type loopback struct{}
+
+func (loopback) listen(tb testing.TB) (net.Listener, netip.AddrPort) {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return ln, ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+func (loopback) dial(ctx context.Context, to netip.AddrPort) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "tcp", to.String())
+}
+
+type inMemory struct{ n *memnet.Network }
+
+var loopbackAddr = netip.MustParseAddr("127.0.0.1")
+
+func (m inMemory) listen(tb testing.TB) (net.Listener, netip.AddrPort) {
+	tb.Helper()
+	ln, err := m.n.Listen(netip.AddrPortFrom(loopbackAddr, 0))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return ln, ln.AddrPort()
+}
+
+func (m inMemory) dial(ctx context.Context, to netip.AddrPort) (net.Conn, error) {
+	return m.n.Dial(ctx, loopbackAddr, to)
 }
 
 func newMesh(tb testing.TB, opts meshOptions) *mesh {
 	tb.Helper()
-	local, err := ca.OpenLocal(filepath.Join(tb.TempDir(), "ca"), trustDomain)
+	caDir := filepath.Join(tb.TempDir(), "ca")
+	local, err := ca.OpenLocal(caDir, trustDomain)
 	if err != nil {
 		tb.Fatal(err)
 	}
+	var nw network = loopback{}
+	if opts.inMemory {
+		nw = inMemory{&memnet.Network{}}
+	}
 	m := &mesh{
-		t: tb, ca: local, store: state.NewStore(), reg: prometheus.NewRegistry(), logs: &logBuffer{},
+		t: tb, net: nw, caDir: caDir, ca: local, store: state.NewStore(), reg: prometheus.NewRegistry(), logs: &logBuffer{},
 		dial: map[netip.AddrPort]netip.AddrPort{}, pods: map[string]*pod{}, wpID: mustID(tb, waypointID),
 	}
 	wds := golden(tb, "base").Workloads
@@ -182,11 +237,8 @@ func newMesh(tb testing.TB, opts meshOptions) *mesh {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	m.addr = ln.Addr().(*net.TCPAddr).AddrPort()
+	var ln net.Listener
+	ln, m.addr = m.net.listen(tb)
 	done := make(chan error, 1)
 	go func() { done <- m.wp.ServeHBONE(ln) }()
 	tb.Cleanup(func() {
@@ -214,8 +266,7 @@ func (m *mesh) dialPod(ctx context.Context, a netip.AddrPort) (net.Conn, error) 
 	if !ok {
 		return nil, fmt.Errorf("dial %s: no such pod in the test (connection refused)", a)
 	}
-	var d net.Dialer
-	return d.DialContext(ctx, "tcp", to.String())
+	return m.net.dial(ctx, to)
 }
 
 // route maps a pod address to a loopback listener.
@@ -236,20 +287,17 @@ func (m *mesh) unroute(a netip.AddrPort) {
 // port, standing for podIP:9080) and its ztunnel (HBONE on another,
 // standing for podIP:15008), presenting id.
 func (m *mesh) startPod(name string, ip netip.Addr, id identity.ID) *pod {
-	p := &pod{name: name, ip: ip, id: id, app: startApp(m.t, name)}
+	p := &pod{name: name, ip: ip, id: id, net: m.net, app: startApp(m.t, m.net, name)}
 	m.pods[name] = p
 	mgr := m.certs()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		m.t.Fatal(err)
-	}
+	ln, lnAddr := m.net.listen(m.t)
 	srv := &hbone.Server{
 		TLSConfig: mgr.ServerConfig(func(net.Addr) (identity.ID, error) { return id, nil }, trustDomain),
 		Handler:   hbone.HandlerFunc(p.serveHBONE),
 	}
 	go srv.Serve(ln)
 	m.t.Cleanup(func() { srv.Close() })
-	m.route(netip.AddrPortFrom(ip, 15008), ln.Addr().(*net.TCPAddr).AddrPort())
+	m.route(netip.AddrPortFrom(ip, 15008), lnAddr)
 	return p
 }
 
@@ -274,8 +322,7 @@ func (p *pod) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Respo
 		rw.Reject(http.StatusBadRequest, "not this pod")
 		return
 	}
-	var d net.Dialer
-	up, err := d.DialContext(ctx, "tcp", p.app.addr.String())
+	up, err := p.net.dial(ctx, p.app.addr)
 	if err != nil {
 		rw.Reject(http.StatusServiceUnavailable, err.Error())
 		return
@@ -290,7 +337,7 @@ func (p *pod) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Respo
 	go func() {
 		defer close(done)
 		io.Copy(up, s)
-		up.(*net.TCPConn).CloseWrite()
+		up.(interface{ CloseWrite() error }).CloseWrite()
 	}()
 	io.Copy(s, up)
 	s.CloseWrite()
@@ -315,6 +362,9 @@ type httpApp struct {
 	got      []echo
 }
 
+// trickleGap is the pause between /trickle's chunks.
+const trickleGap = 6 * time.Second
+
 // echo is what the application saw of a request.
 type echo struct {
 	Backend string      `json:"backend"`
@@ -326,13 +376,10 @@ type echo struct {
 	Body    int         `json:"body"`
 }
 
-func startApp(tb testing.TB, name string) *httpApp {
+func startApp(tb testing.TB, nw network, name string) *httpApp {
 	a := &httpApp{name: name, release: make(chan struct{}), gate: make(chan struct{})}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	a.addr = ln.Addr().(*net.TCPAddr).AddrPort()
+	var ln net.Listener
+	ln, a.addr = nw.listen(tb)
 	srv := &http.Server{Handler: a, Protocols: new(http.Protocols)}
 	srv.Protocols.SetHTTP1(true)
 	srv.Protocols.SetUnencryptedHTTP2(true)
@@ -373,6 +420,21 @@ func (a *httpApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		io.WriteString(w, "held")
 		return
+	case r.URL.Path == "/trickle":
+		// Three chunks, trickleGap apart: a response that is never idle
+		// for longer than trickleGap but lasts 2·trickleGap.
+		for i := range 3 {
+			if i > 0 {
+				select {
+				case <-r.Context().Done():
+					return
+				case <-time.After(trickleGap):
+				}
+			}
+			io.WriteString(w, "chunk;")
+			w.(http.Flusher).Flush()
+		}
+		return
 	case r.URL.Path == "/ws":
 		// A WebSocket-style upgrade that echoes raw bytes.
 		if r.Header.Get("Upgrade") != "websocket" {
@@ -384,7 +446,9 @@ func (a *httpApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		defer c.Close()
-		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+		// A greeting goes out with the 101, as a server that speaks first
+		// sends it: the client's HTTP reader gets it with the response.
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n" + r.Header.Get("X-Greeting"))
 		brw.Flush()
 		io.Copy(c, brw)
 		return
@@ -417,14 +481,19 @@ type client struct {
 func (m *mesh) client(principal string, hdr http.Header) *client {
 	id := mustID(m.t, principal)
 	mgr := m.certs()
+	cfg := mgr.ClientConfig(id, m.wpID)
+	if id.TrustDomain != trustDomain {
+		// Another trust domain of the same root (an alias): ClientConfig
+		// would refuse the waypoint's, so the client checks nothing.
+		cfg = m.foreignClientTLS(id)
+	}
 	c := &client{m: m, id: id, hdr: hdr}
 	c.pool = &hbone.Pool{Dial: func(ctx context.Context, key hbone.Key) (net.Conn, error) {
-		var d net.Dialer
-		nc, err := d.DialContext(ctx, "tcp", key.Addr.String())
+		nc, err := m.net.dial(ctx, key.Addr)
 		if err != nil {
 			return nil, err
 		}
-		tc := tls.Client(nc, mgr.ClientConfig(id, m.wpID))
+		tc := tls.Client(nc, cfg)
 		if err := tc.HandshakeContext(ctx); err != nil {
 			nc.Close()
 			return nil, err
@@ -433,6 +502,22 @@ func (m *mesh) client(principal string, hdr http.Header) *client {
 	}}
 	m.t.Cleanup(func() { c.pool.Close() })
 	return c
+}
+
+// foreignClientTLS is a client configuration with a certificate for id,
+// in another trust domain than the mesh CA's, from the same root.
+func (m *mesh) foreignClientTLS(id identity.ID) *tls.Config {
+	local, err := ca.OpenLocal(m.caDir, id.TrustDomain)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	mgr := &certs.Manager{CA: local}
+	m.t.Cleanup(func() { mgr.Close() })
+	cert, err := mgr.Get(context.Background(), id)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{*cert}, InsecureSkipVerify: true, NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13}
 }
 
 // sleep is the walkthrough's client, forwarded as from its pod address.
@@ -608,20 +693,7 @@ func (m *mesh) refused(cause string) float64 {
 // waitRefused waits until the refusal counter of cause reached n.
 func (m *mesh) waitRefused(cause string, n float64) {
 	m.t.Helper()
-	waitFor(m.t, "amber_waypoint_refused_total{cause="+cause+"}", func() bool { return m.refused(cause) >= n })
-}
-
-// waitFor polls cond until it holds, failing the test after a generous
-// bound: it waits for an event, never for time.
-func waitFor(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waittest.For(m.t, "amber_waypoint_refused_total{cause="+cause+"}", func() bool { return m.refused(cause) >= n })
 }
 
 // logBuffer collects the JSON access log.

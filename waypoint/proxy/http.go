@@ -84,14 +84,19 @@ func (p *Proxy) headerLimit(h *config.HTTPChain) int {
 
 // serveHTTP serves the inner connection of an HTTP chain: HTTP/2 when it
 // starts with the client preface (prior knowledge; there is no TLS inside
-// the tunnel to negotiate it), else HTTP/1.
-func (p *Proxy) serveHTTP(ctx context.Context, d *downstream, br *bufio.Reader) {
+// the tunnel to negotiate it), else HTTP/1. It reports whether an
+// upgrade's relay took the connection over.
+func (p *Proxy) serveHTTP(ctx context.Context, d *downstream, br *bufio.Reader) (relayed bool) {
 	h := d.httpChain()
-	d.conn.SetReadDeadline(idleDeadline(h))
-	if _, err := br.Peek(1); err != nil {
-		return
+	if h != nil {
+		stop := p.connectionDuration(d, h.MaxConnectionDuration)
+		defer stop()
 	}
-	d.conn.SetReadDeadline(time.Now().Add(p.headerTimeout(h)))
+	d.stream.SetReadDeadline(idleDeadline(h))
+	if _, err := br.Peek(1); err != nil {
+		return false
+	}
+	d.stream.SetReadDeadline(time.Now().Add(p.headerTimeout(h)))
 	pre := []byte(h2Preface)
 	for n := 1; n <= len(pre); n++ {
 		b, err := br.Peek(n)
@@ -99,62 +104,62 @@ func (p *Proxy) serveHTTP(ctx context.Context, d *downstream, br *bufio.Reader) 
 			break
 		}
 		if len(b) == len(pre) {
-			d.conn.SetReadDeadline(time.Time{})
+			d.stream.SetReadDeadline(time.Time{})
 			p.serveH2(ctx, d, br, h)
-			return
+			return false
 		}
 		if err != nil {
 			break
 		}
 	}
-	p.serveH1(ctx, d, br)
+	return p.serveH1(ctx, d, br)
 }
 
 // serveH1 serves HTTP/1 requests one after the other until one of the
-// two sides closes, a response cannot keep the connection, or the
-// connection is idle for the chain's idle timeout.
-func (p *Proxy) serveH1(ctx context.Context, d *downstream, br *bufio.Reader) {
-	bw := bufio.NewWriterSize(d.conn, 4<<10)
+// two sides closes, a response cannot keep the connection, the
+// connection is idle for the chain's idle timeout, or an upgrade's relay
+// takes it over (true).
+func (p *Proxy) serveH1(ctx context.Context, d *downstream, br *bufio.Reader) bool {
+	bw := bufio.NewWriterSize(d.stream, 4<<10)
 	for first := true; ; first = false {
 		h := d.httpChain()
 		if !first {
 			// The idle deadline first: drain, once it sees the connection
 			// idle, replaces it with an immediate one.
-			d.conn.SetReadDeadline(idleDeadline(h))
+			d.stream.SetReadDeadline(idleDeadline(h))
 			if d.setIdle(true) {
-				return
+				return false
 			}
 			_, err := br.Peek(1)
 			d.setIdle(false)
 			if err != nil {
-				return
+				return false
 			}
-			d.conn.SetReadDeadline(time.Now().Add(p.headerTimeout(h)))
+			d.stream.SetReadDeadline(time.Now().Add(p.headerTimeout(h)))
 		}
 		start := time.Now()
 		req, err := http1.ReadRequest(br, http1.Limits{MaxHeaderBytes: p.headerLimit(h), MaxHeaders: maxHeaders(h)})
 		if err != nil {
 			p.h1Refuse(d, bw, err, start)
-			return
+			return false
 		}
-		d.conn.SetReadDeadline(time.Time{})
+		d.stream.SetReadDeadline(time.Time{})
 		req.RemoteAddr = d.peerAddr.String()
 		req = req.WithContext(ctx)
 		w := http1.NewResponseWriter(bw, req, d.isDraining() || p.isDraining())
 		up := p.serveRequest(d, w, req, start)
 		if up != nil {
-			p.relayUpgrade(d, br, bw, up)
-			return
+			return p.relayUpgrade(d, br, bw, up)
 		}
 		if err := w.Finish(); err != nil || !w.KeepAlive() {
-			return
+			return false
 		}
 		if !http1.Complete(req.Body) {
 			// Answered before reading the whole body: read what is left
 			// (bounded) so the next request starts where it should.
 			io.CopyN(io.Discard, req.Body, maxDrainBody)
 			if !http1.Complete(req.Body) {
-				return
+				return false
 			}
 		}
 	}
@@ -205,7 +210,7 @@ func (p *Proxy) serveH2(ctx context.Context, d *downstream, br *bufio.Reader, h 
 	if lim.MaxHeaderBlock <= 0 {
 		lim.MaxHeaderBlock = p.headerLimit(h)
 	}
-	g := h2guard.New(&bufferedConn{Conn: d.conn, r: br}, lim, h2guard.Hooks{
+	g := h2guard.New(&bufferedConn{Conn: d.stream, r: br}, lim, h2guard.Hooks{
 		OnAbuse: p.counts.refuse,
 		OnServerReset: func(code uint32) {
 			if http2.ErrCode(code) == http2.ErrCodeProtocol {
@@ -215,14 +220,27 @@ func (p *Proxy) serveH2(ctx context.Context, d *downstream, br *bufio.Reader, h 
 	})
 	// The server's decoded-header bound sits above the waypoint's own
 	// (checked per request, which counts and answers 431), so that what
-	// x/net answers itself is only the grossly oversized. Graceful
-	// shutdown does not come from this per-connection base but from
-	// p.h2base, which p.h2 was configured with.
+	// x/net answers itself is only the grossly oversized.
 	base := &http.Server{MaxHeaderBytes: 4 * p.headerLimit(h)}
 	if h != nil {
 		base.IdleTimeout = h.IdleTimeout
 	}
-	p.h2.ServeConn(g, &http2.ServeConnOpts{
+	// A server per inner connection, so that a drain of this connection
+	// alone (max_connection_duration) can end it gracefully: base's
+	// Shutdown runs the server's GOAWAY on its one connection, which
+	// closes once its streams are done.
+	srv := &http2.Server{
+		// The outer HBONE connection carries 100 streams; an inner
+		// connection gets the same bound.
+		MaxConcurrentStreams: 100,
+		CountError:           p.counts.h2Error,
+	}
+	if err := http2.ConfigureServer(base, srv); err != nil {
+		p.log.Error("inner HTTP/2 server", logKeyError, err)
+		return
+	}
+	d.setGoAway(func() { _ = base.Shutdown(context.Background()) })
+	srv.ServeConn(g, &http2.ServeConnOpts{
 		Context:    ctx,
 		BaseConfig: base,
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -7,7 +7,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -46,11 +45,13 @@ type downstream struct {
 	// source is the client's workload for telemetry.
 	source telemetry.Peer
 
-	conn net.Conn
+	// stream is the accepted CONNECT stream of an HTTP chain.
+	stream *hbone.Stream
 
 	mu       sync.Mutex // guards the fields below
 	idle     bool       // an HTTP/1 connection waiting for its next request
 	draining bool
+	goAway   func() // an HTTP/2 connection's graceful end
 }
 
 // serveConnect answers one CONNECT on :15008. Refusals before the tunnel
@@ -126,33 +127,25 @@ func (p *Proxy) serveConnect(ctx context.Context, req *hbone.Request, rw hbone.R
 		}
 		br = bufio.NewReader(s)
 	}
-	d.conn = s
+	d.stream = s
 	if !p.track(d) {
 		s.Close()
 		return
 	}
 	defer p.untrack(d)
-	p.serveHTTP(ctx, d, br)
-	lingerClose(s, br)
-}
-
-// lingerTime bounds how long an inner connection the waypoint ends waits
-// for its client to end its side.
-const lingerTime = 2 * time.Second
-
-// lingerClose ends a stream the waypoint is done with: END_STREAM first,
-// then, once the client ended its side too (or lingerTime passed), the
-// close. Closing at once would reset the stream, and a reset makes the
-// peer drop what it has not read yet: the last response, often a local
-// reply saying why the connection ends. The lingering close of an HTTP
-// server (net/http closeWriteAndWait) for a tunnel.
-func lingerClose(s *hbone.Stream, br *bufio.Reader) {
-	if s.CloseWrite() == nil {
-		s.SetReadDeadline(time.Now().Add(lingerTime))
-		io.Copy(io.Discard, io.LimitReader(br, maxDrainBody))
+	if p.serveHTTP(ctx, d, br) {
+		return // an upgrade's relay took the stream
 	}
-	s.Close()
+	// END_STREAM, then the close once the client ended its side: closing
+	// at once would reset the stream, and the client's ztunnel could drop
+	// the last response (often a local reply saying why the connection
+	// ends) with it.
+	s.CloseLinger(lingerTime)
 }
+
+// lingerTime bounds how long an inner connection the waypoint ended waits
+// for its client to end its side before it is reset.
+const lingerTime = 2 * time.Second
 
 // rejectConnect answers a CONNECT with a non-200 status and reports it.
 func (p *Proxy) rejectConnect(d *downstream, rw hbone.Responder, status int, cause string, err error) {
@@ -298,14 +291,31 @@ func (d *downstream) setIdle(idle bool) bool {
 }
 
 // drain ends an idle HTTP/1 connection now and any other after its
-// current response: waking the idle wait with a deadline lets the loop
-// end the stream cleanly (END_STREAM), where closing would reset it.
+// current response, and an HTTP/2 one with GOAWAY once its streams are
+// done: waking the idle wait with a deadline lets the loop end the stream
+// cleanly (END_STREAM), where closing would reset it.
 func (d *downstream) drain() {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	d.draining = true
-	if d.idle && d.conn != nil {
-		d.conn.SetReadDeadline(time.Now())
+	if d.idle && d.stream != nil {
+		d.stream.SetReadDeadline(time.Now())
+	}
+	goAway := d.goAway
+	d.mu.Unlock()
+	if goAway != nil {
+		goAway()
+	}
+}
+
+// setGoAway registers an HTTP/2 connection's graceful end, which a drain
+// already under way runs at once.
+func (d *downstream) setGoAway(f func()) {
+	d.mu.Lock()
+	d.goAway = f
+	draining := d.draining
+	d.mu.Unlock()
+	if draining {
+		f()
 	}
 }
 

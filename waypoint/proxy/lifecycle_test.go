@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/amber-mesh/amber/waypoint/internal/waittest"
 )
 
 // TestDrain: Drain closes idle inner connections at once, lets a request
@@ -37,7 +39,7 @@ func TestDrain(t *testing.T) {
 	}
 	defer busy.Close()
 	io.WriteString(busy, "GET /hold HTTP/1.1\r\nHost: productpage\r\n\r\n")
-	waitFor(t, "the held request at the application", func() bool { return len(app.requests()) == 2 })
+	waittest.For(t, "the held request at the application", func() bool { return len(app.requests()) == 2 })
 
 	drained := make(chan error, 1)
 	go func() {
@@ -76,7 +78,8 @@ func TestDrain(t *testing.T) {
 }
 
 // TestUpgrade: a WebSocket upgrade the chain allows is forwarded, and the
-// connection relayed both ways until it ends; the access log reports it
+// connection relayed both ways until it ends, bytes sent behind the
+// upgrade request and behind the 101 included; the access log reports it
 // then.
 func TestUpgrade(t *testing.T) {
 	m := newMesh(t, meshOptions{})
@@ -86,14 +89,19 @@ func TestUpgrade(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	io.WriteString(s, "GET /ws HTTP/1.1\r\nHost: productpage\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	// The client does not wait for the 101 before it speaks.
+	io.WriteString(s, "GET /ws HTTP/1.1\r\nHost: productpage\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-Greeting: hello\r\n\r\nearly")
 	br := bufio.NewReader(s)
 	resp, err := http.ReadResponse(br, nil)
 	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "websocket" {
 		t.Fatalf("%v %v", resp, err)
 	}
+	buf := make([]byte, len("helloearly"))
+	if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "helloearly" {
+		t.Fatalf("read %q %v, want the greeting behind the 101, then the echo of the early bytes", buf, err)
+	}
 	io.WriteString(s, "ping")
-	buf := make([]byte, 4)
+	buf = make([]byte, 4)
 	if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "ping" {
 		t.Fatalf("echo %q %v", buf, err)
 	}
@@ -101,7 +109,7 @@ func TestUpgrade(t *testing.T) {
 	if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {
 		t.Errorf("after the client's end: %q %v", rest, err)
 	}
-	waitFor(t, "the upgrade's access-log line", func() bool {
+	waittest.For(t, "the upgrade's access-log line", func() bool {
 		return len(m.logs.lines(map[string]any{"status": 101, "bytes_received": nil})) == 0 &&
 			len(m.logs.lines(map[string]any{"status": 101})) == 1
 	})

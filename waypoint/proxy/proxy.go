@@ -16,7 +16,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -28,6 +27,7 @@ import (
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/waypoint/config"
 	"github.com/amber-mesh/amber/waypoint/h2guard"
 	"github.com/amber-mesh/amber/waypoint/telemetry"
@@ -36,7 +36,7 @@ import (
 
 // Errors of New and the serving methods.
 var (
-	ErrClosed     = errors.New("waypoint proxy: closed")
+	ErrClosed     = fmt.Errorf("waypoint proxy: %w", net.ErrClosed)
 	ErrNoStore    = errors.New("waypoint proxy: Config.Store is required")
 	ErrNoCerts    = errors.New("waypoint proxy: Config.Certs is required")
 	ErrNoIdentity = errors.New("waypoint proxy: Config.Identity is required")
@@ -132,17 +132,21 @@ type Proxy struct {
 	pool    *hbone.Pool
 	hstats  hbone.Stats // the HBONE server's
 	pstats  hbone.Stats // the HBONE client pool's
-	h2      *http2.Server
-	h2base  *http.Server // only for HTTP/2's graceful GOAWAY on Drain
 	ctx     context.Context
 	cancel  context.CancelFunc
 	closeMu sync.Once
+
+	// The relays' Parker, opened for the first relay from a socket
+	// (parkerFor); relaysWG counts the relays that have not ended.
+	parkerOnce sync.Once
+	parker     *relay.Parker
+	relaysWG   sync.WaitGroup
 
 	mu       sync.Mutex // guards the fields below
 	servers  []*hbone.Server
 	clusters map[string]*clusterState
 	conns    map[*downstream]struct{}
-	tcps     map[*tcpConn]struct{}
+	relays   map[*relayed]struct{}
 	draining bool
 	closed   bool
 }
@@ -172,7 +176,7 @@ func New(cfg Config) (*Proxy, error) {
 		reg:      cfg.Metrics,
 		clusters: map[string]*clusterState{},
 		conns:    map[*downstream]struct{}{},
-		tcps:     map[*tcpConn]struct{}{},
+		relays:   map[*relayed]struct{}{},
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -195,16 +199,6 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, Stats: &p.pstats, Logger: p.log}
-	p.h2base = &http.Server{}
-	p.h2 = &http2.Server{
-		// The outer HBONE connection carries 100 streams; an inner
-		// connection gets the same bound.
-		MaxConcurrentStreams: 100,
-		CountError:           p.counts.h2Error,
-	}
-	if err := http2.ConfigureServer(p.h2base, p.h2); err != nil {
-		return nil, fmt.Errorf("waypoint proxy: http2: %w", err)
-	}
 	return p, nil
 }
 
@@ -235,7 +229,8 @@ func (p *Proxy) Update(c *config.Config) {
 func (p *Proxy) snapshot() *snapshot { return p.cur.Load() }
 
 // ServeHBONE serves HBONE on ln until Drain or Close, when it returns
-// ErrClosed. The listener's HTTP/2 settings (streams per connection,
+// ErrClosed (which wraps net.ErrClosed, as does its error when ln is
+// closed under it). The listener's HTTP/2 settings (streams per connection,
 // keepalive) are those of the configuration current when it starts, or
 // istiod's (100 streams, 10 s/20 s) before the first Update.
 func (p *Proxy) ServeHBONE(ln net.Listener) error {
@@ -276,46 +271,20 @@ func (p *Proxy) ServeHBONE(ln net.Listener) error {
 
 // serverTLS is :15008's TLS: the waypoint's certificate, a client
 // certificate required that chains to the mesh roots and names an
-// identity in one of the current configuration's trust domains.
+// identity in one of the trust domains of the configuration current at
+// the handshake.
 func (p *Proxy) serverTLS() *tls.Config {
 	own := p.cfg.Identity
 	certFor := func(net.Addr) (identity.ID, error) { return own, nil }
-	base := p.cfg.Certs.ServerConfig(certFor, own.TrustDomain)
-	var mu sync.Mutex
-	verifiers := map[string]func(tls.ConnectionState) error{}
-	verifier := func(td string) func(tls.ConnectionState) error {
-		mu.Lock()
-		defer mu.Unlock()
-		v, ok := verifiers[td]
-		if !ok {
-			v = p.cfg.Certs.ServerConfig(certFor, td).VerifyConnection
-			verifiers[td] = v
-		}
-		return v
-	}
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		NextProtos: []string{http2.NextProtoTLS},
 		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-			c := base.Clone()
 			tds := []string{own.TrustDomain}
 			if s := p.snapshot(); s != nil {
 				tds = s.trustDomains
 			}
-			c.VerifyConnection = func(cs tls.ConnectionState) error {
-				var first error
-				for _, td := range tds {
-					err := verifier(td)(cs)
-					if err == nil {
-						return nil
-					}
-					if first == nil {
-						first = err
-					}
-				}
-				return first
-			}
-			return c, nil
+			return p.cfg.Certs.ServerConfig(certFor, own.TrustDomain, tds...), nil
 		},
 	}
 }
@@ -329,17 +298,14 @@ func (p *Proxy) Drain(ctx context.Context) error {
 	p.mu.Lock()
 	p.draining = true
 	servers := append([]*hbone.Server(nil), p.servers...)
-	var idle []*downstream
+	conns := make([]*downstream, 0, len(p.conns))
 	for d := range p.conns {
-		idle = append(idle, d)
+		conns = append(conns, d)
 	}
 	p.mu.Unlock()
-	for _, d := range idle {
+	for _, d := range conns {
 		d.drain()
 	}
-	// Runs the HTTP/2 servers' graceful shutdown (GOAWAY) on every inner
-	// connection; h2base serves nothing itself.
-	_ = p.h2base.Shutdown(ctx)
 	var errs []error
 	for _, s := range servers {
 		if err := s.Shutdown(ctx); err != nil && !errors.Is(err, hbone.ErrServerClosed) {
@@ -349,7 +315,8 @@ func (p *Proxy) Drain(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// Close closes listeners, connections and upstream pools at once.
+// Close closes listeners, connections and upstream pools at once, and
+// waits for the relays it closed to end.
 func (p *Proxy) Close() error {
 	var errs []error
 	p.closeMu.Do(func() {
@@ -357,8 +324,15 @@ func (p *Proxy) Close() error {
 		p.closed = true
 		servers := p.servers
 		clusters := p.clusters
+		relays := make([]*relayed, 0, len(p.relays))
+		for r := range p.relays {
+			relays = append(relays, r)
+		}
 		p.mu.Unlock()
 		p.cancel()
+		for _, r := range relays {
+			r.pair.Close(ErrClosed)
+		}
 		for _, s := range servers {
 			if err := s.Close(); err != nil && !errors.Is(err, hbone.ErrServerClosed) {
 				errs = append(errs, err)
@@ -369,6 +343,12 @@ func (p *Proxy) Close() error {
 		}
 		for _, c := range clusters {
 			c.closeIdle()
+		}
+		// A relay still parked would never wake once its Parker is gone.
+		p.relaysWG.Wait()
+		p.parkerOnce.Do(func() {}) // none opened from now on
+		if p.parker != nil {
+			errs = append(errs, p.parker.Close())
 		}
 	})
 	return errors.Join(errs...)

@@ -1,10 +1,16 @@
 package proxy_test
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"strings"
 	"testing"
+
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+
+	"github.com/amber-mesh/amber/waypoint/config"
 )
 
 // TestWalkthroughPolicy is the walkthrough's L7 policy through the whole
@@ -135,5 +141,46 @@ func TestMetricsLabels(t *testing.T) {
 				t.Errorf("%s%v = %v, want 1; have %v", name, want, v, got)
 			}
 		}
+	}
+}
+
+// TestClientTrustDomains: a client certificate must be in a trust domain
+// connect_terminate names (its URI SAN prefixes): one of another trust
+// domain under the same root is refused until istiod names it (a trust
+// domain alias), from the next handshake on.
+func TestClientTrustDomains(t *testing.T) {
+	m := newMesh(t, meshOptions{})
+	m.wp.Update(compile(t, golden(t, "base")))
+	alias := m.client("spiffe://alias.local/ns/default/sa/sleep", nil)
+	if _, err := alias.connect(context.Background(), productpageVIP); err == nil {
+		t.Fatal("a client of a trust domain connect_terminate does not name connected")
+	}
+	s := golden(t, "base")
+	for _, l := range s.Listeners {
+		if l.GetName() != config.ConnectTerminate {
+			continue
+		}
+		ts := l.GetFilterChains()[0].GetTransportSocket().GetTypedConfig()
+		d := &tlsv3.DownstreamTlsContext{}
+		if err := ts.UnmarshalTo(d); err != nil {
+			t.Fatal(err)
+		}
+		v := d.GetCommonTlsContext().GetCombinedValidationContext().GetDefaultValidationContext()
+		v.MatchTypedSubjectAltNames = append(v.MatchTypedSubjectAltNames, &tlsv3.SubjectAltNameMatcher{
+			SanType: tlsv3.SubjectAltNameMatcher_URI,
+			Matcher: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: "spiffe://alias.local/"}},
+		})
+		if err := ts.MarshalFrom(d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.wp.Update(compile(t, s))
+	st, err := alias.connect(context.Background(), productpageVIP)
+	if err != nil {
+		t.Fatalf("a client of a trust domain connect_terminate names: %v", err)
+	}
+	st.Close()
+	if _, err := m.sleep().connect(context.Background(), productpageVIP); err != nil {
+		t.Errorf("a client of the waypoint's own trust domain: %v", err)
 	}
 }

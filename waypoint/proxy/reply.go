@@ -28,11 +28,12 @@ const (
 	flagNR                    // no route
 	flagDC                    // downstream connection termination
 	flagURX                   // upstream retry limit exceeded
+	flagSI                    // stream idle timeout
 	flagDPE                   // downstream protocol error
 	flagNC                    // no cluster found
 )
 
-var flagNames = []string{"UH", "UT", "UR", "UF", "UC", "UO", "NR", "DC", "URX", "DPE", "NC"}
+var flagNames = []string{"UH", "UT", "UR", "UF", "UC", "UO", "NR", "DC", "URX", "SI", "DPE", "NC"}
 
 func (f flags) String() string {
 	if f == 0 {
@@ -53,7 +54,8 @@ type tracker struct {
 	http.ResponseWriter
 	status int
 	bytes  int64
-	head   int64 // header bytes, approximately as on the wire
+	head   int64         // header bytes, approximately as on the wire
+	timers *streamTimers // told of the response's start and bytes, once armed
 }
 
 func newTracker(w http.ResponseWriter) *tracker { return &tracker{ResponseWriter: w} }
@@ -61,6 +63,7 @@ func newTracker(w http.ResponseWriter) *tracker { return &tracker{ResponseWriter
 func (t *tracker) WriteHeader(code int) {
 	if t.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
 		t.status = code
+		t.timers.responseStarted()
 		t.head = int64(len("HTTP/1.1 000 \r\n\r\n"))
 		for k, vs := range t.Header() {
 			for _, v := range vs {
@@ -77,6 +80,9 @@ func (t *tracker) Write(b []byte) (int, error) {
 	}
 	n, err := t.ResponseWriter.Write(b)
 	t.bytes += int64(n)
+	if n > 0 {
+		t.timers.touch()
+	}
 	return n, err
 }
 
@@ -109,7 +115,11 @@ func (x *exchange) localReply(status int, body string, extra http.Header) {
 		h[k] = v
 	}
 	if x.grpc && status >= 300 && status != http.StatusTemporaryRedirect {
-		x.grpcStatus = strconv.Itoa(httpToGRPC(status))
+		code := httpToGRPC(status)
+		if x.localGRPC != 0 {
+			code = x.localGRPC
+		}
+		x.grpcStatus = strconv.Itoa(code)
 		h.Set("Content-Type", "application/grpc")
 		h.Set("Grpc-Status", x.grpcStatus)
 		if body != "" {
@@ -139,6 +149,10 @@ func (x *exchange) closing(h http.Header) {
 		h.Set("Connection", "close")
 	}
 }
+
+// grpcDeadlineExceeded is gRPC's DEADLINE_EXCEEDED, which Envoy's local
+// reply for a stream's max duration carries.
+const grpcDeadlineExceeded = 4
 
 // httpToGRPC is Envoy's Grpc::Utility::httpToGrpcStatus.
 func httpToGRPC(status int) int {

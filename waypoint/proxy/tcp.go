@@ -5,13 +5,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/amber-mesh/amber/tunnel/hbone"
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/waypoint/config"
 	"github.com/amber-mesh/amber/waypoint/rbac"
 	"github.com/amber-mesh/amber/waypoint/telemetry"
@@ -25,13 +24,6 @@ var (
 	errMaxDuration  = errors.New("max_downstream_connection_duration reached")
 	errNoTCPCluster = errors.New("no cluster for the connection")
 )
-
-// tcpConn is a live TCP chain connection, re-checked when the
-// configuration changes.
-type tcpConn struct {
-	d     *downstream
-	close func(error)
-}
 
 // serveTCP serves a stream dispatched to a TCP chain: network RBAC
 // (decided once, as Envoy's ONE_TIME_ON_FIRST_BYTE enforcement), then
@@ -93,9 +85,9 @@ func (p *Proxy) serveTCP(ctx context.Context, d *downstream, snap *snapshot, ch 
 		target.originatePort = o.Port
 	}
 	cs.begin(ep.Address)
-	defer cs.end(ep.Address)
 	up, err := p.dialEndpoint(ctx, target)
 	if err != nil {
+		cs.end(ep.Address)
 		fl |= flagUF
 		cause := causeConnectFailure
 		var de *dialError
@@ -107,48 +99,38 @@ func (p *Proxy) serveTCP(ctx context.Context, d *downstream, snap *snapshot, ch 
 	}
 	if s == nil {
 		if s, err = rw.Accept(); err != nil {
+			cs.end(ep.Address)
 			up.Close()
 			return
 		}
-		br = bufio.NewReader(s)
 	}
 
+	// From here the connection belongs to the relay: the handler
+	// returns, and an idle connection holds no goroutine.
+	hbone.Detach(s)
+	pair := relay.NewPair(relay.Replay(s, readAhead(br)), relayConn(up))
+	pair.SetIdleTimeout(t.IdleTimeout)
+	r := &relayed{pair: pair, d: d, tcp: true}
 	m := p.tel.OpenTCP(&labels)
-	var st relayStats
-	tc := &tcpConn{d: d}
-	var closeOnce sync.Once
-	var revoked error
-	tc.close = func(err error) {
-		closeOnce.Do(func() {
-			revoked = err
-			s.Close()
-			up.Close()
-		})
+	var maxDuration *time.Timer
+	if t.MaxConnectionDuration > 0 {
+		maxDuration = time.AfterFunc(t.MaxConnectionDuration, func() { pair.Close(errMaxDuration) })
 	}
-	p.mu.Lock()
-	p.tcps[tc] = struct{}{}
-	p.mu.Unlock()
-	stop := context.AfterFunc(ctx, func() { tc.close(context.Cause(ctx)) })
-	if d := t.MaxConnectionDuration; d > 0 {
-		// max_downstream_connection_duration
-		timer := time.AfterFunc(d, func() { tc.close(errMaxDuration) })
-		defer timer.Stop()
-	}
-	err = relay(side{r: br, w: s, c: s}, side{r: up, w: up, c: up}, t.IdleTimeout, &st)
-	stop()
-	p.mu.Lock()
-	delete(p.tcps, tc)
-	p.mu.Unlock()
-	if revoked != nil {
-		err = revoked
-	}
-	m.Received(st.up.Load())
-	m.Sent(st.down.Load())
-	m.Close()
-	if err == io.EOF {
-		err = nil
-	}
-	p.logTCP(d, ch, ep.Address.String(), labels, start, st.up.Load(), st.down.Load(), 0, 0, err)
+	addr := ep.Address
+	p.startRelay(r, snap, up, func(res relay.Result) {
+		if maxDuration != nil {
+			maxDuration.Stop()
+		}
+		cs.end(addr)
+		m.Received(res.AToB)
+		m.Sent(res.BToA)
+		m.Close()
+		err := res.Err
+		if errors.Is(err, relay.ErrIdleTimeout) {
+			err = errIdleTimeout
+		}
+		p.logTCP(d, ch, addr.String(), labels, start, res.AToB, res.BToA, 0, 0, err)
+	})
 }
 
 // tcpAllowed runs the chain's network RBAC filters for d.
@@ -174,39 +156,26 @@ func tcpAllowed(t *config.TCPChain, d *downstream) bool {
 // does for L4 policy.
 func (p *Proxy) recheckTCP(s *snapshot) {
 	p.mu.Lock()
-	conns := make([]*tcpConn, 0, len(p.tcps))
-	for c := range p.tcps {
-		conns = append(conns, c)
+	conns := make([]*relayed, 0, len(p.relays))
+	for r := range p.relays {
+		if r.tcp {
+			conns = append(conns, r)
+		}
 	}
 	p.mu.Unlock()
-	for _, c := range conns {
-		var ch *config.Chain
-		if s.cfg != nil && s.cfg.Dispatch != nil {
-			ch = s.cfg.Dispatch.Lookup(c.d.in)
-		}
-		if ch == nil || ch.Err != nil || ch.TCP == nil || !tcpAllowed(ch.TCP, c.d) {
-			p.counts.refuse(causeRBAC)
-			c.close(errRevoked)
-		}
+	for _, r := range conns {
+		p.recheck(r, s)
 	}
 }
 
-// relayUpgrade relays an accepted HTTP/1 upgrade (WebSocket) until both
-// sides end, then reports the request.
-func (p *Proxy) relayUpgrade(d *downstream, br *bufio.Reader, bw *bufio.Writer, up *upgrade) {
-	defer up.x.finish()
-	defer up.upstream.Close()
-	if err := bw.Flush(); err != nil {
-		up.upstream.Close()
-		return
+// recheck closes r when s no longer admits it.
+func (p *Proxy) recheck(r *relayed, s *snapshot) {
+	var ch *config.Chain
+	if s.cfg != nil && s.cfg.Dispatch != nil {
+		ch = s.cfg.Dispatch.Lookup(r.d.in)
 	}
-	var st relayStats
-	err := relay(side{r: br, w: d.conn, c: d.conn}, side{r: up.upstream, w: up.upstream, c: up.upstream}, 0, &st)
-	up.x.w.bytes += st.down.Load()
-	up.x.body.mu.Lock()
-	up.x.body.n += st.up.Load()
-	up.x.body.mu.Unlock()
-	if err != nil && err != io.EOF {
-		up.x.err = err
+	if ch == nil || ch.Err != nil || ch.TCP == nil || !tcpAllowed(ch.TCP, r.d) {
+		p.counts.refuse(causeRBAC)
+		r.pair.Close(errRevoked)
 	}
 }

@@ -179,15 +179,6 @@ type countedConn struct {
 	n atomic.Int64
 }
 
-// CloseWrite passes a half-close on (HBONE streams and TCP have one);
-// an upgraded connection's relay uses it.
-func (c *countedConn) CloseWrite() error {
-	if hc, ok := c.Conn.(halfCloser); ok {
-		return hc.CloseWrite()
-	}
-	return c.Close()
-}
-
 // dialTarget is what a transport's dial needs, carried in the request's
 // context: pools are keyed by the endpoint's address, so every request a
 // connection serves has the same target.

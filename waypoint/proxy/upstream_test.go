@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
@@ -16,7 +15,6 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"google.golang.org/protobuf/types/known/anypb"
-	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -119,20 +117,6 @@ func TestDestinationIdentity(t *testing.T) {
 			t.Errorf("%d CONNECTs reached a pod whose identity is unknown", n)
 		}
 	})
-}
-
-func TestUpstreamTimeout(t *testing.T) {
-	m := newMesh(t, meshOptions{})
-	s := golden(t, "base")
-	editRoute(t, s, productpageChain, func(r *routev3.Route) {
-		r.GetRoute().Timeout = durationpb.New(100 * time.Millisecond)
-	})
-	m.wp.Update(compile(t, s))
-	resp, body := do(t, m.sleep().http1(productpageVIP), "GET", "http://productpage:9080/hold", nil, nil)
-	m.checkReply(t, resp, body, 504, "upstream request timeout", "UT", "upstream_timeout")
-	if got := m.pods["productpage-v1"].app.requests(); len(got) != 1 || got[0].Header.Get("X-Envoy-Expected-Rq-Timeout-Ms") != "100" {
-		t.Errorf("the application saw %+v, want one request with x-envoy-expected-rq-timeout-ms 100", got)
-	}
 }
 
 func TestNoRoute(t *testing.T) {
@@ -355,20 +339,5 @@ func TestDirectResponseAndRedirect(t *testing.T) {
 	}
 	if n := len(m.pods["productpage-v1"].app.requests()) + len(m.pods["reviews-v1"].app.requests()); n != 0 {
 		t.Errorf("%d requests reached applications", n)
-	}
-}
-
-// TestGRPCTimeout: with istiod's max_grpc_timeout 0s, a gRPC request's
-// grpc-timeout header is its route timeout.
-func TestGRPCTimeout(t *testing.T) {
-	m := newMesh(t, meshOptions{})
-	m.wp.Update(compile(t, golden(t, "base")))
-	resp, _ := do(t, m.sleep().http2(productpageVIP), "POST", "http://productpage:9080/hold",
-		http.Header{"Content-Type": {"application/grpc"}, "Grpc-Timeout": {"100m"}}, nil)
-	if resp.StatusCode != 200 || resp.Header.Get("Grpc-Status") != "14" || resp.Header.Get("Grpc-Message") != "upstream%20request%20timeout" {
-		t.Errorf("%d %v, want a trailers-only UNAVAILABLE with Envoy's timeout text", resp.StatusCode, resp.Header)
-	}
-	if lines := m.logs.lines(map[string]any{"flags": "UT"}); len(lines) != 1 {
-		t.Errorf("no UT access-log line")
 	}
 }

@@ -24,7 +24,9 @@ type Forward struct {
 	// Timeout bounds the whole request, retries included; zero disables
 	// it. A route that sets none gets DefaultTimeout (Envoy's).
 	Timeout time.Duration
-	// IdleTimeout bounds a stream's idle time; zero: the HCM's.
+	// IdleTimeout bounds a stream's idle time once routed, in place of
+	// the HCM's stream_idle_timeout; zero: the HCM's; negative: none (the
+	// route set 0s, which turns the HCM's off, as in Envoy).
 	IdleTimeout time.Duration
 	// Retry is the route's own retry policy; nil defers to the virtual
 	// host's (Route.RetryPolicy).
@@ -39,7 +41,9 @@ type Forward struct {
 	HostRewrite string
 	// Upgrades are the allowed upgrade types ("websocket"), lower case.
 	Upgrades []string
-	// MaxStreamDuration bounds a stream's life; zero: none.
+	// MaxStreamDuration bounds a stream's life, counted from its start,
+	// in place of the HCM's max_stream_duration; zero: the HCM's;
+	// negative: none (the route set 0s).
 	MaxStreamDuration time.Duration
 	// HonorGRPCTimeout says a request's grpc-timeout header bounds it
 	// (max_stream_duration.grpc_timeout_header_max, or the deprecated
@@ -125,7 +129,7 @@ func newForward(a *routev3.RouteAction) (*Forward, error) {
 		f.Timeout = t.AsDuration()
 	}
 	if t := a.GetIdleTimeout(); t != nil {
-		f.IdleTimeout = t.AsDuration()
+		f.IdleTimeout = overrides(t.AsDuration())
 	}
 	if a.GetRetryPolicy() != nil {
 		var err error
@@ -164,7 +168,9 @@ func newForward(a *routev3.RouteAction) (*Forward, error) {
 		f.HonorGRPCTimeout, f.MaxGRPCTimeout = true, m.AsDuration()
 	}
 	if m := a.GetMaxStreamDuration(); m != nil {
-		f.MaxStreamDuration = m.GetMaxStreamDuration().AsDuration()
+		if d := m.GetMaxStreamDuration(); d != nil {
+			f.MaxStreamDuration = overrides(d.AsDuration())
+		}
 		if m.GetGrpcTimeoutHeaderMax() != nil {
 			f.HonorGRPCTimeout = true
 			f.MaxGRPCTimeout = m.GetGrpcTimeoutHeaderMax().AsDuration()
@@ -174,6 +180,15 @@ func newForward(a *routev3.RouteAction) (*Forward, error) {
 		}
 	}
 	return f, nil
+}
+
+// overrides is a route's duration that replaces the HCM's: set to zero,
+// it turns the HCM's off (negative), which unset (zero) does not.
+func overrides(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }
 
 // compileSearch compiles an RE2 pattern for searching (rewrites replace

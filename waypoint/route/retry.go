@@ -124,7 +124,9 @@ func (p *RetryPolicy) Retriable(o Outcome) bool {
 				return true
 			}
 		case "gateway-error":
-			if o.Status == 502 || o.Status == 503 || o.Status == 504 {
+			// A reset counts as the 503 it becomes, as with 5xx
+			// (wouldRetryFromReset).
+			if noResponse || o.Status == 502 || o.Status == 503 || o.Status == 504 {
 				return true
 			}
 		case "reset":

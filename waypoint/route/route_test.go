@@ -308,4 +308,49 @@ func TestRetryStatusCodes(t *testing.T) {
 	if p.NumRetries != 1 {
 		t.Errorf("num_retries unset: %d, want Envoy's 1", p.NumRetries)
 	}
+	// gateway-error covers a reset (and a per-try timeout), which becomes
+	// a 503, as 5xx does (Envoy's wouldRetryFromReset).
+	for _, o := range []Outcome{{Reset: true, RequestSent: true}, {ConnectFailure: true}, {RefusedStream: true}} {
+		if !p.Retriable(o) {
+			t.Errorf("%+v: not retriable under gateway-error", o)
+		}
+	}
+}
+
+// TestStreamTimeoutOverrides: a route's idle_timeout and
+// max_stream_duration replace the HCM's; set to 0s they turn it off,
+// unset they leave it (Envoy's optional fields).
+func TestStreamTimeoutOverrides(t *testing.T) {
+	action := func(edit func(*routev3.RouteAction)) *Forward {
+		t.Helper()
+		a := &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: "c"}}
+		edit(a)
+		c := mustNew(t, &routev3.RouteConfiguration{VirtualHosts: []*routev3.VirtualHost{{Name: "vh", Domains: []string{"*"}, Routes: []*routev3.Route{
+			{Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}}, Action: &routev3.Route_Route{Route: a}},
+		}}}})
+		return c.Select(request("x", "/", nil)).Forward
+	}
+	for _, tc := range []struct {
+		name            string
+		edit            func(*routev3.RouteAction)
+		idle, maxStream time.Duration
+	}{
+		{"unset", func(*routev3.RouteAction) {}, 0, 0},
+		{"set", func(a *routev3.RouteAction) {
+			a.IdleTimeout = durationpb.New(time.Minute)
+			a.MaxStreamDuration = &routev3.RouteAction_MaxStreamDuration{MaxStreamDuration: durationpb.New(time.Hour)}
+		}, time.Minute, time.Hour},
+		{"zero", func(a *routev3.RouteAction) {
+			a.IdleTimeout = durationpb.New(0)
+			a.MaxStreamDuration = &routev3.RouteAction_MaxStreamDuration{MaxStreamDuration: durationpb.New(0)}
+		}, -1, -1},
+		{"grpc header only", func(a *routev3.RouteAction) {
+			a.MaxStreamDuration = &routev3.RouteAction_MaxStreamDuration{GrpcTimeoutHeaderMax: durationpb.New(time.Second)}
+		}, 0, 0},
+	} {
+		f := action(tc.edit)
+		if f.IdleTimeout != tc.idle || f.MaxStreamDuration != tc.maxStream {
+			t.Errorf("%s: idle %v, max stream duration %v; want %v, %v", tc.name, f.IdleTimeout, f.MaxStreamDuration, tc.idle, tc.maxStream)
+		}
+	}
 }
