@@ -187,3 +187,62 @@ func TestPrivilegedServiceToCapturedPod(t *testing.T) {
 		}
 	}
 }
+
+// TestPrivilegedUnknownServicePassthrough: a captured pod connects to a
+// Service the mesh does not describe (no service in the ztunnel's state)
+// that the node translates to an endpoint, on another node and on its
+// own. The ztunnel passes it through to the endpoint the node translated
+// the pod's connection to, from the pod's address. Before the fix it
+// dialled the Service address, the node translated that dial again, and a
+// remote endpoint's replies, from the endpoint's address, matched no
+// ztunnel socket: the connection timed out.
+func TestPrivilegedUnknownServicePassthrough(t *testing.T) {
+	// client: captured; local: outside the mesh, same node; remote:
+	// outside the mesh, another node.
+	n1, _, pods := mustTwoNodes(t, []string{"client", "local"}, []string{"remote"})
+	client, local, remote := pods["client"], pods["local"], pods["remote"]
+	const port = 9080
+	type svc struct {
+		name       string
+		pod        *testbed.Pod
+		vip4, vip6 netip.AddrPort
+	}
+	svcs := []svc{
+		{"remote endpoint", remote, netip.MustParseAddrPort("198.18.100.1:80"), netip.MustParseAddrPort("[2001:db8:100::1]:80")},
+		{"local endpoint", local, netip.MustParseAddrPort("198.18.100.2:80"), netip.MustParseAddrPort("[2001:db8:100::2]:80")},
+	}
+	nat := map[netip.AddrPort]netip.AddrPort{}
+	for _, s := range svcs {
+		nat[s.vip4], nat[s.vip6] = netip.AddrPortFrom(s.pod.IPv4, port), netip.AddrPortFrom(s.pod.IPv6, port)
+	}
+	mustNft(t, n1, kubeProxyNAT(nat))
+	node1 := meshbed.MustLoadDatapath(t, n1, "amber-e2e")
+	node1.MustCapture(t, client)
+	z := mustLocalMesh(t, meshbed.MeshYAML([]meshbed.Workload{
+		{Name: "client", ServiceAccount: "client", Pod: client, HBONE: true},
+	}, ""), node1)[0]
+	echoes := map[*testbed.Pod]*echoServer{remote: mustEcho(t, remote, port), local: mustEcho(t, local, port)}
+
+	for _, v6 := range []bool{false, true} {
+		family := map[bool]string{false: "ipv4", true: "ipv6"}[v6]
+		for _, s := range svcs {
+			vip, src := s.vip4, client.IPv4
+			if v6 {
+				vip, src = s.vip6, client.IPv6
+			}
+			t.Run(family+"/"+s.name, func(t *testing.T) {
+				if err := roundTrip(client, vip, s.name+" "+family); err != nil {
+					t.Fatalf("client → %s: %v", vip, err)
+				}
+				if got := echoes[s.pod].lastPeer(t).Addr(); got != src {
+					t.Errorf("%s saw source %s, want the client's %s", s.pod.Name, got, src)
+				}
+				waitFor(t, "the source's access-log line", func() bool {
+					return len(z.accessLogs(map[string]string{
+						"reporter": "source", "protocol": "TCP", "src.addr": src.String(), "dst.addr": vip.String(),
+					})) > 0
+				})
+			})
+		}
+	}
+}
