@@ -246,3 +246,102 @@ func TestPrivilegedUnknownServicePassthrough(t *testing.T) {
 		}
 	}
 }
+
+// TestPrivilegedPassthroughToCapturedPod: a captured pod's connection that
+// the ztunnel passes through as plain TCP — to a destination the mesh does
+// not describe (yet: the new pod istiod has not pushed, the moments after
+// a ztunnel restart), directly or behind a Service it does not know —
+// whose destination is a pod this node captures meets that pod's inbound
+// checks, as a plaintext client's connection does: refused while the
+// destination is unknown, its policy enforced when it is described as a
+// plain-TCP workload (captured before istiod has seen the capture). Before
+// the fix the ztunnel dialled the pod itself, its own dial passed the
+// datapath (bypass mark) and the pod was reached in plaintext past its
+// policy.
+func TestPrivilegedPassthroughToCapturedPod(t *testing.T) {
+	// client: captured; unknown: captured, not in the mesh file; guarded:
+	// captured, described as a plain-TCP workload whose policy admits only
+	// the identity "other".
+	// open: captured, a plain-TCP workload without a policy.
+	n1, _, pods := mustTwoNodes(t, []string{"client", "unknown", "guarded", "open"}, nil)
+	client, unknown, guarded, open := pods["client"], pods["unknown"], pods["guarded"], pods["open"]
+	const port = 9080
+	vip4, vip6 := netip.MustParseAddrPort("198.18.100.1:80"), netip.MustParseAddrPort("[2001:db8:100::1]:80")
+	mustNft(t, n1, kubeProxyNAT(map[netip.AddrPort]netip.AddrPort{
+		vip4: netip.AddrPortFrom(unknown.IPv4, port), vip6: netip.AddrPortFrom(unknown.IPv6, port),
+	}))
+	node1 := meshbed.MustLoadDatapath(t, n1, "amber-e2e")
+	for _, p := range []*testbed.Pod{client, unknown, guarded, open} {
+		node1.MustCapture(t, p)
+	}
+	z := mustLocalMesh(t, meshbed.MeshYAML([]meshbed.Workload{
+		{Name: "client", ServiceAccount: "client", Pod: client, HBONE: true},
+		{Name: "guarded", ServiceAccount: "guarded", Pod: guarded, Labels: map[string]string{"app": "guarded"}},
+		{Name: "open", ServiceAccount: "open", Pod: open},
+	}, `policies:
+  - name: guarded-other-only
+    selector:
+      matchLabels: {app: guarded}
+    action: ALLOW
+    rules:
+      - from:
+          - source:
+              principals: [cluster.local/ns/default/sa/other]
+`), node1)[0]
+	echoUnknown := mustEcho(t, unknown, port)
+	echoGuarded := mustEcho(t, guarded, port)
+	echoOpen := mustEcho(t, open, port)
+
+	for _, v6 := range []bool{false, true} {
+		family := map[bool]string{false: "ipv4", true: "ipv6"}[v6]
+		ip := func(p *testbed.Pod) netip.Addr {
+			if v6 {
+				return p.IPv6
+			}
+			return p.IPv4
+		}
+		vip := map[bool]netip.AddrPort{false: vip4, true: vip6}[v6]
+		for _, c := range []struct {
+			name string
+			dst  netip.AddrPort
+			echo *echoServer
+			log  map[string]string
+		}{
+			{"an undescribed pod", netip.AddrPortFrom(ip(unknown), port), echoUnknown,
+				map[string]string{"dst.addr": netip.AddrPortFrom(ip(unknown), port).String(), "error": "not a local workload"}},
+			{"an undescribed pod behind an unknown Service", vip, echoUnknown,
+				map[string]string{"dst.addr": netip.AddrPortFrom(ip(unknown), port).String(), "error": "not a local workload"}},
+			{"a plain-TCP workload's policy", netip.AddrPortFrom(ip(guarded), port), echoGuarded,
+				map[string]string{"dst.workload": "guarded", "error": "denied by policy"}},
+		} {
+			t.Run(family+"/"+c.name, func(t *testing.T) {
+				if err := roundTrip(client, c.dst, "let me in"); err == nil {
+					t.Fatalf("client reached %s in plaintext past its inbound checks", c.dst)
+				}
+				select {
+				case p := <-c.echo.peers:
+					t.Fatalf("the destination saw a connection from %s", p)
+				default:
+				}
+				want := map[string]string{"reporter": "destination", "src.addr": ip(client).String()}
+				for k, v := range c.log {
+					want[k] = v
+				}
+				waitFor(t, "the destination's refusal in the access log", func() bool { return len(z.accessLogs(want)) > 0 })
+			})
+		}
+		t.Run(family+"/a plain-TCP workload without a policy, through its inbound checks", func(t *testing.T) {
+			dst := netip.AddrPortFrom(ip(open), port)
+			if err := roundTrip(client, dst, "plain "+family); err != nil {
+				t.Fatal(err)
+			}
+			if got := echoOpen.lastPeer(t).Addr(); got != ip(client) {
+				t.Errorf("open saw source %s, want the client's %s", got, ip(client))
+			}
+			waitFor(t, "both ends in the access log", func() bool {
+				return len(z.accessLogs(map[string]string{"reporter": "source", "src.addr": ip(client).String(), "dst.addr": dst.String()})) > 0 &&
+					len(z.accessLogs(map[string]string{"reporter": "destination", "src.addr": ip(client).String(), "dst.addr": dst.String(), "dst.workload": "open"})) > 0
+			})
+		})
+	}
+}

@@ -87,6 +87,11 @@ func (p *Proxy) connectOutbound(down relay.Conn, src, dst, translated netip.Addr
 		hdr.Set("Traceparent", newTraceparent())
 		key := hbone.Key{Src: r.srcID.String(), Dst: rt.peer.String(), Addr: rt.addr}
 		up, err = p.pool.Connect(ctx, key, rt.authority, hdr)
+	} else if p.cfg.Captured != nil && p.cfg.Captured(rt.addr.Addr()) {
+		// A pod this node captures, which the mesh does not describe as
+		// HBONE (not yet: a new pod, a ztunnel just started, a capture
+		// istiod has not seen): its inbound checks are this ztunnel's.
+		up, err = p.dialLocalInbound(src, rt.addr)
 	} else {
 		// Plain TCP leaves from the pod's own address, as it would without
 		// the mesh; the reply finds this socket through the datapath's
