@@ -216,6 +216,10 @@ func TestPrivilegedRealNode(t *testing.T) {
 		}
 	})
 
+	t.Run("PeerAuthentication STRICT from istiod: plaintext refused, mTLS admitted, port-level PERMISSIVE honoured", func(t *testing.T) {
+		peerAuthentication(t, ctx, c, url)
+	})
+
 	t.Run("L4 AuthorizationPolicy from istiod is enforced", func(t *testing.T) {
 		if err := realnode.HostTarget(c).Apply(ctx, "policy.yaml", realnode.L4PolicyYAML(ns)); err != nil {
 			t.Fatal(err)
