@@ -182,6 +182,10 @@ func TestPrivilegedRealNode(t *testing.T) {
 		}
 	})
 
+	t.Run("a captured pod reaches its node: CoreDNS over TCP, the API server with its token", func(t *testing.T) {
+		nodeDestinations(t, ctx, c)
+	})
+
 	t.Run("a pod created after the label is captured before its first connection", func(t *testing.T) {
 		since := time.Now().Add(-time.Second)
 		done := runClientPod(t, ctx, realnode.HostTarget(c), ns, "first-connection", realnode.Sleep, false, url)
