@@ -28,7 +28,7 @@ import (
 	"github.com/amber-mesh/amber/xds/state"
 )
 
-// Default ports (DESIGN.md §3).
+// Default ports: Istio's (docs/facts.md §3, Ports; ARCHITECTURE.md, Ports).
 const (
 	DefaultOutboundPort  = 15001
 	DefaultInboundPort   = 15006
