@@ -310,21 +310,12 @@ struct nf_conntrack_man___amber {
 	} u;
 } __attribute__((preserve_access_index));
 
-// The kernel's dst member is an anonymous struct of the same shape as far
-// as used; CO-RE matches members by name.
-struct nf_conntrack_dst___amber {
-	union {
-		__be32 ip;
-		__be32 ip6[4];
-	} u3;
-	union {
-		__be16 all;
-	} u;
-} __attribute__((preserve_access_index));
-
+// The kernel's dst member is an anonymous struct, of nf_conntrack_man's
+// shape as far as used (u3, u): CO-RE matches members by name and does not
+// compare the names of the structs that hold them.
 struct nf_conntrack_tuple___amber {
 	struct nf_conntrack_man___amber src;
-	struct nf_conntrack_dst___amber dst;
+	struct nf_conntrack_man___amber dst;
 } __attribute__((preserve_access_index));
 
 struct nf_conntrack_tuple_hash___amber {
