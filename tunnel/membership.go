@@ -1,8 +1,10 @@
 package tunnel
 
 import (
+	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"github.com/amber-mesh/amber/bpf"
 )
@@ -11,9 +13,13 @@ import (
 // agent pins under root. It is opened at its first use: the agent pins it
 // before the ztunnel can register its listeners, so before any captured
 // connection arrives. An address it cannot look up counts as captured:
-// its connection then meets the inbound checks (fail closed).
+// its connection then meets the inbound checks (fail closed), and the
+// failure is logged once until a lookup succeeds again.
 type membership struct {
 	root string
+	log  *slog.Logger
+
+	failed atomic.Bool // the last open or lookup failed, and that was logged
 
 	mu sync.Mutex // guards ms
 	ms *bpf.Membership
@@ -25,6 +31,7 @@ func (m *membership) captured(a netip.Addr) bool {
 		ms, err := bpf.OpenMembership(m.root)
 		if err != nil {
 			m.mu.Unlock()
+			m.fail(err)
 			return true
 		}
 		m.ms = ms
@@ -32,7 +39,20 @@ func (m *membership) captured(a netip.Addr) bool {
 	ms := m.ms
 	m.mu.Unlock()
 	ok, err := ms.Captured(a)
-	return ok || err != nil
+	if err != nil {
+		m.fail(err)
+		return true
+	}
+	m.failed.Store(false)
+	return ok
+}
+
+// fail logs err unless the previous failure was logged and nothing
+// succeeded since.
+func (m *membership) fail(err error) {
+	if !m.failed.Swap(true) {
+		m.log.Warn("membership map unreadable: every plain TCP destination counts as captured and meets the inbound checks", "error", err)
+	}
 }
 
 // Close releases the map.

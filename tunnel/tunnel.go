@@ -196,7 +196,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	g.Defer("data listeners", lns.Close)
 	var captured func(netip.Addr) bool
 	if !cfg.NoCapture {
-		m := &membership{root: cfg.PinRoot}
+		m := &membership{root: cfg.PinRoot, log: log}
 		g.Defer("membership map", m.Close)
 		captured = m.captured
 	}
