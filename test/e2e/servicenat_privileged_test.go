@@ -29,6 +29,27 @@ func kubeProxyNodePorts(ports map[netip.AddrPort]netip.AddrPort) string {
 `, dnatRules(ports, "meta mark set meta mark | 0x4000 "))
 }
 
+// guardedOtherOnly is a mesh file's policies: the workloads labelled
+// app=guarded admit only the identity "other", which no test pod has.
+const guardedOtherOnly = `policies:
+  - name: guarded-other-only
+    selector:
+      matchLabels: {app: guarded}
+    action: ALLOW
+    rules:
+      - from:
+          - source:
+              principals: [cluster.local/ns/default/sa/other]
+`
+
+// podIP is p's address of one family.
+func podIP(p *testbed.Pod, v6 bool) netip.Addr {
+	if v6 {
+		return p.IPv6
+	}
+	return p.IPv4
+}
+
 // mustTwoNodes is a testbed with nodes n1 and n2 and, on each, the pods
 // named (in that order).
 func mustTwoNodes(t *testing.T, pods1, pods2 []string) (n1, n2 *testbed.Node, pods map[string]*testbed.Pod) {
@@ -109,27 +130,13 @@ func TestPrivilegedServiceToCapturedPod(t *testing.T) {
 	z := mustLocalMesh(t, meshbed.MeshYAML([]meshbed.Workload{
 		{Name: "open", ServiceAccount: "open", Pod: open, HBONE: true},
 		{Name: "guarded", ServiceAccount: "guarded", Pod: guarded, HBONE: true, Labels: map[string]string{"app": "guarded"}},
-	}, `policies:
-  - name: guarded-other-only
-    selector:
-      matchLabels: {app: guarded}
-    action: ALLOW
-    rules:
-      - from:
-          - source:
-              principals: [cluster.local/ns/default/sa/other]
-`), node1)[0]
+	}, guardedOtherOnly), node1)[0]
 	echoOpen := mustEcho(t, open, port)
 	echoGuarded := mustEcho(t, guarded, port)
 
 	for _, v6 := range []bool{false, true} {
 		family := map[bool]string{false: "ipv4", true: "ipv6"}[v6]
-		ip := func(p *testbed.Pod) netip.Addr {
-			if v6 {
-				return p.IPv6
-			}
-			return p.IPv4
-		}
+		ip := func(p *testbed.Pod) netip.Addr { return podIP(p, v6) }
 		via := func(tg target) map[string]netip.AddrPort {
 			if v6 {
 				return map[string]netip.AddrPort{"Service": tg.vip6, "NodePort": tg.node6}
@@ -278,28 +285,14 @@ func TestPrivilegedPassthroughToCapturedPod(t *testing.T) {
 		{Name: "client", ServiceAccount: "client", Pod: client, HBONE: true},
 		{Name: "guarded", ServiceAccount: "guarded", Pod: guarded, Labels: map[string]string{"app": "guarded"}},
 		{Name: "open", ServiceAccount: "open", Pod: open},
-	}, `policies:
-  - name: guarded-other-only
-    selector:
-      matchLabels: {app: guarded}
-    action: ALLOW
-    rules:
-      - from:
-          - source:
-              principals: [cluster.local/ns/default/sa/other]
-`), node1)[0]
+	}, guardedOtherOnly), node1)[0]
 	echoUnknown := mustEcho(t, unknown, port)
 	echoGuarded := mustEcho(t, guarded, port)
 	echoOpen := mustEcho(t, open, port)
 
 	for _, v6 := range []bool{false, true} {
 		family := map[bool]string{false: "ipv4", true: "ipv6"}[v6]
-		ip := func(p *testbed.Pod) netip.Addr {
-			if v6 {
-				return p.IPv6
-			}
-			return p.IPv4
-		}
+		ip := func(p *testbed.Pod) netip.Addr { return podIP(p, v6) }
 		vip := map[bool]netip.AddrPort{false: vip4, true: vip6}[v6]
 		for _, c := range []struct {
 			name string
