@@ -41,6 +41,7 @@ vet: ## gofmt and go vet
 test: deps check-generate vet ## run every test tier this machine supports (CI runs this)
 	@bash hack/kube-bins.sh all >/dev/null
 	@bash hack/istiod-bin.sh pilot-discovery hbone-interop istioctl >/dev/null
+	@bash hack/coredns.sh >/dev/null
 	@bash hack/helm.sh >/dev/null
 	PATH="$(CURDIR)/.cache/bin:$$PATH" $(GO) test $(GOFLAGS_T) -timeout 30m ./...
 
@@ -79,6 +80,7 @@ images: ## build amber's image and the test images (pause, echo, curl) as docker
 .PHONY: cluster-up
 cluster-up: deps ## a real Kubernetes node with istiod on this machine (state in .cache/cluster/node; builds what is missing, then ≈ 15 s)
 	@bash hack/kube-bins.sh all >/dev/null
+	@bash hack/coredns.sh >/dev/null
 	$(GO) run ./test/cmd/amber-cluster up
 
 .PHONY: cluster-down

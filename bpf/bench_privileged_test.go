@@ -44,6 +44,12 @@ func BenchmarkProg(b *testing.B) {
 	udp := pkt{src: podP, dst: remote, proto: protoUDP, sport: 5353, dport: 53}
 	syn6 := pkt{src: podP6, dst: rem6, proto: protoTCP, sport: 40000, dport: 80, syn: true}
 	toPod := pkt{src: remote, dst: podP, proto: protoTCP, sport: 80, dport: 40000, ack: true}
+	synToPod := pkt{src: remote, dst: podC, proto: protoTCP, sport: 40000, dport: 80, syn: true}
+	// A SYN that escaped capture, untracked: conntrack is looked up and
+	// misses, the frame is redirected unchanged (with a translation, the
+	// first repetition would rewrite the frame in place and the others
+	// see it untranslated).
+	escaped := pkt{src: remote, dst: podP, proto: protoTCP, sport: 40000, dport: 80, syn: true}
 	probe := pkt{src: node, dst: podP, proto: protoTCP, sport: 40000, dport: 8080, ack: true}
 	probeHigh := probe
 	probeHigh.dport = 62001
@@ -81,9 +87,13 @@ func BenchmarkProg(b *testing.B) {
 			{"ack-captured", d.objs.AmberPod, ack, captured, 0},
 			{"ack-uncaptured", d.objs.AmberPod, ackUncaptured, uncaptured, 0},
 			{"udp", d.objs.AmberPod, udp, captured, 0},
-			// amber_to_pod: forwarded, the node's own (a probe, one at
-			// a port of the ztunnel's dial range), a reply to the ztunnel.
+			// amber_to_pod: forwarded (a packet of a connection, a SYN
+			// to an uncaptured pod, a SYN that escaped capture), the
+			// node's own (a probe, one at a port of the ztunnel's dial
+			// range), a reply to the ztunnel.
 			{"to-pod-forwarded", d.objs.AmberToPod, toPod, captured, uncaptured},
+			{"to-pod-forwarded-syn", d.objs.AmberToPod, synToPod, uncaptured, captured},
+			{"to-pod-escaped-syn", d.objs.AmberToPod, escaped, captured, uncaptured},
 			{"to-pod-probe", d.objs.AmberToPod, probe, captured, 0},
 			{"to-pod-probe-dialport", d.objs.AmberToPod, probeHigh, captured, 0},
 			{"to-pod-host-reply", d.objs.AmberToPod, reply, captured, 0},

@@ -70,12 +70,14 @@ const (
 	captureReasonR_ASSIGN_INBOUND      captureReason = 11
 	captureReasonR_ASSIGN_HBONE        captureReason = 12
 	captureReasonR_REDIRECT_HOST_REPLY captureReason = 13
-	captureReasonR_DROP_NO_LISTENER    captureReason = 14
-	captureReasonR_DROP_SPOOFED        captureReason = 15
-	captureReasonR_DROP_MALFORMED      captureReason = 16
-	captureReasonR_DROP_FRAGMENT       captureReason = 17
-	captureReasonR_DROP_ASSIGN_FAILED  captureReason = 18
-	captureReasonR_MAX                 captureReason = 19
+	captureReasonR_REDIRECT_ESCAPED    captureReason = 14
+	captureReasonR_DROP_NO_LISTENER    captureReason = 15
+	captureReasonR_DROP_SPOOFED        captureReason = 16
+	captureReasonR_DROP_MALFORMED      captureReason = 17
+	captureReasonR_DROP_FRAGMENT       captureReason = 18
+	captureReasonR_DROP_ASSIGN_FAILED  captureReason = 19
+	captureReasonR_DROP_ESCAPED        captureReason = 20
+	captureReasonR_MAX                 captureReason = 21
 )
 
 // Names of all BPF objects in the ELF.

@@ -14,7 +14,7 @@ import (
 // connections to.
 type Listener int
 
-// The three transparent listeners (DESIGN.md ports).
+// The three transparent listeners (ARCHITECTURE.md, Ports).
 const (
 	Outbound Listener = iota // 15001: connections leaving a captured pod
 	Inbound                  // 15006: plaintext connections to a captured pod

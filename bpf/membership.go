@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"sort"
 
 	"github.com/cilium/ebpf"
@@ -78,6 +79,42 @@ func (d *Datapath) Release(ifindex int, addrs []netip.Addr) error {
 	}
 	return errors.Join(errs...)
 }
+
+// Membership reads the pinned membership map: which addresses the node's
+// datapath captures. The ztunnel asks it before it passes a connection
+// through to an address of this node's pods.
+type Membership struct {
+	m *ebpf.Map
+}
+
+// OpenMembership opens the membership map pinned under root (zero:
+// DefaultPinRoot), read-only.
+func OpenMembership(root string) (*Membership, error) {
+	if root == "" {
+		root = DefaultPinRoot
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(root, captureMapAmberPods), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return nil, fmt.Errorf("open membership map under %s (is the agent running?): %w", root, err)
+	}
+	return &Membership{m: m}, nil
+}
+
+// Captured reports whether a is an address of a captured pod.
+func (ms *Membership) Captured(a netip.Addr) (bool, error) {
+	var v capturePodInfo
+	err := ms.m.Lookup(ipKey(a), &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("look up %s in the membership map: %w", a, err)
+	}
+	return v.Flags&uint32(capturePodFlagsPOD_CAPTURED) != 0, nil
+}
+
+// Close releases the map.
+func (ms *Membership) Close() error { return ms.m.Close() }
 
 // Members lists the membership map.
 func (d *Datapath) Members() ([]Member, error) {

@@ -99,6 +99,7 @@ func (p pkt) bytes() []byte {
 		copy(ip[24:], d[:])
 		out = append(append(append(eth, ip...), ext...), l4...)
 	}
+	setChecksums(out)
 	if p.truncate > 0 {
 		out = out[:len(out)-p.truncate]
 	}
@@ -130,4 +131,90 @@ func (p pkt) l4() []byte {
 	default: // ICMP / ICMPv6 echo or neighbour solicitation shape
 		return make([]byte, 8)
 	}
+}
+
+// ipv4 and TCP header offsets of a frame built by bytes, or -1 for a frame
+// that is not unfragmented TCP without IPv6 extension headers.
+func tcpOffsets(frame []byte) (l3, l4 int) {
+	const eth = 14
+	switch binary.BigEndian.Uint16(frame[12:]) {
+	case 0x0800:
+		ihl := int(frame[eth]&0x0f) * 4
+		if frame[eth+9] != protoTCP || binary.BigEndian.Uint16(frame[eth+6:])&0x3fff != 0 {
+			return eth, -1
+		}
+		return eth, eth + ihl
+	case 0x86dd:
+		if frame[eth+6] != protoTCP {
+			return eth, -1
+		}
+		return eth, eth + 40
+	}
+	return -1, -1
+}
+
+// sum16 is the ones' complement sum of b (RFC 1071), not yet inverted.
+func sum16(sum uint32, b []byte) uint32 {
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(b[i:]))
+	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
+	}
+	return sum
+}
+
+func fold(sum uint32) uint16 {
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return uint16(sum)
+}
+
+// tcpSum is the ones' complement sum of a TCP segment and its
+// pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1).
+func tcpSum(frame []byte, l3, l4 int) uint16 {
+	seg := frame[l4:]
+	var sum uint32
+	if binary.BigEndian.Uint16(frame[12:]) == 0x0800 {
+		sum = sum16(sum, frame[l3+12:l3+20])
+	} else {
+		sum = sum16(sum, frame[l3+8:l3+40])
+	}
+	sum += protoTCP + uint32(len(seg))
+	return fold(sum16(sum, seg))
+}
+
+// setChecksums fills in the IPv4 header and TCP checksums of a frame.
+func setChecksums(frame []byte) {
+	l3, l4 := tcpOffsets(frame)
+	if l3 < 0 {
+		return
+	}
+	if binary.BigEndian.Uint16(frame[12:]) == 0x0800 {
+		ihl := int(frame[l3]&0x0f) * 4
+		frame[l3+10], frame[l3+11] = 0, 0
+		binary.BigEndian.PutUint16(frame[l3+10:], ^fold(sum16(0, frame[l3:l3+ihl])))
+	}
+	if l4 < 0 || len(frame) < l4+20 {
+		return
+	}
+	frame[l4+16], frame[l4+17] = 0, 0
+	binary.BigEndian.PutUint16(frame[l4+16:], ^tcpSum(frame, l3, l4))
+}
+
+// checksumsValid reports whether a TCP frame's IPv4 header and TCP
+// checksums verify.
+func checksumsValid(frame []byte) bool {
+	l3, l4 := tcpOffsets(frame)
+	if l3 < 0 || l4 < 0 {
+		return false
+	}
+	if binary.BigEndian.Uint16(frame[12:]) == 0x0800 {
+		ihl := int(frame[l3]&0x0f) * 4
+		if fold(sum16(0, frame[l3:l3+ihl])) != 0xffff {
+			return false
+		}
+	}
+	return tcpSum(frame, l3, l4) == 0xffff
 }

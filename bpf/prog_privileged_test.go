@@ -9,6 +9,9 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
 	"syscall"
 	"testing"
 	"unsafe"
@@ -143,6 +146,9 @@ type runCase struct {
 	only     *Listener
 	wantMark uint32 // bits __sk_buff.mark must have after the run
 	zeroMAC  bool   // the frame leaves with lo's all-zero destination MAC
+	// out, when set, is the packet the frame must leave as: the same bytes
+	// from the source MAC on but for the checksums, which must verify.
+	out *pkt
 }
 
 func only(l Listener) *Listener { return &l }
@@ -212,6 +218,16 @@ func runTable(t *testing.T, d *Datapath, s *slots, cases []runCase) {
 		}
 		if tc.zeroMAC && !bytes.Equal(out[:6], make([]byte, 6)) {
 			t.Errorf("%s: destination MAC %x, want lo's 000000000000", tc.name, out[:6])
+		}
+		if tc.out != nil {
+			got, want := out[:len(data)], tc.out.bytes()
+			if !checksumsValid(got) {
+				t.Errorf("%s: checksums of the rewritten frame do not verify", tc.name)
+			}
+			setChecksums(got)
+			if !bytes.Equal(got[6:], want[6:]) {
+				t.Errorf("%s: frame left as\n%x\nwant\n%x", tc.name, got[6:], want[6:])
+			}
 		}
 		got := map[string]uint64{}
 		for k, v := range after {
@@ -525,8 +541,8 @@ func TestPrivilegedProgRunToPod(t *testing.T) {
 	const (
 		actRedirect = 7 // TC_ACT_REDIRECT
 		mark        = 0x40000
-		uplink      = 1 // any ingress interface: a forwarded packet
 	)
+	uplink := vethC // any ingress interface: a forwarded packet
 	runTable(t, d, nil, []runCase{
 		{name: "node's reply to the ztunnel's dial from a captured pod", prog: roleToPod, ifindex: vethA, pkt: reply(node, ap(podP, 62000)), want: actRedirect, reason: "redirect_host_reply", wantMark: mark, zeroMAC: true},
 		{name: "v6 node's reply to the ztunnel's dial", prog: roleToPod, ifindex: vethA, pkt: reply(node6, ap(podP6, 62000)), want: actRedirect, reason: "redirect_host_reply", wantMark: mark, zeroMAC: true},
@@ -634,4 +650,112 @@ func TestPrivilegedProgRunLookup(t *testing.T) {
 	if ret, cookie := run(unix.IPPROTO_TCP, ap(remote, 40000), ap(podP, 8080)); ret != skDrop || cookie != 0 {
 		t.Errorf("to a captured pod with no inbound listener: verdict %d, cookie %d; want SK_DROP (fail closed, never a host listener)", ret, cookie)
 	}
+}
+
+// nft loads an nftables ruleset into the calling thread's network
+// namespace (the test's, see enterNetns).
+func nft(tb testing.TB, ruleset string) {
+	tb.Helper()
+	cmd := exec.Command("nsenter", fmt.Sprintf("--net=/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid()), "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(ruleset)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		tb.Fatalf("nft: %v: %s", err, out)
+	}
+}
+
+// TestPrivilegedProgRunEscaped checks the pod program's egress half on
+// forwarded packets: a SYN to a captured pod on its veth escaped capture
+// at ingress (the node translated its destination), and is turned back to
+// lo's ingress with the addresses it had before the translation, which
+// conntrack holds — with valid checksums — or dropped when it cannot be;
+// everything else passes. The connections the conntrack entries come from
+// are the test's own, through nftables NAT in output (DNAT, and SNAT as a
+// NodePort's masquerade does), as kube-proxy translates a pod's.
+func TestPrivilegedProgRunEscaped(t *testing.T) {
+	privileged.Require(t)
+	d, idx := capturedNetns(t, 2)
+	vethA, vethC := idx[0], idx[1]
+	ap := netip.AddrPortFrom
+	vip1, vip2, vip6 := ap(netip.MustParseAddr("198.18.100.1"), 80), ap(netip.MustParseAddr("198.18.100.2"), 80), ap(netip.MustParseAddr("2001:db8:100::1"), 80)
+	masq := netip.MustParseAddr("198.19.3.3")
+	addLocal(t, podP, podP6, remote, rem6, masq, vip1.Addr(), vip2.Addr(), vip6.Addr())
+	nft(t, fmt.Sprintf(`table inet amber-test {
+	chain output {
+		type nat hook output priority -100; policy accept;
+		ip daddr %[1]s tcp dport 80 dnat ip to %[4]s:9080
+		ip daddr %[2]s tcp dport 80 dnat ip to %[4]s:9080
+		ip6 daddr %[3]s tcp dport 80 dnat ip6 to [%[5]s]:9080
+	}
+	chain postrouting {
+		type nat hook postrouting priority 100; policy accept;
+		ct original ip daddr %[2]s snat ip to %[6]s
+	}
+}
+`, vip1.Addr(), vip2.Addr(), vip6.Addr(), podP, podP6, masq))
+	// The server's sockets: an uncaptured pod's would be in its own
+	// namespace, here they are host sockets.
+	accepted := map[netip.AddrPort]netip.AddrPort{} // client's address → the server's peer
+	for _, c := range []struct{ client, vip netip.AddrPort }{
+		{ap(remote, 40100), vip1}, {ap(remote, 40101), vip2}, {ap(rem6, 40100), vip6},
+	} {
+		ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(ap(map[bool]netip.Addr{false: podP, true: podP6}[c.vip.Addr().Is6()], 9080)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		dialFrom(t, c.client, c.vip, 0)
+		s, err := ln.AcceptTCP()
+		ln.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		peer := netip.MustParseAddrPort(s.RemoteAddr().String())
+		accepted[c.client] = ap(peer.Addr().Unmap(), peer.Port())
+	}
+	snat := accepted[ap(remote, 40101)]
+	if snat.Addr() != masq {
+		t.Fatalf("the server saw %s, want the masquerade address %s", snat, masq)
+	}
+
+	ln := transparentListener(t, "[::]:0")
+	sl := &slots{ls: registerAll(t, d.PinRoot(), ln), sock: ln}
+	pk := func(src, dst netip.AddrPort, syn, ack bool) *pkt {
+		return &pkt{src: src.Addr(), dst: dst.Addr(), proto: protoTCP, sport: src.Port(), dport: dst.Port(), syn: syn, ack: ack}
+	}
+	synTo := func(src, dst netip.AddrPort) pkt { return *pk(src, dst, true, false) }
+	ep, ep6 := ap(podP, 9080), ap(podP6, 9080)
+	frag := synTo(ap(remote, 40300), ap(podP, 9080))
+	frag.moreFrags = true
+	trunc := synTo(ap(remote, 40300), ap(podP, 9080))
+	trunc.truncate = 4
+	hop := synTo(ap(rem6, 40300), ep6)
+	hop.v6Ext = []int{0}
+	const (
+		actRedirect = 7 // TC_ACT_REDIRECT
+		mark        = 0x40000
+		lo          = 1
+	)
+	fwd := vethC // the interface a forwarded packet came in on
+	runTable(t, d, sl, []runCase{
+		{name: "DNATed SYN: back to the Service address", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: synTo(ap(remote, 40100), ep), want: actRedirect, reason: "redirect_escaped", only: only(Inbound), wantMark: mark, zeroMAC: true, out: pk(ap(remote, 40100), vip1, true, false)},
+		{name: "v6 DNATed SYN: back to the Service address", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: synTo(ap(rem6, 40100), ep6), want: actRedirect, reason: "redirect_escaped", only: only(Inbound), wantMark: mark, zeroMAC: true, out: pk(ap(rem6, 40100), vip6, true, false)},
+		{name: "masqueraded SYN: back to the client and the Service address", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: synTo(snat, ep), want: actRedirect, reason: "redirect_escaped", only: only(Inbound), wantMark: mark, zeroMAC: true, out: pk(ap(remote, 40101), vip2, true, false)},
+		{name: "untranslated SYN (an interface without the ingress program)", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: synTo(ap(remote, 40200), ep), want: actRedirect, reason: "redirect_escaped", only: only(Inbound), wantMark: mark, zeroMAC: true, out: pk(ap(remote, 40200), ep, true, false)},
+		{name: "SYN to :15008 goes to the HBONE listener", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: synTo(ap(remote, 40200), ap(podP, HBONEPort)), want: actRedirect, reason: "redirect_escaped", only: only(HBONE), wantMark: mark, zeroMAC: true},
+		{name: "SYN to :15008 without the HBONE listener: fail closed", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: synTo(ap(remote, 40200), ap(podP, HBONEPort)), want: actShot, reason: "drop_no_listener", only: only(Inbound)},
+		{name: "no inbound listener: fail closed", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: synTo(ap(remote, 40100), ep), want: actShot, reason: "drop_no_listener", only: only(noListener)},
+		{name: "came in through lo: steered once, not delivered", prog: roleToPod, ifindex: vethA, ingress: lo, pkt: synTo(ap(remote, 40100), ep), want: actShot, reason: "drop_escaped"},
+		{name: "v6 SYN behind a hop-by-hop header", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: hop, want: actRedirect, reason: "redirect_escaped", only: only(Inbound), wantMark: mark, zeroMAC: true},
+		{name: "fragment to a captured pod", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: frag, want: actShot, reason: "drop_fragment"},
+		{name: "truncated TCP to a captured pod", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: trunc, want: actShot, reason: "drop_malformed"},
+		{name: "forwarded ACK passes", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: *pk(ap(remote, 40100), ep, false, true), want: actOK, reason: "pass_to_pod"},
+		{name: "forwarded SYN-ACK passes", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: *pk(ap(remote, 40100), ep, true, true), want: actOK, reason: "pass_to_pod"},
+		{name: "SYN to an uncaptured pod passes", prog: roleToPod, ifindex: vethC, ingress: vethA, pkt: synTo(ap(remote, 40100), ap(podC, 9080)), want: actOK, reason: "pass_to_pod"},
+		{name: "captured pod's address out of another veth passes", prog: roleToPod, ifindex: vethC, ingress: fwd, pkt: synTo(ap(remote, 40100), ep), want: actOK, reason: "pass_to_pod"},
+		{name: "forwarded UDP passes", prog: roleToPod, ifindex: vethA, ingress: fwd, pkt: pkt{src: remote, dst: podP, proto: protoUDP, sport: 53, dport: 9080}, want: actOK, reason: "pass_to_pod"},
+		// The ingress half: a packet of the masqueraded connection, still
+		// addressed to the Service, is looked up under the translated
+		// source and destination (this socket is not the ztunnel's).
+		{name: "masqueraded connection's packet found under both translated addresses", prog: RoleUplink, ifindex: vethC, pkt: *pk(ap(remote, 40101), vip2, false, true), want: actOK, reason: "pass_host_socket"},
+	})
 }

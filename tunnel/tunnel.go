@@ -194,6 +194,12 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 	g.Defer("data listeners", lns.Close)
+	var captured func(netip.Addr) bool
+	if !cfg.NoCapture {
+		m := &membership{root: cfg.PinRoot, log: log}
+		g.Defer("membership map", m.Close)
+		captured = m.captured
+	}
 	reg := metrics.New()
 	px, err := proxy.New(proxy.Config{
 		Store:       store,
@@ -204,6 +210,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Logger:      log,
 		Sockets:     cfg.Sockets,
 		HBONEPort:   cfg.Ports.HBONE,
+		Captured:    captured,
 		Handshakes:  cfg.Handshakes,
 		// istiod describes a new pod a moment after the agent captured it.
 		WorkloadWait:  5 * time.Second,

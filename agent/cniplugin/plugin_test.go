@@ -46,6 +46,9 @@ func (e *env) conf(extra map[string]any) []byte {
 		"cniVersion": "1.0.0", "name": "kindnet", "type": Name,
 		"agentSocket": e.socket, "apiAccessFile": e.access,
 		"prevResult": json.RawMessage(prevResult),
+		// Never the node's own pins: an agent running on this machine
+		// (a real-node test) would make "no datapath pinned" untrue.
+		"pinRoot": filepath.Join(e.dir, "pins"),
 	}
 	for k, v := range extra {
 		c[k] = v

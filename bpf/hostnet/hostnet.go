@@ -1,18 +1,22 @@
 // Package hostnet installs, checks and removes the policy routing that makes
 // a packet assigned to a ztunnel socket by the capture programs reach the
 // local stack: `ip rule fwmark M/M lookup T` and `local default dev lo
-// table T`, for IPv4 and IPv6, and net.ipv4.conf.lo.accept_local=1, in the
-// calling thread's network namespace.
+// table T`, for IPv4 and IPv6, and, on lo, net.ipv4.conf.lo.accept_local=1
+// and rp_filter=2 (loose), in the calling thread's network namespace.
 //
 // Without the rule and route the kernel routes an assigned SYN by its
 // (foreign) destination address and forwards it, and the listener never
-// sees it. Without accept_local on lo, the node's own replies to the
-// ztunnel's dials from a pod's address, which the pod program's egress half
-// redirects to lo's ingress, are IPv4 martians: fib_validate_source()
-// rejects a received packet whose source is a local address unless the
-// receiving device accepts local sources. Only lo is set: ordinary
-// loopback packets keep the route they were sent with and never meet that
-// check, and loopback is exempt from the reverse-path filter.
+// sees it. The pod program's egress half redirects two kinds of packets to
+// lo's ingress, where IPv4's source validation (fib_validate_source())
+// meets them: the node's own replies to the ztunnel's dials from a pod's
+// address, whose source is a local address, a martian unless the receiving
+// device accepts local sources; and new connections that escaped capture
+// (translated to a captured pod by the node), whose source is a pod's or
+// another node's, reached through another interface, which a strict
+// reverse-path filter (rp_filter=1 in conf/all, the maximum of all and the
+// device applies) rejects on lo. Loose mode (2) only asks that the source
+// be routable. Only lo is set: ordinary loopback packets keep the route
+// they were sent with and never meet either check.
 package hostnet
 
 import (
@@ -103,49 +107,74 @@ func (c Config) route(family int, dst *net.IPNet) (*netlink.Route, error) {
 	}, nil
 }
 
-// ipv4DevconfAcceptLocal is IPV4_DEVCONF_ACCEPT_LOCAL (linux/ip.h).
-const ipv4DevconfAcceptLocal = 23
+// IPv4 devconf indexes (linux/ip.h, enum IPV4_DEVCONF_*).
+const (
+	ipv4DevconfRPFilter    = 8
+	ipv4DevconfAcceptLocal = 23
+)
 
-// setAcceptLocal sets net.ipv4.conf.lo.accept_local through rtnetlink
-// (RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF, as
-// inet_set_link_af() takes it), not /proc/sys: container runtimes mount
-// /proc/sys read-only in unprivileged containers such as the agent's, and
-// netlink needs only CAP_NET_ADMIN.
-func setAcceptLocal(on bool) error {
+// rpLoose is rp_filter's loose mode (RFC 3704 loose reverse path).
+const rpLoose = 2
+
+// setLoConf sets lo's IPv4 devconf values through rtnetlink (RTM_SETLINK
+// with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF, as inet_set_link_af() takes
+// them), not /proc/sys: container runtimes mount /proc/sys read-only in
+// unprivileged containers such as the agent's, and netlink needs only
+// CAP_NET_ADMIN.
+func setLoConf(acceptLocal, rpFilter uint32) error {
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("find lo: %w", err)
-	}
-	var v uint32
-	if on {
-		v = 1
 	}
 	req := nl.NewNetlinkRequest(unix.RTM_SETLINK, unix.NLM_F_ACK)
 	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
 	msg.Index = int32(lo.Attrs().Index)
 	req.AddData(msg)
 	spec := nl.NewRtAttr(unix.IFLA_AF_SPEC, nil)
-	spec.AddRtAttr(unix.AF_INET, nil).AddRtAttr(unix.IFLA_INET_CONF, nil).AddRtAttr(ipv4DevconfAcceptLocal, nl.Uint32Attr(v))
+	conf := spec.AddRtAttr(unix.AF_INET, nil).AddRtAttr(unix.IFLA_INET_CONF, nil)
+	conf.AddRtAttr(ipv4DevconfAcceptLocal, nl.Uint32Attr(acceptLocal))
+	conf.AddRtAttr(ipv4DevconfRPFilter, nl.Uint32Attr(rpFilter))
 	req.AddData(spec)
 	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
-		return fmt.Errorf("set lo accept_local=%d: %w", v, err)
+		return fmt.Errorf("set lo accept_local=%d rp_filter=%d: %w", acceptLocal, rpFilter, err)
 	}
 	return nil
 }
 
-// acceptsLocal reads lo's accept_local from /proc/sys/net (read-only in
-// containers, but readable), which the kernel resolves against the calling
-// thread's network namespace.
-func acceptsLocal() (bool, error) {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/conf/lo/accept_local")
+// readConf reads net.ipv4.conf.<dev>.<key> from /proc/sys/net (read-only
+// in containers, but readable), which the kernel resolves against the
+// calling thread's network namespace.
+func readConf(dev, key string) (int, error) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + dev + "/" + key)
 	if err != nil {
-		return false, fmt.Errorf("read lo accept_local: %w", err)
+		return 0, fmt.Errorf("read %s %s: %w", dev, key, err)
 	}
-	return strings.TrimSpace(string(b)) == "1", nil
+	var v int
+	if _, err := fmt.Sscan(strings.TrimSpace(string(b)), &v); err != nil {
+		return 0, fmt.Errorf("read %s %s: %w", dev, key, err)
+	}
+	return v, nil
 }
 
-// Ensure installs the rule and route for both families and accept_local on
-// lo; it is idempotent.
+// acceptsLocal reports lo's accept_local.
+func acceptsLocal() (bool, error) {
+	v, err := readConf("lo", "accept_local")
+	return v == 1, err
+}
+
+// loStrictRP reports whether the reverse-path filter on lo is strict: the
+// kernel applies the maximum of conf/all and conf/lo.
+func loStrictRP() (bool, error) {
+	all, err := readConf("all", "rp_filter")
+	if err != nil {
+		return false, err
+	}
+	lo, err := readConf("lo", "rp_filter")
+	return max(all, lo) == 1, err
+}
+
+// Ensure installs the rule and route for both families, accept_local and
+// the loose reverse-path filter on lo; it is idempotent.
 func Ensure(c Config) error {
 	c = c.WithDefaults()
 	lo, err := netlink.LinkByName("lo")
@@ -176,7 +205,7 @@ func Ensure(c Config) error {
 			}
 		}
 	}
-	if err := setAcceptLocal(true); err != nil {
+	if err := setLoConf(1, rpLoose); err != nil {
 		return err
 	}
 	return Check(c)
@@ -215,14 +244,22 @@ func Check(c Config) error {
 	if !ok {
 		missing = append(missing, "ipv4: lo does not accept local sources (net.ipv4.conf.lo.accept_local=0)")
 	}
+	strict, err := loStrictRP()
+	if err != nil {
+		return err
+	}
+	if strict {
+		missing = append(missing, "ipv4: strict reverse-path filter on lo (net.ipv4.conf.lo.rp_filter, with conf/all, is 1)")
+	}
 	if len(missing) > 0 {
 		return fmt.Errorf("%w: %s", ErrIncomplete, strings.Join(missing, "; "))
 	}
 	return nil
 }
 
-// Remove deletes the rules and routes Ensure installed and turns lo's
-// accept_local off again; missing ones are not an error.
+// Remove deletes the rules and routes Ensure installed and sets lo's
+// accept_local and rp_filter back to 0 (their defaults); missing ones are
+// not an error.
 func Remove(c Config) error {
 	c = c.WithDefaults()
 	var errs []error
@@ -247,7 +284,7 @@ func Remove(c Config) error {
 			errs = append(errs, fmt.Errorf("delete %s local route: %w", f.name, err))
 		}
 	}
-	errs = append(errs, setAcceptLocal(false))
+	errs = append(errs, setLoConf(0, 0))
 	return errors.Join(errs...)
 }
 

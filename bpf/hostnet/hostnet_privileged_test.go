@@ -2,6 +2,7 @@ package hostnet
 
 import (
 	"errors"
+	"os"
 	"runtime"
 	"testing"
 
@@ -31,6 +32,11 @@ func TestPrivilegedEnsureCheckRemove(t *testing.T) {
 		runtime.UnlockOSThread()
 	}()
 
+	// A node with a strict reverse-path filter everywhere: lo must end up
+	// loose all the same (the kernel applies max(all, lo)).
+	if err := os.WriteFile("/proc/sys/net/ipv4/conf/all/rp_filter", []byte("1"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cfg := Config{}
 	if err := Check(cfg); !errors.Is(err, ErrIncomplete) {
 		t.Fatalf("Check on a bare namespace = %v, want ErrIncomplete", err)
@@ -46,11 +52,17 @@ func TestPrivilegedEnsureCheckRemove(t *testing.T) {
 	if ok, err := acceptsLocal(); err != nil || !ok {
 		t.Fatalf("lo accept_local after Ensure: %v %v, want on", ok, err)
 	}
+	if strict, err := loStrictRP(); err != nil || strict {
+		t.Fatalf("lo reverse-path filter strict after Ensure: %v %v, want loose", strict, err)
+	}
 	if err := Remove(cfg); err != nil {
 		t.Fatal(err)
 	}
 	if ok, err := acceptsLocal(); err != nil || ok {
 		t.Fatalf("lo accept_local after Remove: %v %v, want off", ok, err)
+	}
+	if v, err := readConf("lo", "rp_filter"); err != nil || v != 0 {
+		t.Fatalf("lo rp_filter after Remove: %d %v, want 0", v, err)
 	}
 	if err := Check(cfg); !errors.Is(err, ErrIncomplete) {
 		t.Fatalf("Check after Remove = %v, want ErrIncomplete", err)

@@ -650,20 +650,30 @@ func hackScript(ctx context.Context, opts Options, script string, args ...string
 	return strings.TrimSpace(stdout.String()), nil
 }
 
+// coreDNSStamp is what tools/coredns is built from: the SHA-256 of its
+// go.mod, go.sum and main.go, in hex. hack/coredns.sh, which make test
+// runs first, writes the same stamp.
+func coreDNSStamp(src string) (string, error) {
+	h := sha256.New()
+	for _, f := range []string{"go.mod", "go.sum", "main.go"} {
+		b, err := os.ReadFile(filepath.Join(src, f))
+		if err != nil {
+			return "", err
+		}
+		h.Write(b)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
 // buildCoreDNS builds tools/coredns into CacheDir/bin unless the binary
 // there was built from the same go.mod, go.sum and main.go.
 func buildCoreDNS(ctx context.Context, opts Options) (string, error) {
 	src := filepath.Join(opts.RepoRoot, "test", "cluster", "tools", "coredns")
 	bin := filepath.Join(opts.CacheDir, "bin", "coredns")
-	h := sha256.New()
-	for _, f := range []string{"go.mod", "go.sum", "main.go"} {
-		b, err := os.ReadFile(filepath.Join(src, f))
-		if err != nil {
-			return "", fmt.Errorf("build coredns: %w", err)
-		}
-		h.Write(b)
+	stamp, err := coreDNSStamp(src)
+	if err != nil {
+		return "", fmt.Errorf("build coredns: %w", err)
 	}
-	stamp := hex.EncodeToString(h.Sum(nil))
 	if old, err := os.ReadFile(bin + ".stamp"); err == nil && string(old) == stamp {
 		if _, err := os.Stat(bin); err == nil {
 			return bin, nil

@@ -175,9 +175,10 @@ func cniConfig(l layout) string {
 `, cniNetwork, PodCIDR, ptpGateway, l.cniIPAMDir())
 }
 
-// kubeletConfig: the settings DESIGN.md §7 found necessary on this kind of
-// machine (cgroup v1, no systemd, no swap accounting, no iptables chains),
-// with every directory the kubelet lets us move under the state directory.
+// kubeletConfig: the settings docs/facts.md §5 lists as necessary on this
+// kind of machine (cgroup v1, no systemd, no swap accounting, no iptables
+// chains), with every directory the kubelet lets us move under the state
+// directory.
 func kubeletConfig(l layout) string {
 	r := strings.NewReplacer("@PKI@", l.pki(), "@ROOT@", l.kubeletRoot(), "@SOCK@", l.criSocket(),
 		"@NODEIP@", NodeIP, "@DNS@", DNSServiceIP, "@DOMAIN@", ClusterDomain,

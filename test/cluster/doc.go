@@ -64,7 +64,7 @@
 //
 // # Settings this machine needs
 //
-// From DESIGN.md §7: containerd with restrict_oom_score_adj (no
+// From docs/facts.md §5: containerd with restrict_oom_score_adj (no
 // CAP_SYS_RESOURCE), disable_apparmor, SystemdCgroup=false and the local
 // pause image as sandbox_image; the kubelet with failCgroupV1 false
 // (cgroup v1 here), cgroupDriver cgroupfs, failSwapOn false,

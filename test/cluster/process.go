@@ -32,6 +32,12 @@ func startDaemon(l layout, name, bin string, args, env []string) error {
 		return fmt.Errorf("start %s: %w", name, err)
 	}
 	defer f.Close()
+	// The pid file must name the binary as /proc/PID/exe will (daemonPid
+	// compares them): with symbolic links resolved, such as a .cache that
+	// links to another checkout's.
+	if real, err := filepath.EvalSymlinks(bin); err == nil {
+		bin = real
+	}
 	fmt.Fprintf(f, "==== %s: %s %q\n", time.Now().Format(time.RFC3339Nano), bin, args)
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f

@@ -24,14 +24,7 @@ import (
 // prerouting for pods, in output for the node's own connections. It also
 // puts conntrack on every packet of the node, as on a real node.
 func kubeProxyNAT(services map[netip.AddrPort]netip.AddrPort) string {
-	var rules strings.Builder
-	for vip, ep := range services {
-		fam := "ip"
-		if vip.Addr().Is6() {
-			fam = "ip6"
-		}
-		fmt.Fprintf(&rules, "\t\t%s daddr %s tcp dport %d dnat %s to %s\n", fam, vip.Addr(), vip.Port(), fam, ep)
-	}
+	rules := dnatRules(services, "")
 	return fmt.Sprintf(`table inet amber-e2e-kube-proxy {
 	chain prerouting {
 		type nat hook prerouting priority -100; policy accept;
@@ -40,7 +33,21 @@ func kubeProxyNAT(services map[netip.AddrPort]netip.AddrPort) string {
 		type nat hook output priority -100; policy accept;
 %s	}
 }
-`, rules.String(), rules.String())
+`, rules, rules)
+}
+
+// dnatRules are nftables rules translating each key to its value, each
+// running stmt (if any) first.
+func dnatRules(m map[netip.AddrPort]netip.AddrPort, stmt string) string {
+	var rules strings.Builder
+	for from, to := range m {
+		fam := "ip"
+		if from.Addr().Is6() {
+			fam = "ip6"
+		}
+		fmt.Fprintf(&rules, "\t\t%s daddr %s tcp dport %d %sdnat %s to %s\n", fam, from.Addr(), from.Port(), stmt, fam, to)
+	}
+	return rules.String()
 }
 
 // addHostAddr puts a on the node's loopback: one more address of the node.

@@ -182,6 +182,10 @@ func TestPrivilegedRealNode(t *testing.T) {
 		}
 	})
 
+	t.Run("a captured pod reaches its node: CoreDNS over TCP, the API server with its token", func(t *testing.T) {
+		nodeDestinations(t, ctx, c)
+	})
+
 	t.Run("a pod created after the label is captured before its first connection", func(t *testing.T) {
 		since := time.Now().Add(-time.Second)
 		done := runClientPod(t, ctx, realnode.HostTarget(c), ns, "first-connection", realnode.Sleep, false, url)
@@ -214,6 +218,10 @@ func TestPrivilegedRealNode(t *testing.T) {
 		if strings.Contains(logs, "src.addr="+cluster.NodeIP+":") {
 			t.Errorf("a connection from the node's address went through the ztunnel:\n%s", logs)
 		}
+	})
+
+	t.Run("PeerAuthentication STRICT from istiod: plaintext refused, mTLS admitted, port-level PERMISSIVE honoured", func(t *testing.T) {
+		peerAuthentication(t, ctx, c, url)
 	})
 
 	t.Run("L4 AuthorizationPolicy from istiod is enforced", func(t *testing.T) {

@@ -79,6 +79,32 @@ spec:
 `, ns, Productpage, Sleep)
 }
 
+// PeerAuthenticationYAML is a namespace-wide PeerAuthentication in ns
+// requiring mutual TLS (mode STRICT): istiod turns it into an L4 policy
+// for the ztunnels that refuses connections without a peer identity.
+func PeerAuthenticationYAML(ns string) string {
+	return fmt.Sprintf(`apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: %s}
+spec:
+  mtls: {mode: STRICT}
+`, ns)
+}
+
+// PortPermissiveYAML is a PeerAuthentication for app's workloads in ns:
+// STRICT, except port, which admits plaintext (PERMISSIVE).
+func PortPermissiveYAML(ns, app string, port int) string {
+	return fmt.Sprintf(`apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: %[2]s-port-%[3]d, namespace: %[1]s}
+spec:
+  selector: {matchLabels: {app: %[2]s}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    %[3]d: {mode: PERMISSIVE}
+`, ns, app, port)
+}
+
 func podReady(p *corev1.Pod) bool {
 	for _, c := range p.Status.Conditions {
 		if c.Type == corev1.PodReady {

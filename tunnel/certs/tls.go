@@ -97,7 +97,7 @@ func (m *Manager) ServerConfig(certFor func(local net.Addr) (identity.ID, error)
 // ClientConfig returns the TLS configuration for an HBONE connection from
 // workload src to a server that must be exactly want. The server's chain is
 // checked against the mesh roots and its URI SAN against want; there is no
-// SNI and no hostname check (DESIGN.md §3). The server is verified before
+// SNI and no hostname check (docs/facts.md §3, HBONE). The server is verified before
 // the client certificate is sent, so src's certificate never reaches a
 // server that is not want.
 func (m *Manager) ClientConfig(src, want identity.ID) *tls.Config {

@@ -246,9 +246,11 @@ func BenchmarkIdleStreamMemory(b *testing.B) {
 	b.ReportMetric(stack, "stack-B/stream")
 }
 
-// TestIdleStreamMemory holds an idle tunnelled connection to DESIGN's
+// TestIdleStreamMemory holds an idle tunnelled connection to amber's
 // budget: both ends of a stream, without the handler's goroutine, fit in
-// 8 KiB of heap.
+// 8 KiB of heap, against 16–20 KiB per side for goroutine-per-direction Go
+// proxies and ≈ 3.8 KiB for Istio's Rust ztunnel (docs/facts.md §4;
+// ARCHITECTURE.md, "Idle connections hold no goroutine").
 func TestIdleStreamMemory(t *testing.T) {
 	if testing.Short() {
 		t.Skip("allocates 1000 streams")

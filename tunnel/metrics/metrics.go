@@ -27,7 +27,8 @@ const (
 	ProtocolTCP         = "tcp"
 )
 
-// labelNames are Istio's TCP metric labels (DESIGN.md §3), in Labels order.
+// labelNames are Istio's TCP metric labels (docs/facts.md §3, Metrics), in
+// Labels order.
 var labelNames = []string{
 	"reporter",
 	"source_workload",

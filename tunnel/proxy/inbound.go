@@ -20,7 +20,7 @@ import (
 )
 
 // serveHBONE answers one CONNECT, checking in the order Istio's ztunnel
-// does (DESIGN.md §3): authority against the original destination, the
+// does (docs/facts.md §3, HBONE): authority against the original destination, the
 // ztunnel's own ports and special addresses (400), a local destination
 // workload (400), authorization (401), the upstream connection (503); 200
 // only once the application accepted.

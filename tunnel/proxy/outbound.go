@@ -30,28 +30,30 @@ type route struct {
 
 // handleOutbound serves a connection captured leaving a local pod. The
 // accepted socket's local address is the original destination: the
-// datapath assigns the SYN to the listener without NAT (DESIGN.md §2) —
-// unless the host's Service NAT (kube-proxy) translated a Service address
-// after the assignment; conntrack then still knows the Service address.
+// datapath assigns the SYN to the listener without NAT (ARCHITECTURE.md,
+// "Datapath") — unless the host's Service NAT (kube-proxy) translated a
+// Service address after the assignment; conntrack then still knows the
+// Service address, and the local address is where the node sent it.
 func (p *Proxy) handleOutbound(c net.Conn) {
 	dst := sockopt.AddrPort(c.LocalAddr())
+	var translated netip.AddrPort
 	if tc, ok := c.(*net.TCPConn); ok {
-		if od, ok := sockopt.OriginalDst(tc); ok {
-			dst = od
+		if od, ok := sockopt.OriginalDst(tc); ok && od != dst {
+			dst, translated = od, dst
 		}
 	}
-	p.outbound(c.(relay.Conn), sockopt.AddrPort(c.RemoteAddr()), dst)
+	p.outbound(c.(relay.Conn), sockopt.AddrPort(c.RemoteAddr()), dst, translated)
 }
 
-func (p *Proxy) outbound(down relay.Conn, src, dst netip.AddrPort) {
-	if r, up := p.connectOutbound(down, src, dst); up != nil {
+func (p *Proxy) outbound(down relay.Conn, src, dst, translated netip.AddrPort) {
+	if r, up := p.connectOutbound(down, src, dst, translated); up != nil {
 		p.relay(r, &tracked{pair: relay.NewPair(down, up)})
 	}
 }
 
 // connectOutbound resolves and connects an outbound connection; a nil
 // relay.Conn means it was refused and reported.
-func (p *Proxy) connectOutbound(down relay.Conn, src, dst netip.AddrPort) (*record, relay.Conn) {
+func (p *Proxy) connectOutbound(down relay.Conn, src, dst, translated netip.AddrPort) (*record, relay.Conn) {
 	r := &record{reporter: reporterSource, src: src, dst: dst, start: time.Now(), protocol: protocolTCP}
 	// A captured pod must be known: anything else would let an unknown
 	// address borrow the node's mesh identity. A pod's first connection
@@ -66,7 +68,7 @@ func (p *Proxy) connectOutbound(down relay.Conn, src, dst netip.AddrPort) (*reco
 		return r, nil
 	}
 	r.srcID = workloadID(r.srcW)
-	rt, err := p.route(snap, dst)
+	rt, err := p.routeOutbound(snap, dst, translated)
 	if err != nil {
 		p.stats.NoRoute.Add(1)
 		down.Close()
@@ -85,6 +87,11 @@ func (p *Proxy) connectOutbound(down relay.Conn, src, dst netip.AddrPort) (*reco
 		hdr.Set("Traceparent", newTraceparent())
 		key := hbone.Key{Src: r.srcID.String(), Dst: rt.peer.String(), Addr: rt.addr}
 		up, err = p.pool.Connect(ctx, key, rt.authority, hdr)
+	} else if p.cfg.Captured != nil && p.cfg.Captured(rt.addr.Addr()) {
+		// A pod this node captures, which the mesh does not describe as
+		// HBONE (not yet: a new pod, a ztunnel just started, a capture
+		// istiod has not seen): its inbound checks are this ztunnel's.
+		up, err = p.dialLocalInbound(src, rt.addr)
 	} else {
 		// Plain TCP leaves from the pod's own address, as it would without
 		// the mesh; the reply finds this socket through the datapath's
@@ -98,6 +105,26 @@ func (p *Proxy) connectOutbound(down relay.Conn, src, dst netip.AddrPort) (*reco
 		return r, nil
 	}
 	return r, up
+}
+
+// routeOutbound is route for an outbound connection whose destination
+// the node translated (translated is where to; zero when it did not).
+// A destination the mesh knows (a Service, a workload) is routed as the
+// mesh says. One it does not know — a Service istiod does not describe,
+// that kube-proxy translates — is routed by the address the node
+// translated it to: passthrough dials that endpoint (a workload's there
+// gets HBONE). Dialling the Service address instead would have the node
+// translate the ztunnel's own dial a second time, in OUTPUT, to an
+// endpoint of its choosing, and a remote endpoint's replies, addressed
+// to the pod and coming from the endpoint, would match no ztunnel
+// socket; the client's connection was translated once already, to this
+// endpoint.
+func (p *Proxy) routeOutbound(snap *state.Snapshot, dst, translated netip.AddrPort) (*route, error) {
+	rt, err := p.route(snap, dst)
+	if err != nil || !translated.IsValid() || rt.svc != nil || rt.dstW != nil {
+		return rt, err
+	}
+	return p.route(snap, translated)
 }
 
 // route resolves the original destination: a service VIP is replaced by

@@ -28,7 +28,7 @@ import (
 	"github.com/amber-mesh/amber/xds/state"
 )
 
-// Default ports (DESIGN.md §3).
+// Default ports: Istio's (docs/facts.md §3, Ports; ARCHITECTURE.md, Ports).
 const (
 	DefaultOutboundPort  = 15001
 	DefaultInboundPort   = 15006
@@ -71,6 +71,12 @@ type Config struct {
 	// HBONEPort is the port HBONE is dialled on at destination pods.
 	// Zero means DefaultHBONEPort.
 	HBONEPort uint16
+	// Captured reports whether the node's datapath captures an address:
+	// a pod of this node whose connections this ztunnel checks. A plain
+	// TCP connection to it is passed through this ztunnel's inbound
+	// checks in process (see dialLocalInbound), never dialled directly.
+	// Nil means nothing is captured (no datapath).
+	Captured func(netip.Addr) bool
 	// ReservedPorts are refused as CONNECT targets in addition to the
 	// default ztunnel ports (15000, 15001, 15006, 15008, 15020, 15021):
 	// a tunnel must never reach the ztunnel itself.

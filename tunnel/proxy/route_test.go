@@ -69,6 +69,36 @@ func TestRoute(t *testing.T) {
 		})
 	}
 
+	// A destination the node translated (kube-proxy): a Service the mesh
+	// does not describe is routed by the address the node translated it
+	// to; what the mesh knows is routed as before whatever the node did.
+	for _, tc := range []struct {
+		name, dst, translated string
+		hbone                 bool
+		addr                  string
+	}{
+		{"unknown Service to an unknown endpoint: the endpoint", "10.96.0.9:80", "192.0.2.7:8080", false, "192.0.2.7:8080"},
+		{"unknown Service to a plain workload: the workload", "10.96.0.9:80", "10.0.0.3:9080", false, "10.0.0.3:9080"},
+		{"unknown Service to a mesh workload: HBONE to it", "10.96.0.9:80", "10.0.0.2:9080", true, "10.0.0.2:15008"},
+		{"unknown Service, not translated: passthrough", "10.96.0.9:80", "", false, "10.96.0.9:80"},
+		{"known Service: its endpoint, not the node's choice", "10.96.0.1:80", "10.0.0.3:9080", true, "10.0.0.2:15008"},
+		{"known workload: itself", "10.0.0.3:9080", "192.0.2.7:8080", false, "10.0.0.3:9080"},
+	} {
+		t.Run("translated/"+tc.name, func(t *testing.T) {
+			var translated netip.AddrPort
+			if tc.translated != "" {
+				translated = netip.MustParseAddrPort(tc.translated)
+			}
+			rt, err := p.routeOutbound(store.Load(), netip.MustParseAddrPort(tc.dst), translated)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rt.hbone != tc.hbone || rt.addr.String() != tc.addr {
+				t.Errorf("route = hbone %v addr %s; want %v %s", rt.hbone, rt.addr, tc.hbone, tc.addr)
+			}
+		})
+	}
+
 	// A service without a healthy endpoint is refused, not passed through
 	// to the VIP.
 	store.Update(func(tx *state.Txn) {

@@ -58,7 +58,7 @@ func (o Options) mark() int {
 
 // Listen opens a TCP listener on addr ("[::]:15001" for dual stack).
 // MPTCP is off because Go ≥ 1.24 listeners are MPTCP by default and an
-// MPTCP socket cannot be put into a SOCKMAP (DESIGN.md §2); IP_TRANSPARENT
+// MPTCP socket cannot be put into a SOCKMAP (docs/facts.md §2); IP_TRANSPARENT
 // is on because without it the kernel never answers a SYN assigned by
 // bpf_sk_assign for a foreign address.
 func (o Options) Listen(ctx context.Context, addr string) (*net.TCPListener, error) {

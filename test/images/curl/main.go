@@ -4,6 +4,13 @@
 // shell is needed in its image. curl -sleep waits for SIGTERM: the
 // container of a client Deployment (Istio's "sleep") that
 // `kubectl exec deploy/sleep -- curl URL` runs in.
+//
+// Two more modes probe the node from inside a pod: curl -resolve-tcp NAME
+// asks the pod's DNS server (its resolv.conf) over TCP only and prints
+// the addresses; curl -whoami calls the API server through the
+// `kubernetes` Service with client-go's in-cluster configuration (the
+// pod's service-account token) and prints the user it was authenticated
+// as (a SelfSubjectReview, which every authenticated user may create).
 package main
 
 import (
@@ -23,7 +30,17 @@ func main() {
 	retry := flag.Int("retry", 0, "retries per URL after a failure, one second apart")
 	timeout := flag.Duration("timeout", 5*time.Second, "timeout of each request")
 	sleep := flag.Bool("sleep", false, "wait for SIGTERM or SIGINT, then exit 0")
+	resolveTCP := flag.String("resolve-tcp", "", "resolve this name over TCP with the pod's DNS server, print the addresses")
+	whoami := flag.Bool("whoami", false, "authenticate to the API server with the pod's service account (client-go in-cluster), print the user")
 	flag.Parse()
+	switch {
+	case *resolveTCP != "":
+		exitOn(resolveOverTCP(*resolveTCP, *timeout))
+		return
+	case *whoami:
+		exitOn(whoAmI(*timeout))
+		return
+	}
 	if *sleep {
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 		defer stop()
