@@ -657,17 +657,6 @@ func (e *env) mustDirectNoMaps(p *pod) {
 	}
 }
 
-func eventually(tb testing.TB, timeout time.Duration, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func (e *env) events(p *pod, reason string) []corev1.Event {
 	evs, err := e.admin.CoreV1().Events(p.ns).List(context.Background(), metav1.ListOptions{})
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/testbed"
 )
 
@@ -237,11 +238,11 @@ func TestPrivilegedAPIServerDown(t *testing.T) {
 	// Changes flow again.
 	e.namespace("plain", ambient)
 	// client-go's reflectors back off up to 30 s between relists.
-	eventually(t, 45*time.Second, "label after API server restart", func() bool { return e.captured(outside) })
+	testutil.Eventually(t, "label after API server restart", func() bool { return e.captured(outside) })
 	tr.finish(t)
 	wd.finish(t)
 	e.running(late)
-	eventually(t, 45*time.Second, "annotation after API server restart", func() bool { return e.annotated(late) })
+	testutil.Eventually(t, "annotation after API server restart", func() bool { return e.annotated(late) })
 }
 
 // TestPrivilegedMapFull: beyond its capacity the agent refuses the new
@@ -266,7 +267,7 @@ func TestPrivilegedMapFull(t *testing.T) {
 	if ok, err := e.connect(c); err == nil {
 		t.Fatalf("pod over capacity connected (proxied=%v)", ok)
 	}
-	eventually(t, 5*time.Second, "MapFull event on the refused pod", func() bool { return len(e.events(c, "MapFull")) > 0 })
+	testutil.Eventually(t, "MapFull event on the refused pod", func() bool { return len(e.events(c, "MapFull")) > 0 })
 
 	if !e.quarantined(c.tb.IPv4) {
 		t.Fatal("refused pod's address not quarantined")
@@ -276,11 +277,11 @@ func TestPrivilegedMapFull(t *testing.T) {
 	if out, err := e.cni("DEL", c); err != nil {
 		t.Fatalf("DEL: %v\n%s", err, out)
 	}
-	eventually(t, 5*time.Second, "quarantine lifted after DEL", func() bool { return !e.quarantined(c.tb.IPv4) && !e.quarantined(c.tb.IPv6) })
+	testutil.Eventually(t, "quarantine lifted after DEL", func() bool { return !e.quarantined(c.tb.IPv4) && !e.quarantined(c.tb.IPv6) })
 
 	// A running pod enrolled by a label change, over capacity.
 	e.namespace("late", ambient)
-	eventually(t, 5*time.Second, "MapFull event on the running pod", func() bool { return len(e.events(d, "MapFull")) > 0 })
+	testutil.Eventually(t, "MapFull event on the running pod", func() bool { return len(e.events(d, "MapFull")) > 0 })
 	before := e.proxied(d)
 	if err := roundTrip(context.Background(), d.tb.Dial, e.echo); err == nil {
 		t.Fatal("running pod over capacity still connects")
@@ -294,7 +295,7 @@ func TestPrivilegedMapFull(t *testing.T) {
 
 	// Room frees up.
 	e.deletePod(a)
-	eventually(t, 10*time.Second, "running pod captured once room frees", func() bool { return e.captured(d) })
+	testutil.Eventually(t, "running pod captured once room frees", func() bool { return e.captured(d) })
 	e.mustCaptured(d)
-	eventually(t, 5*time.Second, "annotated", func() bool { return e.annotated(d) })
+	testutil.Eventually(t, "annotated", func() bool { return e.annotated(d) })
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/agent/enrol"
+	"github.com/amber-mesh/amber/internal/testutil"
 )
 
 type bed struct {
@@ -39,7 +40,7 @@ func newBedOn(t *testing.T, capacity int, dp *fakeDatapath, host *fakeHost) *bed
 	wg.Add(1)
 	go func() { defer wg.Done(); c.Run(ctx) }()
 	t.Cleanup(func() { cancel(); wg.Wait() })
-	eventually(t, "controller running", func() bool {
+	testutil.Eventually(t, "controller running", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		return c.running
@@ -67,7 +68,7 @@ func (b *bed) ns(name string, labels map[string]string) {
 func (b *bed) sync() {
 	b.t.Helper()
 	b.c.queue.add(resyncKey)
-	eventually(b.t, "queue drained", func() bool {
+	testutil.Eventually(b.t, "queue drained", func() bool {
 		b.c.queue.mu.Lock()
 		defer b.c.queue.mu.Unlock()
 		return len(b.c.queue.order) == 0
@@ -98,8 +99,8 @@ func TestLabelChangesBothWays(t *testing.T) {
 	}
 
 	b.ns("app", ambient)
-	eventually(t, "captured after namespace label", func() bool { return b.captured("10.0.0.1", 11) })
-	eventually(t, "annotated", func() bool { return b.rep.annotated("a") })
+	testutil.Eventually(t, "captured after namespace label", func() bool { return b.captured("10.0.0.1", 11) })
+	testutil.Eventually(t, "annotated", func() bool { return b.rep.annotated("a") })
 
 	// The annotation shows up on the pod.
 	p2 := *p
@@ -107,21 +108,21 @@ func TestLabelChangesBothWays(t *testing.T) {
 	b.c.UpsertPod(&p2)
 
 	b.ns("app", nil)
-	eventually(t, "released after namespace label removed", func() bool { i, _ := b.dp.owner(addr("10.0.0.1")); return i == 0 })
-	eventually(t, "annotation removed", func() bool { return !b.rep.annotated("a") })
+	testutil.Eventually(t, "released after namespace label removed", func() bool { i, _ := b.dp.owner(addr("10.0.0.1")); return i == 0 })
+	testutil.Eventually(t, "annotation removed", func() bool { return !b.rep.annotated("a") })
 
 	// Pod-level opt in, in an unlabelled namespace.
 	p3 := *p
 	p3.Labels = ambient
 	b.c.UpsertPod(&p3)
-	eventually(t, "captured by pod label", func() bool { return b.captured("10.0.0.1", 11) })
+	testutil.Eventually(t, "captured by pod label", func() bool { return b.captured("10.0.0.1", 11) })
 
 	// Namespace enrolled but pod opts out.
 	b.ns("app", ambient)
 	p4 := *p
 	p4.Labels = map[string]string{enrol.DataplaneModeLabel: enrol.DataplaneModeNone}
 	b.c.UpsertPod(&p4)
-	eventually(t, "released by opt-out", func() bool { i, _ := b.dp.owner(addr("10.0.0.1")); return i == 0 })
+	testutil.Eventually(t, "released by opt-out", func() bool { i, _ := b.dp.owner(addr("10.0.0.1")); return i == 0 })
 	if got := b.rep.eventList(); len(got) != 0 {
 		t.Errorf("warning events on a healthy pod: %v", got)
 	}
@@ -150,9 +151,9 @@ func TestDeletedPodReleased(t *testing.T) {
 	b.ns("app", ambient)
 	b.c.UpsertPod(pod("a", "app", nil, "10.0.0.1", "fd00::1"))
 	b.c.MarkSynced()
-	eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) && b.captured("fd00::1", 11) })
+	testutil.Eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) && b.captured("fd00::1", 11) })
 	b.c.DeletePod("a")
-	eventually(t, "released", func() bool {
+	testutil.Eventually(t, "released", func() bool {
 		i4, _ := b.dp.owner(addr("10.0.0.1"))
 		i6, _ := b.dp.owner(addr("fd00::1"))
 		return i4 == 0 && i6 == 0 && !b.dp.ifaces[11]
@@ -389,11 +390,11 @@ func TestMapFullQuarantines(t *testing.T) {
 		}
 	}
 	b.c.DeletePod(other)
-	eventually(t, "captured after room freed", func() bool {
+	testutil.Eventually(t, "captured after room freed", func() bool {
 		i, _ := b.dp.owner(addr(full))
 		return i != 0 && !b.host.quarantined(addr(full))
 	})
-	eventually(t, "annotated after capture", func() bool { return b.rep.annotated(full) })
+	testutil.Eventually(t, "annotated after capture", func() bool { return b.rep.annotated(full) })
 }
 
 func TestVethNotFoundQuarantines(t *testing.T) {
@@ -409,7 +410,7 @@ func TestVethNotFoundQuarantines(t *testing.T) {
 		t.Fatalf("events %v", ev)
 	}
 	b.host.addPod("/ns/a", Veth{11, "veth11"}, addr("10.0.0.1"))
-	eventually(t, "captured once the veth shows up", func() bool {
+	testutil.Eventually(t, "captured once the veth shows up", func() bool {
 		return b.captured("10.0.0.1", 11) && !b.host.quarantined(addr("10.0.0.1"))
 	})
 }
@@ -471,7 +472,7 @@ func TestRouteBoundTeardown(t *testing.T) {
 	p := pod("a", "app", nil, "10.0.0.1")
 	b.c.UpsertPod(p)
 	b.c.MarkSynced()
-	eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) })
+	testutil.Eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) })
 
 	deleting := *p
 	deleting.Deleting = true
@@ -497,7 +498,7 @@ func TestDriftRepaired(t *testing.T) {
 	b.host.addPod("/ns/a", Veth{11, "veth11"}, addr("10.0.0.1"))
 	b.c.UpsertPod(pod("a", "app", nil, "10.0.0.1"))
 	b.c.MarkSynced()
-	eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) })
+	testutil.Eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) })
 	b.dp.Release(11, []netip.Addr{addr("10.0.0.1")})
 	b.sync()
 	if !b.captured("10.0.0.1", 11) {

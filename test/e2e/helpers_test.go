@@ -123,18 +123,6 @@ func (z *ztunnel) accessLogs(want map[string]string) []map[string]any {
 	return out
 }
 
-// waitFor polls cond for up to 5s.
-func waitFor(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // echoServer listens in a pod (or a node), serves each connection, and
 // reports each peer address.
 type echoServer struct {

@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/tunnel/ca"
@@ -228,7 +229,7 @@ func TestPrivilegedReconnectAfterServerClose(t *testing.T) {
 				if err != nil {
 					t.Fatalf("first connection: %v", err)
 				}
-				waitFor(t, "the ztunnel's side in TIME_WAIT and the client's gone", func() bool {
+				testutil.Eventually(t, "the ztunnel's side in TIME_WAIT and the client's gone", func() bool {
 					return tcpState(t, tc.tw, tc.dst, tc.src) == testbed.TCPTimeWait && tcpState(t, tc.from, tc.src, tc.dst) == ""
 				})
 

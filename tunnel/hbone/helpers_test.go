@@ -207,18 +207,6 @@ var echo = hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hb
 	s.CloseWrite()
 })
 
-// waitFor polls cond until it holds or 5s pass.
-func waitFor(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func readAllString(tb testing.TB, r io.Reader) string {
 	tb.Helper()
 	var sb strings.Builder

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -178,7 +179,7 @@ func TestPoolIdleClose(t *testing.T) {
 	s.CloseWrite()
 	io.ReadAll(s)
 	s.Close()
-	waitFor(t, "idle connection closed", func() bool {
+	testutil.Eventually(t, "idle connection closed", func() bool {
 		return tp.Stats.IdleCloses.Load() == 1 && ts.Stats.ConnsClosed.Load() == 1
 	})
 	tp.connect(t)
@@ -197,7 +198,7 @@ func TestGoAwayGraceful(t *testing.T) {
 
 	shut := make(chan error, 1)
 	go func() { shut <- ts.Shutdown(context.Background()) }()
-	waitFor(t, "GOAWAY received", func() bool { return tp.Stats.GoAwaysReceived.Load() == 1 })
+	testutil.Eventually(t, "GOAWAY received", func() bool { return tp.Stats.GoAwaysReceived.Load() == 1 })
 
 	// The old stream still works both ways.
 	if _, err := old.Write([]byte("still here")); err != nil {

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/xds/client"
 	"github.com/amber-mesh/amber/xds/server"
 	"github.com/amber-mesh/amber/xds/state"
@@ -24,17 +25,6 @@ import (
 )
 
 const waitTimeout = 10 * time.Second
-
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(waitTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 // serveBuf serves srv on an in-memory listener until the test ends and
 // returns a connection to it.
@@ -110,7 +100,7 @@ func TestFileReload(t *testing.T) {
 	}
 
 	writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.2]}, {name: b, addresses: [10.0.0.3]}]\n")
-	eventually(t, "the edit", func() bool {
+	testutil.Eventually(t, "the edit", func() bool {
 		s := c.Store().Load()
 		return s.WorkloadByAddr(addr("10.0.0.2")) != nil && s.WorkloadByAddr(addr("10.0.0.3")) != nil
 	})
@@ -126,7 +116,7 @@ func TestFileReload(t *testing.T) {
 	}
 
 	writeFile(t, path, "workloads: [{name: b, addresses: [10.0.0.3]}]\n")
-	eventually(t, "the fix", func() bool { return c.Store().Load().Workload("Kubernetes//Pod/default/a") == nil })
+	testutil.Eventually(t, "the fix", func() bool { return c.Store().Load().Workload("Kubernetes//Pod/default/a") == nil })
 }
 
 // TestCloseStopsServe: Close alone (no context cancel) makes Serve return,
@@ -171,7 +161,7 @@ func TestReloadWithoutPolling(t *testing.T) {
 	if err := srv.Reload(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the reload", func() bool { return c.Store().Load().WorkloadByAddr(addr("10.0.0.2")) != nil })
+	testutil.Eventually(t, "the reload", func() bool { return c.Store().Load().WorkloadByAddr(addr("10.0.0.2")) != nil })
 }
 
 func TestNewRejectsBadFile(t *testing.T) {
@@ -307,7 +297,7 @@ func TestCloseEndsStreams(t *testing.T) {
 	if err := srv.Close(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "disconnect", func() bool { return !c.Stats().Connected && c.Stats().Disconnects > 0 })
+	testutil.Eventually(t, "disconnect", func() bool { return !c.Stats().Connected && c.Stats().Disconnects > 0 })
 	if err := srv.Serve(context.Background(), bufconn.Listen(1)); !errors.Is(err, server.ErrClosed) {
 		t.Errorf("Serve after Close: %v", err)
 	}
