@@ -34,6 +34,7 @@ import (
 	"github.com/amber-mesh/amber/agent/enrol"
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/bpf/hostnet"
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
@@ -183,31 +184,16 @@ func (e *env) forwardAPIServer() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	e.t.Cleanup(func() { ln.Close(); wg.Wait() })
 	target := strings.TrimPrefix(e.cp.URL, "https://")
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				up, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer up.Close()
-				go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
-				io.Copy(c, up)
-			}()
+	tcptest.Serve(e.t, ln, func(c net.Conn) {
+		up, err := net.Dial("tcp", target)
+		if err != nil {
+			return
 		}
-	}()
+		defer up.Close()
+		go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
+		io.Copy(c, up)
+	})
 	data, err := os.ReadFile(e.kconf)
 	if err != nil {
 		e.t.Fatal(err)
@@ -678,24 +664,7 @@ func mustEcho(tb testing.TB, p *testbed.Pod, port int) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	tb.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	tcptest.Serve(tb, ln, func(c net.Conn) { io.Copy(c, c) })
 }
 
 func roundTrip(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), addr netip.AddrPort) error {

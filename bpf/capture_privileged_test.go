@@ -12,11 +12,11 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/test/meshbed"
+	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/test/tproxy"
-
-	"github.com/amber-mesh/amber/test/privileged"
 )
 
 // node is a testbed node running the datapath: programs on its uplink and
@@ -62,22 +62,12 @@ func mustEcho(tb testing.TB, p *testbed.Pod, port int) *echoServer {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(func() { ln.Close() })
 	s := &echoServer{ln: ln, peers: make(chan netip.AddrPort, 1024)}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-			s.peers <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	tcptest.Serve(tb, ln, func(c net.Conn) {
+		ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+		s.peers <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		io.Copy(c, c)
+	})
 	return s
 }
 

@@ -17,12 +17,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/test/buildcache"
 	"github.com/amber-mesh/amber/test/proc"
 	"github.com/amber-mesh/amber/tunnel/ca"
@@ -199,37 +199,7 @@ func serveLoopback(tb testing.TB, addr *netip.AddrPort, serve func(*net.TCPConn)
 		tb.Fatal(err)
 	}
 	*addr = ln.Addr().(*net.TCPAddr).AddrPort()
-	var wg sync.WaitGroup
-	var mu sync.Mutex // guards conns
-	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.AcceptTCP()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				serve(c)
-			}()
-		}
-	}()
-	tb.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
+	tcptest.Serve(tb, ln, func(c net.Conn) { serve(c.(*net.TCPConn)) })
 }
 
 // closedPort returns a loopback address nothing listens on.

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -107,19 +108,7 @@ func BenchmarkProxyThroughput(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer dst.Close()
-	go func() {
-		for {
-			c, err := dst.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				io.Copy(io.Discard, c)
-				c.Close()
-			}()
-		}
-	}()
+	tcptest.Serve(b, dst, func(c net.Conn) { io.Copy(io.Discard, c) })
 	// Both halves of the tunnel, in front of the destination.
 	out := startTunnel(b, dst.Addr().String())
 
@@ -397,19 +386,7 @@ func BenchmarkProxyRequestResponse(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer dst.Close()
-	go func() {
-		for {
-			c, err := dst.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	tcptest.Serve(b, dst, func(c net.Conn) { io.Copy(c, c) })
 	out := startTunnel(b, dst.Addr().String())
 
 	dial := func(addr string) net.Conn {
@@ -461,30 +438,14 @@ func startTunnel(b *testing.B, dst string) string {
 	if err != nil {
 		b.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	b.Cleanup(wg.Wait)
-	b.Cleanup(func() { out.Close() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := out.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
-				if err != nil {
-					return
-				}
-				defer s.Close()
-				proxy(s, c.(*net.TCPConn))
-			}()
+	tcptest.Serve(b, out, func(c net.Conn) {
+		s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
+		if err != nil {
+			return
 		}
-	}()
+		defer s.Close()
+		proxy(s, c.(*net.TCPConn))
+	})
 	return out.Addr().String()
 }
 
