@@ -35,6 +35,7 @@ import (
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/bpf/hostnet"
 	"github.com/amber-mesh/amber/internal/tcptest"
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
@@ -226,19 +227,15 @@ var agentSeq atomic.Int32
 func (e *env) startAgent() *agentProc {
 	e.t.Helper()
 	a := e.startAgentNoWait()
-	deadline := time.Now().Add(30 * time.Second)
-	for !a.ready() {
+	testutil.Eventually(e.t, "the agent ready", func() bool {
 		select {
 		case <-a.done:
 			data, _ := os.ReadFile(a.log)
 			e.t.Fatalf("agent exited: %s", data)
 		default:
 		}
-		if time.Now().After(deadline) {
-			e.t.Fatal("agent not ready after 30 s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return a.ready()
+	})
 	return a
 }
 

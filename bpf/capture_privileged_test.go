@@ -13,6 +13,7 @@ import (
 
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/internal/tcptest"
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
@@ -108,13 +109,7 @@ func lastEvent(tb testing.TB, px *tproxy.Proxy) tproxy.Event {
 // dial returns once the proxy accepted, before it dialed upstream.
 func waitEvents(tb testing.TB, px *tproxy.Proxy, n int) {
 	tb.Helper()
-	deadline := time.Now().Add(2 * time.Second)
-	for len(px.Events()) < n {
-		if time.Now().After(deadline) {
-			tb.Fatalf("proxy saw %d connections, want %d", len(px.Events()), n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.Eventually(tb, fmt.Sprintf("%d connections at the proxy", n), func() bool { return len(px.Events()) >= n })
 	if got := len(px.Events()); got != n {
 		tb.Fatalf("proxy saw %d connections, want %d", got, n)
 	}
@@ -239,16 +234,10 @@ func TestPrivilegedCapture(t *testing.T) {
 				t.Fatal(err)
 			}
 			conn.Close()
-			deadline := time.Now().Add(2 * time.Second)
-			for {
-				if ev := lastEvent(t, px); ev.Listener == bpf.HBONE && ev.OrigDst == dst {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("hbone listener did not get %s: %+v", dst, px.Events())
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
+			testutil.Eventually(t, "the hbone listener getting "+dst.String(), func() bool {
+				ev := lastEvent(t, px)
+				return ev.Listener == bpf.HBONE && ev.OrigDst == dst
+			})
 		})
 		t.Run(fam+"/uncaptured traffic untouched", func(t *testing.T) {
 			n := len(px.Events())

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/amber-mesh/amber/agent/enrol"
@@ -348,53 +349,57 @@ func TestRestartNeverReleases(t *testing.T) {
 	}
 }
 
+// In a synctest bubble: the retries' backoff runs in fake time.
 func TestMapFullQuarantines(t *testing.T) {
-	b := newBed(t, 2)
-	b.ns("app", ambient)
-	for i, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
-		b.host.addPod("/ns/"+ip, Veth{11 + i, "veth" + ip}, addr(ip))
-		b.c.UpsertPod(pod(ip, "app", nil, ip))
-	}
-	b.c.MarkSynced()
-	b.sync()
-	var full string
-	for _, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
-		if i, _ := b.dp.owner(addr(ip)); i == 0 {
-			full = ip
+	synctest.Test(t, func(t *testing.T) {
+		b := newBed(t, 2)
+		b.ns("app", ambient)
+		for i, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
+			b.host.addPod("/ns/"+ip, Veth{11 + i, "veth" + ip}, addr(ip))
+			b.c.UpsertPod(pod(ip, "app", nil, ip))
 		}
-	}
-	if full == "" {
-		t.Fatal("three pods captured with capacity 2")
-	}
-	if !b.host.quarantined(addr(full)) {
-		t.Fatal("pod over capacity not quarantined")
-	}
-	if ev := b.rep.eventList(); len(ev) != 1 || !strings.HasSuffix(ev[0], " "+ReasonMapFull) {
-		t.Fatalf("events %v, want one %s", ev, ReasonMapFull)
-	}
-	if b.rep.annotated(full) {
-		t.Fatal("pod over capacity annotated")
-	}
-	// Retries do not repeat the event.
-	time.Sleep(300 * time.Millisecond)
-	if ev := b.rep.eventList(); len(ev) != 1 {
-		t.Fatalf("event repeated: %v", ev)
-	}
-	// Room frees up: the pod is captured by a retry, then released from
-	// quarantine.
-	var other string
-	for _, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
-		if ip != full {
-			other = ip
-			break
+		b.c.MarkSynced()
+		b.sync()
+		var full string
+		for _, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
+			if i, _ := b.dp.owner(addr(ip)); i == 0 {
+				full = ip
+			}
 		}
-	}
-	b.c.DeletePod(other)
-	testutil.Eventually(t, "captured after room freed", func() bool {
-		i, _ := b.dp.owner(addr(full))
-		return i != 0 && !b.host.quarantined(addr(full))
+		if full == "" {
+			t.Fatal("three pods captured with capacity 2")
+		}
+		if !b.host.quarantined(addr(full)) {
+			t.Fatal("pod over capacity not quarantined")
+		}
+		if ev := b.rep.eventList(); len(ev) != 1 || !strings.HasSuffix(ev[0], " "+ReasonMapFull) {
+			t.Fatalf("events %v, want one %s", ev, ReasonMapFull)
+		}
+		if b.rep.annotated(full) {
+			t.Fatal("pod over capacity annotated")
+		}
+		// Retries do not repeat the event: three of them, in fake time.
+		time.Sleep(backoff(1) + backoff(2) + backoff(3))
+		synctest.Wait()
+		if ev := b.rep.eventList(); len(ev) != 1 {
+			t.Fatalf("event repeated: %v", ev)
+		}
+		// Room frees up: the pod is captured by a retry, then released from
+		// quarantine.
+		var other string
+		for _, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
+			if ip != full {
+				other = ip
+				break
+			}
+		}
+		b.c.DeletePod(other)
+		testutil.Eventually(t, "captured after room freed", func() bool {
+			i, _ := b.dp.owner(addr(full))
+			return i != 0 && !b.host.quarantined(addr(full))
+		})
+		testutil.Eventually(t, "annotated after capture", func() bool { return b.rep.annotated(full) })
 	})
-	testutil.Eventually(t, "annotated after capture", func() bool { return b.rep.annotated(full) })
 }
 
 func TestVethNotFoundQuarantines(t *testing.T) {

@@ -459,7 +459,8 @@ func TestReconnect(t *testing.T) {
 	}
 	done1 <- nil // for the deferred cleanup
 	testutil.Eventually(t, "disconnect", func() bool { return !c.Stats().Connected && c.Stats().Disconnects > 0 })
-	time.Sleep(50 * time.Millisecond) // a few failed reconnect attempts
+	down := c.Stats().Disconnects
+	testutil.Eventually(t, "three failed reconnect attempts", func() bool { return c.Stats().Disconnects >= down+3 })
 	snap := c.Store().Load()
 	if snap.WorkloadByAddr(addr("10.0.0.1")) == nil || snap.WorkloadByAddr(addr("10.0.0.4")) == nil || snap.Policies().Get("default/viewer") == nil {
 		t.Fatal("state lost while the server is down")
