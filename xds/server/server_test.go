@@ -90,13 +90,7 @@ func addr(s string) state.NetworkAddr { return state.NetworkAddr{Addr: netip.Mus
 // TestFileReload edits the mesh file under a connected client: valid edits
 // reach it, a broken edit is refused and the last good state stays served.
 func TestFileReload(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "mesh.yaml")
-	writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.1]}]\n")
-	logs := new(logCounter)
-	srv, err := server.New(server.Config{File: path, PollInterval: 5 * time.Millisecond, Logger: slog.New(logs)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, path, logs := newFileServer(t, 5*time.Millisecond)
 	t.Cleanup(func() { srv.Close() })
 	c := runClient(t, serveBuf(t, srv))
 	if c.Store().Load().WorkloadByAddr(addr("10.0.0.1")) == nil {
@@ -130,13 +124,7 @@ func TestFileReload(t *testing.T) {
 // time.
 func TestCloseStopsServe(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		path := filepath.Join(t.TempDir(), "mesh.yaml")
-		writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.1]}]\n")
-		logs := new(logCounter)
-		srv, err := server.New(server.Config{File: path, PollInterval: 5 * time.Millisecond, Logger: slog.New(logs)})
-		if err != nil {
-			t.Fatal(err)
-		}
+		srv, path, logs := newFileServer(t, 5*time.Millisecond)
 		done := make(chan error, 1)
 		go func() { done <- srv.Serve(context.Background(), bufconn.Listen(1<<10)) }()
 		writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.1, 10.0.0.2]}]\n")
@@ -160,13 +148,7 @@ func TestCloseStopsServe(t *testing.T) {
 // on Reload, however long Serve runs (in fake time, in a synctest bubble).
 func TestReloadWithoutPolling(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		path := filepath.Join(t.TempDir(), "mesh.yaml")
-		writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.1]}]\n")
-		logs := new(logCounter)
-		srv, err := server.New(server.Config{File: path, PollInterval: -1, Logger: slog.New(logs)})
-		if err != nil {
-			t.Fatal(err)
-		}
+		srv, path, logs := newFileServer(t, -1)
 		done := make(chan error, 1)
 		go func() { done <- srv.Serve(context.Background(), bufconn.Listen(1<<10)) }()
 		t.Cleanup(func() { srv.Close(); <-done })
@@ -183,6 +165,20 @@ func TestReloadWithoutPolling(t *testing.T) {
 			t.Fatalf("%q logged %d times after Reload, want 2", loaded, n)
 		}
 	})
+}
+
+// newFileServer returns a server of a new mesh file, with workload a at
+// 10.0.0.1, polled every poll, and the counter of its log.
+func newFileServer(t *testing.T, poll time.Duration) (*server.Server, string, *logCounter) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "mesh.yaml")
+	writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.1]}]\n")
+	logs := new(logCounter)
+	srv, err := server.New(server.Config{File: path, PollInterval: poll, Logger: slog.New(logs)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv, path, logs
 }
 
 // The server's log messages the tests wait for.
