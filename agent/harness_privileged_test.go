@@ -96,7 +96,6 @@ type env struct {
 	t       testing.TB
 	cp      *kube.ControlPlane
 	admin   kubernetes.Interface
-	bed     *testbed.Testbed
 	n1, n2  *testbed.Node
 	echo    netip.AddrPort
 	dir     string
@@ -136,14 +135,7 @@ func newEnvTB(t testing.TB, opts envOptions) *env {
 	}
 	_, e.kconf = cp.UserConfig(t, agentUser)
 
-	e.bed = testbed.New(t)
-	var err error
-	if e.n1, err = e.bed.AddNode(nodeName); err != nil {
-		t.Fatal(err)
-	}
-	if e.n2, err = e.bed.AddNode("n2"); err != nil {
-		t.Fatal(err)
-	}
+	e.n1, e.n2 = testbed.MustTwoNodes(t) // e.n1 is nodeName
 	srv, err := e.n2.AddPod("echo")
 	if err != nil {
 		t.Fatal(err)

@@ -124,15 +124,7 @@ func moved(before, after bpf.Counters, name string) uint64 {
 func TestPrivilegedCapture(t *testing.T) {
 	privileged.Require(t)
 	ctx := context.Background()
-	bed := testbed.New(t)
-	n1, err := bed.AddNode("n1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n2, err := bed.AddNode("n2")
-	if err != nil {
-		t.Fatal(err)
-	}
+	n1, n2 := testbed.MustTwoNodes(t)
 	a, _ := n1.AddPod("a")   // captured
 	a2, _ := n1.AddPod("a2") // captured, same node
 	c, _ := n1.AddPod("c")   // not captured, same node

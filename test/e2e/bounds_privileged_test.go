@@ -44,14 +44,8 @@ type boundsBed struct {
 func newBoundsBed(t *testing.T) *boundsBed {
 	t.Helper()
 	b := &boundsBed{}
-	bed := testbed.New(t)
+	b.n1, b.n2 = testbed.MustTwoNodes(t)
 	var err error
-	if b.n1, err = bed.AddNode("n1"); err != nil {
-		t.Fatal(err)
-	}
-	if b.n2, err = bed.AddNode("n2"); err != nil {
-		t.Fatal(err)
-	}
 	for _, p := range []struct {
 		n   *testbed.Node
 		pod **testbed.Pod

@@ -54,7 +54,6 @@ type istiodMesh struct {
 	t         *testing.T
 	cp        *kube.ControlPlane
 	istiodBin string
-	bed       *testbed.Testbed
 	n1, n2    *meshbed.Node
 	dir       string
 
@@ -71,10 +70,9 @@ type istiodMesh struct {
 // forwarders; istiod and the ztunnels come later (connect, startZtunnels).
 func newIstiodMesh(t *testing.T) *istiodMesh {
 	t.Helper()
-	bed := testbed.New(t) // root gate first: no control plane for a skip
+	n1, n2 := testbed.MustTwoNodes(t) // root gate first: no control plane for a skip
 	m := &istiodMesh{
 		t:         t,
-		bed:       bed,
 		istiodBin: istiod.Binaries(t),
 		cp:        kube.Start(t, kube.Options{}),
 		dir:       t.TempDir(),
@@ -82,13 +80,10 @@ func newIstiodMesh(t *testing.T) *istiodMesh {
 		tokens:    map[*meshbed.Node]string{},
 		zts:       map[*meshbed.Node]*ztunnel{},
 	}
-	for _, nd := range []**meshbed.Node{&m.n1, &m.n2} {
-		n, err := bed.AddNode(fmt.Sprintf("n%d", len(m.fwd)+1))
-		if err != nil {
-			t.Fatal(err)
-		}
-		*nd = meshbed.MustLoadDatapath(t, n, "amber-e2e-istiod")
-		m.fwd[*nd] = meshbed.MustForward(t, n, istiodForwardAddress, "")
+	m.n1 = meshbed.MustLoadDatapath(t, n1, "amber-e2e-istiod")
+	m.n2 = meshbed.MustLoadDatapath(t, n2, "amber-e2e-istiod")
+	for _, nd := range []*meshbed.Node{m.n1, m.n2} {
+		m.fwd[nd] = meshbed.MustForward(t, nd.Node, istiodForwardAddress, "")
 	}
 	t.Cleanup(m.stopZtunnels)
 

@@ -77,15 +77,7 @@ policies:
 // only sleep, passthrough to a pod outside the mesh, preserved source
 // addresses, and what the access log and metrics say.
 func TestPrivilegedMesh(t *testing.T) {
-	bed := testbed.New(t)
-	n1, err := bed.AddNode("n1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n2, err := bed.AddNode("n2")
-	if err != nil {
-		t.Fatal(err)
-	}
+	n1, n2 := testbed.MustTwoNodes(t)
 	sleep, err1 := n1.AddPod("sleep")
 	notsleep, err2 := n1.AddPod("notsleep")
 	productpage, err3 := n2.AddPod("productpage")

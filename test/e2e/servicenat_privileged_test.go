@@ -55,21 +55,18 @@ func podIP(p *testbed.Pod, v6 bool) netip.Addr {
 // named (in that order).
 func mustTwoNodes(t *testing.T, pods1, pods2 []string) (n1, n2 *testbed.Node, pods map[string]*testbed.Pod) {
 	t.Helper()
-	bed := testbed.New(t)
+	n1, n2 = testbed.MustTwoNodes(t)
 	pods = map[string]*testbed.Pod{}
-	var nodes [2]*testbed.Node
+	nodes := [2]*testbed.Node{n1, n2}
 	for i, names := range [][]string{pods1, pods2} {
-		var err error
-		if nodes[i], err = bed.AddNode(fmt.Sprintf("n%d", i+1)); err != nil {
-			t.Fatal(err)
-		}
 		for _, name := range names {
+			var err error
 			if pods[name], err = nodes[i].AddPod(name); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
-	return nodes[0], nodes[1], pods
+	return n1, n2, pods
 }
 
 // mustNft loads an nftables ruleset into n.

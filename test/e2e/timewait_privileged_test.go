@@ -75,15 +75,9 @@ func mustClientServer(t *testing.T, extra ...string) (*clientServer, map[string]
 // mustClientServerBed builds a clientServer without ztunnels or servers.
 func mustClientServerBed(t *testing.T, extra ...string) (*clientServer, map[string]*testbed.Pod) {
 	t.Helper()
-	bed := testbed.New(t)
 	cs := &clientServer{}
+	cs.n1, cs.n2 = testbed.MustTwoNodes(t)
 	var err error
-	if cs.n1, err = bed.AddNode("n1"); err != nil {
-		t.Fatal(err)
-	}
-	if cs.n2, err = bed.AddNode("n2"); err != nil {
-		t.Fatal(err)
-	}
 	pods := map[string]*testbed.Pod{}
 	for _, name := range extra {
 		if pods[name], err = cs.n1.AddPod(name); err != nil {
