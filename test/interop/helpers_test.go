@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/internal/tcptest"
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/buildcache"
 	"github.com/amber-mesh/amber/test/proc"
 	"github.com/amber-mesh/amber/tunnel/ca"
@@ -319,23 +320,19 @@ func startIstioServer(tb testing.TB, bin string, files pemFiles) *istioServer {
 			tb.Errorf("istio hbone server: %v", err)
 		}
 	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		b, err := os.ReadFile(addrFile)
-		if err == nil {
-			if s.Addr, err = netip.ParseAddrPort(strings.TrimSpace(string(b))); err != nil {
-				tb.Fatalf("istio hbone server address: %v", err)
-			}
-			return s
-		}
+	var b []byte
+	testutil.EventuallyNil(tb, "istio's hbone server listening", func() error {
 		if done, err := p.Exited(); done {
 			tb.Fatalf("istio hbone server %v before listening:\n%s", err, p.LogTail(20))
 		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("istio hbone server did not listen within 30s:\n%s", p.LogTail(20))
-		}
-		time.Sleep(20 * time.Millisecond)
+		var err error
+		b, err = os.ReadFile(addrFile)
+		return err
+	})
+	if s.Addr, err = netip.ParseAddrPort(strings.TrimSpace(string(b))); err != nil {
+		tb.Fatalf("istio hbone server address: %v", err)
 	}
+	return s
 }
 
 // Connects returns the "connect <authority> peer=<id>" lines the server
