@@ -11,6 +11,8 @@ import (
 	"testing/synctest"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/amber-mesh/amber/agent/enrol"
 	"github.com/amber-mesh/amber/internal/testutil"
 )
@@ -378,9 +380,22 @@ func TestMapFullQuarantines(t *testing.T) {
 		if b.rep.annotated(full) {
 			t.Fatal("pod over capacity annotated")
 		}
-		// Retries do not repeat the event: three of them, in fake time.
+		// Retries do not repeat the event. In fake time, the first three
+		// backoff periods pass; how many failures came before depends on
+		// how the initial syncs interleaved, so at least one retry runs.
+		attempts := func() uint64 { // syncs of any pod: only full's is queued
+			var m dto.Metric
+			if err := b.c.metrics.syncLatency.Write(&m); err != nil {
+				t.Fatal(err)
+			}
+			return m.GetHistogram().GetSampleCount()
+		}
+		before := attempts()
 		time.Sleep(backoff(1) + backoff(2) + backoff(3))
 		synctest.Wait()
+		if n := attempts() - before; n == 0 {
+			t.Fatal("no retry in three backoff periods")
+		}
 		if ev := b.rep.eventList(); len(ev) != 1 {
 			t.Fatalf("event repeated: %v", ev)
 		}
