@@ -7,12 +7,13 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
+
+	"github.com/amber-mesh/amber/internal/testutil"
 )
 
 // TestPrivilegedEnrolment follows a namespace through the mesh: running
@@ -31,9 +32,9 @@ func TestPrivilegedEnrolment(t *testing.T) {
 
 	// Label the namespace: the running pod is captured and annotated.
 	e.namespace("app", ambient)
-	eventually(t, 5*time.Second, "running pod captured", func() bool { return e.captured(running) })
+	testutil.Eventually(t, "running pod captured", func() bool { return e.captured(running) })
 	e.mustCaptured(running)
-	eventually(t, 5*time.Second, "running pod annotated", func() bool { return e.annotated(running) })
+	testutil.Eventually(t, "running pod annotated", func() bool { return e.annotated(running) })
 	e.mustDirect(optOut)
 
 	// A new pod: its very first connection, started the moment CNI ADD
@@ -47,18 +48,18 @@ func TestPrivilegedEnrolment(t *testing.T) {
 		t.Fatalf("first connection of a new pod not captured: proxied=%v err=%v", ok, err)
 	}
 	e.running(p)
-	eventually(t, 5*time.Second, "new pod annotated", func() bool { return e.annotated(p) })
+	testutil.Eventually(t, "new pod annotated", func() bool { return e.annotated(p) })
 
 	// Remove the label: released, annotation removed.
 	e.namespace("app", nil)
-	eventually(t, 5*time.Second, "released", func() bool { return !e.inMaps(running) && !e.inMaps(p) })
+	testutil.Eventually(t, "released", func() bool { return !e.inMaps(running) && !e.inMaps(p) })
 	e.mustDirect(running)
 	e.mustDirect(p)
-	eventually(t, 5*time.Second, "annotation removed", func() bool { return !e.annotated(running) && !e.annotated(p) })
+	testutil.Eventually(t, "annotation removed", func() bool { return !e.annotated(running) && !e.annotated(p) })
 
 	// Pod-level enrolment, then deletion: the map entry goes.
 	e.labelPod(p, ambient)
-	eventually(t, 5*time.Second, "pod label captured", func() bool { return e.captured(p) })
+	testutil.Eventually(t, "pod label captured", func() bool { return e.captured(p) })
 	e.mustCaptured(p)
 	e.deletePod(p)
 	if e.inMaps(p) {
@@ -130,9 +131,9 @@ func TestPrivilegedLeastCapabilities(t *testing.T) {
 	running := e.startPod("app", "before", nil)
 	e.mustDirect(running)
 	e.namespace("app", ambient)
-	eventually(t, 5*time.Second, "running pod captured", func() bool { return e.captured(running) })
+	testutil.Eventually(t, "running pod captured", func() bool { return e.captured(running) })
 	e.mustCaptured(running)
-	eventually(t, 5*time.Second, "annotated", func() bool { return e.annotated(running) })
+	testutil.Eventually(t, "annotated", func() bool { return e.annotated(running) })
 
 	p := e.createPod("app", "new", nil)
 	if out, err := e.cni("ADD", p); err != nil {
@@ -245,7 +246,7 @@ func TestPrivilegedInstallUninstall(t *testing.T) {
 
 	// The primary CNI rewrites its configuration: re-chained.
 	os.WriteFile(conf, []byte(ptp), 0o644)
-	eventually(t, 10*time.Second, "re-chained", chained)
+	testutil.Eventually(t, "re-chained", chained)
 
 	// A restart: SIGTERM with the DaemonSet in place.
 	e.agent.stop(syscall.SIGTERM)

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/amber-mesh/amber/internal/testutil"
 )
 
 // BenchmarkPrivilegedAgent measures the agent on one node with 250 pods
@@ -58,7 +60,7 @@ func BenchmarkPrivilegedAgent(b *testing.B) {
 			lat = append(lat, seen...)
 			b.StopTimer()
 			e.namespace("bench", nil)
-			eventually(b, 30*time.Second, "release", func() bool {
+			testutil.Eventually(b, "release", func() bool {
 				for _, p := range all {
 					if anyMembership(pm, im, p.tb) {
 						return false
@@ -88,7 +90,7 @@ func BenchmarkPrivilegedAgent(b *testing.B) {
 			return
 		}
 		e.namespace("bench", ambient)
-		eventually(b, 30*time.Second, "all captured", func() bool {
+		testutil.Eventually(b, "all captured", func() bool {
 			for _, p := range all {
 				if !e.captured(p) {
 					return false

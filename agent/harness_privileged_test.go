@@ -34,6 +34,8 @@ import (
 	"github.com/amber-mesh/amber/agent/enrol"
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/bpf/hostnet"
+	"github.com/amber-mesh/amber/internal/tcptest"
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
@@ -94,7 +96,6 @@ type env struct {
 	t       testing.TB
 	cp      *kube.ControlPlane
 	admin   kubernetes.Interface
-	bed     *testbed.Testbed
 	n1, n2  *testbed.Node
 	echo    netip.AddrPort
 	dir     string
@@ -134,14 +135,7 @@ func newEnvTB(t testing.TB, opts envOptions) *env {
 	}
 	_, e.kconf = cp.UserConfig(t, agentUser)
 
-	e.bed = testbed.New(t)
-	var err error
-	if e.n1, err = e.bed.AddNode(nodeName); err != nil {
-		t.Fatal(err)
-	}
-	if e.n2, err = e.bed.AddNode("n2"); err != nil {
-		t.Fatal(err)
-	}
+	e.n1, e.n2 = testbed.MustTwoNodes(t) // e.n1 is nodeName
 	srv, err := e.n2.AddPod("echo")
 	if err != nil {
 		t.Fatal(err)
@@ -183,31 +177,16 @@ func (e *env) forwardAPIServer() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	e.t.Cleanup(func() { ln.Close(); wg.Wait() })
 	target := strings.TrimPrefix(e.cp.URL, "https://")
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				up, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer up.Close()
-				go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
-				io.Copy(c, up)
-			}()
+	tcptest.Serve(e.t, ln, func(c net.Conn) {
+		up, err := net.Dial("tcp", target)
+		if err != nil {
+			return
 		}
-	}()
+		defer up.Close()
+		go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
+		io.Copy(c, up)
+	})
 	data, err := os.ReadFile(e.kconf)
 	if err != nil {
 		e.t.Fatal(err)
@@ -240,19 +219,15 @@ var agentSeq atomic.Int32
 func (e *env) startAgent() *agentProc {
 	e.t.Helper()
 	a := e.startAgentNoWait()
-	deadline := time.Now().Add(30 * time.Second)
-	for !a.ready() {
+	testutil.Eventually(e.t, "the agent ready", func() bool {
 		select {
 		case <-a.done:
 			data, _ := os.ReadFile(a.log)
 			e.t.Fatalf("agent exited: %s", data)
 		default:
 		}
-		if time.Now().After(deadline) {
-			e.t.Fatal("agent not ready after 30 s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return a.ready()
+	})
 	return a
 }
 
@@ -657,17 +632,6 @@ func (e *env) mustDirectNoMaps(p *pod) {
 	}
 }
 
-func eventually(tb testing.TB, timeout time.Duration, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func (e *env) events(p *pod, reason string) []corev1.Event {
 	evs, err := e.admin.CoreV1().Events(p.ns).List(context.Background(), metav1.ListOptions{})
 	if err != nil {
@@ -689,24 +653,7 @@ func mustEcho(tb testing.TB, p *testbed.Pod, port int) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	tb.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	tcptest.Serve(tb, ln, func(c net.Conn) { io.Copy(c, c) })
 }
 
 func roundTrip(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), addr netip.AddrPort) error {

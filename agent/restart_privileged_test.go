@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/testbed"
 )
 
@@ -145,6 +147,26 @@ func (e *env) traffic(pods []*pod, perPod int) *traffic {
 	return tr
 }
 
+// progress waits until traffic has opened 20 more connections and the
+// watchdog has made 10 more checks: each phase of a test is then covered
+// by both, however slowly the machine runs.
+func progress(tb testing.TB, what string, tr *traffic, wd *watchdog) {
+	tb.Helper()
+	r, c := tr.rounds.Load(), wd.checks.Load()
+	testutil.Eventually(tb, "traffic and checks "+what, func() bool {
+		return tr.rounds.Load() >= r+20 && wd.checks.Load() >= c+10
+	})
+}
+
+// waitLog waits until the agent's log holds s.
+func (a *agentProc) waitLog(tb testing.TB, s string) {
+	tb.Helper()
+	testutil.Eventually(tb, fmt.Sprintf("%q in %s", s, a.log), func() bool {
+		data, _ := os.ReadFile(a.log)
+		return strings.Contains(string(data), s)
+	})
+}
+
 func (tr *traffic) finish(tb testing.TB) {
 	tb.Helper()
 	close(tr.stop)
@@ -170,21 +192,23 @@ func TestPrivilegedAgentKill(t *testing.T) {
 	}
 	wd := e.watchdog(pods)
 	tr := e.traffic(pods, 3)
-	time.Sleep(300 * time.Millisecond)
+	progress(t, "before the kill", tr, wd)
 
 	e.agent.stop(syscall.SIGKILL)
-	time.Sleep(500 * time.Millisecond)
+	progress(t, "without an agent", tr, wd)
 	e.agent = e.startAgent()
-	time.Sleep(300 * time.Millisecond)
+	progress(t, "with the new agent", tr, wd)
 
-	// Kill the next one before it is ready.
+	// Kill the next one mid-start, beside the running one: its pins
+	// adopted and its programs attached, its first reconciliation not done
+	// (with the metrics port taken it would not get that far anyway).
 	a := e.startAgentNoWait()
-	time.Sleep(150 * time.Millisecond)
+	a.waitLog(t, "uplink attached")
 	a.stop(syscall.SIGKILL)
 	e.agent.stop(syscall.SIGKILL)
-	time.Sleep(300 * time.Millisecond)
+	progress(t, "after the second kill", tr, wd)
 	e.agent = e.startAgent()
-	time.Sleep(time.Second)
+	progress(t, "with the third agent", tr, wd)
 
 	rounds := tr.rounds.Load()
 	tr.finish(t)
@@ -213,15 +237,21 @@ func TestPrivilegedAPIServerDown(t *testing.T) {
 		pods = append(pods, e.startPod("mesh", fmt.Sprintf("p%d", i), nil))
 	}
 	outside := e.startPod("plain", "outside", nil)
+	marker := e.startPod("plain", "marker", nil)
 	late := e.createPod("mesh", "late", nil)
-	time.Sleep(200 * time.Millisecond) // the informer sees "late"
+	// The informer sees "late": the agent's one pod watch delivers events
+	// in order, so once it acts on a later change, it has seen "late".
+	e.labelPod(marker, ambient)
+	testutil.Eventually(t, "the agent acting on a change after creating late", func() bool { return e.captured(marker) })
 	wd := e.watchdog(pods)
 	tr := e.traffic(pods, 2)
 
 	if err := e.cp.StopAPIServer(); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(3 * time.Second)
+	// client-go retries a refused watch without a word, so there is no
+	// event for "the agent noticed": traffic and checks go on instead.
+	progress(t, "with the API server down", tr, wd)
 	if out, err := e.cni("ADD", late); err != nil {
 		t.Fatalf("ADD of a known pod with the API server down: %v\n%s", err, out)
 	}
@@ -231,17 +261,20 @@ func TestPrivilegedAPIServerDown(t *testing.T) {
 	if ok, err := e.connect(outside); err != nil || ok {
 		t.Fatalf("pod outside the mesh changed: %v %v", ok, err)
 	}
-	time.Sleep(2500 * time.Millisecond) // a resync period passes without the API server
+	// A full reconciliation (every -resync) runs without the API server.
+	const full = "amber_agent_full_reconcile_duration_seconds_count"
+	n := e.agent.metric(t, full)
+	testutil.Eventually(t, "a full reconciliation without the API server", func() bool { return e.agent.metric(t, full) != n })
 	e.cp.StartAPIServer(t)
 
 	// Changes flow again.
 	e.namespace("plain", ambient)
 	// client-go's reflectors back off up to 30 s between relists.
-	eventually(t, 45*time.Second, "label after API server restart", func() bool { return e.captured(outside) })
+	testutil.Eventually(t, "label after API server restart", func() bool { return e.captured(outside) })
 	tr.finish(t)
 	wd.finish(t)
 	e.running(late)
-	eventually(t, 45*time.Second, "annotation after API server restart", func() bool { return e.annotated(late) })
+	testutil.Eventually(t, "annotation after API server restart", func() bool { return e.annotated(late) })
 }
 
 // TestPrivilegedMapFull: beyond its capacity the agent refuses the new
@@ -266,7 +299,7 @@ func TestPrivilegedMapFull(t *testing.T) {
 	if ok, err := e.connect(c); err == nil {
 		t.Fatalf("pod over capacity connected (proxied=%v)", ok)
 	}
-	eventually(t, 5*time.Second, "MapFull event on the refused pod", func() bool { return len(e.events(c, "MapFull")) > 0 })
+	testutil.Eventually(t, "MapFull event on the refused pod", func() bool { return len(e.events(c, "MapFull")) > 0 })
 
 	if !e.quarantined(c.tb.IPv4) {
 		t.Fatal("refused pod's address not quarantined")
@@ -276,11 +309,11 @@ func TestPrivilegedMapFull(t *testing.T) {
 	if out, err := e.cni("DEL", c); err != nil {
 		t.Fatalf("DEL: %v\n%s", err, out)
 	}
-	eventually(t, 5*time.Second, "quarantine lifted after DEL", func() bool { return !e.quarantined(c.tb.IPv4) && !e.quarantined(c.tb.IPv6) })
+	testutil.Eventually(t, "quarantine lifted after DEL", func() bool { return !e.quarantined(c.tb.IPv4) && !e.quarantined(c.tb.IPv6) })
 
 	// A running pod enrolled by a label change, over capacity.
 	e.namespace("late", ambient)
-	eventually(t, 5*time.Second, "MapFull event on the running pod", func() bool { return len(e.events(d, "MapFull")) > 0 })
+	testutil.Eventually(t, "MapFull event on the running pod", func() bool { return len(e.events(d, "MapFull")) > 0 })
 	before := e.proxied(d)
 	if err := roundTrip(context.Background(), d.tb.Dial, e.echo); err == nil {
 		t.Fatal("running pod over capacity still connects")
@@ -294,7 +327,7 @@ func TestPrivilegedMapFull(t *testing.T) {
 
 	// Room frees up.
 	e.deletePod(a)
-	eventually(t, 10*time.Second, "running pod captured once room frees", func() bool { return e.captured(d) })
+	testutil.Eventually(t, "running pod captured once room frees", func() bool { return e.captured(d) })
 	e.mustCaptured(d)
-	eventually(t, 5*time.Second, "annotated", func() bool { return e.annotated(d) })
+	testutil.Eventually(t, "annotated", func() bool { return e.annotated(d) })
 }

@@ -12,11 +12,12 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/tcptest"
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/meshbed"
+	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/test/tproxy"
-
-	"github.com/amber-mesh/amber/test/privileged"
 )
 
 // node is a testbed node running the datapath: programs on its uplink and
@@ -62,22 +63,12 @@ func mustEcho(tb testing.TB, p *testbed.Pod, port int) *echoServer {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(func() { ln.Close() })
 	s := &echoServer{ln: ln, peers: make(chan netip.AddrPort, 1024)}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-			s.peers <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	tcptest.Serve(tb, ln, func(c net.Conn) {
+		ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+		s.peers <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		io.Copy(c, c)
+	})
 	return s
 }
 
@@ -118,13 +109,7 @@ func lastEvent(tb testing.TB, px *tproxy.Proxy) tproxy.Event {
 // dial returns once the proxy accepted, before it dialed upstream.
 func waitEvents(tb testing.TB, px *tproxy.Proxy, n int) {
 	tb.Helper()
-	deadline := time.Now().Add(2 * time.Second)
-	for len(px.Events()) < n {
-		if time.Now().After(deadline) {
-			tb.Fatalf("proxy saw %d connections, want %d", len(px.Events()), n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.Eventually(tb, fmt.Sprintf("%d connections at the proxy", n), func() bool { return len(px.Events()) >= n })
 	if got := len(px.Events()); got != n {
 		tb.Fatalf("proxy saw %d connections, want %d", got, n)
 	}
@@ -139,15 +124,7 @@ func moved(before, after bpf.Counters, name string) uint64 {
 func TestPrivilegedCapture(t *testing.T) {
 	privileged.Require(t)
 	ctx := context.Background()
-	bed := testbed.New(t)
-	n1, err := bed.AddNode("n1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n2, err := bed.AddNode("n2")
-	if err != nil {
-		t.Fatal(err)
-	}
+	n1, n2 := testbed.MustTwoNodes(t)
 	a, _ := n1.AddPod("a")   // captured
 	a2, _ := n1.AddPod("a2") // captured, same node
 	c, _ := n1.AddPod("c")   // not captured, same node
@@ -249,16 +226,10 @@ func TestPrivilegedCapture(t *testing.T) {
 				t.Fatal(err)
 			}
 			conn.Close()
-			deadline := time.Now().Add(2 * time.Second)
-			for {
-				if ev := lastEvent(t, px); ev.Listener == bpf.HBONE && ev.OrigDst == dst {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("hbone listener did not get %s: %+v", dst, px.Events())
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
+			testutil.Eventually(t, "the hbone listener getting "+dst.String(), func() bool {
+				ev := lastEvent(t, px)
+				return ev.Listener == bpf.HBONE && ev.OrigDst == dst
+			})
 		})
 		t.Run(fam+"/uncaptured traffic untouched", func(t *testing.T) {
 			n := len(px.Events())

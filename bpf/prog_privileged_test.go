@@ -20,6 +20,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
 )
@@ -416,7 +417,7 @@ func addLocal(tb testing.TB, addrs ...netip.Addr) {
 	}
 	// IPv6 installs an address's local route from a work queue.
 	for _, a := range addrs {
-		eventually(tb, fmt.Sprintf("local route to %s", a), func() bool {
+		testutil.Eventually(tb, fmt.Sprintf("local route to %s", a), func() bool {
 			rs, err := netlink.RouteGet(a.AsSlice())
 			return err == nil && len(rs) > 0 && rs[0].Type == unix.RTN_LOCAL
 		})
@@ -459,7 +460,7 @@ func timeWait(tb testing.TB, client, server netip.AddrPort) {
 		tb.Fatalf("client read after server close: %v, want EOF", err)
 	}
 	c.Close()
-	eventually(tb, fmt.Sprintf("%s -> %s in TIME_WAIT", client, server), func() bool {
+	testutil.Eventually(tb, fmt.Sprintf("%s -> %s in TIME_WAIT", client, server), func() bool {
 		st, err := testbed.TCPState(server, client)
 		if err != nil {
 			tb.Fatal(err)

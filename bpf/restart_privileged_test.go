@@ -112,15 +112,7 @@ func startLoader(tb testing.TB, n *testbed.Node, root string, pods []*testbed.Po
 // programs in place (same links, new programs) and no connection is lost.
 func TestPrivilegedSurvivesLoaderKill(t *testing.T) {
 	privileged.Require(t)
-	bed := testbed.New(t)
-	n1, err := bed.AddNode("n1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n2, err := bed.AddNode("n2")
-	if err != nil {
-		t.Fatal(err)
-	}
+	n1, n2 := testbed.MustTwoNodes(t)
 	a, err := n1.AddPod("a")
 	if err != nil {
 		t.Fatal(err)

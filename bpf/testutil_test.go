@@ -7,7 +7,6 @@ import (
 	"runtime"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -74,18 +73,6 @@ func enterNetns(tb testing.TB) netns.NsHandle {
 		runtime.UnlockOSThread()
 	})
 	return ns
-}
-
-// eventually polls cond until it holds, failing tb after 5 s.
-func eventually(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // emptyTC is a tc program that only returns TC_ACT_OK.

@@ -13,7 +13,7 @@
 #      needed) and loads them with `kind load image-archive`;
 #   5. installs deploy/helm/amber (imagePullPolicy Never; kind's CNI
 #      directories are the chart's defaults) and waits for the DaemonSet;
-#   6. runs go test -run TestKind ./test/realnode/ against the cluster;
+#   6. runs go test -tags kind -run TestKind ./test/realnode/ against the cluster;
 #   7. deletes the cluster, unless KEEP=1.
 #
 # Environment:
@@ -240,6 +240,6 @@ fi
 k --namespace istio-system get pods -o wide >&2
 
 # ── 6. the suite ────────────────────────────────────────────────────────
-step "running the e2e suite: go test -count=1 -v -run TestKind ./test/realnode/"
+step "running the e2e suite: go test -tags kind -count=1 -v -run TestKind ./test/realnode/"
 AMBER_E2E_KUBECONFIG=$kubeconfig KUBECTL=$kubectl \
-  go test -count=1 -v -timeout 30m -run TestKind ./test/realnode/
+  go test -tags kind -count=1 -v -timeout 30m -run TestKind ./test/realnode/

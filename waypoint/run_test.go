@@ -15,10 +15,10 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/waypoint"
 	"github.com/amber-mesh/amber/waypoint/config"
-	"github.com/amber-mesh/amber/waypoint/internal/waittest"
 	"github.com/amber-mesh/amber/waypoint/node"
 )
 
@@ -132,7 +132,7 @@ func TestRunStops(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- waypoint.Run(ctx, cfg) }()
-	waittest.For(t, "the metrics port", func() bool {
+	testutil.Eventually(t, "the metrics port", func() bool {
 		resp, err := http.Get(metricsURL)
 		if err != nil {
 			return false

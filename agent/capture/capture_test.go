@@ -8,9 +8,13 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/amber-mesh/amber/agent/enrol"
+	"github.com/amber-mesh/amber/internal/testutil"
 )
 
 type bed struct {
@@ -39,7 +43,7 @@ func newBedOn(t *testing.T, capacity int, dp *fakeDatapath, host *fakeHost) *bed
 	wg.Add(1)
 	go func() { defer wg.Done(); c.Run(ctx) }()
 	t.Cleanup(func() { cancel(); wg.Wait() })
-	eventually(t, "controller running", func() bool {
+	testutil.Eventually(t, "controller running", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		return c.running
@@ -67,7 +71,7 @@ func (b *bed) ns(name string, labels map[string]string) {
 func (b *bed) sync() {
 	b.t.Helper()
 	b.c.queue.add(resyncKey)
-	eventually(b.t, "queue drained", func() bool {
+	testutil.Eventually(b.t, "queue drained", func() bool {
 		b.c.queue.mu.Lock()
 		defer b.c.queue.mu.Unlock()
 		return len(b.c.queue.order) == 0
@@ -98,8 +102,8 @@ func TestLabelChangesBothWays(t *testing.T) {
 	}
 
 	b.ns("app", ambient)
-	eventually(t, "captured after namespace label", func() bool { return b.captured("10.0.0.1", 11) })
-	eventually(t, "annotated", func() bool { return b.rep.annotated("a") })
+	testutil.Eventually(t, "captured after namespace label", func() bool { return b.captured("10.0.0.1", 11) })
+	testutil.Eventually(t, "annotated", func() bool { return b.rep.annotated("a") })
 
 	// The annotation shows up on the pod.
 	p2 := *p
@@ -107,21 +111,21 @@ func TestLabelChangesBothWays(t *testing.T) {
 	b.c.UpsertPod(&p2)
 
 	b.ns("app", nil)
-	eventually(t, "released after namespace label removed", func() bool { i, _ := b.dp.owner(addr("10.0.0.1")); return i == 0 })
-	eventually(t, "annotation removed", func() bool { return !b.rep.annotated("a") })
+	testutil.Eventually(t, "released after namespace label removed", func() bool { i, _ := b.dp.owner(addr("10.0.0.1")); return i == 0 })
+	testutil.Eventually(t, "annotation removed", func() bool { return !b.rep.annotated("a") })
 
 	// Pod-level opt in, in an unlabelled namespace.
 	p3 := *p
 	p3.Labels = ambient
 	b.c.UpsertPod(&p3)
-	eventually(t, "captured by pod label", func() bool { return b.captured("10.0.0.1", 11) })
+	testutil.Eventually(t, "captured by pod label", func() bool { return b.captured("10.0.0.1", 11) })
 
 	// Namespace enrolled but pod opts out.
 	b.ns("app", ambient)
 	p4 := *p
 	p4.Labels = map[string]string{enrol.DataplaneModeLabel: enrol.DataplaneModeNone}
 	b.c.UpsertPod(&p4)
-	eventually(t, "released by opt-out", func() bool { i, _ := b.dp.owner(addr("10.0.0.1")); return i == 0 })
+	testutil.Eventually(t, "released by opt-out", func() bool { i, _ := b.dp.owner(addr("10.0.0.1")); return i == 0 })
 	if got := b.rep.eventList(); len(got) != 0 {
 		t.Errorf("warning events on a healthy pod: %v", got)
 	}
@@ -150,9 +154,9 @@ func TestDeletedPodReleased(t *testing.T) {
 	b.ns("app", ambient)
 	b.c.UpsertPod(pod("a", "app", nil, "10.0.0.1", "fd00::1"))
 	b.c.MarkSynced()
-	eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) && b.captured("fd00::1", 11) })
+	testutil.Eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) && b.captured("fd00::1", 11) })
 	b.c.DeletePod("a")
-	eventually(t, "released", func() bool {
+	testutil.Eventually(t, "released", func() bool {
 		i4, _ := b.dp.owner(addr("10.0.0.1"))
 		i6, _ := b.dp.owner(addr("fd00::1"))
 		return i4 == 0 && i6 == 0 && !b.dp.ifaces[11]
@@ -347,53 +351,70 @@ func TestRestartNeverReleases(t *testing.T) {
 	}
 }
 
+// In a synctest bubble: the retries' backoff runs in fake time.
 func TestMapFullQuarantines(t *testing.T) {
-	b := newBed(t, 2)
-	b.ns("app", ambient)
-	for i, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
-		b.host.addPod("/ns/"+ip, Veth{11 + i, "veth" + ip}, addr(ip))
-		b.c.UpsertPod(pod(ip, "app", nil, ip))
-	}
-	b.c.MarkSynced()
-	b.sync()
-	var full string
-	for _, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
-		if i, _ := b.dp.owner(addr(ip)); i == 0 {
-			full = ip
+	synctest.Test(t, func(t *testing.T) {
+		b := newBed(t, 2)
+		b.ns("app", ambient)
+		for i, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
+			b.host.addPod("/ns/"+ip, Veth{11 + i, "veth" + ip}, addr(ip))
+			b.c.UpsertPod(pod(ip, "app", nil, ip))
 		}
-	}
-	if full == "" {
-		t.Fatal("three pods captured with capacity 2")
-	}
-	if !b.host.quarantined(addr(full)) {
-		t.Fatal("pod over capacity not quarantined")
-	}
-	if ev := b.rep.eventList(); len(ev) != 1 || !strings.HasSuffix(ev[0], " "+ReasonMapFull) {
-		t.Fatalf("events %v, want one %s", ev, ReasonMapFull)
-	}
-	if b.rep.annotated(full) {
-		t.Fatal("pod over capacity annotated")
-	}
-	// Retries do not repeat the event.
-	time.Sleep(300 * time.Millisecond)
-	if ev := b.rep.eventList(); len(ev) != 1 {
-		t.Fatalf("event repeated: %v", ev)
-	}
-	// Room frees up: the pod is captured by a retry, then released from
-	// quarantine.
-	var other string
-	for _, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
-		if ip != full {
-			other = ip
-			break
+		b.c.MarkSynced()
+		b.sync()
+		var full string
+		for _, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
+			if i, _ := b.dp.owner(addr(ip)); i == 0 {
+				full = ip
+			}
 		}
-	}
-	b.c.DeletePod(other)
-	eventually(t, "captured after room freed", func() bool {
-		i, _ := b.dp.owner(addr(full))
-		return i != 0 && !b.host.quarantined(addr(full))
+		if full == "" {
+			t.Fatal("three pods captured with capacity 2")
+		}
+		if !b.host.quarantined(addr(full)) {
+			t.Fatal("pod over capacity not quarantined")
+		}
+		if ev := b.rep.eventList(); len(ev) != 1 || !strings.HasSuffix(ev[0], " "+ReasonMapFull) {
+			t.Fatalf("events %v, want one %s", ev, ReasonMapFull)
+		}
+		if b.rep.annotated(full) {
+			t.Fatal("pod over capacity annotated")
+		}
+		// Retries do not repeat the event. In fake time, the first three
+		// backoff periods pass; how many failures came before depends on
+		// how the initial syncs interleaved, so at least one retry runs.
+		attempts := func() uint64 { // syncs of any pod: only full's is queued
+			var m dto.Metric
+			if err := b.c.metrics.syncLatency.Write(&m); err != nil {
+				t.Fatal(err)
+			}
+			return m.GetHistogram().GetSampleCount()
+		}
+		before := attempts()
+		time.Sleep(backoff(1) + backoff(2) + backoff(3))
+		synctest.Wait()
+		if n := attempts() - before; n == 0 {
+			t.Fatal("no retry in three backoff periods")
+		}
+		if ev := b.rep.eventList(); len(ev) != 1 {
+			t.Fatalf("event repeated: %v", ev)
+		}
+		// Room frees up: the pod is captured by a retry, then released from
+		// quarantine.
+		var other string
+		for _, ip := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
+			if ip != full {
+				other = ip
+				break
+			}
+		}
+		b.c.DeletePod(other)
+		testutil.Eventually(t, "captured after room freed", func() bool {
+			i, _ := b.dp.owner(addr(full))
+			return i != 0 && !b.host.quarantined(addr(full))
+		})
+		testutil.Eventually(t, "annotated after capture", func() bool { return b.rep.annotated(full) })
 	})
-	eventually(t, "annotated after capture", func() bool { return b.rep.annotated(full) })
 }
 
 func TestVethNotFoundQuarantines(t *testing.T) {
@@ -409,7 +430,7 @@ func TestVethNotFoundQuarantines(t *testing.T) {
 		t.Fatalf("events %v", ev)
 	}
 	b.host.addPod("/ns/a", Veth{11, "veth11"}, addr("10.0.0.1"))
-	eventually(t, "captured once the veth shows up", func() bool {
+	testutil.Eventually(t, "captured once the veth shows up", func() bool {
 		return b.captured("10.0.0.1", 11) && !b.host.quarantined(addr("10.0.0.1"))
 	})
 }
@@ -471,7 +492,7 @@ func TestRouteBoundTeardown(t *testing.T) {
 	p := pod("a", "app", nil, "10.0.0.1")
 	b.c.UpsertPod(p)
 	b.c.MarkSynced()
-	eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) })
+	testutil.Eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) })
 
 	deleting := *p
 	deleting.Deleting = true
@@ -497,7 +518,7 @@ func TestDriftRepaired(t *testing.T) {
 	b.host.addPod("/ns/a", Veth{11, "veth11"}, addr("10.0.0.1"))
 	b.c.UpsertPod(pod("a", "app", nil, "10.0.0.1"))
 	b.c.MarkSynced()
-	eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) })
+	testutil.Eventually(t, "captured", func() bool { return b.captured("10.0.0.1", 11) })
 	b.dp.Release(11, []netip.Addr{addr("10.0.0.1")})
 	b.sync()
 	if !b.captured("10.0.0.1", 11) {

@@ -3,6 +3,8 @@ package cniapi
 import (
 	"context"
 	"errors"
+	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -10,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/amber-mesh/amber/internal/tcptest"
 )
 
 type handler struct {
@@ -98,16 +102,7 @@ func TestUnreachable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer hl.Close()
-	go func() {
-		for {
-			c, err := hl.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	tcptest.Serve(t, hl, func(c net.Conn) { io.Copy(io.Discard, c) })
 	tctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 	defer cancel()
 	if _, err := (&Client{Socket: hang}).Add(tctx, &AddRequest{PodNamespace: "a", PodName: "b"}); err == nil || errors.Is(err, ErrUnreachable) {

@@ -21,6 +21,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/amber-mesh/amber/agent/enrol"
+	"github.com/amber-mesh/amber/internal/testutil"
 )
 
 func TestPodFromAPI(t *testing.T) {
@@ -101,17 +102,6 @@ func (r *recorder) enrolled(uid string) bool {
 	return p != nil && enrol.Decide(r.nss[p.Namespace], p).Enrolled
 }
 
-func eventually(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
 func apiPod(name, ns, node string, labels map[string]string) *corev1.Pod {
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, UID: types.UID("uid-" + name), Labels: labels},
@@ -131,7 +121,7 @@ func run(t *testing.T, cs *fake.Clientset) (*Client, *recorder) {
 	done := make(chan struct{})
 	go func() { defer close(done); c.Run(ctx, r) }()
 	t.Cleanup(func() { cancel(); <-done })
-	eventually(t, "synced", func() bool { r.mu.Lock(); defer r.mu.Unlock(); return r.synced })
+	testutil.Eventually(t, "synced", func() bool { r.mu.Lock(); defer r.mu.Unlock(); return r.synced })
 	return c, r
 }
 
@@ -160,27 +150,27 @@ func TestWatchNodePodsAndLabels(t *testing.T) {
 	ns, _ := cs.CoreV1().Namespaces().Get(ctx, "app", metav1.GetOptions{})
 	ns.Labels = map[string]string{enrol.DataplaneModeLabel: enrol.DataplaneModeAmbient}
 	cs.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{})
-	eventually(t, "namespace label seen", func() bool { return r.enrolled("uid-a") && r.enrolled("uid-b") })
+	testutil.Eventually(t, "namespace label seen", func() bool { return r.enrolled("uid-a") && r.enrolled("uid-b") })
 	ns.Labels = nil
 	cs.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{})
-	eventually(t, "namespace label removal seen", func() bool { return !r.enrolled("uid-a") })
+	testutil.Eventually(t, "namespace label removal seen", func() bool { return !r.enrolled("uid-a") })
 
 	// Pod label on, then opted out in an enrolled namespace.
 	p, _ := cs.CoreV1().Pods("app").Get(ctx, "a", metav1.GetOptions{})
 	p.Labels = map[string]string{enrol.DataplaneModeLabel: enrol.DataplaneModeAmbient}
 	cs.CoreV1().Pods("app").Update(ctx, p, metav1.UpdateOptions{})
-	eventually(t, "pod label seen", func() bool { return r.enrolled("uid-a") && !r.enrolled("uid-b") })
+	testutil.Eventually(t, "pod label seen", func() bool { return r.enrolled("uid-a") && !r.enrolled("uid-b") })
 	ns.Labels = map[string]string{enrol.DataplaneModeLabel: enrol.DataplaneModeAmbient}
 	cs.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{})
 	p.Labels = map[string]string{enrol.DataplaneModeLabel: enrol.DataplaneModeNone}
 	cs.CoreV1().Pods("app").Update(ctx, p, metav1.UpdateOptions{})
-	eventually(t, "opt-out seen", func() bool { return !r.enrolled("uid-a") && r.enrolled("uid-b") })
+	testutil.Eventually(t, "opt-out seen", func() bool { return !r.enrolled("uid-a") && r.enrolled("uid-b") })
 
 	// New pod, deleted pod.
 	cs.CoreV1().Pods("app").Create(ctx, apiPod("c", "app", "n1", nil), metav1.CreateOptions{})
-	eventually(t, "new pod", func() bool { return r.enrolled("uid-c") })
+	testutil.Eventually(t, "new pod", func() bool { return r.enrolled("uid-c") })
 	cs.CoreV1().Pods("app").Delete(ctx, "b", metav1.DeleteOptions{})
-	eventually(t, "deleted pod", func() bool { r.mu.Lock(); defer r.mu.Unlock(); return r.pods["uid-b"] == nil })
+	testutil.Eventually(t, "deleted pod", func() bool { r.mu.Lock(); defer r.mu.Unlock(); return r.pods["uid-b"] == nil })
 }
 
 func TestLiveReadsAndReports(t *testing.T) {
@@ -222,7 +212,7 @@ func TestLiveReadsAndReports(t *testing.T) {
 	}
 
 	c.Warn(p, "MapFull", "no room")
-	eventually(t, "event created", func() bool {
+	testutil.Eventually(t, "event created", func() bool {
 		evs, _ := cs.CoreV1().Events("app").List(ctx, metav1.ListOptions{})
 		for _, e := range evs.Items {
 			if e.Reason == "MapFull" && e.Type == corev1.EventTypeWarning && e.InvolvedObject.UID == "uid-a" && e.Message == "no room" {

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -31,37 +32,37 @@ func (l *lockedBuffer) snapshot() (string, int) {
 	return l.b.String(), l.writes
 }
 
+// In a synctest bubble: the batch delay passes in fake time.
 func TestLoggerBatchesInfoLines(t *testing.T) {
-	out := &lockedBuffer{}
-	w := &batchWriter{w: out, delay: 100 * time.Millisecond, max: 1 << 20}
-	log, err := newLogger(w, "text", slog.LevelInfo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range 100 {
-		log.Info("connection complete", "n", i)
-	}
-	log.Debug("below the level")
-	if s, _ := out.snapshot(); s != "" {
-		t.Fatalf("info lines written before the delay: %q", s)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	synctest.Test(t, func(t *testing.T) {
+		out := &lockedBuffer{}
+		w := &batchWriter{w: out, delay: 100 * time.Millisecond, max: 1 << 20}
+		log, err := newLogger(w, "text", slog.LevelInfo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 100 {
+			log.Info("connection complete", "n", i)
+		}
+		log.Debug("below the level")
+		time.Sleep(99 * time.Millisecond)
+		synctest.Wait()
+		if s, _ := out.snapshot(); s != "" {
+			t.Fatalf("info lines written before the delay: %q", s)
+		}
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
 		s, writes := out.snapshot()
-		if strings.Count(s, "connection complete") == 100 {
-			if writes != 1 {
-				t.Errorf("100 lines took %d writes, want 1", writes)
-			}
-			if strings.Contains(s, "below the level") {
-				t.Error("a debug line was written at info level")
-			}
-			break
+		if n := strings.Count(s, "connection complete"); n != 100 {
+			t.Fatalf("%d lines written once the delay passed, want 100: %q", n, s)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("lines not written 5 s after logging: %q", s)
+		if writes != 1 {
+			t.Errorf("100 lines took %d writes, want 1", writes)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		if strings.Contains(s, "below the level") {
+			t.Error("a debug line was written at info level")
+		}
+	})
 }
 
 func TestLoggerWritesWarningsAtOnce(t *testing.T) {

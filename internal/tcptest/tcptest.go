@@ -1,5 +1,6 @@
-// Package tcptest gives tests both ends of real TCP connections on
-// loopback addresses.
+// Package tcptest gives tests real TCP connections: both ends of one on
+// loopback addresses, and a server that serves a listener until the test
+// ends.
 package tcptest
 
 import (

@@ -261,7 +261,6 @@ func start(ctx context.Context, opts Options, l layout, binDir, corednsBin strin
 		return nil, err
 	}
 	bin := func(n string) string { return filepath.Join(binDir, n) }
-	pk := p.path
 
 	if err := startDaemon(l, "containerd", "/usr/bin/containerd", []string{"--config", l.configFile("containerd.toml")}, nil); err != nil {
 		return nil, err
@@ -294,14 +293,14 @@ func start(ctx context.Context, opts Options, l layout, binDir, corednsBin strin
 		"--etcd-servers=" + etcdURL,
 		// Else it writes self-signed certificates to /var/run/kubernetes.
 		"--cert-dir=" + l.path("apiserver-certs"),
-		"--tls-cert-file=" + pk("apiserver.crt"), "--tls-private-key-file=" + pk("apiserver.key"),
-		"--client-ca-file=" + pk("ca.crt"),
+		"--tls-cert-file=" + p.ServingCert, "--tls-private-key-file=" + p.ServingKey,
+		"--client-ca-file=" + p.CACert,
 		"--service-account-issuer=https://kubernetes.default.svc." + ClusterDomain,
-		"--service-account-key-file=" + pk("sa.pub"), "--service-account-signing-key-file=" + pk("sa.key"),
+		"--service-account-key-file=" + p.ServiceAccountPub, "--service-account-signing-key-file=" + p.ServiceAccountKey,
 		"--service-cluster-ip-range=" + ServiceCIDR,
 		"--authorization-mode=Node,RBAC",
-		"--kubelet-client-certificate=" + pk("apiserver-kubelet-client.crt"),
-		"--kubelet-client-key=" + pk("apiserver-kubelet-client.key"),
+		"--kubelet-client-certificate=" + p.KubeletClientCert,
+		"--kubelet-client-key=" + p.KubeletClientKey,
 		// The node's InternalIP is NodeIP; its hostname resolves elsewhere.
 		"--kubelet-preferred-address-types=InternalIP,Hostname",
 		// amber's node components are privileged DaemonSets.
@@ -328,8 +327,8 @@ func start(ctx context.Context, opts Options, l layout, binDir, corednsBin strin
 		{"kube-controller-manager", bin("kube-controller-manager"), []string{
 			"--kubeconfig=" + kc["controller-manager"], "--secure-port=0", "--leader-elect=false",
 			"--use-service-account-credentials=true",
-			"--service-account-private-key-file=" + pk("sa.key"), "--root-ca-file=" + pk("ca.crt"),
-			"--cluster-signing-cert-file=" + pk("ca.crt"), "--cluster-signing-key-file=" + pk("ca.key"),
+			"--service-account-private-key-file=" + p.ServiceAccountKey, "--root-ca-file=" + p.CACert,
+			"--cluster-signing-cert-file=" + p.CACert, "--cluster-signing-key-file=" + p.CAKey,
 			"--cluster-name=amber", "--controllers=*",
 			// The not-ready taint goes when the node-lifecycle controller
 			// next looks (default every 5 s): a node is schedulable sooner.

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 	"golang.org/x/sys/unix"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/tunnel/ca"
@@ -43,14 +44,8 @@ type boundsBed struct {
 func newBoundsBed(t *testing.T) *boundsBed {
 	t.Helper()
 	b := &boundsBed{}
-	bed := testbed.New(t)
+	b.n1, b.n2 = testbed.MustTwoNodes(t)
 	var err error
-	if b.n1, err = bed.AddNode("n1"); err != nil {
-		t.Fatal(err)
-	}
-	if b.n2, err = bed.AddNode("n2"); err != nil {
-		t.Fatal(err)
-	}
 	for _, p := range []struct {
 		n   *testbed.Node
 		pod **testbed.Pod
@@ -213,7 +208,7 @@ func TestPrivilegedOutOfDescriptors(t *testing.T) {
 		go func() { echoed <- h.echo("x") }()
 		var res error
 		done := false
-		waitFor(t, "an echo or a failed accept", func() bool {
+		testutil.Eventually(t, "an echo or a failed accept", func() bool {
 			select {
 			case res = <-echoed:
 				done = true
@@ -430,7 +425,7 @@ func TestPrivilegedCancelledConnect(t *testing.T) {
 	// One line per stream, whatever its end: cancelled before the
 	// upstream connection, or just after.
 	from := map[string]string{"src.addr": b.mallory.IPv4.String()}
-	waitFor(t, "an access-log line per stream", func() bool { return len(z2.accessLogs(from)) == streams })
+	testutil.Eventually(t, "an access-log line per stream", func() bool { return len(z2.accessLogs(from)) == streams })
 	cancelled, loud := 0, 0
 	for _, l := range z2.accessLogs(from) {
 		if l["level"] != "INFO" {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/meshbed"
 )
 
@@ -57,7 +58,7 @@ func TestPrivilegedZtunnelHandover(t *testing.T) {
 	if err := old.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the old ztunnel's listeners out of the SOCKMAP", func() bool {
+	testutil.Eventually(t, "the old ztunnel's listeners out of the SOCKMAP", func() bool {
 		slots, err := listenerSlots(node1.Root)
 		return err == nil && !slices.ContainsFunc(slots, func(s bpf.ListenerSlot) bool { return s.Registered })
 	})
@@ -77,7 +78,7 @@ func TestPrivilegedZtunnelHandover(t *testing.T) {
 	go func() {
 		dialed <- client.Do(func() (err error) { c2, err = dialNoMPTCP(ctx, dst); return err })
 	}()
-	waitFor(t, "the new connection's SYN dropped for want of a listener", func() bool {
+	testutil.Eventually(t, "the new connection's SYN dropped for want of a listener", func() bool {
 		c, err := node1.DP.Counters()
 		return err == nil && c["drop_no_listener"] > before["drop_no_listener"]
 	})
@@ -88,7 +89,7 @@ func TestPrivilegedZtunnelHandover(t *testing.T) {
 	}
 
 	c1.Close()
-	waitFor(t, "the old ztunnel to exit once drained", func() bool {
+	testutil.Eventually(t, "the old ztunnel to exit once drained", func() bool {
 		exited, _ := old.Exited()
 		return exited
 	})

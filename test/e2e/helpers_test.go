@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 )
@@ -123,18 +124,6 @@ func (z *ztunnel) accessLogs(want map[string]string) []map[string]any {
 	return out
 }
 
-// waitFor polls cond for up to 5s.
-func waitFor(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // echoServer listens in a pod (or a node), serves each connection, and
 // reports each peer address.
 type echoServer struct {
@@ -185,42 +174,13 @@ func startServer(tb testing.TB, l listenerIn, port int, handle func(net.Conn)) *
 		tb.Fatal(err)
 	}
 	s := &echoServer{peers: make(chan netip.AddrPort, 64)}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]struct{}{}
-	tb.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
+	tcptest.Serve(tb, ln, func(c net.Conn) {
+		ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+		select {
+		case s.peers <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()):
+		default:
 		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-			select {
-			case s.peers <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()):
-			default:
-			}
-			mu.Lock()
-			conns[c] = struct{}{}
-			mu.Unlock()
-			wg.Go(func() {
-				defer func() {
-					mu.Lock()
-					delete(conns, c)
-					mu.Unlock()
-					c.Close()
-				}()
-				handle(c)
-			})
-		}
+		handle(c)
 	})
 	return s
 }

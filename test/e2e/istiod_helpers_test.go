@@ -24,6 +24,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/istiod"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/test/meshbed"
@@ -53,7 +54,6 @@ type istiodMesh struct {
 	t         *testing.T
 	cp        *kube.ControlPlane
 	istiodBin string
-	bed       *testbed.Testbed
 	n1, n2    *meshbed.Node
 	dir       string
 
@@ -70,10 +70,9 @@ type istiodMesh struct {
 // forwarders; istiod and the ztunnels come later (connect, startZtunnels).
 func newIstiodMesh(t *testing.T) *istiodMesh {
 	t.Helper()
-	bed := testbed.New(t) // root gate first: no control plane for a skip
+	n1, n2 := testbed.MustTwoNodes(t) // root gate first: no control plane for a skip
 	m := &istiodMesh{
 		t:         t,
-		bed:       bed,
 		istiodBin: istiod.Binaries(t),
 		cp:        kube.Start(t, kube.Options{}),
 		dir:       t.TempDir(),
@@ -81,13 +80,10 @@ func newIstiodMesh(t *testing.T) *istiodMesh {
 		tokens:    map[*meshbed.Node]string{},
 		zts:       map[*meshbed.Node]*ztunnel{},
 	}
-	for _, nd := range []**meshbed.Node{&m.n1, &m.n2} {
-		n, err := bed.AddNode(fmt.Sprintf("n%d", len(m.fwd)+1))
-		if err != nil {
-			t.Fatal(err)
-		}
-		*nd = meshbed.MustLoadDatapath(t, n, "amber-e2e-istiod")
-		m.fwd[*nd] = meshbed.MustForward(t, n, istiodForwardAddress, "")
+	m.n1 = meshbed.MustLoadDatapath(t, n1, "amber-e2e-istiod")
+	m.n2 = meshbed.MustLoadDatapath(t, n2, "amber-e2e-istiod")
+	for _, nd := range []*meshbed.Node{m.n1, m.n2} {
+		m.fwd[nd] = meshbed.MustForward(t, nd.Node, istiodForwardAddress, "")
 	}
 	t.Cleanup(m.stopZtunnels)
 
@@ -380,28 +376,11 @@ func (d *configDump) policy(name string) int {
 	return -1
 }
 
-// eventually polls cond every 100 ms until it returns nil, failing tb
-// with the last error after timeout.
-func eventually(tb testing.TB, timeout time.Duration, what string, cond func() error) {
-	tb.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out after %v waiting for %s: %v", timeout, what, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
 // waitProtocol waits until z knows the workload name with protocol want
 // ("" = unknown).
 func waitProtocol(tb testing.TB, z *ztunnel, name, want string) {
 	tb.Helper()
-	eventually(tb, 30*time.Second, fmt.Sprintf("workload %s with protocol %q on %s", name, want, z.Node.Name), func() error {
+	testutil.EventuallyNil(tb, fmt.Sprintf("workload %s with protocol %q on %s", name, want, z.Node.Name), func() error {
 		d, err := z.configDump()
 		if err != nil {
 			return err
@@ -419,7 +398,7 @@ func waitProtocol(tb testing.TB, z *ztunnel, name, want string) {
 func waitPolicy(tb testing.TB, z *ztunnel, name, workload string, present bool) *configDump {
 	tb.Helper()
 	var d *configDump
-	eventually(tb, 30*time.Second, fmt.Sprintf("policy %s on %s present=%v on %s", name, workload, present, z.Node.Name), func() error {
+	testutil.EventuallyNil(tb, fmt.Sprintf("policy %s on %s present=%v on %s", name, workload, present, z.Node.Name), func() error {
 		var err error
 		if d, err = z.configDump(); err != nil {
 			return err
@@ -539,7 +518,7 @@ func mustCaptureUplink(tb testing.TB, n *testbed.Node, dir string) *uplinkCaptur
 	c.cmd = cmd.Process
 	go func() { c.done <- cmd.Wait() }()
 	tb.Cleanup(func() { c.stop() })
-	waitFor(tb, "tcpdump to listen", func() bool { return strings.Contains(c.log.String(), "listening on") })
+	testutil.Eventually(tb, "tcpdump to listen", func() bool { return strings.Contains(c.log.String(), "listening on") })
 	return c
 }
 

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/istiod"
 	"github.com/amber-mesh/amber/test/testbed"
 )
@@ -52,7 +53,7 @@ func TestPrivilegedIstiodMesh(t *testing.T) {
 			if got := echoPP.lastPeer(t).Addr(); got != src {
 				t.Errorf("%s: productpage saw source %s, want sleep's %s", family, got, src)
 			}
-			waitFor(t, family+" destination access log on n2", func() bool {
+			testutil.Eventually(t, family+" destination access log on n2", func() bool {
 				return len(z2.accessLogs(map[string]string{
 					"reporter": "destination", "protocol": "HBONE", "src.identity": sleepID,
 					"dst.identity": productpageID, "dst.addr": dst.String(),
@@ -68,7 +69,7 @@ func TestPrivilegedIstiodMesh(t *testing.T) {
 				"source_principal": sleepID, "destination_principal": productpageID,
 				"source_workload": "sleep", "destination_workload": "productpage", "response_flags": "-",
 			}
-			waitFor(t, reporter+" metrics", func() bool {
+			testutil.Eventually(t, reporter+" metrics", func() bool {
 				return z.metric(t, "istio_tcp_connections_closed_total", want) >= 2
 			})
 			if got := z.metric(t, "istio_tcp_received_bytes_total", want); got < float64(2*len(secret)) {
@@ -107,7 +108,7 @@ func TestPrivilegedIstiodMesh(t *testing.T) {
 		if err := roundTrip(sleep, netip.AddrPortFrom(reviews.IPv4, 9080), "before annotation"); err != nil {
 			t.Fatalf("sleep → reviews before annotation: %v", err)
 		}
-		waitFor(t, "passthrough access log on n1", func() bool {
+		testutil.Eventually(t, "passthrough access log on n1", func() bool {
 			return len(z1.accessLogs(map[string]string{
 				"reporter": "source", "protocol": "TCP", "dst.workload": "reviews", "dst.addr": reviews.IPv4.String(),
 			})) > 0
@@ -125,7 +126,7 @@ func TestPrivilegedIstiodMesh(t *testing.T) {
 		if got := echoReviews.lastPeer(t).Addr(); got != sleep.IPv4 {
 			t.Errorf("reviews saw source %s, want sleep's %s", got, sleep.IPv4)
 		}
-		waitFor(t, "HBONE access log for reviews on n2", func() bool {
+		testutil.Eventually(t, "HBONE access log for reviews on n2", func() bool {
 			return len(z2.accessLogs(map[string]string{
 				"reporter": "destination", "protocol": "HBONE", "src.identity": sleepID,
 				"dst.identity": "spiffe://cluster.local/ns/default/sa/reviews",
@@ -158,7 +159,7 @@ spec:
 		if err := fromNotsleep.closedWithin(30 * time.Second); err != nil {
 			t.Fatalf("notsleep's connection after the ALLOW-sleep policy: %v", err)
 		}
-		waitFor(t, "revocation in n2's access log", func() bool {
+		testutil.Eventually(t, "revocation in n2's access log", func() bool {
 			return len(z2.accessLogs(map[string]string{"src.identity": notsleepID, "error": "revoked by policy change"})) > 0
 		})
 		if err := fromSleep.echo("still allowed"); err != nil {
@@ -208,7 +209,7 @@ spec:
 		if err := roundTrip(sleep, addr, "GET /ratings/1"); err == nil {
 			t.Error("sleep reached ratings through an ALLOW policy whose only rule has L7 fields")
 		}
-		waitFor(t, "denial in n2's access log", func() bool {
+		testutil.Eventually(t, "denial in n2's access log", func() bool {
 			return len(z2.accessLogs(map[string]string{"src.identity": sleepID, "dst.workload": "ratings", "error": "denied by policy"})) > 0
 		})
 		m.deletePolicy(t, "ratings-l7-allow")
@@ -260,7 +261,7 @@ spec:
 		if err := roundTrip(sleep, addr, "anyone there?"); err == nil {
 			t.Fatal("sleep reached details after its Pod was deleted")
 		}
-		waitFor(t, "refusal in n2's access log", func() bool {
+		testutil.Eventually(t, "refusal in n2's access log", func() bool {
 			return len(z2.accessLogs(map[string]string{"dst.addr": details.IPv4.String(), "error": "not a local workload"})) > 0
 		})
 	})
@@ -334,7 +335,7 @@ func TestPrivilegedIstiodRestart(t *testing.T) {
 
 	t.Run("istiod gone", func(t *testing.T) {
 		for _, z := range []*ztunnel{z1, z2} {
-			eventually(t, 30*time.Second, z.Node.Name+" to see istiod gone", func() error {
+			testutil.EventuallyNil(t, z.Node.Name+" to see istiod gone", func() error {
 				d, err := z.configDump()
 				if err != nil {
 					return err
@@ -372,7 +373,7 @@ func TestPrivilegedIstiodRestart(t *testing.T) {
 		for _, z := range []*ztunnel{z1, z2} {
 			// gRPC backs off up to ~10 s between attempts after a few
 			// failures; the xDS client up to 15 s.
-			eventually(t, 60*time.Second, z.Node.Name+" to reconnect", func() error {
+			testutil.EventuallyNil(t, z.Node.Name+" to reconnect", func() error {
 				d, err := z.configDump()
 				if err != nil {
 					return err
@@ -398,7 +399,7 @@ func TestPrivilegedIstiodRestart(t *testing.T) {
 		if got := z2.metric(t, "amber_certificate_events_total", map[string]string{"event": "issued"}); got <= issued {
 			t.Errorf("n2's ztunnel certificates issued %v → %v: none from the new istiod", issued, got)
 		}
-		waitFor(t, "HBONE access log for ratings on n2", func() bool {
+		testutil.Eventually(t, "HBONE access log for ratings on n2", func() bool {
 			return len(z2.accessLogs(map[string]string{
 				"reporter": "destination", "protocol": "HBONE", "src.identity": sleepID,
 				"dst.identity": "spiffe://cluster.local/ns/default/sa/ratings",

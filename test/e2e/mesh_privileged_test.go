@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/tunnel/ca"
@@ -76,15 +77,7 @@ policies:
 // only sleep, passthrough to a pod outside the mesh, preserved source
 // addresses, and what the access log and metrics say.
 func TestPrivilegedMesh(t *testing.T) {
-	bed := testbed.New(t)
-	n1, err := bed.AddNode("n1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n2, err := bed.AddNode("n2")
-	if err != nil {
-		t.Fatal(err)
-	}
+	n1, n2 := testbed.MustTwoNodes(t)
 	sleep, err1 := n1.AddPod("sleep")
 	notsleep, err2 := n1.AddPod("notsleep")
 	productpage, err3 := n2.AddPod("productpage")
@@ -139,7 +132,7 @@ func TestPrivilegedMesh(t *testing.T) {
 		}
 	}
 	t.Cleanup(stopDump)
-	waitFor(t, "tcpdump to listen", func() bool { return strings.Contains(dumpLog.String(), "listening on") })
+	testutil.Eventually(t, "tcpdump to listen", func() bool { return strings.Contains(dumpLog.String(), "listening on") })
 
 	z1 := mustZtunnel(t, node1, meshFile, caDir)
 	z2 := mustZtunnel(t, node2, meshFile, caDir)
@@ -173,7 +166,7 @@ func TestPrivilegedMesh(t *testing.T) {
 				t.Fatalf("productpage saw a connection from %s", p)
 			default:
 			}
-			waitFor(t, "denial in the access log", func() bool {
+			testutil.Eventually(t, "denial in the access log", func() bool {
 				return len(z2.accessLogs(map[string]string{
 					"src.identity": notsleepID, "dst.addr": ip(productpage).String(), "error": "denied by policy",
 				})) > 0
@@ -188,7 +181,7 @@ func TestPrivilegedMesh(t *testing.T) {
 				t.Errorf("reviews saw source %s, want sleep's %s", got, ip(sleep))
 			}
 			// The same ztunnel reports both ends, as two ztunnels would.
-			waitFor(t, "destination access log on n1", func() bool {
+			testutil.Eventually(t, "destination access log on n1", func() bool {
 				return len(z1.accessLogs(map[string]string{
 					"reporter": "destination", "protocol": "HBONE", "src.identity": sleepID,
 					"dst.identity": "spiffe://cluster.local/ns/default/sa/reviews", "dst.addr": ip(reviews).String(),
@@ -221,7 +214,7 @@ func TestPrivilegedMesh(t *testing.T) {
 			for k, v := range mtls {
 				want[k] = v
 			}
-			waitFor(t, reporter+" metrics", func() bool {
+			testutil.Eventually(t, reporter+" metrics", func() bool {
 				return z.metric(t, "istio_tcp_connections_closed_total", want) >= 2
 			})
 			if got := z.metric(t, "istio_tcp_connections_opened_total", want); got < 2 {
@@ -279,7 +272,7 @@ func TestPrivilegedMesh(t *testing.T) {
 		echoPP.lastPeer(t)
 		for _, z := range []*ztunnel{z1, z2} {
 			var lines []map[string]any
-			waitFor(t, "access log of the reset connection", func() bool {
+			testutil.Eventually(t, "access log of the reset connection", func() bool {
 				lines = z.accessLogs(map[string]string{"src.addr": src, "dst.addr": productpage.IPv4.String()})
 				return len(lines) > 0
 			})
@@ -303,7 +296,7 @@ func TestPrivilegedMesh(t *testing.T) {
 		if _, err := io.ReadFull(c, buf); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatalf("connection not closed after the policy change: %v", err)
 		}
-		waitFor(t, "revocation in the access log", func() bool {
+		testutil.Eventually(t, "revocation in the access log", func() bool {
 			return len(z2.accessLogs(map[string]string{"src.identity": sleepID, "error": "revoked by policy change"})) > 0
 		})
 	})

@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 )
@@ -203,7 +204,7 @@ services:
 				t.Fatal(err)
 			}
 			hostEcho.lastPeer(t)
-			waitFor(t, "the ztunnel's access-log line", func() bool {
+			testutil.Eventually(t, "the ztunnel's access-log line", func() bool {
 				return len(z.accessLogs(map[string]string{"src.addr": ip(client).String(), "dst.addr": nodeDst.String(), "protocol": "TCP"})) > 0
 			})
 			if moved := counters(t, node1)["redirect_host_reply"] - before["redirect_host_reply"]; moved == 0 {
@@ -225,7 +226,7 @@ services:
 			if got := hostEcho.lastPeer(t).Addr(); got != ip(client) {
 				t.Errorf("API server saw %s, want the pod's %s", got, ip(client))
 			}
-			waitFor(t, "the ztunnel's access-log line", func() bool {
+			testutil.Eventually(t, "the ztunnel's access-log line", func() bool {
 				return len(z.accessLogs(map[string]string{"src.addr": ip(client).String(), "dst.addr": vip.String(), "dst.workload": "kube-apiserver"})) > 0
 			})
 		})

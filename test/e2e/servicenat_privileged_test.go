@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 )
@@ -54,21 +55,18 @@ func podIP(p *testbed.Pod, v6 bool) netip.Addr {
 // named (in that order).
 func mustTwoNodes(t *testing.T, pods1, pods2 []string) (n1, n2 *testbed.Node, pods map[string]*testbed.Pod) {
 	t.Helper()
-	bed := testbed.New(t)
+	n1, n2 = testbed.MustTwoNodes(t)
 	pods = map[string]*testbed.Pod{}
-	var nodes [2]*testbed.Node
+	nodes := [2]*testbed.Node{n1, n2}
 	for i, names := range [][]string{pods1, pods2} {
-		var err error
-		if nodes[i], err = bed.AddNode(fmt.Sprintf("n%d", i+1)); err != nil {
-			t.Fatal(err)
-		}
 		for _, name := range names {
+			var err error
 			if pods[name], err = nodes[i].AddPod(name); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
-	return nodes[0], nodes[1], pods
+	return n1, n2, pods
 }
 
 // mustNft loads an nftables ruleset into n.
@@ -165,7 +163,7 @@ func TestPrivilegedServiceToCapturedPod(t *testing.T) {
 				if got := echoOpen.lastPeer(t).Addr(); got != c.src {
 					t.Errorf("open saw source %s, want %s", got, c.src)
 				}
-				waitFor(t, "the destination's access-log line", func() bool {
+				testutil.Eventually(t, "the destination's access-log line", func() bool {
 					return len(z.accessLogs(map[string]string{
 						"reporter": "destination", "protocol": "TCP", "dst.workload": "open",
 						"dst.addr": netip.AddrPortFrom(ip(open), port).String(), "src.addr": c.src.String(),
@@ -185,7 +183,7 @@ func TestPrivilegedServiceToCapturedPod(t *testing.T) {
 					t.Fatalf("guarded saw a connection from %s", p)
 				default:
 				}
-				waitFor(t, "the denial in the access log", func() bool {
+				testutil.Eventually(t, "the denial in the access log", func() bool {
 					return len(z.accessLogs(map[string]string{
 						"reporter": "destination", "dst.workload": "guarded", "src.addr": c.src.String(), "error": "denied by policy",
 					})) > 0
@@ -244,7 +242,7 @@ func TestPrivilegedUnknownServicePassthrough(t *testing.T) {
 				if got := echoes[s.pod].lastPeer(t).Addr(); got != src {
 					t.Errorf("%s saw source %s, want the client's %s", s.pod.Name, got, src)
 				}
-				waitFor(t, "the source's access-log line", func() bool {
+				testutil.Eventually(t, "the source's access-log line", func() bool {
 					return len(z.accessLogs(map[string]string{
 						"reporter": "source", "protocol": "TCP", "src.addr": src.String(), "dst.addr": vip.String(),
 					})) > 0
@@ -320,7 +318,7 @@ func TestPrivilegedPassthroughToCapturedPod(t *testing.T) {
 				for k, v := range c.log {
 					want[k] = v
 				}
-				waitFor(t, "the destination's refusal in the access log", func() bool { return len(z.accessLogs(want)) > 0 })
+				testutil.Eventually(t, "the destination's refusal in the access log", func() bool { return len(z.accessLogs(want)) > 0 })
 			})
 		}
 		t.Run(family+"/a plain-TCP workload without a policy, through its inbound checks", func(t *testing.T) {
@@ -331,7 +329,7 @@ func TestPrivilegedPassthroughToCapturedPod(t *testing.T) {
 			if got := echoOpen.lastPeer(t).Addr(); got != ip(client) {
 				t.Errorf("open saw source %s, want the client's %s", got, ip(client))
 			}
-			waitFor(t, "both ends in the access log", func() bool {
+			testutil.Eventually(t, "both ends in the access log", func() bool {
 				return len(z.accessLogs(map[string]string{"reporter": "source", "src.addr": ip(client).String(), "dst.addr": dst.String()})) > 0 &&
 					len(z.accessLogs(map[string]string{"reporter": "destination", "src.addr": ip(client).String(), "dst.addr": dst.String(), "dst.workload": "open"})) > 0
 			})

@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/tunnel/ca"
@@ -74,15 +75,9 @@ func mustClientServer(t *testing.T, extra ...string) (*clientServer, map[string]
 // mustClientServerBed builds a clientServer without ztunnels or servers.
 func mustClientServerBed(t *testing.T, extra ...string) (*clientServer, map[string]*testbed.Pod) {
 	t.Helper()
-	bed := testbed.New(t)
 	cs := &clientServer{}
+	cs.n1, cs.n2 = testbed.MustTwoNodes(t)
 	var err error
-	if cs.n1, err = bed.AddNode("n1"); err != nil {
-		t.Fatal(err)
-	}
-	if cs.n2, err = bed.AddNode("n2"); err != nil {
-		t.Fatal(err)
-	}
 	pods := map[string]*testbed.Pod{}
 	for _, name := range extra {
 		if pods[name], err = cs.n1.AddPod(name); err != nil {
@@ -228,7 +223,7 @@ func TestPrivilegedReconnectAfterServerClose(t *testing.T) {
 				if err != nil {
 					t.Fatalf("first connection: %v", err)
 				}
-				waitFor(t, "the ztunnel's side in TIME_WAIT and the client's gone", func() bool {
+				testutil.Eventually(t, "the ztunnel's side in TIME_WAIT and the client's gone", func() bool {
 					return tcpState(t, tc.tw, tc.dst, tc.src) == testbed.TCPTimeWait && tcpState(t, tc.from, tc.src, tc.dst) == ""
 				})
 

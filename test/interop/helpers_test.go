@@ -17,12 +17,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/buildcache"
 	"github.com/amber-mesh/amber/test/proc"
 	"github.com/amber-mesh/amber/tunnel/ca"
@@ -199,37 +200,7 @@ func serveLoopback(tb testing.TB, addr *netip.AddrPort, serve func(*net.TCPConn)
 		tb.Fatal(err)
 	}
 	*addr = ln.Addr().(*net.TCPAddr).AddrPort()
-	var wg sync.WaitGroup
-	var mu sync.Mutex // guards conns
-	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.AcceptTCP()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				serve(c)
-			}()
-		}
-	}()
-	tb.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
+	tcptest.Serve(tb, ln, func(c net.Conn) { serve(c.(*net.TCPConn)) })
 }
 
 // closedPort returns a loopback address nothing listens on.
@@ -349,23 +320,19 @@ func startIstioServer(tb testing.TB, bin string, files pemFiles) *istioServer {
 			tb.Errorf("istio hbone server: %v", err)
 		}
 	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		b, err := os.ReadFile(addrFile)
-		if err == nil {
-			if s.Addr, err = netip.ParseAddrPort(strings.TrimSpace(string(b))); err != nil {
-				tb.Fatalf("istio hbone server address: %v", err)
-			}
-			return s
-		}
+	var b []byte
+	testutil.EventuallyNil(tb, "istio's hbone server listening", func() error {
 		if done, err := p.Exited(); done {
 			tb.Fatalf("istio hbone server %v before listening:\n%s", err, p.LogTail(20))
 		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("istio hbone server did not listen within 30s:\n%s", p.LogTail(20))
-		}
-		time.Sleep(20 * time.Millisecond)
+		var err error
+		b, err = os.ReadFile(addrFile)
+		return err
+	})
+	if s.Addr, err = netip.ParseAddrPort(strings.TrimSpace(string(b))); err != nil {
+		tb.Fatalf("istio hbone server address: %v", err)
 	}
+	return s
 }
 
 // Connects returns the "connect <authority> peer=<id>" lines the server

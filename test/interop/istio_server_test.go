@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
@@ -136,11 +137,7 @@ func TestIntegrationIstioHBONEServer(t *testing.T) {
 		deadline(t, s)
 		// Read only once the reset has arrived, so that the complete
 		// response must have outlived it.
-		for end := time.Now().Add(10 * time.Second); p.Stats.StreamsReset.Load() == 0; time.Sleep(5 * time.Millisecond) {
-			if time.Now().After(end) {
-				t.Fatal("istio server did not reset the stream after the target closed")
-			}
-		}
+		testutil.Eventually(t, "istio's server resetting the stream after the target closed", func() bool { return p.Stats.StreamsReset.Load() > 0 })
 		got, err := io.ReadAll(s)
 		if string(got) != g.Greeting || err != nil {
 			t.Fatalf("read %q, %v; want %q and EOF", got, err, g.Greeting)

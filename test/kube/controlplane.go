@@ -2,7 +2,6 @@ package kube
 
 import (
 	"context"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"net"
@@ -403,30 +402,8 @@ func (cp *ControlPlane) writeKubeconfig(name, user string, certPEM, keyPEM []byt
 		QPS:   100,
 		Burst: 200,
 	}
-	b64 := base64.StdEncoding.EncodeToString
-	// JSON strings are YAML strings: %q quotes user names such as
-	// "system:node:x" safely.
-	kubeconfig := fmt.Sprintf(`apiVersion: v1
-kind: Config
-clusters:
-- name: amber-test
-  cluster:
-    server: %q
-    certificate-authority-data: %s
-users:
-- name: %q
-  user:
-    client-certificate-data: %s
-    client-key-data: %s
-contexts:
-- name: amber-test
-  context:
-    cluster: amber-test
-    user: %q
-current-context: amber-test
-`, cp.URL, b64(cfg.CAData), user, b64(certPEM), b64(keyPEM), user)
 	path := filepath.Join(cp.Dir, "kubeconfig-"+name)
-	if err := os.WriteFile(path, []byte(kubeconfig), 0o600); err != nil {
+	if err := os.WriteFile(path, cp.PKI.Kubeconfig("amber-test", cp.URL, user, certPEM, keyPEM), 0o600); err != nil {
 		return nil, "", fmt.Errorf("write kubeconfig: %w", err)
 	}
 	return cfg, path, nil

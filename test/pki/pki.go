@@ -1,6 +1,7 @@
-// Package pki holds the certificate plumbing shared by the test control
-// planes (test/kube, test/cluster): ECDSA certificates signed by a parent,
-// written as PEM files with private keys kept 0600.
+// Package pki is the one certificate authority of the test control planes
+// (test/kube, test/cluster): a Kubernetes cluster's set of certificates and
+// keys, ECDSA certificates signed by a parent, written as PEM files with
+// private keys kept 0600.
 package pki
 
 import (

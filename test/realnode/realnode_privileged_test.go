@@ -23,6 +23,7 @@ import (
 
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/bpf/hostnet"
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/cluster"
 	"github.com/amber-mesh/amber/test/images"
 	"github.com/amber-mesh/amber/test/privileged"
@@ -377,8 +378,13 @@ func rolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster, a *re
 	wg.Add(2)
 	go stream(sleepNS, &okSleep, &failSleep, true)
 	go stream(notNS, &deniedNot, &okNot, false)
+	// progress waits until both streams have answered n more connections.
+	progress := func(what string, n int64) {
+		s, d := okSleep.Load(), deniedNot.Load()
+		testutil.Eventually(t, what, func() bool { return okSleep.Load() >= s+n && deniedNot.Load() >= d+n })
+	}
 
-	time.Sleep(time.Second)
+	progress("both streams answered before the restart", 10)
 	t0 := time.Now()
 	if _, err := c.Kubectl(ctx, "-n", realnode.Namespace, "rollout", "restart", "daemonset/"+realnode.DaemonSet); err != nil {
 		t.Fatal(err)
@@ -390,7 +396,7 @@ func rolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster, a *re
 	if err := a.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(2 * time.Second)
+	progress("both streams answered by the new ztunnel", 20)
 	close(stop)
 	wg.Wait()
 

@@ -84,6 +84,22 @@ func New(tb testing.TB) *Testbed {
 	return b
 }
 
+// MustTwoNodes returns nodes "n1" and "n2" of a new Testbed (New), the
+// shape most tests need: a same-node and a cross-node path. It fails tb if
+// either cannot be built.
+func MustTwoNodes(tb testing.TB) (n1, n2 *Node) {
+	tb.Helper()
+	b := New(tb)
+	var err error
+	if n1, err = b.AddNode("n1"); err != nil {
+		tb.Fatalf("testbed: %v", err)
+	}
+	if n2, err = b.AddNode("n2"); err != nil {
+		tb.Fatalf("testbed: %v", err)
+	}
+	return n1, n2
+}
+
 // NewBed creates an empty Testbed (the fabric only); the caller must Close
 // it. It first removes namespaces left behind by earlier runs whose process
 // has died.

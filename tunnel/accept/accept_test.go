@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/amber-mesh/amber/internal/testutil"
 )
 
 type logBuffer struct {
@@ -38,17 +40,6 @@ func (l *logBuffer) levels(msg string) []string {
 		}
 	}
 	return out
-}
-
-func waitFor(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // exhaustDescriptors lowers the process's descriptor limit and fills every
@@ -125,7 +116,7 @@ func TestServeOutOfDescriptors(t *testing.T) {
 	}
 	defer client.Close()
 	// Several failed accepts, one burst.
-	waitFor(t, "accepts failing with EMFILE", func() bool { return stats.Counts()["EMFILE"] >= 4 })
+	testutil.Eventually(t, "accepts failing with EMFILE", func() bool { return stats.Counts()["EMFILE"] >= 4 })
 	select {
 	case err := <-served:
 		t.Fatalf("Serve returned %v while out of descriptors", err)
@@ -140,12 +131,12 @@ func TestServeOutOfDescriptors(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("client not accepted once a descriptor was free")
 	}
-	waitFor(t, "recovery logged", func() bool { return len(logs.levels("accepting connections again")) == 1 })
+	testutil.Eventually(t, "recovery logged", func() bool { return len(logs.levels("accepting connections again")) == 1 })
 	// The accepted connection took the free descriptor: the next accept
 	// fails again at once (accept4 reserves a descriptor first). That is
 	// the same burst, not a new warning.
 	n := stats.Counts()["EMFILE"]
-	waitFor(t, "failing again at the limit", func() bool { return stats.Counts()["EMFILE"] > n })
+	testutil.Eventually(t, "failing again at the limit", func() bool { return stats.Counts()["EMFILE"] > n })
 	c.Close()
 	if got := logs.levels("accept failed"); len(got) != 1 || got[0] != "WARN" {
 		t.Errorf("failure lines logged: %v, want one WARN for the burst", got)
@@ -177,7 +168,7 @@ func TestServeCancelledWhileBackingOff(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer client.Close()
-	waitFor(t, "accepts failing", func() bool { return stats.Counts()["EMFILE"] >= 1 })
+	testutil.Eventually(t, "accepts failing", func() bool { return stats.Counts()["EMFILE"] >= 1 })
 	cancel()
 	select {
 	case err := <-served:

@@ -3,7 +3,6 @@ package certs
 import (
 	"slices"
 	"sync"
-	"testing"
 	"time"
 )
 
@@ -81,17 +80,4 @@ func (c *fakeClock) pending() []time.Time {
 		}
 	}
 	return out
-}
-
-// waitFor polls cond until it holds; background issuance runs on real
-// goroutines even when time is fake.
-func waitFor(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
 }

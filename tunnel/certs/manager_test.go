@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/identity"
 )
@@ -174,7 +175,7 @@ func TestRotation(t *testing.T) {
 		t.Fatalf("NotAfter %v, want now+TTL %v", got, t0.Add(time.Hour))
 	}
 	half := c1.Leaf.NotBefore.Add(c1.Leaf.NotAfter.Sub(c1.Leaf.NotBefore) / 2)
-	waitFor(t, "refresh scheduled", settled)
+	testutil.Eventually(t, "refresh scheduled", settled)
 	if p := clk.pending(); !p[0].Equal(half) {
 		t.Fatalf("refresh scheduled at %v, want half life %v", p[0], half)
 	}
@@ -187,7 +188,7 @@ func TestRotation(t *testing.T) {
 		t.Fatal("certificate changed before half life")
 	}
 	clk.Advance(time.Second)
-	waitFor(t, "refresh at half life", func() bool { return m.Stats().Issued == 2 && settled() })
+	testutil.Eventually(t, "refresh at half life", func() bool { return m.Stats().Issued == 2 && settled() })
 	c2, err := m.Get(ctx, sleep)
 	if err != nil {
 		t.Fatal(err)
@@ -204,7 +205,7 @@ func TestRotation(t *testing.T) {
 	f.fail.Store(true)
 	half2 := c2.Leaf.NotBefore.Add(c2.Leaf.NotAfter.Sub(c2.Leaf.NotBefore) / 2)
 	clk.Advance(half2.Sub(clk.Now()))
-	waitFor(t, "failed refresh", func() bool { return m.Stats().IssueFailures == 1 && settled() })
+	testutil.Eventually(t, "failed refresh", func() bool { return m.Stats().IssueFailures == 1 && settled() })
 	for clk.Now().Before(c2.Leaf.NotAfter) {
 		c, err := m.Get(ctx, sleep)
 		if err != nil {
@@ -214,7 +215,7 @@ func TestRotation(t *testing.T) {
 			t.Fatalf("at %v: Get returned another certificate while the CA is down", clk.Now())
 		}
 		clk.Advance(min(time.Minute, c2.Leaf.NotAfter.Sub(clk.Now())))
-		waitFor(t, "retry settled", settled)
+		testutil.Eventually(t, "retry settled", settled)
 	}
 	if n := m.Stats().IssueFailures; n < 10 {
 		t.Errorf("only %d retries in 30 minutes of outage", n)
@@ -231,7 +232,7 @@ func TestRotation(t *testing.T) {
 	// The CA recovers: the next retry (at most backoffMax away) succeeds.
 	f.fail.Store(false)
 	clk.Advance(backoffMax)
-	waitFor(t, "recovery", func() bool { return m.Stats().Issued == 3 && settled() })
+	testutil.Eventually(t, "recovery", func() bool { return m.Stats().Issued == 3 && settled() })
 	c3, err := m.Get(ctx, sleep)
 	if err != nil {
 		t.Fatal(err)
@@ -252,7 +253,7 @@ func TestShortLifetimeDoesNotSpin(t *testing.T) {
 	if _, err := m.Get(testCtx(t), sleep); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "refresh scheduled", func() bool { return len(clk.pending()) == 1 })
+	testutil.Eventually(t, "refresh scheduled", func() bool { return len(clk.pending()) == 1 })
 	if got, want := clk.pending()[0], t0.Add(15*time.Second); !got.Equal(want) {
 		t.Errorf("refresh at %v, want half the remaining life, %v", got, want)
 	}
@@ -272,13 +273,13 @@ func TestFirstIssuanceFailure(t *testing.T) {
 	if !strings.Contains(err.Error(), sleep.String()) {
 		t.Errorf("error %q does not name the identity", err)
 	}
-	waitFor(t, "retry scheduled", func() bool { return len(clk.pending()) == 1 })
+	testutil.Eventually(t, "retry scheduled", func() bool { return len(clk.pending()) == 1 })
 	if d := clk.pending()[0].Sub(clk.Now()); d < backoffInitial/2 || d > backoffInitial*3/2 {
 		t.Errorf("first retry in %v, want about %v", d, backoffInitial)
 	}
 	f.fail.Store(false)
 	clk.Advance(backoffInitial * 2)
-	waitFor(t, "retry", func() bool { return m.Stats().Issued == 1 })
+	testutil.Eventually(t, "retry", func() bool { return m.Stats().Issued == 1 })
 	if _, err := m.Get(testCtx(t), sleep); err != nil {
 		t.Fatal(err)
 	}
@@ -292,7 +293,7 @@ func TestPrefetchAndForget(t *testing.T) {
 	if err := m.Prefetch(sleep); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "prefetch", func() bool { return m.Stats().Issued == 1 })
+	testutil.Eventually(t, "prefetch", func() bool { return m.Stats().Issued == 1 })
 	c1, err := m.Get(testCtx(t), sleep)
 	if err != nil {
 		t.Fatal(err)

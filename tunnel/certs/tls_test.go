@@ -15,10 +15,10 @@ import (
 	"net/url"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/identity"
 )
@@ -56,42 +56,24 @@ func mustServe(tb testing.TB, ip string, cfg *tls.Config) (string, <-chan server
 		tb.Fatal(err)
 	}
 	results := make(chan serverResult, 16)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := lis.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				var sni string
-				cfg := cfg.Clone()
-				cfg.GetConfigForClient = func(h *tls.ClientHelloInfo) (*tls.Config, error) {
-					sni = h.ServerName
-					return nil, nil
-				}
-				tc := tls.Server(c, cfg)
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				r := serverResult{err: tc.HandshakeContext(ctx)}
-				r.serverName = sni
-				r.state = tc.ConnectionState()
-				if r.err == nil {
-					r.peer, r.err = PeerID(r.state)
-					_, _ = tc.Write([]byte("ok"))
-				}
-				results <- r
-			}()
+	tcptest.Serve(tb, lis, func(c net.Conn) {
+		var sni string
+		cfg := cfg.Clone()
+		cfg.GetConfigForClient = func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+			sni = h.ServerName
+			return nil, nil
 		}
-	}()
-	tb.Cleanup(func() {
-		lis.Close()
-		wg.Wait()
+		tc := tls.Server(c, cfg)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		r := serverResult{err: tc.HandshakeContext(ctx)}
+		r.serverName = sni
+		r.state = tc.ConnectionState()
+		if r.err == nil {
+			r.peer, r.err = PeerID(r.state)
+			_, _ = tc.Write([]byte("ok"))
+		}
+		results <- r
 	})
 	return lis.Addr().String(), results
 }

@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -165,7 +166,7 @@ func TestLimitRapidReset(t *testing.T) {
 	}
 	rc.tc.Close()
 	stillServes(t, ts)
-	waitFor(t, "handlers to return", func() bool { return running.Load() == 0 })
+	testutil.Eventually(t, "handlers to return", func() bool { return running.Load() == 0 })
 }
 
 func TestLimitPingFlood(t *testing.T) {
@@ -351,7 +352,7 @@ func TestLimitControlFlood(t *testing.T) {
 			t.Fatal("server kept queueing refusals")
 		}
 	}
-	waitFor(t, "control flood detected", func() bool { return ts.Stats.ControlFloods.Load() == 1 })
+	testutil.Eventually(t, "control flood detected", func() bool { return ts.Stats.ControlFloods.Load() == 1 })
 	stillServes(t, ts)
 }
 
@@ -384,7 +385,7 @@ func TestLimitHandshakeTimeout(t *testing.T) {
 	if d := time.Since(start); d > 4*time.Second {
 		t.Errorf("cut off after %v", d)
 	}
-	waitFor(t, "timeouts counted", func() bool { return ts.Stats.HandshakeTimeouts.Load() == 1 && ts.Stats.HelloTimeouts.Load() == 1 })
+	testutil.Eventually(t, "timeouts counted", func() bool { return ts.Stats.HandshakeTimeouts.Load() == 1 && ts.Stats.HelloTimeouts.Load() == 1 })
 	stillServes(t, ts)
 }
 
@@ -491,7 +492,7 @@ func TestLimitHandshakesPerSource(t *testing.T) {
 		c.Close()
 	}
 	// Once the silent ones are gone, the address is served again.
-	waitFor(t, "the address's slots", func() bool { return serves(t, ts, "127.0.0.7") == nil })
+	testutil.Eventually(t, "the address's slots", func() bool { return serves(t, ts, "127.0.0.7") == nil })
 	if n := ts.Stats.HandshakesRefused.Load(); n != 0 {
 		t.Errorf("HandshakesRefused = %d, want 0", n)
 	}
@@ -513,7 +514,7 @@ func TestLimitHandshakes(t *testing.T) {
 	held[0].Close()
 	// The freed slot is taken by a client that completes its handshake,
 	// and given back: authenticated connections do not count.
-	waitFor(t, "the closed connection's slot", func() bool { return serves(t, ts, "127.0.0.14") == nil })
+	testutil.Eventually(t, "the closed connection's slot", func() bool { return serves(t, ts, "127.0.0.14") == nil })
 	servesFrom(t, ts, "127.0.0.15")
 	servesFrom(t, ts, "127.0.0.16")
 }
@@ -542,7 +543,7 @@ func TestTLSRequired(t *testing.T) {
 		}
 		c.Close()
 	}
-	waitFor(t, "handshake errors counted", func() bool { return ts.Stats.HandshakeErrors.Load() == 2 })
+	testutil.Eventually(t, "handshake errors counted", func() bool { return ts.Stats.HandshakeErrors.Load() == 2 })
 }
 
 // TestProtocolErrors sends what RFC 9113 forbids and checks the error

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -107,19 +108,7 @@ func BenchmarkProxyThroughput(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer dst.Close()
-	go func() {
-		for {
-			c, err := dst.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				io.Copy(io.Discard, c)
-				c.Close()
-			}()
-		}
-	}()
+	tcptest.Serve(b, dst, func(c net.Conn) { io.Copy(io.Discard, c) })
 	// Both halves of the tunnel, in front of the destination.
 	out := startTunnel(b, dst.Addr().String())
 
@@ -191,13 +180,20 @@ func BenchmarkConnectRate(b *testing.B) {
 // and returns the heap and goroutine stack bytes they hold, per stream,
 // both sides together.
 func idleStreamCost(tb testing.TB, n int) (heap, stack float64) {
-	ready := make(chan struct{}, n)
+	// ready: a handler accepted its stream; got: it read the stream's
+	// first byte, so that byte's buffers on both sides had their chance
+	// to be released.
+	ready, got := make(chan struct{}, n+2), make(chan struct{}, n+2)
 	ts := startServer(tb, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
 		s, err := rw.Accept()
 		if err != nil {
 			return
 		}
 		ready <- struct{}{}
+		if _, err := io.ReadFull(s, make([]byte, 1)); err != nil {
+			return
+		}
+		got <- struct{}{}
 		io.Copy(io.Discard, s)
 	}))
 	tp := newPool(tb, ts)
@@ -207,6 +203,7 @@ func idleStreamCost(tb testing.TB, n int) (heap, stack float64) {
 		s := tp.connect(tb)
 		<-ready
 		s.Write([]byte("warm"))
+		<-got
 		s.Close()
 	}
 	measure := func() (uint64, uint64) {
@@ -229,7 +226,9 @@ func idleStreamCost(tb testing.TB, n int) (heap, stack float64) {
 		streams[i] = s
 		<-ready
 	}
-	time.Sleep(50 * time.Millisecond)
+	for range n {
+		<-got
+	}
 	h1, s1 := measure()
 	for _, s := range streams {
 		s.Close()
@@ -267,8 +266,21 @@ func TestIdleStreamMemory(t *testing.T) {
 // idle TCP connection, waits without holding a read buffer.
 func TestIdleReadFromMemory(t *testing.T) {
 	checkLeaks(t)
-	const n = 200
-	ts := startServer(t, sink)
+	const n, msg = 200, "hello"
+	// got: a handler read its stream's message, so ReadFrom has passed it on.
+	got := make(chan struct{}, n)
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		s, err := rw.Accept()
+		if err != nil {
+			return
+		}
+		if _, err := io.ReadFull(s, make([]byte, len(msg))); err != nil {
+			return
+		}
+		got <- struct{}{}
+		io.Copy(io.Discard, s)
+		s.CloseWrite()
+	}))
 	tp := newPool(t, ts)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -304,9 +316,11 @@ func TestIdleReadFromMemory(t *testing.T) {
 	}
 	// One message each: the buffer used for it must not stay behind.
 	for _, p := range peers {
-		p.Write([]byte("hello"))
+		p.Write([]byte(msg))
 	}
-	time.Sleep(100 * time.Millisecond)
+	for range n {
+		<-got
+	}
 	runtime.GC()
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
@@ -372,19 +386,7 @@ func BenchmarkProxyRequestResponse(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer dst.Close()
-	go func() {
-		for {
-			c, err := dst.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	tcptest.Serve(b, dst, func(c net.Conn) { io.Copy(c, c) })
 	out := startTunnel(b, dst.Addr().String())
 
 	dial := func(addr string) net.Conn {
@@ -436,30 +438,14 @@ func startTunnel(b *testing.B, dst string) string {
 	if err != nil {
 		b.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	b.Cleanup(wg.Wait)
-	b.Cleanup(func() { out.Close() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := out.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
-				if err != nil {
-					return
-				}
-				defer s.Close()
-				proxy(s, c.(*net.TCPConn))
-			}()
+	tcptest.Serve(b, out, func(c net.Conn) {
+		s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
+		if err != nil {
+			return
 		}
-	}()
+		defer s.Close()
+		proxy(s, c.(*net.TCPConn))
+	})
 	return out.Addr().String()
 }
 

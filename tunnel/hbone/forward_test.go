@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"testing"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -87,7 +88,7 @@ func TestForward(t *testing.T) {
 		if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != msg {
 			t.Fatalf("read %q, %v; want %q", buf, err, msg)
 		}
-		waitFor(t, "an idle forwarded stream to hold no goroutine", func() bool {
+		testutil.Eventually(t, "an idle forwarded stream to hold no goroutine", func() bool {
 			return runtime.NumGoroutine() <= base
 		})
 	}

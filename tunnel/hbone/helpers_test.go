@@ -143,6 +143,31 @@ type testPool struct {
 }
 
 // newPool returns a pool dialling ts until the test ends.
+// pipePool is newPool for tests in a testing/synctest bubble: each dial is
+// served by srv over net.Pipe, whose reads and writes block durably, as
+// sockets' do not, so synctest.Wait and fake time work across the tunnel.
+func pipePool(t *testing.T, srv *hbone.Server, mod ...func(*hbone.Pool)) *testPool {
+	t.Helper()
+	tp := &testPool{Key: hbone.Key{Src: "spiffe://td/ns/a/sa/a", Dst: "spiffe://td/ns/b/sa/b", Addr: netip.MustParseAddrPort("127.0.0.1:15008")}, Stats: new(hbone.Stats)}
+	tp.Pool = &hbone.Pool{
+		Dial: func(ctx context.Context, key hbone.Key) (net.Conn, error) {
+			tp.Dials.Add(1)
+			c, s := net.Pipe()
+			go srv.ServeConn(context.Background(), s)
+			return c, nil
+		},
+		Stats: tp.Stats,
+	}
+	for _, m := range mod {
+		m(tp.Pool)
+	}
+	t.Cleanup(func() {
+		tp.Close()
+		srv.Close()
+	})
+	return tp
+}
+
 func newPool(tb testing.TB, ts *testServer, mod ...func(*hbone.Pool)) *testPool {
 	tb.Helper()
 	_, ctls := mustTLS(tb)
@@ -206,18 +231,6 @@ var echo = hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hb
 	}
 	s.CloseWrite()
 })
-
-// waitFor polls cond until it holds or 5s pass.
-func waitFor(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 func readAllString(tb testing.TB, r io.Reader) string {
 	tb.Helper()

@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -143,40 +144,12 @@ func startXnetServer(t *testing.T, h http.HandlerFunc) *testServer {
 		t.Fatal(err)
 	}
 	srv := &http2.Server{}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			nc, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, nc)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				tc := tls.Server(nc, stls)
-				if tc.Handshake() != nil {
-					tc.Close()
-					return
-				}
-				srv.ServeConn(tc, &http2.ServeConnOpts{Handler: h})
-			}()
+	tcptest.Serve(t, ln, func(nc net.Conn) {
+		tc := tls.Server(nc, stls)
+		if tc.Handshake() != nil {
+			return
 		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
+		srv.ServeConn(tc, &http2.ServeConnOpts{Handler: h})
 	})
 	return &testServer{Addr: ln.Addr().(*net.TCPAddr).AddrPort()}
 }

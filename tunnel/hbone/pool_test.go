@@ -7,11 +7,14 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -107,35 +110,36 @@ func TestPoolRespectsServerMaxStreams(t *testing.T) {
 	}
 }
 
+// Concurrent Connects to one key while its dial is in flight share that
+// dial. synctest.Wait says when every Connect is blocked on the held dial,
+// so none can arrive after it finished.
 func TestPoolSingleDial(t *testing.T) {
-	checkLeaks(t)
-	ts := startServer(t, hold)
-	tp := newPool(t, ts)
-	gate := make(chan struct{})
-	dial := tp.Dial
-	tp.Dial = func(ctx context.Context, key hbone.Key) (net.Conn, error) {
-		<-gate // hold the dial so every Connect has to wait for it
-		return dial(ctx, key)
-	}
-	var wg sync.WaitGroup
-	for range 50 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			s.Close()
-		}()
-	}
-	time.Sleep(50 * time.Millisecond)
-	close(gate)
-	wg.Wait()
-	if d := tp.Dials.Load(); d != 1 {
-		t.Errorf("50 concurrent Connects dialled %d times, want 1", d)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		tp := pipePool(t, &hbone.Server{Handler: hold})
+		gate := make(chan struct{})
+		dial := tp.Dial
+		tp.Dial = func(ctx context.Context, key hbone.Key) (net.Conn, error) {
+			<-gate // hold the dial so every Connect has to wait for it
+			return dial(ctx, key)
+		}
+		var wg sync.WaitGroup
+		for range 50 {
+			wg.Go(func() {
+				s, err := tp.Connect(context.Background(), tp.Key, "10.0.0.1:8080", nil)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				s.Close()
+			})
+		}
+		synctest.Wait()
+		close(gate)
+		wg.Wait()
+		if d := tp.Dials.Load(); d != 1 {
+			t.Errorf("50 concurrent Connects dialled %d times, want 1", d)
+		}
+	})
 }
 
 func TestPoolDialError(t *testing.T) {
@@ -167,24 +171,27 @@ func TestPoolDialError(t *testing.T) {
 }
 
 func TestPoolIdleClose(t *testing.T) {
-	checkLeaks(t)
-	ts := startServer(t, hold)
-	tp := newPool(t, ts, func(p *hbone.Pool) { p.IdleTimeout = 100 * time.Millisecond })
-	s := tp.connect(t)
-	time.Sleep(250 * time.Millisecond)
-	if n := tp.Stats.IdleCloses.Load(); n != 0 {
-		t.Fatalf("a connection with an open stream was closed as idle")
-	}
-	s.CloseWrite()
-	io.ReadAll(s)
-	s.Close()
-	waitFor(t, "idle connection closed", func() bool {
-		return tp.Stats.IdleCloses.Load() == 1 && ts.Stats.ConnsClosed.Load() == 1
+	synctest.Test(t, func(t *testing.T) {
+		srv := &hbone.Server{Handler: hold, Stats: new(hbone.Stats)}
+		tp := pipePool(t, srv, func(p *hbone.Pool) { p.IdleTimeout = 100 * time.Millisecond })
+		s := tp.connect(t)
+		time.Sleep(250 * time.Millisecond)
+		if n := tp.Stats.IdleCloses.Load(); n != 0 {
+			t.Fatalf("a connection with an open stream was closed as idle")
+		}
+		s.CloseWrite()
+		io.ReadAll(s)
+		s.Close()
+		time.Sleep(100 * time.Millisecond)
+		synctest.Wait()
+		if n, c := tp.Stats.IdleCloses.Load(), srv.Stats.ConnsClosed.Load(); n != 1 || c != 1 {
+			t.Fatalf("IdleTimeout after the last stream: pool idle closes %d, server conns closed %d; want 1, 1", n, c)
+		}
+		tp.connect(t)
+		if d := tp.Dials.Load(); d != 2 {
+			t.Errorf("dials = %d, want a new one after the idle close", d)
+		}
 	})
-	tp.connect(t)
-	if d := tp.Dials.Load(); d != 2 {
-		t.Errorf("dials = %d, want a new one after the idle close", d)
-	}
 }
 
 // Shutdown sends GOAWAY: open streams finish, new streams go to a new
@@ -197,7 +204,7 @@ func TestGoAwayGraceful(t *testing.T) {
 
 	shut := make(chan error, 1)
 	go func() { shut <- ts.Shutdown(context.Background()) }()
-	waitFor(t, "GOAWAY received", func() bool { return tp.Stats.GoAwaysReceived.Load() == 1 })
+	testutil.Eventually(t, "GOAWAY received", func() bool { return tp.Stats.GoAwaysReceived.Load() == 1 })
 
 	// The old stream still works both ways.
 	if _, err := old.Write([]byte("still here")); err != nil {
@@ -273,83 +280,49 @@ func TestGoAwayRetry(t *testing.T) {
 // A peer that stops answering PINGs is detected and its connection
 // evicted; the next stream dials anew.
 func TestKeepaliveTimeout(t *testing.T) {
-	checkLeaks(t)
-	ts := startServer(t, hold)
-	// A proxy in front of the server that can go silent.
-	pl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var silent bool
-	var links []net.Conn
-	go func() {
-		for {
-			c, err := pl.Accept()
-			if err != nil {
-				return
-			}
-			u, err := net.Dial("tcp", ts.Addr.String())
-			if err != nil {
-				c.Close()
-				return
-			}
-			mu.Lock()
-			links = append(links, c, u)
-			mu.Unlock()
-			go io.Copy(c, u)
-			go func() {
-				buf := make([]byte, 32<<10)
-				for {
-					n, err := c.Read(buf)
-					if err != nil {
-						u.Close()
-						return
-					}
-					mu.Lock()
-					drop := silent
-					mu.Unlock()
-					if !drop {
-						u.Write(buf[:n])
-					}
-				}
-			}()
+	synctest.Test(t, func(t *testing.T) {
+		tp := pipePool(t, &hbone.Server{Handler: hold}, func(p *hbone.Pool) {
+			p.Settings.PingInterval = 20 * time.Millisecond
+			p.Settings.PingTimeout = 500 * time.Millisecond
+		})
+		var silent atomic.Bool
+		dial := tp.Dial
+		tp.Dial = func(ctx context.Context, key hbone.Key) (net.Conn, error) {
+			c, err := dial(ctx, key)
+			return silenceable{c, &silent}, err
 		}
-	}()
-	t.Cleanup(func() {
-		pl.Close()
-		mu.Lock()
-		for _, c := range links {
-			c.Close()
+		s := tp.connect(t)
+		time.Sleep(300 * time.Millisecond) // fifteen PINGs, all answered
+		if tp.Stats.KeepaliveTimeouts.Load() != 0 {
+			t.Fatal("keepalive fired on a live connection")
 		}
-		mu.Unlock()
+		silent.Store(true) // the client's frames, PINGs included, vanish
+		_, err := s.Read(make([]byte, 1))
+		if !errors.Is(err, hbone.ErrKeepaliveTimeout) {
+			t.Fatalf("read on a dead connection: %v, want keepalive timeout", err)
+		}
+		if tp.Stats.KeepaliveTimeouts.Load() != 1 {
+			t.Errorf("KeepaliveTimeouts = %d", tp.Stats.KeepaliveTimeouts.Load())
+		}
+		silent.Store(false)
+		tp.connect(t)
+		if d := tp.Dials.Load(); d != 2 {
+			t.Errorf("dials = %d, want the dead connection evicted", d)
+		}
 	})
-	tp := newPool(t, &testServer{Addr: pl.Addr().(*net.TCPAddr).AddrPort()}, func(p *hbone.Pool) {
-		p.Settings.PingInterval = 20 * time.Millisecond
-		p.Settings.PingTimeout = 500 * time.Millisecond
-	})
-	s := tp.connect(t)
-	time.Sleep(300 * time.Millisecond) // answered PINGs keep it alive
-	if tp.Stats.KeepaliveTimeouts.Load() != 0 {
-		t.Fatal("keepalive fired on a live connection")
+}
+
+// silenceable is a connection whose writes vanish while *silent holds.
+type silenceable struct {
+	net.Conn
+	silent *atomic.Bool
+}
+
+func (c silenceable) Write(b []byte) (int, error) {
+	if c.silent.Load() {
+		return len(b), nil
 	}
-	mu.Lock()
-	silent = true // the client's frames, PINGs included, vanish
-	mu.Unlock()
-	_, err = s.Read(make([]byte, 1))
-	if !errors.Is(err, hbone.ErrKeepaliveTimeout) {
-		t.Fatalf("read on a dead connection: %v, want keepalive timeout", err)
-	}
-	if tp.Stats.KeepaliveTimeouts.Load() != 1 {
-		t.Errorf("KeepaliveTimeouts = %d", tp.Stats.KeepaliveTimeouts.Load())
-	}
-	mu.Lock()
-	silent = false
-	mu.Unlock()
-	tp.connect(t)
-	if d := tp.Dials.Load(); d != 2 {
-		t.Errorf("dials = %d, want the dead connection evicted", d)
-	}
+	return c.Conn.Write(b)
 }
 
 // A connection that breaks under a stream fails the stream and is

@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 )
 
@@ -64,7 +65,7 @@ func TestEcho(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Errorf("close: %v", err)
 	}
-	waitFor(t, "server stream counted", func() bool { return ts.Stats.StreamsOpened.Load() == 1 })
+	testutil.Eventually(t, "server stream counted", func() bool { return ts.Stats.StreamsOpened.Load() == 1 })
 	if n := ts.Stats.StreamsReset.Load() + tp.Stats.StreamsReset.Load(); n != 0 {
 		t.Errorf("a clean close reset %d streams", n)
 	}

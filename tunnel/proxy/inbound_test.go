@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -130,16 +131,14 @@ func TestHBONERefusals(t *testing.T) {
 			}
 			// The 400 is sent before the line is logged.
 			var line map[string]any
-			for deadline := time.Now().Add(2 * time.Second); line == nil && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			testutil.Eventually(t, "the access-log line for "+tc.authority, func() bool {
 				for _, l := range logs.lines() {
 					if l[logKeyDstAddr] == tc.authority {
 						line = l
 					}
 				}
-			}
-			if line == nil {
-				t.Fatalf("no access-log line for %s", tc.authority)
-			}
+				return line != nil
+			})
 			for k, want := range map[string]string{
 				logKeyReporter: "destination",
 				logKeySrcID:    srcID.String(),

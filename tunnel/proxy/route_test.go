@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"regexp"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/amber-mesh/amber/xds/state"
@@ -157,24 +158,31 @@ func TestBaggageTraceparent(t *testing.T) {
 
 // A pod's first connection can arrive before the control plane describes
 // the pod: the source is waited for, then found; an address that never
-// appears is refused after WorkloadWait.
+// appears is refused after WorkloadWait. In a synctest bubble: the waits
+// run in fake time.
 func TestWaitLocalWorkload(t *testing.T) {
-	store := state.NewStore()
-	p := &Proxy{ctx: t.Context(), cfg: Config{Store: store, NodeName: "n1", WorkloadWait: 2 * time.Second}}
-	late := wl("late", state.ProtocolHBONE, "10.0.0.7")
-	go func() {
-		time.Sleep(200 * time.Millisecond)
-		store.Update(func(tx *state.Txn) { tx.PutWorkload(late) })
-	}()
-	if _, w := p.waitLocalWorkload(netip.MustParseAddr("10.0.0.7")); w == nil || w.Name != "late" {
-		t.Fatalf("workload described 200ms late: got %v", w)
-	}
-	p.cfg.WorkloadWait = 100 * time.Millisecond
-	t0 := time.Now()
-	if _, w := p.waitLocalWorkload(netip.MustParseAddr("10.0.0.8")); w != nil {
-		t.Fatalf("unknown address: got %v", w)
-	}
-	if d := time.Since(t0); d < 100*time.Millisecond || d > time.Second {
-		t.Errorf("gave up after %v, want ≈ 100ms", d)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		store := state.NewStore()
+		p := &Proxy{ctx: t.Context(), cfg: Config{Store: store, NodeName: "n1", WorkloadWait: 2 * time.Second}}
+		late := wl("late", state.ProtocolHBONE, "10.0.0.7")
+		go func() {
+			time.Sleep(200 * time.Millisecond)
+			store.Update(func(tx *state.Txn) { tx.PutWorkload(late) })
+		}()
+		t0 := time.Now()
+		if _, w := p.waitLocalWorkload(netip.MustParseAddr("10.0.0.7")); w == nil || w.Name != "late" {
+			t.Fatalf("workload described 200ms late: got %v", w)
+		}
+		if d := time.Since(t0); d < 200*time.Millisecond || d > 250*time.Millisecond {
+			t.Errorf("found after %v, want within a 50 ms poll of 200 ms", d)
+		}
+		p.cfg.WorkloadWait = 100 * time.Millisecond
+		t0 = time.Now()
+		if _, w := p.waitLocalWorkload(netip.MustParseAddr("10.0.0.8")); w != nil {
+			t.Fatalf("unknown address: got %v", w)
+		}
+		if d := time.Since(t0); d != 100*time.Millisecond {
+			t.Errorf("gave up after %v, want 100ms", d)
+		}
+	})
 }

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"runtime"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/internal/tcptest"
+	"github.com/amber-mesh/amber/internal/testutil"
 )
 
 func mustParker(t *testing.T) *Parker {
@@ -42,19 +44,12 @@ func startPump(t *testing.T, pk *Parker) (client, peer *net.TCPConn, u *pump, re
 // waitParked waits until the pump gave its goroutine back.
 func waitParked(t *testing.T, u *pump, base int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	testutil.Eventually(t, fmt.Sprintf("the pump parked, at most %d goroutines", base), func() bool {
 		u.mu.Lock()
 		parked := u.parked
 		u.mu.Unlock()
-		if parked && runtime.NumGoroutine() <= base {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pump not parked: parked=%v, %d goroutines, want ≤ %d", parked, runtime.NumGoroutine(), base)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return parked && runtime.NumGoroutine() <= base
+	})
 }
 
 // TestPumpParks: an idle upload direction holds no goroutine, wakes up

@@ -121,22 +121,13 @@ func hbonePool(t *testing.T, h hbone.HandlerFunc) (*hbone.Pool, hbone.Key) {
 		t.Fatal(err)
 	}
 	srv := &hbone.Server{Handler: h}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go srv.ServeConn(context.Background(), c)
-		}
-	}()
+	tcptest.Serve(t, ln, func(c net.Conn) { srv.ServeConn(context.Background(), c) })
 	pool := &hbone.Pool{Dial: func(ctx context.Context, _ hbone.Key) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "tcp", ln.Addr().String())
 	}}
 	t.Cleanup(func() {
 		pool.Close()
-		ln.Close()
 		srv.Close()
 	})
 	return pool, hbone.Key{Addr: netip.MustParseAddrPort(ln.Addr().String())}

@@ -21,10 +21,10 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/waypointgolden"
 	"github.com/amber-mesh/amber/waypoint/config"
 	"github.com/amber-mesh/amber/waypoint/discovery"
-	"github.com/amber-mesh/amber/waypoint/internal/waittest"
 	"github.com/amber-mesh/amber/xds/client"
 	"github.com/amber-mesh/amber/xds/server"
 )
@@ -156,10 +156,10 @@ func (f *fixture) acked(typeURL string) bool {
 func TestGoldenThroughXDS(t *testing.T) {
 	g := golden(t, "authz-productpage-viewer")
 	f := start(t, "authz-productpage-viewer")
-	waittest.For(t, "ACKs of every type", func() bool {
+	testutil.Eventually(t, "ACKs of every type", func() bool {
 		return f.acked(config.ListenerType) && f.acked(config.ClusterType) && f.acked(config.EndpointType)
 	})
-	waittest.For(t, "warm endpoints", f.set.EndpointsWarm)
+	testutil.Eventually(t, "warm endpoints", f.set.EndpointsWarm)
 	var want []string
 	for _, c := range g.Clusters {
 		if c.GetType() == clusterv3.Cluster_EDS {
@@ -217,10 +217,10 @@ func withLua(t *testing.T, g *waypointgolden.Snapshot) *listenerv3.Listener {
 func TestRefusedListenerFailsClosed(t *testing.T) {
 	g := golden(t, "authz-productpage-viewer")
 	f := start(t, "authz-productpage-viewer")
-	waittest.For(t, "the first ACK", func() bool { return f.acked(config.ListenerType) })
+	testutil.Eventually(t, "the first ACK", func() bool { return f.acked(config.ListenerType) })
 
 	f.srv.Set(config.ListenerType, config.MainInternal, mustAny(t, withLua(t, g)))
-	waittest.For(t, "the NACK", func() bool { return f.status(config.ListenerType).NACKs == 1 })
+	testutil.Eventually(t, "the NACK", func() bool { return f.status(config.ListenerType).NACKs == 1 })
 	nack := f.status(config.ListenerType).NACK
 	for _, want := range []string{config.MainInternal + ": ", "http_filters[0]", "lua"} {
 		if !strings.Contains(nack, want) {
@@ -249,7 +249,7 @@ func TestRefusedListenerFailsClosed(t *testing.T) {
 			f.srv.Set(config.ListenerType, l.GetName(), mustAny(t, l))
 		}
 	}
-	waittest.For(t, "the ACK of the fix", func() bool { return f.acked(config.ListenerType) })
+	testutil.Eventually(t, "the ACK of the fix", func() bool { return f.acked(config.ListenerType) })
 	if ch := f.pub.latest().Dispatch.Chains[productpage]; ch == nil || ch.Err != nil {
 		t.Errorf("productpage's chain after the fix: %+v", ch)
 	}
@@ -261,11 +261,11 @@ func TestRefusedListenerFailsClosed(t *testing.T) {
 func TestEndpointsFollowClusters(t *testing.T) {
 	g := golden(t, "base")
 	f := start(t, "base")
-	waittest.For(t, "warm endpoints", func() bool {
+	testutil.Eventually(t, "warm endpoints", func() bool {
 		return f.acked(config.EndpointType) && f.set.EndpointsWarm() && slices.Contains(f.set.EDSNames(), reviews)
 	})
 	f.srv.Delete(config.ClusterType, reviews)
-	waittest.For(t, "reviews unsubscribed", func() bool {
+	testutil.Eventually(t, "reviews unsubscribed", func() bool {
 		snap := f.set.Snapshot()
 		return !slices.Contains(f.set.EDSNames(), reviews) &&
 			!slices.ContainsFunc(snap.Endpoints, func(r discovery.Resource[*endpointv3.ClusterLoadAssignment]) bool {
@@ -284,7 +284,7 @@ func TestEndpointsFollowClusters(t *testing.T) {
 			f.srv.Set(config.ClusterType, reviews, mustAny(t, c))
 		}
 	}
-	waittest.For(t, "reviews back with its endpoints", func() bool {
+	testutil.Eventually(t, "reviews back with its endpoints", func() bool {
 		c := f.pub.latest().Clusters[reviews]
 		return c != nil && len(c.Endpoints) == 2 && f.set.EndpointsWarm()
 	})
@@ -298,12 +298,12 @@ func TestEndpointsFollowClusters(t *testing.T) {
 // is refused.
 func TestUndecodableDropped(t *testing.T) {
 	f := start(t, "base")
-	waittest.For(t, "the first ACK", func() bool { return f.acked(config.ListenerType) })
+	testutil.Eventually(t, "the first ACK", func() bool { return f.acked(config.ListenerType) })
 	if f.pub.latest().Dispatch == nil {
 		t.Fatal("no dispatch to begin with")
 	}
 	f.srv.Set(config.ListenerType, config.MainInternal, &anypb.Any{TypeUrl: config.ListenerType, Value: []byte{0xff, 0xff}})
-	waittest.For(t, "the NACK", func() bool { return f.status(config.ListenerType).NACKs == 1 })
+	testutil.Eventually(t, "the NACK", func() bool { return f.status(config.ListenerType).NACKs == 1 })
 	cfg := f.pub.latest()
 	if cfg.Dispatch != nil {
 		t.Error("main_internal still dispatches after an unreadable update")

@@ -19,9 +19,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/amber-mesh/amber/waypoint/internal/memnet"
-	"github.com/amber-mesh/amber/waypoint/internal/waittest"
-
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
@@ -33,12 +30,14 @@ import (
 	"golang.org/x/net/http2"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/waypointgolden"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
 	"github.com/amber-mesh/amber/waypoint/config"
+	"github.com/amber-mesh/amber/waypoint/internal/memnet"
 	"github.com/amber-mesh/amber/waypoint/proxy"
 	"github.com/amber-mesh/amber/xds/state"
 )
@@ -693,7 +692,7 @@ func (m *mesh) refused(cause string) float64 {
 // waitRefused waits until the refusal counter of cause reached n.
 func (m *mesh) waitRefused(cause string, n float64) {
 	m.t.Helper()
-	waittest.For(m.t, "amber_waypoint_refused_total{cause="+cause+"}", func() bool { return m.refused(cause) >= n })
+	testutil.Eventually(m.t, "amber_waypoint_refused_total{cause="+cause+"}", func() bool { return m.refused(cause) >= n })
 }
 
 // logBuffer collects the JSON access log.

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/amber-mesh/amber/waypoint/internal/waittest"
+	"github.com/amber-mesh/amber/internal/testutil"
 )
 
 // TestDrain: Drain closes idle inner connections at once, lets a request
@@ -39,7 +39,7 @@ func TestDrain(t *testing.T) {
 	}
 	defer busy.Close()
 	io.WriteString(busy, "GET /hold HTTP/1.1\r\nHost: productpage\r\n\r\n")
-	waittest.For(t, "the held request at the application", func() bool { return len(app.requests()) == 2 })
+	testutil.Eventually(t, "the held request at the application", func() bool { return len(app.requests()) == 2 })
 
 	drained := make(chan error, 1)
 	go func() {
@@ -109,7 +109,7 @@ func TestUpgrade(t *testing.T) {
 	if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {
 		t.Errorf("after the client's end: %q %v", rest, err)
 	}
-	waittest.For(t, "the upgrade's access-log line", func() bool {
+	testutil.Eventually(t, "the upgrade's access-log line", func() bool {
 		return len(m.logs.lines(map[string]any{"status": 101, "bytes_received": nil})) == 0 &&
 			len(m.logs.lines(map[string]any{"status": 101})) == 1
 	})

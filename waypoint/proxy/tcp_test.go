@@ -22,10 +22,10 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/waypointgolden"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/waypoint/config"
-	"github.com/amber-mesh/amber/waypoint/internal/waittest"
 )
 
 // tcpGolden is the base scenario with the kubernetes Service's TCP chain
@@ -93,7 +93,7 @@ func TestTCPChain(t *testing.T) {
 		"destination_service_namespace": "default", "destination_cluster": "Kubernetes", "request_protocol": "tcp", "response_flags": "-",
 		"connection_security_policy": "mutual_tls",
 	}
-	waittest.For(t, "the TCP connection closed", func() bool { return m.counter("istio_tcp_connections_closed_total", labels) == 1 })
+	testutil.Eventually(t, "the TCP connection closed", func() bool { return m.counter("istio_tcp_connections_closed_total", labels) == 1 })
 	if got := m.counter("istio_tcp_connections_opened_total", labels); got != 1 {
 		t.Errorf("opened %v; series %v", got, m.samples("istio_tcp_connections_opened_total"))
 	}
@@ -135,7 +135,7 @@ func TestTCPRBAC(t *testing.T) {
 	if _, err := io.ReadAll(s); err == nil {
 		t.Log("stream ended cleanly")
 	}
-	waittest.For(t, "the revoked connection's access-log line", func() bool {
+	testutil.Eventually(t, "the revoked connection's access-log line", func() bool {
 		return len(m.logs.lines(map[string]any{"kind": "tcp", "error": "the configuration no longer admits the connection"})) == 1
 	})
 }
@@ -160,7 +160,7 @@ func TestTCPChainIdle(t *testing.T) {
 		get(t, c, fmt.Sprintf("/idle/%d", i))
 		conns = append(conns, c)
 	}
-	waittest.For(t, "no goroutine of the waypoint's for idle connections", func() bool { return len(waypointGoroutines()) == base })
+	testutil.Eventually(t, "no goroutine of the waypoint's for idle connections", func() bool { return len(waypointGoroutines()) == base })
 	for i, c := range conns {
 		get(t, c, fmt.Sprintf("/awake/%d", i))
 	}
@@ -273,7 +273,7 @@ func TestSniffedTCP(t *testing.T) {
 	if resp, _ := rawResponse(t, string(b)); resp.StatusCode != http.StatusBadRequest {
 		t.Errorf("the application answered %d, want its 400 for the sniffed bytes", resp.StatusCode)
 	}
-	waittest.For(t, "the direct-tcp access-log line", func() bool {
+	testutil.Eventually(t, "the direct-tcp access-log line", func() bool {
 		return len(m.logs.lines(map[string]any{"kind": "tcp", "chain": "direct-tcp", "bytes_received": len(payload)})) == 1
 	})
 }

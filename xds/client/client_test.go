@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/xds/client"
 	"github.com/amber-mesh/amber/xds/server"
@@ -104,19 +105,6 @@ func waitSynced(t *testing.T, c *client.Client) {
 	}
 }
 
-// eventually polls cond; the store and the server status are updated by
-// other goroutines.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(waitTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func clientStatus(srv *server.Server) (server.ClientStatus, bool) {
 	cs := srv.Clients()
 	if len(cs) != 1 {
@@ -197,7 +185,7 @@ func TestSyncUpdateRemove(t *testing.T) {
 		t.Fatalf("policies for productpage = %v", got)
 	}
 
-	eventually(t, "ACK of the initial pushes", func() bool { return acked(srv) })
+	testutil.Eventually(t, "ACK of the initial pushes", func() bool { return acked(srv) })
 	cs, _ := clientStatus(srv)
 	if cs.NodeID != "ztunnel~10.0.0.5~ztunnel-abc.istio-system~istio-system.svc.cluster.local" {
 		t.Errorf("node id = %q", cs.NodeID)
@@ -217,7 +205,7 @@ func TestSyncUpdateRemove(t *testing.T) {
 	if err := srv.Replace(r); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the update", func() bool {
+	testutil.Eventually(t, "the update", func() bool {
 		s := c.Store().Load()
 		return s.WorkloadByAddr(addr("10.0.0.11")) != nil && s.Workload("Kubernetes//Pod/default/legacy") == nil &&
 			len(s.Policies().Get("default/viewer").Authorization().Groups[0].Rules[0].Matches[0].Namespaces) == 1
@@ -242,7 +230,7 @@ func TestSyncUpdateRemove(t *testing.T) {
 		changed |= ch
 	}
 
-	eventually(t, "ACK of the update", func() bool { return acked(srv) })
+	testutil.Eventually(t, "ACK of the update", func() bool { return acked(srv) })
 	cs, _ = clientStatus(srv)
 	at := cs.Types[workloadapi.AddressTypeURL]
 	if at.SentNonce == firstNonce || at.NACKs != 0 {
@@ -304,7 +292,7 @@ func TestPartialNACK(t *testing.T) {
 	}
 
 	var addrStatus server.TypeStatus
-	eventually(t, "NACKs at the server", func() bool {
+	testutil.Eventually(t, "NACKs at the server", func() bool {
 		cs, ok := clientStatus(srv)
 		if !ok {
 			return false
@@ -347,7 +335,7 @@ func TestPartialNACK(t *testing.T) {
 
 	// A bad update of a good resource keeps the good version.
 	srv.Set(workloadapi.AddressTypeURL, "good", mustAny(t, workloadAddress("good", 1, 2, 3)))
-	eventually(t, "NACK of the bad update", func() bool {
+	testutil.Eventually(t, "NACK of the bad update", func() bool {
 		cs, ok := clientStatus(srv)
 		return ok && cs.Types[workloadapi.AddressTypeURL].NACKs == 2
 	})
@@ -357,8 +345,8 @@ func TestPartialNACK(t *testing.T) {
 
 	// Fixing a rejected resource applies it, ACKs and clears its rejection.
 	srv.Set(workloadapi.AddressTypeURL, "five-bytes", mustAny(t, workloadAddress("five-bytes", 10, 0, 0, 2)))
-	eventually(t, "the fixed resource", func() bool { return c.Store().Load().Workload("five-bytes") != nil })
-	eventually(t, "ACK of the fix", func() bool {
+	testutil.Eventually(t, "the fixed resource", func() bool { return c.Store().Load().Workload("five-bytes") != nil })
+	testutil.Eventually(t, "ACK of the fix", func() bool {
 		cs, _ := clientStatus(srv)
 		ts := cs.Types[workloadapi.AddressTypeURL]
 		return ts.AckedNonce == ts.SentNonce
@@ -371,7 +359,7 @@ func TestPartialNACK(t *testing.T) {
 
 	// Deleting the bad policy at the server clears its rejection.
 	srv.Delete(workloadapi.AuthorizationTypeURL, "default/bad-action")
-	eventually(t, "rejection cleared", func() bool { return len(c.Store().Load().RejectedAuthorizations()) == 0 })
+	testutil.Eventually(t, "rejection cleared", func() bool { return len(c.Store().Load().RejectedAuthorizations()) == 0 })
 }
 
 // TestRejectedPoliciesFailClosed: a NAMESPACE- or GLOBAL-scoped policy the
@@ -415,7 +403,7 @@ func TestRejectedPoliciesFailClosed(t *testing.T) {
 	// A rejected GLOBAL DENY denies everywhere.
 	srv.Set(workloadapi.AuthorizationTypeURL, "istio-system/deny-global", mustAny(t, &security.Authorization{
 		Name: "deny-global", Namespace: "istio-system", Scope: security.Scope_GLOBAL, Action: security.Action_DENY, Groups: badAddr}))
-	eventually(t, "the rejected global policy", func() bool { return c.Store().Load().Policies().Rejected() == 4 })
+	testutil.Eventually(t, "the rejected global policy", func() bool { return c.Store().Load().Policies().Rejected() == 4 })
 	if got := c.Store().Load().Policies().Evaluate(to("default")); got.Allowed || got.Policy != "istio-system/deny-global" {
 		t.Errorf("connection to namespace default under a rejected global DENY: %s", got)
 	}
@@ -423,7 +411,7 @@ func TestRejectedPoliciesFailClosed(t *testing.T) {
 	// Fixed, the policy is enforced as sent.
 	srv.Set(workloadapi.AuthorizationTypeURL, "istio-system/deny-global", mustAny(t, &security.Authorization{
 		Name: "deny-global", Namespace: "istio-system", Scope: security.Scope_GLOBAL, Action: security.Action_DENY}))
-	eventually(t, "the fixed global policy", func() bool { return c.Store().Load().Policies().Rejected() == 3 })
+	testutil.Eventually(t, "the fixed global policy", func() bool { return c.Store().Load().Policies().Rejected() == 3 })
 	if got := c.Store().Load().Policies().Evaluate(to("default")); !got.Allowed {
 		t.Errorf("connection to namespace default under a fixed DENY without rules: %s", got)
 	}
@@ -461,7 +449,7 @@ func TestReconnect(t *testing.T) {
 	defer conn.Close()
 	c := startClient(t, client.Config{Conn: conn})
 	waitSynced(t, c)
-	eventually(t, "ACK", func() bool { return acked(srv1) })
+	testutil.Eventually(t, "ACK", func() bool { return acked(srv1) })
 	before := c.Stats()
 
 	// The control plane goes away; the ztunnel keeps its view.
@@ -470,8 +458,9 @@ func TestReconnect(t *testing.T) {
 		t.Errorf("Serve returned %v", err)
 	}
 	done1 <- nil // for the deferred cleanup
-	eventually(t, "disconnect", func() bool { return !c.Stats().Connected && c.Stats().Disconnects > 0 })
-	time.Sleep(50 * time.Millisecond) // a few failed reconnect attempts
+	testutil.Eventually(t, "disconnect", func() bool { return !c.Stats().Connected && c.Stats().Disconnects > 0 })
+	down := c.Stats().Disconnects
+	testutil.Eventually(t, "three failed reconnect attempts", func() bool { return c.Stats().Disconnects >= down+3 })
 	snap := c.Store().Load()
 	if snap.WorkloadByAddr(addr("10.0.0.1")) == nil || snap.WorkloadByAddr(addr("10.0.0.4")) == nil || snap.Policies().Get("default/viewer") == nil {
 		t.Fatal("state lost while the server is down")
@@ -484,11 +473,11 @@ func TestReconnect(t *testing.T) {
 	}
 	srv2 := mustServer(t, meshV2)
 	serve(t, srv2, lis2)
-	eventually(t, "convergence on the new server", func() bool {
+	testutil.Eventually(t, "convergence on the new server", func() bool {
 		s := c.Store().Load()
 		return s.Workload("Kubernetes//Pod/default/legacy") == nil && s.WorkloadByAddr(addr("10.0.0.11")) != nil
 	})
-	eventually(t, "ACK from the new server", func() bool { return acked(srv2) })
+	testutil.Eventually(t, "ACK from the new server", func() bool { return acked(srv2) })
 
 	cs, _ := clientStatus(srv2)
 	if n := cs.Types[workloadapi.AddressTypeURL].InitialResources; n != 4 {

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/xds/client"
 	"github.com/amber-mesh/amber/xds/server"
 	"github.com/amber-mesh/amber/xds/state"
@@ -148,18 +149,18 @@ func TestNamedSubscriptionFollows(t *testing.T) {
 	x := newCDSEDS()
 	c := startClient(t, client.Config{Dial: bufDialer(t, srv), Types: x.types()})
 	waitSynced(t, c)
-	eventually(t, "endpoints of a", func() bool { return slices.Equal(x.eds.names(), []string{"a"}) })
+	testutil.Eventually(t, "endpoints of a", func() bool { return slices.Equal(x.eds.names(), []string{"a"}) })
 
 	srv.Set(clusterType, "b", mustAny(t, edsCluster("b", "")))
-	eventually(t, "endpoints of a and b", func() bool { return slices.Equal(x.eds.names(), []string{"a", "b"}) })
+	testutil.Eventually(t, "endpoints of a and b", func() bool { return slices.Equal(x.eds.names(), []string{"a", "b"}) })
 
 	srv.Delete(clusterType, "a")
-	eventually(t, "a's endpoints forgotten", func() bool { return slices.Equal(x.eds.names(), []string{"b"}) })
+	testutil.Eventually(t, "a's endpoints forgotten", func() bool { return slices.Equal(x.eds.names(), []string{"b"}) })
 	// The server still has a's endpoints, unsubscribed: an update of them
 	// is not sent, and would not be taken.
 	srv.Set(endpointType, "a", mustAny(t, &endpointv3.ClusterLoadAssignment{ClusterName: "a", Policy: &endpointv3.ClusterLoadAssignment_Policy{}}))
 	srv.Set(endpointType, "b", mustAny(t, &endpointv3.ClusterLoadAssignment{ClusterName: "b", Policy: &endpointv3.ClusterLoadAssignment_Policy{}}))
-	eventually(t, "b's update", func() bool { return x.eds.get("b").GetPolicy() != nil })
+	testutil.Eventually(t, "b's update", func() bool { return x.eds.get("b").GetPolicy() != nil })
 	if got := x.eds.names(); !slices.Equal(got, []string{"b"}) {
 		t.Errorf("endpoints held = %v, want [b]", got)
 	}
@@ -185,7 +186,7 @@ func TestNamedSubscriptionWaitsForNames(t *testing.T) {
 	x := newCDSEDS()
 	c := startClient(t, client.Config{Dial: bufDialer(t, srv), Types: x.types()})
 	waitSynced(t, c)
-	eventually(t, "the CDS ACK", func() bool {
+	testutil.Eventually(t, "the CDS ACK", func() bool {
 		cs, ok := clientStatus(srv)
 		return ok && cs.Types[clusterType].ACKs == 1
 	})
@@ -210,7 +211,7 @@ func TestTypeNACKPerResource(t *testing.T) {
 	c := startClient(t, client.Config{Dial: bufDialer(t, srv), Types: x.types()})
 	waitSynced(t, c)
 	var st server.TypeStatus
-	eventually(t, "the NACK", func() bool {
+	testutil.Eventually(t, "the NACK", func() bool {
 		cs, ok := clientStatus(srv)
 		st = cs.Types[clusterType]
 		return ok && st.NACKs == 1
@@ -237,7 +238,7 @@ func TestTypeNACKPerResource(t *testing.T) {
 
 	// A refused update of the good one keeps it as it was.
 	srv.Set(clusterType, "good", mustAny(t, edsCluster("good", "bad")))
-	eventually(t, "the second NACK", func() bool {
+	testutil.Eventually(t, "the second NACK", func() bool {
 		cs, _ := clientStatus(srv)
 		return cs.Types[clusterType].NACKs == 2
 	})
@@ -252,7 +253,7 @@ func TestTypeNACKPerResource(t *testing.T) {
 	// Fixed: ACKed, applied, the rejection cleared.
 	srv.Set(clusterType, "good", mustAny(t, edsCluster("good", "")))
 	srv.Set(endpointType, "good", mustAny(t, cla("good")))
-	eventually(t, "the fix and its endpoints", func() bool { return slices.Equal(x.eds.names(), []string{"good"}) })
+	testutil.Eventually(t, "the fix and its endpoints", func() bool { return slices.Equal(x.eds.names(), []string{"good"}) })
 	for _, r := range c.Stats().Rejections {
 		if r.Name == "good" {
 			t.Errorf("good still rejected: %+v", r)
@@ -289,12 +290,12 @@ func TestTypesReconnect(t *testing.T) {
 	defer conn.Close()
 	x := newCDSEDS()
 	c := startClient(t, client.Config{Conn: conn, Types: x.types()})
-	eventually(t, "both endpoints", func() bool { return slices.Equal(x.eds.names(), []string{"a", "b"}) })
+	testutil.Eventually(t, "both endpoints", func() bool { return slices.Equal(x.eds.names(), []string{"a", "b"}) })
 	srv1.Set(clusterType, "refused", mustAny(t, edsCluster("refused", "bad")))
-	eventually(t, "the NACK", func() bool { cs, _ := clientStatus(srv1); return cs.Types[clusterType].NACKs == 1 })
+	testutil.Eventually(t, "the NACK", func() bool { cs, _ := clientStatus(srv1); return cs.Types[clusterType].NACKs == 1 })
 	stop1()
 	<-done1
-	eventually(t, "disconnect", func() bool { return !c.Stats().Connected })
+	testutil.Eventually(t, "disconnect", func() bool { return !c.Stats().Connected })
 	applies := func() int { x.cds.mu.Lock(); defer x.cds.mu.Unlock(); return x.cds.applies }
 	before := applies()
 
@@ -309,10 +310,10 @@ func TestTypesReconnect(t *testing.T) {
 	srv2.Set(endpointType, "a", mustAny(t, cla("a")))
 	srv2.Set(endpointType, "b", mustAny(t, cla("b")))
 	serve(t, srv2, lis2)
-	eventually(t, "b removed", func() bool {
+	testutil.Eventually(t, "b removed", func() bool {
 		return slices.Equal(x.cds.names(), []string{"a", "refused"}) && slices.Equal(x.eds.names(), []string{"a"})
 	})
-	eventually(t, "the NACK from the new server", func() bool { cs, _ := clientStatus(srv2); return cs.Types[clusterType].NACKs == 1 })
+	testutil.Eventually(t, "the NACK from the new server", func() bool { cs, _ := clientStatus(srv2); return cs.Types[clusterType].NACKs == 1 })
 
 	cs, _ := clientStatus(srv2)
 	if n := cs.Types[clusterType].InitialResources; n != 3 {
@@ -354,10 +355,10 @@ func TestWorkloads(t *testing.T) {
 	}
 	srv.Set(workloadapi.WorkloadTypeURL, "w1", mustAny(t, wl("w1", 10, 0, 1)))
 	srv.Delete(workloadapi.WorkloadTypeURL, "default/svc.default.svc.cluster.local")
-	eventually(t, "the NACK", func() bool { return c.Stats().Types[workloadapi.WorkloadTypeURL].NACKs == 2 })
+	testutil.Eventually(t, "the NACK", func() bool { return c.Stats().Types[workloadapi.WorkloadTypeURL].NACKs == 2 })
 	if w := st.Load().Workload("w1"); w == nil || w.Addresses[0] != netip.MustParseAddr("10.0.0.1") {
 		t.Errorf("w1 after a bad update = %+v", w)
 	}
 	srv.Delete(workloadapi.WorkloadTypeURL, "w1")
-	eventually(t, "w1 removed", func() bool { return st.Load().Workload("w1") == nil })
+	testutil.Eventually(t, "w1 removed", func() bool { return st.Load().Workload("w1") == nil })
 }

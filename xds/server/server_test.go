@@ -3,13 +3,16 @@ package server_test
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -17,6 +20,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/xds/client"
 	"github.com/amber-mesh/amber/xds/server"
 	"github.com/amber-mesh/amber/xds/state"
@@ -24,17 +28,6 @@ import (
 )
 
 const waitTimeout = 10 * time.Second
-
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(waitTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 // serveBuf serves srv on an in-memory listener until the test ends and
 // returns a connection to it.
@@ -97,12 +90,7 @@ func addr(s string) state.NetworkAddr { return state.NetworkAddr{Addr: netip.Mus
 // TestFileReload edits the mesh file under a connected client: valid edits
 // reach it, a broken edit is refused and the last good state stays served.
 func TestFileReload(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "mesh.yaml")
-	writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.1]}]\n")
-	srv, err := server.New(server.Config{File: path, PollInterval: 5 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, path, logs := newFileServer(t, 5*time.Millisecond)
 	t.Cleanup(func() { srv.Close() })
 	c := runClient(t, serveBuf(t, srv))
 	if c.Store().Load().WorkloadByAddr(addr("10.0.0.1")) == nil {
@@ -110,7 +98,7 @@ func TestFileReload(t *testing.T) {
 	}
 
 	writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.2]}, {name: b, addresses: [10.0.0.3]}]\n")
-	eventually(t, "the edit", func() bool {
+	testutil.Eventually(t, "the edit", func() bool {
 		s := c.Store().Load()
 		return s.WorkloadByAddr(addr("10.0.0.2")) != nil && s.WorkloadByAddr(addr("10.0.0.3")) != nil
 	})
@@ -119,59 +107,110 @@ func TestFileReload(t *testing.T) {
 	if err := srv.Reload(); err == nil || !strings.Contains(err.Error(), `unknown field "adresses"`) {
 		t.Errorf("Reload of a broken file: %v", err)
 	}
-	time.Sleep(30 * time.Millisecond) // several polls
+	// Reload's error is not logged; the watcher's refusal of the same
+	// file is.
+	testutil.Eventually(t, "the watcher refusing the broken edit", func() bool { return logs.count(reloadFailed) > 0 })
 	s := c.Store().Load()
 	if s.WorkloadByAddr(addr("10.0.0.2")) == nil || s.WorkloadByAddr(addr("10.0.0.3")) == nil {
 		t.Error("broken edit changed the served state")
 	}
 
 	writeFile(t, path, "workloads: [{name: b, addresses: [10.0.0.3]}]\n")
-	eventually(t, "the fix", func() bool { return c.Store().Load().Workload("Kubernetes//Pod/default/a") == nil })
+	testutil.Eventually(t, "the fix", func() bool { return c.Store().Load().Workload("Kubernetes//Pod/default/a") == nil })
 }
 
 // TestCloseStopsServe: Close alone (no context cancel) makes Serve return,
-// file watcher included.
+// file watcher included. In a synctest bubble: the watcher polls in fake
+// time.
 func TestCloseStopsServe(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "mesh.yaml")
-	writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.1]}]\n")
-	srv, err := server.New(server.Config{File: path, PollInterval: 5 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(context.Background(), bufconn.Listen(1<<10)) }()
-	time.Sleep(20 * time.Millisecond) // let the watcher poll
-	if err := srv.Close(); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-done:
-		if !errors.Is(err, server.ErrClosed) {
+	synctest.Test(t, func(t *testing.T) {
+		srv, path, logs := newFileServer(t, 5*time.Millisecond)
+		done := make(chan error, 1)
+		go func() { done <- srv.Serve(context.Background(), bufconn.Listen(1<<10)) }()
+		writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.1, 10.0.0.2]}]\n")
+		time.Sleep(5 * time.Millisecond)
+		synctest.Wait()
+		if n := logs.count(loaded); n != 2 {
+			srv.Close()
+			<-done
+			t.Fatalf("%q logged %d times, want 2: New's load and the watcher's", loaded, n)
+		}
+		if err := srv.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; !errors.Is(err, server.ErrClosed) {
 			t.Errorf("Serve returned %v, want ErrClosed", err)
 		}
-	case <-time.After(waitTimeout):
-		t.Fatal("Serve did not return after Close")
-	}
+	})
 }
 
+// TestReloadWithoutPolling: with polling off, a served file changes only
+// on Reload, however long Serve runs (in fake time, in a synctest bubble).
 func TestReloadWithoutPolling(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		srv, path, logs := newFileServer(t, -1)
+		done := make(chan error, 1)
+		go func() { done <- srv.Serve(context.Background(), bufconn.Listen(1<<10)) }()
+		t.Cleanup(func() { srv.Close(); <-done })
+		writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.2]}]\n")
+		time.Sleep(time.Minute) // sixty of the default PollInterval
+		synctest.Wait()
+		if n := logs.count(loaded); n != 1 {
+			t.Fatalf("%q logged %d times with polling off, want 1 (New's)", loaded, n)
+		}
+		if err := srv.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		if n := logs.count(loaded); n != 2 {
+			t.Fatalf("%q logged %d times after Reload, want 2", loaded, n)
+		}
+	})
+}
+
+// newFileServer returns a server of a new mesh file, with workload a at
+// 10.0.0.1, polled every poll, and the counter of its log.
+func newFileServer(t *testing.T, poll time.Duration) (*server.Server, string, *logCounter) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "mesh.yaml")
 	writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.1]}]\n")
-	srv, err := server.New(server.Config{File: path, PollInterval: -1})
+	logs := new(logCounter)
+	srv, err := server.New(server.Config{File: path, PollInterval: poll, Logger: slog.New(logs)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { srv.Close() })
-	c := runClient(t, serveBuf(t, srv))
-	writeFile(t, path, "workloads: [{name: a, addresses: [10.0.0.2]}]\n")
-	time.Sleep(20 * time.Millisecond)
-	if c.Store().Load().WorkloadByAddr(addr("10.0.0.2")) != nil {
-		t.Fatal("file reloaded although polling is off")
+	return srv, path, logs
+}
+
+// The server's log messages the tests wait for.
+const (
+	loaded       = "mesh file loaded"
+	reloadFailed = "mesh file reload failed, keeping previous state"
+)
+
+// logCounter is a slog.Handler that counts records by message.
+type logCounter struct {
+	mu sync.Mutex // guards n
+	n  map[string]int
+}
+
+func (l *logCounter) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logCounter) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l *logCounter) WithGroup(string) slog.Handler            { return l }
+
+func (l *logCounter) Handle(_ context.Context, r slog.Record) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.n == nil {
+		l.n = map[string]int{}
 	}
-	if err := srv.Reload(); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "the reload", func() bool { return c.Store().Load().WorkloadByAddr(addr("10.0.0.2")) != nil })
+	l.n[r.Message]++
+	return nil
+}
+
+func (l *logCounter) count(msg string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n[msg]
 }
 
 func TestNewRejectsBadFile(t *testing.T) {
@@ -307,7 +346,7 @@ func TestCloseEndsStreams(t *testing.T) {
 	if err := srv.Close(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "disconnect", func() bool { return !c.Stats().Connected && c.Stats().Disconnects > 0 })
+	testutil.Eventually(t, "disconnect", func() bool { return !c.Stats().Connected && c.Stats().Disconnects > 0 })
 	if err := srv.Serve(context.Background(), bufconn.Listen(1)); !errors.Is(err, server.ErrClosed) {
 		t.Errorf("Serve after Close: %v", err)
 	}

@@ -1,10 +1,11 @@
-package kube
+package pki
 
 import (
 	"crypto/ecdsa"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"net"
 	"os"
 	"slices"
 	"testing"
@@ -14,8 +15,9 @@ import (
 // serving certificate verifies for the names clients dial, client
 // certificates carry user and groups, and the service-account key pair
 // matches.
-func TestPKI(t *testing.T) {
-	p, err := newPKI(t.TempDir())
+func TestCluster(t *testing.T) {
+	const serviceIP = "10.96.0.1"
+	p, err := NewCluster(t.TempDir(), ClusterOptions{ServingIPs: []net.IP{net.IPv4(127, 0, 0, 1), net.ParseIP(serviceIP)}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,7 +30,7 @@ func TestPKI(t *testing.T) {
 	if err != nil {
 		t.Fatalf("serving key pair: %v", err)
 	}
-	for _, name := range []string{"127.0.0.1", "localhost", "kubernetes.default.svc", KubernetesServiceIP} {
+	for _, name := range []string{"127.0.0.1", "localhost", "kubernetes.default.svc", serviceIP} {
 		_, err := serving.Leaf.Verify(x509.VerifyOptions{Roots: roots, DNSName: name, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
 		if err != nil {
 			t.Errorf("serving cert for %s: %v", name, err)
