@@ -88,7 +88,7 @@ func (c *Cluster) ensureIstiod(ctx context.Context, opts Options, binDir string)
 		}); err != nil {
 			return err
 		}
-		args, env, err := istiod.Command(c.Kubeconfig, l.istiodDir(), c.istiodListen())
+		args, env, err := istiod.Command(c.Kubeconfig, l.istiodDir(), c.istiodListen(), istiod.MeshConfig)
 		if err != nil {
 			return fmt.Errorf("istiod: %w", err)
 		}
