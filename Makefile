@@ -74,7 +74,7 @@ kube-bins: ## build etcd, kube-apiserver, kubectl into .cache/kube (KUBE_BINS="a
 	@bash hack/kube-bins.sh $(KUBE_BINS)
 
 .PHONY: images
-images: ## build amber's image and the test images (pause, echo, curl) as docker archives into .cache/cluster/images, no container engine
+images: ## build amber's image and the test images (pause, echo, curl, Bookinfo) as docker archives into .cache/cluster/images, no container engine
 	$(GO) run ./test/cmd/amber-cluster images
 
 .PHONY: cluster-up
