@@ -24,37 +24,8 @@ const (
 // in namespace ns.
 func WorkloadsYAML(ns string) string {
 	var b strings.Builder
-	for _, w := range []struct {
-		name, image string
-		args        string
-	}{
-		{Productpage, images.Echo.Ref, "[]"},
-		{Sleep, images.Curl.Ref, `["-sleep"]`},
-		{NotSleep, images.Curl.Ref, `["-sleep"]`},
-	} {
-		fmt.Fprintf(&b, `apiVersion: v1
-kind: ServiceAccount
-metadata: {name: %[1]s, namespace: %[2]s}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: %[1]s, namespace: %[2]s, labels: {app: %[1]s}}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: %[1]s}}
-  template:
-    metadata: {labels: {app: %[1]s}}
-    spec:
-      serviceAccountName: %[1]s
-      terminationGracePeriodSeconds: 1
-      containers:
-        - name: %[1]s
-          image: %[3]s
-          imagePullPolicy: Never
-          args: %[4]s
----
-`, w.name, ns, w.image, w.args)
-	}
+	b.WriteString(appYAML(ns, workload{Name: Productpage, Image: images.Echo.Ref}))
+	b.WriteString(SleepYAML(ns))
 	fmt.Fprintf(&b, `apiVersion: v1
 kind: Service
 metadata: {name: %[1]s, namespace: %[2]s, labels: {app: %[1]s}}
@@ -63,6 +34,20 @@ spec:
   ports: [{name: http, port: %[3]d, targetPort: %[3]d}]
 `, Productpage, ns, images.EchoPort)
 	return b.String()
+}
+
+// SleepYAML returns the manifests of sleep and notsleep in namespace ns:
+// Istio's samples/sleep and its notsleep copy, from the local curl image.
+func SleepYAML(ns string) string {
+	return appYAML(ns, workload{Name: Sleep, Image: images.Curl.Ref, Args: []string{"-sleep"}}) +
+		appYAML(ns, workload{Name: NotSleep, Image: images.Curl.Ref, Args: []string{"-sleep"}})
+}
+
+// appYAML returns a service account named w.Name and w's Deployment, its
+// app label and account w.Name too.
+func appYAML(ns string, w workload) string {
+	w.App, w.ServiceAccount = w.Name, w.Name
+	return fmt.Sprintf("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: %s, namespace: %s}\n---\n", w.Name, ns) + w.yaml(ns)
 }
 
 // L4PolicyYAML is the getting-started's L4 AuthorizationPolicy: only
