@@ -1,7 +1,7 @@
 // Command amber-demo plays Istio ambient's getting-started walkthrough on
 // one machine with amber in place of Istio's node components: a real
 // Kubernetes node (test/cluster) with istiod, amber installed with its
-// Helm chart, then productpage, sleep and notsleep, `kubectl label
+// Helm chart, then Istio's Bookinfo, sleep and notsleep, `kubectl label
 // namespace default istio.io/dataplane-mode=ambient`, mTLS between them,
 // an L4 AuthorizationPolicy, and a look at the node with amberctl and
 // bpftool (test/realnode.Walkthrough). It prints each step with the
