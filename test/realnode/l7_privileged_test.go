@@ -24,10 +24,6 @@ import (
 	"github.com/amber-mesh/amber/test/realnode"
 )
 
-// waypointCommand is the command amber's chart gives istiod's waypoint
-// container.
-var waypointCommand = []string{"/usr/local/bin/amber-waypoint"}
-
 // TestPrivilegedRealNodeL7 lays the ground of the walkthrough's L7 half
 // on the real node, as a user gets there: Bookinfo in the default
 // namespace, meshed by amber (every hop mTLS, the page naming the reviews
@@ -216,8 +212,8 @@ func amberWaypoint(d *appsv1.Deployment) error {
 	if len(cs) == 0 {
 		return errors.New("no containers")
 	}
-	if cs[0].Image != images.Amber.Ref || !slices.Equal(cs[0].Command, waypointCommand) {
-		return fmt.Errorf("image %s, command %q, want %s and %q (amber's GatewayClass defaults)", cs[0].Image, cs[0].Command, images.Amber.Ref, waypointCommand)
+	if cs[0].Image != images.Amber.Ref || !slices.Equal(cs[0].Command, realnode.WaypointCommand) {
+		return fmt.Errorf("image %s, command %q, want %s and %q (amber's GatewayClass defaults)", cs[0].Image, cs[0].Command, images.Amber.Ref, realnode.WaypointCommand)
 	}
 	return nil
 }
@@ -301,7 +297,7 @@ func waypointPod(t *testing.T, ctx context.Context, c *cluster.Cluster, ns strin
 		out, _ := c.Kubectl(ctx, "-n", ns, "logs", "deploy/waypoint", "--tail=20")
 		return fmt.Errorf("not Ready; log tail:\n%s", out)
 	})
-	pid, err := processOf(waypointCommand[0], string(pod.UID))
+	pid, err := processOf(realnode.WaypointCommand[0], string(pod.UID))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -57,6 +57,12 @@ func TestPrivilegedRealNode(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		out.Reset()
+		err = w.RunL7(ctx)
+		t.Logf("walkthrough, L7 half:\n%s", out.String())
+		if err != nil {
+			t.Fatal(err)
+		}
 	})
 
 	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {

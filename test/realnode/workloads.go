@@ -98,3 +98,64 @@ func podReady(p *corev1.Pod) bool {
 	}
 	return false
 }
+
+// L7PolicyYAML is the walkthrough's L7 policy in the form istiod accepts
+// today: the same name as L4PolicyYAML's, so that it replaces it (the
+// destination's ztunnel would otherwise see the waypoint's identity and
+// deny), attached to the productpage Service with targetRefs (a waypoint
+// ignores selector policies), and sleep's identity allowed GET only.
+func L7PolicyYAML(ns string) string {
+	return fmt.Sprintf(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: productpage-viewer, namespace: %[1]s}
+spec:
+  targetRefs: [{kind: Service, group: "", name: %[2]s}]
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/%[1]s/sa/%[3]s"]}}]
+      to: [{operation: {methods: ["GET"]}}]
+`, ns, BookinfoProductpage, Sleep)
+}
+
+// ReviewsVirtualServiceYAML is the 2022 walkthrough's traffic split:
+// destination-rule-reviews.yaml (subsets v1, v2 by the version label,
+// RANDOM) and virtual-service-reviews-90-10.yaml.
+func ReviewsVirtualServiceYAML(ns string) string {
+	return fmt.Sprintf(`apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: %[2]s, namespace: %[1]s}
+spec:
+  host: %[2]s
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: %[2]s, namespace: %[1]s}
+spec:
+  hosts: [%[2]s]
+  http:
+    - route:
+        - {destination: {host: %[2]s, subset: v1}, weight: 90}
+        - {destination: {host: %[2]s, subset: v2}, weight: 10}
+`, ns, BookinfoReviews)
+}
+
+// ReviewsHTTPRouteYAML is the traffic split in its current form
+// (route-reviews-90-10.yaml): an HTTPRoute whose parent is the reviews
+// Service (GAMMA), to the Services reviews-v1 90 and reviews-v2 10
+// (BookinfoVersionsYAML).
+func ReviewsHTTPRouteYAML(ns string) string {
+	return fmt.Sprintf(`apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: %[2]s, namespace: %[1]s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: %[2]s, port: %[3]d}]
+  rules:
+    - backendRefs:
+        - {name: %[2]s-v1, port: %[3]d, weight: 90}
+        - {name: %[2]s-v2, port: %[3]d, weight: 10}
+`, ns, BookinfoReviews, images.BookinfoPort)
+}
