@@ -47,8 +47,9 @@ var WaypointCommand = []string{"/usr/local/bin/amber-waypoint"}
 // amber-waypoint), the L7 policy replacing the L4 one (sleep GET 200,
 // sleep DELETE and notsleep 403 `RBAC: access denied`),
 // istio_requests_total from the waypoint's 15020, a waypoint for reviews
-// alone and the 90/10 split in both forms (VirtualService +
-// DestinationRule, HTTPRoute) counted over SplitRequests pages, and the
+// alone with the 2022 form of the 90/10 split (VirtualService +
+// DestinationRule), then the current form (HTTPRoute) at the namespace's
+// waypoint, each counted over SplitRequests pages, and the
 // walkthrough's clean-up. The first expectation that fails is returned;
 // the clean-up runs either way and its error is joined.
 func (w *Walkthrough) RunL7(ctx context.Context) (err error) {
@@ -214,7 +215,16 @@ func (w *Walkthrough) RunL7(ctx context.Context) (err error) {
 		return err
 	}
 
-	w.step("Split reviews 90/10 between v1 and v2: Gateway API HTTPRoute (the current form)")
+	// The current walkthrough splits at the namespace's waypoint, which
+	// also serves the backends reviews-v1 and reviews-v2: reviews goes
+	// back to it. At reviews-waypoint, whose backends' Services are bound
+	// to the namespace's waypoint, every page lost its reviews on the
+	// real node (reviews-waypoint answering productpage with a short
+	// local reply); see README, "The walkthrough's L7 half".
+	w.step("Split reviews 90/10 between v1 and v2: Gateway API HTTPRoute at the namespace's waypoint (the current form)")
+	if _, err := w.kubectl(ctx, "-n", ns, "label", "service", BookinfoReviews, "istio.io/use-waypoint-"); err != nil {
+		return err
+	}
 	if err := split("the HTTPRoute", "bookinfo-versions-"+ns+".yaml", BookinfoVersionsYAML(ns),
 		"reviews-90-10-httproute-"+ns+".yaml", ReviewsHTTPRouteYAML(ns)); err != nil {
 		return err
