@@ -24,7 +24,7 @@ check-generate: deps ## regenerate and fail if the generated files in the tree d
 	@bash hack/check-generate.sh
 
 .PHONY: demo
-demo: deps ## Istio ambient's walkthrough on a real node with istiod and amber (Helm): sleep/notsleep/productpage, mTLS, an L4 policy, amberctl, bpftool (DEMO_ARGS=-keep leaves it running)
+demo: deps ## Istio ambient's walkthrough on a real node with istiod and amber (Helm): Bookinfo, sleep/notsleep, mTLS, an L4 policy, amberctl, bpftool; then a waypoint (amber-waypoint), an L7 policy, istio_requests_total, reviews 90/10 (DEMO_ARGS=-keep leaves it running)
 	$(GO) run ./test/cmd/amber-demo $(DEMO_ARGS)
 
 .PHONY: build
@@ -74,7 +74,7 @@ kube-bins: ## build etcd, kube-apiserver, kubectl into .cache/kube (KUBE_BINS="a
 	@bash hack/kube-bins.sh $(KUBE_BINS)
 
 .PHONY: images
-images: ## build amber's image and the test images (pause, echo, curl) as docker archives into .cache/cluster/images, no container engine
+images: ## build amber's image and the test images (pause, echo, curl, Bookinfo) as docker archives into .cache/cluster/images, no container engine
 	$(GO) run ./test/cmd/amber-cluster images
 
 .PHONY: cluster-up

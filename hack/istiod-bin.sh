@@ -2,7 +2,8 @@
 # Builds Istio's binaries from the Go module proxy into a cache, once:
 # hack/istiod-bin.sh [-check] [NAME...]
 #
-#   NAME    pilot-discovery (istiod, with Istio's CRDs next to it),
+#   NAME    pilot-discovery (istiod, with Istio's CRDs and its Helm chart
+#           next to it),
 #           hbone-interop (Istio's Go HBONE client and server, for
 #           test/interop) or istioctl (whose proxy-config parsers read
 #           amber-waypoint's admin output in test/istiod); no NAME means
@@ -11,9 +12,11 @@
 #
 # Output lands in .cache/istiod/<istio version>/bin/ (override the root with
 # ISTIOD_CACHE_DIR): pilot-discovery, crd-all.gen.yaml (from
-# manifests/charts/base/files/ of the same istio.io/istio module) and
+# manifests/charts/base/files/ of the same istio.io/istio module),
 # gateway-api-crd.yaml (the Gateway API CRDs Istio's own integration tests
-# install, tests/integration/pilot/testdata/ of that module), and
+# install, tests/integration/pilot/testdata/ of that module), istio-discovery/
+# (istiod's Helm chart, manifests/charts/istio-control/istio-discovery/ of
+# that module: test/cluster renders istiod's ConfigMaps from it), and
 # hbone-interop and istioctl. A stamp per binary in
 # .cache/istiod/<istio version>/stamp/ holds the hash of what it was built
 # from: the tools module's go.mod and go.sum, and for hbone-interop also its
@@ -34,6 +37,7 @@ tools=$root/test/istiod/tools
 ctltools=$root/test/istiod/istioctl
 crds=crd-all.gen.yaml
 gwcrds=gateway-api-crd.yaml
+chart=istio-discovery
 all=(pilot-discovery hbone-interop)
 
 die() { echo "istiod-bin: $*" >&2; exit 1; }
@@ -115,11 +119,12 @@ built() {
 }
 fresh() {
   built "$1" || return 1
-  [ "$1" != pilot-discovery ] || { [ -s "$bin/$crds" ] && [ -s "$bin/$gwcrds" ]; }
+  [ "$1" != pilot-discovery ] || { [ -s "$bin/$crds" ] && [ -s "$bin/$gwcrds" ] && [ -s "$bin/$chart/Chart.yaml" ]; }
 }
 
-# copy_crds: the CRD files from the very module the binary was built from,
-# so the two always match.
+# copy_crds: the CRD files and istiod's chart from the very module the
+# binary was built from, so they always match. The module cache is
+# read-only; the copies are made writable so a later copy can replace them.
 copy_crds() {
   local src
   src=$(cd "$tools" && GOWORK=off GOFLAGS=-mod=readonly go list -m -f '{{.Dir}}' istio.io/istio)
@@ -131,6 +136,13 @@ copy_crds() {
   mv -f "$bin/.$crds.tmp" "$bin/$crds"
   cp -f "$src/tests/integration/pilot/testdata/$gwcrds" "$bin/.$gwcrds.tmp"
   mv -f "$bin/.$gwcrds.tmp" "$bin/$gwcrds"
+  [ -s "$src/manifests/charts/istio-control/$chart/Chart.yaml" ] ||
+    die "no $chart chart in istio.io/istio $version at $src/manifests/charts/istio-control"
+  rm -rf "$bin/.$chart.copy"
+  cp -R "$src/manifests/charts/istio-control/$chart" "$bin/.$chart.copy"
+  chmod -R u+w "$bin/.$chart.copy"
+  rm -rf "$bin/$chart"
+  mv -f "$bin/.$chart.copy" "$bin/$chart"
 }
 
 # stale: the requested names that need building.
@@ -158,7 +170,7 @@ todo=$(stale) # another run may have built some meanwhile
 for name in $todo; do
   if [ "$name" = pilot-discovery ] && built "$name"; then
     copy_crds
-    say "copied the CRD files of $version into $bin"
+    say "copied the CRD files and chart of $version into $bin"
     continue
   fi
   case $name in

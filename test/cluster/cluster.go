@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,6 +29,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/amber-mesh/amber/test/images"
+	"github.com/amber-mesh/amber/test/istiod"
 )
 
 // Options configure Start. The zero value starts a node named
@@ -52,7 +54,9 @@ type Options struct {
 	// become Ready. Zero: 2 minutes.
 	ReadyTimeout time.Duration
 	// Istiod also runs istiod (built by hack/istiod-bin.sh, ≈ 3.5 min
-	// the first time) in ambient mode, with Istio's CRDs; see Istiod.
+	// the first time) in ambient mode, installed as users install it:
+	// Istio's and the Gateway API's CRDs, its chart's ConfigMaps; see
+	// Istiod and Cluster.Istioctl.
 	Istiod bool
 }
 
@@ -170,7 +174,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	}
 	var istiodBin string
 	if opts.Istiod {
-		if istiodBin, err = istiodBins(ctx, opts); err != nil {
+		if istiodBin, err = istiodBins(ctx, opts, istiod.BinaryName); err != nil {
 			return nil, err
 		}
 	}
@@ -425,13 +429,18 @@ func (c *Cluster) loadClient() error {
 // Kubectl runs kubectl as admin and returns its standard output; the
 // error carries its standard error.
 func (c *Cluster) Kubectl(ctx context.Context, args ...string) ([]byte, error) {
-	full := append([]string{"--kubeconfig=" + c.Kubeconfig, "--cache-dir=" + filepath.Join(c.Dir, "kubectl-cache")}, args...)
-	cmd := exec.CommandContext(ctx, filepath.Join(c.BinDir, "kubectl"), full...)
+	return runTool(ctx, filepath.Join(c.BinDir, "kubectl"), []string{"--kubeconfig=" + c.Kubeconfig, "--cache-dir=" + filepath.Join(c.Dir, "kubectl-cache")}, args)
+}
+
+// runTool runs bin with flags then args and returns its standard output;
+// the error names the tool and args and carries its standard error.
+func runTool(ctx context.Context, bin string, flags, args []string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, bin, append(slices.Clone(flags), args...)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		return out, fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+		return out, fmt.Errorf("%s %s: %w: %s", filepath.Base(bin), strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
 	}
 	return out, nil
 }

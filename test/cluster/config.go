@@ -207,6 +207,10 @@ resolvConf: @RESOLV@
 podLogsDir: @ROOT@/pod-logs
 volumePluginDir: @ROOT@/volume-plugins
 serializeImagePulls: false
+# Kubernetes' default of 110 is less than the walkthrough's Bookinfo,
+# sleep and notsleep plus the 100 pods the real-node tests churn; the pod
+# network (PodCIDR, a /24) has 253 addresses.
+maxPods: 200
 nodeStatusUpdateFrequency: 4s
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
 imageGCHighThresholdPercent: 100

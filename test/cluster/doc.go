@@ -37,6 +37,20 @@
 // published the same way as istio-system/istiod (IstiodServiceIP, port
 // 15012 on NodeIP).
 //
+// # istiod
+//
+// With Options.Istiod, istiod (pilot-discovery, unmodified, built from the
+// pinned istio.io/istio module) runs as a host process, installed as
+// Istio's ambient Helm instructions install it: Istio's CRDs, the Gateway
+// API CRDs, and the ConfigMaps its chart (istio-discovery, same module)
+// renders with profile=ambient — the mesh configuration (istio), which
+// istiod reads and watches, and the injector configuration
+// (istio-sidecar-injector) with the waypoint template, created before
+// istiod starts because istiod looks for it only then. `istioctl waypoint
+// apply` (Cluster.Istioctl: istioctl from the same module) therefore gets
+// a waypoint Deployment rendered by istiod, as on any Istio install. No
+// webhook configuration points at istiod.
+//
 // # Lifetime and cleanup
 //
 // Components run detached, in their own sessions, with pid files, so that

@@ -372,11 +372,13 @@ func kubepodsCgroups() []string {
 }
 
 // sweepCgroups kills every process left in a pod cgroup, then removes the
-// cgroups, children first.
+// cgroups, children first. A killed process keeps its cgroup busy until
+// its parent (or init, once a killed shim orphaned it) has reaped it,
+// which on a loaded machine takes a while: a cgroup still busy is asked
+// again, its processes killed again, for up to 10 s.
 func sweepCgroups() error {
 	cgs := kubepodsCgroups()
-	for range 20 {
-		alive := 0
+	kill := func() (alive int) {
 		for _, cg := range cgs {
 			b, _ := os.ReadFile(filepath.Join(cg, "cgroup.procs"))
 			for _, f := range strings.Fields(string(b)) {
@@ -386,15 +388,28 @@ func sweepCgroups() error {
 				}
 			}
 		}
-		if alive == 0 {
+		return alive
+	}
+	for range 20 {
+		if kill() == 0 {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	deadline := time.Now().Add(10 * time.Second)
 	var errs []error
 	for _, cg := range slices.Backward(cgs) {
-		if err := syscall.Rmdir(cg); err != nil && !errors.Is(err, syscall.ENOENT) {
-			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", cg, err))
+		for {
+			err := syscall.Rmdir(cg)
+			if err == nil || errors.Is(err, syscall.ENOENT) {
+				break
+			}
+			if !errors.Is(err, syscall.EBUSY) || time.Now().After(deadline) {
+				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", cg, err))
+				break
+			}
+			kill()
+			time.Sleep(100 * time.Millisecond)
 		}
 	}
 	return errors.Join(errs...)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -16,13 +17,35 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
-// Amber is amber's own image, as deploy/Dockerfile lays it out: the four
-// static binaries in /usr/local/bin, amber-agent as entrypoint (the
-// DaemonSet sets each container's command), nothing else — no shell.
+// Amber is amber's own image, as deploy/Dockerfile lays it out: a static
+// binary in /usr/local/bin for every command under cmd/ (amber-agent,
+// amber-cni, amber-ztunnel, amberctl, amber-waypoint once it exists),
+// amber-agent as entrypoint (the DaemonSet and the waypoint defaults set
+// each container's command), nothing else — no shell.
 var Amber = Image{Name: "amber", Ref: "localhost/amber/amber:test"}
 
-// amberBinaries are the commands the image carries.
-var amberBinaries = []string{"amber-agent", "amber-cni", "amber-ztunnel", "amberctl"}
+// AmberCommands returns the commands the image carries: the main packages
+// under repoRoot's cmd/, by name.
+func AmberCommands(ctx context.Context, repoRoot string) ([]string, error) {
+	cmd := exec.CommandContext(ctx, "go", "list", "-f", `{{if eq .Name "main"}}{{.ImportPath}}{{end}}`, "./cmd/...")
+	cmd.Dir = repoRoot
+	out, err := cmd.Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		return nil, fmt.Errorf("list amber's commands: %w: %s", err, strings.TrimSpace(string(stderr)))
+	}
+	var names []string
+	for _, p := range strings.Fields(string(out)) {
+		names = append(names, path.Base(p))
+	}
+	if len(names) == 0 {
+		return nil, fmt.Errorf("list amber's commands: no main package under %s/cmd", repoRoot)
+	}
+	return names, nil
+}
 
 // BuildAmber builds amber's binaries from repoRoot (CGO_ENABLED=0, the
 // committed eBPF object embedded) and writes the image as a docker archive
@@ -33,8 +56,12 @@ func BuildAmber(ctx context.Context, repoRoot, dir string) (Image, error) {
 	if err := os.MkdirAll(bin, 0o755); err != nil {
 		return img, fmt.Errorf("build image amber: %w", err)
 	}
+	names, err := AmberCommands(ctx, repoRoot)
+	if err != nil {
+		return img, fmt.Errorf("build image amber: %w", err)
+	}
 	var pkgs []string
-	for _, b := range amberBinaries {
+	for _, b := range names {
 		pkgs = append(pkgs, "./cmd/"+b)
 	}
 	cmd := exec.CommandContext(ctx, "go", append([]string{"build", "-trimpath", "-ldflags=-s -w", "-o", bin + "/"}, pkgs...)...)
@@ -44,7 +71,7 @@ func BuildAmber(ctx context.Context, repoRoot, dir string) (Image, error) {
 		return img, fmt.Errorf("build image amber: go build: %w: %s", err, strings.TrimSpace(string(b)))
 	}
 	var layers []v1.Layer
-	for _, b := range amberBinaries {
+	for _, b := range names {
 		l, err := binaryLayer(filepath.Join(bin, b), "/usr/local/bin/"+b)
 		if err != nil {
 			return img, fmt.Errorf("build image amber: %w", err)

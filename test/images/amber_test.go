@@ -7,6 +7,7 @@ import (
 	"io"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -15,12 +16,12 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
-// The archive is what `ctr images import` and the DaemonSet need: the
-// tag, the entrypoint, and four runnable static binaries where the
-// manifests' commands point.
+// The archive is what `ctr images import`, the DaemonSet and the waypoint
+// defaults need: the tag, the entrypoint, and a runnable static binary for
+// every command under cmd/ where the manifests' commands point.
 func TestBuildAmber(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds four binaries")
+		t.Skip("builds every command")
 	}
 	root, err := filepath.Abs("../..")
 	if err != nil {
@@ -58,7 +59,16 @@ func TestBuildAmber(t *testing.T) {
 		}
 		files[h.Name] = h.Mode&0o111 != 0
 	}
-	for _, b := range amberBinaries {
+	cmds, err := AmberCommands(context.Background(), root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"amber-agent", "amber-cni", "amber-ztunnel", "amberctl"} {
+		if !slices.Contains(cmds, want) {
+			t.Errorf("commands %v lack %s", cmds, want)
+		}
+	}
+	for _, b := range cmds {
 		if !files["usr/local/bin/"+b] {
 			t.Errorf("image lacks executable /usr/local/bin/%s (has %v)", b, files)
 		}

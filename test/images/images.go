@@ -1,6 +1,7 @@
 // Package images builds the local cluster's container images — pause,
-// echo and curl, each one static Go binary from this directory — as docker
-// archives that `ctr images import` loads, without a container engine.
+// echo, curl and Istio's Bookinfo (productpage, details, reviews, ratings),
+// each one static Go binary from this directory — as docker archives that
+// `ctr images import` loads, without a container engine.
 package images
 
 import (
@@ -20,6 +21,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/amber-mesh/amber/test/images/bookinfo"
 )
 
 // Image is one test image.
@@ -40,31 +43,46 @@ var (
 	Echo  = Image{Name: "echo", Ref: "localhost/amber/echo:test"}
 	Curl  = Image{Name: "curl", Ref: "localhost/amber/curl:test"}
 
-	All = []Image{Pause, Echo, Curl}
+	// Istio's Bookinfo sample (package bookinfo), one image per service;
+	// reviews plays v1, v2 and v3 from its environment.
+	Productpage = Image{Name: "productpage", Ref: "localhost/amber/bookinfo-productpage:test"}
+	Details     = Image{Name: "details", Ref: "localhost/amber/bookinfo-details:test"}
+	Reviews     = Image{Name: "reviews", Ref: "localhost/amber/bookinfo-reviews:test"}
+	Ratings     = Image{Name: "ratings", Ref: "localhost/amber/bookinfo-ratings:test"}
+	Bookinfo    = []Image{Productpage, Details, Reviews, Ratings}
+
+	All = append([]Image{Pause, Echo, Curl}, Bookinfo...)
 )
 
 // EchoPort is the port the echo image serves HTTP on (Istio's productpage).
 const EchoPort = 9080
 
+// BookinfoPort is the port every Bookinfo image serves HTTP on.
+const BookinfoPort = bookinfo.Port
+
 // Build compiles every image's program (CGO_ENABLED=0, so the binary runs
 // in an image with nothing else in it) and writes each image as a docker
-// archive <dir>/<name>.tar. repoRoot is the module root. go build's cache
-// makes a warm call cost about a second.
+// archive <dir>/<name>.tar. repoRoot is the module root. One go build
+// builds them all; its cache makes a warm call cost about a second.
 func Build(ctx context.Context, repoRoot, dir string) ([]Image, error) {
-	if err := os.MkdirAll(filepath.Join(dir, "bin"), 0o755); err != nil {
+	bin := filepath.Join(dir, "bin")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
 		return nil, fmt.Errorf("build images: %w", err)
+	}
+	args := []string{"build", "-trimpath", "-ldflags=-s -w", "-o", bin + "/"}
+	for _, img := range All {
+		args = append(args, "./test/images/"+img.Name)
+	}
+	cmd := exec.CommandContext(ctx, "go", args...)
+	cmd.Dir = repoRoot
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("build images: go build: %w: %s", err, strings.TrimSpace(string(b)))
 	}
 	var out []Image
 	for _, img := range All {
-		bin := filepath.Join(dir, "bin", img.Name)
-		cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "./test/images/"+img.Name)
-		cmd.Dir = repoRoot
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)
-		if b, err := cmd.CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("build image %s: go build: %w: %s", img.Name, err, strings.TrimSpace(string(b)))
-		}
 		img.Archive = filepath.Join(dir, img.Name+".tar")
-		if err := writeArchive(img, bin); err != nil {
+		if err := writeArchive(img, filepath.Join(bin, img.Name)); err != nil {
 			return nil, err
 		}
 		out = append(out, img)
@@ -97,6 +115,11 @@ func writeArchive(img Image, bin string) error {
 	cf.Config.User = "65535:65535"
 	if img.Name == Echo.Name {
 		cf.Config.ExposedPorts = map[string]struct{}{fmt.Sprintf("%d/tcp", EchoPort): {}}
+	}
+	for _, b := range Bookinfo {
+		if img.Name == b.Name {
+			cf.Config.ExposedPorts = map[string]struct{}{fmt.Sprintf("%d/tcp", BookinfoPort): {}}
+		}
 	}
 	if i, err = mutate.ConfigFile(i, cf); err != nil {
 		return fmt.Errorf("build image %s: %w", img.Name, err)

@@ -45,10 +45,11 @@
 // Binaries runs hack/istiod-bin.sh, which builds
 // istio.io/istio/pilot/cmd/pilot-discovery from the tools module in
 // tools/ (its own module: Istio pins its own k8s.io versions) and copies
-// Istio's CRDs and the Gateway API CRDs Istio's integration tests use
-// (Options.GatewayAPI applies them) next to it:
+// Istio's CRDs, the Gateway API CRDs Istio's integration tests use
+// (Options.GatewayAPI applies them) and istiod's Helm chart (ChartDir)
+// next to them:
 //
-//	.cache/istiod/<istio version>/bin/{pilot-discovery,crd-all.gen.yaml,gateway-api-crd.yaml}
+//	.cache/istiod/<istio version>/bin/{pilot-discovery,crd-all.gen.yaml,gateway-api-crd.yaml,istio-discovery/}
 //	.cache/istiod/<istio version>/stamp/pilot-discovery
 //
 // A cold build takes ≈ 3.5 min on the 2-core development machine; a warm
@@ -58,9 +59,9 @@
 // cache.
 //
 // Options.Injector also creates the injector ConfigMap the pinned
-// istio-discovery chart renders (Helm, hack/helm.sh) before istiod starts,
-// so that istiod's deployment controller renders waypoints as in a real
-// install. Istioctl builds the pinned istioctl (hack/istiod-bin.sh
+// istio-discovery chart renders (RenderConfigMaps; Helm from
+// hack/helm.sh) before istiod starts, so that istiod's deployment
+// controller renders waypoints as in a real install. Istioctl builds the pinned istioctl (hack/istiod-bin.sh
 // istioctl) for tests that read amber's admin output with its parsers.
 //
 // Integration tests that use this package are named TestIntegration...;

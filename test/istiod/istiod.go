@@ -3,15 +3,12 @@ package istiod
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -135,7 +132,7 @@ func Start(tb testing.TB, cp *kube.ControlPlane, opts Options) *Istiod {
 		}
 	}
 	if opts.Injector {
-		if err := applyInjector(ctx, tb, cp); err != nil {
+		if err := applyInjector(ctx, tb, cp, opts.BinDir); err != nil {
 			tb.Fatalf("istiod: injector config: %v", err)
 		}
 	}
@@ -152,7 +149,7 @@ func Start(tb testing.TB, cp *kube.ControlPlane, opts Options) *Istiod {
 		*a = net.JoinHostPort("127.0.0.1", strconv.Itoa(p))
 	}
 	d.HTTPAddr, d.PlainAddr, d.Address = listen.HTTP, listen.PlainGRPC, listen.SecureGRPC
-	args, env, err := Command(cp.Kubeconfig, d.Dir, listen)
+	args, env, err := Command(cp.Kubeconfig, d.Dir, listen, MeshConfig)
 	if err != nil {
 		tb.Fatalf("istiod: %v", err)
 	}
@@ -256,35 +253,49 @@ type Listen struct {
 
 // Command returns pilot-discovery's arguments and the environment it
 // needs on top of the caller's, to run in ambient mode against the API
-// server of kubeconfig, listening on l, with its mesh files written into
-// dir (which is also meant as its working directory).
-func Command(kubeconfig, dir string, l Listen) (args, env []string, err error) {
-	mesh := filepath.Join(dir, "mesh.yaml")
-	networks := filepath.Join(dir, "meshNetworks.yaml")
-	if err := os.WriteFile(mesh, []byte(MeshConfig), 0o644); err != nil {
-		return nil, nil, err
-	}
-	if err := os.WriteFile(networks, []byte("networks: {}\n"), 0o644); err != nil {
-		return nil, nil, err
-	}
+// server of kubeconfig, listening on l, in the working directory dir.
+//
+// With mesh set, istiod reads that mesh configuration (and no mesh
+// networks) from files Command writes into dir. With mesh empty it reads
+// both from the MeshConfigMap ConfigMap in Namespace, as an installed
+// istiod does, and keeps watching it; the caller creates it first
+// (RenderConfigMaps). Neither way gives istiod injection templates of
+// its own: those only come from InjectorConfigMap.
+func Command(kubeconfig, dir string, l Listen, mesh string) (args, env []string, err error) {
 	ctrlzHost, ctrlzPort, err := net.SplitHostPort(l.Ctrlz)
 	if err != nil {
 		return nil, nil, fmt.Errorf("ctrlz address: %w", err)
 	}
-	args = []string{"discovery",
-		"--kubeconfig=" + kubeconfig,
-		"--meshConfig=" + mesh,
-		"--networksConfig=" + networks,
-		"--httpAddr=" + l.HTTP,
-		"--grpcAddr=" + l.PlainGRPC,
-		"--secureGRPCAddr=" + l.SecureGRPC,
-		"--httpsAddr=" + l.HTTPS,
-		"--monitoringAddr=" + l.Monitoring,
-		"--ctrlz_address=" + ctrlzHost,
-		"--ctrlz_port=" + ctrlzPort,
+	args = []string{"discovery", "--kubeconfig=" + kubeconfig}
+	if mesh != "" {
+		meshFile := filepath.Join(dir, "mesh.yaml")
+		networks := filepath.Join(dir, "meshNetworks.yaml")
+		if err := os.WriteFile(meshFile, []byte(mesh), 0o644); err != nil {
+			return nil, nil, err
+		}
+		if err := os.WriteFile(networks, []byte("networks: {}\n"), 0o644); err != nil {
+			return nil, nil, err
+		}
+		args = append(args, "--meshConfig="+meshFile, "--networksConfig="+networks)
+	} else {
+		// A file that does not exist: istiod falls back to the ConfigMap
+		// (pilot/pkg/bootstrap/mesh.go getConfigurationSources). Named
+		// explicitly so that istiod's default (./etc/istio/config/mesh,
+		// relative to its working directory) cannot shadow it.
+		args = append(args, "--meshConfig="+filepath.Join(dir, "no-mesh-file-read-configmap-istio"),
+			"--networksConfig="+filepath.Join(dir, "no-networks-file-read-configmap-istio"))
+	}
+	args = append(args,
+		"--httpAddr="+l.HTTP,
+		"--grpcAddr="+l.PlainGRPC,
+		"--secureGRPCAddr="+l.SecureGRPC,
+		"--httpsAddr="+l.HTTPS,
+		"--monitoringAddr="+l.Monitoring,
+		"--ctrlz_address="+ctrlzHost,
+		"--ctrlz_port="+ctrlzPort,
 		"--shutdownDuration=1s",
 		"--log_output_level=default:info",
-	}
+	)
 	env = []string{
 		"PILOT_ENABLE_AMBIENT=true",
 		"POD_NAMESPACE=" + Namespace,
@@ -430,54 +441,24 @@ func freePort() (int, error) {
 	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
-// InjectorConfigMap is the ConfigMap istiod reads its injection templates
-// from when it has no injection directory (pilot/pkg/bootstrap
-// sidecarinjector.go).
-const InjectorConfigMap = "istio-sidecar-injector"
-
-// applyInjector renders the istio-discovery chart's injector ConfigMap
-// with Helm and creates it.
-func applyInjector(ctx context.Context, tb testing.TB, cp *kube.ControlPlane) error {
-	helm := filepath.Join(buildcache.Dir(tb, buildcache.Build{What: "helm", Script: "helm.sh", Files: []string{"helm"}}), "helm")
-	src, err := istioModuleDir(ctx)
+// applyInjector creates InjectorConfigMap as the chart in binDir renders
+// it with its defaults.
+func applyInjector(ctx context.Context, tb testing.TB, cp *kube.ControlPlane, binDir string) error {
+	cms, err := RenderConfigMaps(ctx, Helm(tb), filepath.Join(binDir, ChartDir))
 	if err != nil {
 		return err
 	}
-	dir := tb.TempDir()
-	cmd := exec.CommandContext(ctx, helm, "template", "istiod", filepath.Join(src, "manifests", "charts", "istio-control", "istio-discovery"),
-		"--namespace", Namespace, "--show-only", "templates/istiod-injector-configmap.yaml")
-	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+filepath.Join(dir, "cache"), "HELM_CONFIG_HOME="+filepath.Join(dir, "config"), "HELM_DATA_HOME="+filepath.Join(dir, "data"))
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return fmt.Errorf("helm template: %w: %s", err, bytes.TrimSpace(stderr.Bytes()))
-	}
-	f := filepath.Join(dir, "injector.yaml")
-	if err := os.WriteFile(f, out, 0o644); err != nil {
-		return err
-	}
-	if out, err := cp.Kubectl(ctx, "apply", "--server-side", "-f", f); err != nil {
-		return fmt.Errorf("apply: %w: %s", err, out)
+	inj := cms[1]
+	if _, err := cp.Client.CoreV1().ConfigMaps(Namespace).Create(ctx, &inj, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create %s/%s: %w", Namespace, inj.Name, err)
 	}
 	return nil
 }
 
-// istioModuleDir is the module cache directory of the istio.io/istio the
-// tools module (next to this file) builds istiod from.
-func istioModuleDir(ctx context.Context) (string, error) {
-	_, file, _, ok := runtime.Caller(0)
-	if !ok {
-		return "", errors.New("no caller information")
-	}
-	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", "istio.io/istio")
-	cmd.Dir = filepath.Join(filepath.Dir(file), "tools")
-	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=readonly")
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("go list istio.io/istio: %w", err)
-	}
-	return strings.TrimSpace(string(out)), nil
+// Helm returns Helm's binary, built once by hack/helm.sh.
+func Helm(tb testing.TB) string {
+	tb.Helper()
+	return filepath.Join(buildcache.Dir(tb, buildcache.Build{What: "helm", Script: "helm.sh", Files: []string{"helm"}}), "helm")
 }
 
 // Istioctl returns the pinned Istio's istioctl, built with
@@ -505,6 +486,6 @@ func Binaries(tb testing.TB) (dir string) {
 		What:      "istiod binaries",
 		Script:    "istiod-bin.sh",
 		BinDirEnv: BinDirEnv,
-		Files:     []string{BinaryName, CRDFile, GatewayAPICRDFile},
+		Files:     []string{BinaryName, CRDFile, GatewayAPICRDFile, filepath.Join(ChartDir, "Chart.yaml")},
 	})
 }

@@ -2,16 +2,57 @@ package realnode_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
+	"os"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/bpf/hostnet"
+	"github.com/amber-mesh/amber/test/cluster"
 	"github.com/amber-mesh/amber/test/images"
 	"github.com/amber-mesh/amber/test/realnode"
 )
+
+// mustInstall installs amber on c with its chart and registers its
+// uninstall, logging amber's containers' log tails when the test failed
+// and removing what a failed uninstall left on the host. The test sets
+// *installed to false once it uninstalled amber itself.
+func mustInstall(t *testing.T, ctx context.Context, c *cluster.Cluster, log *slog.Logger) (a *realnode.Amber, installed *bool) {
+	t.Helper()
+	a, err := realnode.Install(ctx, c, realnode.Options{Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	installed = new(bool)
+	*installed = true
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, ctr := range []string{"amber-agent", "amber-ztunnel"} {
+				out, _ := c.Kubectl(context.Background(), "-n", realnode.Namespace, "logs", "ds/"+realnode.DaemonSet, "-c", ctr, "--tail=60")
+				t.Logf("%s log tail:\n%s", ctr, out)
+			}
+		}
+		if *installed {
+			if err := a.Uninstall(context.Background()); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+		// Whatever an uninstall that failed left on the host.
+		if _, err := os.Stat(bpf.DefaultPinRoot); err == nil {
+			t.Errorf("cleanup: %s left behind; removing it", bpf.DefaultPinRoot)
+			if err := errors.Join(bpf.Uninstall(bpf.Config{}), hostnet.Remove(hostnet.Config{})); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+	})
+	return a, installed
+}
 
 // podOf returns the running, ready pod of app in ns.
 func podOf(t *testing.T, ctx context.Context, tg *realnode.Target, ns, app string) *corev1.Pod {
@@ -94,4 +135,31 @@ func runClientPod(t *testing.T, ctx context.Context, tg *realnode.Target, ns, na
 		t.Fatalf("%s pod %s:\n%s", name, done.Status.Phase, out)
 	}
 	return done
+}
+
+// waitMeshed waits until the running pods of each app in ns are
+// captured and annotated by amber.
+func waitMeshed(t *testing.T, ctx context.Context, c *cluster.Cluster, ns string, apps ...string) {
+	t.Helper()
+	for _, app := range apps {
+		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=" + app})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range pods.Items {
+			waitFor(t, ctx, p.Name+" captured and annotated", func() error {
+				if !captured(t, p.Status.PodIP) {
+					return fmt.Errorf("%s not in the membership map", p.Status.PodIP)
+				}
+				got, err := c.Client.CoreV1().Pods(ns).Get(ctx, p.Name, metav1.GetOptions{})
+				if err != nil {
+					return err
+				}
+				if got.Annotations["ambient.istio.io/redirection"] != "enabled" {
+					return fmt.Errorf("annotations %v", got.Annotations)
+				}
+				return nil
+			})
+		}
+	}
 }

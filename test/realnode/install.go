@@ -110,6 +110,17 @@ func HelmArgs(c *cluster.Cluster, logLevel string) []string {
 	}
 }
 
+// Upgrade runs `helm upgrade` of the release with its values and the
+// --set assignments in set (e.g. "waypoint.enabled=false").
+func (a *Amber) Upgrade(ctx context.Context, set ...string) error {
+	args := []string{"upgrade", Release, filepath.Join("deploy", "helm", "amber"), "--namespace", Namespace, "--reuse-values"}
+	for _, s := range set {
+		args = append(args, "--set", s)
+	}
+	_, err := a.Helm(ctx, args...)
+	return err
+}
+
 func (a *Amber) ensureHelm(ctx context.Context) error {
 	if a.helm != "" {
 		return nil

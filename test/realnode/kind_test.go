@@ -35,7 +35,7 @@ const (
 //
 // The cluster needs Istio's base and istiod charts (ambient profile),
 // amber's chart, and the test images loaded on every node
-// (localhost/amber/{echo,curl}:test, imagePullPolicy Never):
+// (localhost/amber/{echo,curl,bookinfo-*}:test, imagePullPolicy Never):
 // hack/test-kind.sh (make test-kind) sets all that up in kind. KUBECTL
 // names the kubectl binary (default: kubectl from PATH).
 func TestKind(t *testing.T) {

@@ -71,6 +71,10 @@ type Target struct {
 	Manifests string
 	// Nodes reads amber's state on the nodes.
 	Nodes NodeAccess
+	// Istioctl runs the pinned Istio's istioctl against the cluster and
+	// returns its standard output; the error carries its standard error.
+	// Nil: the walkthrough's L7 half (RunL7) cannot run.
+	Istioctl func(ctx context.Context, args ...string) ([]byte, error)
 }
 
 // Apply writes manifest to a file named name in t.Manifests and runs
@@ -140,10 +144,16 @@ func (t *Target) waiting(ctx context.Context, ns, app string) string {
 
 // RunningPod returns the Running, Ready pod of the app label app in ns.
 func (t *Target) RunningPod(ctx context.Context, ns, app string) (*corev1.Pod, error) {
+	return t.RunningPodOf(ctx, ns, "app="+app)
+}
+
+// RunningPodOf returns a Running, Ready pod in ns matching the label
+// selector.
+func (t *Target) RunningPodOf(ctx context.Context, ns, selector string) (*corev1.Pod, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	for {
-		pods, err := t.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=" + app})
+		pods, err := t.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
 		if err == nil {
 			for i := range pods.Items {
 				p := &pods.Items[i]
@@ -154,7 +164,7 @@ func (t *Target) RunningPod(ctx context.Context, ns, app string) (*corev1.Pod, e
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("no running pod of %s/%s: %w", ns, app, ctx.Err())
+			return nil, fmt.Errorf("no running pod %s in %s: %w", selector, ns, ctx.Err())
 		case <-time.After(200 * time.Millisecond):
 		}
 	}

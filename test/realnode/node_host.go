@@ -12,11 +12,11 @@ import (
 	"github.com/amber-mesh/amber/test/cluster"
 )
 
-// HostTarget is the test/cluster node c: kubectl and the clientset are
-// c's, manifests go to <c.Dir>/manifests and the node is read from this
+// HostTarget is the test/cluster node c: kubectl, istioctl and the
+// clientset are c's, manifests go to <c.Dir>/manifests and the node is read from this
 // machine (HostNode).
 func HostTarget(c *cluster.Cluster) *Target {
-	return &Target{Kubectl: c.Kubectl, Client: c.Client, Manifests: filepath.Join(c.Dir, "manifests"), Nodes: HostNode{C: c}}
+	return &Target{Kubectl: c.Kubectl, Client: c.Client, Manifests: filepath.Join(c.Dir, "manifests"), Nodes: HostNode{C: c}, Istioctl: c.Istioctl}
 }
 
 // HostNode reads the test/cluster node from the machine it runs on: the

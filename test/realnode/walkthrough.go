@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -15,12 +17,12 @@ import (
 )
 
 // Walkthrough plays Istio ambient's getting-started on a node where amber
-// is installed: deploy productpage, sleep and notsleep in ns, label the
+// is installed: deploy Bookinfo, sleep and notsleep in ns, label the
 // namespace, reach productpage from both clients through the mesh with
-// mTLS, apply the L4 policy that admits only sleep, and show the node
-// with amberctl and its membership map. Each step prints the command a
-// user would type and what it showed; the first expectation that fails is
-// returned.
+// mTLS (and Bookinfo's own calls behind it), apply the L4 policy that
+// admits only sleep, and show the node with amberctl and its membership
+// map. Each step prints the command a user would type and what it showed;
+// the first expectation that fails is returned.
 //
 // It runs on any Target: the local node (HostTarget, `make demo`) or a
 // cluster reached through its API server (NewKubeTarget, `make
@@ -63,6 +65,37 @@ func (w *Walkthrough) kubectl(ctx context.Context, args ...string) (string, erro
 	return string(out), err
 }
 
+// kubectlHead runs and prints a kubectl command the user would type with
+// `| head -n n` after it: the first n lines of its output. The whole
+// output is returned.
+func (w *Walkthrough) kubectlHead(ctx context.Context, n int, args ...string) (string, error) {
+	w.shell(fmt.Sprintf("kubectl %s | head -n%d", strings.Join(args, " "), n))
+	out, err := w.Target.Kubectl(ctx, args...)
+	lines := strings.SplitAfter(string(out), "\n")
+	w.output(strings.Join(lines[:min(n, len(lines))], ""))
+	if err != nil {
+		w.output(err.Error())
+	}
+	return string(out), err
+}
+
+// kubectlGrep runs and prints a kubectl command the user would type with
+// `| grep pattern` after it: the lines of its output that match. The
+// whole output is returned.
+func (w *Walkthrough) kubectlGrep(ctx context.Context, pattern string, args ...string) (string, error) {
+	w.shell(fmt.Sprintf("kubectl %s | grep %s", strings.Join(args, " "), pattern))
+	out, err := w.Target.Kubectl(ctx, args...)
+	re := regexp.MustCompile(pattern)
+	var match []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if re.MatchString(l) {
+			match = append(match, strings.TrimSpace(l))
+		}
+	}
+	w.output(strings.Join(match, "\n"))
+	return string(out), err
+}
+
 // Run plays the walkthrough.
 func (w *Walkthrough) Run(ctx context.Context) error {
 	t := w.Target
@@ -80,22 +113,27 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 		return err
 	}
 
-	w.step("Deploy productpage, sleep and notsleep (each with its own service account)")
-	manifest := filepath.Join(t.Manifests, "bookinfo-"+ns+".yaml")
-	w.shell("kubectl apply -f " + manifest)
-	if err := t.Apply(ctx, filepath.Base(manifest), WorkloadsYAML(ns)); err != nil {
-		return err
+	w.step("Deploy Bookinfo, sleep and notsleep (each service with its own service account)")
+	for _, m := range []struct{ file, yaml string }{
+		{"bookinfo-" + ns + ".yaml", BookinfoYAML(ns)},
+		{"sleep-" + ns + ".yaml", SleepYAML(ns)},
+	} {
+		w.shell("kubectl apply -f " + filepath.Join(t.Manifests, m.file))
+		if err := t.Apply(ctx, m.file, m.yaml); err != nil {
+			return err
+		}
 	}
-	if err := t.WaitRollout(ctx, ns, Productpage, Sleep, NotSleep); err != nil {
+	if err := t.WaitRollout(ctx, ns, append(slices.Clone(BookinfoDeployments), Sleep, NotSleep)...); err != nil {
 		return err
 	}
 	if _, err := w.kubectl(ctx, nsArgs("get", "pods", "-o", "wide")...); err != nil {
 		return err
 	}
-	url := fmt.Sprintf("http://%s:%d/", Productpage, images.EchoPort)
+	host := BookinfoProductpage
 	if ns != "default" {
-		url = fmt.Sprintf("http://%s.%s:%d/", Productpage, ns, images.EchoPort)
+		host += "." + ns
 	}
+	url := fmt.Sprintf("http://%s:%d/", host, images.BookinfoPort)
 	// The Service's endpoints reach kube-proxy a moment after the pods
 	// are Ready.
 	if err := Retry(ctx, 30*time.Second, func() error {
@@ -132,7 +170,7 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 
 	w.step("Reach productpage from sleep and notsleep, through the mesh")
 	sleepID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, Sleep)
-	ppID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, Productpage)
+	ppID := fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/bookinfo-%s", ns, BookinfoProductpage)
 	for _, app := range []string{Sleep, NotSleep} {
 		// Until istiod has seen the agent's annotation it describes the
 		// pods without HBONE; the ztunnel then passes traffic through.
@@ -153,9 +191,18 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 		}); err != nil {
 			return err
 		}
-		if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)...); err != nil {
+		if _, err := w.kubectlHead(ctx, 1, nsArgs("exec", "deploy/"+app, "--", "curl", "-timeout=5s", url)...); err != nil {
 			return err
 		}
+	}
+	// The page calls details and reviews, reviews v2 and v3 call
+	// ratings: every hop is in the mesh too.
+	out, err := w.kubectlGrep(ctx, "reviews-v.-", nsArgs("exec", "deploy/"+Sleep, "--", "curl", "-timeout=10s", url+"productpage")...)
+	if err != nil {
+		return err
+	}
+	if pods, _ := ReviewsPods(out); len(pods) != 1 || pods[0] == "" {
+		return fmt.Errorf("productpage's page names no reviews pod:\n%s", out)
 	}
 	cmds, err := t.Nodes.Commands(ctx, ppNode)
 	if err != nil {
@@ -190,10 +237,10 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 	}); err != nil {
 		return fmt.Errorf("policy not enforced: %w", err)
 	}
-	if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+Sleep, "--", "curl", "-timeout=5s", url)...); err != nil {
+	if _, err := w.kubectlHead(ctx, 1, nsArgs("exec", "deploy/"+Sleep, "--", "curl", "-timeout=5s", url)...); err != nil {
 		return fmt.Errorf("sleep refused under the policy: %w", err)
 	}
-	if _, err := w.kubectl(ctx, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); !ClientFailed(err) {
+	if _, err := w.kubectlHead(ctx, 1, nsArgs("exec", "deploy/"+NotSleep, "--", "curl", "-timeout=5s", url)...); !ClientFailed(err) {
 		return fmt.Errorf("notsleep not refused under the policy (%v)", err)
 	}
 	// Either end may log the refusal: read every node's ztunnel.
@@ -228,7 +275,7 @@ func (w *Walkthrough) Run(ctx context.Context) error {
 
 	w.step("Look at the node: amberctl and the membership map")
 	w.shell(cmds.Amberctl)
-	out, err := t.Nodes.Amberctl(ctx, ppNode)
+	out, err = t.Nodes.Amberctl(ctx, ppNode)
 	w.output(out)
 	if err != nil {
 		return err

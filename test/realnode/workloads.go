@@ -24,37 +24,8 @@ const (
 // in namespace ns.
 func WorkloadsYAML(ns string) string {
 	var b strings.Builder
-	for _, w := range []struct {
-		name, image string
-		args        string
-	}{
-		{Productpage, images.Echo.Ref, "[]"},
-		{Sleep, images.Curl.Ref, `["-sleep"]`},
-		{NotSleep, images.Curl.Ref, `["-sleep"]`},
-	} {
-		fmt.Fprintf(&b, `apiVersion: v1
-kind: ServiceAccount
-metadata: {name: %[1]s, namespace: %[2]s}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: %[1]s, namespace: %[2]s, labels: {app: %[1]s}}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: %[1]s}}
-  template:
-    metadata: {labels: {app: %[1]s}}
-    spec:
-      serviceAccountName: %[1]s
-      terminationGracePeriodSeconds: 1
-      containers:
-        - name: %[1]s
-          image: %[3]s
-          imagePullPolicy: Never
-          args: %[4]s
----
-`, w.name, ns, w.image, w.args)
-	}
+	b.WriteString(appYAML(ns, workload{Name: Productpage, Image: images.Echo.Ref}))
+	b.WriteString(SleepYAML(ns))
 	fmt.Fprintf(&b, `apiVersion: v1
 kind: Service
 metadata: {name: %[1]s, namespace: %[2]s, labels: {app: %[1]s}}
@@ -63,6 +34,20 @@ spec:
   ports: [{name: http, port: %[3]d, targetPort: %[3]d}]
 `, Productpage, ns, images.EchoPort)
 	return b.String()
+}
+
+// SleepYAML returns the manifests of sleep and notsleep in namespace ns:
+// Istio's samples/sleep and its notsleep copy, from the local curl image.
+func SleepYAML(ns string) string {
+	return appYAML(ns, workload{Name: Sleep, Image: images.Curl.Ref, Args: []string{"-sleep"}}) +
+		appYAML(ns, workload{Name: NotSleep, Image: images.Curl.Ref, Args: []string{"-sleep"}})
+}
+
+// appYAML returns a service account named w.Name and w's Deployment, its
+// app label and account w.Name too.
+func appYAML(ns string, w workload) string {
+	w.App, w.ServiceAccount = w.Name, w.Name
+	return fmt.Sprintf("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: %s, namespace: %s}\n---\n", w.Name, ns) + w.yaml(ns)
 }
 
 // L4PolicyYAML is the getting-started's L4 AuthorizationPolicy: only
@@ -112,4 +97,65 @@ func podReady(p *corev1.Pod) bool {
 		}
 	}
 	return false
+}
+
+// L7PolicyYAML is the walkthrough's L7 policy in the form istiod accepts
+// today: the same name as L4PolicyYAML's, so that it replaces it (the
+// destination's ztunnel would otherwise see the waypoint's identity and
+// deny), attached to the productpage Service with targetRefs (a waypoint
+// ignores selector policies), and sleep's identity allowed GET only.
+func L7PolicyYAML(ns string) string {
+	return fmt.Sprintf(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: productpage-viewer, namespace: %[1]s}
+spec:
+  targetRefs: [{kind: Service, group: "", name: %[2]s}]
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/%[1]s/sa/%[3]s"]}}]
+      to: [{operation: {methods: ["GET"]}}]
+`, ns, BookinfoProductpage, Sleep)
+}
+
+// ReviewsVirtualServiceYAML is the 2022 walkthrough's traffic split:
+// destination-rule-reviews.yaml (subsets v1, v2 by the version label,
+// RANDOM) and virtual-service-reviews-90-10.yaml.
+func ReviewsVirtualServiceYAML(ns string) string {
+	return fmt.Sprintf(`apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: %[2]s, namespace: %[1]s}
+spec:
+  host: %[2]s
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: %[2]s, namespace: %[1]s}
+spec:
+  hosts: [%[2]s]
+  http:
+    - route:
+        - {destination: {host: %[2]s, subset: v1}, weight: 90}
+        - {destination: {host: %[2]s, subset: v2}, weight: 10}
+`, ns, BookinfoReviews)
+}
+
+// ReviewsHTTPRouteYAML is the traffic split in its current form
+// (route-reviews-90-10.yaml): an HTTPRoute whose parent is the reviews
+// Service (GAMMA), to the Services reviews-v1 90 and reviews-v2 10
+// (BookinfoVersionsYAML).
+func ReviewsHTTPRouteYAML(ns string) string {
+	return fmt.Sprintf(`apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: %[2]s, namespace: %[1]s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: %[2]s, port: %[3]d}]
+  rules:
+    - backendRefs:
+        - {name: %[2]s-v1, port: %[3]d, weight: 90}
+        - {name: %[2]s-v2, port: %[3]d, weight: 10}
+`, ns, BookinfoReviews, images.BookinfoPort)
 }

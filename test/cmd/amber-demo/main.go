@@ -1,10 +1,13 @@
 // Command amber-demo plays Istio ambient's getting-started walkthrough on
 // one machine with amber in place of Istio's node components: a real
 // Kubernetes node (test/cluster) with istiod, amber installed with its
-// Helm chart, then productpage, sleep and notsleep, `kubectl label
+// Helm chart, then Istio's Bookinfo, sleep and notsleep, `kubectl label
 // namespace default istio.io/dataplane-mode=ambient`, mTLS between them,
 // an L4 AuthorizationPolicy, and a look at the node with amberctl and
-// bpftool (test/realnode.Walkthrough). It prints each step with the
+// bpftool (test/realnode.Walkthrough.Run); then the L7 half: `istioctl
+// waypoint apply` with istiod running amber-waypoint, the L7 policy,
+// istio_requests_total, reviews split 90/10 in both forms, clean-up
+// (Walkthrough.RunL7). It prints each step with the
 // command a user would type and what it showed, tears everything down,
 // and exits non-zero when an expectation fails.
 //
@@ -100,7 +103,7 @@ func run(ctx context.Context, keep bool) (err error) {
 	if err := w.Run(ctx); err != nil {
 		return err
 	}
-	return nil
+	return w.RunL7(ctx)
 }
 
 func indent(s string) string {

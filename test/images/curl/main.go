@@ -1,6 +1,7 @@
-// Command curl is the local cluster's test client: curl [-retry N]
-// [-timeout D] URL... GETs each URL, prints the status line and body, and
-// exits 1 when a request fails or answers a status of 400 or more. No
+// Command curl is the local cluster's test client: curl [-X METHOD]
+// [-retry N] [-timeout D] URL... sends each URL a request (GET unless -X
+// names another method, as curl's -X), prints the status line and body,
+// and exits 1 when a request fails or answers a status of 400 or more. No
 // shell is needed in its image. curl -sleep waits for SIGTERM: the
 // container of a client Deployment (Istio's "sleep") that
 // `kubectl exec deploy/sleep -- curl URL` runs in.
@@ -27,6 +28,7 @@ import (
 )
 
 func main() {
+	method := flag.String("X", http.MethodGet, "request method")
 	retry := flag.Int("retry", 0, "retries per URL after a failure, one second apart")
 	timeout := flag.Duration("timeout", 5*time.Second, "timeout of each request")
 	sleep := flag.Bool("sleep", false, "wait for SIGTERM or SIGINT, then exit 0")
@@ -48,7 +50,7 @@ func main() {
 		return
 	}
 	if flag.NArg() == 0 {
-		fmt.Fprintln(os.Stderr, "usage: curl [-retry N] [-timeout D] URL...")
+		fmt.Fprintln(os.Stderr, "usage: curl [-X METHOD] [-retry N] [-timeout D] URL...")
 		os.Exit(2)
 	}
 	// MPTCP off, as the echo server: captured connections must be TCP.
@@ -65,7 +67,7 @@ func main() {
 			if try > 0 {
 				time.Sleep(time.Second)
 			}
-			if err = get(c, url); err == nil {
+			if err = do(c, *method, url); err == nil {
 				break
 			}
 			fmt.Fprintf(os.Stderr, "curl: %v\n", err)
@@ -77,8 +79,8 @@ func main() {
 	}
 }
 
-func get(c *http.Client, url string) error {
-	req, err := http.NewRequestWithContext(context.Background(), http.MethodGet, url, nil)
+func do(c *http.Client, method, url string) error {
+	req, err := http.NewRequestWithContext(context.Background(), method, url, nil)
 	if err != nil {
 		return err
 	}
@@ -89,10 +91,10 @@ func get(c *http.Client, url string) error {
 	defer resp.Body.Close()
 	fmt.Printf("%s %s\n", resp.Proto, resp.Status)
 	if _, err := io.Copy(os.Stdout, resp.Body); err != nil {
-		return fmt.Errorf("GET %s: read body: %w", url, err)
+		return fmt.Errorf("%s %s: read body: %w", method, url, err)
 	}
 	if resp.StatusCode >= 400 {
-		return fmt.Errorf("GET %s: %s", url, resp.Status)
+		return fmt.Errorf("%s %s: %s", method, url, resp.Status)
 	}
 	return nil
 }
