@@ -256,9 +256,10 @@ func newTraceparent() string {
 
 // dialHBONE opens the mutual-TLS connection under an HBONE pool entry:
 // the source workload's certificate, the destination's identity required
-// of the peer. A destination pod on this node is reached in process (see
+// of the peer. A captured pod on this node is reached in process (see
 // dialLocal): the node cannot route to its own pods' :15008 through the
-// capture.
+// capture. Any other pod on this node serves its own :15008 (a waypoint)
+// and is dialled like a remote one.
 func (p *Proxy) dialHBONE(ctx context.Context, key hbone.Key) (net.Conn, error) {
 	src, err := identity.Parse(key.Src)
 	if err != nil {
@@ -269,7 +270,7 @@ func (p *Proxy) dialHBONE(ctx context.Context, key hbone.Key) (net.Conn, error) 
 		return nil, fmt.Errorf("hbone dial: destination: %w", err)
 	}
 	var nc net.Conn
-	if key.Addr.Port() == p.cfg.HBONEPort && p.localWorkload(p.cfg.Store.Load(), key.Addr.Addr()) != nil {
+	if key.Addr.Port() == p.cfg.HBONEPort && p.capturedWorkload(p.cfg.Store.Load(), key.Addr.Addr()) != nil {
 		nc, err = p.dialLocal(key.Addr)
 	} else {
 		nc, err = p.cfg.Sockets.Dial(ctx, key.Addr, netip.Addr{})
