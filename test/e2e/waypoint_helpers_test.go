@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -26,6 +25,7 @@ import (
 	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/istiodbed"
 	"github.com/amber-mesh/amber/test/meshbed"
+	"github.com/amber-mesh/amber/test/promtext"
 	"github.com/amber-mesh/amber/test/testbed"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/identity"
@@ -152,84 +152,18 @@ func (h *podHTTP) connections() int {
 	return h.dials
 }
 
-// series is one sample of a Prometheus text exposition.
-type series struct {
-	labels map[string]string
-	value  float64
-}
-
 // scrape returns the samples of family name on a process's metrics port.
-func scrape(tb testing.TB, p *meshbed.Process, name string) []series {
+func scrape(tb testing.TB, p *meshbed.Process, name string) []promtext.Sample {
 	tb.Helper()
 	code, body, err := p.Get(15020, "/stats/prometheus")
 	if err != nil || code != http.StatusOK {
 		tb.Fatalf("scrape: %d %v", code, err)
 	}
-	var out []series
-	sc := bufio.NewScanner(strings.NewReader(body))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		rest, ok := strings.CutPrefix(line, name+"{")
-		if !ok {
-			continue
-		}
-		end := strings.LastIndex(rest, "} ")
-		if end < 0 {
-			tb.Fatalf("unreadable sample %q", line)
-		}
-		s := series{labels: map[string]string{}}
-		// Label values are Go-quoted strings; split on `",` boundaries.
-		for _, kv := range splitLabels(rest[:end]) {
-			k, v, _ := strings.Cut(kv, "=")
-			var uq string
-			if err := json.Unmarshal([]byte(v), &uq); err != nil {
-				tb.Fatalf("label %q of %q: %v", kv, line, err)
-			}
-			s.labels[k] = uq
-		}
-		fmt.Sscanf(rest[end+2:], "%g", &s.value)
-		out = append(out, s)
+	ss, err := promtext.Parse(strings.NewReader(body), name)
+	if err != nil {
+		tb.Fatal(err)
 	}
-	return out
-}
-
-// splitLabels splits `a="x",b="y,z"` into its pairs.
-func splitLabels(s string) []string {
-	var out []string
-	inQuote, start := false, 0
-	for i := 0; i < len(s); i++ {
-		switch s[i] {
-		case '\\':
-			i++
-		case '"':
-			inQuote = !inQuote
-		case ',':
-			if !inQuote {
-				out = append(out, s[start:i])
-				start = i + 1
-			}
-		}
-	}
-	if start < len(s) {
-		out = append(out, s[start:])
-	}
-	return out
-}
-
-// sum adds the samples whose labels include every one of want.
-func sum(ss []series, want map[string]string) float64 {
-	total := 0.0
-outer:
-	for _, s := range ss {
-		for k, v := range want {
-			if s.labels[k] != v {
-				continue outer
-			}
-		}
-		total += s.value
-	}
-	return total
+	return ss
 }
 
 // serviceWaypoint returns the waypoint the ztunnel's configuration names

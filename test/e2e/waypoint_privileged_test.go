@@ -21,6 +21,7 @@ import (
 	"github.com/amber-mesh/amber/test/istiodbed"
 	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/proc"
+	"github.com/amber-mesh/amber/test/promtext"
 )
 
 const reviewsHost = "reviews.default.svc.cluster.local"
@@ -230,10 +231,10 @@ func TestPrivilegedWaypoint(t *testing.T) {
 		} {
 			found := false
 			for _, s := range ss {
-				if equalLabels(s.labels, c.labels) {
+				if equalLabels(s.Labels, c.labels) {
 					found = true
-					if int(s.value) != c.want {
-						t.Errorf("istio_requests_total%v = %v, want %d", c.labels, s.value, c.want)
+					if int(s.Value) != c.want {
+						t.Errorf("istio_requests_total%v = %v, want %d", c.labels, s.Value, c.want)
 					}
 				}
 			}
@@ -276,7 +277,7 @@ func TestPrivilegedWaypoint(t *testing.T) {
 			t.Errorf("the TCP echo saw %s, want the waypoint's %s", got, wpPod.Pod.IPv4)
 		}
 		testutil.Eventually(t, "the waypoint's TCP metrics", func() bool {
-			return sum(scrape(t, wp.Process, "istio_tcp_connections_closed_total"), map[string]string{
+			return promtext.Sum(scrape(t, wp.Process, "istio_tcp_connections_closed_total"), map[string]string{
 				"reporter": "waypoint", "destination_service": "reviews-tcp.default.svc.cluster.local",
 				"source_principal": sleepID, "request_protocol": "tcp",
 			}) >= 1
@@ -322,7 +323,7 @@ func TestPrivilegedWaypoint(t *testing.T) {
 			t.Fatal(err)
 		}
 		testutil.EventuallyNil(t, "the waypoint to see istiod gone", func() error {
-			if v := sum(scrape(t, wp.Process, "amber_xds_events_total"), map[string]string{"event": "disconnects"}); v < 1 {
+			if v := promtext.Sum(scrape(t, wp.Process, "amber_xds_events_total"), map[string]string{"event": "disconnects"}); v < 1 {
 				return fmt.Errorf("disconnects %v", v)
 			}
 			return nil
@@ -393,10 +394,10 @@ func equalLabels(a, b map[string]string) bool {
 	return true
 }
 
-func seriesText(ss []series) string {
+func seriesText(ss []promtext.Sample) string {
 	var b strings.Builder
 	for _, s := range ss {
-		fmt.Fprintf(&b, "  %v %v\n", s.labels, s.value)
+		fmt.Fprintf(&b, "  %v %v\n", s.Labels, s.Value)
 	}
 	return b.String()
 }
