@@ -147,10 +147,10 @@ type Process struct {
 	exited chan error
 }
 
-// startProcess starts cmd, whose output goes to log, and waits up to
+// StartProcess starts cmd, whose output goes to log, and waits up to
 // timeout until it answers /healthz/ready on port 15021 of addr, dialled
 // with dial.
-func startProcess(name string, cmd *exec.Cmd, log io.Writer, addr netip.Addr, dial func(ctx context.Context, network, address string) (net.Conn, error), timeout time.Duration) (*Process, error) {
+func StartProcess(name string, cmd *exec.Cmd, log io.Writer, addr netip.Addr, dial func(ctx context.Context, network, address string) (net.Conn, error), timeout time.Duration) (*Process, error) {
 	p := &Process{Cmd: cmd, name: name, addr: addr, exited: make(chan error, 1)}
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -333,7 +333,7 @@ func StartZtunnel(nd *Node, bin, meshFile, caDir string, log io.Writer, args ...
 // startZtunnel runs bin with args in nd's namespace and waits up to
 // timeout for /healthz/ready.
 func startZtunnel(nd *Node, bin string, log io.Writer, timeout time.Duration, args []string) (*Ztunnel, error) {
-	p, err := startProcess("ztunnel on "+nd.Name, nd.Command(context.Background(), bin, args...), log, nd.IPv4, nd.Dial, timeout)
+	p, err := StartProcess("ztunnel on "+nd.Name, nd.Command(context.Background(), bin, args...), log, nd.IPv4, nd.Dial, timeout)
 	if err != nil {
 		return nil, err
 	}

@@ -83,7 +83,7 @@ func StartWaypoint(bin string, wp WaypointPod, log io.Writer) (*Waypoint, error)
 	}
 	cmd := wp.Pod.Command(context.Background(), "nsenter", append([]string{"--root=" + root, "--wd=/", "--", "/amber-waypoint"}, waypointArgs(wp)...)...)
 	cmd.Env = waypointEnv(wp)
-	if w.Process, err = startProcess("waypoint "+wp.Name, cmd, log, wp.Pod.IPv4, wp.Pod.Dial, istiodReadyTimeout); err != nil {
+	if w.Process, err = StartProcess("waypoint "+wp.Name, cmd, log, wp.Pod.IPv4, wp.Pod.Dial, istiodReadyTimeout); err != nil {
 		return nil, errors.Join(err, w.Close())
 	}
 	return w, nil
