@@ -11,11 +11,13 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -75,6 +77,10 @@ func waypointBench(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	// SIGINT or SIGTERM ends the run between two measurements, through the
+	// same cleanups as an error: no process, pin or namespace is left.
+	ctx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stopSignals()
 	tmp, err := os.MkdirTemp("", "amber-bench-")
 	if err != nil {
 		return err
@@ -94,6 +100,9 @@ func waypointBench(args []string) error {
 		res := map[string]*result{}
 		for r := range *rounds {
 			for _, m := range waypointModes {
+				if err := ctx.Err(); err != nil {
+					return fmt.Errorf("interrupted: %w", err)
+				}
 				p := b.paths[m]
 				rps, err := maxRate(p.client, p.url, *conns, *dur)
 				if err != nil {
