@@ -62,8 +62,12 @@ bench-datapath: deps ## capture vs nftables TPROXY vs direct, as ratios (testbed
 bench-tunnel: deps ## amber HBONE tunnel vs plain, copying and AES-GCM proxy pairs, HAProxy's mTLS pair and Istio's Go HBONE pair, vs direct: throughput, latency, conn/s, CPU, memory (testbed; BENCH_ARGS="-profile DIR" adds profiles)
 	$(GO) run ./test/cmd/amber-bench tunnel -rounds 5 $(BENCH_ARGS)
 
+.PHONY: bench-waypoint
+bench-waypoint: deps ## HTTP/1.1 1 KiB requests through amber-ztunnel + amber-waypoint vs a plain httputil.ReverseProxy, ztunnel only and direct: req/s, p50/p99, waypoint CPU and RSS (testbed + istiod; BENCH_ARGS adds flags, e.g. -rounds 5)
+	$(GO) run ./test/cmd/amber-bench waypoint -rounds 3 $(BENCH_ARGS)
+
 .PHONY: bench
-bench: bench-datapath bench-tunnel bench-agent ## every benchmark, each printing ratios against a baseline from the same run
+bench: bench-datapath bench-tunnel bench-waypoint bench-agent ## every benchmark, each printing ratios against a baseline from the same run
 
 .PHONY: bench-agent
 bench-agent: deps ## label → capture latency p50/p99 over 250 pods, agent CPU and RSS under churn (real API server + testbed)

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/test/meshbed"
+	"github.com/amber-mesh/amber/test/promtext"
 	"github.com/amber-mesh/amber/test/testbed"
 )
 
@@ -66,35 +66,23 @@ func mustZtunnel(tb testing.TB, nd *meshbed.Node, meshFile, caDir string) *ztunn
 
 func (z *ztunnel) get(port int, path string) (int, string, error) { return z.Get(port, path) }
 
-// metric returns the value of the first sample of name whose labels
-// include every one of want, or -1.
+// metric returns the sum of the samples of name whose labels include
+// every one of want, or -1 when there is none.
 func (z *ztunnel) metric(tb testing.TB, name string, want map[string]string) float64 {
 	tb.Helper()
 	_, body, err := z.get(15020, "/stats/prometheus")
 	if err != nil {
 		tb.Fatal(err)
 	}
+	ss, err := promtext.Parse(strings.NewReader(body), name)
+	if err != nil {
+		tb.Fatal(err)
+	}
 	sum, found := 0.0, false
-	sc := bufio.NewScanner(strings.NewReader(body))
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name+"{") {
-			continue
+	for _, s := range ss {
+		if s.Matches(want) {
+			sum, found = sum+s.Value, true
 		}
-		ok := true
-		for k, v := range want {
-			if !strings.Contains(line, fmt.Sprintf("%s=%q", k, v)) {
-				ok = false
-				break
-			}
-		}
-		if !ok {
-			continue
-		}
-		var val float64
-		fmt.Sscanf(line[strings.LastIndexByte(line, ' ')+1:], "%g", &val)
-		sum += val
-		found = true
 	}
 	if !found {
 		return -1

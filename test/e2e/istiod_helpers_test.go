@@ -149,34 +149,13 @@ func (m *istiodMesh) addPod(t *testing.T, nd *meshbed.Node, name string, enrolle
 	return p
 }
 
-// runningPod creates pod and sets the status a kubelet would report.
+// runningPod creates pod and sets the status a kubelet on nd would
+// report.
 func (m *istiodMesh) runningPod(t *testing.T, ctx context.Context, pod *corev1.Pod, nd *meshbed.Node, ips ...netip.Addr) *corev1.Pod {
 	t.Helper()
-	pods := m.cp.Client.CoreV1().Pods(pod.Namespace)
-	p, err := pods.Create(ctx, pod, metav1.CreateOptions{})
+	p, err := kube.RunningPod(ctx, m.cp.Client, pod, []netip.Addr{nd.IPv4, nd.IPv6}, ips...)
 	if err != nil {
-		t.Fatalf("create pod %s/%s: %v", pod.Namespace, pod.Name, err)
-	}
-	var podIPs []corev1.PodIP
-	for _, ip := range ips {
-		podIPs = append(podIPs, corev1.PodIP{IP: ip.String()})
-	}
-	now := metav1.Now()
-	p.Status = corev1.PodStatus{
-		Phase:     corev1.PodRunning,
-		PodIP:     ips[0].String(),
-		PodIPs:    podIPs,
-		HostIP:    nd.IPv4.String(),
-		HostIPs:   []corev1.HostIP{{IP: nd.IPv4.String()}, {IP: nd.IPv6.String()}},
-		StartTime: &now,
-		Conditions: []corev1.PodCondition{
-			{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
-			{Type: corev1.ContainersReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
-		},
-	}
-	p, err = pods.UpdateStatus(ctx, p, metav1.UpdateOptions{})
-	if err != nil {
-		t.Fatalf("pod %s/%s status: %v", pod.Namespace, pod.Name, err)
+		t.Fatal(err)
 	}
 	return p
 }
@@ -291,16 +270,10 @@ func (m *istiodMesh) stopZtunnels() {
 // kubectlApply applies a manifest.
 func (m *istiodMesh) kubectlApply(t *testing.T, manifest string) {
 	t.Helper()
-	f, err := os.CreateTemp(m.dir, "manifest-*.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.WriteString(manifest)
-	f.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if out, err := m.cp.Kubectl(ctx, "apply", "-f", f.Name()); err != nil {
-		t.Fatalf("%v\n%s", err, out)
+	if err := m.cp.Apply(ctx, manifest); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -24,7 +24,7 @@ import (
 
 	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/internal/testutil"
-	"github.com/amber-mesh/amber/test/buildcache"
+	"github.com/amber-mesh/amber/test/istiod"
 	"github.com/amber-mesh/amber/test/proc"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
@@ -32,26 +32,13 @@ import (
 	"github.com/amber-mesh/amber/tunnel/identity"
 )
 
-const (
-	trustDomain = "cluster.local"
-	binaryName  = "hbone-interop"
-	// binDirEnv is test/istiod's variable: the directory of prebuilt
-	// Istio binaries.
-	binDirEnv = "AMBER_ISTIOD_BIN_DIR"
-)
+const trustDomain = "cluster.local"
 
 // interopBinary returns the path of Istio's hbone-interop, building it
 // with hack/istiod-bin.sh when needed.
 func interopBinary(tb testing.TB) string {
 	tb.Helper()
-	dir := buildcache.Dir(tb, buildcache.Build{
-		What:      "Istio's " + binaryName,
-		Script:    "istiod-bin.sh",
-		Args:      []string{binaryName},
-		BinDirEnv: binDirEnv,
-		Files:     []string{binaryName},
-	})
-	return filepath.Join(dir, binaryName)
+	return istiod.HBONEInterop(tb)
 }
 
 func mustID(tb testing.TB, s string) identity.ID {

@@ -55,6 +55,9 @@ const (
 	GatewayAPICRDFile = "gateway-api-crd.yaml"
 	// IstioctlName is Istioctl's binary, in the same directory.
 	IstioctlName = "istioctl"
+	// HBONEInteropName is Istio's HBONE client and server program, in
+	// the same directory.
+	HBONEInteropName = "hbone-interop"
 	// BinDirEnv names a directory of prebuilt files that Binaries uses
 	// instead of building.
 	BinDirEnv = "AMBER_ISTIOD_BIN_DIR"
@@ -474,6 +477,20 @@ func Istioctl(tb testing.TB) string {
 		BinDirEnv: BinDirEnv,
 		Files:     []string{IstioctlName},
 	}), IstioctlName)
+}
+
+// HBONEInterop returns the pinned Istio's HBONE (pkg/hbone) as a client
+// and server program (tools/hbone-interop), built with
+// hack/istiod-bin.sh like the other binaries, for interoperability tests.
+func HBONEInterop(tb testing.TB) string {
+	tb.Helper()
+	return filepath.Join(buildcache.Dir(tb, buildcache.Build{
+		What:      "Istio's " + HBONEInteropName,
+		Script:    "istiod-bin.sh",
+		Args:      []string{HBONEInteropName},
+		BinDirEnv: BinDirEnv,
+		Files:     []string{HBONEInteropName},
+	}), HBONEInteropName)
 }
 
 // Binaries returns the directory holding pilot-discovery and Istio's CRDs,

@@ -57,58 +57,18 @@ func contains(file string, needles ...string) func(map[string][]byte) error {
 	}
 }
 
-// viewerPolicy is the walkthrough's L7 policy in its current form
-// (istio.io ambient getting-started): attached to the Service, enforced by
-// its waypoint.
-const viewerPolicy = `apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: productpage-viewer
-  namespace: default
-spec:
-  targetRefs:
-  - kind: Service
-    group: ""
-    name: productpage
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals:
-        - cluster.local/ns/default/sa/sleep
-    to:
-    - operation:
-        methods: ["GET"]
-`
-
-// reviewsRoute starts an HTTPRoute for the reviews Service (GAMMA:
-// parentRef to the Service and its port); the scenario adds the rules.
-const reviewsRoute = `apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: reviews
-  namespace: default
-spec:
-  parentRefs:
-  - group: ""
-    kind: Service
-    name: reviews
-    port: 9080
-  rules:
-`
-
 var waypointScenarios = []waypointScenario{
 	{name: "base"},
 	{
 		name:  "authz-productpage-viewer",
-		yaml:  viewerPolicy,
+		yaml:  istiod.ViewerPolicy("productpage", "GET"),
 		shows: contains("lds.json", "ns[default]-policy[productpage-viewer]-rule[0]"),
 	},
 	{
 		// A DENY and an AUDIT beside the ALLOW: istiod's filter order, path
 		// and header matchers, not-values and a when condition.
 		name: "authz-deny-audit",
-		yaml: viewerPolicy + `---
+		yaml: istiod.ViewerPolicy("productpage", "GET") + `---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
@@ -158,58 +118,15 @@ spec:
 	{
 		// The walkthrough's traffic split in its current form (Gateway API,
 		// GAMMA parentRef to the Service).
-		name: "httproute-reviews-90-10",
-		yaml: reviewsRoute + `  - backendRefs:
-    - name: reviews-v1
-      port: 9080
-      weight: 90
-    - name: reviews-v2
-      port: 9080
-      weight: 10
-`,
+		name:  "httproute-reviews-90-10",
+		yaml:  istiod.ReviewsRoute9010,
 		shows: contains("lds.json", "weighted_clusters", "inbound-vip|9080|http|reviews-v2.default.svc.cluster.local"),
 	},
 	{
 		// The 2022 walkthrough's form: virtual-service-reviews-90-10.yaml and
 		// destination-rule-reviews.yaml (subsets by label, RANDOM).
 		name: "virtualservice-reviews-90-10",
-		yaml: `apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: reviews
-  namespace: default
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer:
-      simple: RANDOM
-  subsets:
-  - name: v1
-    labels:
-      version: v1
-  - name: v2
-    labels:
-      version: v2
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: reviews
-  namespace: default
-spec:
-  hosts:
-  - reviews
-  http:
-  - route:
-    - destination:
-        host: reviews
-        subset: v1
-      weight: 90
-    - destination:
-        host: reviews
-        subset: v2
-      weight: 10
-`,
+		yaml: istiod.ReviewsVirtualService9010,
 		shows: func(files map[string][]byte) error {
 			if err := contains("lds.json", "inbound-vip|9080|http/v2|reviews.default.svc.cluster.local")(files); err != nil {
 				return err
@@ -220,7 +137,7 @@ spec:
 	{
 		// Istio's request-routing task: end-user jason goes to v2.
 		name: "httproute-header-match",
-		yaml: reviewsRoute + `  - matches:
+		yaml: istiod.ReviewsRoute + `  - matches:
     - headers:
       - name: end-user
         value: jason

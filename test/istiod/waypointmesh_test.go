@@ -7,15 +7,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/amber-mesh/amber/test/istiod"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/waypoint/node"
 )
@@ -62,23 +61,10 @@ var (
 		{"ratings", "10.96.10.5", map[string]string{"app": "ratings"}, 9080},
 		{"details", "10.96.10.6", map[string]string{"app": "details"}, 9080},
 	}
-	// waypointLabels are the pod labels istiod's waypoint template
-	// renders (manifests/charts/istio-control/istio-discovery/files/waypoint.yaml).
-	waypointLabels = map[string]string{
-		"sidecar.istio.io/inject":                      "false",
-		"istio.io/dataplane-mode":                      "none",
-		"service.istio.io/canonical-name":              waypointName,
-		"service.istio.io/canonical-revision":          "latest",
-		node.GatewayNameLabel:                          waypointName,
-		"gateway.networking.k8s.io/gateway-class-name": "istio-waypoint",
-		"gateway.istio.io/managed":                     "istio.io-mesh-controller",
-	}
-	waypointAnnotations = map[string]string{
-		"istio.io/rev":         "default",
-		"prometheus.io/path":   "/stats/prometheus",
-		"prometheus.io/port":   "15020",
-		"prometheus.io/scrape": "true",
-	}
+	// waypointLabels and waypointAnnotations are what istiod's waypoint
+	// template renders for the pod.
+	waypointLabels      = istiod.WaypointLabels(waypointName)
+	waypointAnnotations = istiod.WaypointAnnotations()
 )
 
 // waypointNode is the waypoint pod as pilot-agent would describe it.
@@ -95,22 +81,9 @@ func waypointNode() node.Node {
 	}
 }
 
-// gatewayYAML is what `istioctl waypoint apply --enroll-namespace` applies
-// (istioctl/pkg/waypoint/waypoint.go), the namespace label aside.
-const gatewayYAML = `apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: waypoint
-  namespace: default
-  labels:
-    istio.io/waypoint-for: service
-spec:
-  gatewayClassName: istio-waypoint
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
-`
+// gatewayYAML is what `istioctl waypoint apply --enroll-namespace` applies,
+// the namespace label aside.
+var gatewayYAML = istiod.GatewayYAML(meshNS, waypointName)
 
 // setupWaypointMesh creates the walkthrough's objects and returns the
 // waypoint pod. istiod's deployment controller cannot render the waypoint
@@ -159,10 +132,7 @@ func setupWaypointMesh(t *testing.T, ctx context.Context, cp *kube.ControlPlane)
 		ObjectMeta: metav1.ObjectMeta{Name: waypointPod, Namespace: meshNS, Labels: waypointLabels, Annotations: waypointAnnotations},
 		Spec: corev1.PodSpec{
 			NodeName: nodeName, ServiceAccountName: waypointName,
-			Containers: []corev1.Container{{Name: "istio-proxy", Image: "amber-waypoint", Ports: []corev1.ContainerPort{
-				{Name: "metrics", ContainerPort: 15020, Protocol: corev1.ProtocolTCP},
-				{Name: "status-port", ContainerPort: 15021, Protocol: corev1.ProtocolTCP},
-			}}},
+			Containers: []corev1.Container{istiod.WaypointContainerSpec("amber-waypoint")},
 		},
 	}, waypointIP)
 
@@ -181,31 +151,9 @@ func setupWaypointMesh(t *testing.T, ctx context.Context, cp *kube.ControlPlane)
 			},
 		}, backends)
 	}
-	hbone := "istio.io/hbone"
-	// The Service as the deployment controller applies it: the template's
-	// labels and annotation, and the managed-by label its apply adds to
-	// every object (gatewaycommon/deploymentcontroller.go apply), which
-	// keeps the namespace's use-waypoint label from binding the waypoint
-	// to itself (ambient/waypoints.go fetchWaypointForService).
-	createService(t, ctx, cp, &corev1.Service{
-		ObjectMeta: metav1.ObjectMeta{
-			Name: waypointName, Namespace: meshNS,
-			Labels: map[string]string{
-				node.GatewayNameLabel: waypointName, "gateway.networking.k8s.io/gateway-class-name": "istio-waypoint",
-				"gateway.istio.io/managed": "istio.io-mesh-controller",
-				"istio.io/waypoint-for":    "service",
-			},
-			Annotations: map[string]string{"networking.istio.io/traffic-distribution": "PreferClose"},
-		},
-		Spec: corev1.ServiceSpec{
-			ClusterIP: waypointVIP,
-			Selector:  map[string]string{node.GatewayNameLabel: waypointName},
-			Ports: []corev1.ServicePort{
-				{Name: "status-port", Port: 15021, TargetPort: intstr.FromInt32(15021), Protocol: corev1.ProtocolTCP},
-				{Name: "mesh", Port: 15008, TargetPort: intstr.FromInt32(15008), Protocol: corev1.ProtocolTCP, AppProtocol: &hbone},
-			},
-		},
-	}, []*corev1.Pod{wp})
+	svc := istiod.WaypointService(meshNS, waypointName)
+	svc.Spec.ClusterIP = waypointVIP
+	createService(t, ctx, cp, svc, []*corev1.Pod{wp})
 
 	applyYAML(t, ctx, cp, "gateway", gatewayYAML)
 	return wp
@@ -224,44 +172,15 @@ func selects(selector, labels map[string]string) bool {
 // controller would derive from its ready backends.
 func createService(t *testing.T, ctx context.Context, cp *kube.ControlPlane, svc *corev1.Service, backends []*corev1.Pod) {
 	t.Helper()
-	s, err := cp.Client.CoreV1().Services(svc.Namespace).Create(ctx, svc, metav1.CreateOptions{})
-	must(t, err)
-	slice := &discoveryv1.EndpointSlice{
-		ObjectMeta: metav1.ObjectMeta{
-			Name: s.Name + "-abcde", Namespace: s.Namespace,
-			Labels: map[string]string{
-				discoveryv1.LabelServiceName: s.Name,
-				discoveryv1.LabelManagedBy:   "endpointslice-controller.k8s.io",
-			},
-			OwnerReferences: []metav1.OwnerReference{{APIVersion: "v1", Kind: "Service", Name: s.Name, UID: s.UID}},
-		},
-		AddressType: discoveryv1.AddressTypeIPv4,
-	}
-	for _, p := range s.Spec.Ports {
-		port, proto := p.TargetPort.IntVal, p.Protocol
-		slice.Ports = append(slice.Ports, discoveryv1.EndpointPort{Name: &p.Name, Port: &port, Protocol: &proto, AppProtocol: p.AppProtocol})
-	}
-	ready := true
-	for _, b := range backends {
-		nodeName := b.Spec.NodeName
-		slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{
-			Addresses:  []string{b.Status.PodIP},
-			Conditions: discoveryv1.EndpointConditions{Ready: &ready, Serving: &ready},
-			NodeName:   &nodeName,
-			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: b.Namespace, Name: b.Name, UID: b.UID},
-		})
-	}
-	_, err = cp.Client.DiscoveryV1().EndpointSlices(s.Namespace).Create(ctx, slice, metav1.CreateOptions{})
+	_, err := kube.CreateService(ctx, cp.Client, svc, backends)
 	must(t, err)
 }
 
 // applyYAML applies manifest with kubectl.
 func applyYAML(t *testing.T, ctx context.Context, cp *kube.ControlPlane, name, manifest string) {
 	t.Helper()
-	f := filepath.Join(t.TempDir(), name+".yaml")
-	must(t, os.WriteFile(f, []byte(manifest), 0o644))
-	if out, err := cp.Kubectl(ctx, "apply", "-f", f); err != nil {
-		t.Fatalf("kubectl apply %s: %v\n%s", name, err, out)
+	if err := cp.Apply(ctx, manifest); err != nil {
+		t.Fatalf("apply %s: %v", name, err)
 	}
 }
 
@@ -275,25 +194,13 @@ func deleteYAML(t *testing.T, ctx context.Context, cp *kube.ControlPlane, name, 
 	}
 }
 
-// waitGatewayAddress waits until istiod's gateway status controller has
-// given the waypoint's Gateway an address: only then does istiod publish
-// it as a waypoint (ambient/waypoints.go gatewayToWaypointTransform), and
-// it writes one only once the waypoint's Service has ready endpoints on
-// every listener port (gatewaycommon/context.go ResolveGatewayInstances).
+// waitGatewayAddress waits until istiod has given the waypoint's
+// Gateway an address.
 func waitGatewayAddress(t *testing.T, ctx context.Context, cp *kube.ControlPlane) string {
 	t.Helper()
-	var addrs string
-	err := poll(ctx, time.Minute, func() error {
-		out, err := cp.Kubectl(ctx, "get", "gateway", "-n", meshNS, waypointName, "-o", "jsonpath={.status.addresses[*].value}")
-		if err != nil {
-			return fmt.Errorf("kubectl get gateway: %v: %s", err, out)
-		}
-		if addrs = strings.TrimSpace(string(out)); addrs == "" {
-			status, _ := cp.Kubectl(ctx, "get", "gateway", "-n", meshNS, waypointName, "-o", "jsonpath={.status}")
-			return fmt.Errorf("gateway %s/%s has no status address yet; status: %s", meshNS, waypointName, status)
-		}
-		return nil
-	})
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	addrs, err := istiod.WaitGatewayAddress(ctx, cp, meshNS, waypointName)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/amber-mesh/amber/test/istiod"
 	"github.com/amber-mesh/amber/test/kube"
+	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/waypoint"
 	"github.com/amber-mesh/amber/waypoint/contract"
 	"github.com/amber-mesh/amber/waypoint/node"
@@ -67,8 +67,8 @@ func TestIntegrationWaypointTemplate(t *testing.T) {
 	must(t, err)
 	writeFile(t, root, contract.TokenFile, token)
 	writeFile(t, root, contract.RootCertFile, string(d.RootPEM))
-	writeFile(t, root, contract.LabelsFile, downwardAPI(pod.Labels))
-	writeFile(t, root, contract.AnnotationsFile, downwardAPI(pod.Annotations))
+	writeFile(t, root, contract.LabelsFile, meshbed.DownwardAPI(pod.Labels))
+	writeFile(t, root, contract.AnnotationsFile, meshbed.DownwardAPI(pod.Annotations))
 	ctr := pod.Spec.Containers[0]
 	env := containerEnv(t, pod, ctr)
 	args := expand(ctr.Args, env)
@@ -159,24 +159,6 @@ func writeFile(t *testing.T, root, path, content string) {
 	p := filepath.Join(root, path)
 	must(t, os.MkdirAll(filepath.Dir(p), 0o755))
 	must(t, os.WriteFile(p, []byte(content), 0o600))
-}
-
-// downwardAPI renders labels or annotations as the kubelet writes a
-// downward-API file: key="Go-quoted value", sorted by key.
-func downwardAPI(m map[string]string) string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	var b strings.Builder
-	for i, k := range keys {
-		if i > 0 {
-			b.WriteString("\n")
-		}
-		fmt.Fprintf(&b, "%s=%s", k, strconv.Quote(m[k]))
-	}
-	return b.String()
 }
 
 // containerEnv resolves the container's environment as the kubelet does

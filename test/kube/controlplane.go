@@ -361,12 +361,26 @@ func (cp *ControlPlane) UserConfig(tb testing.TB, user string, groups ...string)
 // admin --kubeconfig, so a --kubeconfig among them (from UserConfig) acts
 // as another user.
 func (cp *ControlPlane) Kubectl(ctx context.Context, args ...string) ([]byte, error) {
+	return cp.kubectl(ctx, "", args)
+}
+
+// Apply applies the objects of a YAML manifest (kubectl apply).
+func (cp *ControlPlane) Apply(ctx context.Context, manifest string) error {
+	if out, err := cp.kubectl(ctx, manifest, []string{"apply", "-f", "-"}); err != nil {
+		return fmt.Errorf("%w\n%s", err, out)
+	}
+	return nil
+}
+
+// kubectl runs kubectl with args and stdin on its standard input.
+func (cp *ControlPlane) kubectl(ctx context.Context, stdin string, args []string) ([]byte, error) {
 	full := append([]string{
 		"--kubeconfig=" + cp.Kubeconfig,
 		// Else kubectl caches discovery under $HOME/.kube.
 		"--cache-dir=" + filepath.Join(cp.Dir, "kubectl-cache"),
 	}, args...)
 	cmd := exec.CommandContext(ctx, filepath.Join(cp.BinDir, "kubectl"), full...)
+	cmd.Stdin = strings.NewReader(stdin)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

@@ -10,19 +10,18 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/amber-mesh/amber/test/testbed"
 )
 
 // forwardDialTimeout bounds connecting to the target; a stopped target
 // refuses at once, so this only matters for one that hangs.
 const forwardDialTimeout = 5 * time.Second
 
-// Forwarder relays TCP connections accepted inside a node's namespace to
-// a target address in the test process's own network namespace.
+// Forwarder relays TCP connections accepted inside a node's or a pod's
+// namespace to a target address in the test process's own network
+// namespace.
 //
-// It stands in for the Service through which a node reaches istiod in a
-// cluster: the test's istiod listens on the host's loopback, which a node
+// It stands in for the Service through which a node (or a waypoint pod)
+// reaches istiod in a cluster: the test's istiod listens on the host's loopback, which a node
 // namespace cannot route to, and the only interfaces a test may use are
 // its own or loopback. The test process is in both namespaces at once (a
 // listener in the node, a dialer in its own), so the relay needs no new
@@ -34,7 +33,7 @@ const forwardDialTimeout = 5 * time.Second
 // to another endpoint while established ones keep their old one until it
 // closes them.
 type Forwarder struct {
-	// Addr is where the forwarder listens, inside the node's namespace.
+	// Addr is where the forwarder listens, inside the namespace.
 	Addr netip.AddrPort
 
 	ln net.Listener
@@ -46,14 +45,19 @@ type Forwarder struct {
 	closed bool
 }
 
+// Netns is a testbed node or pod: a network namespace to listen in.
+type Netns interface {
+	Listen(network, address string) (net.Listener, error)
+}
+
 // Forward listens on listen (host:port, an IP literal) inside n's
 // namespace and relays every connection to target, dialled from the test
 // process's namespace. An empty target refuses connections (accepts and
 // closes them) until SetTarget sets one.
-func Forward(n *testbed.Node, listen, target string) (*Forwarder, error) {
+func Forward(n Netns, listen, target string) (*Forwarder, error) {
 	ln, err := n.Listen("tcp", listen)
 	if err != nil {
-		return nil, fmt.Errorf("forwarder on %s: %w", n.Name, err)
+		return nil, fmt.Errorf("forwarder on %s: %w", listen, err)
 	}
 	f := &Forwarder{
 		Addr:   ln.Addr().(*net.TCPAddr).AddrPort(),
@@ -68,7 +72,7 @@ func Forward(n *testbed.Node, listen, target string) (*Forwarder, error) {
 
 // MustForward is Forward for tests: it fails tb on error and closes the
 // forwarder, with every relayed connection, when the test ends.
-func MustForward(tb testing.TB, n *testbed.Node, listen, target string) *Forwarder {
+func MustForward(tb testing.TB, n Netns, listen, target string) *Forwarder {
 	tb.Helper()
 	f, err := Forward(n, listen, target)
 	if err != nil {
@@ -76,7 +80,7 @@ func MustForward(tb testing.TB, n *testbed.Node, listen, target string) *Forward
 	}
 	tb.Cleanup(func() {
 		if err := f.Close(); err != nil {
-			tb.Errorf("forwarder on %s: %v", n.Name, err)
+			tb.Errorf("forwarder on %s: %v", listen, err)
 		}
 	})
 	return f

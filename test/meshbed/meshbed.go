@@ -6,6 +6,7 @@
 package meshbed
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -118,22 +120,194 @@ func (nd *Node) Close() error {
 
 // BuildZtunnel builds cmd/amber-ztunnel into dir and returns its path.
 func BuildZtunnel(dir string) (string, error) {
-	bin := filepath.Join(dir, "amber-ztunnel")
-	cmd := exec.Command("go", "build", "-o", bin, "github.com/amber-mesh/amber/cmd/amber-ztunnel")
+	return build(dir, "amber-ztunnel", nil)
+}
+
+// build builds cmd/<name> into dir, with env added to the go command's.
+func build(dir, name string, env []string) (string, error) {
+	bin := filepath.Join(dir, name)
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/amber-mesh/amber/cmd/"+name)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.Env = append(os.Environ(), env...)
 	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("build amber-ztunnel: %w", err)
+		return "", fmt.Errorf("build %s: %w", name, err)
 	}
 	return bin, nil
+}
+
+// Process is an amber process in a testbed namespace (a node's ztunnel, a
+// pod's waypoint) and an HTTP client dialling from that namespace to its
+// status ports.
+type Process struct {
+	Cmd  *exec.Cmd
+	HTTP *http.Client
+
+	name   string     // for errors: "ztunnel on n1"
+	addr   netip.Addr // where its metrics and readiness ports listen
+	exited chan error
+}
+
+// StartProcess starts cmd, whose output goes to log, and waits up to
+// timeout until it answers /healthz/ready on port 15021 of addr, dialled
+// with dial.
+func StartProcess(name string, cmd *exec.Cmd, log io.Writer, addr netip.Addr, dial func(ctx context.Context, network, address string) (net.Conn, error), timeout time.Duration) (*Process, error) {
+	p := &Process{Cmd: cmd, name: name, addr: addr, exited: make(chan error, 1)}
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { p.exited <- cmd.Wait() }()
+	p.HTTP = &http.Client{
+		Timeout:   2 * time.Second,
+		Transport: &http.Transport{DialContext: dial},
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		code, _, err := p.Get(15021, "/healthz/ready")
+		if err == nil && code == http.StatusOK {
+			return p, nil
+		}
+		if done, err := p.Exited(); done {
+			return nil, fmt.Errorf("%s exited: %v", name, err)
+		}
+		if time.Now().After(deadline) {
+			p.Stop()
+			return nil, fmt.Errorf("%s not ready: %d %v", name, code, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Exited reports whether the process has ended, and how, without waiting.
+func (p *Process) Exited() (bool, error) {
+	select {
+	case err := <-p.exited:
+		p.exited <- err
+		return true, err
+	default:
+		return false, nil
+	}
+}
+
+// Stop sends SIGTERM and waits up to 10 s, then kills. It returns the
+// process's exit error, or an error when it had to be killed.
+func (p *Process) Stop() error {
+	p.HTTP.CloseIdleConnections()
+	if ok, err := p.Exited(); ok {
+		return fmt.Errorf("exited early: %v", err)
+	}
+	p.Cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-p.exited:
+		p.exited <- err
+		return err
+	case <-time.After(10 * time.Second):
+		p.Cmd.Process.Kill()
+		err := <-p.exited
+		p.exited <- err
+		return errors.New("did not stop on SIGTERM")
+	}
+}
+
+// Kill ends the process with SIGKILL, as a crash or the OOM killer would,
+// and waits for it.
+func (p *Process) Kill() error {
+	p.HTTP.CloseIdleConnections()
+	if ok, err := p.Exited(); ok {
+		return fmt.Errorf("exited early: %v", err)
+	}
+	p.Cmd.Process.Kill()
+	err := <-p.exited
+	p.exited <- err
+	return nil
+}
+
+// Get fetches path from the process's port on its namespace's address.
+func (p *Process) Get(port int, path string) (int, string, error) {
+	return p.get(fmt.Sprintf("http://%s%s", netip.AddrPortFrom(p.addr, uint16(port)), path))
+}
+
+// Admin returns the body of path on the admin port, which listens on
+// 127.0.0.1 inside the namespace only.
+func (p *Process) Admin(path string) (string, error) {
+	code, body, err := p.get("http://127.0.0.1:15000" + path)
+	if err == nil && code != http.StatusOK {
+		err = fmt.Errorf("%s of %s: status %d: %s", path, p.name, code, body)
+	}
+	return body, err
+}
+
+func (p *Process) get(url string) (int, string, error) {
+	resp, err := p.HTTP.Get(url)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// RSS is the process's resident set size in bytes.
+func (p *Process) RSS() (int64, error) { return RSS(p.Cmd.Process.Pid) }
+
+// RSS is the resident set size of process pid in bytes (VmRSS).
+func RSS(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kb int64
+			if _, err := fmt.Sscanf(strings.TrimSpace(rest), "%d kB", &kb); err != nil {
+				return 0, err
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, fmt.Errorf("pid %d: no VmRSS", pid)
+}
+
+// CPU is the processor time the process has used, user and system.
+func (p *Process) CPU() (time.Duration, error) { return CPUTime(p.Cmd.Process.Pid) }
+
+// userHZ is the unit of utime and stime in /proc/PID/stat: USER_HZ, fixed
+// at 100 in Linux's user ABI whatever the kernel's HZ.
+const userHZ = 100
+
+// CPUTime is the user and system processor time process pid has used,
+// all threads included (/proc/PID/stat fields 14 and 15), at 10 ms
+// resolution: enough over a measurement of seconds.
+func CPUTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces:
+	// count fields after its closing parenthesis.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f)+2)
+	}
+	var ticks int64
+	for _, s := range f[11:13] { // fields 14 and 15
+		t, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += t
+	}
+	return time.Duration(ticks) * time.Second / userHZ, nil
 }
 
 // Ztunnel is an amber-ztunnel process in a node's namespace.
 type Ztunnel struct {
 	Node *Node
-	Cmd  *exec.Cmd
-	HTTP *http.Client
-
-	exited chan error
+	*Process
 }
 
 // localReadyTimeout and istiodReadyTimeout bound the wait for
@@ -159,119 +333,17 @@ func StartZtunnel(nd *Node, bin, meshFile, caDir string, log io.Writer, args ...
 // startZtunnel runs bin with args in nd's namespace and waits up to
 // timeout for /healthz/ready.
 func startZtunnel(nd *Node, bin string, log io.Writer, timeout time.Duration, args []string) (*Ztunnel, error) {
-	z := &Ztunnel{Node: nd, exited: make(chan error, 1)}
-	z.Cmd = nd.Command(context.Background(), bin, args...)
-	z.Cmd.Stdout, z.Cmd.Stderr = log, log
-	if err := z.Cmd.Start(); err != nil {
+	p, err := StartProcess("ztunnel on "+nd.Name, nd.Command(context.Background(), bin, args...), log, nd.IPv4, nd.Dial, timeout)
+	if err != nil {
 		return nil, err
 	}
-	go func() { z.exited <- z.Cmd.Wait() }()
-	z.HTTP = &http.Client{
-		Timeout: 2 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return nd.Dial(ctx, network, addr)
-		}},
-	}
-	deadline := time.Now().Add(timeout)
-	for {
-		code, _, err := z.Get(15021, "/healthz/ready")
-		if err == nil && code == http.StatusOK {
-			return z, nil
-		}
-		select {
-		case err := <-z.exited:
-			z.exited <- err
-			return nil, fmt.Errorf("ztunnel on %s exited: %v", nd.Name, err)
-		default:
-		}
-		if time.Now().After(deadline) {
-			z.Stop()
-			return nil, fmt.Errorf("ztunnel on %s not ready: %d %v", nd.Name, code, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// Exited reports whether the process has ended, and how, without waiting.
-func (z *Ztunnel) Exited() (bool, error) {
-	select {
-	case err := <-z.exited:
-		z.exited <- err
-		return true, err
-	default:
-		return false, nil
-	}
-}
-
-// Stop sends SIGTERM and waits up to 10 s, then kills. It returns the
-// process's exit error, or an error when it had to be killed.
-func (z *Ztunnel) Stop() error {
-	z.HTTP.CloseIdleConnections()
-	if ok, err := z.Exited(); ok {
-		return fmt.Errorf("exited early: %v", err)
-	}
-	z.Cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-z.exited:
-		z.exited <- err
-		return err
-	case <-time.After(10 * time.Second):
-		z.Cmd.Process.Kill()
-		err := <-z.exited
-		z.exited <- err
-		return errors.New("did not stop on SIGTERM")
-	}
-}
-
-// Get fetches path from the ztunnel's port on the node's uplink address.
-func (z *Ztunnel) Get(port int, path string) (int, string, error) {
-	return z.get(fmt.Sprintf("http://%s%s", netip.AddrPortFrom(z.Node.IPv4, uint16(port)), path))
+	return &Ztunnel{Node: nd, Process: p}, nil
 }
 
 // ConfigDump fetches /config_dump from the admin port, which listens on
 // 127.0.0.1 inside the node only.
 func (z *Ztunnel) ConfigDump() (string, error) {
 	return z.Admin("/config_dump")
-}
-
-// Admin returns the body of path on the ztunnel's loopback admin port.
-func (z *Ztunnel) Admin(path string) (string, error) {
-	code, body, err := z.get("http://127.0.0.1:15000" + path)
-	if err == nil && code != http.StatusOK {
-		err = fmt.Errorf("%s on %s: status %d: %s", path, z.Node.Name, code, body)
-	}
-	return body, err
-}
-
-func (z *Ztunnel) get(url string) (int, string, error) {
-	resp, err := z.HTTP.Get(url)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
-}
-
-// RSS is the process's resident set size in bytes.
-func (z *Ztunnel) RSS() (int64, error) { return RSS(z.Cmd.Process.Pid) }
-
-// RSS is the resident set size of process pid in bytes (VmRSS).
-func RSS(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			var kb int64
-			if _, err := fmt.Sscanf(strings.TrimSpace(rest), "%d kB", &kb); err != nil {
-				return 0, err
-			}
-			return kb << 10, nil
-		}
-	}
-	return 0, fmt.Errorf("pid %d: no VmRSS", pid)
 }
 
 // Workload is a pod as the local-mode mesh file describes it.

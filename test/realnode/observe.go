@@ -1,7 +1,6 @@
 package realnode
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -21,6 +20,7 @@ import (
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/bpf/hostnet"
 	"github.com/amber-mesh/amber/test/cluster"
+	"github.com/amber-mesh/amber/test/promtext"
 )
 
 // ZtunnelMetricsURL is the ztunnel's Prometheus endpoint on the node
@@ -28,11 +28,7 @@ import (
 var ZtunnelMetricsURL = "http://" + net.JoinHostPort(cluster.NodeIP, "15020") + "/metrics"
 
 // Metric is one sample of a Prometheus text exposition.
-type Metric struct {
-	Name   string
-	Labels map[string]string
-	Value  float64
-}
+type Metric = promtext.Sample
 
 // Metrics fetches and parses the ztunnel's metrics; only samples whose
 // name is in names are returned (all when names is empty).
@@ -53,77 +49,12 @@ func Metrics(ctx context.Context, names ...string) ([]Metric, error) {
 }
 
 func parseMetrics(r io.Reader, names []string) ([]Metric, error) {
-	var out []Metric
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 4<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || line[0] == '#' {
-			continue
-		}
-		name, rest, _ := strings.Cut(line, "{")
-		labels := map[string]string{}
-		var value string
-		if rest != "" {
-			body, v, ok := strings.Cut(rest, "} ")
-			if !ok {
-				return nil, fmt.Errorf("metrics: bad line %q", line)
-			}
-			value = v
-			for body != "" {
-				k, after, ok := strings.Cut(body, `="`)
-				if !ok {
-					return nil, fmt.Errorf("metrics: bad labels in %q", line)
-				}
-				end := strings.Index(after, `"`)
-				for end > 0 && after[end-1] == '\\' {
-					end += 1 + strings.Index(after[end+1:], `"`)
-				}
-				if end < 0 {
-					return nil, fmt.Errorf("metrics: bad labels in %q", line)
-				}
-				labels[k] = after[:end]
-				body = strings.TrimPrefix(after[end+1:], ",")
-			}
-		} else {
-			name, value, _ = strings.Cut(line, " ")
-		}
-		if len(names) > 0 && !contains(names, name) {
-			continue
-		}
-		v, err := strconv.ParseFloat(strings.Fields(value)[0], 64)
-		if err != nil {
-			return nil, fmt.Errorf("metrics: bad value in %q", line)
-		}
-		out = append(out, Metric{Name: name, Labels: labels, Value: v})
-	}
-	return out, sc.Err()
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
+	return promtext.Parse(r, names...)
 }
 
 // Sum adds the values of the samples whose labels include every pair of
 // match.
-func Sum(ms []Metric, match map[string]string) float64 {
-	var sum float64
-next:
-	for _, m := range ms {
-		for k, v := range match {
-			if m.Labels[k] != v {
-				continue next
-			}
-		}
-		sum += m.Value
-	}
-	return sum
-}
+func Sum(ms []Metric, match map[string]string) float64 { return promtext.Sum(ms, match) }
 
 // Datapath reads the node's pinned datapath (what `amberctl` shows).
 func Datapath() (*bpf.Status, error) {

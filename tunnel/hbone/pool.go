@@ -17,11 +17,15 @@ import (
 )
 
 // Key selects the connections a stream may share: HBONE connections are
-// pooled per source identity, destination identity and address, as
-// ztunnel does, so a connection's certificates fit every stream on it.
+// pooled per source identity and address, destination identity and
+// address, as ztunnel's WorkloadKey, so a connection's certificates and
+// source fit every stream on it.
 type Key struct {
-	Src, Dst string         // workload identities
-	Addr     netip.AddrPort // where to dial: the destination pod's or waypoint's IP:15008
+	Src, Dst string // workload identities
+	// SrcAddr is the address the connection leaves from (the source
+	// pod's); zero leaves the choice to the host.
+	SrcAddr netip.Addr
+	Addr    netip.AddrPort // where to dial: the destination pod's or waypoint's IP:15008
 }
 
 // Pool opens CONNECT streams over pooled HTTP/2 connections.

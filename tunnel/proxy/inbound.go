@@ -14,6 +14,7 @@ import (
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
+	"github.com/amber-mesh/amber/tunnel/identity"
 	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
@@ -58,15 +59,9 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	}
 	r.srcID = peer
 	snap := p.cfg.Store.Load()
-	// The client's address: the Forwarded header is trusted only when it
-	// names a workload of the very identity the peer proved, so a peer
-	// cannot borrow another workload's address (source-IP policies and
-	// the preserved source the application sees depend on it).
 	var spoof netip.Addr
-	if fwd, ok := parseForwarded(req.Header.Get("Forwarded")); ok {
-		if w := snap.WorkloadByAddr(state.NetworkAddr{Addr: fwd.Addr()}); w != nil && workloadID(w) == peer {
-			r.src, r.srcW, spoof = fwd, w, fwd.Addr()
-		}
+	if src, w, ok := clientSource(snap, peer, peerAddr, req.Header.Get("Forwarded")); ok {
+		r.src, r.srcW, spoof = src, w, src.Addr()
 	}
 	switch dst := req.Addr; {
 	case dst.Addr() != origDst.Addr():
@@ -181,6 +176,33 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		return
 	}
 	p.relay(r, &tracked{pair: relay.NewPair(c.(relay.Conn), up), inbound: true, authz: ac, gen: snap.Generation()})
+}
+
+// clientSource is the address of an inbound CONNECT's client as the
+// application is to see it: the Forwarded header's (an amber or Istio
+// ztunnel names the client pod), else the TCP peer's (a waypoint dials
+// from its own pod's address and sends no Forwarded; Istio's ztunnel then
+// shows the application the waypoint's address). Either is taken only
+// when the workload at that address has the very identity the peer
+// proved, so a peer cannot borrow another workload's address: source-IP
+// policies and the preserved source depend on it. !ok: neither is, and
+// the application connection is not source-preserved.
+func clientSource(snap *state.Snapshot, peer identity.ID, peerAddr netip.AddrPort, forwarded string) (src netip.AddrPort, w *state.Workload, ok bool) {
+	owned := func(a netip.Addr) *state.Workload {
+		if w := snap.WorkloadByAddr(state.NetworkAddr{Addr: a.Unmap()}); w != nil && workloadID(w) == peer {
+			return w
+		}
+		return nil
+	}
+	if fwd, ok := parseForwarded(forwarded); ok {
+		if w := owned(fwd.Addr()); w != nil {
+			return fwd, w, true
+		}
+	}
+	if w := owned(peerAddr.Addr()); w != nil {
+		return netip.AddrPortFrom(peerAddr.Addr().Unmap(), peerAddr.Port()), w, true
+	}
+	return netip.AddrPort{}, nil, false
 }
 
 // tunnelTarget reports whether a CONNECT may reach addr: never the

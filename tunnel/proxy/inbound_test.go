@@ -184,3 +184,36 @@ func TestHBONERefusals(t *testing.T) {
 		t.Errorf("istio_tcp_connections_opened_total{reporter=destination,source_principal=sleep} = %v, want 3", opened)
 	}
 }
+
+// TestClientSource: the address an inbound CONNECT's application sees is
+// the Forwarded one, else the TCP peer's, each only when its workload has
+// the identity the peer proved.
+func TestClientSource(t *testing.T) {
+	sleep := wl("sleep", state.ProtocolHBONE, "10.0.0.3")
+	waypoint := wl("waypoint", state.ProtocolTCP, "10.0.0.9")
+	store := state.NewStore()
+	store.Update(func(tx *state.Txn) { tx.PutWorkload(sleep); tx.PutWorkload(waypoint) })
+	snap := store.Load()
+	for _, tc := range []struct {
+		name, peer, peerAddr, forwarded, want string
+	}{
+		{"ztunnel names its client", "sleep", "10.0.0.3:61000", `for="10.0.0.3:4711"`, "10.0.0.3:4711"},
+		{"ztunnel from the node names its client", "sleep", "192.0.2.1:61000", `for="10.0.0.3:4711"`, "10.0.0.3:4711"},
+		{"waypoint sends no Forwarded", "waypoint", "10.0.0.9:38000", "", "10.0.0.9:38000"},
+		{"IPv4-mapped peer", "waypoint", "[::ffff:10.0.0.9]:38000", "", "10.0.0.9:38000"},
+		{"Forwarded of another identity, own address", "waypoint", "10.0.0.9:38000", `for="10.0.0.3:4711"`, "10.0.0.9:38000"},
+		{"neither is the peer's", "waypoint", "10.0.0.3:38000", `for="10.0.0.3:4711"`, ""},
+		{"unknown address", "sleep", "192.0.2.1:61000", "", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			peer := workloadID(map[string]*state.Workload{"sleep": sleep, "waypoint": waypoint}[tc.peer])
+			src, w, ok := clientSource(snap, peer, netip.MustParseAddrPort(tc.peerAddr), tc.forwarded)
+			switch {
+			case tc.want == "" && ok:
+				t.Errorf("source %s (%s), want none preserved", src, w.Name)
+			case tc.want != "" && (!ok || src.String() != tc.want || w.Name != tc.peer):
+				t.Errorf("source %s %v %v, want %s of %s", src, w, ok, tc.want, tc.peer)
+			}
+		})
+	}
+}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"crypto/tls"
 	"fmt"
 	"net"
@@ -22,10 +23,11 @@ const localHandshakeTimeout = 10 * time.Second
 // uplinks, so the node's own SYN to podIP:15008 would go into the pod, not
 // to the listener. Instead a socket pair carries the very same TLS and
 // HTTP/2 exchange into the HBONE server, whose connection reports addr as
-// its local address: certificate choice, authority check, authorization,
-// metrics and logs are those of a remote client.
-func (p *Proxy) dialLocal(addr netip.AddrPort) (net.Conn, error) {
-	client, sc, err := socketPair(netip.AddrPortFrom(netip.IPv6Loopback(), 0), addr)
+// its local address and src (the client pod's address, the loopback
+// when zero) as its remote one: certificate choice, authority check,
+// authorization, metrics and logs are those of a remote client.
+func (p *Proxy) dialLocal(src netip.Addr, addr netip.AddrPort) (net.Conn, error) {
+	client, sc, err := socketPair(netip.AddrPortFrom(cmp.Or(src, netip.IPv6Loopback()), 0), addr)
 	if err != nil {
 		return nil, err
 	}

@@ -85,7 +85,7 @@ func (p *Proxy) connectOutbound(down relay.Conn, src, dst, translated netip.Addr
 		hdr.Set("Forwarded", formatForwarded(src, rt.svc))
 		hdr.Set("Baggage", baggage(r.srcW))
 		hdr.Set("Traceparent", newTraceparent())
-		key := hbone.Key{Src: r.srcID.String(), Dst: rt.peer.String(), Addr: rt.addr}
+		key := hbone.Key{Src: r.srcID.String(), Dst: rt.peer.String(), SrcAddr: hboneSource(r.srcW, src.Addr(), rt.addr.Addr()), Addr: rt.addr}
 		up, err = p.pool.Connect(ctx, key, rt.authority, hdr)
 	} else if p.cfg.Captured != nil && p.cfg.Captured(rt.addr.Addr()) {
 		// A pod this node captures, which the mesh does not describe as
@@ -225,6 +225,27 @@ func endpointAddr(w *state.Workload, like netip.Addr) netip.Addr {
 	return w.Addresses[0]
 }
 
+// hboneSource is the address HBONE to dst leaves from: the client pod's
+// own, of dst's family, as Istio's ztunnel dials from inside the pod, so
+// that the peer (a waypoint, the destination ztunnel, a NetworkPolicy)
+// sees the pod rather than the node. The replies reach the ztunnel's
+// socket through the datapath's established-socket lookup, as for plain
+// TCP from the pod's address. A pod without an address of dst's family
+// (an IPv6 connection to a workload whose waypoint is IPv4-only) leaves
+// the choice to the host.
+func hboneSource(w *state.Workload, src, dst netip.Addr) netip.Addr {
+	src, v4 := src.Unmap(), dst.Unmap().Is4()
+	if src.Is4() == v4 {
+		return src
+	}
+	for _, a := range w.Addresses {
+		if a.Is4() == v4 {
+			return a
+		}
+	}
+	return netip.Addr{}
+}
+
 // formatForwarded is the RFC 7239 Forwarded header naming the client:
 // for="ip:port", IPv6 in brackets (§6: such a node must be quoted).
 // formatForwarded is the CONNECT's Forwarded header, as Istio's ztunnel
@@ -256,9 +277,10 @@ func newTraceparent() string {
 
 // dialHBONE opens the mutual-TLS connection under an HBONE pool entry:
 // the source workload's certificate, the destination's identity required
-// of the peer. A destination pod on this node is reached in process (see
+// of the peer. A captured pod on this node is reached in process (see
 // dialLocal): the node cannot route to its own pods' :15008 through the
-// capture.
+// capture. Any other pod on this node serves its own :15008 (a waypoint)
+// and is dialled like a remote one.
 func (p *Proxy) dialHBONE(ctx context.Context, key hbone.Key) (net.Conn, error) {
 	src, err := identity.Parse(key.Src)
 	if err != nil {
@@ -269,10 +291,10 @@ func (p *Proxy) dialHBONE(ctx context.Context, key hbone.Key) (net.Conn, error) 
 		return nil, fmt.Errorf("hbone dial: destination: %w", err)
 	}
 	var nc net.Conn
-	if key.Addr.Port() == p.cfg.HBONEPort && p.localWorkload(p.cfg.Store.Load(), key.Addr.Addr()) != nil {
-		nc, err = p.dialLocal(key.Addr)
+	if key.Addr.Port() == p.cfg.HBONEPort && p.capturedWorkload(p.cfg.Store.Load(), key.Addr.Addr()) != nil {
+		nc, err = p.dialLocal(key.SrcAddr, key.Addr)
 	} else {
-		nc, err = p.cfg.Sockets.Dial(ctx, key.Addr, netip.Addr{})
+		nc, err = p.cfg.Sockets.Dial(ctx, key.Addr, key.SrcAddr)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("hbone dial %s: %w", key.Addr, err)

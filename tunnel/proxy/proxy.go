@@ -401,6 +401,19 @@ func (p *Proxy) localWorkload(snap *state.Snapshot, addr netip.Addr) *state.Work
 	return w
 }
 
+// capturedWorkload returns the local workload at addr whose traffic this
+// node's ztunnel serves, or nil. istiod marks a captured pod's workload
+// HBONE (the node agent's ambient.istio.io/redirection annotation) and a
+// pod serving HBONE itself HBONE with NativeTunnel; a pod outside the
+// mesh, such as a waypoint (istio.io/dataplane-mode=none), stays TCP.
+func (p *Proxy) capturedWorkload(snap *state.Snapshot, addr netip.Addr) *state.Workload {
+	w := p.localWorkload(snap, addr)
+	if w == nil || w.Protocol != state.ProtocolHBONE || w.NativeTunnel {
+		return nil
+	}
+	return w
+}
+
 // certFor picks the certificate of the HBONE listener: the workload owning
 // the original destination.
 func (p *Proxy) certFor(local net.Addr) (identity.ID, error) {

@@ -23,7 +23,8 @@ func TestRoute(t *testing.T) {
 	pp := wl("productpage", state.ProtocolHBONE, "10.0.0.2")
 	pp.Services = map[state.NamespacedHostname]map[uint16]uint16{svcKey: {80: 9080}}
 	plain := wl("plain", state.ProtocolTCP, "10.0.0.3")
-	wp := wl("waypoint", state.ProtocolHBONE, "10.0.0.9")
+	// As istiod describes a waypoint pod: uncaptured, so not HBONE.
+	wp := wl("waypoint", state.ProtocolTCP, "10.0.0.9")
 	behind := wl("behind", state.ProtocolHBONE, "10.0.0.4")
 	behind.Waypoint = &state.GatewayAddress{Address: state.NetworkAddr{Addr: netip.MustParseAddr("10.0.0.9")}, HBONEPort: 15008}
 	store := state.NewStore()

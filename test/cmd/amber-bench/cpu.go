@@ -17,40 +17,19 @@ import (
 	"github.com/amber-mesh/amber/test/meshbed"
 )
 
-// userHZ is the unit of utime and stime in /proc/PID/stat: USER_HZ, fixed
-// at 100 in Linux's user ABI whatever the kernel's HZ.
-const userHZ = 100
-
 // cpuTime is the user and system CPU time processes pids have used, all
-// threads included (/proc/PID/stat fields 14 and 15). It is what perf
-// stat's task-clock would count for them, at 10 ms resolution: enough
-// over a measurement of seconds.
+// threads included. It is what perf stat's task-clock would count for
+// them, at 10 ms resolution: enough over a measurement of seconds.
 func cpuTime(pids []int) (time.Duration, error) {
-	var ticks int64
+	var sum time.Duration
 	for _, pid := range pids {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		t, err := meshbed.CPUTime(pid)
 		if err != nil {
 			return 0, err
 		}
-		// The command name (field 2) is in parentheses and may hold
-		// spaces: count fields after its closing parenthesis.
-		i := strings.LastIndexByte(string(b), ')')
-		if i < 0 {
-			return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
-		}
-		f := strings.Fields(string(b[i+1:]))
-		if len(f) < 13 {
-			return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f)+2)
-		}
-		for _, s := range f[11:13] { // fields 14 and 15
-			t, err := strconv.ParseInt(s, 10, 64)
-			if err != nil {
-				return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
-			}
-			ticks += t
-		}
+		sum += t
 	}
-	return time.Duration(ticks) * time.Second / userHZ, nil
+	return sum, nil
 }
 
 // cpuMeter measures the CPU time of processes across one measurement.

@@ -5,6 +5,7 @@
 //	amber-bench datapath   capture vs nftables TPROXY vs direct pod→pod
 //	amber-bench tunnel     amber's HBONE tunnel vs plain, copying and AES-GCM proxy pairs,
 //	                       HAProxy's mTLS pair and Istio's Go HBONE pair, vs direct
+//	amber-bench waypoint   HTTP through amber-ztunnel + amber-waypoint vs a plain ReverseProxy, ztunnel only and direct
 package main
 
 import (
@@ -14,7 +15,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: amber-bench datapath|tunnel [flags]")
+		fmt.Fprintln(os.Stderr, "usage: amber-bench datapath|tunnel|waypoint [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -23,6 +24,10 @@ func main() {
 		err = datapath(os.Args[2:])
 	case "tunnel":
 		err = tunnel(os.Args[2:])
+	case "waypoint":
+		err = waypointBench(os.Args[2:])
+	case "rproxy": // internal: the waypoint benchmark's ReverseProxy in a waypoint pod
+		err = rproxyMain(os.Args[2:])
 	case "tproxy": // internal: the tunnel benchmark's per-node proxy process
 		if len(os.Args) != 4 {
 			err = fmt.Errorf("usage: amber-bench tproxy PIN_ROOT splice|aes-gcm")
