@@ -82,8 +82,8 @@ func TestPrivilegedWaypoint(t *testing.T) {
 	})
 	wpPod := m.CreateWaypoint(t, nd, "waypoint")
 	wp := m.StartWaypoint(t, wpPod)
-	m.Apply(t, istiod.ViewerPolicy("reviews", "GET"))
-	m.Apply(t, istiod.ReviewsRoute9010)
+	m.Apply(t, istiod.ViewerPolicy("default", "reviews", "GET"))
+	m.Apply(t, istiod.ReviewsRoute9010("default"))
 
 	vip := netip.MustParseAddr(reviews.Spec.ClusterIP)
 	url := fmt.Sprintf("http://%s/", netip.AddrPortFrom(vip, 9080))
@@ -252,7 +252,7 @@ func TestPrivilegedWaypoint(t *testing.T) {
 		if out, err := m.CP.Kubectl(ctx, "delete", "-n", istiodbed.Namespace, "httproute", "reviews"); err != nil {
 			t.Fatalf("%v\n%s", err, out)
 		}
-		m.Apply(t, istiod.ReviewsVirtualService9010)
+		m.Apply(t, istiod.ReviewsVirtualService9010("default"))
 		testutil.EventuallyNil(t, "the subset route in the waypoint's configuration", func() error {
 			body, err := waypointConfig(wp)
 			switch {
@@ -307,7 +307,7 @@ func TestPrivilegedWaypoint(t *testing.T) {
 	})
 
 	t.Run("policy change applies to the next request", func(t *testing.T) {
-		m.Apply(t, istiod.ViewerPolicy("reviews", "GET", "DELETE"))
+		m.Apply(t, istiod.ViewerPolicy("default", "reviews", "GET", "DELETE"))
 		waitConfigDump(t, wp, "DELETE in the viewer policy", `"DELETE"`)
 		// The very next request, on the connection that was denied before.
 		if code, body := get(t, sleepHTTP, http.MethodDelete); code != http.StatusOK {

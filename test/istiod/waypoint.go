@@ -127,14 +127,15 @@ func WaypointContainerSpec(image string) corev1.Container {
 // end-to-end tests.
 
 // ViewerPolicy is the walkthrough's L7 policy in its current form,
-// named <service>-viewer: an ALLOW attached to the Service (targetRefs),
-// enforced by its waypoint, admitting sleep's identity for methods.
-func ViewerPolicy(service string, methods ...string) string {
+// named <service>-viewer in namespace ns: an ALLOW attached to the Service
+// (targetRefs; a waypoint ignores selector policies), enforced by its
+// waypoint, admitting sleep's identity for methods.
+func ViewerPolicy(ns, service string, methods ...string) string {
 	return fmt.Sprintf(`apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
   name: %[1]s-viewer
-  namespace: default
+  namespace: %[3]s
 spec:
   targetRefs:
   - kind: Service
@@ -145,20 +146,25 @@ spec:
   - from:
     - source:
         principals:
-        - cluster.local/ns/default/sa/sleep
+        - cluster.local/ns/%[3]s/sa/sleep
     to:
     - operation:
         methods: ["%[2]s"]
-`, service, strings.Join(methods, `", "`))
+`, service, strings.Join(methods, `", "`), ns)
 }
 
-// ReviewsRoute starts an HTTPRoute for the reviews Service (GAMMA:
-// parentRef to the Service and its port); the caller adds the rules.
-const ReviewsRoute = `apiVersion: gateway.networking.k8s.io/v1
+// ReviewsRoute starts an HTTPRoute for the reviews Service of namespace ns
+// (GAMMA: parentRef to the Service and its port); the caller adds the
+// rules.
+func ReviewsRoute(ns string) string {
+	return fmt.Sprintf(reviewsRoute, ns)
+}
+
+const reviewsRoute = `apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata:
   name: reviews
-  namespace: default
+  namespace: %[1]s
 spec:
   parentRefs:
   - group: ""
@@ -170,7 +176,11 @@ spec:
 
 // ReviewsRoute9010 is the walkthrough's traffic split in its current
 // form: reviews 90/10 between the Services reviews-v1 and reviews-v2.
-const ReviewsRoute9010 = ReviewsRoute + `  - backendRefs:
+func ReviewsRoute9010(ns string) string {
+	return ReviewsRoute(ns) + reviewsRoute9010
+}
+
+const reviewsRoute9010 = `  - backendRefs:
     - name: reviews-v1
       port: 9080
       weight: 90
@@ -182,11 +192,15 @@ const ReviewsRoute9010 = ReviewsRoute + `  - backendRefs:
 // ReviewsVirtualService9010 is the 2022 walkthrough's form of the split:
 // virtual-service-reviews-90-10.yaml and destination-rule-reviews.yaml
 // (subsets of reviews by the version label, RANDOM).
-const ReviewsVirtualService9010 = `apiVersion: networking.istio.io/v1
+func ReviewsVirtualService9010(ns string) string {
+	return fmt.Sprintf(reviewsVirtualService9010, ns)
+}
+
+const reviewsVirtualService9010 = `apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata:
   name: reviews
-  namespace: default
+  namespace: %[1]s
 spec:
   host: reviews
   trafficPolicy:
@@ -204,7 +218,7 @@ apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata:
   name: reviews
-  namespace: default
+  namespace: %[1]s
 spec:
   hosts:
   - reviews

@@ -61,14 +61,14 @@ var waypointScenarios = []waypointScenario{
 	{name: "base"},
 	{
 		name:  "authz-productpage-viewer",
-		yaml:  istiod.ViewerPolicy("productpage", "GET"),
+		yaml:  istiod.ViewerPolicy("default", "productpage", "GET"),
 		shows: contains("lds.json", "ns[default]-policy[productpage-viewer]-rule[0]"),
 	},
 	{
 		// A DENY and an AUDIT beside the ALLOW: istiod's filter order, path
 		// and header matchers, not-values and a when condition.
 		name: "authz-deny-audit",
-		yaml: istiod.ViewerPolicy("productpage", "GET") + `---
+		yaml: istiod.ViewerPolicy("default", "productpage", "GET") + `---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
@@ -119,14 +119,14 @@ spec:
 		// The walkthrough's traffic split in its current form (Gateway API,
 		// GAMMA parentRef to the Service).
 		name:  "httproute-reviews-90-10",
-		yaml:  istiod.ReviewsRoute9010,
+		yaml:  istiod.ReviewsRoute9010("default"),
 		shows: contains("lds.json", "weighted_clusters", "inbound-vip|9080|http|reviews-v2.default.svc.cluster.local"),
 	},
 	{
 		// The 2022 walkthrough's form: virtual-service-reviews-90-10.yaml and
 		// destination-rule-reviews.yaml (subsets by label, RANDOM).
 		name: "virtualservice-reviews-90-10",
-		yaml: istiod.ReviewsVirtualService9010,
+		yaml: istiod.ReviewsVirtualService9010("default"),
 		shows: func(files map[string][]byte) error {
 			if err := contains("lds.json", "inbound-vip|9080|http/v2|reviews.default.svc.cluster.local")(files); err != nil {
 				return err
@@ -137,7 +137,7 @@ spec:
 	{
 		// Istio's request-routing task: end-user jason goes to v2.
 		name: "httproute-header-match",
-		yaml: istiod.ReviewsRoute + `  - matches:
+		yaml: istiod.ReviewsRoute("default") + `  - matches:
     - headers:
       - name: end-user
         value: jason

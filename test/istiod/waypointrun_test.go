@@ -200,7 +200,7 @@ func TestIntegrationWaypointRun(t *testing.T) {
 	checkIstioctl(t, ctx, istioctl, adminURL, dump)
 
 	// A policy change in the API server reaches the compiled configuration.
-	applyYAML(t, ctx, cp, "viewer", istiod.ViewerPolicy("productpage", "GET"))
+	applyYAML(t, ctx, cp, "viewer", istiod.ViewerPolicy("default", "productpage", "GET"))
 	must(t, poll(ctx, time.Minute, func() error {
 		if !hasPolicy(dp.latest(), viewerRule) {
 			return errors.New("the viewer policy is not compiled yet")

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/test/images"
+	"github.com/amber-mesh/amber/test/istiod"
 )
 
 // The walkthrough's L7 half (RunL7), in the form a current istiod
@@ -78,10 +79,13 @@ func (w *Walkthrough) RunL7(ctx context.Context) (err error) {
 	}
 
 	w.step("Enforce L7 authorization: sleep may GET productpage, nothing else")
+	// The L4 policy's name, so that this replaces it: the destination's
+	// ztunnel would otherwise see the waypoint's identity and deny.
 	policy := "productpage-viewer-l7-" + ns + ".yaml"
+	viewer := istiod.ViewerPolicy(ns, BookinfoProductpage, "GET")
 	w.shell("kubectl apply -f " + filepath.Join(t.Manifests, policy))
-	w.output(L7PolicyYAML(ns))
-	if err := t.Apply(ctx, policy, L7PolicyYAML(ns)); err != nil {
+	w.output(viewer)
+	if err := t.Apply(ctx, policy, viewer); err != nil {
 		return err
 	}
 	url := fmt.Sprintf("http://%s:%d/productpage", BookinfoProductpage, images.BookinfoPort)
@@ -208,7 +212,7 @@ func (w *Walkthrough) RunL7(ctx context.Context) (err error) {
 	}
 
 	w.step("Split reviews 90/10 between v1 and v2: VirtualService + DestinationRule (the 2022 form)")
-	if err := split("the VirtualService", "reviews-90-10-vs-"+ns+".yaml", ReviewsVirtualServiceYAML(ns)); err != nil {
+	if err := split("the VirtualService", "reviews-90-10-vs-"+ns+".yaml", istiod.ReviewsVirtualService9010(ns)); err != nil {
 		return err
 	}
 	if err := unsplit("virtualservice/"+BookinfoReviews, "destinationrule/"+BookinfoReviews); err != nil {
@@ -226,7 +230,7 @@ func (w *Walkthrough) RunL7(ctx context.Context) (err error) {
 		return err
 	}
 	if err := split("the HTTPRoute", "bookinfo-versions-"+ns+".yaml", BookinfoVersionsYAML(ns),
-		"reviews-90-10-httproute-"+ns+".yaml", ReviewsHTTPRouteYAML(ns)); err != nil {
+		"reviews-90-10-httproute-"+ns+".yaml", istiod.ReviewsRoute9010(ns)); err != nil {
 		return err
 	}
 	return unsplit("httproute/" + BookinfoReviews)
