@@ -26,6 +26,13 @@ import (
 	"github.com/amber-mesh/amber/xds/state"
 )
 
+// bodyBuffers hold the 32 KiB a response body is copied through, so that
+// a request does not allocate and clear one.
+var bodyBuffers = sync.Pool{New: func() any {
+	b := make([]byte, 32<<10)
+	return &b
+}}
+
 // result is how one upstream attempt ended.
 type result struct {
 	resp    *http.Response
@@ -460,13 +467,18 @@ func (x *exchange) respond(ctx context.Context, res result, wc *route.WeightedCl
 		return &upgrade{x: x, body: resp.Body, conn: res.conn}
 	}
 	defer resp.Body.Close()
-	if resp.ContentLength != 0 {
+	bp := bodyBuffers.Get().(*[]byte)
+	defer bodyBuffers.Put(bp)
+	buf := *bp
+	if resp.ContentLength < 0 || resp.ContentLength > int64(len(buf)) {
 		// Envoy forwards the header as it arrives: a client of a
-		// response whose body comes later (a long poll, events) sees
-		// it at once.
+		// response whose body comes later (a long poll, events, a large
+		// download) sees it at once. A body of a known length that one
+		// read can hold goes out with its header instead, in one HBONE
+		// DATA frame: it nearly always arrived with the header, and a
+		// flush of its own costs a TLS record and a write per response.
 		x.w.Flush()
 	}
-	buf := make([]byte, 32<<10)
 	for {
 		n, err := resp.Body.Read(buf)
 		if n > 0 {

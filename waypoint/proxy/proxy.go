@@ -4,7 +4,7 @@
 // the compiled configuration (waypoint/config), serves HTTP/1.1 and HTTP/2
 // with prior knowledge inside the tunnel through RBAC, routing and the
 // upstream clusters, or relays TCP, and opens HBONE to the chosen
-// endpoint with the waypoint's own identity. docs/waypoint.md §8 says
+// endpoint with the waypoint's own identity. docs/waypoint.md §10 says
 // where it follows Envoy and where it deliberately does not.
 package proxy
 

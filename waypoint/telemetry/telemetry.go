@@ -6,6 +6,8 @@ package telemetry
 
 import (
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -129,6 +131,30 @@ type Metrics struct {
 	duration, reqSz, rspSz *prometheus.HistogramVec
 	tcpOpened, tcpClosed   *prometheus.CounterVec
 	tcpRecv, tcpSent       *prometheus.CounterVec
+
+	// series caches each request label set's four children, so that a
+	// request hashes its labels once, not once per family with
+	// validation. Series are never deleted, so a cached child stays the
+	// registered one.
+	series sync.Map // seriesKey(label values) -> *requestSeries
+}
+
+// seriesKey joins label values unambiguously, each prefixed by its
+// length (a value may hold any byte).
+func seriesKey(v []string) string {
+	var b strings.Builder
+	for _, s := range v {
+		b.WriteString(strconv.Itoa(len(s)))
+		b.WriteByte(':')
+		b.WriteString(s)
+	}
+	return b.String()
+}
+
+// requestSeries is one label set's istio_request* children.
+type requestSeries struct {
+	requests               prometheus.Counter
+	duration, reqSz, rspSz prometheus.Observer
 }
 
 // New registers the istio_requests_* and istio_tcp_* families with reg.
@@ -157,10 +183,21 @@ func New(reg prometheus.Registerer) (*Metrics, error) {
 // request and the response (headers and body, as Istio counts them).
 func (m *Metrics) Request(l *Labels, d time.Duration, reqBytes, rspBytes int64) {
 	v := l.values(true)
-	m.requests.WithLabelValues(v...).Inc()
-	m.duration.WithLabelValues(v...).Observe(float64(d) / float64(time.Millisecond))
-	m.reqSz.WithLabelValues(v...).Observe(float64(reqBytes))
-	m.rspSz.WithLabelValues(v...).Observe(float64(rspBytes))
+	key := seriesKey(v)
+	c, ok := m.series.Load(key)
+	if !ok {
+		c, _ = m.series.LoadOrStore(key, &requestSeries{
+			requests: m.requests.WithLabelValues(v...),
+			duration: m.duration.WithLabelValues(v...),
+			reqSz:    m.reqSz.WithLabelValues(v...),
+			rspSz:    m.rspSz.WithLabelValues(v...),
+		})
+	}
+	rs := c.(*requestSeries)
+	rs.requests.Inc()
+	rs.duration.Observe(float64(d) / float64(time.Millisecond))
+	rs.reqSz.Observe(float64(reqBytes))
+	rs.rspSz.Observe(float64(rspBytes))
 }
 
 // TCPConn is the metric state of one TCP connection.
