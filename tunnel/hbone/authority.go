@@ -61,3 +61,27 @@ func ParseAuthority(s string) (netip.AddrPort, error) {
 func FormatAuthority(ap netip.AddrPort) string {
 	return netip.AddrPortFrom(ap.Addr().Unmap().WithZone(""), ap.Port()).String()
 }
+
+// ForwardedFor returns the address of the first element's for= of an RFC
+// 7239 Forwarded header, as a ztunnel sends it on a CONNECT to name the
+// client: for="ip:port", for="[v6]:port", or a bare IP (port 0). An
+// IPv4-mapped IPv6 address is returned as plain IPv4. An obfuscated or
+// unparsable for= gives false.
+func ForwardedFor(h string) (netip.AddrPort, bool) {
+	first, _, _ := strings.Cut(h, ",")
+	for _, pair := range strings.Split(first, ";") {
+		k, v, ok := strings.Cut(strings.TrimSpace(pair), "=")
+		if !ok || !strings.EqualFold(k, "for") {
+			continue
+		}
+		v = strings.Trim(v, `"`)
+		if ap, err := netip.ParseAddrPort(v); err == nil {
+			return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
+		}
+		if a, err := netip.ParseAddr(strings.Trim(v, "[]")); err == nil {
+			return netip.AddrPortFrom(a.Unmap(), 0), true
+		}
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPort{}, false
+}

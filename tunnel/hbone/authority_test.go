@@ -93,3 +93,20 @@ func FuzzParseAuthority(f *testing.F) {
 		}
 	})
 }
+
+func TestForwardedFor(t *testing.T) {
+	for in, want := range map[string]string{
+		`for="10.0.0.1:4711"`:            "10.0.0.1:4711",
+		`for="[2001:db8::1]:4711"`:       "[2001:db8::1]:4711",
+		`For=10.0.0.1`:                   "10.0.0.1:0",
+		`proto=https;for="10.0.0.1:1"`:   "10.0.0.1:1",
+		`for="10.0.0.1:1", for=10.0.0.2`: "10.0.0.1:1",
+		`for=_hidden`:                    "",
+		``:                               "",
+	} {
+		ap, ok := hbone.ForwardedFor(in)
+		if got := ap.String(); (ok && got != want) || (!ok && want != "") {
+			t.Errorf("ForwardedFor(%q) = %s, %v; want %q", in, got, ok, want)
+		}
+	}
+}

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"strings"
 	"time"
 
 	"github.com/amber-mesh/amber/tunnel/authz"
@@ -194,7 +193,7 @@ func clientSource(snap *state.Snapshot, peer identity.ID, peerAddr netip.AddrPor
 		}
 		return nil
 	}
-	if fwd, ok := parseForwarded(forwarded); ok {
+	if fwd, ok := hbone.ForwardedFor(forwarded); ok {
 		if w := owned(fwd.Addr()); w != nil {
 			return fwd, w, true
 		}
@@ -210,25 +209,4 @@ func clientSource(snap *state.Snapshot, peer identity.ID, peerAddr netip.AddrPor
 func tunnelTarget(a netip.Addr) bool {
 	return a.IsValid() && !a.IsLoopback() && !a.IsUnspecified() && !a.IsLinkLocalUnicast() &&
 		!a.IsMulticast() && !a.IsLinkLocalMulticast() && !a.IsInterfaceLocalMulticast()
-}
-
-// parseForwarded returns the address of the first for= of an RFC 7239
-// Forwarded header: for="ip:port", for="[v6]:port", or a bare IP.
-func parseForwarded(h string) (netip.AddrPort, bool) {
-	first, _, _ := strings.Cut(h, ",")
-	for _, pair := range strings.Split(first, ";") {
-		k, v, ok := strings.Cut(strings.TrimSpace(pair), "=")
-		if !ok || !strings.EqualFold(k, "for") {
-			continue
-		}
-		v = strings.Trim(v, `"`)
-		if ap, err := netip.ParseAddrPort(v); err == nil {
-			return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
-		}
-		if a, err := netip.ParseAddr(strings.Trim(v, "[]")); err == nil {
-			return netip.AddrPortFrom(a.Unmap(), 0), true
-		}
-		return netip.AddrPort{}, false
-	}
-	return netip.AddrPort{}, false
 }

@@ -218,8 +218,8 @@ func sourcePeer(snap *state.Snapshot, peerIP netip.Addr, forwarded string, peer 
 	w := snap.WorkloadByAddr(state.NetworkAddr{Addr: peerIP.Unmap()})
 	if w == nil || workloadID(w) != peer {
 		w = nil
-		if fwd, ok := forwardedFor(forwarded); ok {
-			if fw := snap.WorkloadByAddr(state.NetworkAddr{Addr: fwd}); fw != nil && workloadID(fw) == peer {
+		if fwd, ok := hbone.ForwardedFor(forwarded); ok {
+			if fw := snap.WorkloadByAddr(state.NetworkAddr{Addr: fwd.Addr()}); fw != nil && workloadID(fw) == peer {
 				w = fw
 			}
 		}
@@ -228,27 +228,6 @@ func sourcePeer(snap *state.Snapshot, peerIP netip.Addr, forwarded string, peer 
 		return telemetry.Peer{Principal: peer.String()}
 	}
 	return peerOf(w)
-}
-
-// forwardedFor returns the address of the first element's for= of an RFC
-// 7239 Forwarded header ("ip", "ip:port", "[v6]:port", quoted or not).
-func forwardedFor(h string) (netip.Addr, bool) {
-	elem, _, _ := strings.Cut(h, ",")
-	for _, pair := range strings.Split(elem, ";") {
-		k, v, ok := strings.Cut(strings.TrimSpace(pair), "=")
-		if !ok || !strings.EqualFold(k, "for") {
-			continue
-		}
-		v = strings.Trim(v, `"`)
-		if ap, err := netip.ParseAddrPort(v); err == nil {
-			return ap.Addr().Unmap(), true
-		}
-		if a, err := netip.ParseAddr(strings.Trim(v, "[]")); err == nil {
-			return a.Unmap(), true
-		}
-		return netip.Addr{}, false
-	}
-	return netip.Addr{}, false
 }
 
 // workloadID is a workload's SPIFFE identity.
