@@ -250,12 +250,17 @@ func restoreHost(l layout) error {
 }
 
 // mountsUnder lists the mount points at or below dir, deepest first.
+// mountinfo names mount points with symbolic links resolved, so dir is
+// resolved too (a state directory reached through a linked .cache).
 func mountsUnder(dir string) []string {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return nil
 	}
 	defer f.Close()
+	if real, err := filepath.EvalSymlinks(dir); err == nil {
+		dir = real
+	}
 	dir = filepath.Clean(dir)
 	var out []string
 	sc := bufio.NewScanner(f)
