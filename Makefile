@@ -70,8 +70,8 @@ bench-waypoint: deps ## HTTP/1.1 1 KiB requests through amber-ztunnel + amber-wa
 bench: bench-datapath bench-tunnel bench-waypoint bench-agent ## every benchmark, each printing ratios against a baseline from the same run
 
 .PHONY: bench-agent
-bench-agent: deps ## label → capture latency p50/p99 over 250 pods, agent CPU and RSS under churn (real API server + testbed)
-	$(GO) test -run '^$$' -bench BenchmarkPrivilegedAgent -benchtime 5x ./agent/
+bench-agent: deps ## label → capture latency p50/p99 over 250 pods, agent CPU and RSS under churn (real API server + testbed; BENCH_ARGS adds flags, e.g. -pods 500)
+	$(GO) run ./test/cmd/amber-bench agent $(BENCH_ARGS)
 
 .PHONY: kube-bins
 kube-bins: ## build etcd, kube-apiserver, kubectl into .cache/kube (KUBE_BINS="all" or names for more; cached)

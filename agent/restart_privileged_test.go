@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/amber-mesh/amber/internal/testutil"
+	"github.com/amber-mesh/amber/test/agentbed"
 	"github.com/amber-mesh/amber/test/testbed"
 )
 
@@ -31,9 +31,9 @@ type watchdog struct {
 func (e *env) watchdog(pods []*pod) *watchdog {
 	w := &watchdog{e: e, stop: make(chan struct{}), stopped: make(chan struct{})}
 	for _, p := range pods {
-		w.pods = append(w.pods, p.tb)
+		w.pods = append(w.pods, p.TB)
 	}
-	pm, im := e.pinnedMap("amber_pods"), e.pinnedMap("amber_ifaces")
+	pm, im := e.PinnedMap("amber_pods"), e.PinnedMap("amber_ifaces")
 	go func() {
 		defer close(w.stopped)
 		defer pm.Close()
@@ -46,9 +46,9 @@ func (e *env) watchdog(pods []*pod) *watchdog {
 				return
 			case <-t.C:
 			}
-			progs := e.programs(w.pods)
+			progs := e.Programs(w.pods)
 			for i, p := range w.pods {
-				if !membership(pm, im, p) {
+				if !agentbed.Membership(pm, im, p) {
 					w.lapse(fmt.Sprintf("%s: membership missing", p.Name))
 				}
 				if !progs[i] {
@@ -100,10 +100,10 @@ func (e *env) traffic(pods []*pod, perPod int) *traffic {
 		var conns []net.Conn
 		for i := 0; i < perPod; i++ {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			c, err := p.tb.Dial(ctx, "tcp", e.echo.String())
+			c, err := p.TB.Dial(ctx, "tcp", e.Echo.String())
 			cancel()
 			if err != nil {
-				e.t.Fatalf("%s: dial: %v", p.key(), err)
+				e.t.Fatalf("%s: dial: %v", p.Key(), err)
 			}
 			e.t.Cleanup(func() { c.Close() })
 			conns = append(conns, c)
@@ -118,8 +118,8 @@ func (e *env) traffic(pods []*pod, perPod int) *traffic {
 				default:
 				}
 				for i, c := range conns {
-					if err := echoOnce(c, fmt.Sprintf("%s %d %d", p.name, i, n)); err != nil {
-						fail(fmt.Sprintf("%s: long-lived connection %d: %v", p.key(), i, err))
+					if err := echoOnce(c, fmt.Sprintf("%s %d %d", p.Name, i, n)); err != nil {
+						fail(fmt.Sprintf("%s: long-lived connection %d: %v", p.Key(), i, err))
 						return
 					}
 				}
@@ -136,7 +136,7 @@ func (e *env) traffic(pods []*pod, perPod int) *traffic {
 				}
 				ok, err := e.connect(p)
 				if err != nil || !ok {
-					fail(fmt.Sprintf("%s: new connection proxied=%v err=%v", p.key(), ok, err))
+					fail(fmt.Sprintf("%s: new connection proxied=%v err=%v", p.Key(), ok, err))
 					return
 				}
 				tr.rounds.Add(1)
@@ -158,15 +158,6 @@ func progress(tb testing.TB, what string, tr *traffic, wd *watchdog) {
 	})
 }
 
-// waitLog waits until the agent's log holds s.
-func (a *agentProc) waitLog(tb testing.TB, s string) {
-	tb.Helper()
-	testutil.Eventually(tb, fmt.Sprintf("%q in %s", s, a.log), func() bool {
-		data, _ := os.ReadFile(a.log)
-		return strings.Contains(string(data), s)
-	})
-}
-
 func (tr *traffic) finish(tb testing.TB) {
 	tb.Helper()
 	close(tr.stop)
@@ -181,11 +172,11 @@ func (tr *traffic) finish(tb testing.TB) {
 // connection is dropped, every new connection is captured, and no
 // enrolled pod is without its program or membership at any 10 ms check.
 func TestPrivilegedAgentKill(t *testing.T) {
-	e := newEnv(t, envOptions{})
-	e.namespace("mesh", ambient)
+	e := newEnv(t, agentbed.Options{})
+	e.Namespace("mesh", ambient)
 	var pods []*pod
 	for i := 0; i < 6; i++ {
-		pods = append(pods, e.startPod("mesh", fmt.Sprintf("p%d", i), nil))
+		pods = append(pods, e.StartPod("mesh", fmt.Sprintf("p%d", i), nil))
 	}
 	for _, p := range pods {
 		e.mustCaptured(p)
@@ -194,20 +185,20 @@ func TestPrivilegedAgentKill(t *testing.T) {
 	tr := e.traffic(pods, 3)
 	progress(t, "before the kill", tr, wd)
 
-	e.agent.stop(syscall.SIGKILL)
+	e.Agent.Stop(syscall.SIGKILL)
 	progress(t, "without an agent", tr, wd)
-	e.agent = e.startAgent()
+	e.Agent = e.StartAgent()
 	progress(t, "with the new agent", tr, wd)
 
 	// Kill the next one mid-start, beside the running one: its pins
 	// adopted and its programs attached, its first reconciliation not done
 	// (with the metrics port taken it would not get that far anyway).
-	a := e.startAgentNoWait()
-	a.waitLog(t, "uplink attached")
-	a.stop(syscall.SIGKILL)
-	e.agent.stop(syscall.SIGKILL)
+	a := e.StartAgentNoWait()
+	a.WaitLog(t, "uplink attached")
+	a.Stop(syscall.SIGKILL)
+	e.Agent.Stop(syscall.SIGKILL)
 	progress(t, "after the second kill", tr, wd)
-	e.agent = e.startAgent()
+	e.Agent = e.StartAgent()
 	progress(t, "with the third agent", tr, wd)
 
 	rounds := tr.rounds.Load()
@@ -218,7 +209,7 @@ func TestPrivilegedAgentKill(t *testing.T) {
 	}
 	for _, p := range pods {
 		if !e.annotated(p) {
-			t.Errorf("%s lost its annotation", p.key())
+			t.Errorf("%s lost its annotation", p.Key())
 		}
 	}
 	t.Logf("%d new connections, %d watchdog checks", rounds, wd.checks.Load())
@@ -229,30 +220,30 @@ func TestPrivilegedAgentKill(t *testing.T) {
 // still gets its sandbox captured (from the cache), and the agent picks up
 // changes once the API server is back.
 func TestPrivilegedAPIServerDown(t *testing.T) {
-	e := newEnv(t, envOptions{})
-	e.namespace("mesh", ambient)
-	e.namespace("plain", nil)
+	e := newEnv(t, agentbed.Options{})
+	e.Namespace("mesh", ambient)
+	e.Namespace("plain", nil)
 	var pods []*pod
 	for i := 0; i < 3; i++ {
-		pods = append(pods, e.startPod("mesh", fmt.Sprintf("p%d", i), nil))
+		pods = append(pods, e.StartPod("mesh", fmt.Sprintf("p%d", i), nil))
 	}
-	outside := e.startPod("plain", "outside", nil)
-	marker := e.startPod("plain", "marker", nil)
-	late := e.createPod("mesh", "late", nil)
+	outside := e.StartPod("plain", "outside", nil)
+	marker := e.StartPod("plain", "marker", nil)
+	late := e.CreatePod("mesh", "late", nil)
 	// The informer sees "late": the agent's one pod watch delivers events
 	// in order, so once it acts on a later change, it has seen "late".
-	e.labelPod(marker, ambient)
-	testutil.Eventually(t, "the agent acting on a change after creating late", func() bool { return e.captured(marker) })
+	e.LabelPod(marker, ambient)
+	testutil.Eventually(t, "the agent acting on a change after creating late", func() bool { return e.Captured(marker) })
 	wd := e.watchdog(pods)
 	tr := e.traffic(pods, 2)
 
-	if err := e.cp.StopAPIServer(); err != nil {
+	if err := e.CP.StopAPIServer(); err != nil {
 		t.Fatal(err)
 	}
 	// client-go retries a refused watch without a word, so there is no
 	// event for "the agent noticed": traffic and checks go on instead.
 	progress(t, "with the API server down", tr, wd)
-	if out, err := e.cni("ADD", late); err != nil {
+	if out, err := e.CNI("ADD", late); err != nil {
 		t.Fatalf("ADD of a known pod with the API server down: %v\n%s", err, out)
 	}
 	if ok, err := e.connect(late); err != nil || !ok {
@@ -263,17 +254,17 @@ func TestPrivilegedAPIServerDown(t *testing.T) {
 	}
 	// A full reconciliation (every -resync) runs without the API server.
 	const full = "amber_agent_full_reconcile_duration_seconds_count"
-	n := e.agent.metric(t, full)
-	testutil.Eventually(t, "a full reconciliation without the API server", func() bool { return e.agent.metric(t, full) != n })
-	e.cp.StartAPIServer(t)
+	n := e.Agent.Metric(t, full)
+	testutil.Eventually(t, "a full reconciliation without the API server", func() bool { return e.Agent.Metric(t, full) != n })
+	e.CP.StartAPIServer(t)
 
 	// Changes flow again.
-	e.namespace("plain", ambient)
+	e.Namespace("plain", ambient)
 	// client-go's reflectors back off up to 30 s between relists.
-	testutil.Eventually(t, "label after API server restart", func() bool { return e.captured(outside) })
+	testutil.Eventually(t, "label after API server restart", func() bool { return e.Captured(outside) })
 	tr.finish(t)
 	wd.finish(t)
-	e.running(late)
+	e.Running(late)
 	testutil.Eventually(t, "annotation after API server restart", func() bool { return e.annotated(late) })
 }
 
@@ -282,16 +273,16 @@ func TestPrivilegedAPIServerDown(t *testing.T) {
 // warning event; neither sends a packet in plaintext. When room frees up
 // the running pod is captured.
 func TestPrivilegedMapFull(t *testing.T) {
-	e := newEnv(t, envOptions{maxPods: 2})
-	e.namespace("mesh", ambient)
-	e.namespace("late", nil)
-	a := e.startPod("mesh", "a", nil)
-	e.startPod("mesh", "b", nil)
-	d := e.startPod("late", "d", nil)
+	e := newEnv(t, agentbed.Options{MaxPods: 2})
+	e.Namespace("mesh", ambient)
+	e.Namespace("late", nil)
+	a := e.StartPod("mesh", "a", nil)
+	e.StartPod("mesh", "b", nil)
+	d := e.StartPod("late", "d", nil)
 	e.mustDirect(d)
 
-	c := e.createPod("mesh", "c", nil)
-	out, err := e.cni("ADD", c)
+	c := e.CreatePod("mesh", "c", nil)
+	out, err := e.CNI("ADD", c)
 	if err == nil || !strings.Contains(out, "map full") {
 		t.Fatalf("ADD beyond capacity: err=%v\n%s", err, out)
 	}
@@ -301,33 +292,33 @@ func TestPrivilegedMapFull(t *testing.T) {
 	}
 	testutil.Eventually(t, "MapFull event on the refused pod", func() bool { return len(e.events(c, "MapFull")) > 0 })
 
-	if !e.quarantined(c.tb.IPv4) {
+	if !e.quarantined(c.TB.IPv4) {
 		t.Fatal("refused pod's address not quarantined")
 	}
 	// The runtime cleans up the failed sandbox: its addresses go back to
 	// IPAM, free of any quarantine.
-	if out, err := e.cni("DEL", c); err != nil {
+	if out, err := e.CNI("DEL", c); err != nil {
 		t.Fatalf("DEL: %v\n%s", err, out)
 	}
-	testutil.Eventually(t, "quarantine lifted after DEL", func() bool { return !e.quarantined(c.tb.IPv4) && !e.quarantined(c.tb.IPv6) })
+	testutil.Eventually(t, "quarantine lifted after DEL", func() bool { return !e.quarantined(c.TB.IPv4) && !e.quarantined(c.TB.IPv6) })
 
 	// A running pod enrolled by a label change, over capacity.
-	e.namespace("late", ambient)
+	e.Namespace("late", ambient)
 	testutil.Eventually(t, "MapFull event on the running pod", func() bool { return len(e.events(d, "MapFull")) > 0 })
 	before := e.proxied(d)
-	if err := roundTrip(context.Background(), d.tb.Dial, e.echo); err == nil {
+	if err := roundTrip(context.Background(), d.TB.Dial, e.Echo); err == nil {
 		t.Fatal("running pod over capacity still connects")
 	}
 	if e.proxied(d) != before || e.annotated(d) {
 		t.Fatal("running pod over capacity proxied or annotated")
 	}
-	if v := e.agent.metric(t, `amber_agent_errors_total{reason="MapFull"}`); v == "" || v == "0" {
+	if v := e.Agent.Metric(t, `amber_agent_errors_total{reason="MapFull"}`); v == "" || v == "0" {
 		t.Errorf("errors metric for MapFull = %q", v)
 	}
 
 	// Room frees up.
-	e.deletePod(a)
-	testutil.Eventually(t, "running pod captured once room frees", func() bool { return e.captured(d) })
+	e.DeletePod(a)
+	testutil.Eventually(t, "running pod captured once room frees", func() bool { return e.Captured(d) })
 	e.mustCaptured(d)
 	testutil.Eventually(t, "annotated", func() bool { return e.annotated(d) })
 }

@@ -251,13 +251,20 @@ func (p *Process) get(url string) (int, string, error) {
 func (p *Process) RSS() (int64, error) { return RSS(p.Cmd.Process.Pid) }
 
 // RSS is the resident set size of process pid in bytes (VmRSS).
-func RSS(pid int) (int64, error) {
+func RSS(pid int) (int64, error) { return statusBytes(pid, "VmRSS:") }
+
+// PeakRSS is the largest resident set size process pid has had, in bytes
+// (VmHWM).
+func PeakRSS(pid int) (int64, error) { return statusBytes(pid, "VmHWM:") }
+
+// statusBytes reads a "<key> <n> kB" line of /proc/PID/status.
+func statusBytes(pid int, key string) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if rest, ok := strings.CutPrefix(line, key); ok {
 			var kb int64
 			if _, err := fmt.Sscanf(strings.TrimSpace(rest), "%d kB", &kb); err != nil {
 				return 0, err
@@ -265,7 +272,7 @@ func RSS(pid int) (int64, error) {
 			return kb << 10, nil
 		}
 	}
-	return 0, fmt.Errorf("pid %d: no VmRSS", pid)
+	return 0, fmt.Errorf("pid %d: no %s", pid, strings.TrimSuffix(key, ":"))
 }
 
 // CPU is the processor time the process has used, user and system.
