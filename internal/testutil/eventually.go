@@ -4,6 +4,7 @@ package testutil
 
 import (
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 )
@@ -30,8 +31,16 @@ func Eventually(tb testing.TB, what string, cond func() bool) {
 
 var errNotYet = errors.New("condition not met")
 
+// errFinal marks the errors Final returns.
+var errFinal = errors.New("not retried")
+
+// Final marks err as one waiting cannot cure (a malformed answer rather
+// than a late one): EventuallyNil stops at it.
+func Final(err error) error { return fmt.Errorf("%w: %w", errFinal, err) }
+
 // EventuallyNil polls check until it returns nil and fails tb with what and
-// check's last error if it has not within Timeout.
+// check's last error if it has not within Timeout, or at once if the error
+// is Final.
 func EventuallyNil(tb testing.TB, what string, check func() error) {
 	tb.Helper()
 	deadline := time.Now().Add(Timeout)
@@ -42,6 +51,9 @@ func EventuallyNil(tb testing.TB, what string, check func() error) {
 		err := check()
 		if err == nil {
 			return
+		}
+		if errors.Is(err, errFinal) {
+			tb.Fatalf("waiting for %s: %v", what, err)
 		}
 		if time.Now().After(deadline) {
 			tb.Fatalf("timed out after %v waiting for %s: %v", Timeout, what, err)

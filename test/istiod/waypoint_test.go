@@ -24,6 +24,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/istiod"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/test/waypointgolden"
@@ -229,14 +230,14 @@ func TestIntegrationWaypointGoldens(t *testing.T) {
 			return nil, err
 		}
 		if err := noUnknownFields(s); err != nil {
-			return nil, fmt.Errorf("%w: %w", errFinal, err)
+			return nil, testutil.Final(err)
 		}
 		if err := waypointgolden.Normalize(s); err != nil {
-			return nil, fmt.Errorf("%w: %w", errFinal, err)
+			return nil, testutil.Final(err)
 		}
 		files, err := waypointgolden.Render(s)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %w", errFinal, err)
+			return nil, testutil.Final(err)
 		}
 		return files, nil
 	}
@@ -258,15 +259,13 @@ func TestIntegrationWaypointGoldens(t *testing.T) {
 				return nil
 			}
 			var files map[string][]byte
-			if err := poll(ctx, time.Minute, func() error {
+			testutil.EventuallyNil(t, "istiod's waypoint config showing "+sc.name, func() error {
 				var err error
 				if files, err = snap(); err != nil {
 					return err
 				}
 				return ready(files)
-			}); err != nil {
-				t.Fatalf("istiod's waypoint config never showed %s: %v", sc.name, err)
-			}
+			})
 			barrier(t, ctx, cp, d, sc, i)
 			// Twice, from two streams: what differs is not configuration
 			// but something Normalize must learn about.
@@ -285,7 +284,7 @@ func TestIntegrationWaypointGoldens(t *testing.T) {
 			if sc.yaml != "" {
 				deleteYAML(t, ctx, cp, sc.name, sc.yaml)
 				waitGone(t, ctx, d, sc)
-				if err := poll(ctx, time.Minute, func() error {
+				testutil.EventuallyNil(t, "the base config after deleting "+sc.name, func() error {
 					files, err := snap()
 					if err != nil {
 						return err
@@ -294,9 +293,7 @@ func TestIntegrationWaypointGoldens(t *testing.T) {
 						return fmt.Errorf("config after deleting %s is not the base's:\n%s", sc.name, d)
 					}
 					return nil
-				}); err != nil {
-					t.Fatal(err)
-				}
+				})
 			}
 		})
 		if !ok && i == 0 {
@@ -349,11 +346,9 @@ const fenceNS = "fence"
 // controller, are covered by sc.shows instead).
 func barrier(t *testing.T, ctx context.Context, cp *kube.ControlPlane, d *istiod.Istiod, sc waypointScenario, i int) {
 	t.Helper()
-	if err := poll(ctx, time.Minute, func() error {
+	testutil.EventuallyNil(t, sc.name+"'s objects in istiod's store", func() error {
 		return inStore(ctx, d, istioObjects(t, sc.yaml), true)
-	}); err != nil {
-		t.Fatal(err)
-	}
+	})
 	fence := fmt.Sprintf("fence-%d", i)
 	applyYAML(t, ctx, cp, fence, fmt.Sprintf(`apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -365,7 +360,7 @@ spec:
     matchLabels:
       app: no-such-app
 `, fence, fenceNS))
-	if err := poll(ctx, time.Minute, func() error {
+	testutil.EventuallyNil(t, "the fence policy in istiod's push context", func() error {
 		body, err := debugGet(ctx, d, "/debug/pushcontext")
 		if err != nil {
 			return err
@@ -374,20 +369,16 @@ spec:
 			return fmt.Errorf("push context has no %s yet", fence)
 		}
 		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	})
 }
 
 // waitGone waits until istiod's config store no longer lists sc's Istio
 // objects.
 func waitGone(t *testing.T, ctx context.Context, d *istiod.Istiod, sc waypointScenario) {
 	t.Helper()
-	if err := poll(ctx, time.Minute, func() error {
+	testutil.EventuallyNil(t, sc.name+"'s objects gone from istiod's store", func() error {
 		return inStore(ctx, d, istioObjects(t, sc.yaml), false)
-	}); err != nil {
-		t.Fatal(err)
-	}
+	})
 }
 
 type objectRef struct{ kind, namespace, name string }

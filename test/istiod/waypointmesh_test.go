@@ -2,8 +2,6 @@ package istiod_test
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -205,25 +203,4 @@ func waitGatewayAddress(t *testing.T, ctx context.Context, cp *kube.ControlPlane
 		t.Fatal(err)
 	}
 	return addrs
-}
-
-// errFinal marks an error that waiting cannot cure.
-var errFinal = errors.New("not retried")
-
-// poll calls f every 200 ms until it succeeds, fails with errFinal, or d
-// passes, and returns its last error.
-func poll(ctx context.Context, d time.Duration, f func() error) error {
-	ctx, cancel := context.WithTimeout(ctx, d)
-	defer cancel()
-	for {
-		err := f()
-		if err == nil || errors.Is(err, errFinal) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("after %s: %w", d, err)
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }

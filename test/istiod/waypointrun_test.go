@@ -26,6 +26,7 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/istiod"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/tunnel/identity"
@@ -201,12 +202,12 @@ func TestIntegrationWaypointRun(t *testing.T) {
 
 	// A policy change in the API server reaches the compiled configuration.
 	applyYAML(t, ctx, cp, "viewer", istiod.ViewerPolicy("default", "productpage", "GET"))
-	must(t, poll(ctx, time.Minute, func() error {
+	testutil.EventuallyNil(t, "the viewer policy compiled", func() error {
 		if !hasPolicy(dp.latest(), viewerRule) {
 			return errors.New("the viewer policy is not compiled yet")
 		}
 		return nil
-	}))
+	})
 	if err := dp.latest().Err(""); err != nil {
 		t.Errorf("problems with the policy: %v", err)
 	}
@@ -216,7 +217,7 @@ func TestIntegrationWaypointRun(t *testing.T) {
 	n := len(dp.configs)
 	dp.mu.Unlock()
 	must(t, d.Stop())
-	must(t, poll(ctx, time.Minute, func() error {
+	testutil.EventuallyNil(t, "istiod's disconnect counted", func() error {
 		_, body, err := httpGet(ctx, metricsURL)
 		if err != nil {
 			return err
@@ -225,7 +226,7 @@ func TestIntegrationWaypointRun(t *testing.T) {
 			return fmt.Errorf("no disconnect counted yet (%q)", v)
 		}
 		return nil
-	}))
+	})
 	if code, body, err := httpGet(ctx, readyURL); err != nil || code != http.StatusOK {
 		t.Errorf("/healthz/ready without istiod: %d %s %v", code, body, err)
 	}

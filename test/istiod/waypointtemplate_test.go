@@ -17,6 +17,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/istiod"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/test/meshbed"
@@ -43,11 +44,11 @@ func TestIntegrationWaypointTemplate(t *testing.T) {
 	applyYAML(t, ctx, cp, "gateway", gatewayYAML)
 
 	var dep *appsv1.Deployment
-	must(t, poll(ctx, time.Minute, func() error {
+	testutil.EventuallyNil(t, "istiod's waypoint Deployment", func() error {
 		var err error
 		dep, err = cp.Client.AppsV1().Deployments(meshNS).Get(ctx, waypointName, metav1.GetOptions{})
 		return err
-	}))
+	})
 	checkTemplate(t, dep)
 
 	// One pod of it, as the ReplicaSet controller and the kubelet would
