@@ -4,10 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"os"
-	"os/signal"
 	"slices"
-	"syscall"
 	"testing"
 	"time"
 
@@ -38,13 +35,11 @@ func agentBench(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	ctx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stopSignals()
-	tmp, err := os.MkdirTemp("", "amber-bench-")
+	ctx, tmp, done, err := scratch()
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(tmp)
+	defer done()
 	agentBin, cniBin, err := agentbed.Build(tmp)
 	if err != nil {
 		return err

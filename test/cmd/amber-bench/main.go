@@ -10,8 +10,11 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
+	"os/signal"
+	"syscall"
 )
 
 func main() {
@@ -44,4 +47,17 @@ func main() {
 		fmt.Fprintln(os.Stderr, "amber-bench:", err)
 		os.Exit(1)
 	}
+}
+
+// scratch gives a benchmark run its context, which SIGINT or SIGTERM
+// ends so that the run stops between two measurements through the same
+// teardown as an error (no process, pin or namespace left), and a
+// temporary directory; done undoes both.
+func scratch() (ctx context.Context, tmp string, done func(), err error) {
+	tmp, err = os.MkdirTemp("", "amber-bench-")
+	if err != nil {
+		return nil, "", nil, err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	return ctx, tmp, func() { stop(); os.RemoveAll(tmp) }, nil
 }

@@ -75,16 +75,11 @@ func tunnel(args []string) error {
 			return err
 		}
 	}
-	// SIGINT or SIGTERM ends the run between two measurements, through the
-	// same teardown as an error: no peer process, pin or namespace is left.
-	ctx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stopSignals()
-
-	tmp, err := os.MkdirTemp("", "amber-bench-")
+	ctx, tmp, done, err := scratch()
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(tmp)
+	defer done()
 	bin, err := meshbed.BuildZtunnel(tmp)
 	if err != nil {
 		return err

@@ -11,13 +11,11 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -77,15 +75,11 @@ func waypointBench(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	// SIGINT or SIGTERM ends the run between two measurements, through the
-	// same cleanups as an error: no process, pin or namespace is left.
-	ctx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stopSignals()
-	tmp, err := os.MkdirTemp("", "amber-bench-")
+	ctx, tmp, done, err := scratch()
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(tmp)
+	defer done()
 	zbin, err := meshbed.BuildZtunnel(tmp)
 	if err != nil {
 		return err
