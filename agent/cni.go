@@ -13,6 +13,7 @@ import (
 	"github.com/amber-mesh/amber/agent/cniapi"
 	"github.com/amber-mesh/amber/agent/cniinstall"
 	"github.com/amber-mesh/amber/agent/kube"
+	"github.com/amber-mesh/amber/internal/logkey"
 )
 
 // cniHandler answers the plugin: enrolment is decided on the pod and
@@ -51,7 +52,7 @@ func (h *cniHandler) Add(ctx context.Context, req *cniapi.AddRequest) (resp *cni
 		ContainerID: req.ContainerID, NetNS: req.NetNS, IfName: req.IfName, Addrs: req.IPs,
 	})
 	if err != nil {
-		h.log.Warn("cni add refused", "pod", pod.Key(), "err", err)
+		h.log.Warn("cni add refused", "pod", pod.Key(), logkey.Error, err)
 		return nil, err
 	}
 	h.log.Debug("cni add", "pod", pod.Key(), "captured", res.Captured, "reason", res.Reason, "veth", res.Veth.Name)
@@ -75,10 +76,10 @@ func keepAPIAccess(ctx context.Context, kc *kube.Client, path string, log *slog.
 	for {
 		a, err := kc.APIAccess()
 		if err != nil {
-			log.Warn("api access for the cni plugin", "err", err)
+			log.Warn("api access for the cni plugin", logkey.Error, err)
 		} else if a.Token != last.Token || string(a.CertData) != string(last.CertData) || a.Server != last.Server {
 			if err := cniapi.WriteAPIAccess(path, a); err != nil {
-				log.Warn("write api access for the cni plugin", "err", err)
+				log.Warn("write api access for the cni plugin", logkey.Error, err)
 			} else {
 				last = a
 			}
@@ -119,9 +120,9 @@ func keepInstalled(ctx context.Context, cfg Config, installed *readyFlag, log *s
 		case err.Error() != lastErr:
 			lastErr = err.Error()
 			if errors.Is(err, cniinstall.ErrNoConfig) {
-				log.Info("waiting for the node's CNI configuration", "err", err)
+				log.Info("waiting for the node's CNI configuration", logkey.Error, err)
 			} else {
-				log.Warn("install cni plugin", "err", err)
+				log.Warn("install cni plugin", logkey.Error, err)
 			}
 		}
 		select {

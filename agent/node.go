@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/logkey"
 )
 
 // adoptLinks replaces the program in every live link an earlier agent
@@ -20,7 +21,7 @@ import (
 // program here.
 func adoptLinks(dp *bpf.Datapath, log *slog.Logger) error {
 	if n, err := bpf.PruneDead(dp.PinRoot()); err != nil {
-		log.Warn("prune links of vanished interfaces", "err", err)
+		log.Warn("prune links of vanished interfaces", logkey.Error, err)
 	} else if n > 0 {
 		log.Info("pruned links of vanished interfaces", "count", n)
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/amber-mesh/amber/agent/kube"
 	"github.com/amber-mesh/amber/bpf"
 	"github.com/amber-mesh/amber/bpf/hostnet"
+	"github.com/amber-mesh/amber/internal/logkey"
 )
 
 // uninstallIfRemoved takes amber off the node when the agent stops
@@ -31,7 +32,7 @@ func uninstallIfRemoved(kc *kube.Client, cfg Config, host capture.Host, log *slo
 	}
 	if err != nil {
 		// Unknown: keeping everything in place fails closed.
-		log.Warn("cannot tell uninstall from restart; leaving amber installed", "err", err)
+		log.Warn("cannot tell uninstall from restart; leaving amber installed", logkey.Error, err)
 		return nil
 	}
 	if !removed {

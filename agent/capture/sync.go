@@ -11,6 +11,7 @@ import (
 
 	"github.com/amber-mesh/amber/agent/enrol"
 	"github.com/amber-mesh/amber/bpf"
+	"github.com/amber-mesh/amber/internal/logkey"
 )
 
 // want is what one pod's current view asks of the datapath.
@@ -186,13 +187,13 @@ func (c *Controller) sync(uid string) error {
 				return c.fail(st, ReasonAttachFailed, w.addrs, err)
 			}
 			c.metrics.errors.WithLabelValues(ReasonAttachFailed).Inc()
-			c.log.Warn("attach pod program", "pod", podKey(st), "veth", w.veth.Name, "err", err)
+			c.log.Warn("attach pod program", "pod", podKey(st), "veth", w.veth.Name, logkey.Error, err)
 		}
 	}
 	if !w.enrolled {
 		if err := c.release(st); err != nil {
 			c.metrics.errors.WithLabelValues(ReasonReleaseFailed).Inc()
-			c.log.Warn("release pod", "pod", podKey(st), "err", err)
+			c.log.Warn("release pod", "pod", podKey(st), logkey.Error, err)
 			c.retry(st)
 			return err
 		}
@@ -349,7 +350,7 @@ func (c *Controller) fail(st *podState, reason string, addrs []netip.Addr, err e
 	c.metrics.errors.WithLabelValues(reason).Inc()
 	if st.failure != reason {
 		st.failure = reason
-		c.log.Warn("pod capture failed", "pod", podKey(st), "reason", reason, "err", err)
+		c.log.Warn("pod capture failed", "pod", podKey(st), "reason", reason, logkey.Error, err)
 		if c.cfg.Reporter != nil && st.pod != nil {
 			c.cfg.Reporter.Warn(st.pod, reason, fmt.Sprintf("amber could not capture this pod's traffic; its addresses are quarantined (no traffic leaves the pod) until it can: %v", err))
 		}
@@ -357,7 +358,7 @@ func (c *Controller) fail(st *podState, reason string, addrs []netip.Addr, err e
 	if len(addrs) > 0 {
 		if qerr := c.cfg.Host.Quarantine(addrs); qerr != nil {
 			c.metrics.errors.WithLabelValues(ReasonQuarantine).Inc()
-			c.log.Error("quarantine failed", "pod", podKey(st), "err", qerr)
+			c.log.Error("quarantine failed", "pod", podKey(st), logkey.Error, qerr)
 			err = errors.Join(err, qerr)
 		} else {
 			for _, a := range addrs {
@@ -450,7 +451,7 @@ func (c *Controller) annotateLoop(ctx context.Context) {
 			}
 			fails[uid]++
 			c.metrics.errors.WithLabelValues(ReasonAnnotate).Inc()
-			c.log.Debug("annotate pod", "pod", p.Key(), "err", err)
+			c.log.Debug("annotate pod", "pod", p.Key(), logkey.Error, err)
 			c.annots.addAfter(uid, backoff(fails[uid]))
 			continue
 		}
@@ -472,7 +473,7 @@ func (c *Controller) reconcileAll() {
 	}
 	if err := c.prune(); err != nil {
 		c.metrics.errors.WithLabelValues(ReasonReleaseFailed).Inc()
-		c.log.Warn("prune stale capture", "err", err)
+		c.log.Warn("prune stale capture", logkey.Error, err)
 	}
 	if !c.reconciled {
 		c.log.Info("initial reconciliation done", "pods", len(c.pods), "captured", c.captured, "took", time.Since(start))

@@ -28,6 +28,7 @@ import (
 
 	"github.com/amber-mesh/amber/agent/cniapi"
 	"github.com/amber-mesh/amber/agent/enrol"
+	"github.com/amber-mesh/amber/internal/logkey"
 )
 
 // Sink receives the converted view. capture.Controller is one.
@@ -173,7 +174,7 @@ func (c *Client) Run(ctx context.Context, sink Sink) error {
 	}
 	for _, inf := range []cache.SharedIndexInformer{c.pods, c.nss} {
 		inf.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
-			c.log.Warn("kubernetes watch failed; retrying with backoff", "err", err)
+			c.log.Warn("kubernetes watch failed; retrying with backoff", logkey.Error, err)
 		})
 	}
 	// Everything started here ends with ctx, and Run returns after it.
@@ -226,7 +227,7 @@ func (c *Client) Pod(ctx context.Context, namespace, name string) (*enrol.Pod, e
 		return nil, fmt.Errorf("get pod %s/%s: %w", namespace, name, err)
 	}
 	if obj, ok, _ := c.pods.GetStore().GetByKey(namespace + "/" + name); ok {
-		c.log.Warn("live pod read failed; using the informer cache", "pod", namespace+"/"+name, "err", err)
+		c.log.Warn("live pod read failed; using the informer cache", "pod", namespace+"/"+name, logkey.Error, err)
 		return PodFromAPI(obj.(*corev1.Pod)), nil
 	}
 	return nil, fmt.Errorf("get pod %s/%s: %w", namespace, name, err)
@@ -244,7 +245,7 @@ func (c *Client) Namespace(ctx context.Context, name string) (*enrol.Namespace, 
 		return nil, fmt.Errorf("get namespace %s: %w", name, err)
 	}
 	if obj, ok, _ := c.nss.GetStore().GetByKey(name); ok {
-		c.log.Warn("live namespace read failed; using the informer cache", "namespace", name, "err", err)
+		c.log.Warn("live namespace read failed; using the informer cache", "namespace", name, logkey.Error, err)
 		return NamespaceFromAPI(obj.(*corev1.Namespace)), nil
 	}
 	return nil, fmt.Errorf("get namespace %s: %w", name, err)
@@ -317,7 +318,7 @@ func (c *Client) sendEvents(ctx context.Context) {
 			_, err := c.cs.CoreV1().Events(ev.Namespace).Create(cctx, ev, metav1.CreateOptions{})
 			cancel()
 			if err != nil && ctx.Err() == nil {
-				c.log.Warn("create event", "pod", ev.InvolvedObject.Namespace+"/"+ev.InvolvedObject.Name, "reason", ev.Reason, "err", err)
+				c.log.Warn("create event", "pod", ev.InvolvedObject.Namespace+"/"+ev.InvolvedObject.Name, "reason", ev.Reason, logkey.Error, err)
 			}
 		}
 	}

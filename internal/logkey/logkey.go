@@ -1,6 +1,6 @@
-// Package logkey holds the slog attribute keys of the ztunnel (tunnel/)
-// and the xDS packages (xds/), so that a field has one spelling in every
-// line an operator searches: "error", never "err".
+// Package logkey holds the slog attribute keys of amber's processes (the
+// agent, the ztunnel and the xDS packages), so that a field has one
+// spelling in every line an operator searches: "error", never "err".
 package logkey
 
 // Keys used across packages.
