@@ -58,14 +58,23 @@ type profiler struct {
 	errs chan error
 	n    int
 	perf *perfRecord
+	stat *perfRecord // perf stat of the syscalls, when asked for
 }
 
 // startProfile starts profiling for about d. name is the files' prefix.
-func startProfile(dir, name string, d time.Duration, pids []int, ztunnels []*meshbed.Ztunnel) (*profiler, error) {
+// With syscalls, `perf stat` also counts the processes' system calls
+// and context switches into NAME.perf-stat.csv (see syscallsPerConn).
+func startProfile(dir, name string, d time.Duration, pids []int, ztunnels []*meshbed.Ztunnel, syscalls bool) (*profiler, error) {
 	pr := &profiler{errs: make(chan error, len(ztunnels))}
 	if perf, err := exec.LookPath("perf"); err == nil && len(pids) > 0 {
-		if pr.perf, err = startPerf(perf, filepath.Join(dir, name), pids); err != nil {
+		prefix := filepath.Join(dir, name)
+		if pr.perf, err = startPerf(perf, prefix, pids, "record", "-q", "-g", "-o", prefix+".perf.data"); err != nil {
 			return nil, err
+		}
+		if syscalls {
+			if pr.stat, err = startPerf(perf, prefix+"-stat", pids, "stat", "-x", ",", "-e", perfStatEvents, "-o", prefix+".perf-stat.csv"); err != nil {
+				return nil, errors.Join(err, pr.perf.stop())
+			}
 		}
 	}
 	secs := max(1, int((d+time.Second-1)/time.Second))
@@ -81,8 +90,10 @@ func startProfile(dir, name string, d time.Duration, pids []int, ztunnels []*mes
 // wait stops perf and waits for the pprof profiles.
 func (pr *profiler) wait() error {
 	var errs []error
-	if pr.perf != nil {
-		errs = append(errs, pr.perf.stop())
+	for _, r := range []*perfRecord{pr.stat, pr.perf} {
+		if r != nil {
+			errs = append(errs, r.stop())
+		}
 	}
 	for ; pr.n > 0; pr.n-- {
 		errs = append(errs, <-pr.errs)
@@ -90,7 +101,11 @@ func (pr *profiler) wait() error {
 	return errors.Join(errs...)
 }
 
-// perfRecord is a `perf record -g` of some processes into PREFIX.perf.data.
+// perfStatEvents are what `perf stat` counts in a connection-rate
+// profile: every system call entered, context switches, CPU time.
+const perfStatEvents = "raw_syscalls:sys_enter,context-switches,task-clock"
+
+// perfRecord is a `perf record -g` (or `perf stat`) of some processes.
 // It starts with its events disabled and is enabled through its control
 // FIFO, whose acknowledgement says sampling has begun: perf takes a while
 // to attach to every thread, longer than a short measurement may last.
@@ -99,7 +114,9 @@ type perfRecord struct {
 	ctl, ack *os.File
 }
 
-func startPerf(perf, prefix string, pids []int) (*perfRecord, error) {
+// startPerf runs perf's subcommand args on pids, its control FIFOs
+// named after prefix.
+func startPerf(perf, prefix string, pids []int, args ...string) (*perfRecord, error) {
 	ctlPath, ackPath := prefix+".perf-ctl", prefix+".perf-ack"
 	for _, f := range []string{ctlPath, ackPath} {
 		os.Remove(f)
@@ -121,8 +138,8 @@ func startPerf(perf, prefix string, pids []int) (*perfRecord, error) {
 		r.close()
 		return nil, err
 	}
-	r.cmd = exec.Command(perf, "record", "-q", "-g", "-D", "-1", "--control", "fifo:"+ctlPath+","+ackPath,
-		"-o", prefix+".perf.data", "-p", strings.Join(p, ","))
+	args = append(args, "-D", "-1", "--control", "fifo:"+ctlPath+","+ackPath, "-p", strings.Join(p, ","))
+	r.cmd = exec.Command(perf, args...)
 	r.cmd.Stderr = os.Stderr
 	if err := r.cmd.Start(); err != nil {
 		r.close()
@@ -149,6 +166,34 @@ func (r *perfRecord) control(cmd string) error {
 		got += string(b[:n])
 	}
 	return nil
+}
+
+// syscallsPerConn reads a connection-rate phase's perf-stat file and
+// returns each event's count per connection, in perfStatEvents' order.
+func syscallsPerConn(file string, conns float64) ([]float64, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	want := strings.Split(perfStatEvents, ",")
+	out := make([]float64, len(want))
+	for _, line := range strings.Split(string(b), "\n") {
+		// CSV: value, unit, event, ...
+		f := strings.Split(line, ",")
+		if len(f) < 3 {
+			continue
+		}
+		for i, ev := range want {
+			if strings.HasPrefix(f[2], ev) {
+				v, err := strconv.ParseFloat(f[0], 64)
+				if err != nil {
+					return nil, fmt.Errorf("%s: %s: %w", file, ev, err)
+				}
+				out[i] = v / conns
+			}
+		}
+	}
+	return out, nil
 }
 
 // stop disables sampling, then interrupts perf, which writes its file.
@@ -182,9 +227,20 @@ func (r *perfRecord) close() {
 // pprofCPU saves a CPU profile of secs seconds from the ztunnel's
 // loopback admin port (/debug/pprof/profile).
 func pprofCPU(z *meshbed.Ztunnel, file string, secs int) error {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+10)*time.Second)
+	return pprofGet(z, file, fmt.Sprintf("profile?seconds=%d", secs), time.Duration(secs+10)*time.Second)
+}
+
+// pprofHeap saves the ztunnel's heap profile after a GC
+// (/debug/pprof/heap?gc=1): what its live objects hold, by allocation site.
+func pprofHeap(z *meshbed.Ztunnel, file string) error {
+	return pprofGet(z, file, "heap?gc=1", 30*time.Second)
+}
+
+// pprofGet saves /debug/pprof/WHAT from the ztunnel's admin port.
+func pprofGet(z *meshbed.Ztunnel, file, what string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:15000/debug/pprof/profile?seconds=%d", secs), nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:15000/debug/pprof/"+what, nil)
 	if err != nil {
 		return err
 	}

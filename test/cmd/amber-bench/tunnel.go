@@ -278,7 +278,7 @@ func tunnel(args []string) error {
 			var x sample
 			x, err = measure(p.client, sink, echo, d.pids, !reference[m], *dur, *workers, *rate, *latDur)
 			if err == nil && idleModes[m] && r == 0 {
-				idleRSS[m], perConn[m], err = idleMemory(p.client, echo, d.pids, *idle)
+				idleRSS[m], perConn[m], err = idleMemory(p.client, echo, d.pids, *idle, nil)
 			}
 			if terr := d.stop(); err == nil {
 				err = terr
@@ -290,12 +290,15 @@ func tunnel(args []string) error {
 			if reference[m] {
 				fmt.Fprintf(os.Stderr, "round %d %-16s %6.2f Gbit/s\n", r+1, m, x.gbps)
 			} else {
-				fmt.Fprintf(os.Stderr, "round %d %-16s %6.2f Gbit/s %7.0f conn/s  p50 %6.0f µs  p99 %6.0f µs\n", r+1, m, x.gbps, x.cps, x.p50, x.p99)
+				fmt.Fprintf(os.Stderr, "round %d %-16s %6.2f Gbit/s %7.0f conn/s  p50 %6.0f µs  p99 %6.0f µs  CPU %4.2f s/GB %5.0f µs/conn\n", r+1, m, x.gbps, x.cps, x.p50, x.p99, x.cpuPerGB, x.cpuPerConn)
+				if idleModes[m] && r == 0 {
+					fmt.Fprintf(os.Stderr, "round %d %-16s idle RSS %.1f MiB per node · %.2f KiB per idle connection (both nodes)\n", r+1, m, idleRSS[m]/(1<<20), perConn[m]/1024)
+				}
 			}
 		}
 	}
 	if *profDir != "" {
-		for _, m := range []string{"amber", "haproxy-pair", "istio-hbone-pair"} {
+		for _, m := range []string{"tcp-pair", "amber", "haproxy-pair", "istio-hbone-pair"} {
 			if !selected[m] {
 				continue
 			}
@@ -385,18 +388,45 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 	}
 	sink := netip.AddrPortFrom(server.IPv4, 5001)
 	for _, phase := range []string{"throughput", "connrate"} {
-		pr, perr := startProfile(dir, mode+"-"+phase, dur, d.pids, zs)
+		name := mode + "-" + phase
+		pr, perr := startProfile(dir, name, dur, d.pids, zs, phase == "connrate")
 		if perr == nil {
+			var cps float64
 			if phase == "throughput" {
 				_, _, perr = throughput(client, sink, dur)
 			} else {
-				_, perr = connRate(client, sink, dur, workers)
+				cps, perr = connRate(client, sink, dur, workers)
 			}
 			perr = errors.Join(perr, pr.wait())
+			if perr == nil && pr.stat != nil {
+				// Counted over the measurement (perf is enabled before
+				// and disabled after it): per connection, both nodes.
+				var per []float64
+				if per, perr = syscallsPerConn(filepath.Join(dir, name+".perf-stat.csv"), cps*dur.Seconds()); perr == nil {
+					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both nodes: %.1f syscalls · %.1f context switches · %.0f µs CPU (perf stat)\n", mode, per[0], per[1], per[2]*1e3)
+				}
+			}
 		}
 		if perr != nil {
 			err = perr
 			break
+		}
+	}
+	if err == nil && len(zs) > 0 {
+		// The ztunnels' live heap while idle connections are held: where
+		// an idle connection's bytes are (go tool pprof -sample_index
+		// inuse_space), beside its RSS.
+		heap := func() error {
+			var errs []error
+			for _, z := range zs {
+				errs = append(errs, pprofHeap(z, filepath.Join(dir, fmt.Sprintf("%s-idle-heap-%s.pprof", mode, z.Node.Name))))
+			}
+			return errors.Join(errs...)
+		}
+		const n = 1000
+		_, per, ierr := idleMemory(client, netip.AddrPortFrom(server.IPv4, 5002), d.pids, n, heap)
+		if err = ierr; err == nil {
+			fmt.Fprintf(os.Stderr, "profile %-16s %.2f KiB per idle connection (RSS, both nodes, %d connections)\n", mode, per/1024, n)
 		}
 	}
 	return errors.Join(err, d.stop())
@@ -519,7 +549,9 @@ func latency(p *testbed.Pod, dst netip.AddrPort, rate int, d time.Duration) (flo
 // proxy processes' RSS before (average per node) and the growth per
 // connection (summed over both nodes, since each connection lives in
 // both).
-func idleMemory(p *testbed.Pod, dst netip.AddrPort, pids []int, n int) (float64, float64, error) {
+//
+// held, when set, runs while the connections are open and idle.
+func idleMemory(p *testbed.Pod, dst netip.AddrPort, pids []int, n int, held func() error) (float64, float64, error) {
 	rss := func() (int64, error) {
 		var sum int64
 		for _, pid := range pids {
@@ -564,6 +596,11 @@ func idleMemory(p *testbed.Pod, dst netip.AddrPort, pids []int, n int) (float64,
 	after, err := rss()
 	if err != nil {
 		return 0, 0, err
+	}
+	if held != nil {
+		if err := held(); err != nil {
+			return 0, 0, err
+		}
 	}
 	return float64(before) / float64(len(pids)), float64(after-before) / float64(n), nil
 }
