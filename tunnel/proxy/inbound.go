@@ -26,7 +26,9 @@ import (
 // only once the application accepted.
 func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
 	if t, r := p.acceptHBONE(ctx, req, rw); t != nil {
-		p.relay(r, t)
+		// The handler must return once it accepted: the HBONE server
+		// counts running handlers against its stream limits.
+		p.relay(r, t, false)
 	}
 }
 
@@ -174,7 +176,8 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		refuse(fmt.Errorf("connect %s: %w", dst, err))
 		return
 	}
-	p.relay(r, &tracked{pair: relay.NewPair(c.(relay.Conn), up), inbound: true, authz: ac, gen: snap.Generation()})
+	// On the connection's own goroutine (captured, dialLocalInbound).
+	p.relay(r, &tracked{pair: relay.NewPair(c.(relay.Conn), up), inbound: true, authz: ac, gen: snap.Generation()}, true)
 }
 
 // clientSource is the address of an inbound CONNECT's client as the

@@ -47,7 +47,9 @@ func (p *Proxy) handleOutbound(c net.Conn) {
 
 func (p *Proxy) outbound(down relay.Conn, src, dst, translated netip.AddrPort) {
 	if r, up := p.connectOutbound(down, src, dst, translated); up != nil {
-		p.relay(r, &tracked{pair: relay.NewPair(down, up)})
+		// Called on the connection's own goroutine (captured), which
+		// then has nothing else to do.
+		p.relay(r, &tracked{pair: relay.NewPair(down, up)}, true)
 	}
 }
 
