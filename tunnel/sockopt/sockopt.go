@@ -61,9 +61,17 @@ func (o Options) mark() int {
 // MPTCP socket cannot be put into a SOCKMAP (docs/facts.md §2); IP_TRANSPARENT
 // is on because without it the kernel never answers a SYN assigned by
 // bpf_sk_assign for a foreign address.
+//
+// The keep-alive settings Go gives every accepted connection (on, 15 s
+// idle, 15 s between probes, 9 probes) are set once on the listener
+// instead: an accepted socket inherits them from it (the kernel clones the
+// listener's socket), which saves four setsockopt calls per connection.
 func (o Options) Listen(ctx context.Context, addr string) (*net.TCPListener, error) {
-	lc := net.ListenConfig{Control: func(network, _ string, c syscall.RawConn) error {
+	lc := net.ListenConfig{KeepAlive: -1, Control: func(network, _ string, c syscall.RawConn) error {
 		if err := o.setMark(c); err != nil {
+			return err
+		}
+		if err := setKeepAlive(c); err != nil {
 			return err
 		}
 		if o.NoTransparent {
@@ -190,6 +198,38 @@ func (o Options) setMark(c syscall.RawConn) error {
 	}
 	if serr != nil {
 		return fmt.Errorf("set SO_MARK: %w", serr)
+	}
+	return nil
+}
+
+// Keep-alive of accepted connections: Go's defaults (net.KeepAliveConfig).
+const (
+	keepAliveIdle     = 15 // seconds
+	keepAliveInterval = 15 // seconds
+	keepAliveCount    = 9
+)
+
+// setKeepAlive sets a listener's keep-alive options, which the connections
+// it accepts inherit.
+func setKeepAlive(c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		for _, o := range []struct{ level, opt, v int }{
+			{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveIdle},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepAliveInterval},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAliveCount},
+		} {
+			if serr = unix.SetsockoptInt(int(fd), o.level, o.opt, o.v); serr != nil {
+				return
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set keep-alive: %w", serr)
 	}
 	return nil
 }
