@@ -102,8 +102,12 @@ func (pr *profiler) wait() error {
 }
 
 // perfStatEvents are what `perf stat` counts in a connection-rate
-// profile: every system call entered, context switches, CPU time.
-const perfStatEvents = "raw_syscalls:sys_enter,context-switches,task-clock"
+// profile: every system call entered, context switches, CPU time, then
+// the system calls of the Go runtime's scheduler (sysmon's sleeps, thread
+// parking and wake-ups, the poller's waits), whose number follows the
+// machine's load rather than the connection's work.
+const perfStatEvents = "raw_syscalls:sys_enter,context-switches,task-clock," +
+	"syscalls:sys_enter_nanosleep,syscalls:sys_enter_futex,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_sched_yield"
 
 // perfRecord is a `perf record -g` (or `perf stat`) of some processes.
 // It starts with its events disabled and is enabled through its control
@@ -184,7 +188,7 @@ func syscallsPerConn(file string, conns float64) ([]float64, error) {
 			continue
 		}
 		for i, ev := range want {
-			if strings.HasPrefix(f[2], ev) {
+			if f[2] == ev || strings.HasPrefix(f[2], ev+":") {
 				v, err := strconv.ParseFloat(f[0], 64)
 				if err != nil {
 					return nil, fmt.Errorf("%s: %s: %w", file, ev, err)

@@ -403,7 +403,8 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 				// and disabled after it): per connection, both nodes.
 				var per []float64
 				if per, perr = syscallsPerConn(filepath.Join(dir, name+".perf-stat.csv"), cps*dur.Seconds()); perr == nil {
-					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both nodes: %.1f syscalls · %.1f context switches · %.0f µs CPU (perf stat)\n", mode, per[0], per[1], per[2]*1e3)
+					sched := per[3] + per[4] + per[5] + per[6]
+					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both nodes: %.1f syscalls (%.1f beside the Go scheduler's nanosleep, futex, epoll_pwait, sched_yield) · %.1f context switches · %.0f µs CPU (perf stat)\n", mode, per[0], per[0]-sched, per[1], per[2]*1e3)
 				}
 			}
 		}
