@@ -240,6 +240,43 @@ func pprofHeap(z *meshbed.Ztunnel, file string) error {
 	return pprofGet(z, file, "heap?gc=1", 30*time.Second)
 }
 
+// memStats are a Go process's allocation counters since it started.
+type memStats struct{ mallocs, bytes uint64 }
+
+// ztunnelMemStats sums the ztunnels' allocation counters, read from the
+// runtime.MemStats that /debug/pprof/heap?debug=1 ends with.
+func ztunnelMemStats(zs []*meshbed.Ztunnel) (memStats, error) {
+	var sum memStats
+	for _, z := range zs {
+		f, err := os.CreateTemp("", "amber-bench-memstats-")
+		if err != nil {
+			return sum, err
+		}
+		f.Close()
+		err = pprofGet(z, f.Name(), "heap?debug=1", 30*time.Second)
+		b, rerr := os.ReadFile(f.Name())
+		os.Remove(f.Name())
+		if err = errors.Join(err, rerr); err != nil {
+			return sum, err
+		}
+		var got int
+		for _, line := range strings.Split(string(b), "\n") {
+			var v uint64
+			if _, err := fmt.Sscanf(line, "# Mallocs = %d", &v); err == nil {
+				sum.mallocs += v
+				got++
+			} else if _, err := fmt.Sscanf(line, "# TotalAlloc = %d", &v); err == nil {
+				sum.bytes += v
+				got++
+			}
+		}
+		if got != 2 {
+			return sum, fmt.Errorf("memstats from %s: no Mallocs and TotalAlloc in /debug/pprof/heap?debug=1", z.Node.Name)
+		}
+	}
+	return sum, nil
+}
+
 // pprofGet saves /debug/pprof/WHAT from the ztunnel's admin port.
 func pprofGet(z *meshbed.Ztunnel, file, what string, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)

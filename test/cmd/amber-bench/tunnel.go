@@ -386,9 +386,34 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 	if mode == "amber" {
 		zs = ztunnels()
 	}
+	if len(zs) > 0 {
+		// First, while the processes are fresh (their RSS as in the
+		// rounds): the ztunnels' live heap while idle connections are held,
+		// where an idle connection's bytes are (go tool pprof
+		// -sample_index inuse_space), beside its RSS.
+		heap := func() error {
+			var errs []error
+			for _, z := range zs {
+				errs = append(errs, pprofHeap(z, filepath.Join(dir, fmt.Sprintf("%s-idle-heap-%s.pprof", mode, z.Node.Name))))
+			}
+			return errors.Join(errs...)
+		}
+		const n = 1000
+		_, per, err := idleMemory(client, netip.AddrPortFrom(server.IPv4, 5002), d.pids, n, heap)
+		if err != nil {
+			return errors.Join(err, d.stop())
+		}
+		fmt.Fprintf(os.Stderr, "profile %-16s %.2f KiB per idle connection (RSS, both nodes, %d connections)\n", mode, per/1024, n)
+	}
 	sink := netip.AddrPortFrom(server.IPv4, 5001)
 	for _, phase := range []string{"throughput", "connrate"} {
 		name := mode + "-" + phase
+		var before memStats
+		if phase == "connrate" && len(zs) > 0 {
+			if before, err = ztunnelMemStats(zs); err != nil {
+				break
+			}
+		}
 		pr, perr := startProfile(dir, name, dur, d.pids, zs, phase == "connrate")
 		if perr == nil {
 			var cps float64
@@ -398,36 +423,29 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 				cps, perr = connRate(client, sink, dur, workers)
 			}
 			perr = errors.Join(perr, pr.wait())
+			conns := cps * dur.Seconds()
 			if perr == nil && pr.stat != nil {
 				// Counted over the measurement (perf is enabled before
 				// and disabled after it): per connection, both nodes.
 				var per []float64
-				if per, perr = syscallsPerConn(filepath.Join(dir, name+".perf-stat.csv"), cps*dur.Seconds()); perr == nil {
+				if per, perr = syscallsPerConn(filepath.Join(dir, name+".perf-stat.csv"), conns); perr == nil {
 					sched := per[3] + per[4] + per[5] + per[6]
 					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both nodes: %.1f syscalls (%.1f beside the Go scheduler's nanosleep, futex, epoll_pwait, sched_yield) · %.1f context switches · %.0f µs CPU (perf stat)\n", mode, per[0], per[0]-sched, per[1], per[2]*1e3)
+				}
+			}
+			if perr == nil && phase == "connrate" && len(zs) > 0 {
+				// Exact counts from the Go runtime, so load-insensitive;
+				// a few admin-port requests of their own are included.
+				var after memStats
+				if after, perr = ztunnelMemStats(zs); perr == nil {
+					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both ztunnels: %.0f allocations · %.1f KiB allocated (Go runtime)\n", mode,
+						float64(after.mallocs-before.mallocs)/conns, float64(after.bytes-before.bytes)/conns/1024)
 				}
 			}
 		}
 		if perr != nil {
 			err = perr
 			break
-		}
-	}
-	if err == nil && len(zs) > 0 {
-		// The ztunnels' live heap while idle connections are held: where
-		// an idle connection's bytes are (go tool pprof -sample_index
-		// inuse_space), beside its RSS.
-		heap := func() error {
-			var errs []error
-			for _, z := range zs {
-				errs = append(errs, pprofHeap(z, filepath.Join(dir, fmt.Sprintf("%s-idle-heap-%s.pprof", mode, z.Node.Name))))
-			}
-			return errors.Join(errs...)
-		}
-		const n = 1000
-		_, per, ierr := idleMemory(client, netip.AddrPortFrom(server.IPv4, 5002), d.pids, n, heap)
-		if err = ierr; err == nil {
-			fmt.Fprintf(os.Stderr, "profile %-16s %.2f KiB per idle connection (RSS, both nodes, %d connections)\n", mode, per/1024, n)
 		}
 	}
 	return errors.Join(err, d.stop())
