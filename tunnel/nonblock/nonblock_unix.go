@@ -80,6 +80,23 @@ func WaitReadable(raw RawConn) error {
 	return raw.Read(hasInput)
 }
 
+// WaitReadableOrWoken is WaitReadable for a caller that reads next and
+// takes ErrWouldBlock as a reason to wait again: it looks for input once,
+// as WaitReadable does (readiness from before the call is not kept for
+// the wait), then trusts the poller's wake-up rather than looking again.
+// That saves one system call per wait; a wake-up with nothing to read
+// costs the caller one empty read.
+func WaitReadableOrWoken(raw RawConn) error {
+	waited := false
+	return raw.Read(func(fd uintptr) bool {
+		if waited {
+			return true
+		}
+		waited = true
+		return hasInput(fd)
+	})
+}
+
 // hasInput is a syscall.RawConn.Read callback: done once the socket has
 // a byte or an error to report.
 func hasInput(fd uintptr) bool {
