@@ -106,3 +106,22 @@ func TestWaitReadableOrWoken(t *testing.T) {
 		t.Fatalf("read %q, %v", buf[:n], err)
 	}
 }
+
+// Read and Write allocate nothing once warm: they run on every DATA frame
+// and every idle socket's wake-up.
+func TestNoAllocs(t *testing.T) {
+	a, b := tcptest.Pair(t)
+	ra, rb := nonblock.Raw(a), nonblock.Raw(b)
+	buf := make([]byte, 8)
+	msg := []byte("x")
+	if n := testing.AllocsPerRun(100, func() {
+		if _, err := nonblock.Write(ra, msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := nonblock.Read(rb, buf); err != nil && !errors.Is(err, nonblock.ErrWouldBlock) {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Errorf("%v allocations per Write and Read", n)
+	}
+}
