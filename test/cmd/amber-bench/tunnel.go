@@ -391,13 +391,7 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 		// rounds): the ztunnels' live heap while idle connections are held,
 		// where an idle connection's bytes are (go tool pprof
 		// -sample_index inuse_space), beside its RSS.
-		heap := func() error {
-			var errs []error
-			for _, z := range zs {
-				errs = append(errs, pprofHeap(z, filepath.Join(dir, fmt.Sprintf("%s-idle-heap-%s.pprof", mode, z.Node.Name))))
-			}
-			return errors.Join(errs...)
-		}
+		heap := func() error { return saveHeaps(dir, mode+"-idle-heap", zs) }
 		const n = 1000
 		_, per, err := idleMemory(client, netip.AddrPortFrom(server.IPv4, 5002), d.pids, n, heap)
 		if err != nil {
@@ -410,7 +404,10 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 		name := mode + "-" + phase
 		var before memStats
 		if phase == "connrate" && len(zs) > 0 {
-			if before, err = ztunnelMemStats(zs); err != nil {
+			if before, err = ztunnelMemStats(zs); err == nil {
+				err = saveHeaps(dir, name+"-heap-before", zs)
+			}
+			if err != nil {
 				break
 			}
 		}
@@ -438,6 +435,9 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 				// a few admin-port requests of their own are included.
 				var after memStats
 				if after, perr = ztunnelMemStats(zs); perr == nil {
+					perr = saveHeaps(dir, name+"-heap-after", zs)
+				}
+				if perr == nil {
 					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both ztunnels: %.0f allocations · %.1f KiB allocated (Go runtime)\n", mode,
 						float64(after.mallocs-before.mallocs)/conns, float64(after.bytes-before.bytes)/conns/1024)
 				}
@@ -449,6 +449,18 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 		}
 	}
 	return errors.Join(err, d.stop())
+}
+
+// saveHeaps saves each ztunnel's heap profile as PREFIX-NODE.pprof. The
+// allocations between two of them (go tool pprof -sample_index
+// alloc_objects -base BEFORE AFTER) are exact when the ztunnels run with
+// GODEBUG=memprofilerate=1, which they inherit from this command.
+func saveHeaps(dir, prefix string, zs []*meshbed.Ztunnel) error {
+	var errs []error
+	for _, z := range zs {
+		errs = append(errs, pprofHeap(z, filepath.Join(dir, fmt.Sprintf("%s-%s.pprof", prefix, z.Node.Name))))
+	}
+	return errors.Join(errs...)
 }
 
 // printTunnelSummary prints the table and the ratios against the
