@@ -212,6 +212,10 @@ func (c *serverConn) handlerDone(s *Stream) {
 		_ = s.Close()
 	}
 	s.cancel()
+	// A detached stream may idle for long: it keeps no cancelled context.
+	s.rmu.Lock()
+	s.ctx, s.cancel = nil, nil
+	s.rmu.Unlock()
 	c.mu.Lock()
 	c.handlers--
 	c.slotFreedLocked()
