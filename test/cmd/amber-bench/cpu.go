@@ -240,38 +240,47 @@ func pprofHeap(z *meshbed.Ztunnel, file string) error {
 	return pprofGet(z, file, "heap?gc=1", 30*time.Second)
 }
 
-// memStats are a Go process's allocation counters since it started.
-type memStats struct{ mallocs, bytes uint64 }
+// memStats are a Go process's allocation counters since it started, and
+// its live heap and goroutine stacks.
+type memStats struct{ mallocs, bytes, heap, stack uint64 }
 
-// ztunnelMemStats sums the ztunnels' allocation counters, read from the
-// runtime.MemStats that /debug/pprof/heap?debug=1 ends with.
-func ztunnelMemStats(zs []*meshbed.Ztunnel) (memStats, error) {
+// ztunnelMemStats sums the ztunnels' runtime.MemStats, read from the end
+// of /debug/pprof/heap?debug=1; with gc, after a collection, so that heap
+// is what is live.
+func ztunnelMemStats(zs []*meshbed.Ztunnel, gc bool) (memStats, error) {
 	var sum memStats
+	what := "heap?debug=1"
+	if gc {
+		what += "&gc=1"
+	}
 	for _, z := range zs {
 		f, err := os.CreateTemp("", "amber-bench-memstats-")
 		if err != nil {
 			return sum, err
 		}
 		f.Close()
-		err = pprofGet(z, f.Name(), "heap?debug=1", 30*time.Second)
+		err = pprofGet(z, f.Name(), what, 30*time.Second)
 		b, rerr := os.ReadFile(f.Name())
 		os.Remove(f.Name())
 		if err = errors.Join(err, rerr); err != nil {
 			return sum, err
 		}
-		var got int
+		fields := []struct {
+			format string
+			v      *uint64
+		}{{"# Mallocs = %d", &sum.mallocs}, {"# TotalAlloc = %d", &sum.bytes}, {"# HeapAlloc = %d", &sum.heap}, {"# StackInuse = %d", &sum.stack}}
+		got := 0
 		for _, line := range strings.Split(string(b), "\n") {
-			var v uint64
-			if _, err := fmt.Sscanf(line, "# Mallocs = %d", &v); err == nil {
-				sum.mallocs += v
-				got++
-			} else if _, err := fmt.Sscanf(line, "# TotalAlloc = %d", &v); err == nil {
-				sum.bytes += v
-				got++
+			for _, f := range fields {
+				var v uint64
+				if _, err := fmt.Sscanf(line, f.format, &v); err == nil {
+					*f.v += v
+					got++
+				}
 			}
 		}
-		if got != 2 {
-			return sum, fmt.Errorf("memstats from %s: no Mallocs and TotalAlloc in /debug/pprof/heap?debug=1", z.Node.Name)
+		if got != len(fields) {
+			return sum, fmt.Errorf("memstats from %s: /debug/pprof/heap?debug=1 lacks Mallocs, TotalAlloc, HeapAlloc or StackInuse", z.Node.Name)
 		}
 	}
 	return sum, nil

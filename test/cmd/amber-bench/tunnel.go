@@ -391,20 +391,35 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 		// rounds): the ztunnels' live heap while idle connections are held,
 		// where an idle connection's bytes are (go tool pprof
 		// -sample_index inuse_space), beside its RSS.
-		heap := func() error { return saveHeaps(dir, mode+"-idle-heap", zs) }
+		// The live heap and stacks, after a collection, before and while
+		// they are held: exact, where RSS also counts the collector's
+		// headroom and what it has not returned yet.
+		before, err := ztunnelMemStats(zs, true)
+		if err != nil {
+			return errors.Join(err, d.stop())
+		}
+		var held memStats
+		heap := func() error {
+			var err error
+			if held, err = ztunnelMemStats(zs, true); err != nil {
+				return err
+			}
+			return saveHeaps(dir, mode+"-idle-heap", zs)
+		}
 		const n = 1000
 		_, per, err := idleMemory(client, netip.AddrPortFrom(server.IPv4, 5002), d.pids, n, heap)
 		if err != nil {
 			return errors.Join(err, d.stop())
 		}
-		fmt.Fprintf(os.Stderr, "profile %-16s %.2f KiB per idle connection (RSS, both nodes, %d connections)\n", mode, per/1024, n)
+		fmt.Fprintf(os.Stderr, "profile %-16s per idle connection, both ztunnels: %.0f B live heap · %.0f B goroutine stacks (Go runtime, after GC) · %.2f KiB RSS (%d connections)\n", mode,
+			(float64(held.heap)-float64(before.heap))/n, (float64(held.stack)-float64(before.stack))/n, per/1024, n)
 	}
 	sink := netip.AddrPortFrom(server.IPv4, 5001)
 	for _, phase := range []string{"throughput", "connrate"} {
 		name := mode + "-" + phase
 		var before memStats
 		if phase == "connrate" && len(zs) > 0 {
-			if before, err = ztunnelMemStats(zs); err == nil {
+			if before, err = ztunnelMemStats(zs, false); err == nil {
 				err = saveHeaps(dir, name+"-heap-before", zs)
 			}
 			if err != nil {
@@ -434,7 +449,7 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 				// Exact counts from the Go runtime, so load-insensitive;
 				// a few admin-port requests of their own are included.
 				var after memStats
-				if after, perr = ztunnelMemStats(zs); perr == nil {
+				if after, perr = ztunnelMemStats(zs, false); perr == nil {
 					perr = saveHeaps(dir, name+"-heap-after", zs)
 				}
 				if perr == nil {
