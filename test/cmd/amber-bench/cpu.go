@@ -268,7 +268,7 @@ func ztunnelMemStats(zs []*meshbed.Ztunnel, gc bool) (memStats, error) {
 		fields := []struct {
 			format string
 			v      *uint64
-		}{{"# Mallocs = %d", &sum.mallocs}, {"# TotalAlloc = %d", &sum.bytes}, {"# HeapAlloc = %d", &sum.heap}, {"# StackInuse = %d", &sum.stack}}
+		}{{"# Mallocs = %d", &sum.mallocs}, {"# TotalAlloc = %d", &sum.bytes}, {"# HeapAlloc = %d", &sum.heap}, {"# Stack = %d", &sum.stack}}
 		got := 0
 		for _, line := range strings.Split(string(b), "\n") {
 			for _, f := range fields {
@@ -280,7 +280,7 @@ func ztunnelMemStats(zs []*meshbed.Ztunnel, gc bool) (memStats, error) {
 			}
 		}
 		if got != len(fields) {
-			return sum, fmt.Errorf("memstats from %s: /debug/pprof/heap?debug=1 lacks Mallocs, TotalAlloc, HeapAlloc or StackInuse", z.Node.Name)
+			return sum, fmt.Errorf("memstats from %s: /debug/pprof/heap?debug=1 lacks Mallocs, TotalAlloc, HeapAlloc or Stack", z.Node.Name)
 		}
 	}
 	return sum, nil
