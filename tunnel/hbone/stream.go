@@ -39,6 +39,7 @@ type Stream struct {
 	id       uint32
 	closed   atomic.Bool
 	detached atomic.Bool // server side: the stream outlives the handler (Detach)
+	released bool        // server side: Release ended the handler's part; its goroutine only
 
 	streamState // guarded by c.mu
 	recvState   // guarded by rmu
@@ -87,6 +88,26 @@ func Detach(s *Stream) bool {
 		return false
 	}
 	s.detached.Store(true)
+	return true
+}
+
+// Release is Detach, for a handler with nothing left to do but tunnel s
+// on its own goroutine: the handler's part ends at once, as if it had
+// returned — its context is cancelled and s no longer counts against the
+// connection's limits on running handlers — and the goroutine is the
+// caller's to keep (a relay's copy, say) rather than a new one's. When
+// the handler does return, nothing more happens; a panic after Release
+// is not the handler's and is not recovered. Release must be called on
+// the handler's goroutine, after Accept. It reports false, and does
+// nothing, for a client stream.
+func Release(s *Stream) bool {
+	sc, ok := s.c.side.(*serverConn)
+	if !ok || s.released {
+		return ok
+	}
+	s.detached.Store(true)
+	s.released = true
+	sc.handlerDone(s)
 	return true
 }
 
