@@ -253,21 +253,17 @@ func ztunnelMemStats(zs []*meshbed.Ztunnel, gc bool) (memStats, error) {
 	if gc {
 		what += "&gc=1"
 	}
+	url := "http://127.0.0.1:15000/debug/pprof/" + what
 	for _, z := range zs {
-		f, err := os.CreateTemp("", "amber-bench-memstats-")
-		if err != nil {
-			return sum, err
-		}
-		f.Close()
-		err = pprofGet(z, f.Name(), what, 30*time.Second)
+		var b strings.Builder
+		err := ztunnelGet(z, url, &b, 30*time.Second)
 		if gc && err == nil {
 			// A second collection: the first only moves sync.Pools'
 			// contents (batch buffers of 324 KiB) to their victim cache.
-			err = pprofGet(z, f.Name(), what, 30*time.Second)
+			b.Reset()
+			err = ztunnelGet(z, url, &b, 30*time.Second)
 		}
-		b, rerr := os.ReadFile(f.Name())
-		os.Remove(f.Name())
-		if err = errors.Join(err, rerr); err != nil {
+		if err != nil {
 			return sum, err
 		}
 		fields := []struct {
@@ -275,7 +271,7 @@ func ztunnelMemStats(zs []*meshbed.Ztunnel, gc bool) (memStats, error) {
 			v      *uint64
 		}{{"# Mallocs = %d", &sum.mallocs}, {"# TotalAlloc = %d", &sum.bytes}, {"# HeapAlloc = %d", &sum.heap}, {"# Stack = %d", &sum.stack}}
 		got := 0
-		for _, line := range strings.Split(string(b), "\n") {
+		for _, line := range strings.Split(b.String(), "\n") {
 			for _, f := range fields {
 				var v uint64
 				if _, err := fmt.Sscanf(line, f.format, &v); err == nil {
@@ -293,29 +289,65 @@ func ztunnelMemStats(zs []*meshbed.Ztunnel, gc bool) (memStats, error) {
 
 // pprofGet saves /debug/pprof/WHAT from the ztunnel's admin port.
 func pprofGet(z *meshbed.Ztunnel, file, what string, timeout time.Duration) error {
+	f, err := os.Create(file)
+	if err != nil {
+		return err
+	}
+	if err := ztunnelGet(z, "http://127.0.0.1:15000/debug/pprof/"+what, f, timeout); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// ztunnelGet copies what url (on the ztunnel's node) answers to w.
+func ztunnelGet(z *meshbed.Ztunnel, url string, w io.Writer, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:15000/debug/pprof/"+what, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
 	}
 	// z.HTTP dials inside the node; its own timeout is for short requests.
 	resp, err := (&http.Client{Transport: z.HTTP.Transport}).Do(req)
 	if err != nil {
-		return fmt.Errorf("pprof from %s: %w", z.Node.Name, err)
+		return fmt.Errorf("%s from %s: %w", url, z.Node.Name, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(resp.Body)
-		return fmt.Errorf("pprof from %s: %s: %s", z.Node.Name, resp.Status, b)
+		return fmt.Errorf("%s from %s: %s: %s", url, z.Node.Name, resp.Status, b)
 	}
-	f, err := os.Create(file)
-	if err != nil {
-		return err
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		return fmt.Errorf("%s from %s: %w", url, z.Node.Name, err)
 	}
-	if _, err := io.Copy(f, resp.Body); err != nil {
-		f.Close()
-		return fmt.Errorf("pprof from %s: %w", z.Node.Name, err)
+	return nil
+}
+
+// hboneEvents sums one amber_hbone_events_total counter over the
+// ztunnels' /metrics.
+func hboneEvents(zs []*meshbed.Ztunnel, event string) (uint64, error) {
+	var sum uint64
+	prefix := `amber_hbone_events_total{event="` + event + `"} `
+	for _, z := range zs {
+		var b strings.Builder
+		if err := ztunnelGet(z, "http://127.0.0.1:15020/metrics", &b, 30*time.Second); err != nil {
+			return 0, err
+		}
+		found := false
+		for _, line := range strings.Split(b.String(), "\n") {
+			if v, ok := strings.CutPrefix(line, prefix); ok {
+				n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+				if err != nil {
+					return 0, fmt.Errorf("%s from %s: %w", prefix, z.Node.Name, err)
+				}
+				sum += n
+				found = true
+			}
+		}
+		if !found {
+			return 0, fmt.Errorf("no %s in %s's /metrics", strings.TrimSpace(prefix), z.Node.Name)
+		}
 	}
-	return f.Close()
+	return sum, nil
 }

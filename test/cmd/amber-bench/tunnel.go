@@ -418,9 +418,13 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 	for _, phase := range []string{"throughput", "connrate"} {
 		name := mode + "-" + phase
 		var before memStats
+		var dials uint64
 		if phase == "connrate" && len(zs) > 0 {
 			if before, err = ztunnelMemStats(zs, false); err == nil {
 				err = saveHeaps(dir, name+"-heap-before", zs)
+			}
+			if err == nil {
+				dials, err = hboneEvents(zs, "dials")
 			}
 			if err != nil {
 				break
@@ -455,6 +459,15 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 				if perr == nil {
 					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both ztunnels: %.0f allocations · %.1f KiB allocated (Go runtime)\n", mode,
 						float64(after.mallocs-before.mallocs)/conns, float64(after.bytes-before.bytes)/conns/1024)
+				}
+				// Pooling: a new application connection should cost an
+				// HTTP/2 stream, not a TLS handshake.
+				var dialsAfter uint64
+				if perr == nil {
+					dialsAfter, perr = hboneEvents(zs, "dials")
+				}
+				if perr == nil {
+					fmt.Fprintf(os.Stderr, "profile %-16s %.0f connections over %d new HBONE (TLS) connections\n", mode, conns, dialsAfter-dials)
 				}
 			}
 		}
