@@ -250,13 +250,11 @@ func hboneSource(w *state.Workload, src, dst netip.Addr) netip.Addr {
 	return netip.Addr{}
 }
 
-// formatForwarded is the RFC 7239 Forwarded header naming the client:
-// for="ip:port", IPv6 in brackets (§6: such a node must be quoted).
-// formatForwarded is the CONNECT's Forwarded header, as Istio's ztunnel
-// writes it: the client's address and, for a Service destination, its
-// hostname.
-// Built without fmt, as are the other per-connection headers below: each
-// costs a connection fewer allocations that way.
+// formatForwarded is the CONNECT's RFC 7239 Forwarded header, as Istio's
+// ztunnel writes it: the client as for="ip:port", IPv6 in brackets (§6:
+// such a node must be quoted), and, for a Service destination, its
+// hostname. It is built without fmt, as are the other per-connection
+// headers below: each costs a connection fewer allocations that way.
 func formatForwarded(src netip.AddrPort, svc *state.Service) string {
 	var buf [64]byte
 	b := append(buf[:0], "for="...)
