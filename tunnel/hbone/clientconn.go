@@ -167,6 +167,11 @@ func (c *clientConn) connect(ctx context.Context, fields []hpack.HeaderField, si
 		return nil, &StatusError{Code: s.status}
 	}
 	c.stats.StreamsOpened.Add(1)
+	// The response is in and its channel closed: an idle tunnel keeps its
+	// Stream, not the channel.
+	s.rmu.Lock()
+	s.resp = nil
+	s.rmu.Unlock()
 	return s, nil
 }
 

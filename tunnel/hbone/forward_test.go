@@ -118,3 +118,49 @@ func TestForwardClose(t *testing.T) {
 		t.Fatalf("Forward ended with %d, %v; want 1, net.ErrClosed", r.n, r.err)
 	}
 }
+
+// TestRelease: a handler that releases its accepted stream has its part
+// ended at once — its context is cancelled — and goes on tunnelling the
+// stream on its own goroutine.
+func TestRelease(t *testing.T) {
+	checkLeaks(t)
+	cancelled := make(chan bool, 1)
+	ts := startServer(t, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
+		s, err := rw.Accept()
+		if err != nil {
+			return
+		}
+		if !hbone.Release(s) || !hbone.Release(s) {
+			t.Error("Release refused a server stream")
+		}
+		select {
+		case <-ctx.Done():
+			cancelled <- true
+		default:
+			cancelled <- false
+		}
+		// The handler's goroutine is the relay's now: echo, then close.
+		io.Copy(s, s)
+		s.CloseWrite()
+		s.Close()
+	}))
+	tp := newPool(t, ts)
+	s := tp.connect(t)
+	defer s.Close()
+	if hbone.Release(s) {
+		t.Error("Release took a client stream")
+	}
+	if !<-cancelled {
+		t.Error("the handler's context is live after Release")
+	}
+	if _, err := s.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(s)
+	if err != nil || string(got) != "hello" {
+		t.Fatalf("echo %q, %v", got, err)
+	}
+}

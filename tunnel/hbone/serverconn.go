@@ -188,9 +188,16 @@ func (c *serverConn) onRequest(hb *headerBlock) error {
 
 // serveStream runs the Handler for one CONNECT.
 func (c *serverConn) serveStream(s *Stream, req *Request) {
-	defer c.handlerDone(s)
+	defer func() {
+		if !s.released {
+			c.handlerDone(s)
+		}
+	}()
 	defer func() {
 		if r := recover(); r != nil {
+			if s.released {
+				panic(r) // the caller's code after Release, not the handler's
+			}
 			// Fail closed: the stream is reset or closed by handlerDone.
 			s.detached.Store(false)
 			c.log.Error("hbone: handler panic", logkey.Panic, r, logkey.Stack, string(debug.Stack()))
@@ -212,6 +219,10 @@ func (c *serverConn) handlerDone(s *Stream) {
 		_ = s.Close()
 	}
 	s.cancel()
+	// A detached stream may idle for long: it keeps no cancelled context.
+	s.rmu.Lock()
+	s.ctx, s.cancel = nil, nil
+	s.rmu.Unlock()
 	c.mu.Lock()
 	c.handlers--
 	c.slotFreedLocked()

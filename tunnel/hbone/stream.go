@@ -31,9 +31,15 @@ import (
 // Write, ReadFrom or CloseWrite, at a time (DATA stays in order); they are
 // taken before the others. The deadlines lock themselves (deadline.mu,
 // taken last); closed and detached are atomic.
+//
+// Fields are ordered so that small ones share words: an idle tunnel keeps
+// its Stream, and padding is memory per connection.
 type Stream struct {
-	c  *conn
-	id uint32
+	c        *conn
+	id       uint32
+	closed   atomic.Bool
+	detached atomic.Bool // server side: the stream outlives the handler (Detach)
+	released bool        // server side: Release ended the handler's part; its goroutine only
 
 	streamState // guarded by c.mu
 	recvState   // guarded by rmu
@@ -45,13 +51,11 @@ type Stream struct {
 	writeMu sync.Mutex // one Write, ReadFrom or CloseWrite at a time: keeps DATA in order
 	rdl     deadline
 	wdl     deadline
-	closed  atomic.Bool
 
-	// Server side: the handler's context, and whether the stream outlives
-	// the handler (Detach).
-	ctx      context.Context
-	cancel   context.CancelFunc
-	detached atomic.Bool
+	// Server side: the handler's context, until the handler returned
+	// (cancel is guarded by rmu).
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 // streamState is a stream's protocol state (RFC 9113 §5.1) and send side,
@@ -63,10 +67,10 @@ type streamState struct {
 	sendEnded bool // END_STREAM queued
 	recvEnded bool // END_STREAM received
 	reset     bool // RST_STREAM sent or received, or closed
-	resetErr  error
 	responded bool // server: response sent; client: final response received
 	waiting   bool // in c.blocked
-	status    int  // client: final response status
+	resetErr  error
+	status    int // client: final response status
 
 	inBatch int64 // DATA payload queued or being written
 	unsent  int64 // accepted, then never written or dropped by the peer's reset (Unsent)
@@ -80,10 +84,30 @@ type streamState struct {
 // handler's context is still cancelled when it returns. It reports false,
 // and does nothing, for a client stream.
 func Detach(s *Stream) bool {
-	if s.cancel == nil {
+	if !s.c.isServer {
 		return false
 	}
 	s.detached.Store(true)
+	return true
+}
+
+// Release is Detach, for a handler with nothing left to do but tunnel s
+// on its own goroutine: the handler's part ends at once, as if it had
+// returned — its context is cancelled and s no longer counts against the
+// connection's limits on running handlers — and the goroutine is the
+// caller's to keep (a relay's copy, say) rather than a new one's. When
+// the handler does return, nothing more happens; a panic after Release
+// is not the handler's and is not recovered. Release must be called on
+// the handler's goroutine, after Accept. It reports false, and does
+// nothing, for a client stream.
+func Release(s *Stream) bool {
+	sc, ok := s.c.side.(*serverConn)
+	if !ok || s.released {
+		return ok
+	}
+	s.detached.Store(true)
+	s.released = true
+	sc.handlerDone(s)
 	return true
 }
 
@@ -246,11 +270,12 @@ func (s *Stream) abort(err error) int64 {
 		s.respErr = err
 		close(s.resp)
 	}
+	cancel := s.cancel // cleared by handlerDone, under rmu
 	s.rmu.Unlock()
 	s.wakeRead()
 	notify(s.wsig)
-	if s.cancel != nil {
-		s.cancel()
+	if cancel != nil {
+		cancel()
 	}
 	return dropped
 }

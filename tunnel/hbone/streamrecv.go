@@ -19,18 +19,18 @@ type recvState struct {
 	filling  bool       // the reader goroutine is reading into the last chunk
 	draining bool       // WriteTo is writing out the first chunk
 	closedR  bool       // Close was called: data is dropped
+	sinking  bool       // the reader goroutine is writing to sink
+	respDone bool       // client: resp is closed
+	fwdIdle  bool       // no forward goroutine runs: the next wakeRead starts one
 	// Direct delivery (see deliver): while WriteTo waits with nothing
 	// buffered, the reader goroutine writes DATA straight to its socket.
-	sink     nonblock.RawConn // WriteTo's destination while it waits; nil otherwise
-	sinking  bool             // the reader goroutine is writing to sink
-	sinkN    int64            // bytes delivered directly, not yet counted by WriteTo
-	sinkErr  error            // a direct write failed: WriteTo returns it
-	unacked  int64            // bytes read but not yet returned with WINDOW_UPDATE
-	resp     chan struct{}    // client: closed when the response arrived or never will
-	respErr  error
-	respDone bool
-	fwd      *forwarder // set while Forward runs
-	fwdIdle  bool       // no forward goroutine runs: the next wakeRead starts one
+	sink    nonblock.RawConn // WriteTo's destination while it waits; nil otherwise
+	sinkN   int64            // bytes delivered directly, not yet counted by WriteTo
+	sinkErr error            // a direct write failed: WriteTo returns it
+	unacked int64            // bytes read but not yet returned with WINDOW_UPDATE
+	resp    chan struct{}    // client: closed when the response arrived or never will
+	respErr error
+	fwd     *forwarder // set while Forward runs
 }
 
 // hasDataLocked: chunks other than the last are never empty.

@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"regexp"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -77,7 +78,16 @@ func (l Labels) values() []string {
 type Metrics struct {
 	reg                        *prometheus.Registry
 	opened, closed, recv, sent *prometheus.CounterVec
+
+	mu     sync.RWMutex // guards the field below
+	series map[Labels]*series
 }
+
+// series are the four counters of one label set. Looked up once and kept
+// (the vectors keep every label set too, so this bounds nothing new), they
+// save each connection four vector lookups, each hashing all eleven
+// label values, and its handle their four counters.
+type series struct{ opened, closed, recv, sent prometheus.Counter }
 
 // New returns a registry with the ztunnel's istio_tcp_* metrics and the
 // Go and process collectors.
@@ -100,7 +110,7 @@ func New() *Metrics {
 // families have another label set (amber-waypoint registers its own
 // istio_tcp_* with an Envoy waypoint's labels). Open panics on it.
 func NewRegistry() *Metrics {
-	m := &Metrics{reg: prometheus.NewRegistry()}
+	m := &Metrics{reg: prometheus.NewRegistry(), series: make(map[Labels]*series)}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -116,21 +126,36 @@ func (m *Metrics) Handler() http.Handler {
 // Conn is the metric state of one connection: opened at creation, bytes
 // counted as they flow, closed once.
 type Conn struct {
-	opened, closed, recv, sent prometheus.Counter
-	done                       atomic.Bool
+	*series
+	done atomic.Bool
 }
 
 // Open counts a new connection with labels l and returns its handle.
 func (m *Metrics) Open(l Labels) *Conn {
+	c := &Conn{series: m.seriesOf(l)}
+	c.opened.Inc()
+	return c
+}
+
+// seriesOf returns l's counters.
+func (m *Metrics) seriesOf(l Labels) *series {
+	m.mu.RLock()
+	s := m.series[l]
+	m.mu.RUnlock()
+	if s != nil {
+		return s
+	}
 	v := l.values()
-	c := &Conn{
+	s = &series{
 		opened: m.opened.WithLabelValues(v...),
 		closed: m.closed.WithLabelValues(v...),
 		recv:   m.recv.WithLabelValues(v...),
 		sent:   m.sent.WithLabelValues(v...),
 	}
-	c.opened.Inc()
-	return c
+	m.mu.Lock()
+	m.series[l] = s // the same counters as any concurrent first lookup's
+	m.mu.Unlock()
+	return s
 }
 
 // Received counts n bytes from the client towards the destination.

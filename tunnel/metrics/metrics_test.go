@@ -33,28 +33,40 @@ func line(body, prefix string) string {
 // called — what dashboards built for Istio's ztunnel read.
 func TestConnectionMetrics(t *testing.T) {
 	m := New()
-	c := m.Open(Labels{
+	l := Labels{
 		Reporter:                 ReporterDestination,
 		SourcePrincipal:          "spiffe://cluster.local/ns/default/sa/sleep",
 		DestinationWorkload:      "productpage",
 		ConnectionSecurityPolicy: MutualTLS,
 		RequestProtocol:          ProtocolTCP,
-	})
-	c.Received(100)
+	}
+	c := m.Open(l)
+	c.Received(60)
 	c.Sent(42)
 	c.Sent(-1) // ignored
 	c.Close()
 	c.Close()
+	// A second connection with the same labels adds to the same series
+	// (looked up once, then kept); one with other labels does not.
+	c = m.Open(l)
+	c.Received(40)
+	c.Close()
+	other := l
+	other.ResponseFlags = "DENY"
+	m.Open(other).Close()
 	body := scrape(t, m)
 
+	if got := line(body, "istio_tcp_connections_closed_total{"); !strings.Contains(got, `response_flags="DENY"`) || !strings.HasSuffix(got, " 1") {
+		t.Errorf("the other label set's series: %q", got)
+	}
 	want := `{connection_security_policy="mutual_tls",destination_principal="unknown",destination_service="unknown",destination_workload="productpage",destination_workload_namespace="unknown",reporter="destination",request_protocol="tcp",response_flags="unknown",source_principal="spiffe://cluster.local/ns/default/sa/sleep",source_workload="unknown",source_workload_namespace="unknown"}`
 	for name, v := range map[string]string{
-		"istio_tcp_connections_opened_total": "1",
-		"istio_tcp_connections_closed_total": "1",
+		"istio_tcp_connections_opened_total": "2",
+		"istio_tcp_connections_closed_total": "2",
 		"istio_tcp_received_bytes_total":     "100",
 		"istio_tcp_sent_bytes_total":         "42",
 	} {
-		got := line(body, name+"{")
+		got := line(body, name+want+" ")
 		if got != name+want+" "+v {
 			t.Errorf("got  %s\nwant %s", got, name+want+" "+v)
 		}

@@ -15,3 +15,5 @@ func Write(RawConn, []byte) (int, error) { return 0, syscall.EINVAL }
 func Read(RawConn, []byte) (int, error) { return 0, syscall.EINVAL }
 
 func WaitReadable(RawConn) error { return syscall.EINVAL }
+
+func WaitReadableOrWoken(RawConn) error { return syscall.EINVAL }

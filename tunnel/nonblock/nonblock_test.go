@@ -71,3 +71,57 @@ func TestNonblocking(t *testing.T) {
 		t.Error("read nothing of a full socket")
 	}
 }
+
+// WaitReadableOrWoken ends for input that came before it and for input
+// that comes while it waits, and otherwise at the read deadline.
+func TestWaitReadableOrWoken(t *testing.T) {
+	a, b := tcptest.Pair(t)
+	ra, rb := nonblock.Raw(a), nonblock.Raw(b)
+	buf := make([]byte, 8)
+	b.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	if err := nonblock.WaitReadableOrWoken(rb); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("wait on an empty socket: %v", err)
+	}
+	b.SetReadDeadline(time.Time{})
+	// Input before the call: it is seen by the first look.
+	if n, err := nonblock.Write(ra, []byte("x")); n != 1 || err != nil {
+		t.Fatalf("write: %d, %v", n, err)
+	}
+	if err := nonblock.WaitReadableOrWoken(rb); err != nil {
+		t.Fatalf("wait for input that came before it: %v", err)
+	}
+	if n, err := nonblock.Read(rb, buf); string(buf[:n]) != "x" || err != nil {
+		t.Fatalf("read %q, %v", buf[:n], err)
+	}
+	// Input during the wait wakes it.
+	done := make(chan error, 1)
+	go func() { done <- nonblock.WaitReadableOrWoken(rb) }()
+	if n, err := nonblock.Write(ra, []byte("y")); n != 1 || err != nil {
+		t.Fatalf("write: %d, %v", n, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("wait for input: %v", err)
+	}
+	if n, err := nonblock.Read(rb, buf); string(buf[:n]) != "y" || err != nil {
+		t.Fatalf("read %q, %v", buf[:n], err)
+	}
+}
+
+// Read and Write allocate nothing once warm: they run on every DATA frame
+// and every idle socket's wake-up.
+func TestNoAllocs(t *testing.T) {
+	a, b := tcptest.Pair(t)
+	ra, rb := nonblock.Raw(a), nonblock.Raw(b)
+	buf := make([]byte, 8)
+	msg := []byte("x")
+	if n := testing.AllocsPerRun(100, func() {
+		if _, err := nonblock.Write(ra, msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := nonblock.Read(rb, buf); err != nil && !errors.Is(err, nonblock.ErrWouldBlock) {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Errorf("%v allocations per Write and Read", n)
+	}
+}

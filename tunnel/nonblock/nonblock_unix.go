@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 )
 
@@ -28,7 +29,7 @@ func Raw(c any) RawConn {
 // Write writes as much of p to raw's socket as it takes without blocking:
 // 0 and no error when its buffer is full.
 func Write(raw RawConn, p []byte) (int, error) {
-	n, errno, err := once(raw.Write, syscall.Write, p)
+	n, errno, err := once(raw, true, p)
 	switch {
 	case err != nil:
 		return 0, err
@@ -43,7 +44,7 @@ func Write(raw RawConn, p []byte) (int, error) {
 // Read reads what raw's socket holds without waiting: ErrWouldBlock when
 // it holds nothing, io.EOF at its end.
 func Read(raw RawConn, p []byte) (int, error) {
-	n, errno, err := once(raw.Read, syscall.Read, p)
+	n, errno, err := once(raw, false, p)
 	switch {
 	case err != nil:
 		return 0, err
@@ -57,19 +58,53 @@ func Read(raw RawConn, p []byte) (int, error) {
 	return n, nil
 }
 
-// once runs the system call call on raw's descriptor exactly once (EINTR
-// aside) through access, raw.Read or raw.Write, without ever parking on
+// once runs one read or write of p on raw's descriptor exactly once
+// (EINTR aside) through raw.Read or raw.Write, without ever parking on
 // the poller: errno is the call's result, err the RawConn's.
-func once(access func(func(uintptr) bool) error, call func(int, []byte) (int, error), p []byte) (n int, errno, err error) {
-	err = access(func(fd uintptr) bool {
-		for {
-			n, errno = call(int(fd), p)
-			if errno != syscall.EINTR {
-				return true
-			}
-		}
-	})
+//
+// The call's state lives in a pooled op whose callback is bound once: a
+// closure handed to RawConn escapes, and with it the variables it
+// captures, several allocations per call on the data path otherwise.
+func once(raw RawConn, write bool, p []byte) (n int, errno, err error) {
+	o := opPool.Get().(*op)
+	o.p, o.write = p, write
+	if write {
+		err = raw.Write(o.fn)
+	} else {
+		err = raw.Read(o.fn)
+	}
+	n, errno = o.n, o.errno
+	*o = op{fn: o.fn}
+	opPool.Put(o)
 	return n, errno, err
+}
+
+// op is one call of once.
+type op struct {
+	fn    func(uintptr) bool // o.run, bound when the op is made
+	p     []byte
+	write bool
+	n     int
+	errno error
+}
+
+var opPool = sync.Pool{New: func() any {
+	o := new(op)
+	o.fn = o.run
+	return o
+}}
+
+func (o *op) run(fd uintptr) bool {
+	for {
+		if o.write {
+			o.n, o.errno = syscall.Write(int(fd), o.p)
+		} else {
+			o.n, o.errno = syscall.Read(int(fd), o.p)
+		}
+		if o.errno != syscall.EINTR {
+			return true
+		}
+	}
 }
 
 // WaitReadable blocks until raw's socket has input or an error to report
@@ -78,6 +113,23 @@ func once(access func(func(uintptr) bool) error, call func(int, []byte) (int, er
 // (os.ErrDeadlineExceeded).
 func WaitReadable(raw RawConn) error {
 	return raw.Read(hasInput)
+}
+
+// WaitReadableOrWoken is WaitReadable for a caller that reads next and
+// takes ErrWouldBlock as a reason to wait again: it looks for input once,
+// as WaitReadable does (readiness from before the call is not kept for
+// the wait), then trusts the poller's wake-up rather than looking again.
+// That saves one system call per wait; a wake-up with nothing to read
+// costs the caller one empty read.
+func WaitReadableOrWoken(raw RawConn) error {
+	waited := false
+	return raw.Read(func(fd uintptr) bool {
+		if waited {
+			return true
+		}
+		waited = true
+		return hasInput(fd)
+	})
 }
 
 // hasInput is a syscall.RawConn.Read callback: done once the socket has

@@ -25,14 +25,17 @@ import (
 // workload (400), authorization (401), the upstream connection (503); 200
 // only once the application accepted.
 func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
-	if t, r := p.acceptHBONE(ctx, req, rw); t != nil {
-		p.relay(r, t)
+	if t, r, down := p.acceptHBONE(ctx, req, rw); t != nil {
+		// The handler's part ends here (hbone.Release: it no longer counts
+		// against the server's stream limits), and its goroutine copies a
+		// direction of the relay.
+		p.relay(r, t, hbone.Release(down))
 	}
 }
 
 // acceptHBONE checks a CONNECT, connects upstream and accepts; a nil
 // *tracked means it was refused and reported.
-func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) (*tracked, *record) {
+func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) (*tracked, *record, *hbone.Stream) {
 	origDst := sockopt.AddrPort(req.Conn.LocalAddr())
 	peerAddr := sockopt.AddrPort(req.Conn.RemoteAddr())
 	r := &record{
@@ -49,12 +52,12 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	tc, ok := req.Conn.(*tls.Conn)
 	if !ok {
 		reject(http.StatusBadRequest, errors.New("HBONE connection is not TLS"))
-		return nil, nil
+		return nil, nil, nil
 	}
 	peer, err := certs.PeerID(tc.ConnectionState())
 	if err != nil {
 		reject(http.StatusUnauthorized, err)
-		return nil, nil
+		return nil, nil, nil
 	}
 	r.srcID = peer
 	snap := p.cfg.Store.Load()
@@ -65,19 +68,19 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	switch dst := req.Addr; {
 	case dst.Addr() != origDst.Addr():
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s on a connection to %s", errAuthority, req.Authority, origDst.Addr()))
-		return nil, nil
+		return nil, nil, nil
 	case p.reserved[dst.Port()]:
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %d", errReservedPort, dst.Port()))
-		return nil, nil
+		return nil, nil, nil
 	case !tunnelTarget(dst.Addr()):
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s", errBadTarget, dst.Addr()))
-		return nil, nil
+		return nil, nil, nil
 	}
 	r.dstW = p.localWorkload(snap, req.Addr.Addr())
 	if r.dstW == nil {
 		p.stats.UnknownDest.Add(1)
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s", errUnknownDest, req.Addr.Addr()))
-		return nil, nil
+		return nil, nil, nil
 	}
 	r.dstID = workloadID(r.dstW)
 	ac := authz.Conn{
@@ -90,7 +93,7 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	if d := snap.Policies().Evaluate(ac); !d.Allowed {
 		p.denied(d)
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
-		return nil, nil
+		return nil, nil, nil
 	}
 	if testHookAuthorized != nil {
 		testHookAuthorized()
@@ -106,7 +109,7 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	}
 	if clientGone() {
 		cancelled(context.Cause(ctx))
-		return nil, nil
+		return nil, nil, nil
 	}
 	dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
 	up, err := p.cfg.Sockets.Dial(dctx, req.Addr, spoof)
@@ -114,25 +117,25 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	if err != nil {
 		if clientGone() {
 			cancelled(err)
-			return nil, nil
+			return nil, nil, nil
 		}
 		p.stats.UpstreamErrors.Add(1)
 		reject(http.StatusServiceUnavailable, fmt.Errorf("connect %s: %w", req.Addr, err))
-		return nil, nil
+		return nil, nil, nil
 	}
 	down, err := rw.Accept()
 	if err != nil {
 		up.Close()
 		if clientGone() {
 			cancelled(err)
-			return nil, nil
+			return nil, nil, nil
 		}
 		p.refuse(r, fmt.Errorf("accept CONNECT: %w", err))
-		return nil, nil
+		return nil, nil, nil
 	}
 	// The relay outlives this handler and closes the stream itself.
 	hbone.Detach(down)
-	return &tracked{pair: relay.NewPair(down, up), inbound: true, authz: ac, gen: snap.Generation()}, r
+	return &tracked{pair: relay.NewPair(down, up), inbound: true, authz: ac, gen: snap.Generation()}, r, down
 }
 
 // handleInbound serves a plaintext connection to a local pod from a client
@@ -174,7 +177,8 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		refuse(fmt.Errorf("connect %s: %w", dst, err))
 		return
 	}
-	p.relay(r, &tracked{pair: relay.NewPair(c.(relay.Conn), up), inbound: true, authz: ac, gen: snap.Generation()})
+	// On the connection's own goroutine (captured, dialLocalInbound).
+	p.relay(r, &tracked{pair: relay.NewPair(c.(relay.Conn), up), inbound: true, authz: ac, gen: snap.Generation()}, true)
 }
 
 // clientSource is the address of an inbound CONNECT's client as the

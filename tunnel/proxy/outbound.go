@@ -4,11 +4,13 @@ import (
 	"cmp"
 	"context"
 	crand "crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"time"
 
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -47,7 +49,9 @@ func (p *Proxy) handleOutbound(c net.Conn) {
 
 func (p *Proxy) outbound(down relay.Conn, src, dst, translated netip.AddrPort) {
 	if r, up := p.connectOutbound(down, src, dst, translated); up != nil {
-		p.relay(r, &tracked{pair: relay.NewPair(down, up)})
+		// Called on the connection's own goroutine (captured), which
+		// then has nothing else to do.
+		p.relay(r, &tracked{pair: relay.NewPair(down, up)}, true)
 	}
 }
 
@@ -246,25 +250,29 @@ func hboneSource(w *state.Workload, src, dst netip.Addr) netip.Addr {
 	return netip.Addr{}
 }
 
-// formatForwarded is the RFC 7239 Forwarded header naming the client:
-// for="ip:port", IPv6 in brackets (§6: such a node must be quoted).
-// formatForwarded is the CONNECT's Forwarded header, as Istio's ztunnel
-// writes it: the client's address and, for a Service destination, its
-// hostname.
+// formatForwarded is the CONNECT's RFC 7239 Forwarded header, as Istio's
+// ztunnel writes it: the client as for="ip:port", IPv6 in brackets (§6:
+// such a node must be quoted), and, for a Service destination, its
+// hostname. It is built without fmt, as are the other per-connection
+// headers below: each costs a connection fewer allocations that way.
 func formatForwarded(src netip.AddrPort, svc *state.Service) string {
-	if svc == nil {
-		return fmt.Sprintf("for=%q", src.String())
+	var buf [64]byte
+	b := append(buf[:0], "for="...)
+	b = strconv.AppendQuote(b, src.String())
+	if svc != nil {
+		b = append(append(b, ";host="...), svc.Hostname...)
 	}
-	return fmt.Sprintf("for=%q;host=%s", src.String(), svc.Hostname)
+	return string(b)
 }
 
 // baggage is the CONNECT's W3C baggage header describing the source
 // workload, with the keys Istio's ztunnel sends (waypoints and the peer
 // ztunnel read them for telemetry).
 func baggage(w *state.Workload) string {
-	return fmt.Sprintf("k8s.cluster.name=%s,k8s.namespace.name=%s,k8s.%s.name=%s,service.name=%s,service.version=%s,cloud.region=%s,cloud.availability_zone=%s",
-		w.ClusterID, w.Namespace, cmp.Or(w.WorkloadType, "pod"), workloadName(w), w.CanonicalName, w.CanonicalRevision,
-		w.Locality.Region, w.Locality.Zone)
+	return "k8s.cluster.name=" + w.ClusterID + ",k8s.namespace.name=" + w.Namespace +
+		",k8s." + cmp.Or(w.WorkloadType, "pod") + ".name=" + workloadName(w) +
+		",service.name=" + w.CanonicalName + ",service.version=" + w.CanonicalRevision +
+		",cloud.region=" + w.Locality.Region + ",cloud.availability_zone=" + w.Locality.Zone
 }
 
 // newTraceparent is a W3C traceparent header with a random trace and span
@@ -272,7 +280,13 @@ func baggage(w *state.Workload) string {
 func newTraceparent() string {
 	var id [24]byte
 	crand.Read(id[:])
-	return fmt.Sprintf("00-%x-%x-00", id[:16], id[16:])
+	var b [3 + 32 + 1 + 16 + 3]byte // 00-<trace id>-<span id>-00
+	copy(b[:], "00-")
+	hex.Encode(b[3:35], id[:16])
+	b[35] = '-'
+	hex.Encode(b[36:52], id[16:])
+	copy(b[52:], "-00")
+	return string(b[:])
 }
 
 // dialHBONE opens the mutual-TLS connection under an HBONE pool entry:

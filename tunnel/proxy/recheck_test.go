@@ -40,7 +40,7 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 			SrcIdentity: id, SrcIP: netip.MustParseAddr(src),
 			DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080, DstWorkload: authzWorkload(pp),
 		}, gen: store.Load().Generation()}
-		p.relay(&record{reporter: reporterDestino, start: time.Now(), protocol: protocolTCP}, tr)
+		p.relay(&record{reporter: reporterDestino, start: time.Now(), protocol: protocolTCP}, tr, false)
 		return tr
 	}
 	sleep := live("spiffe://cluster.local/ns/default/sa/sleep", "10.0.0.3")

@@ -121,6 +121,9 @@ func TestForwardedRoundTrip(t *testing.T) {
 	if ap, ok := hbone.ForwardedFor(formatForwarded(src, nil)); !ok || ap != src {
 		t.Errorf("round trip of %s: %s", src, ap)
 	}
+	if got, want := formatForwarded(netip.MustParseAddrPort("10.0.0.3:1234"), nil), `for="10.0.0.3:1234"`; got != want {
+		t.Errorf("forwarded = %s, want %s", got, want)
+	}
 	svc := &state.Service{Hostname: "pp.default.svc.cluster.local"}
 	if got, want := formatForwarded(src, svc), `for="[2001:db8::1]:80";host=pp.default.svc.cluster.local`; got != want {
 		t.Errorf("forwarded = %s, want %s", got, want)

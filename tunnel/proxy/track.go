@@ -40,11 +40,13 @@ func (p *Proxy) untrack(t *tracked) {
 }
 
 // relay counts the connection open, tracks it and relays it (package
-// relay) until both directions ended; it returns at once, and relayEnd
-// reports the connection when it ends. An idle connection holds no
-// goroutine when one side is an HBONE stream (ARCHITECTURE.md, "Idle
-// connections hold no goroutine").
-func (p *Proxy) relay(r *record, t *tracked) {
+// relay) until both directions ended; relayEnd reports the connection
+// when it ends. It returns at once, unless run: the caller's goroutine
+// has nothing left to do and copies a direction itself until that parks
+// or ends (relay.Pair.Run), which saves the start of another. An idle
+// connection holds no goroutine when one side is an HBONE stream
+// (ARCHITECTURE.md, "Idle connections hold no goroutine").
+func (p *Proxy) relay(r *record, t *tracked, run bool) {
 	mc := p.metrics.Open(r.labels())
 	if !p.track(t) {
 		t.close(ErrClosed)
@@ -55,7 +57,12 @@ func (p *Proxy) relay(r *record, t *tracked) {
 	if t.inbound {
 		p.recheckTracked(t)
 	}
-	t.pair.Start(p.parker, func(res relay.Result) { p.relayEnd(r, t, mc, res) })
+	done := func(res relay.Result) { p.relayEnd(r, t, mc, res) }
+	if run {
+		t.pair.Run(p.parker, done)
+		return
+	}
+	t.pair.Start(p.parker, done)
 }
 
 // relayEnd reports a connection whose relay ended, then forgets it: a

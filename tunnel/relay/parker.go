@@ -189,10 +189,11 @@ func (u *pump) run() {
 }
 
 // waitReadable waits up to idleAfter on this goroutine for data or an
-// error (which the next read reports).
+// error (which the next read reports). A wake-up is not checked: the
+// read that follows does, and a read that finds nothing comes back here.
 func (u *pump) waitReadable() bool {
 	_ = u.src.SetReadDeadline(time.Now().Add(idleAfter))
-	err := nonblock.WaitReadable(u.raw)
+	err := nonblock.WaitReadableOrWoken(u.raw)
 	_ = u.src.SetReadDeadline(time.Time{})
 	return !errors.Is(err, os.ErrDeadlineExceeded)
 }

@@ -95,36 +95,78 @@ func (p *Pair) SetIdleTimeout(d time.Duration) {
 // their own. When both directions ended, a and b are closed and done is
 // called once, on the goroutine of the direction that ended last.
 func (p *Pair) Start(pk *Parker, done func(Result)) {
+	p.start(pk, done, nil)
+}
+
+// Run is Start, except that a direction that would run on a goroutine of
+// its own — a socket read into an HBONE stream, preferably, since it
+// parks — runs on the calling goroutine instead, until it parks or ends;
+// Run returns then. A caller with nothing left to do after starting the
+// relay (an accept handler) thus becomes a direction's copier rather than
+// starting one and exiting: one goroutine start fewer per connection, and
+// with it often a thread woken to run it.
+func (p *Pair) Run(pk *Parker, done func(Result)) {
+	var run func()
+	p.start(pk, done, &run)
+	if run != nil {
+		run()
+	}
+}
+
+// start starts both directions; with inline set, the first one that needs
+// a goroutine of its own is left in *inline for the caller to run.
+func (p *Pair) start(pk *Parker, done func(Result), inline *func()) {
 	p.done = done
 	p.left.Store(2)
 	if p.idle > 0 {
 		p.idleTimer = NewIdleTimer(p.idle, func() { p.Close(ErrIdleTimeout) })
 		p.idleTimer.Start()
 	}
-	p.direction(pk, p.b, p.a, p.aBuf, &p.res.AToB)
-	p.direction(pk, p.a, p.b, p.bBuf, &p.res.BToA)
+	// The direction into an HBONE stream (from a socket) is the one that
+	// parks: offer it the caller's goroutine first.
+	first, second := p.direction(pk, p.b, p.a, p.aBuf, &p.res.AToB), p.direction(pk, p.a, p.b, p.bBuf, &p.res.BToA)
+	if _, ok := p.a.(*hbone.Stream); ok {
+		first, second = second, first
+	}
+	for _, d := range []direction{first, second} {
+		if d.run == nil {
+			continue
+		}
+		if inline != nil && *inline == nil {
+			*inline = d.run
+			continue
+		}
+		go d.run()
+	}
 }
 
-// direction starts copying src to dst, counting into n: first what was
+// direction is a direction set up by Pair.direction: run, when set, is
+// what a goroutine of its own must run.
+type direction struct{ run func() }
+
+// direction sets up copying src to dst, counting into n: first what was
 // read ahead from src, on a goroutine of its own (dst may not take it at
 // once), then src its usual way.
-func (p *Pair) direction(pk *Parker, dst, src Conn, ahead []byte, n *int64) {
+func (p *Pair) direction(pk *Parker, dst, src Conn, ahead []byte, n *int64) direction {
 	if len(ahead) == 0 {
-		p.copyDirection(pk, dst, src, 0, n)
-		return
+		return p.copyDirection(pk, dst, src, 0, n)
 	}
-	go func() {
+	return direction{run: func() {
 		k, err := p.watch(dst).Write(ahead)
 		if err != nil {
 			p.end(n, int64(k), err)
 			return
 		}
-		p.copyDirection(pk, dst, src, int64(k), n)
-	}()
+		if d := p.copyDirection(pk, dst, src, int64(k), n); d.run != nil {
+			d.run()
+		}
+	}}
 }
 
-// copyDirection starts copying src to dst, counting into n after base.
-func (p *Pair) copyDirection(pk *Parker, dst, src Conn, base int64, n *int64) {
+// copyDirection sets up copying src to dst, counting into n after base.
+// A direction out of an HBONE stream starts at once (it needs no
+// goroutine); the others are returned for a goroutine to run.
+func (p *Pair) copyDirection(pk *Parker, dst, src Conn, base int64, n *int64) direction {
 	end := func(k int64, err error) { p.end(n, base+k, err) }
 	if s, ok := src.(*hbone.Stream); ok {
 		hbone.Forward(s, p.watch(dst), func(k int64, err error) {
@@ -133,17 +175,16 @@ func (p *Pair) copyDirection(pk *Parker, dst, src Conn, base int64, n *int64) {
 			}
 			end(k, err)
 		})
-		return
+		return direction{}
 	}
 	if _, ok := dst.(*hbone.Stream); ok && pk != nil {
 		if u := newPump(pk, dst, src, end); u != nil {
 			u.touch = p.touch()
 			p.setPump(u)
-			go u.run()
-			return
+			return direction{run: u.run}
 		}
 	}
-	go copyLoop(dst, p.watchReads(src), end)
+	return direction{run: func() { copyLoop(dst, p.watchReads(src), end) }}
 }
 
 // copyLoop is a direction on a goroutine of its own for as long as the

@@ -61,9 +61,17 @@ func (o Options) mark() int {
 // MPTCP socket cannot be put into a SOCKMAP (docs/facts.md §2); IP_TRANSPARENT
 // is on because without it the kernel never answers a SYN assigned by
 // bpf_sk_assign for a foreign address.
+//
+// The keep-alive settings Go gives every accepted connection (on, 15 s
+// idle, 15 s between probes, 9 probes) are set once on the listener
+// instead: an accepted socket inherits them from it (the kernel clones the
+// listener's socket), which saves four setsockopt calls per connection.
 func (o Options) Listen(ctx context.Context, addr string) (*net.TCPListener, error) {
-	lc := net.ListenConfig{Control: func(network, _ string, c syscall.RawConn) error {
+	lc := net.ListenConfig{KeepAlive: -1, Control: func(network, _ string, c syscall.RawConn) error {
 		if err := o.setMark(c); err != nil {
+			return err
+		}
+		if err := setKeepAlive(c); err != nil {
 			return err
 		}
 		if o.NoTransparent {
@@ -110,30 +118,36 @@ func (o Options) ListenLoopback(ctx context.Context, port uint16) (v4, v6 *net.T
 // this socket through the datapath's established-socket lookup, which
 // requires the bypass mark.
 func (o Options) Dial(ctx context.Context, dst netip.AddrPort, src netip.Addr) (*net.TCPConn, error) {
+	// One Control call sets every option: each call is a closure and an
+	// fd lock, per connection.
+	mark, transparent := o.mark(), src.IsValid() && !o.NoTransparent
 	d := net.Dialer{Control: func(network, _ string, c syscall.RawConn) error {
-		if err := o.setMark(c); err != nil {
-			return err
-		}
-		if !src.IsValid() {
-			return nil
-		}
-		if !o.NoTransparent {
-			if err := setTransparent(network, c); err != nil {
-				return err
-			}
-		}
-		// Several sockets share a (source, port) towards different
-		// destinations: the 4-tuple must be unique, not the binding.
 		var serr error
-		if err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-		}); err != nil {
+		err := c.Control(func(fd uintptr) {
+			if mark >= 0 {
+				if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark); serr != nil {
+					serr = fmt.Errorf("set SO_MARK: %w", serr)
+					return
+				}
+			}
+			if !src.IsValid() {
+				return
+			}
+			if transparent {
+				if serr = setTransparentFD(network, int(fd)); serr != nil {
+					return
+				}
+			}
+			// Several sockets share a (source, port) towards different
+			// destinations: the 4-tuple must be unique, not the binding.
+			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); serr != nil {
+				serr = fmt.Errorf("set SO_REUSEADDR: %w", serr)
+			}
+		})
+		if err != nil {
 			return err
 		}
-		if serr != nil {
-			return fmt.Errorf("set SO_REUSEADDR: %w", serr)
-		}
-		return nil
+		return serr
 	}}
 	d.SetMultipathTCP(false)
 	network := "tcp4"
@@ -142,6 +156,7 @@ func (o Options) Dial(ctx context.Context, dst netip.AddrPort, src netip.Addr) (
 	}
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	if !src.IsValid() {
+		// DialTCP would bind a zero source to the wildcard first.
 		c, err := d.DialContext(ctx, network, dst.String())
 		if err != nil {
 			return nil, err
@@ -161,11 +176,11 @@ func (o Options) Dial(ctx context.Context, dst netip.AddrPort, src netip.Addr) (
 	var err error
 	for range dialPortTries {
 		port := lo + uint16(rand.IntN(int(hi-lo)+1))
-		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice(), Port: int(port)}
-		var c net.Conn
-		c, err = d.DialContext(ctx, network, dst.String())
+		// DialTCP takes the addresses as they are, with no resolver.
+		var c *net.TCPConn
+		c, err = d.DialTCP(ctx, network, netip.AddrPortFrom(src, port), dst)
 		if err == nil {
-			return c.(*net.TCPConn), nil
+			return c, nil
 		}
 		if !errors.Is(err, syscall.EADDRINUSE) && !errors.Is(err, syscall.EADDRNOTAVAIL) {
 			return nil, err
@@ -194,21 +209,56 @@ func (o Options) setMark(c syscall.RawConn) error {
 	return nil
 }
 
-func setTransparent(network string, c syscall.RawConn) error {
+// Keep-alive of accepted connections: Go's defaults (net.KeepAliveConfig).
+const (
+	keepAliveIdle     = 15 // seconds
+	keepAliveInterval = 15 // seconds
+	keepAliveCount    = 9
+)
+
+// setKeepAlive sets a listener's keep-alive options, which the connections
+// it accepts inherit.
+func setKeepAlive(c syscall.RawConn) error {
 	var serr error
 	err := c.Control(func(fd uintptr) {
-		if network != "tcp6" {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
-		}
-		if serr == nil && network != "tcp4" {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+		for _, o := range []struct{ level, opt, v int }{
+			{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveIdle},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepAliveInterval},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAliveCount},
+		} {
+			if serr = unix.SetsockoptInt(int(fd), o.level, o.opt, o.v); serr != nil {
+				return
+			}
 		}
 	})
 	if err != nil {
 		return err
 	}
 	if serr != nil {
-		return fmt.Errorf("set IP_TRANSPARENT: %w", serr)
+		return fmt.Errorf("set keep-alive: %w", serr)
+	}
+	return nil
+}
+
+func setTransparent(network string, c syscall.RawConn) error {
+	var serr error
+	if err := c.Control(func(fd uintptr) { serr = setTransparentFD(network, int(fd)) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+func setTransparentFD(network string, fd int) error {
+	var err error
+	if network != "tcp6" {
+		err = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+	}
+	if err == nil && network != "tcp4" {
+		err = unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+	}
+	if err != nil {
+		return fmt.Errorf("set IP_TRANSPARENT: %w", err)
 	}
 	return nil
 }

@@ -56,6 +56,28 @@ func TestPrivilegedSocketOptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	// An accepted connection has Go's keep-alive and no-delay settings,
+	// inherited from the listener rather than set on each one.
+	ac, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ac.Close()
+	for _, o := range []struct {
+		name       string
+		level, opt int
+		want       int
+	}{
+		{"SO_KEEPALIVE", unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		{"TCP_KEEPIDLE", unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
+		{"TCP_KEEPINTVL", unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
+		{"TCP_KEEPCNT", unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
+		{"TCP_NODELAY", unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+	} {
+		if got := getInt(t, ac, o.level, o.opt); got != o.want {
+			t.Errorf("accepted connection: %s %d, want %d", o.name, got, o.want)
+		}
+	}
 	if getInt(t, c, unix.SOL_SOCKET, unix.SO_MARK) != bpf.BypassMark {
 		t.Error("dialed socket lacks the bypass mark")
 	}

@@ -273,7 +273,7 @@ func tunnel(args []string) error {
 			var x sample
 			x, err = measure(p.client, sink, echo, d.pids, !reference[m], *dur, *workers, *rate, *latDur)
 			if err == nil && idleModes[m] && r == 0 {
-				idleRSS[m], perConn[m], err = idleMemory(p.client, echo, d.pids, *idle)
+				idleRSS[m], perConn[m], err = idleMemory(p.client, echo, d.pids, *idle, nil)
 			}
 			if terr := d.stop(); err == nil {
 				err = terr
@@ -285,12 +285,15 @@ func tunnel(args []string) error {
 			if reference[m] {
 				fmt.Fprintf(os.Stderr, "round %d %-16s %6.2f Gbit/s\n", r+1, m, x.gbps)
 			} else {
-				fmt.Fprintf(os.Stderr, "round %d %-16s %6.2f Gbit/s %7.0f conn/s  p50 %6.0f µs  p99 %6.0f µs\n", r+1, m, x.gbps, x.cps, x.p50, x.p99)
+				fmt.Fprintf(os.Stderr, "round %d %-16s %6.2f Gbit/s %7.0f conn/s  p50 %6.0f µs  p99 %6.0f µs  CPU %4.2f s/GB %5.0f µs/conn\n", r+1, m, x.gbps, x.cps, x.p50, x.p99, x.cpuPerGB, x.cpuPerConn)
+				if idleModes[m] && r == 0 {
+					fmt.Fprintf(os.Stderr, "round %d %-16s idle RSS %.1f MiB per node · %.2f KiB per idle connection (both nodes)\n", r+1, m, idleRSS[m]/(1<<20), perConn[m]/1024)
+				}
 			}
 		}
 	}
 	if *profDir != "" {
-		for _, m := range []string{"amber", "haproxy-pair", "istio-hbone-pair"} {
+		for _, m := range []string{"tcp-pair", "amber", "haproxy-pair", "istio-hbone-pair"} {
 			if !selected[m] {
 				continue
 			}
@@ -378,16 +381,90 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 	if mode == "amber" {
 		zs = ztunnels()
 	}
+	if len(zs) > 0 {
+		// First, while the processes are fresh (their RSS as in the
+		// rounds): the ztunnels' live heap while idle connections are held,
+		// where an idle connection's bytes are (go tool pprof
+		// -sample_index inuse_space), beside its RSS.
+		// The live heap and stacks, after a collection, before and while
+		// they are held: exact, where RSS also counts the collector's
+		// headroom and what it has not returned yet.
+		before, err := ztunnelMemStats(zs, true)
+		if err != nil {
+			return errors.Join(err, d.stop())
+		}
+		var held memStats
+		heap := func() error {
+			var err error
+			if held, err = ztunnelMemStats(zs, true); err != nil {
+				return err
+			}
+			return saveHeaps(dir, mode+"-idle-heap", zs)
+		}
+		const n = 1000
+		_, per, err := idleMemory(client, netip.AddrPortFrom(server.IPv4, 5002), d.pids, n, heap)
+		if err != nil {
+			return errors.Join(err, d.stop())
+		}
+		fmt.Fprintf(os.Stderr, "profile %-16s per idle connection, both ztunnels: %.0f B live heap · %.0f B goroutine stacks (Go runtime, after GC) · %.2f KiB RSS (%d connections)\n", mode,
+			(float64(held.heap)-float64(before.heap))/n, (float64(held.stack)-float64(before.stack))/n, per/1024, n)
+	}
 	sink := netip.AddrPortFrom(server.IPv4, 5001)
 	for _, phase := range []string{"throughput", "connrate"} {
-		pr, perr := startProfile(dir, mode+"-"+phase, dur, d.pids, zs)
+		name := mode + "-" + phase
+		var before memStats
+		var dials uint64
+		if phase == "connrate" && len(zs) > 0 {
+			if before, err = ztunnelMemStats(zs, false); err == nil {
+				err = saveHeaps(dir, name+"-heap-before", zs)
+			}
+			if err == nil {
+				dials, err = hboneEvents(zs, "dials")
+			}
+			if err != nil {
+				break
+			}
+		}
+		pr, perr := startProfile(dir, name, dur, d.pids, zs, phase == "connrate")
 		if perr == nil {
+			var cps float64
 			if phase == "throughput" {
 				_, _, perr = throughput(client, sink, dur)
 			} else {
-				_, perr = connRate(client, sink, dur, workers)
+				cps, perr = connRate(client, sink, dur, workers)
 			}
 			perr = errors.Join(perr, pr.wait())
+			conns := cps * dur.Seconds()
+			if perr == nil && pr.stat != nil {
+				// Counted over the measurement (perf is enabled before
+				// and disabled after it): per connection, both nodes.
+				var per []float64
+				if per, perr = syscallsPerConn(filepath.Join(dir, name+".perf-stat.csv"), conns); perr == nil {
+					sched := per[3] + per[4] + per[5] + per[6]
+					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both nodes: %.1f syscalls (%.1f beside the Go scheduler's nanosleep, futex, epoll_pwait, sched_yield) · %.1f context switches · %.0f µs CPU (perf stat)\n", mode, per[0], per[0]-sched, per[1], per[2]*1e3)
+				}
+			}
+			if perr == nil && phase == "connrate" && len(zs) > 0 {
+				// Exact counts from the Go runtime, so load-insensitive;
+				// a few admin-port requests of their own are included.
+				var after memStats
+				if after, perr = ztunnelMemStats(zs, false); perr == nil {
+					perr = saveHeaps(dir, name+"-heap-after", zs)
+				}
+				if perr == nil {
+					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both ztunnels: %.0f allocations · %.1f KiB allocated (Go runtime)\n", mode,
+						float64(after.mallocs-before.mallocs)/conns, float64(after.bytes-before.bytes)/conns/1024)
+				}
+				// Pooling: a new application connection should cost an
+				// HTTP/2 stream, not a TLS handshake.
+				var dialsAfter uint64
+				if perr == nil {
+					dialsAfter, perr = hboneEvents(zs, "dials")
+				}
+				if perr == nil {
+					fmt.Fprintf(os.Stderr, "profile %-16s %.0f connections over %d new HBONE (TLS) connections\n", mode, conns, dialsAfter-dials)
+				}
+			}
 		}
 		if perr != nil {
 			err = perr
@@ -395,6 +472,18 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 		}
 	}
 	return errors.Join(err, d.stop())
+}
+
+// saveHeaps saves each ztunnel's heap profile as PREFIX-NODE.pprof. The
+// allocations between two of them (go tool pprof -sample_index
+// alloc_objects -base BEFORE AFTER) are exact when the ztunnels run with
+// GODEBUG=memprofilerate=1, which they inherit from this command.
+func saveHeaps(dir, prefix string, zs []*meshbed.Ztunnel) error {
+	var errs []error
+	for _, z := range zs {
+		errs = append(errs, pprofHeap(z, filepath.Join(dir, fmt.Sprintf("%s-%s.pprof", prefix, z.Node.Name))))
+	}
+	return errors.Join(errs...)
 }
 
 // printTunnelSummary prints the table and the ratios against the
@@ -514,7 +603,9 @@ func latency(p *testbed.Pod, dst netip.AddrPort, rate int, d time.Duration) (flo
 // proxy processes' RSS before (average per node) and the growth per
 // connection (summed over both nodes, since each connection lives in
 // both).
-func idleMemory(p *testbed.Pod, dst netip.AddrPort, pids []int, n int) (float64, float64, error) {
+//
+// held, when set, runs while the connections are open and idle.
+func idleMemory(p *testbed.Pod, dst netip.AddrPort, pids []int, n int, held func() error) (float64, float64, error) {
 	rss := func() (int64, error) {
 		var sum int64
 		for _, pid := range pids {
@@ -559,6 +650,11 @@ func idleMemory(p *testbed.Pod, dst netip.AddrPort, pids []int, n int) (float64,
 	after, err := rss()
 	if err != nil {
 		return 0, 0, err
+	}
+	if held != nil {
+		if err := held(); err != nil {
+			return 0, 0, err
+		}
 	}
 	return float64(before) / float64(len(pids)), float64(after-before) / float64(n), nil
 }
