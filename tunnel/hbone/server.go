@@ -444,6 +444,24 @@ func (srv *Server) serveConn(ctx context.Context, nc net.Conn, slot *handshakeSl
 	return err
 }
 
+// GoAway sends GOAWAY on every connection open now, which then ends once
+// its streams are done, and goes on accepting new connections: the first
+// half of a graceful drain, while clients that have not heard that this
+// server is going away still dial it (RFC 9113 §6.8). Shutdown is the
+// second half.
+func (srv *Server) GoAway() {
+	srv.init()
+	srv.mu.Lock()
+	conns := make([]*serverConn, 0, len(srv.conns))
+	for c := range srv.conns {
+		conns = append(conns, c)
+	}
+	srv.mu.Unlock()
+	for _, c := range conns {
+		c.goAway()
+	}
+}
+
 // Shutdown stops accepting connections, sends GOAWAY on every connection
 // and waits for their streams to finish (RFC 9113 §6.8). When ctx ends
 // first, the remaining connections are closed and ctx's error returned.

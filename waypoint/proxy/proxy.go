@@ -289,6 +289,29 @@ func (p *Proxy) serverTLS() *tls.Config {
 	}
 }
 
+// Quiesce asks clients to go elsewhere — GOAWAY on the HBONE
+// connections open now and on inner HTTP/2 connections, idle HTTP/1
+// connections closed and the others after their current response, every
+// response from now on with `Connection: close` — and goes on accepting
+// connections and streams: the ztunnels keep dialling this waypoint until
+// istiod's push that it is terminating reaches them. Drain follows.
+func (p *Proxy) Quiesce() {
+	p.mu.Lock()
+	p.draining = true
+	servers := append([]*hbone.Server(nil), p.servers...)
+	conns := make([]*downstream, 0, len(p.conns))
+	for d := range p.conns {
+		conns = append(conns, d)
+	}
+	p.mu.Unlock()
+	for _, d := range conns {
+		d.drain()
+	}
+	for _, s := range servers {
+		s.GoAway()
+	}
+}
+
 // Drain stops accepting connections, asks HTTP/2 clients to go away
 // (GOAWAY on both the HBONE and the inner connections), closes idle
 // HTTP/1 connections and ends the others after their current response,
