@@ -468,15 +468,7 @@ func (srv *Server) GoAway() {
 func (srv *Server) Shutdown(ctx context.Context) error {
 	srv.init()
 	err := srv.stop()
-	srv.mu.Lock()
-	conns := make([]*serverConn, 0, len(srv.conns))
-	for c := range srv.conns {
-		conns = append(conns, c)
-	}
-	srv.mu.Unlock()
-	for _, c := range conns {
-		c.goAway()
-	}
+	srv.GoAway()
 	for {
 		srv.mu.Lock()
 		n, changed := len(srv.conns), srv.changed

@@ -296,6 +296,14 @@ func (p *Proxy) serverTLS() *tls.Config {
 // connections and streams: the ztunnels keep dialling this waypoint until
 // istiod's push that it is terminating reaches them. Drain follows.
 func (p *Proxy) Quiesce() {
+	for _, s := range p.startDrain() {
+		s.GoAway()
+	}
+}
+
+// startDrain marks the proxy draining, drains the inner connections and
+// returns the HBONE servers.
+func (p *Proxy) startDrain() []*hbone.Server {
 	p.mu.Lock()
 	p.draining = true
 	servers := append([]*hbone.Server(nil), p.servers...)
@@ -307,9 +315,7 @@ func (p *Proxy) Quiesce() {
 	for _, d := range conns {
 		d.drain()
 	}
-	for _, s := range servers {
-		s.GoAway()
-	}
+	return servers
 }
 
 // Drain stops accepting connections, asks HTTP/2 clients to go away
@@ -318,19 +324,8 @@ func (p *Proxy) Quiesce() {
 // and waits for streams to finish until ctx ends; then it closes what
 // remains and returns ctx's error.
 func (p *Proxy) Drain(ctx context.Context) error {
-	p.mu.Lock()
-	p.draining = true
-	servers := append([]*hbone.Server(nil), p.servers...)
-	conns := make([]*downstream, 0, len(p.conns))
-	for d := range p.conns {
-		conns = append(conns, d)
-	}
-	p.mu.Unlock()
-	for _, d := range conns {
-		d.drain()
-	}
 	var errs []error
-	for _, s := range servers {
+	for _, s := range p.startDrain() {
 		if err := s.Shutdown(ctx); err != nil && !errors.Is(err, hbone.ErrServerClosed) {
 			errs = append(errs, err)
 		}
