@@ -262,9 +262,11 @@ func TestPrivilegedRealNodeWaypointOps(t *testing.T) {
 // reviewsWaypointSplit splits reviews 90/10 with an HTTPRoute while
 // reviews is bound to a waypoint of its own (the 2022 walkthrough's
 // per-service waypoint) and its backends reviews-v1/v2 to the
-// namespace's: every page must carry reviews from v1 or v2. What the
-// waypoint was given is logged (`istioctl proxy-config`), to tell a
-// waypoint fault from istiod's configuration.
+// namespace's, so that reviews-waypoint reaches them through istiod's
+// outbound clusters: once 20 pages in a row come without v3, 100 pages
+// must all carry reviews, from v1 within the binomial bounds of the
+// walkthrough's count, the rest from v2. On failure what the waypoint
+// was given is logged, to tell its fault from istiod's configuration.
 func reviewsWaypointSplit(t *testing.T, ctx context.Context, c *cluster.Cluster, p *pageClients, ns string) {
 	tg := realnode.HostTarget(c)
 	if out, err := c.Istioctl(ctx, "waypoint", "apply", "-n", ns, "--name", realnode.ReviewsWaypoint, "--wait"); err != nil {
@@ -277,44 +279,58 @@ func reviewsWaypointSplit(t *testing.T, ctx context.Context, c *cluster.Cluster,
 	if err := tg.WaitRollout(ctx, ns, realnode.ReviewsWaypoint); err != nil {
 		t.Fatal(err)
 	}
-	// Until reviews-waypoint serves reviews, v3 answers a third of the
-	// pages through the namespace's waypoint.
 	if err := tg.Apply(ctx, "reviews-90-10-httproute.yaml", istiod.ReviewsRoute9010(ns)); err != nil {
 		t.Fatal(err)
 	}
 	defer c.Kubectl(context.WithoutCancel(ctx), "-n", ns, "delete", "--ignore-not-found", "httproute/"+realnode.BookinfoReviews)
-	pod, err := tg.RunningPodOf(ctx, ns, "gateway.networking.k8s.io/gateway-name="+realnode.ReviewsWaypoint)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var last string
-	err = realnode.Retry(ctx, 60*time.Second, func() error {
+	pages := func(n int) (map[string]int, error) {
 		count := map[string]int{}
-		for range 20 {
+		for range n {
 			r, err := realnode.Get(ctx, p.sleep, http.MethodGet, p.url, p.host)
 			if err := realnode.PageError(r, err); err != nil {
 				last = r.Body
-				return err
+				return count, err
 			}
 			_, versions := realnode.ReviewsPods(r.Body)
 			for _, v := range versions {
 				count[v]++
 			}
 		}
-		if count["v3"] > 0 || count["v1"]+count["v2"] == 0 {
-			return fmt.Errorf("reviews versions %v", count)
+		return count, nil
+	}
+	// Until reviews-waypoint has the route, v3 answers a third of the
+	// pages.
+	err := realnode.Retry(ctx, 60*time.Second, func() error {
+		count, err := pages(20)
+		if err == nil && count["v3"] > 0 {
+			err = fmt.Errorf("reviews versions %v", count)
 		}
-		t.Logf("20 pages through reviews-waypoint's split: %v", count)
-		return nil
+		return err
 	})
-	if err != nil {
+	var count map[string]int
+	if err == nil {
+		count, err = pages(realnode.SplitRequests)
+	}
+	lo, hi := realnode.BinomialBounds(realnode.SplitRequests, realnode.SplitV1, realnode.SplitAlpha)
+	t.Logf("%d pages through %s's split: %v (v1 bounds [%d, %d])", realnode.SplitRequests, realnode.ReviewsWaypoint, count, lo, hi)
+	switch {
+	case err != nil:
 		t.Errorf("HTTPRoute split at %s: %v\nlast page:\n%s", realnode.ReviewsWaypoint, err, last)
+	case count["v1"]+count["v2"] != realnode.SplitRequests || count["v1"] < lo || count["v1"] > hi:
+		t.Errorf("HTTPRoute split at %s: %v, want v1 in [%d, %d] and the rest v2", realnode.ReviewsWaypoint, count, lo, hi)
+	}
+	if !t.Failed() {
+		return
+	}
+	pod, err := tg.RunningPodOf(ctx, ns, "gateway.networking.k8s.io/gateway-name="+realnode.ReviewsWaypoint)
+	if err != nil {
+		t.Fatal(err)
 	}
 	for _, args := range [][]string{
 		{"proxy-config", "routes", pod.Name + "." + ns},
 		{"proxy-config", "clusters", pod.Name + "." + ns},
 		{"proxy-config", "endpoints", pod.Name + "." + ns},
-		{"proxy-config", "clusters", pod.Name + "." + ns, "--fqdn", "reviews-v1.default.svc.cluster.local", "-o", "json"},
 	} {
 		out, err := c.Istioctl(ctx, args...)
 		t.Logf("$ istioctl %s: %v\n%s", strings.Join(args, " "), err, out)
@@ -329,8 +345,6 @@ func reviewsWaypointSplit(t *testing.T, ctx context.Context, c *cluster.Cluster,
 			}
 		}
 	}
-	out, _ = c.Kubectl(ctx, "-n", ns, "logs", "deploy/productpage-v1", "--tail=10")
-	t.Logf("productpage log tail:\n%s", out)
 }
 
 // pageClients send requests to productpage's Service address from sleep
