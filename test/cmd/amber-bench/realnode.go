@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -211,9 +210,13 @@ func (b *nodeBench) bookinfo() error {
 // processes meanwhile; then deletes them.
 func churnStage(b *nodeBench) error {
 	const ns, batch = "default", 20
-	pids, err := procs("amber-agent", "amber-ztunnel")
-	if err != nil {
-		return err
+	var pids []int
+	for _, bin := range []string{"/usr/local/bin/amber-agent", "/usr/local/bin/amber-ztunnel"} {
+		pid, err := b.podProcess(realnode.Namespace, "app="+realnode.DaemonSet, bin)
+		if err != nil {
+			return err
+		}
+		pids = append(pids, pid)
 	}
 	cpu0, err := cpuTimes(pids)
 	if err != nil {
@@ -339,11 +342,12 @@ func waypointStage(b *nodeBench) error {
 	}); err != nil {
 		return err
 	}
-	pids, err := procs("amber-waypoint")
+	pid, err := b.podProcess(ns, "gateway.networking.k8s.io/gateway-name="+realnode.Waypoint, realnode.WaypointCommand[0])
 	if err != nil {
 		return err
 	}
-	rss, err := meshbed.RSS(pids[0])
+	pids := []int{pid}
+	rss, err := meshbed.RSS(pid)
 	if err != nil {
 		return err
 	}
@@ -447,35 +451,15 @@ func getOK(ctx context.Context, c *http.Client, url, host string) error {
 	return err
 }
 
-// procs returns the pid of the one host process named after each of
-// names (its comm), failing when there is none or more than one.
-func procs(names ...string) ([]int, error) {
-	ents, err := os.ReadDir("/proc")
+// podProcess returns the pid of bin in the running pod of ns that
+// selector picks: by its pod's cgroup, never by name alone (other
+// engineers' benchmarks run amber's binaries on the same machine).
+func (b *nodeBench) podProcess(ns, selector, bin string) (int, error) {
+	pod, err := b.tg.RunningPodOf(b.ctx, ns, selector)
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
-	found := make([][]int, len(names))
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
-		if err != nil {
-			continue
-		}
-		if i := slices.Index(names, strings.TrimSpace(string(comm))); i >= 0 {
-			found[i] = append(found[i], pid)
-		}
-	}
-	pids := make([]int, len(names))
-	for i, f := range found {
-		if len(f) != 1 {
-			return nil, fmt.Errorf("%d processes named %s, want one", len(f), names[i])
-		}
-		pids[i] = f[0]
-	}
-	return pids, nil
+	return realnode.ProcessOf(bin, string(pod.UID))
 }
 
 func cpuTimes(pids []int) ([]time.Duration, error) {
