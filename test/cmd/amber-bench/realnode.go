@@ -297,7 +297,7 @@ func rolloutStage(b *nodeBench) error {
 	if err := b.a.WaitReady(b.ctx); err != nil {
 		return err
 	}
-	b.record("rollout", "kubectl rollout restart daemonset/amber → Ready", "%v", since(t0))
+	b.record("rollout", "kubectl rollout restart daemonset/"+realnode.DaemonSet+" → Ready", "%v", since(t0))
 	return nil
 }
 
@@ -329,8 +329,10 @@ func waypointStage(b *nodeBench) error {
 		return err
 	}
 	// The policy answers a DELETE with 403 once the waypoint is in the
-	// path with it.
+	// path with it: on new connections only, a connection the ztunnel
+	// already proxies straight to productpage stays so (as Istio's).
 	if err := realnode.Retry(b.ctx, 2*time.Minute, func() error {
+		b.sleep.CloseIdleConnections()
 		r, err := realnode.Get(b.ctx, b.sleep, http.MethodDelete, url, host)
 		if err != nil {
 			return err
