@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/ca"
@@ -27,6 +28,8 @@ import (
 // it is closed, or fails at once with fail.
 type stepDataPath struct {
 	fail error
+	// onQuiesce, if set, runs in Quiesce.
+	onQuiesce func()
 
 	mu    sync.Mutex // guards the fields below
 	steps []string
@@ -62,6 +65,13 @@ func (d *stepDataPath) ServeHBONE(ln net.Listener) error {
 			return fmt.Errorf("step data path: %w", err)
 		}
 		c.Close()
+	}
+}
+
+func (d *stepDataPath) Quiesce() {
+	d.step("quiesce")
+	if d.onQuiesce != nil {
+		d.onQuiesce()
 	}
 }
 
@@ -118,17 +128,32 @@ func runConfig(t *testing.T, dp waypoint.DataPath) (waypoint.Config, string) {
 		RootCertFile: roots,
 		TokenFile:    token,
 		Listeners:    lns,
+		DrainTimeout: 50 * time.Millisecond,
 		NewDataPath:  func(waypoint.DataPathConfig) (waypoint.DataPath, error) { return dp, nil },
 		Logger:       slog.New(slog.DiscardHandler),
 	}, "http://" + lns.Metrics.Addr().String() + "/stats/prometheus"
 }
 
-// TestRunStops: on the end of its context Run drains the data path, then
-// stops serving HBONE and closes the data path last, and returns nil; the
-// status ports are closed.
+// TestRunStops: on the end of its context Run fails readiness and
+// quiesces the data path with the HBONE listener still accepting (the
+// ztunnels dial the pod until istiod tells them it is going), then drains
+// it, stops serving HBONE and closes the data path last, and returns nil;
+// the status ports are closed.
 func TestRunStops(t *testing.T) {
 	dp := &stepDataPath{}
 	cfg, metricsURL := runConfig(t, dp)
+	readyURL := "http://" + cfg.Listeners.Readiness.Addr().String() + "/healthz/ready"
+	var quiesced []string
+	dp.onQuiesce = func() {
+		if c, err := net.Dial("tcp", cfg.Listeners.HBONE.Addr().String()); err != nil {
+			quiesced = append(quiesced, fmt.Sprintf("HBONE refused: %v", err))
+		} else {
+			c.Close()
+		}
+		if resp, err := http.Get(readyURL); err != nil || resp.StatusCode != http.StatusServiceUnavailable {
+			quiesced = append(quiesced, fmt.Sprintf("readiness %v %v, want 503", resp, err))
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- waypoint.Run(ctx, cfg) }()
@@ -144,8 +169,11 @@ func TestRunStops(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("Run: %v", err)
 	}
-	if got, want := dp.Steps(), []string{"serving", "drain", "served", "close"}; !slices.Equal(got, want) {
+	if got, want := dp.Steps(), []string{"serving", "quiesce", "drain", "served", "close"}; !slices.Equal(got, want) {
 		t.Errorf("data path steps %v, want %v", got, want)
+	}
+	if len(quiesced) > 0 {
+		t.Errorf("while quiescing: %q", quiesced)
 	}
 	if _, err := http.Get(metricsURL); err == nil {
 		t.Error("the metrics port still serves after Run returned")

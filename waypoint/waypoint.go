@@ -63,7 +63,11 @@ type DataPath interface {
 	// ServeHBONE serves the HBONE listener until Drain, Close or the
 	// listener's close, and then returns an error wrapping net.ErrClosed.
 	ServeHBONE(net.Listener) error
-	// Drain lets open streams finish, until ctx is done.
+	// Quiesce asks clients to go elsewhere and goes on serving, new
+	// connections included; Drain follows.
+	Quiesce()
+	// Drain stops accepting and lets open streams finish, until ctx is
+	// done.
 	Drain(ctx context.Context) error
 	// Close stops everything.
 	Close() error
@@ -126,8 +130,10 @@ type Config struct {
 	// CertTTL is the lifetime asked for the certificate. Zero means
 	// certs.DefaultTTL.
 	CertTTL time.Duration
-	// DrainTimeout bounds the drain after ctx is done. Zero means
-	// DefaultDrainTimeout; negative means no drain.
+	// DrainTimeout is pilot-agent's terminationDrainDuration: after ctx
+	// is done the HBONE listener stays open this long (clients told to
+	// go elsewhere), then open streams get as long again to finish.
+	// Zero means DefaultDrainTimeout; negative means no drain.
 	DrainTimeout time.Duration
 	// Listen and Listeners: see their types.
 	Listen    Addresses
@@ -324,8 +330,8 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err := g.Wait(); err != nil {
 		return err
 	}
-	// Like pilot-agent on SIGTERM: fail readiness so that istiod and the
-	// ztunnels take the endpoint away, and let open streams finish.
+	// Like pilot-agent on SIGTERM: fail readiness, and drain as Envoy's
+	// graceful drain does.
 	ready.draining.Store(true)
 	drain(cfg, dp, log)
 	return nil
@@ -340,6 +346,15 @@ func unless(err, sentinel error) error {
 	return err
 }
 
+// drain ends the data path in two halves of timeout each. The pod's
+// deletion reaches the ztunnels through istiod (its workload turns
+// unhealthy, the waypoint Service loses the endpoint) while the kubelet
+// sends SIGTERM, and until that push arrives they go on dialling this
+// pod: so the listener first stays open with clients told to go
+// elsewhere (Envoy's graceful drain, which pilot-agent runs for
+// terminationDrainDuration), then closes, and the streams still open get
+// as long again to finish before the rest is closed. Closing the
+// listener at once refused every request a ztunnel sent here meanwhile.
 func drain(cfg Config, dp DataPath, log *slog.Logger) {
 	timeout := cfg.DrainTimeout
 	if timeout < 0 {
@@ -349,6 +364,8 @@ func drain(cfg Config, dp DataPath, log *slog.Logger) {
 		timeout = DefaultDrainTimeout
 	}
 	t0 := time.Now()
+	dp.Quiesce()
+	time.Sleep(timeout) // the push's bound: nothing here observes the ztunnels
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	if err := dp.Drain(ctx); err != nil {

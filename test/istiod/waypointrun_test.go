@@ -71,6 +71,8 @@ func (r *recordingDataPath) ServeHBONE(ln net.Listener) error {
 	}
 }
 
+func (r *recordingDataPath) Quiesce() {}
+
 func (r *recordingDataPath) Drain(context.Context) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()

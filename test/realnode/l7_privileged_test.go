@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -40,25 +39,9 @@ func TestPrivilegedRealNodeL7(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	a, _ := mustInstall(t, ctx, c, log)
-	tg := realnode.HostTarget(c)
 
 	const ns = "default"
-	for name, m := range map[string]string{
-		"bookinfo.yaml":          realnode.BookinfoYAML(ns),
-		"bookinfo-versions.yaml": realnode.BookinfoVersionsYAML(ns),
-		"sleep.yaml":             realnode.SleepYAML(ns),
-	} {
-		if err := tg.Apply(ctx, name, m); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tg.WaitRollout(ctx, ns, append(slices.Clone(realnode.BookinfoDeployments), realnode.Sleep, realnode.NotSleep)...); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Kubectl(ctx, "label", "namespace", ns, "istio.io/dataplane-mode=ambient"); err != nil {
-		t.Fatal(err)
-	}
-	waitMeshed(t, ctx, c, ns, "productpage", "details", "reviews", "ratings", realnode.Sleep)
+	deployBookinfo(t, ctx, c, ns)
 
 	t.Run("Bookinfo through the mesh: productpage names the reviews pod, and it changes", func(t *testing.T) {
 		bookinfoMeshed(t, ctx, c, ns)
@@ -258,7 +241,7 @@ func waypointPod(t *testing.T, ctx context.Context, c *cluster.Cluster, ns strin
 		out, _ := c.Kubectl(ctx, "-n", ns, "logs", "deploy/waypoint", "--tail=20")
 		return fmt.Errorf("not Ready; log tail:\n%s", out)
 	})
-	pid, err := processOf(realnode.WaypointCommand[0], string(pod.UID))
+	pid, err := realnode.ProcessOf(realnode.WaypointCommand[0], string(pod.UID))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -295,27 +278,4 @@ func checkConfined(t *testing.T, pid, uid int) {
 	if !rootRO {
 		t.Errorf("pid %d has a writable root:\n%s", pid, mi)
 	}
-}
-
-// processOf returns the pid of the process running bin in the pod with
-// UID uid (its cgroup path names the pod).
-func processOf(bin, uid string) (int, error) {
-	procs, err := filepath.Glob("/proc/[0-9]*/cmdline")
-	if err != nil {
-		return 0, err
-	}
-	podID := strings.ReplaceAll(uid, "-", "_")
-	for _, f := range procs {
-		cmd, err := os.ReadFile(f)
-		if err != nil || !strings.HasPrefix(string(cmd), bin+"\x00") {
-			continue
-		}
-		dir := filepath.Dir(f)
-		cg, err := os.ReadFile(filepath.Join(dir, "cgroup"))
-		if err != nil || !(strings.Contains(string(cg), uid) || strings.Contains(string(cg), podID)) {
-			continue
-		}
-		return strconv.Atoi(filepath.Base(dir))
-	}
-	return 0, fmt.Errorf("no process %s in pod %s", bin, uid)
 }

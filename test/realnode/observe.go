@@ -8,7 +8,9 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -214,4 +216,29 @@ func DialFrom(ctx context.Context, nsPath, addr string) (net.Conn, error) {
 		return nil, fmt.Errorf("restore network namespace: %w", err)
 	}
 	return conn, dialErr
+}
+
+// ProcessOf returns the pid of the process running bin (the full path a
+// container's command names) in the pod with UID uid: its cgroup path
+// names the pod, so a process of the same name outside it (another
+// benchmark's, another node's) is never taken for it.
+func ProcessOf(bin, uid string) (int, error) {
+	procs, err := filepath.Glob("/proc/[0-9]*/cmdline")
+	if err != nil {
+		return 0, err
+	}
+	podID := strings.ReplaceAll(uid, "-", "_")
+	for _, f := range procs {
+		cmd, err := os.ReadFile(f)
+		if err != nil || !strings.HasPrefix(string(cmd), bin+"\x00") {
+			continue
+		}
+		dir := filepath.Dir(f)
+		cg, err := os.ReadFile(filepath.Join(dir, "cgroup"))
+		if err != nil || !(strings.Contains(string(cg), uid) || strings.Contains(string(cg), podID)) {
+			continue
+		}
+		return strconv.Atoi(filepath.Base(dir))
+	}
+	return 0, fmt.Errorf("no process %s in pod %s", bin, uid)
 }

@@ -221,10 +221,9 @@ func (w *Walkthrough) RunL7(ctx context.Context) (err error) {
 
 	// The current walkthrough splits at the namespace's waypoint, which
 	// also serves the backends reviews-v1 and reviews-v2: reviews goes
-	// back to it. At reviews-waypoint, whose backends' Services are bound
-	// to the namespace's waypoint, every page lost its reviews on the
-	// real node (reviews-waypoint answering productpage with a short
-	// local reply); see README, "The walkthrough's L7 half".
+	// back to it. (A split at reviews-waypoint, whose backends' Services
+	// are bound to the namespace's waypoint, goes through istiod's
+	// outbound clusters: TestPrivilegedRealNodeWaypointOps.)
 	w.step("Split reviews 90/10 between v1 and v2: Gateway API HTTPRoute at the namespace's waypoint (the current form)")
 	if _, err := w.kubectl(ctx, "-n", ns, "label", "service", BookinfoReviews, "istio.io/use-waypoint-"); err != nil {
 		return err

@@ -444,12 +444,13 @@ func (srv *Server) serveConn(ctx context.Context, nc net.Conn, slot *handshakeSl
 	return err
 }
 
-// Shutdown stops accepting connections, sends GOAWAY on every connection
-// and waits for their streams to finish (RFC 9113 §6.8). When ctx ends
-// first, the remaining connections are closed and ctx's error returned.
-func (srv *Server) Shutdown(ctx context.Context) error {
+// GoAway sends GOAWAY on every connection open now, which then ends once
+// its streams are done, and goes on accepting new connections: the first
+// half of a graceful drain, while clients that have not heard that this
+// server is going away still dial it (RFC 9113 §6.8). Shutdown is the
+// second half.
+func (srv *Server) GoAway() {
 	srv.init()
-	err := srv.stop()
 	srv.mu.Lock()
 	conns := make([]*serverConn, 0, len(srv.conns))
 	for c := range srv.conns {
@@ -459,6 +460,15 @@ func (srv *Server) Shutdown(ctx context.Context) error {
 	for _, c := range conns {
 		c.goAway()
 	}
+}
+
+// Shutdown stops accepting connections, sends GOAWAY on every connection
+// and waits for their streams to finish (RFC 9113 §6.8). When ctx ends
+// first, the remaining connections are closed and ctx's error returned.
+func (srv *Server) Shutdown(ctx context.Context) error {
+	srv.init()
+	err := srv.stop()
+	srv.GoAway()
 	for {
 		srv.mu.Lock()
 		n, changed := len(srv.conns), srv.changed

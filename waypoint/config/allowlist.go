@@ -95,12 +95,15 @@ func init() {
 	allow("envoy.config.core.v3.TransportSocket", compiled, "name", "typed_config")
 	allow("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", compiled, "common_tls_context", "require_client_certificate")
 	allow("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", compiled, "common_tls_context")
+	// The SNI of an outbound cluster's tlsMode-istio match (Istio's
+	// mTLS to a sidecar), a socket amber never uses (socketMatches).
+	allow("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", inert, "sni")
 	allow("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext", compiled, "tls_params", "alpn_protocols",
 		"tls_certificate_sds_secret_configs", "combined_validation_context")
 	allow("envoy.extensions.transport_sockets.tls.v3.TlsParameters", compiled, "tls_minimum_protocol_version", "tls_maximum_protocol_version")
 	allow("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext", compiled,
 		"default_validation_context", "validation_context_sds_secret_config")
-	allow("envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext", compiled, "match_typed_subject_alt_names")
+	allow("envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext", compiled, "match_typed_subject_alt_names", "match_subject_alt_names")
 	allow("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", compiled, "san_type", "matcher")
 	allow("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", compiled, "name")
 	allow("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", inert, "sds_config")
@@ -115,6 +118,7 @@ func init() {
 	allow("envoy.type.metadata.v3.MetadataKind", inert, "host", "request", "route", "cluster")
 	allow("envoy.type.metadata.v3.MetadataKind.Host", inert)
 	allow("envoy.type.metadata.v3.MetadataKind.Request", inert)
+	allow("envoy.type.metadata.v3.MetadataKind.Cluster", inert)
 	allow("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", compiled)
 
 	// HTTP connection manager.
@@ -234,10 +238,12 @@ func init() {
 
 	// Clusters.
 	allow("envoy.config.cluster.v3.Cluster", compiled, "name", "type", "eds_cluster_config", "connect_timeout", "lb_policy",
-		"least_request_lb_config", "round_robin_lb_config", "circuit_breakers", "transport_socket",
+		"least_request_lb_config", "round_robin_lb_config", "circuit_breakers", "transport_socket", "transport_socket_matches", "filters",
 		"typed_extension_protocol_options", "load_assignment", "original_dst_lb_config", "metadata", "common_lb_config")
 	allow("envoy.config.cluster.v3.Cluster", inert, "alt_stat_name", "cleanup_interval")
 	allow("envoy.config.cluster.v3.Cluster", resilience, "outlier_detection", "upstream_connection_options")
+	allow("envoy.config.cluster.v3.Cluster.TransportSocketMatch", compiled, "name", "match", "transport_socket")
+	allow("envoy.config.cluster.v3.Filter", compiled, "name", "typed_config")
 	allow("envoy.config.cluster.v3.Cluster.EdsClusterConfig", compiled, "service_name")
 	allow("envoy.config.cluster.v3.Cluster.EdsClusterConfig", inert, "eds_config")
 	allow("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", compiled, "choice_count")

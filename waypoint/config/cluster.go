@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -77,6 +78,10 @@ type Cluster struct {
 	IdleTimeout, MaxConnectionDuration time.Duration
 	// Protocol is the HTTP version to the endpoints.
 	Protocol UpstreamProtocol
+	// SidecarTLS is true when the cluster's transport_socket_matches
+	// have Istio's mTLS for endpoints labelled tlsMode=istio (sidecars),
+	// which amber does not originate: such endpoints are refused.
+	SidecarTLS bool
 	// Endpoints come from EDS; nil until they arrive (then every request
 	// gets 503 no healthy upstream).
 	Endpoints []Endpoint
@@ -108,6 +113,9 @@ type Endpoint struct {
 	// Originate.Port. False for endpoints outside the mesh, which Envoy
 	// reaches in plain TCP (no mTLS, as istiod configures it).
 	HBONE bool
+	// SidecarTLS is true for an endpoint outside HBONE that istiod
+	// labels tlsMode=istio (a sidecar, reached in Istio's mTLS).
+	SidecarTLS bool
 	// Weight is the load-balancing weight (1 when unset).
 	Weight uint32
 	// Healthy is false for endpoints EDS marks unhealthy, draining or
@@ -202,6 +210,43 @@ func internalTransport(ts *corev3.TransportSocket) error {
 		return fmt.Errorf("transport_socket: internal_upstream over %s: unsupported (TLS or PROXY to the application)", tn)
 	}
 	return nil
+}
+
+// socketMatches accepts the transport_socket_matches istiod gives a
+// waypoint's outbound clusters (a route's backend the waypoint does not
+// serve, e.g. an HTTPRoute's at a per-service waypoint whose backends'
+// Services are bound to another): "hbone" for endpoints labelled
+// tunnel=http, internal_upstream over raw_buffer to connect_originate,
+// the endpoints EDS gives as connect_originate addresses, the same path
+// as an inbound-vip cluster's; "tlsMode-istio" for sidecars, Istio's mTLS,
+// which amber does not originate (sidecar reports whether it is there);
+// and the catch-all "tlsMode-disabled", raw_buffer, plain TCP to
+// endpoints outside the mesh as for inbound-vip clusters
+// (pilot/pkg/networking/core/cluster_tls.go applyHBONETransportSocketMatches,
+// hboneOrPlaintextSocket). Any other match, or a socket under it, is
+// refused: HBONE over TLS or TLS to the application ("user"), from a
+// DestinationRule's TLS settings.
+func socketMatches(ms []*clusterv3.Cluster_TransportSocketMatch) (sidecar bool, err error) {
+	for i, m := range ms {
+		f := m.GetMatch().GetFields()
+		switch {
+		case m.GetName() == "hbone" && len(f) == 1 && f["tunnel"].GetStringValue() == "http":
+			err = internalTransport(m.GetTransportSocket())
+		case m.GetName() == "tlsMode-istio":
+			_, err = unpack[*tlsv3.UpstreamTlsContext](m.GetTransportSocket().GetTypedConfig())
+			sidecar = true
+		case m.GetName() == "tlsMode-disabled" && len(f) == 0:
+			if tn := typeName(m.GetTransportSocket().GetTypedConfig()); tn != "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" {
+				err = fmt.Errorf("socket %s", tn)
+			}
+		default:
+			err = errors.New("unsupported (TLS to the application from a DestinationRule)")
+		}
+		if err != nil {
+			return false, fmt.Errorf("transport_socket_matches[%d] %q: %w", i, m.GetName(), err)
+		}
+	}
+	return sidecar, nil
 }
 
 func originateCluster(c *clusterv3.Cluster) (*Originate, error) {
@@ -332,7 +377,21 @@ func (b *builder) compileCluster(cl *Cluster, c *clusterv3.Cluster) error {
 			set(&cl.Limits.MaxRetries, t.MaxRetries)
 		}
 	}
-	if err := internalTransport(c.GetTransportSocket()); err != nil {
+	// Upstream network filters: istiod's metadata exchange for the
+	// tlsMode-istio socket (ALPN istio-peer-exchange), telemetry only.
+	for i, f := range c.GetFilters() {
+		if err := telemetryTypedStruct(f.GetTypedConfig()); err != nil {
+			return fmt.Errorf("filters[%d] %q: %w", i, f.GetName(), err)
+		}
+	}
+	if ms := c.GetTransportSocketMatches(); len(ms) > 0 {
+		if c.GetTransportSocket() != nil {
+			return errors.New("transport_socket beside transport_socket_matches")
+		}
+		if cl.SidecarTLS, err = socketMatches(ms); err != nil {
+			return err
+		}
+	} else if err := internalTransport(c.GetTransportSocket()); err != nil {
 		return err
 	}
 	cl.IdleTimeout = time.Hour
@@ -398,6 +457,16 @@ func (b *builder) endpoints(las []*endpointv3.ClusterLoadAssignment) {
 			b.problem(EndpointType, name, errors.New("no such cluster"))
 			continue
 		}
+		if i := slices.IndexFunc(eps, func(e Endpoint) bool { return e.SidecarTLS }); i >= 0 && c.SidecarTLS {
+			// Envoy would speak Istio's mTLS to it; plain TCP would
+			// be a downgrade.
+			err := fmt.Errorf("endpoint %s: a sidecar's (tlsMode istio): Istio mTLS origination unsupported", eps[i].Address)
+			b.problem(EndpointType, name, err)
+			if c.Err == nil {
+				c.Err = fmt.Errorf("endpoints: %w", err)
+			}
+			continue
+		}
 		c.Endpoints = eps
 	}
 }
@@ -451,6 +520,9 @@ func compileEndpoints(la *endpointv3.ClusterLoadAssignment) ([]Endpoint, error) 
 			}
 			if im := md["istio"]; im != nil {
 				ep.Workload = im.GetFields()["workload"].GetStringValue()
+			}
+			if !hbone && md["envoy.transport_socket_match"].GetFields()["tlsMode"].GetStringValue() == "istio" {
+				ep.SidecarTLS = true
 			}
 			out = append(out, ep)
 		}

@@ -2,6 +2,7 @@ package config
 
 import (
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,9 +17,13 @@ import (
 	rbachttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	internalv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/internal_upstream/v3"
+	rawbufferv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/raw_buffer/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/amber-mesh/amber/test/waypointgolden"
 )
@@ -226,5 +231,110 @@ func TestEndpoints(t *testing.T) {
 	c = Compile(resources(s))
 	if c.Clusters[productpageChain].Err == nil || c.Err(EndpointType) == nil {
 		t.Errorf("double-HBONE endpoint accepted: %v", c.Clusters[productpageChain].Err)
+	}
+}
+
+// TestOutboundSocketMatches: an outbound cluster with the
+// transport_socket_matches istiod gives a waypoint's outbound clusters
+// (hbone, tlsMode-istio, tlsMode-disabled) compiles, its connect_originate
+// endpoints HBONE; a sidecar's endpoint (tlsMode istio, not HBONE) refuses
+// the cluster rather than reach it in plain TCP; a match amber does not
+// know refuses it too.
+func TestOutboundSocketMatches(t *testing.T) {
+	const outbound = "outbound|9080||productpage-v1.default.svc.cluster.local"
+	build := func(t *testing.T, extra ...*clusterv3.Cluster_TransportSocketMatch) (*waypointgolden.Snapshot, *endpointv3.ClusterLoadAssignment) {
+		s := golden(t, "base")
+		var c *clusterv3.Cluster
+		var la *endpointv3.ClusterLoadAssignment
+		for _, x := range s.Clusters {
+			if x.GetName() == productpageChain {
+				c = proto.Clone(x).(*clusterv3.Cluster)
+			}
+		}
+		for _, x := range s.Endpoints {
+			if x.GetClusterName() == productpageChain {
+				la = proto.Clone(x).(*endpointv3.ClusterLoadAssignment)
+			}
+		}
+		c.Name, la.ClusterName = outbound, outbound
+		c.EdsClusterConfig.ServiceName = outbound
+		hbone := c.TransportSocket
+		c.TransportSocket = nil
+		raw := &corev3.TransportSocket{Name: "envoy.transport_sockets.raw_buffer", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(t, &rawbufferv3.RawBuffer{})}}
+		mtls := &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(t, &tlsv3.UpstreamTlsContext{
+			Sni:              "outbound_.9080_._.productpage-v1.default.svc.cluster.local",
+			CommonTlsContext: &tlsv3.CommonTlsContext{AlpnProtocols: []string{"istio-peer-exchange", "istio"}},
+		})}}
+		c.TransportSocketMatches = append([]*clusterv3.Cluster_TransportSocketMatch{
+			{Name: "hbone", Match: mustStruct(t, map[string]any{"tunnel": "http"}), TransportSocket: hbone},
+			{Name: "tlsMode-istio", Match: mustStruct(t, map[string]any{"tlsMode": "istio"}), TransportSocket: mtls},
+			{Name: "tlsMode-disabled", Match: mustStruct(t, map[string]any{}), TransportSocket: raw},
+		}, extra...)
+		s.Clusters = append(s.Clusters, c)
+		s.Endpoints = append(s.Endpoints, la)
+		return s, la
+	}
+
+	s, _ := build(t)
+	c := Compile(resources(s))
+	cl := c.Clusters[outbound]
+	if cl == nil || cl.Err != nil {
+		t.Fatalf("outbound cluster: %+v, problems %v", cl, c.Problems)
+	}
+	if len(cl.Endpoints) != 1 || !cl.Endpoints[0].HBONE || !cl.SidecarTLS {
+		t.Errorf("endpoints %+v, sidecar TLS %v: want one HBONE endpoint, the tlsMode-istio match seen", cl.Endpoints, cl.SidecarTLS)
+	}
+
+	s, la := build(t)
+	la.Endpoints[0].LbEndpoints = append(la.Endpoints[0].LbEndpoints, &endpointv3.LbEndpoint{
+		HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: &corev3.Address{
+			Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{Address: "10.244.0.99", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 9080}}}}}},
+		Metadata: &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{"envoy.transport_socket_match": mustStruct(t, map[string]any{"tlsMode": "istio"})}},
+	})
+	c = Compile(resources(s))
+	if err := c.Clusters[outbound].Err; err == nil || !strings.Contains(err.Error(), "sidecar") || c.Err(EndpointType) == nil {
+		t.Errorf("a sidecar's endpoint: cluster %v, EDS NACK %v; want both refusing it", err, c.Err(EndpointType))
+	}
+
+	s, _ = build(t, &clusterv3.Cluster_TransportSocketMatch{Name: "user", TransportSocket: &corev3.TransportSocket{Name: "envoy.transport_sockets.tls",
+		ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(t, &tlsv3.UpstreamTlsContext{})}}})
+	c = Compile(resources(s))
+	if err := c.Clusters[outbound].Err; err == nil || !strings.Contains(err.Error(), `"user"`) {
+		t.Errorf("a DestinationRule's TLS match: %v, want the cluster refused", err)
+	}
+}
+
+func mustStruct(t *testing.T, m map[string]any) *structpb.Struct {
+	t.Helper()
+	s, err := structpb.NewStruct(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestOutboundClusterFromIstiod: the outbound cluster istiod sent
+// reviews' own waypoint for an HTTPRoute backend bound to the namespace's
+// waypoint (testdata/outbound-reviews-v1.json, `istioctl proxy-config
+// clusters <reviews-waypoint pod> --fqdn reviews-v1.default.svc.cluster.local
+// -o json` on the real node, istiod eed52ebb66ad) compiles.
+func TestOutboundClusterFromIstiod(t *testing.T) {
+	b, err := os.ReadFile("testdata/outbound-reviews-v1.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c clusterv3.Cluster
+	if err := protojson.Unmarshal(b, &c); err != nil {
+		t.Fatal(err)
+	}
+	s := golden(t, "base")
+	s.Clusters = append(s.Clusters, &c)
+	cfg := Compile(resources(s))
+	cl := cfg.Clusters[c.GetName()]
+	if cl == nil || cl.Err != nil || cfg.Err(ClusterType) != nil {
+		t.Fatalf("%s: %+v; NACK %v", c.GetName(), cl, cfg.Err(ClusterType))
+	}
+	if !cl.SidecarTLS || cl.Service != "reviews-v1.default.svc.cluster.local" {
+		t.Errorf("compiled %+v", cl)
 	}
 }

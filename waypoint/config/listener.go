@@ -207,6 +207,12 @@ func commonTLS(c *tlsv3.CommonTlsContext) error {
 	if n := c.GetCombinedValidationContext().GetValidationContextSdsSecretConfig().GetName(); n != "ROOTCA" {
 		return fmt.Errorf("validation context secret %q: want ROOTCA", n)
 	}
+	// Allowed for the tlsMode-istio socket of outbound clusters, which
+	// amber never uses; a context amber does use must not carry a check
+	// its callers would skip.
+	if len(c.GetCombinedValidationContext().GetDefaultValidationContext().GetMatchSubjectAltNames()) > 0 {
+		return errors.New("match_subject_alt_names: unsupported (match_typed_subject_alt_names only)")
+	}
 	return nil
 }
 

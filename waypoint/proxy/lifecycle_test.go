@@ -114,3 +114,46 @@ func TestUpgrade(t *testing.T) {
 			len(m.logs.lines(map[string]any{"status": 101})) == 1
 	})
 }
+
+// TestQuiesce: Quiesce ends an idle keep-alive connection, and a new
+// CONNECT is still accepted and served, its response closing its
+// connection: a ztunnel that has not heard of the pod's end yet is
+// answered.
+func TestQuiesce(t *testing.T) {
+	m := newMesh(t, meshOptions{})
+	m.wp.Update(compile(t, golden(t, "base")))
+	sleep := m.sleep()
+	kept, err := sleep.connect(context.Background(), productpageVIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kept.Close()
+	keptR := bufio.NewReader(kept)
+	get := func(c io.Writer, r *bufio.Reader) *http.Response {
+		t.Helper()
+		io.WriteString(c, "GET /1 HTTP/1.1\r\nHost: productpage\r\n\r\n")
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.ReadAll(resp.Body)
+		return resp
+	}
+	if resp := get(kept, keptR); resp.StatusCode != 200 || resp.Close {
+		t.Fatalf("before Quiesce: %d close %v", resp.StatusCode, resp.Close)
+	}
+	m.wp.Quiesce()
+	if b, err := keptR.ReadByte(); err != io.EOF {
+		t.Errorf("idle connection after Quiesce: %q %v, want it ended", b, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	fresh, err := m.client(sleepID, nil).connect(ctx, productpageVIP)
+	if err != nil {
+		t.Fatalf("a CONNECT after Quiesce: %v", err)
+	}
+	defer fresh.Close()
+	if resp := get(fresh, bufio.NewReader(fresh)); resp.StatusCode != 200 || !resp.Close {
+		t.Errorf("new connection after Quiesce: %d close %v, want 200 with the connection closed", resp.StatusCode, resp.Close)
+	}
+}

@@ -289,12 +289,21 @@ func (p *Proxy) serverTLS() *tls.Config {
 	}
 }
 
-// Drain stops accepting connections, asks HTTP/2 clients to go away
-// (GOAWAY on both the HBONE and the inner connections), closes idle
-// HTTP/1 connections and ends the others after their current response,
-// and waits for streams to finish until ctx ends; then it closes what
-// remains and returns ctx's error.
-func (p *Proxy) Drain(ctx context.Context) error {
+// Quiesce asks clients to go elsewhere — GOAWAY on the HBONE
+// connections open now and on inner HTTP/2 connections, idle HTTP/1
+// connections closed and the others after their current response, every
+// response from now on with `Connection: close` — and goes on accepting
+// connections and streams: the ztunnels keep dialling this waypoint until
+// istiod's push that it is terminating reaches them. Drain follows.
+func (p *Proxy) Quiesce() {
+	for _, s := range p.startDrain() {
+		s.GoAway()
+	}
+}
+
+// startDrain marks the proxy draining, drains the inner connections and
+// returns the HBONE servers.
+func (p *Proxy) startDrain() []*hbone.Server {
 	p.mu.Lock()
 	p.draining = true
 	servers := append([]*hbone.Server(nil), p.servers...)
@@ -306,8 +315,17 @@ func (p *Proxy) Drain(ctx context.Context) error {
 	for _, d := range conns {
 		d.drain()
 	}
+	return servers
+}
+
+// Drain stops accepting connections, asks HTTP/2 clients to go away
+// (GOAWAY on both the HBONE and the inner connections), closes idle
+// HTTP/1 connections and ends the others after their current response,
+// and waits for streams to finish until ctx ends; then it closes what
+// remains and returns ctx's error.
+func (p *Proxy) Drain(ctx context.Context) error {
 	var errs []error
-	for _, s := range servers {
+	for _, s := range p.startDrain() {
 		if err := s.Shutdown(ctx); err != nil && !errors.Is(err, hbone.ErrServerClosed) {
 			errs = append(errs, err)
 		}

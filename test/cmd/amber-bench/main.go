@@ -7,6 +7,8 @@
 //	                       HAProxy's mTLS pair and Istio's Go HBONE pair, vs direct
 //	amber-bench waypoint   HTTP through amber-ztunnel + amber-waypoint vs a plain ReverseProxy, ztunnel only and direct
 //	amber-bench agent      the node agent against a real API server: label → capture latency, CPU and RSS under pod churn
+//	amber-bench realnode   on a real node (test/cluster): start and install times, capture under pod churn,
+//	                       a DaemonSet restart, the waypoint's footprint and added latency
 package main
 
 import (
@@ -19,7 +21,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: amber-bench datapath|tunnel|waypoint|agent [flags]")
+		fmt.Fprintln(os.Stderr, "usage: amber-bench datapath|tunnel|waypoint|agent|realnode [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -32,6 +34,8 @@ func main() {
 		err = waypointBench(os.Args[2:])
 	case "agent":
 		err = agentBench(os.Args[2:])
+	case "realnode":
+		err = realnodeBench(os.Args[2:])
 	case "rproxy": // internal: the waypoint benchmark's ReverseProxy in a waypoint pod
 		err = rproxyMain(os.Args[2:])
 	case "tproxy": // internal: the tunnel benchmark's per-node proxy process
