@@ -58,6 +58,10 @@ type Options struct {
 	// Istio's and the Gateway API's CRDs, its chart's ConfigMaps; see
 	// Istiod and Cluster.Istioctl.
 	Istiod bool
+	// Locked, when set, is called by Up once it holds the host lock and
+	// before anything starts: the host as no node has changed it (a test
+	// snapshots it there to check that Stop restores it).
+	Locked func()
 }
 
 // Cluster is a running node: control plane, kubelet, containerd,

@@ -31,8 +31,8 @@ import (
 // reaches it by its Service name (CoreDNS + kube-proxy), and Close leaves
 // the host as it found it.
 func TestPrivilegedCluster(t *testing.T) {
-	before := snapshotHost(t)
-	c := cluster.Up(t, cluster.Options{})
+	var before hostState
+	c := cluster.Up(t, cluster.Options{Locked: func() { before = snapshotHost(t) }})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 
@@ -93,8 +93,8 @@ func TestPrivilegedCluster(t *testing.T) {
 // pods run (a crashed cluster-up, a killed test); Stop still removes
 // everything.
 func TestPrivilegedClusterCrashCleanup(t *testing.T) {
-	before := snapshotHost(t)
-	c := cluster.Up(t, cluster.Options{})
+	var before hostState
+	c := cluster.Up(t, cluster.Options{Locked: func() { before = snapshotHost(t) }})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	echo := mustEcho(t, ctx, c.Client, "echo")

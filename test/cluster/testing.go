@@ -38,6 +38,9 @@ func Up(tb testing.TB, opts Options) *Cluster {
 		tb.Fatalf("cluster: %v", err)
 	}
 	tb.Cleanup(unlock)
+	if opts.Locked != nil {
+		opts.Locked()
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(testWriter{tb}, nil))
 	}
