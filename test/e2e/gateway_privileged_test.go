@@ -93,9 +93,9 @@ func TestPrivilegedGateway(t *testing.T) {
 	t.Run("sleep through the ingress", func(t *testing.T) {
 		// Until EDS brought productpage's endpoint: 503 no healthy upstream.
 		testutil.EventuallyNil(t, "a 200 through the gateway", func() error {
-			code, body := get(t, ingress)
-			if code != http.StatusOK || body != "productpage-v1" {
-				return fmt.Errorf("GET %s: %d %q", ingress, code, body)
+			code, body, err := newPodHTTP(sleep).do(http.MethodGet, ingress)
+			if err != nil || code != http.StatusOK || body != "productpage-v1" {
+				return fmt.Errorf("GET %s: %d %q %v", ingress, code, body, err)
 			}
 			return nil
 		})
@@ -109,6 +109,30 @@ func TestPrivilegedGateway(t *testing.T) {
 		if code, _ := get(t, strings.TrimSuffix(ingress, "/productpage")+"/admin"); code != http.StatusNotFound {
 			t.Errorf("no route: %d, want 404", code)
 		}
+	})
+
+	// The Gateway API form: a Gateway of class istio and its HTTPRoute,
+	// served by a second amber-waypoint in the Gateway's pod.
+	apiPod, apiSvc := m.CreateGatewayAPIPod(t, nd, "bookinfo-gateway", 80)
+	api := m.StartWaypoint(t, apiPod)
+	m.Apply(t, istiod.GatewayAPIBookinfoYAML("default"))
+	apiURL := fmt.Sprintf("http://%s", netip.AddrPortFrom(netip.MustParseAddr(apiSvc.Spec.ClusterIP), 80))
+
+	t.Run("Gateway API form", func(t *testing.T) {
+		testutil.EventuallyNil(t, "a 200 through the Gateway API gateway", func() error {
+			code, body, err := newPodHTTP(sleep).do(http.MethodGet, apiURL+"/productpage")
+			if err != nil || code != http.StatusOK || body != "productpage-v1" {
+				return fmt.Errorf("GET %s/productpage: %d %q %v", apiURL, code, body, err)
+			}
+			return nil
+		})
+		// PathPrefix /static matches whole segments only.
+		for path, want := range map[string]int{"/static/app.js": 200, "/staticx": 404} {
+			if code, _ := get(t, apiURL+path); code != want {
+				t.Errorf("%s: %d, want %d", path, code, want)
+			}
+		}
+		ok = len(app.requests()) - 2 // the Gateway API gateway's own two 200s aside
 	})
 
 	t.Run("L4 policy admits the gateway's principal only", func(t *testing.T) {
@@ -125,6 +149,16 @@ func TestPrivilegedGateway(t *testing.T) {
 				t.Fatalf("through the gateway with the policy: %d %q", code, body)
 			}
 			ok++
+		}
+		// The Gateway API gateway's identity (bookinfo-gateway-istio) is
+		// not admitted: productpage's ztunnel refuses its HBONE, and the
+		// gateway answers 503 rather than reaching around it.
+		before := len(app.requests())
+		if code, body := get(t, apiURL+"/productpage"); code != http.StatusServiceUnavailable || !strings.HasPrefix(body, "upstream connect error") {
+			t.Errorf("another gateway's principal: %d %q, want 503", code, body)
+		}
+		if len(app.requests()) != before {
+			t.Error("productpage served a principal the policy does not admit")
 		}
 	})
 
@@ -180,6 +214,12 @@ func TestPrivilegedGateway(t *testing.T) {
 		}
 		if code, body, err := newPodHTTP(sleep).do(http.MethodGet, ingress); err == nil {
 			t.Errorf("GET without the gateway: %d %q, want the connection to fail", code, body)
+		}
+		if err := api.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		if code, body, err := newPodHTTP(sleep).do(http.MethodGet, apiURL+"/productpage"); err == nil {
+			t.Errorf("GET without the Gateway API gateway: %d %q", code, body)
 		}
 		if n := len(app.requests()) - before; n != 0 {
 			t.Errorf("productpage served %d requests after the gateway died", n)

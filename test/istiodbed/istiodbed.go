@@ -397,6 +397,33 @@ func (m *Mesh) CreateIngress(tb testing.TB, nd *Node) (meshbed.WaypointPod, *cor
 	}, svc
 }
 
+// CreateGatewayAPIPod does what istiod's deployment controller and the
+// kubelet do for one pod of Gateway gw of class istio on nd (test/istiod
+// runs istiod without the kube-gateway template, so nothing deploys it):
+// the service account <gw>-istio, the pod with the template's labels
+// outside the capture, and the Service <gw>-istio with an HTTP port. The
+// Gateway itself is the test's to apply. The container runs as the
+// kube-gateway template's (WaypointPod.KubeGateway).
+func (m *Mesh) CreateGatewayAPIPod(tb testing.TB, nd *Node, gw string, port int32) (meshbed.WaypointPod, *corev1.Service) {
+	tb.Helper()
+	name := istiod.GatewayAPIName(gw)
+	podName := name + "-7b9c8d6f5-r2t4v"
+	tp, obj := m.addPod(tb, nd, Pod{Name: podName, ServiceAccount: name, Labels: istiod.GatewayAPILabels(gw)},
+		nil, []corev1.Container{{Name: "istio-proxy", Image: "amber-waypoint"}})
+	svc := m.AddService(tb, istiod.GatewayAPIService(Namespace, gw, port))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	tok, err := m.Istiod.TokenFor(ctx, Namespace, name, obj)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return meshbed.WaypointPod{
+		Pod: tp, Name: podName, Namespace: Namespace, ServiceAccount: name, NodeName: nd.Name,
+		Gateway: name, Labels: obj.Labels, Annotations: obj.Annotations,
+		Token: []byte(tok), RootPEM: m.Istiod.RootPEM, Istiod: m.Istiod.Address, Router: true, KubeGateway: true,
+	}, svc
+}
+
 // AddWaypoint is CreateWaypoint and StartWaypoint.
 func (m *Mesh) AddWaypoint(tb testing.TB, nd *Node, name string) *meshbed.Waypoint {
 	tb.Helper()

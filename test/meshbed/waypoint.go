@@ -52,6 +52,11 @@ type WaypointPod struct {
 	// environment, and the mesh config mounted at contract.MeshConfigFile
 	// instead of PROXY_CONFIG.
 	Router bool
+	// KubeGateway, with Router, runs it as istiod's kube-gateway template
+	// (a Gateway API Gateway of class istio) does instead: the args' `--x
+	// v` form, PROXY_CONFIG, no mounted mesh config, not unprivileged
+	// (the template's sysctl lets it bind ports below 1024).
+	KubeGateway bool
 }
 
 // Waypoint is an amber-waypoint process in a pod's namespace, run as
@@ -114,7 +119,7 @@ func (w *Waypoint) prepare(bin string, wp WaypointPod) error {
 		"/etc/nsswitch.conf":     {[]byte("hosts: files dns\n"), 0o644},
 		"/tmp/.keep":             {nil, 0o644},
 	}
-	if wp.Router {
+	if wp.Router && !wp.KubeGateway {
 		files[contract.MeshConfigFile] = file{[]byte(routerMeshConfig()), 0o644}
 	}
 	for path, content := range files {
@@ -143,6 +148,13 @@ func (w *Waypoint) Close() error {
 // (proxyLogLevel, componentLogLevel and the agent's log level from
 // values.yaml), with global.logAsJson set.
 func waypointArgs(wp WaypointPod) []string {
+	if wp.Router && wp.KubeGateway {
+		return []string{
+			"proxy", "router", "--domain", wp.Namespace + ".svc.cluster.local",
+			"--proxyLogLevel", "warning", "--proxyComponentLogLevel", "misc:error", "--log_output_level", "default:info",
+			"--log_as_json",
+		}
+	}
 	if wp.Router {
 		// The legacy gateway chart's, its `--x=v` forms.
 		return []string{
@@ -166,7 +178,7 @@ func waypointArgs(wp WaypointPod) []string {
 // resolves it for the pod (field references; resource references from the
 // node, which has the machine's processors and no memory limit).
 func waypointEnv(wp WaypointPod) []string {
-	if wp.Router {
+	if wp.Router && !wp.KubeGateway {
 		return routerEnv(wp)
 	}
 	proxyConfig, _ := json.Marshal(map[string]any{
