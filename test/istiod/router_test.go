@@ -2,7 +2,6 @@ package istiod_test
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"path/filepath"
 	"testing"
@@ -155,23 +154,7 @@ func TestIntegrationRouterGoldens(t *testing.T) {
 			must(t, err)
 			n, err := sc.node().Proto()
 			must(t, err)
-			snap := func() (map[string][]byte, error) {
-				s, err := captureAs(ctx, d.Address, d.ServerName, d.RootPEM, token, n, true)
-				if err != nil {
-					return nil, err
-				}
-				if err := noUnknownFields(s); err != nil {
-					return nil, fmt.Errorf("%w: %w", errFinal, err)
-				}
-				if err := waypointgolden.Normalize(s); err != nil {
-					return nil, fmt.Errorf("%w: %w", errFinal, err)
-				}
-				files, err := waypointgolden.Render(s)
-				if err != nil {
-					return nil, fmt.Errorf("%w: %w", errFinal, err)
-				}
-				return files, nil
-			}
+			snap := func() (map[string][]byte, error) { return captureFiles(ctx, d, token, n, true) }
 			if err := poll(ctx, time.Minute, func() error {
 				files, err := snap()
 				if err != nil {

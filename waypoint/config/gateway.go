@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"slices"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 
@@ -100,16 +99,9 @@ func (b *builder) gatewayListener(l *listenerv3.Listener, g *Gateway, routes rou
 	if l.GetInternalListener() != nil || l.GetFilterChainMatcher() != nil || len(l.GetListenerFilters()) > 0 {
 		return errors.New("want a socket listener without listener filters or filter chain matcher")
 	}
-	addrs := []*corev3.Address{l.GetAddress()}
-	for _, a := range l.GetAdditionalAddresses() {
-		addrs = append(addrs, a.GetAddress())
-	}
-	for _, a := range addrs {
-		ap, err := socketAddress(a)
-		if err != nil {
-			return fmt.Errorf("address: %w", err)
-		}
-		g.Addresses = append(g.Addresses, ap)
+	var err error
+	if g.Addresses, err = listenerAddresses(l); err != nil {
+		return err
 	}
 	if len(l.GetFilterChains()) != 1 {
 		return fmt.Errorf("%d filter chains: want one (several servers on one port by SNI are not supported)", len(l.GetFilterChains()))
