@@ -365,3 +365,32 @@ func TestGatewayClosed(t *testing.T) {
 		t.Error("a closed gateway accepts connections")
 	}
 }
+
+// TestGatewayDrain: while the gateway drains (pilot-agent's drain after
+// SIGTERM) its listener still answers, each response ending its
+// connection; once the drain ends the listener is closed.
+func TestGatewayDrain(t *testing.T) {
+	g := newGateway(t, meshOptions{})
+	g.p.Update(compileRouter(t, golden(t, "router-bookinfo-gateway")))
+	a := g.addr(gwListener)
+	ctx, cancel := context.WithCancel(context.Background())
+	drained := make(chan error, 1)
+	go func() { drained <- g.p.Drain(ctx) }()
+	testutil.Eventually(t, "a response saying Connection: close", func() bool {
+		resp, _ := g.get("/productpage", nil)
+		return resp.StatusCode == 200 && resp.Close
+	})
+	select {
+	case err := <-drained:
+		t.Fatalf("Drain returned before its context ended: %v", err)
+	default:
+	}
+	cancel()
+	if err := <-drained; err == nil {
+		t.Error("Drain: nil, want the context's error")
+	}
+	if c, err := net.DialTimeout("tcp", a, time.Second); err == nil {
+		c.Close()
+		t.Error("the listener accepts after the drain")
+	}
+}
