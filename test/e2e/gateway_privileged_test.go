@@ -3,8 +3,11 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -113,9 +116,11 @@ func TestPrivilegedGateway(t *testing.T) {
 
 	// The Gateway API form: a Gateway of class istio and its HTTPRoute,
 	// served by a second amber-waypoint in the Gateway's pod.
-	apiPod, apiSvc := m.CreateGatewayAPIPod(t, nd, "bookinfo-gateway", 80)
+	apiPod, apiSvc := m.CreateGatewayAPIPod(t, nd, "bookinfo-gateway", 80, 443)
 	api := m.StartWaypoint(t, apiPod)
 	m.Apply(t, istiod.GatewayAPIBookinfoYAML("default"))
+	// Its HTTPS listener, terminating TLS with a Secret (certificateRefs).
+	m.Apply(t, istiod.BookinfoTLSYAML("default"))
 	apiURL := fmt.Sprintf("http://%s", netip.AddrPortFrom(netip.MustParseAddr(apiSvc.Spec.ClusterIP), 80))
 
 	t.Run("Gateway API form", func(t *testing.T) {
@@ -133,6 +138,39 @@ func TestPrivilegedGateway(t *testing.T) {
 			}
 		}
 		ok = len(app.requests()) - 2 // the Gateway API gateway's own two 200s aside
+	})
+
+	t.Run("Gateway API HTTPS with the Secret", func(t *testing.T) {
+		roots := x509.NewCertPool()
+		roots.AppendCertsFromPEM([]byte(istiod.BookinfoCertPEM))
+		https := func(sni string) (*http.Response, error) {
+			hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+				TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: sni},
+				DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+					return sleep.Dial(ctx, network, netip.AddrPortFrom(netip.MustParseAddr(apiSvc.Spec.ClusterIP), 443).String())
+				},
+			}}
+			resp, err := hc.Get("https://" + istiod.BookinfoHost + "/productpage")
+			if err == nil {
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			return resp, err
+		}
+		testutil.EventuallyNil(t, "a 200 over HTTPS", func() error {
+			resp, err := https(istiod.BookinfoHost)
+			if err != nil {
+				return err
+			}
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("%d", resp.StatusCode)
+			}
+			return nil
+		})
+		if _, err := https("evil.example.com"); err == nil {
+			t.Error("a server name the listener does not serve got an answer")
+		}
+		ok = len(app.requests()) - 3
 	})
 
 	t.Run("L4 policy admits the gateway's principal only", func(t *testing.T) {

@@ -401,16 +401,17 @@ func (m *Mesh) CreateIngress(tb testing.TB, nd *Node) (meshbed.WaypointPod, *cor
 // kubelet do for one pod of Gateway gw of class istio on nd (test/istiod
 // runs istiod without the kube-gateway template, so nothing deploys it):
 // the service account <gw>-istio, the pod with the template's labels
-// outside the capture, and the Service <gw>-istio with an HTTP port. The
+// outside the capture, and the Service <gw>-istio with an HTTP port and
+// the HTTPS ones. The
 // Gateway itself is the test's to apply. The container runs as the
 // kube-gateway template's (WaypointPod.KubeGateway).
-func (m *Mesh) CreateGatewayAPIPod(tb testing.TB, nd *Node, gw string, port int32) (meshbed.WaypointPod, *corev1.Service) {
+func (m *Mesh) CreateGatewayAPIPod(tb testing.TB, nd *Node, gw string, port int32, https ...int32) (meshbed.WaypointPod, *corev1.Service) {
 	tb.Helper()
 	name := istiod.GatewayAPIName(gw)
 	podName := name + "-7b9c8d6f5-r2t4v"
 	tp, obj := m.addPod(tb, nd, Pod{Name: podName, ServiceAccount: name, Labels: istiod.GatewayAPILabels(gw)},
 		nil, []corev1.Container{{Name: "istio-proxy", Image: "amber-waypoint"}})
-	svc := m.AddService(tb, istiod.GatewayAPIService(Namespace, gw, port))
+	svc := m.AddService(tb, istiod.GatewayAPIService(Namespace, gw, port, https...))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	tok, err := m.Istiod.TokenFor(ctx, Namespace, name, obj)
