@@ -109,23 +109,7 @@ spec:
 // in namespace ns: a Gateway of class istio listening on 80 and its
 // HTTPRoute to productpage:9080.
 func GatewayAPIBookinfoYAML(ns string) string {
-	return fmt.Sprintf(`apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: bookinfo-gateway
-  namespace: %[1]s
-  annotations:
-    networking.istio.io/service-type: ClusterIP
-spec:
-  gatewayClassName: istio
-  listeners:
-  - name: http
-    port: 80
-    protocol: HTTP
-    allowedRoutes:
-      namespaces:
-        from: Same
----
+	return fmt.Sprintf(`%[2]s---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata:
@@ -154,7 +138,30 @@ spec:
     backendRefs:
     - name: productpage
       port: 9080
-`, ns)
+`, ns, bookinfoGateway(ns, ""))
+}
+
+// bookinfoGateway is the Gateway API form's Gateway bookinfo-gateway of
+// class istio in namespace ns: its HTTP listener on 80, then extra
+// listeners (YAML list items).
+func bookinfoGateway(ns, extra string) string {
+	return fmt.Sprintf(`apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: bookinfo-gateway
+  namespace: %s
+  annotations:
+    networking.istio.io/service-type: ClusterIP
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: Same
+%s`, ns, extra)
 }
 
 // GatewayAPIName is the name istiod's deployment controller gives the
@@ -242,34 +249,18 @@ func BookinfoTLSYAML(ns string) string {
 kind: Secret
 metadata:
   name: bookinfo-cert
-  namespace: %[1]s
+  namespace: %s
 type: kubernetes.io/tls
 stringData:
   tls.crt: |
-%[2]s
+%s
   tls.key: |
-%[3]s
+%s
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: bookinfo-gateway
-  namespace: %[1]s
-  annotations:
-    networking.istio.io/service-type: ClusterIP
-spec:
-  gatewayClassName: istio
-  listeners:
-  - name: http
-    port: 80
-    protocol: HTTP
-    allowedRoutes:
-      namespaces:
-        from: Same
-  - name: https
+`, ns, indent(BookinfoCertPEM), indent(BookinfoKeyPEM)) + bookinfoGateway(ns, `  - name: https
     port: 443
     protocol: HTTPS
-    hostname: %[4]s
+    hostname: `+BookinfoHost+`
     tls:
       mode: Terminate
       certificateRefs:
@@ -277,5 +268,5 @@ spec:
     allowedRoutes:
       namespaces:
         from: Same
-`, ns, indent(BookinfoCertPEM), indent(BookinfoKeyPEM), BookinfoHost)
+`)
 }

@@ -133,7 +133,7 @@ func captureAs(ctx context.Context, addr, serverName string, rootPEM []byte, tok
 			if !router {
 				break
 			}
-			secrets, err := sdsSecrets(got[t])
+			names, secrets, err := listenerRefs(got[t])
 			if err != nil {
 				return nil, err
 			}
@@ -146,10 +146,6 @@ func captureAs(ctx context.Context, addr, serverName string, rootPEM []byte, tok
 				}); err != nil {
 					return nil, fmt.Errorf("subscribe secrets: %w", err)
 				}
-			}
-			names, err := rdsRoutes(got[t])
-			if err != nil {
-				return nil, err
 			}
 			if !slices.Equal(names, rdsNames) {
 				sub, unsub := diff(names, rdsNames)
@@ -224,57 +220,46 @@ func routeClusters(raw map[string][]byte) ([]string, error) {
 	return slices.Compact(names), nil
 }
 
-// sdsSecrets names the secrets the listeners' TLS contexts take from SDS
-// over ADS (kubernetes:// and kubernetes-gateway:// names; "default" and
-// "ROOTCA" are pilot-agent's, not istiod's).
-func sdsSecrets(raw map[string][]byte) ([]string, error) {
-	var names []string
+// listenerRefs names what the listeners take from other types: the route
+// configurations their HTTP connection managers take from RDS, and the
+// secrets their TLS contexts take from SDS over ADS (kubernetes:// and
+// kubernetes-gateway:// names; "default" and "ROOTCA" are pilot-agent's,
+// not istiod's).
+func listenerRefs(raw map[string][]byte) (routes, secrets []string, err error) {
+	add := func(names []string, n string) []string {
+		if n == "" || slices.Contains(names, n) {
+			return names
+		}
+		return append(names, n)
+	}
 	for name, b := range raw {
 		l := &listenerv3.Listener{}
 		if err := proto.Unmarshal(b, l); err != nil {
-			return nil, fmt.Errorf("listener %q: %w", name, err)
+			return nil, nil, fmt.Errorf("listener %q: %w", name, err)
 		}
 		for _, fc := range l.GetFilterChains() {
 			d := &tlsv3.DownstreamTlsContext{}
-			if ts := fc.GetTransportSocket(); ts == nil || !ts.GetTypedConfig().MessageIs(d) || ts.GetTypedConfig().UnmarshalTo(d) != nil {
-				continue
-			}
-			for _, sc := range d.GetCommonTlsContext().GetTlsCertificateSdsSecretConfigs() {
-				if n := sc.GetName(); strings.HasPrefix(n, "kubernetes") && !slices.Contains(names, n) {
-					names = append(names, n)
+			if ts := fc.GetTransportSocket(); ts != nil && ts.GetTypedConfig().MessageIs(d) && ts.GetTypedConfig().UnmarshalTo(d) == nil {
+				for _, sc := range d.GetCommonTlsContext().GetTlsCertificateSdsSecretConfigs() {
+					if strings.HasPrefix(sc.GetName(), "kubernetes") {
+						secrets = add(secrets, sc.GetName())
+					}
 				}
 			}
-		}
-	}
-	slices.Sort(names)
-	return names, nil
-}
-
-// rdsRoutes names the route configurations the listeners' HTTP
-// connection managers take from RDS.
-func rdsRoutes(raw map[string][]byte) ([]string, error) {
-	var names []string
-	for name, b := range raw {
-		l := &listenerv3.Listener{}
-		if err := proto.Unmarshal(b, l); err != nil {
-			return nil, fmt.Errorf("listener %q: %w", name, err)
-		}
-		for _, fc := range l.GetFilterChains() {
 			for _, f := range fc.GetFilters() {
 				h := &hcmv3.HttpConnectionManager{}
 				if f.GetTypedConfig().MessageIs(h) {
 					if err := f.GetTypedConfig().UnmarshalTo(h); err != nil {
-						return nil, fmt.Errorf("listener %q: %w", name, err)
+						return nil, nil, fmt.Errorf("listener %q: %w", name, err)
 					}
-					if rn := h.GetRds().GetRouteConfigName(); rn != "" && !slices.Contains(names, rn) {
-						names = append(names, rn)
-					}
+					routes = add(routes, h.GetRds().GetRouteConfigName())
 				}
 			}
 		}
 	}
-	slices.Sort(names)
-	return names, nil
+	slices.Sort(routes)
+	slices.Sort(secrets)
+	return routes, secrets, nil
 }
 
 func diff(now, before []string) (added, removed []string) {
