@@ -243,7 +243,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	// with it, has stopped.
 	g.Defer("data path", dp.Close)
 
-	ready := &readiness{onReady: func() {
+	ready := &readiness{listening: listenError(dp), onReady: func() {
 		log.Info("waypoint ready", "identity", id.String())
 		if cfg.Ready != nil {
 			cfg.Ready()
@@ -368,6 +368,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	// ztunnels take the endpoint away, and let open streams finish.
 	ready.draining.Store(true)
 	drain(cfg, dp, log)
+	return nil
+}
+
+// listenError is the data path's ListenError, when it has one (a
+// gateway's listeners that could not be opened keep it from being ready).
+func listenError(dp DataPath) func() error {
+	if l, ok := dp.(interface{ ListenError() error }); ok {
+		return l.ListenError
+	}
 	return nil
 }
 

@@ -106,6 +106,11 @@ func (p *Proxy) syncGateways(c *config.Config) {
 		}
 		opening = append(opening, a)
 	}
+	for a := range p.listenErrs {
+		if _, ok := want[a]; !ok {
+			delete(p.listenErrs, a)
+		}
+	}
 	p.mu.Unlock()
 	for _, gl := range closing {
 		gl.ln.Close()
@@ -115,6 +120,9 @@ func (p *Proxy) syncGateways(c *config.Config) {
 		if err != nil {
 			p.counts.refuse(causeListen)
 			p.log.Error("gateway listener not opened; its requests fail until a configuration opens it", "address", a.String(), logKeyError, err)
+			p.mu.Lock()
+			p.listenErrs[a] = err
+			p.mu.Unlock()
 			continue
 		}
 		gl := &gatewayListener{addr: a, ln: ln}
@@ -127,10 +135,25 @@ func (p *Proxy) syncGateways(c *config.Config) {
 			return
 		}
 		p.gateways[a] = gl
+		delete(p.listenErrs, a)
 		p.mu.Unlock()
 		p.log.Info("gateway listening", "listener", name, "address", ln.Addr().String())
 		go p.serveGateway(gl)
 	}
+}
+
+// ListenError reports the gateway listen addresses of the current
+// configuration that could not be opened (a port below 1024 without the
+// privilege, an address in use), nil when all are open: readiness fails
+// on it, as an Envoy whose listener cannot bind rejects the update.
+func (p *Proxy) ListenError() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var errs []error
+	for a, err := range p.listenErrs {
+		errs = append(errs, fmt.Errorf("gateway listener %s: %w", a, err))
+	}
+	return errors.Join(errs...)
 }
 
 // GatewayAddrs returns the addresses the gateway listeners are open on,

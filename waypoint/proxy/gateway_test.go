@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -456,5 +457,38 @@ func TestGatewayTLS(t *testing.T) {
 	io.WriteString(c, "GET /productpage HTTP/1.1\r\nHost: a\r\n\r\n")
 	if b, _ := io.ReadAll(c); strings.Contains(string(b), "HTTP/1.1") {
 		t.Errorf("plain text on the TLS port: %q", b)
+	}
+}
+
+// TestGatewayListenError: a listen address that cannot be opened is
+// counted and reported (readiness fails on it) until a configuration no
+// longer has it.
+func TestGatewayListenError(t *testing.T) {
+	m := newMesh(t, meshOptions{})
+	reg := prometheus.NewRegistry()
+	p, err := proxy.New(proxy.Config{
+		Store: state.NewStore(), Certs: m.certs(), Identity: mustID(t, ingressID), Metrics: reg, Dial: m.dialPod,
+		Listen: func(ctx context.Context, a netip.AddrPort) (net.Listener, error) {
+			if a.Port() == 80 {
+				return nil, errors.New("bind: permission denied")
+			}
+			return (&net.ListenConfig{}).Listen(ctx, "tcp", "127.0.0.1:0")
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	view := &mesh{t: t, reg: reg}
+	p.Update(compileRouter(t, golden(t, "router-gateway-api")))
+	if err := p.ListenError(); err == nil || !strings.Contains(err.Error(), "0.0.0.0:80") {
+		t.Errorf("ListenError %v", err)
+	}
+	if view.refused("gateway_listen_failed") != 1 {
+		t.Errorf("gateway_listen_failed %v", view.refused("gateway_listen_failed"))
+	}
+	p.Update(compileRouter(t, golden(t, "router-bookinfo-gateway")))
+	if err := p.ListenError(); err != nil {
+		t.Errorf("after the listener went away: %v", err)
 	}
 }

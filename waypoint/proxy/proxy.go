@@ -150,11 +150,13 @@ type Proxy struct {
 	mu       sync.Mutex // guards the fields below
 	servers  []*hbone.Server
 	gateways map[netip.AddrPort]*gatewayListener
-	clusters map[string]*clusterState
-	conns    map[*downstream]struct{}
-	relays   map[*relayed]struct{}
-	draining bool
-	closed   bool
+	// listenErrs are the gateway addresses that failed to open.
+	listenErrs map[netip.AddrPort]error
+	clusters   map[string]*clusterState
+	conns      map[*downstream]struct{}
+	relays     map[*relayed]struct{}
+	draining   bool
+	closed     bool
 }
 
 // snapshot is one configuration as the data path uses it.
@@ -176,14 +178,15 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, ErrNoIdentity
 	}
 	p := &Proxy{
-		cfg:      cfg,
-		lim:      cfg.Limits.withDefaults(),
-		log:      cfg.Logger,
-		reg:      cfg.Metrics,
-		clusters: map[string]*clusterState{},
-		gateways: map[netip.AddrPort]*gatewayListener{},
-		conns:    map[*downstream]struct{}{},
-		relays:   map[*relayed]struct{}{},
+		cfg:        cfg,
+		lim:        cfg.Limits.withDefaults(),
+		log:        cfg.Logger,
+		reg:        cfg.Metrics,
+		clusters:   map[string]*clusterState{},
+		gateways:   map[netip.AddrPort]*gatewayListener{},
+		listenErrs: map[netip.AddrPort]error{},
+		conns:      map[*downstream]struct{}{},
+		relays:     map[*relayed]struct{}{},
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.NewTextHandler(io.Discard, nil))
