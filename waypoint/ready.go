@@ -22,6 +22,9 @@ import (
 type readiness struct {
 	set     *discovery.Set
 	onReady func()
+	// listening, when set, reports the data path's listeners that could
+	// not be opened (a gateway's).
+	listening func() error
 
 	cert     atomic.Bool
 	draining atomic.Bool
@@ -57,6 +60,11 @@ func (r *readiness) check() error {
 		return errEDS
 	case !r.cert.Load():
 		return errNoCert
+	}
+	if r.listening != nil {
+		if err := r.listening(); err != nil {
+			return err
+		}
 	}
 	r.ready.Store(true)
 	if r.onReady != nil {

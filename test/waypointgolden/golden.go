@@ -5,7 +5,7 @@
 // # Layout
 //
 //	testdata/<istio.io/istio module version>/<scenario>/
-//	    lds.json  eds.json  cds.json  wds.json
+//	    lds.json  eds.json  cds.json  wds.json  [rds.json, routers only]
 //
 // Each file is a JSON array of one xDS type's resources (Listener, Cluster,
 // ClusterLoadAssignment, istio.workload.Workload) as protojson with proto
@@ -30,7 +30,9 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -48,6 +50,12 @@ const (
 	ClusterType  = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 	EndpointType = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 	WorkloadType = "type.googleapis.com/istio.workload.Workload"
+	// RouteType is RDS, which only a router (ingress gateway) node
+	// subscribes to: its listeners name their route configurations.
+	RouteType = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+	// SecretType is SDS over ADS: the Kubernetes Secrets a router's TLS
+	// listeners name (credentialName, certificateRefs).
+	SecretType = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 )
 
 // Files names the file of each type in a scenario directory.
@@ -56,6 +64,8 @@ var Files = map[string]string{
 	ClusterType:  "cds.json",
 	EndpointType: "eds.json",
 	WorkloadType: "wds.json",
+	RouteType:    "rds.json",
+	SecretType:   "sds.json",
 }
 
 // Snapshot is one scenario's configuration.
@@ -64,6 +74,11 @@ type Snapshot struct {
 	Clusters  []*clusterv3.Cluster
 	Endpoints []*endpointv3.ClusterLoadAssignment
 	Workloads []*workloadapi.Workload
+	// Routes are a router's RDS; a waypoint's scenarios have none (and
+	// no rds.json).
+	Routes []*routev3.RouteConfiguration
+	// Secrets are a router's SDS (only with TLS listeners; sds.json).
+	Secrets []*tlsv3.Secret
 }
 
 // Dir is the goldens' root directory, testdata/ next to this file.
@@ -128,6 +143,16 @@ func Read(dir string) (*Snapshot, error) {
 	if s.Workloads, err = readFile[*workloadapi.Workload](dir, WorkloadType); err != nil {
 		return nil, err
 	}
+	if _, err := os.Stat(filepath.Join(dir, Files[RouteType])); err == nil {
+		if s.Routes, err = readFile[*routev3.RouteConfiguration](dir, RouteType); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, Files[SecretType])); err == nil {
+		if s.Secrets, err = readFile[*tlsv3.Secret](dir, SecretType); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -178,6 +203,12 @@ func Render(s *Snapshot) (map[string][]byte, error) {
 		return m.(*endpointv3.ClusterLoadAssignment).GetClusterName()
 	})
 	add(WorkloadType, messages(s.Workloads), func(m proto.Message) string { return m.(*workloadapi.Workload).GetUid() })
+	if len(s.Routes) > 0 {
+		add(RouteType, messages(s.Routes), func(m proto.Message) string { return m.(*routev3.RouteConfiguration).GetName() })
+	}
+	if len(s.Secrets) > 0 {
+		add(SecretType, messages(s.Secrets), func(m proto.Message) string { return m.(*tlsv3.Secret).GetName() })
+	}
 	if len(errs) > 0 {
 		if missing := unresolved(s); len(missing) > 0 {
 			errs = append(errs, fmt.Errorf("types to link into waypoint/envoytypes: %s", strings.Join(missing, ", ")))
@@ -230,6 +261,9 @@ func unresolved(s *Snapshot) []string {
 	}
 	for _, e := range s.Endpoints {
 		walk(e.ProtoReflect())
+	}
+	for _, r := range s.Routes {
+		walk(r.ProtoReflect())
 	}
 	out := make([]string, 0, len(seen))
 	for u := range seen {
@@ -304,6 +338,12 @@ func Resources(s *Snapshot) (map[string][]*discoveryv3.Resource, error) {
 	}
 	for _, m := range s.Workloads {
 		add(WorkloadType, m.GetUid(), m)
+	}
+	for _, m := range s.Routes {
+		add(RouteType, m.GetName(), m)
+	}
+	for _, m := range s.Secrets {
+		add(SecretType, m.GetName(), m)
 	}
 	return out, errors.Join(errs...)
 }

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -78,16 +77,18 @@ type Cluster struct {
 	IdleTimeout, MaxConnectionDuration time.Duration
 	// Protocol is the HTTP version to the endpoints.
 	Protocol UpstreamProtocol
-	// SidecarTLS is true when the cluster's transport_socket_matches
-	// have Istio's mTLS for endpoints labelled tlsMode=istio (sidecars),
-	// which amber does not originate: such endpoints are refused.
-	SidecarTLS bool
 	// Endpoints come from EDS; nil until they arrive (then every request
 	// gets 503 no healthy upstream).
 	Endpoints []Endpoint
 	// ServiceMeta is the istio metadata's first service: what telemetry
 	// reports as destination_service.
 	ServiceMeta ServiceMeta
+	// SidecarMTLS is set on an outbound cluster (a gateway's, or a
+	// waypoint's for a backend it does not serve) whose transport socket
+	// matches send endpoints labelled tlsMode=istio (sidecar pods) in
+	// Istio's legacy mTLS, which amber does not speak: those endpoints
+	// are refused (Endpoint.Err) rather than reached in plain text.
+	SidecarMTLS bool
 }
 
 // Limits are the circuit-breaker thresholds of the default priority.
@@ -113,9 +114,6 @@ type Endpoint struct {
 	// Originate.Port. False for endpoints outside the mesh, which Envoy
 	// reaches in plain TCP (no mTLS, as istiod configures it).
 	HBONE bool
-	// SidecarTLS is true for an endpoint outside HBONE that istiod
-	// labels tlsMode=istio (a sidecar, reached in Istio's mTLS).
-	SidecarTLS bool
 	// Weight is the load-balancing weight (1 when unset).
 	Weight uint32
 	// Healthy is false for endpoints EDS marks unhealthy, draining or
@@ -128,7 +126,22 @@ type Endpoint struct {
 	// Workload is istiod's "istio" endpoint metadata "workload" value
 	// (name;namespace;canonical name;revision;cluster) for telemetry.
 	Workload string
+	// Via is set for a gateway's endpoint that is a Service's waypoint
+	// (istio.io/ingress-use-waypoint): HBONE goes to Via (the waypoint's
+	// podIP:15008) with CONNECT Address (the Service's VIP:port).
+	Via netip.AddrPort
+	// Err is why the data path must refuse this endpoint: Istio mTLS to a
+	// sidecar (Cluster.SidecarMTLS).
+	Err error
 }
+
+// ErrSidecarMTLS is an Endpoint's Err for a sidecar endpoint Envoy would
+// reach in Istio's legacy mTLS.
+var ErrSidecarMTLS = errors.New("endpoint needs Istio mTLS to a sidecar (tlsMode=istio), which amber does not speak")
+
+// BlackHole is the cluster istiod gives routers for traffic to nowhere:
+// STATIC without endpoints.
+const BlackHole = "BlackHoleCluster"
 
 // Locality is an endpoint's region, zone and subzone.
 type Locality struct{ Region, Zone, Subzone string }
@@ -153,6 +166,19 @@ func (b *builder) clusters(cs []*clusterv3.Cluster) {
 			continue
 		case InnerConnectOriginate, OuterConnectOriginate:
 			b.checkResource(ClusterType, name, c) // see listeners
+			continue
+		case BlackHole:
+			if !b.router {
+				break
+			}
+			cl := &Cluster{Name: name, LB: RoundRobin, Endpoints: []Endpoint{}}
+			if !b.checkResource(ClusterType, name, c) {
+				cl.Err = errors.New("refused by the allow-list")
+			} else if c.GetType() != clusterv3.Cluster_STATIC || c.GetLoadAssignment() != nil {
+				cl.Err = errors.New("want STATIC without endpoints")
+				b.problem(ClusterType, name, cl.Err)
+			}
+			b.cfg.Clusters[name] = cl
 			continue
 		case ConnectOriginate:
 			if !b.checkResource(ClusterType, name, c) {
@@ -210,43 +236,6 @@ func internalTransport(ts *corev3.TransportSocket) error {
 		return fmt.Errorf("transport_socket: internal_upstream over %s: unsupported (TLS or PROXY to the application)", tn)
 	}
 	return nil
-}
-
-// socketMatches accepts the transport_socket_matches istiod gives a
-// waypoint's outbound clusters (a route's backend the waypoint does not
-// serve, e.g. an HTTPRoute's at a per-service waypoint whose backends'
-// Services are bound to another): "hbone" for endpoints labelled
-// tunnel=http, internal_upstream over raw_buffer to connect_originate,
-// the endpoints EDS gives as connect_originate addresses, the same path
-// as an inbound-vip cluster's; "tlsMode-istio" for sidecars, Istio's mTLS,
-// which amber does not originate (sidecar reports whether it is there);
-// and the catch-all "tlsMode-disabled", raw_buffer, plain TCP to
-// endpoints outside the mesh as for inbound-vip clusters
-// (pilot/pkg/networking/core/cluster_tls.go applyHBONETransportSocketMatches,
-// hboneOrPlaintextSocket). Any other match, or a socket under it, is
-// refused: HBONE over TLS or TLS to the application ("user"), from a
-// DestinationRule's TLS settings.
-func socketMatches(ms []*clusterv3.Cluster_TransportSocketMatch) (sidecar bool, err error) {
-	for i, m := range ms {
-		f := m.GetMatch().GetFields()
-		switch {
-		case m.GetName() == "hbone" && len(f) == 1 && f["tunnel"].GetStringValue() == "http":
-			err = internalTransport(m.GetTransportSocket())
-		case m.GetName() == "tlsMode-istio":
-			_, err = unpack[*tlsv3.UpstreamTlsContext](m.GetTransportSocket().GetTypedConfig())
-			sidecar = true
-		case m.GetName() == "tlsMode-disabled" && len(f) == 0:
-			if tn := typeName(m.GetTransportSocket().GetTypedConfig()); tn != "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" {
-				err = fmt.Errorf("socket %s", tn)
-			}
-		default:
-			err = errors.New("unsupported (TLS to the application from a DestinationRule)")
-		}
-		if err != nil {
-			return false, fmt.Errorf("transport_socket_matches[%d] %q: %w", i, m.GetName(), err)
-		}
-	}
-	return sidecar, nil
 }
 
 func originateCluster(c *clusterv3.Cluster) (*Originate, error) {
@@ -377,22 +366,19 @@ func (b *builder) compileCluster(cl *Cluster, c *clusterv3.Cluster) error {
 			set(&cl.Limits.MaxRetries, t.MaxRetries)
 		}
 	}
-	// Upstream network filters: istiod's metadata exchange for the
-	// tlsMode-istio socket (ALPN istio-peer-exchange), telemetry only.
-	for i, f := range c.GetFilters() {
-		if err := telemetryTypedStruct(f.GetTypedConfig()); err != nil {
-			return fmt.Errorf("filters[%d] %q: %w", i, f.GetName(), err)
-		}
-	}
-	if ms := c.GetTransportSocketMatches(); len(ms) > 0 {
-		if c.GetTransportSocket() != nil {
-			return errors.New("transport_socket beside transport_socket_matches")
-		}
-		if cl.SidecarTLS, err = socketMatches(ms); err != nil {
+	if len(c.GetTransportSocketMatches()) > 0 || b.router {
+		if err := outboundTransport(cl, c); err != nil {
 			return err
 		}
 	} else if err := internalTransport(c.GetTransportSocket()); err != nil {
 		return err
+	}
+	// Upstream network filters: istiod's metadata exchange for the
+	// tlsMode-istio socket (ALPN istio-peer-exchange), telemetry only.
+	for i, f := range c.GetFilters() {
+		if err := telemetryTypedStruct(f.GetTypedConfig()); err != nil {
+			return fmt.Errorf("filters[%d] %s: %w", i, f.GetName(), err)
+		}
 	}
 	cl.IdleTimeout = time.Hour
 	po, err := httpOptions(c)
@@ -444,7 +430,7 @@ func (b *builder) endpoints(las []*endpointv3.ClusterLoadAssignment) {
 			}
 			continue
 		}
-		eps, err := compileEndpoints(la)
+		eps, err := compileEndpoints(la, b.router)
 		if err != nil {
 			b.problem(EndpointType, name, err)
 			if c := b.cfg.Clusters[name]; c != nil && c.Err == nil {
@@ -457,21 +443,18 @@ func (b *builder) endpoints(las []*endpointv3.ClusterLoadAssignment) {
 			b.problem(EndpointType, name, errors.New("no such cluster"))
 			continue
 		}
-		if i := slices.IndexFunc(eps, func(e Endpoint) bool { return e.SidecarTLS }); i >= 0 && c.SidecarTLS {
-			// Envoy would speak Istio's mTLS to it; plain TCP would
-			// be a downgrade.
-			err := fmt.Errorf("endpoint %s: a sidecar's (tlsMode istio): Istio mTLS origination unsupported", eps[i].Address)
-			b.problem(EndpointType, name, err)
-			if c.Err == nil {
-				c.Err = fmt.Errorf("endpoints: %w", err)
+		for i := range eps {
+			if eps[i].Err != nil && !c.SidecarMTLS {
+				eps[i].Err = nil // no tlsMode-istio match: Envoy sends plain text
 			}
-			continue
 		}
 		c.Endpoints = eps
 	}
 }
 
-func compileEndpoints(la *endpointv3.ClusterLoadAssignment) ([]Endpoint, error) {
+// compileEndpoints compiles one assignment; router accepts what istiod
+// sends gateways only (endpoints that are waypoints, sidecar endpoints).
+func compileEndpoints(la *endpointv3.ClusterLoadAssignment, router bool) ([]Endpoint, error) {
 	out := []Endpoint{}
 	for i, lle := range la.GetEndpoints() {
 		loc := Locality{lle.GetLocality().GetRegion(), lle.GetLocality().GetZone(), lle.GetLocality().GetSubZone()}
@@ -502,15 +485,33 @@ func compileEndpoints(la *endpointv3.ClusterLoadAssignment) ([]Endpoint, error) 
 				return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: additional_addresses: unsupported", i, j)
 			}
 			md := le.GetMetadata().GetFilterMetadata()
+			var via netip.AddrPort
 			if od := md["envoy.filters.listener.original_dst"]; od != nil {
-				if w := od.GetFields()["waypoint"]; w != nil {
+				l := od.GetFields()["local"].GetStringValue()
+				switch w := od.GetFields()["waypoint"]; {
+				case w != nil && (!router || !hbone):
 					return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: sending through another waypoint (%s): unsupported", i, j, w.GetStringValue())
-				}
-				if l := od.GetFields()["local"].GetStringValue(); l != "" && l != ap.String() {
+				case w != nil:
+					// A gateway sending to a Service's waypoint
+					// (endpoint_builder.go waypointEndpoints): HBONE to the
+					// waypoint, CONNECT to the Service's address.
+					wp, err := netip.ParseAddrPort(w.GetStringValue())
+					if err != nil || wp != ap {
+						return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: waypoint %q is not endpoint_id %s", i, j, w.GetStringValue(), ap)
+					}
+					vip, err := netip.ParseAddrPort(l)
+					if err != nil {
+						return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: original destination %q: %w", i, j, l, err)
+					}
+					via, ap = wp, vip
+				case l != "" && l != ap.String():
 					return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: original destination %s differs from endpoint_id %s", i, j, l, ap)
 				}
 			}
-			ep := Endpoint{Address: ap, HBONE: hbone, Weight: 1, Locality: loc, Priority: lle.GetPriority()}
+			ep := Endpoint{Address: ap, HBONE: hbone, Via: via, Weight: 1, Locality: loc, Priority: lle.GetPriority()}
+			if !hbone && md["envoy.transport_socket_match"].GetFields()["tlsMode"].GetStringValue() == "istio" {
+				ep.Err = ErrSidecarMTLS // cleared where the cluster has no tlsMode-istio match
+			}
 			if w := le.GetLoadBalancingWeight(); w != nil {
 				ep.Weight = w.GetValue()
 			}
@@ -520,9 +521,6 @@ func compileEndpoints(la *endpointv3.ClusterLoadAssignment) ([]Endpoint, error) 
 			}
 			if im := md["istio"]; im != nil {
 				ep.Workload = im.GetFields()["workload"].GetStringValue()
-			}
-			if !hbone && md["envoy.transport_socket_match"].GetFields()["tlsMode"].GetStringValue() == "istio" {
-				ep.SidecarTLS = true
 			}
 			out = append(out, ep)
 		}
@@ -535,4 +533,44 @@ func (b *builder) link() {
 	if b.originate != nil && b.originateListenerOK {
 		b.cfg.Originate = b.originate
 	}
+}
+
+// outboundTransport checks the transports of an outbound cluster (a
+// gateway's, or a waypoint's for a route backend it does not serve, e.g.
+// an HTTPRoute's at a per-service waypoint whose backends' Services are
+// bound to another): istiod's transport socket matches (cluster_tls.go
+// applyHBONETransportSocketMatches, hboneOrPlaintextSocket) pick HBONE
+// through connect_originate for endpoints marked {tunnel: http}, Istio
+// mTLS for sidecar endpoints ({tlsMode: istio}, refused per endpoint),
+// plain text for the rest. A cluster without matches or transport socket
+// is plain text. Any other match or socket is refused: HBONE over TLS or
+// TLS to the application, from a DestinationRule's TLS settings.
+func outboundTransport(cl *Cluster, c *clusterv3.Cluster) error {
+	if ts := c.GetTransportSocket(); ts != nil {
+		if tn := typeName(ts.GetTypedConfig()); tn != "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" {
+			return fmt.Errorf("transport_socket %s: only plain text (TLS origination to a Service is not supported)", tn)
+		}
+	}
+	for i, m := range c.GetTransportSocketMatches() {
+		match := m.GetMatch().GetFields()
+		tn := typeName(m.GetTransportSocket().GetTypedConfig())
+		switch {
+		case len(match) == 1 && match["tunnel"].GetStringValue() == "http":
+			if err := internalTransport(m.GetTransportSocket()); err != nil {
+				return fmt.Errorf("transport_socket_matches[%d] %q: %w", i, m.GetName(), err)
+			}
+		case len(match) == 1 && match["tlsMode"].GetStringValue() == "istio":
+			if tn != "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" {
+				return fmt.Errorf("transport_socket_matches[%d] %q: %s for tlsMode istio", i, m.GetName(), tn)
+			}
+			cl.SidecarMTLS = true
+		case len(match) == 0:
+			if tn != "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" {
+				return fmt.Errorf("transport_socket_matches[%d] %q: only plain text for the other endpoints, not %s", i, m.GetName(), tn)
+			}
+		default:
+			return fmt.Errorf("transport_socket_matches[%d] %q: match %v: unsupported", i, m.GetName(), m.GetMatch())
+		}
+	}
+	return nil
 }

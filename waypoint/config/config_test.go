@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"net/netip"
 	"os"
 	"slices"
@@ -237,9 +238,10 @@ func TestEndpoints(t *testing.T) {
 // TestOutboundSocketMatches: an outbound cluster with the
 // transport_socket_matches istiod gives a waypoint's outbound clusters
 // (hbone, tlsMode-istio, tlsMode-disabled) compiles, its connect_originate
-// endpoints HBONE; a sidecar's endpoint (tlsMode istio, not HBONE) refuses
-// the cluster rather than reach it in plain TCP; a match amber does not
-// know refuses it too.
+// endpoints HBONE; a sidecar's endpoint (tlsMode istio, not HBONE) is
+// refused (Endpoint.Err: the data path answers 503) rather than reached in
+// plain TCP, the others still served; a match amber does not know refuses
+// the cluster.
 func TestOutboundSocketMatches(t *testing.T) {
 	const outbound = "outbound|9080||productpage-v1.default.svc.cluster.local"
 	build := func(t *testing.T, extra ...*clusterv3.Cluster_TransportSocketMatch) (*waypointgolden.Snapshot, *endpointv3.ClusterLoadAssignment) {
@@ -281,8 +283,8 @@ func TestOutboundSocketMatches(t *testing.T) {
 	if cl == nil || cl.Err != nil {
 		t.Fatalf("outbound cluster: %+v, problems %v", cl, c.Problems)
 	}
-	if len(cl.Endpoints) != 1 || !cl.Endpoints[0].HBONE || !cl.SidecarTLS {
-		t.Errorf("endpoints %+v, sidecar TLS %v: want one HBONE endpoint, the tlsMode-istio match seen", cl.Endpoints, cl.SidecarTLS)
+	if len(cl.Endpoints) != 1 || !cl.Endpoints[0].HBONE || cl.Endpoints[0].Err != nil || !cl.SidecarMTLS {
+		t.Errorf("endpoints %+v, sidecar mTLS %v: want one HBONE endpoint, the tlsMode-istio match seen", cl.Endpoints, cl.SidecarMTLS)
 	}
 
 	s, la := build(t)
@@ -292,8 +294,8 @@ func TestOutboundSocketMatches(t *testing.T) {
 		Metadata: &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{"envoy.transport_socket_match": mustStruct(t, map[string]any{"tlsMode": "istio"})}},
 	})
 	c = Compile(resources(s))
-	if err := c.Clusters[outbound].Err; err == nil || !strings.Contains(err.Error(), "sidecar") || c.Err(EndpointType) == nil {
-		t.Errorf("a sidecar's endpoint: cluster %v, EDS NACK %v; want both refusing it", err, c.Err(EndpointType))
+	if cl := c.Clusters[outbound]; cl.Err != nil || len(cl.Endpoints) != 2 || cl.Endpoints[0].Err != nil || !errors.Is(cl.Endpoints[1].Err, ErrSidecarMTLS) {
+		t.Errorf("a sidecar's endpoint: cluster %v, endpoints %+v; want the sidecar's alone refused", cl.Err, cl.Endpoints)
 	}
 
 	s, _ = build(t, &clusterv3.Cluster_TransportSocketMatch{Name: "user", TransportSocket: &corev3.TransportSocket{Name: "envoy.transport_sockets.tls",
@@ -334,7 +336,7 @@ func TestOutboundClusterFromIstiod(t *testing.T) {
 	if cl == nil || cl.Err != nil || cfg.Err(ClusterType) != nil {
 		t.Fatalf("%s: %+v; NACK %v", c.GetName(), cl, cfg.Err(ClusterType))
 	}
-	if !cl.SidecarTLS || cl.Service != "reviews-v1.default.svc.cluster.local" {
+	if !cl.SidecarMTLS || cl.Service != "reviews-v1.default.svc.cluster.local" {
 		t.Errorf("compiled %+v", cl)
 	}
 }

@@ -57,11 +57,10 @@ func templateEnv() []string {
 	}
 }
 
-// podFiles writes the template's mounted files under a test root.
-func podFiles(t *testing.T) string {
-	t.Helper()
-	root := t.TempDir()
-	write := func(path, content string) {
+// fileWriter returns a function writing a file at its path under root.
+func fileWriter(t *testing.T, root string) func(path, content string) {
+	return func(path, content string) {
+		t.Helper()
 		p := filepath.Join(root, path)
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			t.Fatal(err)
@@ -70,6 +69,13 @@ func podFiles(t *testing.T) string {
 			t.Fatal(err)
 		}
 	}
+}
+
+// podFiles writes the template's mounted files under a test root.
+func podFiles(t *testing.T) string {
+	t.Helper()
+	root := t.TempDir()
+	write := fileWriter(t, root)
 	write(TokenFile, "token")
 	write(RootCertFile, "-----BEGIN CERTIFICATE-----\n")
 	// The kubelet's downward-API format: key="Go-quoted value", sorted.
@@ -194,10 +200,9 @@ func TestRefused(t *testing.T) {
 		refused bool
 		msg     string
 	}{
-		"sidecar":               {args: []string{"proxy", "sidecar"}, refused: true, msg: "waypoint only"},
-		"router":                {args: []string{"proxy", "router"}, refused: true, msg: "waypoint only"},
+		"sidecar":               {args: []string{"proxy", "sidecar"}, refused: true, msg: "router) only"},
 		"other command":         {args: []string{"request", "GET", "/"}, msg: "proxy waypoint"},
-		"mesh config file":      {args: append(slices.Clone(templateArgs), "--meshConfig", "/etc/mesh"), refused: true, msg: "PROXY_CONFIG"},
+		"mesh config file":      {args: append(slices.Clone(templateArgs), "--meshConfig", "/etc/mesh"), refused: true, msg: MeshConfigFile},
 		"sts":                   {args: append(slices.Clone(templateArgs), "--stsPort=15463"), refused: true},
 		"token plugin":          {args: append(slices.Clone(templateArgs), "--tokenManagerPlugin", "GoogleTokenExchange"), refused: true},
 		"log level":             {args: []string{"--log_output_level=default:loud"}, msg: "loud"},

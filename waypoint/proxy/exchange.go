@@ -182,13 +182,16 @@ func (p *Proxy) serveRequest(d *downstream, rw http.ResponseWriter, r *http.Requ
 	}
 	x.sanitize()
 
-	view := &match.Request{Method: r.Method, Authority: r.Host, Path: path, Scheme: "http", Header: r.Header}
+	view := &match.Request{Method: r.Method, Authority: r.Host, Path: path, Scheme: d.scheme(), Header: r.Header}
 	rr := &rbac.Request{
 		Headers:     view,
 		Source:      d.peerAddr.Addr(),
 		Remote:      h.RemoteAddress(d.peerAddr.Addr(), r.Header.Values("X-Forwarded-For")),
 		Destination: d.in.Destination,
-		FilterState: map[string]string{peerPrincipalKey: d.peer.String()},
+		FilterState: map[string]string{},
+	}
+	if !d.peer.IsZero() {
+		rr.FilterState[peerPrincipalKey] = d.peer.String()
 	}
 	for _, f := range h.RBAC {
 		dec := f.Evaluate(rr)

@@ -71,6 +71,11 @@ type Config struct {
 	Handshakes hbone.HandshakeLimits
 	// Limits bound what a client may send inside the tunnel.
 	Limits Limits
+	// Self is the proxy's own workload, as telemetry reports it for an
+	// ingress gateway (reporter="source": the source_* labels).
+	Self telemetry.Peer
+	// Listen opens an ingress gateway's listen address. Nil: TCP.
+	Listen func(ctx context.Context, addr netip.AddrPort) (net.Listener, error)
 }
 
 // Limits bound requests inside the tunnel. The zero value of each field is
@@ -144,11 +149,14 @@ type Proxy struct {
 
 	mu       sync.Mutex // guards the fields below
 	servers  []*hbone.Server
-	clusters map[string]*clusterState
-	conns    map[*downstream]struct{}
-	relays   map[*relayed]struct{}
-	draining bool
-	closed   bool
+	gateways map[netip.AddrPort]*gatewayListener
+	// listenErrs are the gateway addresses that failed to open.
+	listenErrs map[netip.AddrPort]error
+	clusters   map[string]*clusterState
+	conns      map[*downstream]struct{}
+	relays     map[*relayed]struct{}
+	draining   bool
+	closed     bool
 }
 
 // snapshot is one configuration as the data path uses it.
@@ -170,19 +178,24 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, ErrNoIdentity
 	}
 	p := &Proxy{
-		cfg:      cfg,
-		lim:      cfg.Limits.withDefaults(),
-		log:      cfg.Logger,
-		reg:      cfg.Metrics,
-		clusters: map[string]*clusterState{},
-		conns:    map[*downstream]struct{}{},
-		relays:   map[*relayed]struct{}{},
+		cfg:        cfg,
+		lim:        cfg.Limits.withDefaults(),
+		log:        cfg.Logger,
+		reg:        cfg.Metrics,
+		clusters:   map[string]*clusterState{},
+		gateways:   map[netip.AddrPort]*gatewayListener{},
+		listenErrs: map[netip.AddrPort]error{},
+		conns:      map[*downstream]struct{}{},
+		relays:     map[*relayed]struct{}{},
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	if p.reg == nil {
 		p.reg = prometheus.NewRegistry()
+	}
+	if p.cfg.Listen == nil {
+		p.cfg.Listen = defaultListen
 	}
 	if p.cfg.Dial == nil {
 		var d net.Dialer
@@ -223,6 +236,7 @@ func (p *Proxy) Update(c *config.Config) {
 	p.cur.Store(s)
 	p.counts.setDegraded(c)
 	p.recheckTCP(s)
+	p.syncGateways(c)
 }
 
 // config returns the current snapshot, nil before the first Update.
@@ -293,8 +307,10 @@ func (p *Proxy) serverTLS() *tls.Config {
 // connections open now and on inner HTTP/2 connections, idle HTTP/1
 // connections closed and the others after their current response, every
 // response from now on with `Connection: close` — and goes on accepting
-// connections and streams: the ztunnels keep dialling this waypoint until
-// istiod's push that it is terminating reaches them. Drain follows.
+// connections and streams: the ztunnels keep dialling this waypoint, and
+// clients keep being sent to this gateway, until istiod's push that it is
+// terminating reaches them (Envoy's listeners accept the same way while
+// pilot-agent drains). Drain follows.
 func (p *Proxy) Quiesce() {
 	for _, s := range p.startDrain() {
 		s.GoAway()
@@ -318,17 +334,27 @@ func (p *Proxy) startDrain() []*hbone.Server {
 	return servers
 }
 
-// Drain stops accepting connections, asks HTTP/2 clients to go away
-// (GOAWAY on both the HBONE and the inner connections), closes idle
-// HTTP/1 connections and ends the others after their current response,
-// and waits for streams to finish until ctx ends; then it closes what
-// remains and returns ctx's error.
+// Drain stops accepting connections (the HBONE listener and a gateway's
+// listeners), asks HTTP/2 clients to go away (GOAWAY on both the HBONE
+// and the inner connections), closes idle HTTP/1 connections and ends the
+// others after their current response, and waits for streams to finish
+// until ctx ends; then it closes what remains and returns ctx's error. A
+// gateway's connections are not counted: with gateway listeners Drain
+// returns when ctx ends.
 func (p *Proxy) Drain(ctx context.Context) error {
+	p.mu.Lock()
+	gateways := len(p.gateways)
+	p.mu.Unlock()
+	p.closeGateways() // before startDrain: no connection comes after it
 	var errs []error
 	for _, s := range p.startDrain() {
 		if err := s.Shutdown(ctx); err != nil && !errors.Is(err, hbone.ErrServerClosed) {
 			errs = append(errs, err)
 		}
+	}
+	if gateways > 0 {
+		<-ctx.Done()
+		errs = append(errs, ctx.Err())
 	}
 	return errors.Join(errs...)
 }
@@ -348,6 +374,7 @@ func (p *Proxy) Close() error {
 		}
 		p.mu.Unlock()
 		p.cancel()
+		p.closeGateways()
 		for _, r := range relays {
 			r.pair.Close(ErrClosed)
 		}
