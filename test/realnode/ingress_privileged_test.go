@@ -1,0 +1,280 @@
+package realnode_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/amber-mesh/amber/internal/testutil"
+	"github.com/amber-mesh/amber/test/cluster"
+	"github.com/amber-mesh/amber/test/istiod"
+	"github.com/amber-mesh/amber/test/privileged"
+	"github.com/amber-mesh/amber/test/realnode"
+)
+
+// TestPrivilegedRealNodeIngress plays the walkthrough's ingress steps on
+// the real node with amber's gateway in both of Istio's deployment forms:
+// the classic istio-ingressgateway from Istio's own chart with
+// `global.proxy.image` set to amber's image (the Deployment Istio's chart
+// renders, the pod Ready as UID 1337 on a read-only root), then the
+// walkthrough with Istio's bookinfo-gateway.yaml, productpage through
+// http://istio-ingressgateway.istio-system/productpage, the L4 policy
+// naming istio-ingressgateway-service-account (admitted over HBONE under
+// that identity; refused without it; notsleep refused), the gateway's
+// istio_requests_total; the Gateway API form (Gateway of class istio +
+// HTTPRoute, istiod's Deployment with amber's chart's gateway.enabled); a
+// rollout restart of istio-ingressgateway under 20 requests/s from sleep
+// with none failing; and the L7 half with the 90/10 count also through the
+// gateway.
+func TestPrivilegedRealNodeIngress(t *testing.T) {
+	privileged.Require(t)
+	log := slog.New(slog.NewTextHandler(tlog{t}, nil))
+	c := cluster.Up(t, cluster.Options{Istiod: true, Logger: log})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	a, _ := mustInstall(t, ctx, c, log)
+	chart, err := realnode.IngressChartDir(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("$ helm %s", strings.Join(realnode.IngressHelmArgs(chart), " "))
+	if err := a.InstallIngress(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, sel := range []string{realnode.IngressSelector} {
+				out, _ := c.Kubectl(context.Background(), "-n", realnode.Namespace, "logs", "-l", sel, "--tail=40", "--prefix")
+				t.Logf("gateway log tail (%s):\n%s", sel, out)
+			}
+		}
+		if err := a.UninstallIngress(context.Background()); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+
+	t.Run("Istio's chart renders istio-ingressgateway with amber's image; it runs amber-waypoint", func(t *testing.T) {
+		ingressShape(t, ctx, c)
+	})
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	var out strings.Builder
+	w := &realnode.Walkthrough{Target: realnode.HostTarget(c), Out: &out, IstioFiles: c.Istiod.BinDir}
+	step := func(name string, run func() error) {
+		t.Helper()
+		out.Reset()
+		err := run()
+		t.Logf("%s:\n%s", name, out.String())
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	step("walkthrough, L4 half", func() error { return w.Run(ctx) })
+	step("walkthrough, ingress steps", func() error { return w.RunIngress(ctx) })
+	t.Run("Gateway API form: class istio, HTTPRoute, istiod's Deployment with amber's image", func(t *testing.T) {
+		if err := a.Upgrade(ctx, "gateway.enabled=true"); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := a.Upgrade(context.Background(), "gateway.enabled=false"); err != nil {
+				t.Error(err)
+			}
+		}()
+		out.Reset()
+		err := w.RunGatewayAPI(ctx)
+		t.Logf("Gateway API form:\n%s", out.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("rollout restart of istio-ingressgateway under 20 requests/s: none fails", func(t *testing.T) {
+		ingressRolloutRestart(t, ctx, c)
+	})
+	step("walkthrough, L7 half (the 90/10 count also through the ingress gateway)", func() error { return w.RunL7(ctx) })
+}
+
+// ingressShape checks what Istio's chart rendered for the classic gateway
+// against the walkthrough: Deployment (amber's image, the image's
+// entrypoint, `proxy router`, the service account), Service port 80 →
+// 8080 as bookinfo-gateway.yaml's 8080 server needs, and a Ready pod whose
+// process is amber-waypoint as UID 1337 on a read-only root.
+func ingressShape(t *testing.T, ctx context.Context, c *cluster.Cluster) {
+	d, err := c.Client.AppsV1().Deployments(realnode.Namespace).Get(ctx, realnode.IngressGateway, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := realnode.CheckIngressDeployment(d); err != nil {
+		t.Error(err)
+	}
+	out, _ := c.Kubectl(ctx, "-n", realnode.Namespace, "get", "deployment", realnode.IngressGateway, "-o", "yaml", "--show-managed-fields=false")
+	t.Logf("the Deployment Istio's chart rendered:\n%s", out)
+	env := map[string]string{}
+	for _, e := range d.Spec.Template.Spec.Containers[0].Env {
+		env[e.Name] = e.Value
+	}
+	for k, v := range map[string]string{"ISTIO_META_ENABLE_HBONE": "true", "ISTIO_META_UNPRIVILEGED_POD": "true",
+		"PILOT_CERT_PROVIDER": "istiod", "CA_ADDR": "istiod.istio-system.svc:15012", "ISTIO_META_WORKLOAD_NAME": realnode.IngressGateway} {
+		if env[k] != v {
+			t.Errorf("env %s=%q, want %q", k, env[k], v)
+		}
+	}
+	if d.Spec.Template.Labels["istio.io/dataplane-mode"] != "none" {
+		t.Errorf("pod labels %v: want istio.io/dataplane-mode=none (the chart keeps gateways out of capture)", d.Spec.Template.Labels)
+	}
+	svc, err := c.Client.CoreV1().Services(realnode.Namespace).Get(ctx, realnode.IngressGateway, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ports := map[int32]intstr.IntOrString{}
+	for _, p := range svc.Spec.Ports {
+		ports[p.Port] = p.TargetPort
+	}
+	if ports[80] != intstr.FromInt32(8080) || ports[15021] != intstr.FromInt32(15021) {
+		t.Errorf("Service ports %v, want 80 → 8080 and 15021", svc.Spec.Ports)
+	}
+	var pod *corev1.Pod
+	waitFor(t, ctx, "the istio-ingressgateway pod Ready", func() error {
+		pods, err := c.Client.CoreV1().Pods(realnode.Namespace).List(ctx, metav1.ListOptions{LabelSelector: realnode.IngressSelector})
+		if err != nil {
+			return err
+		}
+		for i := range pods.Items {
+			p := &pods.Items[i]
+			for _, cond := range p.Status.Conditions {
+				if cond.Type == corev1.PodReady && cond.Status == corev1.ConditionTrue && p.DeletionTimestamp == nil {
+					pod = p
+					return nil
+				}
+			}
+		}
+		out, _ := c.Kubectl(ctx, "-n", realnode.Namespace, "logs", "deploy/"+realnode.IngressGateway, "--tail=20")
+		return fmt.Errorf("not Ready; log tail:\n%s", out)
+	})
+	pid, err := processOf(realnode.GatewayCommand[0], string(pod.UID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkConfined(t, pid, istiod.WaypointUID)
+}
+
+// ingressRolloutRestart sends GET /productpage to istio-ingressgateway's
+// Service from sleep's network namespace, a new connection every 50 ms,
+// while `kubectl rollout restart` replaces the gateway's pod: every request
+// must be answered 200 — by the old pod until it has drained, by the new
+// one once it is Ready.
+func ingressRolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster) {
+	tg := realnode.HostTarget(c)
+	svc, err := c.Client.CoreV1().Services(realnode.Namespace).Get(ctx, realnode.IngressGateway, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	sleepNS, err := realnode.PodNetns(ctx, c, podOf(t, ctx, tg, "default", realnode.Sleep))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := tg.RunningPodOf(ctx, realnode.Namespace, realnode.IngressSelector)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var ok, failed atomic.Int64
+	var firstErr atomic.Value
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				defer cancel()
+				conn, err := realnode.DialFrom(cctx, sleepNS, target)
+				if err == nil {
+					conn.SetDeadline(time.Now().Add(30 * time.Second))
+					err = getPage(conn, realnode.IngressGateway+"."+realnode.Namespace, "/productpage")
+					conn.Close()
+				}
+				if err == nil {
+					ok.Add(1)
+					return
+				}
+				failed.Add(1)
+				firstErr.CompareAndSwap(nil, fmt.Sprintf("%s: %v", time.Now().Format(time.TimeOnly+".000"), err))
+			}()
+		}
+	}()
+	progress := func(what string, n int64) {
+		s := ok.Load()
+		testutil.Eventually(t, what, func() bool { return ok.Load() >= s+n })
+	}
+	progress("requests through the gateway before the restart", 20)
+	t0 := time.Now()
+	if _, err := c.Kubectl(ctx, "-n", realnode.Namespace, "rollout", "restart", "deployment/"+realnode.IngressGateway); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Kubectl(ctx, "-n", realnode.Namespace, "rollout", "status", "deployment/"+realnode.IngressGateway, "--timeout=180s"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("measure: gateway rollout restart done in %v", time.Since(t0).Round(time.Millisecond))
+	after, err := tg.RunningPodOf(ctx, realnode.Namespace, realnode.IngressSelector)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.UID == before.UID {
+		t.Errorf("pod %s still the gateway after the restart", before.Name)
+	}
+	// The old pod is gone from the Service's endpoints once the rollout
+	// is done; what follows is the new pod's alone.
+	progress("requests through the new gateway", 20)
+	close(stop)
+	wg.Wait()
+	t.Logf("requests during the restart: %d answered 200, %d failed", ok.Load(), failed.Load())
+	if failed.Load() != 0 {
+		t.Errorf("%d requests through the gateway failed across its rollout restart; first: %v", failed.Load(), firstErr.Load())
+	}
+}
+
+// getPage sends one HTTP/1.1 GET for path with Host host on conn and
+// reads the full response, which must be 200.
+func getPage(conn net.Conn, host, path string) error {
+	if _, err := io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: "+host+"\r\nConnection: close\r\n\r\n"); err != nil {
+		return err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("status %s", resp.Status)
+	}
+	return nil
+}
