@@ -8,6 +8,7 @@ package contract
 
 import (
 	"cmp"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,8 +21,10 @@ import (
 	"strings"
 
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	meshconfig "istio.io/api/mesh/v1alpha1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/amber-mesh/amber/waypoint"
 	"github.com/amber-mesh/amber/waypoint/node"
@@ -34,6 +37,13 @@ const (
 	RootCertFile    = "/var/run/secrets/istio/root-cert.pem"
 	LabelsFile      = "/etc/istio/pod/labels"
 	AnnotationsFile = "/etc/istio/pod/annotations"
+	// MeshConfigFile is where Istio's legacy gateway chart
+	// (manifests/charts/gateways/istio-ingress) mounts the mesh config
+	// ConfigMap; pilot-agent reads it by default (--meshConfig,
+	// pilot/cmd/pilot-agent/app/cmd.go; ConstructProxyConfig in
+	// pilot/cmd/pilot-agent/config/config.go takes its defaultConfig,
+	// which PROXY_CONFIG then overrides).
+	MeshConfigFile = "/etc/istio/config/mesh"
 )
 
 // DefaultDiscoveryAddress is the mesh default ProxyConfig's.
@@ -72,7 +82,11 @@ func Load(args, environ []string, root string) (*Contract, error) {
 			env[k] = v
 		}
 	}
-	if err := c.environment(env); err != nil {
+	mesh, err := readMeshConfig(filepath.Join(root, MeshConfigFile))
+	if err != nil {
+		return nil, err
+	}
+	if err := c.environment(env, mesh); err != nil {
 		return nil, err
 	}
 	if err := c.files(root); err != nil {
@@ -126,7 +140,13 @@ var flags = map[string]flagSpec{
 	"templateFile":           {flagValue, nil},
 	"profiling":              {flagBool, nil},
 	// What changes how the waypoint authenticates or what it trusts.
-	"meshConfig":         {flagValue, refuse("amber-waypoint reads no mesh config file; settings come from PROXY_CONFIG")},
+	"meshConfig": {flagValue, func(_ *Contract, v string) error {
+		// Only pilot-agent's default, which Load reads.
+		if v == "."+MeshConfigFile || v == MeshConfigFile {
+			return nil
+		}
+		return fmt.Errorf("%w: amber-waypoint reads the mesh config at %s only", ErrRefused, MeshConfigFile)
+	}},
 	"stsPort":            {flagValue, refuseUnless("0", "the STS token exchange server is not implemented")},
 	"tokenManagerPlugin": {flagValue, refuseUnless("", "token manager plugins are not implemented")},
 }
@@ -196,11 +216,13 @@ func (c *Contract) flags(args []string) error {
 	switch {
 	case len(positional) == 0:
 	case positional[0] != "proxy":
-		return fmt.Errorf("command %q: amber-waypoint runs as `proxy waypoint`", positional[0])
-	case len(positional) < 2 || positional[1] != "waypoint":
-		return fmt.Errorf("%w: proxy type %q: amber-waypoint is a waypoint only", ErrRefused, strings.Join(positional[1:], " "))
+		return fmt.Errorf("command %q: amber-waypoint runs as `proxy waypoint` or `proxy router`", positional[0])
+	case len(positional) < 2 || (positional[1] != node.Waypoint && positional[1] != node.Router):
+		return fmt.Errorf("%w: proxy type %q: amber-waypoint is a waypoint or an ingress gateway (router) only", ErrRefused, strings.Join(positional[1:], " "))
 	case len(positional) > 2:
 		return fmt.Errorf("unexpected arguments %q", positional[2:])
+	default:
+		c.Config.Node.Type = positional[1]
 	}
 	return nil
 }
@@ -231,14 +253,50 @@ func logLevel(v string) (string, error) {
 	return "", fmt.Errorf("level %q: want debug, info, warn, error, fatal or none", level)
 }
 
-// environment reads the variables the template sets.
-func (c *Contract) environment(env map[string]string) error {
+// meshFile is what amber reads of a mounted mesh config.
+type meshFile struct {
+	// DefaultConfig is its defaultConfig (a ProxyConfig) as JSON; nil
+	// without.
+	DefaultConfig []byte
+	// TrustDomain is its trustDomain.
+	TrustDomain string
+}
+
+// readMeshConfig reads the mesh config file (YAML) if there is one: the
+// defaultConfig, which goes through the same checks as PROXY_CONFIG,
+// and the trust domain. The rest of the mesh config is istiod's.
+func readMeshConfig(path string) (*meshFile, error) {
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return &meshFile{}, nil
+	case err != nil:
+		return nil, err
+	}
+	var m struct {
+		DefaultConfig json.RawMessage `json:"defaultConfig"`
+		TrustDomain   string          `json:"trustDomain"`
+	}
+	if err := yaml.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	mf := &meshFile{TrustDomain: m.TrustDomain}
+	if len(m.DefaultConfig) > 0 && string(m.DefaultConfig) != "null" {
+		mf.DefaultConfig = m.DefaultConfig
+	}
+	return mf, nil
+}
+
+// environment reads the variables the template sets, over the mounted
+// mesh config's defaultConfig.
+func (c *Contract) environment(env map[string]string, mesh *meshFile) error {
 	cfg := &c.Config
 	n := &cfg.Node
 
 	// PROXY_CONFIG first: its proxyMetadata are variables too, below the
-	// environment's own (pilot-agent's order).
-	pc, err := c.proxyConfig(env["PROXY_CONFIG"])
+	// environment's own (pilot-agent's order). It overrides the mesh
+	// config file's defaultConfig field by field (mesh.ApplyProxyConfig).
+	pc, err := c.proxyConfig(mesh.DefaultConfig, env["PROXY_CONFIG"])
 	if err != nil {
 		return err
 	}
@@ -261,7 +319,7 @@ func (c *Contract) environment(env map[string]string) error {
 	if sa := lookup(metaPrefix + "SERVICE_ACCOUNT"); sa != "" && sa != n.ServiceAccount {
 		return fmt.Errorf("%w: ISTIO_META_SERVICE_ACCOUNT %q differs from SERVICE_ACCOUNT %q", ErrRefused, sa, n.ServiceAccount)
 	}
-	cfg.TrustDomain = lookup("TRUST_DOMAIN")
+	cfg.TrustDomain = cmp.Or(lookup("TRUST_DOMAIN"), mesh.TrustDomain)
 	n.TrustDomain = cmp.Or(lookup(metaPrefix+"MESH_ID"), pc.GetMeshId(), cfg.TrustDomain)
 	n.ClusterID = lookup(metaPrefix + "CLUSTER_ID")
 	n.NodeName = lookup(metaPrefix + "NODE_NAME")
@@ -312,12 +370,19 @@ func (c *Contract) environment(env map[string]string) error {
 // applied, Envoy's is reported as ignored, what would change the
 // waypoint's trust is refused, and a field unknown to this build's
 // ProxyConfig is an error naming it.
-func (c *Contract) proxyConfig(raw string) (*meshconfig.ProxyConfig, error) {
+func (c *Contract) proxyConfig(meshDefault []byte, raw string) (*meshconfig.ProxyConfig, error) {
 	pc := &meshconfig.ProxyConfig{}
+	if len(meshDefault) > 0 {
+		if err := protojson.Unmarshal(meshDefault, pc); err != nil {
+			return nil, fmt.Errorf("%s defaultConfig: %w", MeshConfigFile, err)
+		}
+	}
 	if strings.TrimSpace(raw) != "" {
-		if err := protojson.Unmarshal([]byte(raw), pc); err != nil {
+		over := &meshconfig.ProxyConfig{}
+		if err := protojson.Unmarshal([]byte(raw), over); err != nil {
 			return nil, fmt.Errorf("PROXY_CONFIG: %w", err)
 		}
+		proto.Merge(pc, over)
 	}
 	cfg := &c.Config
 	cfg.XDSAddress = cmp.Or(pc.GetDiscoveryAddress(), DefaultDiscoveryAddress)
@@ -424,7 +489,7 @@ func (c *Contract) Validate() error {
 		return errors.New("INSTANCE_IP is required")
 	case n.ServiceAccount == "":
 		return errors.New("SERVICE_ACCOUNT is required")
-	case n.Labels[node.GatewayNameLabel] == "":
+	case n.Labels[node.GatewayNameLabel] == "" && !n.IsRouter():
 		return fmt.Errorf("%s has no %s label: not a waypoint pod", LabelsFile, node.GatewayNameLabel)
 	}
 	return nil

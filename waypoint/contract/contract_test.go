@@ -194,10 +194,9 @@ func TestRefused(t *testing.T) {
 		refused bool
 		msg     string
 	}{
-		"sidecar":               {args: []string{"proxy", "sidecar"}, refused: true, msg: "waypoint only"},
-		"router":                {args: []string{"proxy", "router"}, refused: true, msg: "waypoint only"},
+		"sidecar":               {args: []string{"proxy", "sidecar"}, refused: true, msg: "router) only"},
 		"other command":         {args: []string{"request", "GET", "/"}, msg: "proxy waypoint"},
-		"mesh config file":      {args: append(slices.Clone(templateArgs), "--meshConfig", "/etc/mesh"), refused: true, msg: "PROXY_CONFIG"},
+		"mesh config file":      {args: append(slices.Clone(templateArgs), "--meshConfig", "/etc/mesh"), refused: true, msg: MeshConfigFile},
 		"sts":                   {args: append(slices.Clone(templateArgs), "--stsPort=15463"), refused: true},
 		"token plugin":          {args: append(slices.Clone(templateArgs), "--tokenManagerPlugin", "GoogleTokenExchange"), refused: true},
 		"log level":             {args: []string{"--log_output_level=default:loud"}, msg: "loud"},

@@ -5,6 +5,7 @@
 package node
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -34,6 +35,18 @@ var (
 	ErrNoGatewayID = errors.New("node: no gateway.networking.k8s.io/gateway-name label")
 )
 
+// Node types: the first field of the node id, which makes istiod build a
+// waypoint's listeners or a gateway's (pilot/pkg/model/context.go
+// NodeType: Waypoint, Router).
+const (
+	Waypoint = "waypoint"
+	Router   = "router"
+)
+
+// ErrType is Validate's error for a node type other than Waypoint and
+// Router.
+var ErrType = errors.New("node: type must be waypoint or router")
+
 // GatewayNameLabel is the pod label istiod's waypoint template sets to the
 // Gateway's name; the waypoint's Service selects on it, which is how
 // istiod finds the services a waypoint serves.
@@ -44,6 +57,9 @@ const GatewayNameLabel = "gateway.networking.k8s.io/gateway-name"
 // template: POD_NAME, POD_NAMESPACE, INSTANCE_IP, SERVICE_ACCOUNT,
 // ISTIO_META_*, the istio-podinfo labels and annotations).
 type Node struct {
+	// Type is Waypoint (zero) or Router: an ingress gateway pod
+	// (`proxy router`), which istiod configures as an Envoy gateway.
+	Type string
 	// IP is the pod's IP (INSTANCE_IP). Required.
 	IP netip.Addr
 	// PodName and Namespace name the pod. Required.
@@ -62,10 +78,12 @@ type Node struct {
 	TrustDomain string
 	// WorkloadName is the Deployment's name (ISTIO_META_WORKLOAD_NAME and
 	// OWNER). Empty means the Gateway's name from Labels, as the template
-	// names the Deployment after the Gateway.
+	// names the Deployment after the Gateway; for a router, the pod's
+	// "app" label (what the gateway charts name the Deployment), else the
+	// pod's name.
 	WorkloadName string
 	// Labels are the pod's labels, without pod-template-hash (pilot-agent
-	// drops it). They must carry GatewayNameLabel.
+	// drops it). A waypoint's must carry GatewayNameLabel.
 	Labels map[string]string
 	// Annotations are the pod's annotations. Nil sends none.
 	Annotations map[string]string
@@ -81,24 +99,36 @@ type Node struct {
 // Validate reports what istiod would need and is missing.
 func (n Node) Validate() error {
 	switch {
+	case n.Type != "" && n.Type != Waypoint && n.Type != Router:
+		return ErrType
 	case !n.IP.IsValid():
 		return ErrNoIP
 	case n.PodName == "" || n.Namespace == "":
 		return ErrNoPod
 	case n.ServiceAccount == "":
 		return ErrNoAccount
-	case n.Labels[GatewayNameLabel] == "":
+	case n.Labels[GatewayNameLabel] == "" && !n.IsRouter():
 		return ErrNoGatewayID
 	}
 	return nil
 }
 
-// ID is the node id pilot-agent gives a waypoint's Envoy:
-// waypoint~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local
-// (istio pkg/model Proxy: the first field is the node type, which makes
-// istiod build waypoint listeners).
+// IsRouter reports whether n is an ingress gateway node.
+func (n Node) IsRouter() bool { return n.Type == Router }
+
+func (n Node) nodeType() string {
+	if n.Type == "" {
+		return Waypoint
+	}
+	return n.Type
+}
+
+// ID is the node id pilot-agent gives the pod's Envoy:
+// <type>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local
+// (pkg/istio-agent/agent.go ServiceNode; the first field is the node
+// type, which makes istiod build waypoint or gateway listeners).
 func (n Node) ID() string {
-	return fmt.Sprintf("waypoint~%s~%s.%s~%s.svc.cluster.local", n.IP.Unmap(), n.PodName, n.Namespace, n.Namespace)
+	return fmt.Sprintf("%s~%s~%s.%s~%s.svc.cluster.local", n.nodeType(), n.IP.Unmap(), n.PodName, n.Namespace, n.Namespace)
 }
 
 // Metadata is the node metadata, with the keys pilot-agent sends for the
@@ -119,7 +149,11 @@ func (n Node) Metadata() (*structpb.Struct, error) {
 		version = IstioVersion
 	}
 	workload := n.WorkloadName
-	if workload == "" {
+	switch {
+	case workload != "":
+	case n.IsRouter():
+		workload = cmp.Or(n.Labels["app"], n.PodName)
+	default:
 		workload = n.Labels[GatewayNameLabel]
 	}
 	m := map[string]any{}

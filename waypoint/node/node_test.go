@@ -89,3 +89,30 @@ func TestValidate(t *testing.T) {
 		}
 	}
 }
+
+// A router is an ingress gateway pod: its own type in the id, no
+// gateway-name label needed, the workload named after its app label.
+func TestRouter(t *testing.T) {
+	n := Node{
+		Type: Router, IP: netip.MustParseAddr("10.244.0.30"), PodName: "istio-ingressgateway-5d8f7c9b4-abcde", Namespace: "istio-system",
+		ServiceAccount: "istio-ingressgateway-service-account",
+		Labels:         map[string]string{"app": "istio-ingressgateway", "istio": "ingressgateway"},
+	}
+	if err := n.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := n.ID(), "router~10.244.0.30~istio-ingressgateway-5d8f7c9b4-abcde.istio-system~istio-system.svc.cluster.local"; got != want {
+		t.Errorf("ID %q, want %q", got, want)
+	}
+	md, err := n.Metadata()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := md.GetFields()["WORKLOAD_NAME"].GetStringValue(); got != "istio-ingressgateway" {
+		t.Errorf("WORKLOAD_NAME %q", got)
+	}
+	n.Type = "sidecar"
+	if err := n.Validate(); !errors.Is(err, ErrType) {
+		t.Errorf("type sidecar: %v, want ErrType", err)
+	}
+}
