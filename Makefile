@@ -24,7 +24,7 @@ check-generate: deps ## regenerate and fail if the generated files in the tree d
 	@bash hack/check-generate.sh
 
 .PHONY: demo
-demo: deps ## Istio ambient's walkthrough on a real node with istiod and amber (Helm): Bookinfo, sleep/notsleep, mTLS, an L4 policy, amberctl, bpftool; then a waypoint (amber-waypoint), an L7 policy, istio_requests_total, reviews 90/10 (DEMO_ARGS=-keep leaves it running)
+demo: deps ## Istio ambient's walkthrough on a real node with istiod and amber (Helm): Bookinfo, sleep/notsleep, mTLS, an L4 policy, amberctl, bpftool; the ingress steps through istio-ingressgateway (Istio's chart, amber's image); then a waypoint (amber-waypoint), an L7 policy, istio_requests_total, reviews 90/10 (DEMO_ARGS=-keep leaves it running)
 	$(GO) run ./test/cmd/amber-demo $(DEMO_ARGS)
 
 .PHONY: build
