@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
@@ -147,24 +146,7 @@ func ingressShape(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	if ports[80] != intstr.FromInt32(8080) || ports[15021] != intstr.FromInt32(15021) {
 		t.Errorf("Service ports %v, want 80 → 8080 and 15021", svc.Spec.Ports)
 	}
-	var pod *corev1.Pod
-	waitFor(t, ctx, "the istio-ingressgateway pod Ready", func() error {
-		pods, err := c.Client.CoreV1().Pods(realnode.Namespace).List(ctx, metav1.ListOptions{LabelSelector: realnode.IngressSelector})
-		if err != nil {
-			return err
-		}
-		for i := range pods.Items {
-			p := &pods.Items[i]
-			for _, cond := range p.Status.Conditions {
-				if cond.Type == corev1.PodReady && cond.Status == corev1.ConditionTrue && p.DeletionTimestamp == nil {
-					pod = p
-					return nil
-				}
-			}
-		}
-		out, _ := c.Kubectl(ctx, "-n", realnode.Namespace, "logs", "deploy/"+realnode.IngressGateway, "--tail=20")
-		return fmt.Errorf("not Ready; log tail:\n%s", out)
-	})
+	pod := readyPod(t, ctx, c, realnode.Namespace, realnode.IngressSelector, realnode.IngressGateway)
 	pid, err := processOf(realnode.GatewayCommand[0], string(pod.UID))
 	if err != nil {
 		t.Fatal(err)
@@ -259,10 +241,10 @@ func ingressRolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster
 	}
 }
 
-// getPage sends one HTTP/1.1 GET for path with Host host on conn and
-// reads the full response, which must be 200.
+// getPage sends one HTTP/1.1 GET for path with Host host on conn (which
+// stays open for the next) and reads the full response, which must be 200.
 func getPage(conn net.Conn, host, path string) error {
-	if _, err := io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: "+host+"\r\nConnection: close\r\n\r\n"); err != nil {
+	if _, err := io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: "+host+"\r\n\r\n"); err != nil {
 		return err
 	}
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
