@@ -15,7 +15,6 @@ import (
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/cluster"
@@ -122,29 +121,12 @@ func ingressShape(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	}
 	out, _ := c.Kubectl(ctx, "-n", realnode.Namespace, "get", "deployment", realnode.IngressGateway, "-o", "yaml", "--show-managed-fields=false")
 	t.Logf("the Deployment Istio's chart rendered:\n%s", out)
-	env := map[string]string{}
-	for _, e := range d.Spec.Template.Spec.Containers[0].Env {
-		env[e.Name] = e.Value
-	}
-	for k, v := range map[string]string{"ISTIO_META_ENABLE_HBONE": "true", "ISTIO_META_UNPRIVILEGED_POD": "true",
-		"PILOT_CERT_PROVIDER": "istiod", "CA_ADDR": "istiod.istio-system.svc:15012", "ISTIO_META_WORKLOAD_NAME": realnode.IngressGateway} {
-		if env[k] != v {
-			t.Errorf("env %s=%q, want %q", k, env[k], v)
-		}
-	}
-	if d.Spec.Template.Labels["istio.io/dataplane-mode"] != "none" {
-		t.Errorf("pod labels %v: want istio.io/dataplane-mode=none (the chart keeps gateways out of capture)", d.Spec.Template.Labels)
-	}
 	svc, err := c.Client.CoreV1().Services(realnode.Namespace).Get(ctx, realnode.IngressGateway, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ports := map[int32]intstr.IntOrString{}
-	for _, p := range svc.Spec.Ports {
-		ports[p.Port] = p.TargetPort
-	}
-	if ports[80] != intstr.FromInt32(8080) || ports[15021] != intstr.FromInt32(15021) {
-		t.Errorf("Service ports %v, want 80 → 8080 and 15021", svc.Spec.Ports)
+	if err := realnode.CheckIngressService(svc); err != nil {
+		t.Error(err)
 	}
 	pod := readyPod(t, ctx, c, realnode.Namespace, realnode.IngressSelector, realnode.IngressGateway)
 	pid, err := processOf(realnode.GatewayCommand[0], string(pod.UID))

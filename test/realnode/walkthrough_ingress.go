@@ -10,7 +10,9 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/amber-mesh/amber/test/images"
 )
@@ -243,10 +245,13 @@ func (w *Walkthrough) RunGatewayAPI(ctx context.Context) (err error) {
 		"source_workload": name, "destination_service": fmt.Sprintf("%s.%s.svc.cluster.local", BookinfoProductpage, ns)})
 }
 
-// CheckIngressDeployment checks the Deployment Istio's chart rendered for
-// the classic gateway: amber's image, no command (the image's entrypoint,
-// amber-waypoint, runs), pilot-agent's `proxy router` arguments, the
-// walkthrough's service account.
+// CheckIngressDeployment checks the Deployment Istio's chart renders for
+// the classic gateway with IngressHelmArgs: amber's image, no command
+// (the image's entrypoint, amber-waypoint, runs), pilot-agent's `proxy
+// router` arguments, the walkthrough's service account, the ambient
+// profile's HBONE metadata, the unprivileged pod (no listener below
+// 1024), istiod as CA, and the label that keeps ambient from capturing
+// it.
 func CheckIngressDeployment(d *appsv1.Deployment) error {
 	if err := checkAmberContainer(d, nil); err != nil {
 		return err
@@ -257,6 +262,35 @@ func CheckIngressDeployment(d *appsv1.Deployment) error {
 	}
 	if sa := d.Spec.Template.Spec.ServiceAccountName; sa != IngressServiceAccount {
 		return fmt.Errorf("service account %q, want %s", sa, IngressServiceAccount)
+	}
+	env := map[string]string{}
+	for _, e := range ctr.Env {
+		env[e.Name] = e.Value
+	}
+	var errs []error
+	for k, v := range map[string]string{"ISTIO_META_ENABLE_HBONE": "true", "ISTIO_META_UNPRIVILEGED_POD": "true",
+		"PILOT_CERT_PROVIDER": "istiod", "CA_ADDR": "istiod.istio-system.svc:15012", "ISTIO_META_WORKLOAD_NAME": IngressGateway} {
+		if env[k] != v {
+			errs = append(errs, fmt.Errorf("env %s=%q, want %q", k, env[k], v))
+		}
+	}
+	if l := d.Spec.Template.Labels; l["istio.io/dataplane-mode"] != "none" || l["istio"] != "ingressgateway" {
+		errs = append(errs, fmt.Errorf("pod labels %v: want istio=ingressgateway and istio.io/dataplane-mode=none", l))
+	}
+	return errors.Join(errs...)
+}
+
+// CheckIngressService checks the classic gateway's Service: port 80 to
+// the pod's 8080, where istiod puts the listener of bookinfo-gateway.yaml's
+// server (8080 today, 80 in 2022: both resolve to the targetPort), and the
+// status port.
+func CheckIngressService(svc *corev1.Service) error {
+	ports := map[int32]intstr.IntOrString{}
+	for _, p := range svc.Spec.Ports {
+		ports[p.Port] = p.TargetPort
+	}
+	if ports[80] != intstr.FromInt32(8080) || ports[15021] != intstr.FromInt32(15021) {
+		return fmt.Errorf("service %s ports %v, want 80 → 8080 and 15021", svc.Name, svc.Spec.Ports)
 	}
 	return nil
 }
