@@ -66,13 +66,16 @@ const IngressPrincipal = "cluster.local/ns/" + Namespace + "/sa/" + IngressServi
 // with amber's image: the ambient profile (as `istioctl install --set
 // profile=ambient` gives its gateways: ISTIO_META_ENABLE_HBONE), amber's
 // image, and — for this node only — a ClusterIP Service (there is no load
-// balancer) and pull policy Never (the image is imported, not pulled).
+// balancer), no HorizontalPodAutoscaler (there is no metrics API: it would
+// only log an error every 15 s) and pull policy Never (the image is
+// imported, not pulled).
 func IngressHelmArgs(chart string) []string {
 	return []string{"install", IngressRelease, chart, "--namespace", Namespace,
 		"--set", "profile=ambient",
 		"--set", "global.proxy.image=" + images.Amber.Ref,
 		"--set", "global.imagePullPolicy=Never",
 		"--set", "gateways.istio-ingressgateway.type=ClusterIP",
+		"--set", "gateways.istio-ingressgateway.autoscaleEnabled=false",
 	}
 }
 
