@@ -13,6 +13,8 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -27,6 +29,13 @@ import (
 // an Envoy waypoint does: CDS, LDS and WDS as wildcards, then EDS for the
 // EDS clusters CDS named. Every response is ACKed.
 func capture(ctx context.Context, addr, serverName string, rootPEM []byte, token string, n *corev3.Node) (*waypointgolden.Snapshot, error) {
+	return captureAs(ctx, addr, serverName, rootPEM, token, n, false)
+}
+
+// captureAs is capture for a waypoint, or with router for an Envoy
+// gateway: CDS and LDS as wildcards, no WDS, RDS for the route
+// configurations the listeners name, EDS for every EDS cluster.
+func captureAs(ctx context.Context, addr, serverName string, rootPEM []byte, token string, n *corev3.Node, router bool) (*waypointgolden.Snapshot, error) {
 	roots := x509.NewCertPool()
 	if !roots.AppendCertsFromPEM(rootPEM) {
 		return nil, fmt.Errorf("no root certificate in %q", rootPEM)
@@ -44,7 +53,11 @@ func capture(ctx context.Context, addr, serverName string, rootPEM []byte, token
 	if err != nil {
 		return nil, fmt.Errorf("open delta ADS: %w", err)
 	}
-	for _, typeURL := range []string{waypointgolden.ClusterType, waypointgolden.ListenerType, waypointgolden.WorkloadType} {
+	wildcards := []string{waypointgolden.ClusterType, waypointgolden.ListenerType, waypointgolden.WorkloadType}
+	if router {
+		wildcards = wildcards[:2]
+	}
+	for _, typeURL := range wildcards {
 		if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{Node: n, TypeUrl: typeURL}); err != nil {
 			return nil, fmt.Errorf("subscribe %s: %w", typeURL, err)
 		}
@@ -52,10 +65,11 @@ func capture(ctx context.Context, addr, serverName string, rootPEM []byte, token
 
 	got := map[string]map[string][]byte{} // type → name → marshalled resource
 	answered := map[string]bool{}
-	var edsNames []string
-	edsPending := true
+	var edsNames, rdsNames []string
+	edsPending, rdsPending := true, router
+	answered[waypointgolden.WorkloadType] = router
 	for !(answered[waypointgolden.ClusterType] && answered[waypointgolden.ListenerType] &&
-		answered[waypointgolden.WorkloadType] && !edsPending) {
+		answered[waypointgolden.WorkloadType] && !edsPending && !rdsPending) {
 		resp, err := stream.Recv()
 		if err != nil {
 			return nil, fmt.Errorf("receive (have %v): %w", slices.Sorted(maps.Keys(answered)), err)
@@ -77,11 +91,19 @@ func capture(ctx context.Context, addr, serverName string, rootPEM []byte, token
 		if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: t, ResponseNonce: resp.GetNonce()}); err != nil {
 			return nil, fmt.Errorf("ack %s: %w", t, err)
 		}
-		switch t {
-		case waypointgolden.ClusterType:
-			names, err := edsClusters(got[t])
+		if t == waypointgolden.RouteType || t == waypointgolden.ClusterType {
+			names, err := edsClusters(got[waypointgolden.ClusterType])
 			if err != nil {
 				return nil, err
+			}
+			if router {
+				// amber's gateway asks for the endpoints of the clusters
+				// its routes name only (CDS holds every Service).
+				refs, err := routeClusters(got[waypointgolden.RouteType])
+				if err != nil {
+					return nil, err
+				}
+				names = slices.DeleteFunc(names, func(n string) bool { return !slices.Contains(refs, n) })
 			}
 			if !slices.Equal(names, edsNames) {
 				// Envoy asks for the endpoints of exactly its EDS clusters.
@@ -93,14 +115,43 @@ func capture(ctx context.Context, addr, serverName string, rootPEM []byte, token
 				}); err != nil {
 					return nil, fmt.Errorf("subscribe endpoints: %w", err)
 				}
-			} else if len(names) == 0 {
+			} else if len(names) == 0 && (!router || answered[waypointgolden.RouteType] || len(rdsNames) == 0) {
 				edsPending = false
 			}
+		}
+		switch t {
 		case waypointgolden.EndpointType:
 			edsPending = false
 			for _, n := range edsNames {
 				if _, ok := got[t][n]; !ok {
 					edsPending = true
+				}
+			}
+		case waypointgolden.ListenerType:
+			if !router {
+				break
+			}
+			names, err := rdsRoutes(got[t])
+			if err != nil {
+				return nil, err
+			}
+			if !slices.Equal(names, rdsNames) {
+				sub, unsub := diff(names, rdsNames)
+				rdsNames = names
+				rdsPending = len(sub) > 0
+				if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{
+					TypeUrl: waypointgolden.RouteType, ResourceNamesSubscribe: sub, ResourceNamesUnsubscribe: unsub,
+				}); err != nil {
+					return nil, fmt.Errorf("subscribe routes: %w", err)
+				}
+			} else if len(names) == 0 {
+				rdsPending = false
+			}
+		case waypointgolden.RouteType:
+			rdsPending = false
+			for _, n := range rdsNames {
+				if _, ok := got[t][n]; !ok {
+					rdsPending = true
 				}
 			}
 		}
@@ -121,6 +172,56 @@ func edsClusters(raw map[string][]byte) ([]string, error) {
 				name = sn
 			}
 			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	return names, nil
+}
+
+// routeClusters names the clusters the route configurations route to.
+func routeClusters(raw map[string][]byte) ([]string, error) {
+	var names []string
+	for name, b := range raw {
+		rc := &routev3.RouteConfiguration{}
+		if err := proto.Unmarshal(b, rc); err != nil {
+			return nil, fmt.Errorf("route configuration %q: %w", name, err)
+		}
+		for _, vh := range rc.GetVirtualHosts() {
+			for _, r := range vh.GetRoutes() {
+				if c := r.GetRoute().GetCluster(); c != "" {
+					names = append(names, c)
+				}
+				for _, wc := range r.GetRoute().GetWeightedClusters().GetClusters() {
+					names = append(names, wc.GetName())
+				}
+			}
+		}
+	}
+	slices.Sort(names)
+	return slices.Compact(names), nil
+}
+
+// rdsRoutes names the route configurations the listeners' HTTP
+// connection managers take from RDS.
+func rdsRoutes(raw map[string][]byte) ([]string, error) {
+	var names []string
+	for name, b := range raw {
+		l := &listenerv3.Listener{}
+		if err := proto.Unmarshal(b, l); err != nil {
+			return nil, fmt.Errorf("listener %q: %w", name, err)
+		}
+		for _, fc := range l.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				h := &hcmv3.HttpConnectionManager{}
+				if f.GetTypedConfig().MessageIs(h) {
+					if err := f.GetTypedConfig().UnmarshalTo(h); err != nil {
+						return nil, fmt.Errorf("listener %q: %w", name, err)
+					}
+					if rn := h.GetRds().GetRouteConfigName(); rn != "" && !slices.Contains(names, rn) {
+						names = append(names, rn)
+					}
+				}
+			}
 		}
 	}
 	slices.Sort(names)
@@ -154,6 +255,9 @@ func decodeSnapshot(got map[string]map[string][]byte) (*waypointgolden.Snapshot,
 		return nil, err
 	}
 	if s.Workloads, err = decodeAll[*workloadapi.Workload](got[waypointgolden.WorkloadType]); err != nil {
+		return nil, err
+	}
+	if s.Routes, err = decodeAll[*routev3.RouteConfiguration](got[waypointgolden.RouteType]); err != nil {
 		return nil, err
 	}
 	return s, nil

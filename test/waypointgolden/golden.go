@@ -5,7 +5,7 @@
 // # Layout
 //
 //	testdata/<istio.io/istio module version>/<scenario>/
-//	    lds.json  eds.json  cds.json  wds.json
+//	    lds.json  eds.json  cds.json  wds.json  [rds.json, routers only]
 //
 // Each file is a JSON array of one xDS type's resources (Listener, Cluster,
 // ClusterLoadAssignment, istio.workload.Workload) as protojson with proto
@@ -30,6 +30,7 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -48,6 +49,9 @@ const (
 	ClusterType  = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 	EndpointType = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 	WorkloadType = "type.googleapis.com/istio.workload.Workload"
+	// RouteType is RDS, which only a router (ingress gateway) node
+	// subscribes to: its listeners name their route configurations.
+	RouteType = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 )
 
 // Files names the file of each type in a scenario directory.
@@ -56,6 +60,7 @@ var Files = map[string]string{
 	ClusterType:  "cds.json",
 	EndpointType: "eds.json",
 	WorkloadType: "wds.json",
+	RouteType:    "rds.json",
 }
 
 // Snapshot is one scenario's configuration.
@@ -64,6 +69,9 @@ type Snapshot struct {
 	Clusters  []*clusterv3.Cluster
 	Endpoints []*endpointv3.ClusterLoadAssignment
 	Workloads []*workloadapi.Workload
+	// Routes are a router's RDS; a waypoint's scenarios have none (and
+	// no rds.json).
+	Routes []*routev3.RouteConfiguration
 }
 
 // Dir is the goldens' root directory, testdata/ next to this file.
@@ -128,6 +136,11 @@ func Read(dir string) (*Snapshot, error) {
 	if s.Workloads, err = readFile[*workloadapi.Workload](dir, WorkloadType); err != nil {
 		return nil, err
 	}
+	if _, err := os.Stat(filepath.Join(dir, Files[RouteType])); err == nil {
+		if s.Routes, err = readFile[*routev3.RouteConfiguration](dir, RouteType); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -178,6 +191,9 @@ func Render(s *Snapshot) (map[string][]byte, error) {
 		return m.(*endpointv3.ClusterLoadAssignment).GetClusterName()
 	})
 	add(WorkloadType, messages(s.Workloads), func(m proto.Message) string { return m.(*workloadapi.Workload).GetUid() })
+	if len(s.Routes) > 0 {
+		add(RouteType, messages(s.Routes), func(m proto.Message) string { return m.(*routev3.RouteConfiguration).GetName() })
+	}
 	if len(errs) > 0 {
 		if missing := unresolved(s); len(missing) > 0 {
 			errs = append(errs, fmt.Errorf("types to link into waypoint/envoytypes: %s", strings.Join(missing, ", ")))
@@ -230,6 +246,9 @@ func unresolved(s *Snapshot) []string {
 	}
 	for _, e := range s.Endpoints {
 		walk(e.ProtoReflect())
+	}
+	for _, r := range s.Routes {
+		walk(r.ProtoReflect())
 	}
 	out := make([]string, 0, len(seen))
 	for u := range seen {
@@ -304,6 +323,9 @@ func Resources(s *Snapshot) (map[string][]*discoveryv3.Resource, error) {
 	}
 	for _, m := range s.Workloads {
 		add(WorkloadType, m.GetUid(), m)
+	}
+	for _, m := range s.Routes {
+		add(RouteType, m.GetName(), m)
 	}
 	return out, errors.Join(errs...)
 }

@@ -70,6 +70,7 @@ var leaves = map[protoreflect.FullName]bool{
 var filterParents = map[protoreflect.FullName]string{
 	"envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter": "filter",
 	"envoy.config.listener.v3.Filter":                                        "filter",
+	"envoy.config.cluster.v3.Filter":                                         "filter",
 	"envoy.config.listener.v3.ListenerFilter":                                "filter",
 	"envoy.config.core.v3.TransportSocket":                                   "transport socket",
 	"envoy.config.core.v3.TypedExtensionConfig":                              "extension",

@@ -25,6 +25,7 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+	alpnv2alpha1 "istio.io/api/envoy/config/filter/http/alpn/v2alpha1"
 	statsv1 "istio.io/api/envoy/extensions/stats"
 )
 
@@ -52,14 +53,15 @@ func init() {
 	// Listeners.
 	allow("envoy.config.listener.v3.Listener", compiled, "name", "address", "additional_addresses", "filter_chains",
 		"filter_chain_matcher", "listener_filters", "internal_listener")
-	allow("envoy.config.listener.v3.Listener", inert, "traffic_direction", "use_original_dst", "connection_balance_config")
+	allow("envoy.config.listener.v3.Listener", inert, "traffic_direction", "use_original_dst", "connection_balance_config",
+		"max_connections_to_accept_per_socket_event")
 	allow("envoy.config.listener.v3.Listener", telemetry, "access_log")
 	allow("envoy.config.listener.v3.Listener.ConnectionBalanceConfig", inert, "exact_balance")
 	allow("envoy.config.listener.v3.Listener.ConnectionBalanceConfig.ExactBalance", inert)
 	allow("envoy.config.listener.v3.Listener.InternalListenerConfig", compiled)
 	allow("envoy.config.listener.v3.AdditionalAddress", compiled, "address")
 	allow("envoy.config.listener.v3.FilterChain", compiled, "name", "filters", "transport_socket")
-	allow("envoy.config.listener.v3.FilterChain", inert, "metadata")
+	allow("envoy.config.listener.v3.FilterChain", inert, "metadata", "transport_socket_connect_timeout")
 	allow("envoy.config.listener.v3.Filter", compiled, "name", "typed_config")
 	allow("envoy.config.listener.v3.ListenerFilter", compiled, "name", "typed_config")
 	// Which ports http_inspector skips: amber sniffs exactly when the
@@ -94,13 +96,14 @@ func init() {
 	// by amber's HBONE code with its own certificates from istiod's CA.
 	allow("envoy.config.core.v3.TransportSocket", compiled, "name", "typed_config")
 	allow("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", compiled, "common_tls_context", "require_client_certificate")
-	allow("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", compiled, "common_tls_context")
+	allow("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", compiled, "common_tls_context", "sni")
 	allow("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext", compiled, "tls_params", "alpn_protocols",
 		"tls_certificate_sds_secret_configs", "combined_validation_context")
 	allow("envoy.extensions.transport_sockets.tls.v3.TlsParameters", compiled, "tls_minimum_protocol_version", "tls_maximum_protocol_version")
 	allow("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext", compiled,
 		"default_validation_context", "validation_context_sds_secret_config")
-	allow("envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext", compiled, "match_typed_subject_alt_names")
+	allow("envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext", compiled, "match_typed_subject_alt_names",
+		"match_subject_alt_names")
 	allow("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", compiled, "san_type", "matcher")
 	allow("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", compiled, "name")
 	allow("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", inert, "sds_config")
@@ -115,6 +118,7 @@ func init() {
 	allow("envoy.type.metadata.v3.MetadataKind", inert, "host", "request", "route", "cluster")
 	allow("envoy.type.metadata.v3.MetadataKind.Host", inert)
 	allow("envoy.type.metadata.v3.MetadataKind.Request", inert)
+	allow("envoy.type.metadata.v3.MetadataKind.Cluster", inert)
 	allow("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", compiled)
 
 	// HTTP connection manager.
@@ -128,9 +132,12 @@ func init() {
 	// set_current_client_cert_details only shapes an x-forwarded-client-cert
 	// the chains never forward (SANITIZE) and connect_terminate only puts
 	// on the outer CONNECT, which no application sees.
+	allow(hcm, compiled, "rds")
 	allow(hcm, inert, "stat_prefix", "set_current_client_cert_details")
+	allow("envoy.extensions.filters.network.http_connection_manager.v3.Rds", compiled, "route_config_name")
+	allow("envoy.extensions.filters.network.http_connection_manager.v3.Rds", inert, "config_source")
 	allow(hcm, telemetry, "access_log", "tracing", "request_id_extension")
-	allow(hcm+".SetCurrentClientCertDetails", inert, "subject", "uri", "dns")
+	allow(hcm+".SetCurrentClientCertDetails", inert, "subject", "uri", "dns", "cert")
 	allow(hcm+".UpgradeConfig", compiled, "upgrade_type", "enabled")
 	allow("envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter", compiled, "name", "typed_config", "disabled")
 	allow("envoy.config.core.v3.HttpProtocolOptions", compiled, "idle_timeout", "max_connection_duration", "max_stream_duration",
@@ -236,7 +243,13 @@ func init() {
 	allow("envoy.config.cluster.v3.Cluster", compiled, "name", "type", "eds_cluster_config", "connect_timeout", "lb_policy",
 		"least_request_lb_config", "round_robin_lb_config", "circuit_breakers", "transport_socket",
 		"typed_extension_protocol_options", "load_assignment", "original_dst_lb_config", "metadata", "common_lb_config")
+	allow("envoy.config.cluster.v3.Cluster", compiled, "transport_socket_matches", "filters")
 	allow("envoy.config.cluster.v3.Cluster", inert, "alt_stat_name", "cleanup_interval")
+	allow("envoy.config.cluster.v3.Cluster.TransportSocketMatch", compiled, "name", "match", "transport_socket")
+	allow("envoy.config.cluster.v3.Filter", compiled, "name", "typed_config")
+	// istio.alpn: the ALPN of Istio mTLS to sidecars, which amber refuses.
+	allow("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig", inert, "alpn_override")
+	allow("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig.AlpnOverride", inert, "upstream_protocol", "alpn_override")
 	allow("envoy.config.cluster.v3.Cluster", resilience, "outlier_detection", "upstream_connection_options")
 	allow("envoy.config.cluster.v3.Cluster.EdsClusterConfig", compiled, "service_name")
 	allow("envoy.config.cluster.v3.Cluster.EdsClusterConfig", inert, "eds_config")
@@ -279,7 +292,7 @@ func init() {
 		&networkinputv3.ApplicationProtocolInput{}, &networkinputv3.FilterStateInput{},
 		&previoushostsv3.PreviousHostsPredicate{}, &uuidv3.UuidRequestIdConfig{},
 		&xdsmatcherv3.IPMatcher{}, &udpatypev1.TypedStruct{}, &xdstypev3.TypedStruct{}, &statsv1.PluginConfig{},
-		&wrapperspb.StringValue{},
+		&wrapperspb.StringValue{}, &alpnv2alpha1.FilterConfig{},
 	} {
 		anyTypes[m.ProtoReflect().Descriptor().FullName()] = true
 	}

@@ -57,8 +57,10 @@ type HTTPChain struct {
 	// RBAC are the RBAC filters in istiod's order (AUDIT, DENY, ALLOW);
 	// the data path stops at the first denial.
 	RBAC []*rbac.Filter
-	// Routes is the inline route configuration.
+	// Routes is the inline route configuration, or a gateway's from RDS.
 	Routes *route.Config
+	// RouteName is the RDS route configuration's name; empty when inline.
+	RouteName string
 	// Telemetry names the telemetry-only filters accepted (peer metadata,
 	// istio.stats, grpc_stats); amber's data path does their job itself.
 	Telemetry []string
@@ -190,6 +192,7 @@ const (
 	grpcStatsType   = "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig"
 	faultType       = "envoy.extensions.filters.http.fault.v3.HTTPFault"
 	corsType        = "envoy.extensions.filters.http.cors.v3.Cors"
+	alpnType        = "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig"
 )
 
 func typeName(a *anypb.Any) string {
@@ -216,7 +219,7 @@ func compileChain(ch *Chain, fc *listenerv3.FilterChain) error {
 		if err := preFilters(fs[:len(fs)-1]); err != nil {
 			return err
 		}
-		ch.HTTP, err = compileHCM(h)
+		ch.HTTP, err = compileHCM(h, nil)
 		if err != nil {
 			return fmt.Errorf("filters[%d]: %w", len(fs)-1, err)
 		}
@@ -312,8 +315,13 @@ func compileTCPProxy(tp *tcpv3.TcpProxy, t *TCPChain) error {
 	return nil
 }
 
-// compileHCM compiles a chain's HTTP connection manager.
-func compileHCM(h *hcmv3.HttpConnectionManager) (*HTTPChain, error) {
+// routeSource returns the compiled route configuration of a name RDS
+// delivered, or why there is none.
+type routeSource func(name string) (*route.Config, error)
+
+// compileHCM compiles a chain's HTTP connection manager. rds is nil on a
+// waypoint, whose routes are inline; a gateway's come from RDS.
+func compileHCM(h *hcmv3.HttpConnectionManager, rds routeSource) (*HTTPChain, error) {
 	c := &HTTPChain{
 		StatPrefix:                h.GetStatPrefix(),
 		UseRemoteAddress:          h.GetUseRemoteAddress().GetValue(),
@@ -337,7 +345,16 @@ func compileHCM(h *hcmv3.HttpConnectionManager) (*HTTPChain, error) {
 	if h.GetCodecType() != hcmv3.HttpConnectionManager_AUTO {
 		return nil, fmt.Errorf("codec_type %v: unsupported", h.GetCodecType())
 	}
-	if h.GetForwardClientCertDetails() != hcmv3.HttpConnectionManager_SANITIZE {
+	fcc := h.GetForwardClientCertDetails()
+	if fcc == hcmv3.HttpConnectionManager_SANITIZE_SET && rds != nil {
+		// A gateway's: drop a client's header, then set one from the
+		// client certificate, of which a plain HTTP listener has none.
+		// amber's gateway listeners never ask for client certificates
+		// (gateway.go), so this is SANITIZE.
+		fcc = hcmv3.HttpConnectionManager_SANITIZE
+		c.ForwardClientCert = fcc
+	}
+	if fcc != hcmv3.HttpConnectionManager_SANITIZE {
 		// Anything else forwards or builds x-forwarded-client-cert from a
 		// peer certificate the inner connection does not have.
 		return nil, fmt.Errorf("forward_client_cert_details %v: unsupported", h.GetForwardClientCertDetails())
@@ -379,13 +396,21 @@ func compileHCM(h *hcmv3.HttpConnectionManager) (*HTTPChain, error) {
 		}
 		c.Upgrades = append(c.Upgrades, strings.ToLower(u.GetUpgradeType()))
 	}
-	rc := h.GetRouteConfig()
-	if rc == nil {
-		return nil, errors.New("no inline route_config (RDS is not used for waypoints)")
-	}
 	var err error
-	if c.Routes, err = route.New(rc); err != nil {
-		return nil, fmt.Errorf("route_config %s: %w", rc.GetName(), err)
+	switch rc := h.GetRouteConfig(); {
+	case rc != nil:
+		if c.Routes, err = route.New(rc); err != nil {
+			return nil, fmt.Errorf("route_config %s: %w", rc.GetName(), err)
+		}
+	case h.GetRds() != nil && rds != nil:
+		c.RouteName = h.GetRds().GetRouteConfigName()
+		if c.Routes, err = rds(c.RouteName); err != nil {
+			return nil, fmt.Errorf("rds %s: %w", c.RouteName, err)
+		}
+	case rds == nil:
+		return nil, errors.New("no inline route_config (RDS is not used for waypoints)")
+	default:
+		return nil, errors.New("neither route_config nor rds")
 	}
 	fs := h.GetHttpFilters()
 	for i, f := range fs {
@@ -453,6 +478,10 @@ func (c *HTTPChain) httpFilter(f *hcmv3.HttpFilter, last bool) error {
 		if cfg.GetDelay() != nil || cfg.GetAbort() != nil {
 			return errors.New("fault injection: unsupported")
 		}
+	case tn == alpnType:
+		// istio.alpn picks the ALPN of Istio mTLS to sidecar endpoints,
+		// which amber's gateway refuses (cluster.go): nothing to do.
+		c.Telemetry = append(c.Telemetry, f.GetName())
 	case tn == corsType:
 		if _, err := unpack[*corsv3.Cors](a); err != nil {
 			return err

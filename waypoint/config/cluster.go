@@ -83,6 +83,11 @@ type Cluster struct {
 	// ServiceMeta is the istio metadata's first service: what telemetry
 	// reports as destination_service.
 	ServiceMeta ServiceMeta
+	// SidecarMTLS is set on a gateway's cluster whose transport socket
+	// matches send endpoints labelled tlsMode=istio (sidecar pods) in
+	// Istio's legacy mTLS, which amber does not speak: those endpoints
+	// are refused (Endpoint.Err) rather than reached in plain text.
+	SidecarMTLS bool
 }
 
 // Limits are the circuit-breaker thresholds of the default priority.
@@ -120,7 +125,22 @@ type Endpoint struct {
 	// Workload is istiod's "istio" endpoint metadata "workload" value
 	// (name;namespace;canonical name;revision;cluster) for telemetry.
 	Workload string
+	// Via is set for a gateway's endpoint that is a Service's waypoint
+	// (istio.io/ingress-use-waypoint): HBONE goes to Via (the waypoint's
+	// podIP:15008) with CONNECT Address (the Service's VIP:port).
+	Via netip.AddrPort
+	// Err is why the data path must refuse this endpoint: Istio mTLS to a
+	// sidecar (Cluster.SidecarMTLS).
+	Err error
 }
+
+// ErrSidecarMTLS is an Endpoint's Err for a sidecar endpoint a gateway
+// would reach in Istio's legacy mTLS.
+var ErrSidecarMTLS = errors.New("endpoint needs Istio mTLS to a sidecar (tlsMode=istio), which amber's gateway does not speak")
+
+// BlackHole is the cluster istiod gives routers for traffic to nowhere:
+// STATIC without endpoints.
+const BlackHole = "BlackHoleCluster"
 
 // Locality is an endpoint's region, zone and subzone.
 type Locality struct{ Region, Zone, Subzone string }
@@ -145,6 +165,19 @@ func (b *builder) clusters(cs []*clusterv3.Cluster) {
 			continue
 		case InnerConnectOriginate, OuterConnectOriginate:
 			b.checkResource(ClusterType, name, c) // see listeners
+			continue
+		case BlackHole:
+			if !b.router {
+				break
+			}
+			cl := &Cluster{Name: name, LB: RoundRobin, Endpoints: []Endpoint{}}
+			if !b.checkResource(ClusterType, name, c) {
+				cl.Err = errors.New("refused by the allow-list")
+			} else if c.GetType() != clusterv3.Cluster_STATIC || c.GetLoadAssignment() != nil {
+				cl.Err = errors.New("want STATIC without endpoints")
+				b.problem(ClusterType, name, cl.Err)
+			}
+			b.cfg.Clusters[name] = cl
 			continue
 		case ConnectOriginate:
 			if !b.checkResource(ClusterType, name, c) {
@@ -332,8 +365,20 @@ func (b *builder) compileCluster(cl *Cluster, c *clusterv3.Cluster) error {
 			set(&cl.Limits.MaxRetries, t.MaxRetries)
 		}
 	}
-	if err := internalTransport(c.GetTransportSocket()); err != nil {
+	if b.router {
+		if err := b.gatewayTransport(cl, c); err != nil {
+			return err
+		}
+	} else if err := internalTransport(c.GetTransportSocket()); err != nil {
 		return err
+	}
+	if len(c.GetFilters()) > 0 && !b.router {
+		return errors.New("filters: unsupported on a waypoint's cluster")
+	}
+	for i, f := range c.GetFilters() {
+		if err := telemetryTypedStruct(f.GetTypedConfig()); err != nil {
+			return fmt.Errorf("filters[%d] %s: %w", i, f.GetName(), err)
+		}
 	}
 	cl.IdleTimeout = time.Hour
 	po, err := httpOptions(c)
@@ -385,7 +430,7 @@ func (b *builder) endpoints(las []*endpointv3.ClusterLoadAssignment) {
 			}
 			continue
 		}
-		eps, err := compileEndpoints(la)
+		eps, err := compileEndpoints(la, b.router)
 		if err != nil {
 			b.problem(EndpointType, name, err)
 			if c := b.cfg.Clusters[name]; c != nil && c.Err == nil {
@@ -398,11 +443,18 @@ func (b *builder) endpoints(las []*endpointv3.ClusterLoadAssignment) {
 			b.problem(EndpointType, name, errors.New("no such cluster"))
 			continue
 		}
+		for i := range eps {
+			if eps[i].Err != nil && !c.SidecarMTLS {
+				eps[i].Err = nil // no tlsMode-istio match: Envoy sends plain text
+			}
+		}
 		c.Endpoints = eps
 	}
 }
 
-func compileEndpoints(la *endpointv3.ClusterLoadAssignment) ([]Endpoint, error) {
+// compileEndpoints compiles one assignment; router accepts what istiod
+// sends gateways only (endpoints that are waypoints, sidecar endpoints).
+func compileEndpoints(la *endpointv3.ClusterLoadAssignment, router bool) ([]Endpoint, error) {
 	out := []Endpoint{}
 	for i, lle := range la.GetEndpoints() {
 		loc := Locality{lle.GetLocality().GetRegion(), lle.GetLocality().GetZone(), lle.GetLocality().GetSubZone()}
@@ -433,15 +485,33 @@ func compileEndpoints(la *endpointv3.ClusterLoadAssignment) ([]Endpoint, error) 
 				return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: additional_addresses: unsupported", i, j)
 			}
 			md := le.GetMetadata().GetFilterMetadata()
+			var via netip.AddrPort
 			if od := md["envoy.filters.listener.original_dst"]; od != nil {
-				if w := od.GetFields()["waypoint"]; w != nil {
+				l := od.GetFields()["local"].GetStringValue()
+				switch w := od.GetFields()["waypoint"]; {
+				case w != nil && (!router || !hbone):
 					return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: sending through another waypoint (%s): unsupported", i, j, w.GetStringValue())
-				}
-				if l := od.GetFields()["local"].GetStringValue(); l != "" && l != ap.String() {
+				case w != nil:
+					// A gateway sending to a Service's waypoint
+					// (endpoint_builder.go waypointEndpoints): HBONE to the
+					// waypoint, CONNECT to the Service's address.
+					wp, err := netip.ParseAddrPort(w.GetStringValue())
+					if err != nil || wp != ap {
+						return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: waypoint %q is not endpoint_id %s", i, j, w.GetStringValue(), ap)
+					}
+					vip, err := netip.ParseAddrPort(l)
+					if err != nil {
+						return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: original destination %q: %w", i, j, l, err)
+					}
+					via, ap = wp, vip
+				case l != "" && l != ap.String():
 					return nil, fmt.Errorf("endpoints[%d].lb_endpoints[%d]: original destination %s differs from endpoint_id %s", i, j, l, ap)
 				}
 			}
-			ep := Endpoint{Address: ap, HBONE: hbone, Weight: 1, Locality: loc, Priority: lle.GetPriority()}
+			ep := Endpoint{Address: ap, HBONE: hbone, Via: via, Weight: 1, Locality: loc, Priority: lle.GetPriority()}
+			if router && !hbone && md["envoy.transport_socket_match"].GetFields()["tlsMode"].GetStringValue() == "istio" {
+				ep.Err = ErrSidecarMTLS
+			}
 			if w := le.GetLoadBalancingWeight(); w != nil {
 				ep.Weight = w.GetValue()
 			}
@@ -463,4 +533,40 @@ func (b *builder) link() {
 	if b.originate != nil && b.originateListenerOK {
 		b.cfg.Originate = b.originate
 	}
+}
+
+// gatewayTransport checks the transports of a gateway's cluster: istiod's
+// transport socket matches (cluster_tls.go
+// applyHBONETransportSocketMatches) pick HBONE through connect_originate
+// for endpoints marked {tunnel: http}, Istio mTLS for sidecar endpoints
+// ({tlsMode: istio}, refused per endpoint), plain text for the rest. A
+// cluster without matches or transport socket is plain text.
+func (b *builder) gatewayTransport(cl *Cluster, c *clusterv3.Cluster) error {
+	if ts := c.GetTransportSocket(); ts != nil {
+		if tn := typeName(ts.GetTypedConfig()); tn != "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" {
+			return fmt.Errorf("transport_socket %s: only plain text (TLS origination to a Service is not supported)", tn)
+		}
+	}
+	for i, m := range c.GetTransportSocketMatches() {
+		match := m.GetMatch().GetFields()
+		tn := typeName(m.GetTransportSocket().GetTypedConfig())
+		switch {
+		case len(match) == 1 && match["tunnel"].GetStringValue() == "http":
+			if err := internalTransport(m.GetTransportSocket()); err != nil {
+				return fmt.Errorf("transport_socket_matches[%d] %s: %w", i, m.GetName(), err)
+			}
+		case len(match) == 1 && match["tlsMode"].GetStringValue() == "istio":
+			if tn != "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" {
+				return fmt.Errorf("transport_socket_matches[%d] %s: %s for tlsMode istio", i, m.GetName(), tn)
+			}
+			cl.SidecarMTLS = true
+		case len(match) == 0:
+			if tn != "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" {
+				return fmt.Errorf("transport_socket_matches[%d] %s: only plain text for the other endpoints, not %s", i, m.GetName(), tn)
+			}
+		default:
+			return fmt.Errorf("transport_socket_matches[%d] %s: match %v: unsupported", i, m.GetName(), m.GetMatch())
+		}
+	}
+	return nil
 }

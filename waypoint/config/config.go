@@ -14,6 +14,7 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 )
 
 // Type URLs of the resources Compile takes, for Problem.TypeURL.
@@ -21,6 +22,8 @@ const (
 	ListenerType = "type.googleapis.com/envoy.config.listener.v3.Listener"
 	ClusterType  = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 	EndpointType = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+	// RouteType is RDS: a router's listeners take their routes from it.
+	RouteType = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 )
 
 // Names istiod gives a waypoint's fixed resources
@@ -41,6 +44,12 @@ type Resources struct {
 	Listeners []*listenerv3.Listener
 	Clusters  []*clusterv3.Cluster
 	Endpoints []*endpointv3.ClusterLoadAssignment
+	// Routes are RDS (routers only).
+	Routes []*routev3.RouteConfiguration
+	// Router compiles an ingress gateway's configuration (node type
+	// router: socket listeners, RDS, outbound clusters) instead of a
+	// waypoint's.
+	Router bool
 }
 
 // Config is one compiled configuration, immutable once Compile returns.
@@ -57,6 +66,12 @@ type Config struct {
 	// Originate is connect_originate (listener and cluster): HBONE to the
 	// chosen endpoint. Nil when missing or failed.
 	Originate *Originate
+	// Router is true for an ingress gateway's configuration: Gateways
+	// instead of Terminate and Dispatch.
+	Router bool
+	// Gateways are a router's socket listeners by name (0.0.0.0_8080);
+	// each has a Chain, whose Err says why it refuses requests.
+	Gateways map[string]*Gateway
 	// Clusters are the upstream service clusters (inbound-vip|… and
 	// outbound|…) by name, with their endpoints.
 	Clusters map[string]*Cluster
@@ -88,6 +103,8 @@ func kindOf(typeURL string) string {
 		return "cluster"
 	case EndpointType:
 		return "endpoints"
+	case RouteType:
+		return "route configuration"
 	}
 	return typeURL
 }
@@ -106,9 +123,14 @@ func (c *Config) Err(typeURL string) error {
 
 // Compile compiles r. It never fails as a whole: see Config.
 func Compile(r Resources) *Config {
-	c := &Config{Clusters: map[string]*Cluster{}}
-	b := &builder{cfg: c}
-	b.listeners(r.Listeners)
+	c := &Config{Clusters: map[string]*Cluster{}, Router: r.Router}
+	b := &builder{cfg: c, router: r.Router}
+	if r.Router {
+		c.Gateways = map[string]*Gateway{}
+		b.routerListeners(r.Listeners, r.Routes)
+	} else {
+		b.listeners(r.Listeners)
+	}
 	b.clusters(r.Clusters)
 	b.endpoints(r.Endpoints)
 	b.link()
@@ -130,6 +152,7 @@ type validatable interface {
 // builder collects problems while compiling.
 type builder struct {
 	cfg                 *Config
+	router              bool
 	originate           *Originate
 	originateListenerOK bool
 }

@@ -15,6 +15,8 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/proto"
 
@@ -43,12 +45,16 @@ type Resource[M proto.Message] struct {
 type Set struct {
 	publish func(*config.Config)
 	now     func() time.Time
+	// router: an ingress gateway's set (NewRouter).
+	router bool
 
 	mu        sync.Mutex // guards the fields below
 	listeners map[string]Resource[*listenerv3.Listener]
 	clusters  map[string]Resource[*clusterv3.Cluster]
 	endpoints map[string]Resource[*endpointv3.ClusterLoadAssignment]
+	routes    map[string]Resource[*routev3.RouteConfiguration]
 	edsNames  []string // sorted
+	rdsNames  []string // sorted; a router's
 	compiled  *config.Config
 	compiles  uint64
 	updates   map[string]Updates
@@ -71,8 +77,19 @@ func New(publish func(*config.Config)) *Set {
 		listeners: map[string]Resource[*listenerv3.Listener]{},
 		clusters:  map[string]Resource[*clusterv3.Cluster]{},
 		endpoints: map[string]Resource[*endpointv3.ClusterLoadAssignment]{},
+		routes:    map[string]Resource[*routev3.RouteConfiguration]{},
 		updates:   map[string]Updates{},
 	}
+}
+
+// NewRouter returns an empty set of an ingress gateway (node type
+// router): its listeners name route configurations, which it asks RDS
+// for, and it asks EDS only for the clusters those routes send to (CDS
+// holds every Service of the mesh).
+func NewRouter(publish func(*config.Config)) *Set {
+	s := New(publish)
+	s.router = true
+	return s
 }
 
 // Updates returns the response counts of typeURL.
@@ -85,11 +102,24 @@ func (s *Set) Updates(typeURL string) Updates {
 // Types are the set's subscriptions, in the order Envoy sends them: CDS
 // and LDS as wildcards, EDS by the names of the EDS clusters CDS holds.
 func (s *Set) Types() []client.Type {
-	return []client.Type{
+	types := []client.Type{
 		{URL: config.ClusterType, Handler: handler[*clusterv3.Cluster]{s: s, typeURL: config.ClusterType, held: s.clusters, name: clusterName}},
 		{URL: config.ListenerType, Handler: handler[*listenerv3.Listener]{s: s, typeURL: config.ListenerType, held: s.listeners, name: listenerName}},
-		{URL: config.EndpointType, Handler: handler[*endpointv3.ClusterLoadAssignment]{s: s, typeURL: config.EndpointType, held: s.endpoints, name: endpointsName}, Names: s.EDSNames},
 	}
+	if s.router {
+		types = append(types, client.Type{URL: config.RouteType, Handler: handler[*routev3.RouteConfiguration]{s: s, typeURL: config.RouteType, held: s.routes, name: routeName}, Names: s.RDSNames})
+	}
+	return append(types, client.Type{URL: config.EndpointType, Handler: handler[*endpointv3.ClusterLoadAssignment]{s: s, typeURL: config.EndpointType, held: s.endpoints, name: endpointsName}, Names: s.EDSNames})
+}
+
+// Router reports whether s is an ingress gateway's set.
+func (s *Set) Router() bool { return s.router }
+
+// RDSNames are the route configurations a router's listeners name.
+func (s *Set) RDSNames() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.rdsNames)
 }
 
 // EDSNames are the endpoint resources the clusters need: each EDS
@@ -121,6 +151,8 @@ type Snapshot struct {
 	Listeners []Resource[*listenerv3.Listener]
 	Clusters  []Resource[*clusterv3.Cluster]
 	Endpoints []Resource[*endpointv3.ClusterLoadAssignment]
+	// Routes are a router's route configurations.
+	Routes []Resource[*routev3.RouteConfiguration]
 	// Config is their compilation; nil before the first change.
 	Config *config.Config
 	// Compiles counts compilations.
@@ -135,6 +167,7 @@ func (s *Set) Snapshot() Snapshot {
 		Listeners: sorted(s.listeners, listenerName),
 		Clusters:  sorted(s.clusters, clusterName),
 		Endpoints: sorted(s.endpoints, endpointsName),
+		Routes:    sorted(s.routes, routeName),
 		Config:    s.compiled,
 		Compiles:  s.compiles,
 	}
@@ -145,6 +178,7 @@ var (
 	listenerName  = (*listenerv3.Listener).GetName
 	clusterName   = (*clusterv3.Cluster).GetName
 	endpointsName = (*endpointv3.ClusterLoadAssignment).GetClusterName
+	routeName     = (*routev3.RouteConfiguration).GetName
 )
 
 func sorted[M proto.Message](m map[string]Resource[M], name func(M) string) []Resource[M] {
@@ -208,13 +242,18 @@ func (h handler[M]) Apply(resources []*discoveryv3.Resource, removed []string) [
 		s.mu.Unlock()
 		return rejects
 	}
-	if h.typeURL == config.ClusterType {
+	if s.router && h.typeURL == config.ListenerType {
+		s.followListeners()
+	}
+	if h.typeURL == config.ClusterType || (s.router && h.typeURL != config.EndpointType) {
 		s.followClusters()
 	}
 	cfg := config.Compile(config.Resources{
 		Listeners: messages(sorted(s.listeners, listenerName)),
 		Clusters:  messages(sorted(s.clusters, clusterName)),
 		Endpoints: messages(sorted(s.endpoints, endpointsName)),
+		Routes:    messages(sorted(s.routes, routeName)),
+		Router:    s.router,
 	})
 	for _, p := range cfg.Problems {
 		if p.TypeURL == h.typeURL {
@@ -250,8 +289,12 @@ func (s *Set) countLocked(typeURL string, rejects []*client.ResourceError) {
 // of a cluster that is gone). Called with s.mu held.
 func (s *Set) followClusters() {
 	names := map[string]bool{}
+	var routed map[string]bool
+	if s.router {
+		routed = s.routedClusters()
+	}
 	for name, c := range s.clusters {
-		if c.Message.GetType() != clusterv3.Cluster_EDS {
+		if c.Message.GetType() != clusterv3.Cluster_EDS || (routed != nil && !routed[name]) {
 			continue
 		}
 		if sn := c.Message.GetEdsClusterConfig().GetServiceName(); sn != "" {
@@ -263,6 +306,51 @@ func (s *Set) followClusters() {
 	for n := range s.endpoints {
 		if !names[n] {
 			delete(s.endpoints, n)
+		}
+	}
+}
+
+// routedClusters names the clusters a router's route configurations send
+// to. Called with s.mu held.
+func (s *Set) routedClusters() map[string]bool {
+	out := map[string]bool{}
+	for _, r := range s.routes {
+		for _, vh := range r.Message.GetVirtualHosts() {
+			for _, rt := range vh.GetRoutes() {
+				if c := rt.GetRoute().GetCluster(); c != "" {
+					out[c] = true
+				}
+				for _, wc := range rt.GetRoute().GetWeightedClusters().GetClusters() {
+					out[wc.GetName()] = true
+				}
+			}
+		}
+	}
+	return out
+}
+
+// followListeners recomputes a router's RDS names after an LDS change and
+// drops the route configurations no listener names any more. Called with
+// s.mu held.
+func (s *Set) followListeners() {
+	names := map[string]bool{}
+	for _, l := range s.listeners {
+		for _, fc := range l.Message.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				h := &hcmv3.HttpConnectionManager{}
+				if !f.GetTypedConfig().MessageIs(h) || f.GetTypedConfig().UnmarshalTo(h) != nil {
+					continue // the compiler reports it
+				}
+				if n := h.GetRds().GetRouteConfigName(); n != "" {
+					names[n] = true
+				}
+			}
+		}
+	}
+	s.rdsNames = slices.Sorted(maps.Keys(names))
+	for n := range s.routes {
+		if !names[n] {
+			delete(s.routes, n)
 		}
 	}
 }

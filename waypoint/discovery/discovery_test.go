@@ -59,7 +59,7 @@ func serveGolden(t *testing.T, srv *server.Server, s *waypointgolden.Snapshot) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, typeURL := range []string{config.ListenerType, config.ClusterType, config.EndpointType} {
+	for _, typeURL := range []string{config.ListenerType, config.ClusterType, config.EndpointType, config.RouteType} {
 		for _, r := range rs[typeURL] {
 			srv.Set(typeURL, r.GetName(), r.GetResource())
 		}
@@ -95,6 +95,11 @@ type fixture struct {
 
 func start(t *testing.T, scenario string) *fixture {
 	t.Helper()
+	return startSet(t, scenario, discovery.New)
+}
+
+func startSet(t *testing.T, scenario string, newSet func(func(*config.Config)) *discovery.Set) *fixture {
+	t.Helper()
 	srv, err := server.New(server.Config{})
 	if err != nil {
 		t.Fatal(err)
@@ -112,7 +117,7 @@ func start(t *testing.T, scenario string) *fixture {
 		<-done
 	})
 	pub := &published{}
-	set := discovery.New(pub.publish)
+	set := newSet(pub.publish)
 	xc, err := client.New(client.Config{
 		Dial: func(ctx context.Context) (*grpc.ClientConn, error) {
 			return grpc.NewClient("passthrough:///bufnet",
