@@ -3,17 +3,21 @@ package realnode_test
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/amber-mesh/amber/internal/testutil"
@@ -64,8 +68,14 @@ func TestPrivilegedRealNodeIngress(t *testing.T) {
 		}
 	})
 
-	t.Run("Istio's chart renders istio-ingressgateway with amber's image; it runs amber-waypoint", func(t *testing.T) {
+	t.Run("Istio's chart renders istio-ingressgateway with amber's image; it runs amber-waypoint, a router node to istiod", func(t *testing.T) {
 		ingressShape(t, ctx, c)
+	})
+	if t.Failed() {
+		t.FailNow()
+	}
+	t.Run("the gateway pod becomes Ready: istiod's router configuration compiled", func(t *testing.T) {
+		readyPod(t, ctx, c, realnode.Namespace, realnode.IngressSelector, realnode.IngressGateway)
 	})
 	if t.Failed() {
 		t.FailNow()
@@ -109,8 +119,11 @@ func TestPrivilegedRealNodeIngress(t *testing.T) {
 // ingressShape checks what Istio's chart rendered for the classic gateway
 // against the walkthrough: Deployment (amber's image, the image's
 // entrypoint, `proxy router`, the service account), Service port 80 →
-// 8080 as bookinfo-gateway.yaml's 8080 server needs, and a Ready pod whose
-// process is amber-waypoint as UID 1337 on a read-only root.
+// 8080 as bookinfo-gateway.yaml's 8080 server needs, and a running pod
+// whose process is amber-waypoint as UID 1337 on a read-only root,
+// connected to istiod as the router node pilot-agent would announce for
+// the pod, under the gateway's service account (istiod accepts the node
+// only if it matches the pod's token, pilot/pkg/xds/auth.go).
 func ingressShape(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	d, err := c.Client.AppsV1().Deployments(realnode.Namespace).Get(ctx, realnode.IngressGateway, metav1.GetOptions{})
 	if err != nil {
@@ -128,12 +141,78 @@ func ingressShape(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	if err := realnode.CheckIngressService(svc); err != nil {
 		t.Error(err)
 	}
-	pod := readyPod(t, ctx, c, realnode.Namespace, realnode.IngressSelector, realnode.IngressGateway)
-	pid, err := processOf(realnode.GatewayCommand[0], string(pod.UID))
-	if err != nil {
-		t.Fatal(err)
-	}
+	var pod *corev1.Pod
+	var pid int
+	waitFor(t, ctx, "the istio-ingressgateway pod running amber-waypoint", func() error {
+		pods, err := c.Client.CoreV1().Pods(realnode.Namespace).List(ctx, metav1.ListOptions{LabelSelector: realnode.IngressSelector})
+		if err != nil {
+			return err
+		}
+		for i := range pods.Items {
+			p := &pods.Items[i]
+			if cs := p.Status.ContainerStatuses; p.DeletionTimestamp == nil && len(cs) > 0 && cs[0].State.Running != nil {
+				if pid, err = processOf(realnode.GatewayCommand[0], string(p.UID)); err != nil {
+					return err
+				}
+				pod = p
+				return nil
+			}
+		}
+		return fmt.Errorf("no running pod %s", realnode.IngressSelector)
+	})
 	checkConfined(t, pid, istiod.WaypointUID)
+
+	node := fmt.Sprintf("router~%s~%s.%s~%s.svc.cluster.local", pod.Status.PodIP, pod.Name, realnode.Namespace, realnode.Namespace)
+	waitFor(t, ctx, "istiod to serve the gateway as "+node, func() error {
+		clients, err := istiodClients(ctx, c)
+		if err != nil {
+			return err
+		}
+		for _, cl := range clients {
+			if strings.HasPrefix(cl.ConnectionID, node+"-") {
+				if cl.Metadata.ServiceAccount != realnode.IngressServiceAccount || cl.Labels["istio"] != "ingressgateway" {
+					return fmt.Errorf("%s: service account %q, labels %v", cl.ConnectionID, cl.Metadata.ServiceAccount, cl.Labels)
+				}
+				t.Logf("istiod's /debug/connections: %s (service account %s, watching %v)", cl.ConnectionID, cl.Metadata.ServiceAccount, slices.Sorted(maps.Keys(cl.Watches)))
+				return nil
+			}
+		}
+		return fmt.Errorf("not among istiod's %d clients", len(clients))
+	})
+}
+
+// istiodClient is one entry of istiod's /debug/connections
+// (pilot/pkg/xds/debug.go AdsClient).
+type istiodClient struct {
+	ConnectionID string            `json:"connectionId"`
+	Labels       map[string]string `json:"labels"`
+	Metadata     struct {
+		ServiceAccount string `json:"SERVICE_ACCOUNT"`
+	} `json:"metadata"`
+	Watches map[string][]string `json:"watches"`
+}
+
+// istiodClients returns the xDS clients connected to the node's istiod.
+func istiodClients(ctx context.Context, c *cluster.Cluster) ([]istiodClient, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+c.Istiod.HTTPAddr+"/debug/connections", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("istiod /debug/connections: %s", resp.Status)
+	}
+	var v struct {
+		Clients []istiodClient `json:"clients"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+		return nil, fmt.Errorf("istiod /debug/connections: %w", err)
+	}
+	return v.Clients, nil
 }
 
 // ingressRolloutRestart sends GET /productpage to istio-ingressgateway's
