@@ -27,6 +27,7 @@ import (
 	"github.com/amber-mesh/amber/waypoint/config"
 	"github.com/amber-mesh/amber/waypoint/discovery"
 	"github.com/amber-mesh/amber/waypoint/node"
+	"github.com/amber-mesh/amber/waypoint/telemetry"
 	"github.com/amber-mesh/amber/xds/client"
 	"github.com/amber-mesh/amber/xds/state"
 )
@@ -82,6 +83,28 @@ type DataPathConfig struct {
 	Metrics *metrics.Metrics
 	// Logger is Run's logger.
 	Logger *slog.Logger
+	// Node is the pod Run describes to istiod: a router's data path
+	// serves the gateway listeners and reports its own workload as the
+	// source of its requests.
+	Node node.Node
+}
+
+// Self is the node's own workload as Istio's telemetry labels it
+// (source_* of a gateway's requests): the workload name istiod gets, the
+// canonical service and revision labels (else the app and version
+// labels, else the workload and "latest", as istiod's
+// labels.CanonicalService does), the cluster.
+func (c DataPathConfig) Self() telemetry.Peer {
+	n := c.Node
+	md, _ := n.Metadata()
+	workload := md.GetFields()["WORKLOAD_NAME"].GetStringValue()
+	svc := cmp.Or(n.Labels["service.istio.io/canonical-name"], n.Labels["app.kubernetes.io/name"], n.Labels["app"], workload)
+	rev := cmp.Or(n.Labels["service.istio.io/canonical-revision"], n.Labels["app.kubernetes.io/version"], n.Labels["version"], "latest")
+	return telemetry.Peer{
+		Workload: workload, Namespace: n.Namespace, CanonicalService: svc, CanonicalRevision: rev,
+		App: cmp.Or(n.Labels["app"], n.Labels["app.kubernetes.io/name"]), Version: cmp.Or(n.Labels["version"], n.Labels["app.kubernetes.io/version"]),
+		Cluster: cmp.Or(n.ClusterID, node.ClusterID),
+	}
 }
 
 // Addresses are the listen addresses of Run's ports.
@@ -212,7 +235,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	// The data path registers the istio_* families with an Envoy
 	// waypoint's labels; the ztunnel's would clash.
 	reg := metrics.NewRegistry()
-	dp, err := cfg.NewDataPath(DataPathConfig{Store: store, Certs: mgr, Identity: id, Metrics: reg, Logger: log})
+	dp, err := cfg.NewDataPath(DataPathConfig{Store: store, Certs: mgr, Identity: id, Metrics: reg, Logger: log, Node: cfg.Node})
 	if err != nil {
 		return fmt.Errorf("waypoint: data path: %w", err)
 	}
@@ -226,7 +249,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			cfg.Ready()
 		}
 	}}
-	set := discovery.New(func(c *config.Config) {
+	newSet := discovery.New
+	if cfg.Node.IsRouter() {
+		newSet = discovery.NewRouter
+	}
+	set := newSet(func(c *config.Config) {
 		dp.Update(c)
 		ready.check()
 	})
@@ -261,7 +288,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	g.Defer("xds channel", conn.Close)
 	types := set.Types()
-	types = slices.Insert(types, 2, client.Workloads(store))
+	if !cfg.Node.IsRouter() {
+		// A router gets no WDS from istiod (pkg/bootstrap/config.go: only
+		// with PEER_METADATA_DISCOVERY or ENABLE_HBONE metadata).
+		types = slices.Insert(types, 2, client.Workloads(store))
+	}
 	xc, err := client.New(client.Config{Conn: conn, XDSNode: xdsNode, Types: types, Logger: log})
 	if err != nil {
 		return fmt.Errorf("waypoint: xds client: %w", err)
@@ -277,10 +308,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 	g.Defer("listeners", lns.close)
-	// The HBONE task ends when its listener closes: on Drain, or at Stop,
-	// which closes it before waiting for the task.
-	g.Go("hbone", func(context.Context) error { return unless(dp.ServeHBONE(lns.HBONE), net.ErrClosed) })
-	g.Defer("hbone listener", func() error { return unless(lns.HBONE.Close(), net.ErrClosed) })
+	if !cfg.Node.IsRouter() {
+		// An ingress gateway serves the listeners istiod gives it (the
+		// data path opens them) and no HBONE: Envoy gateways do not
+		// listen on 15008 either.
+		// The HBONE task ends when its listener closes: on Drain, or at
+		// Stop, which closes it before waiting for the task.
+		g.Go("hbone", func(context.Context) error { return unless(dp.ServeHBONE(lns.HBONE), net.ErrClosed) })
+		g.Defer("hbone listener", func() error { return unless(lns.HBONE.Close(), net.ErrClosed) })
+	}
 
 	metricsMux := http.NewServeMux()
 	metricsMux.Handle("/stats/prometheus", reg.Handler())
@@ -318,8 +354,12 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		g.Go(s.name+" server", func(context.Context) error { return unless(hs.Serve(s.ln), http.ErrServerClosed) })
 		g.Defer(s.name+" server", hs.Close)
 	}
+	hboneAddr := "none (router)"
+	if lns.HBONE != nil {
+		hboneAddr = lns.HBONE.Addr().String()
+	}
 	log.Info("waypoint started", "identity", id.String(), "node", xdsNode.GetId(), "xds", cfg.XDSAddress,
-		"hbone", lns.HBONE.Addr().String(), "admin", lns.Admin.Addr().String())
+		"hbone", hboneAddr, "admin", lns.Admin.Addr().String())
 
 	if err := g.Wait(); err != nil {
 		return err
@@ -363,6 +403,9 @@ func drain(cfg Config, dp DataPath, log *slog.Logger) {
 func (l Listeners) close() error {
 	var errs []error
 	for _, ln := range []net.Listener{l.HBONE, l.Metrics, l.Readiness, l.Admin} {
+		if ln == nil {
+			continue
+		}
 		errs = append(errs, unless(ln.Close(), net.ErrClosed))
 	}
 	return errors.Join(errs...)
@@ -381,7 +424,7 @@ func listen(ctx context.Context, cfg Config) (Listeners, error) {
 		{&lns.Readiness, cmp.Or(cfg.Listen.Readiness, DefaultReadinessAddr)},
 		{&lns.Admin, cmp.Or(cfg.Listen.Admin, DefaultAdminAddr)},
 	} {
-		if *l.ln != nil {
+		if *l.ln != nil || (l.ln == &lns.HBONE && cfg.Node.IsRouter()) {
 			continue
 		}
 		ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", l.addr)
@@ -413,7 +456,7 @@ func registerMetrics(reg *metrics.Metrics, xc *client.Client, set *discovery.Set
 		"Responses per xDS type of the compiled configuration, by result (rejected: NACKed, at least one resource refused).",
 		[]string{"type", "result"}, func() []metrics.Sample {
 			var out []metrics.Sample
-			for _, t := range []struct{ url, name string }{{config.ListenerType, "lds"}, {config.ClusterType, "cds"}, {config.EndpointType, "eds"}} {
+			for _, t := range []struct{ url, name string }{{config.ListenerType, "lds"}, {config.ClusterType, "cds"}, {config.EndpointType, "eds"}, {config.RouteType, "rds"}} {
 				u := set.Updates(t.url)
 				out = append(out, metrics.Sample{Labels: []string{t.name, "success"}, Value: u.Success}, metrics.Sample{Labels: []string{t.name, "rejected"}, Value: u.Rejected})
 			}
@@ -426,7 +469,7 @@ func registerMetrics(reg *metrics.Metrics, xc *client.Client, set *discovery.Set
 		[]string{"verdict", "kind"}, func() []metrics.Sample {
 			c := set.Snapshot().Config
 			counts := map[[2]string]uint64{}
-			for _, k := range []string{"listener", "cluster", "endpoints"} {
+			for _, k := range []string{"listener", "cluster", "endpoints", "routes"} {
 				counts[[2]string{"refused", k}] = 0
 			}
 			counts[[2]string{"degraded", "telemetry"}] = 0
@@ -455,6 +498,8 @@ func kind(typeURL string) string {
 		return "cluster"
 	case config.EndpointType:
 		return "endpoints"
+	case config.RouteType:
+		return "routes"
 	}
 	return typeURL
 }

@@ -220,6 +220,17 @@ func (src Source) ConfigDump(ctx context.Context, includeEDS bool) (*adminv3.Con
 			rd.StaticRouteConfigs = append(rd.StaticRouteConfigs, &adminv3.RoutesConfigDump_StaticRouteConfig{RouteConfig: ra, LastUpdated: timestamppb.New(l.Updated)})
 		}
 	}
+	for _, r := range snap.Routes {
+		// A router's RDS.
+		ra, err := anypb.New(r.Message)
+		if err != nil {
+			return nil, err
+		}
+		es, st := nack(config.RouteType, r.Message.GetName(), r.Updated)
+		rd.DynamicRouteConfigs = append(rd.DynamicRouteConfigs, &adminv3.RoutesConfigDump_DynamicRouteConfig{
+			VersionInfo: r.Version, RouteConfig: ra, LastUpdated: timestamppb.New(r.Updated), ErrorState: es, ClientStatus: st,
+		})
+	}
 	sections = append(sections, ld, rd)
 
 	sd, err := src.secrets(ctx)

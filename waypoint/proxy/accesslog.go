@@ -41,6 +41,7 @@ const (
 	logKeyError      = "error"
 	logKeyRefusal    = "refusal"
 	logKeyGRPCStatus = "grpc_status"
+	logKeyGateway    = "gateway" // the ingress gateway listener
 )
 
 func workloadText(p telemetry.Peer) string {
@@ -83,13 +84,24 @@ func (x *exchange) finish() {
 		ResponseFlags:            x.flags.String(),
 		ConnectionSecurityPolicy: telemetry.MutualTLS,
 	}
+	if x.d.gateway != "" {
+		// An ingress gateway reports as the client side, which knows
+		// no connection security policy (Istio's stats filter).
+		l.Reporter = telemetry.ReporterSource
+		l.ConnectionSecurityPolicy = telemetry.Unknown
+	}
 	d := time.Since(x.start)
 	p.tel.Request(&l, d, int64(hdrBytes)+recvBody, x.w.head+x.w.bytes)
 
 	attrs := []slog.Attr{
 		slog.String(logKeyKind, "http"),
 		slog.String(logKeySrcAddr, x.d.peerAddr.String()),
-		slog.String(logKeySrcID, x.d.peer.String()),
+	}
+	if !x.d.peer.IsZero() {
+		attrs = append(attrs, slog.String(logKeySrcID, x.d.peer.String()))
+	}
+	if x.d.gateway != "" {
+		attrs = append(attrs, slog.String(logKeyGateway, x.d.gateway))
 	}
 	if w := workloadText(x.d.source); w != "" {
 		attrs = append(attrs, slog.String(logKeySrcWl, w))

@@ -27,6 +27,7 @@ const (
 	causeOverflow         = "upstream_overflow"       // circuit breaker: 503 UO
 	causeConnectFailure   = "upstream_connect_error"  // 503 UF
 	causeUpstreamIdentity = "upstream_identity"       // no WDS identity for the endpoint, or the peer is not it
+	causeSidecarMTLS      = "upstream_sidecar_mtls"   // a gateway's endpoint needs Istio mTLS to a sidecar: 503
 	causeUpstreamReset    = "upstream_reset"          // 503 UC, or a reset after the response started
 	causeTimeout          = "upstream_timeout"        // 504 UT
 	causePath             = "path_normalization"      // 400 (or 307) from the HCM's path rules

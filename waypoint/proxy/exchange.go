@@ -188,7 +188,10 @@ func (p *Proxy) serveRequest(d *downstream, rw http.ResponseWriter, r *http.Requ
 		Source:      d.peerAddr.Addr(),
 		Remote:      h.RemoteAddress(d.peerAddr.Addr(), r.Header.Values("X-Forwarded-For")),
 		Destination: d.in.Destination,
-		FilterState: map[string]string{peerPrincipalKey: d.peer.String()},
+		FilterState: map[string]string{},
+	}
+	if !d.peer.IsZero() {
+		rr.FilterState[peerPrincipalKey] = d.peer.String()
 	}
 	for _, f := range h.RBAC {
 		dec := f.Evaluate(rr)

@@ -267,6 +267,9 @@ func (x *exchange) try(ctx context.Context, cs *clusterState, cl *config.Cluster
 	if orig != nil {
 		t.originatePort = orig.Port
 	}
+	if x.d.gateway != "" {
+		t.gatewayTD = x.p.gatewayTrustDomain(orig)
+	}
 	var sentMu sync.Mutex
 	sent := false
 	var req *http.Request

@@ -102,7 +102,13 @@ func (x *exchange) sanitize() {
 			delete(h, "Referer")
 		}
 	}
-	if h.Get("X-Forwarded-Proto") == "" {
+	if x.hc.UseRemoteAddress {
+		// A gateway's (use_remote_address): the client's address is
+		// appended to x-forwarded-for and the scheme is the connection's
+		// (conn_manager_utility.cc mutateRequestHeaders).
+		h["X-Forwarded-For"] = []string{appendXFF(h.Values("X-Forwarded-For"), x.d.peerAddr.Addr().String())}
+		h.Set("X-Forwarded-Proto", "http")
+	} else if h.Get("X-Forwarded-Proto") == "" {
 		h.Set("X-Forwarded-Proto", "http")
 	}
 	if x.hc.AppendXForwardedPort && h.Get("X-Forwarded-Port") == "" {
@@ -121,6 +127,14 @@ func (x *exchange) sanitize() {
 		h.Set("Upgrade", upValue)
 	}
 	x.upgrade = up
+}
+
+// appendXFF joins a request's x-forwarded-for values and appends addr.
+func appendXFF(prev []string, addr string) string {
+	if len(prev) == 0 {
+		return addr
+	}
+	return strings.Join(prev, ",") + "," + addr
 }
 
 // newUUID is a random (version 4) UUID, the form of Envoy's x-request-id.

@@ -289,9 +289,18 @@ func (m *mesh) startPod(name string, ip netip.Addr, id identity.ID) *pod {
 	p := &pod{name: name, ip: ip, id: id, net: m.net, app: startApp(m.t, m.net, name)}
 	m.pods[name] = p
 	mgr := m.certs()
+	if id.TrustDomain != trustDomain {
+		// Another trust domain of the same root, as foreignClientTLS.
+		local, err := ca.OpenLocal(m.caDir, id.TrustDomain)
+		if err != nil {
+			m.t.Fatal(err)
+		}
+		mgr = &certs.Manager{CA: local}
+		m.t.Cleanup(func() { mgr.Close() })
+	}
 	ln, lnAddr := m.net.listen(m.t)
 	srv := &hbone.Server{
-		TLSConfig: mgr.ServerConfig(func(net.Addr) (identity.ID, error) { return id, nil }, trustDomain),
+		TLSConfig: mgr.ServerConfig(func(net.Addr) (identity.ID, error) { return id, nil }, id.TrustDomain, trustDomain),
 		Handler:   hbone.HandlerFunc(p.serveHBONE),
 	}
 	go srv.Serve(ln)

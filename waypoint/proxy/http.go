@@ -29,10 +29,20 @@ const maxDrainBody = 256 << 10
 // a request is served by the configuration current when it starts.
 func (d *downstream) dispatch() (*snapshot, *config.Chain, error) {
 	snap := d.p.snapshot()
-	if snap == nil || snap.cfg == nil || snap.cfg.Dispatch == nil {
+	var ch *config.Chain
+	switch {
+	case snap == nil || snap.cfg == nil:
 		return snap, nil, errNoConfig
+	case d.gateway != "":
+		// A gateway listener's one chain, by the listener's name.
+		if g := snap.cfg.Gateways[d.gateway]; g != nil {
+			ch = g.Chain
+		}
+	case snap.cfg.Dispatch == nil:
+		return snap, nil, errNoConfig
+	default:
+		ch = snap.cfg.Dispatch.Lookup(d.in)
 	}
-	ch := snap.cfg.Dispatch.Lookup(d.in)
 	switch {
 	case ch == nil:
 		return snap, nil, errNoChain

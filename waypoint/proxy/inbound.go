@@ -17,6 +17,7 @@ import (
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
+	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/waypoint/config"
 	"github.com/amber-mesh/amber/waypoint/telemetry"
 	"github.com/amber-mesh/amber/xds/state"
@@ -45,8 +46,12 @@ type downstream struct {
 	// source is the client's workload for telemetry.
 	source telemetry.Peer
 
-	// stream is the accepted CONNECT stream of an HTTP chain.
-	stream *hbone.Stream
+	// stream is the accepted CONNECT stream of an HTTP chain, or a
+	// gateway listener's accepted connection.
+	stream relay.Conn
+	// gateway is the name of the gateway listener (router) the
+	// connection came in on; empty inside HBONE.
+	gateway string
 
 	mu       sync.Mutex // guards the fields below
 	idle     bool       // an HTTP/1 connection waiting for its next request

@@ -71,6 +71,11 @@ type Config struct {
 	Handshakes hbone.HandshakeLimits
 	// Limits bound what a client may send inside the tunnel.
 	Limits Limits
+	// Self is the proxy's own workload, as telemetry reports it for an
+	// ingress gateway (reporter="source": the source_* labels).
+	Self telemetry.Peer
+	// Listen opens an ingress gateway's listen address. Nil: TCP.
+	Listen func(ctx context.Context, addr netip.AddrPort) (net.Listener, error)
 }
 
 // Limits bound requests inside the tunnel. The zero value of each field is
@@ -144,6 +149,7 @@ type Proxy struct {
 
 	mu       sync.Mutex // guards the fields below
 	servers  []*hbone.Server
+	gateways map[netip.AddrPort]*gatewayListener
 	clusters map[string]*clusterState
 	conns    map[*downstream]struct{}
 	relays   map[*relayed]struct{}
@@ -175,6 +181,7 @@ func New(cfg Config) (*Proxy, error) {
 		log:      cfg.Logger,
 		reg:      cfg.Metrics,
 		clusters: map[string]*clusterState{},
+		gateways: map[netip.AddrPort]*gatewayListener{},
 		conns:    map[*downstream]struct{}{},
 		relays:   map[*relayed]struct{}{},
 	}
@@ -183,6 +190,9 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	if p.reg == nil {
 		p.reg = prometheus.NewRegistry()
+	}
+	if p.cfg.Listen == nil {
+		p.cfg.Listen = defaultListen
 	}
 	if p.cfg.Dial == nil {
 		var d net.Dialer
@@ -223,6 +233,7 @@ func (p *Proxy) Update(c *config.Config) {
 	p.cur.Store(s)
 	p.counts.setDegraded(c)
 	p.recheckTCP(s)
+	p.syncGateways(c)
 }
 
 // config returns the current snapshot, nil before the first Update.
@@ -303,6 +314,7 @@ func (p *Proxy) Drain(ctx context.Context) error {
 		conns = append(conns, d)
 	}
 	p.mu.Unlock()
+	p.closeGateways()
 	for _, d := range conns {
 		d.drain()
 	}
@@ -330,6 +342,7 @@ func (p *Proxy) Close() error {
 		}
 		p.mu.Unlock()
 		p.cancel()
+		p.closeGateways()
 		for _, r := range relays {
 			r.pair.Close(ErrClosed)
 		}

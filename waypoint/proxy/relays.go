@@ -126,7 +126,9 @@ func (p *Proxy) relayUpgrade(d *downstream, br *bufio.Reader, bw *bufio.Writer, 
 	}
 	upConn, ahead := upgradedConn(up)
 	s := d.stream
-	hbone.Detach(s)
+	if hs, ok := s.(*hbone.Stream); ok {
+		hbone.Detach(hs)
+	}
 	pair := relay.NewPair(relay.Replay(s, readAhead(br)), relay.Replay(relayConn(upConn), ahead))
 	stopTimers := x.handOver(pair)
 	p.startRelay(&relayed{pair: pair, d: d}, nil, upConn, func(res relay.Result) {

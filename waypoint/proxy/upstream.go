@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -186,6 +187,10 @@ type dialTarget struct {
 	ep             config.Endpoint
 	connectTimeout time.Duration
 	originatePort  uint16
+	// gatewayTD is set for an ingress gateway: the trust domain onward
+	// HBONE peers must be in (istiod's SAN prefix for routers); a gateway
+	// has no workload discovery to know the exact identity.
+	gatewayTD string
 }
 
 type dialKey struct{}
@@ -268,6 +273,12 @@ func (p *Proxy) dialEndpoint(ctx context.Context, t *dialTarget) (net.Conn, erro
 		defer cancel()
 	}
 	addr := t.ep.Address
+	if t.ep.Err != nil {
+		return nil, &dialError{cause: causeSidecarMTLS, err: fmt.Errorf("endpoint %s: %w", addr, t.ep.Err)}
+	}
+	if t.gatewayTD != "" && t.ep.HBONE {
+		return p.dialGatewayHBONE(ctx, t)
+	}
 	if !t.ep.HBONE {
 		c, err := p.cfg.Dial(ctx, addr)
 		if err != nil {
@@ -293,12 +304,45 @@ func (p *Proxy) dialEndpoint(ctx context.Context, t *dialTarget) (net.Conn, erro
 	return s, nil
 }
 
+// dialGatewayHBONE is an ingress gateway's onward HBONE (istiod's
+// connect_originate for routers): CONNECT to the endpoint's address, on
+// the endpoint's podIP:15008 or, for a Service's waypoint, the
+// waypoint's, from the gateway's own identity, to a peer whose identity
+// is in the trust domain (istiod's SAN prefix; a gateway has no workload
+// discovery that would name the exact one).
+func (p *Proxy) dialGatewayHBONE(ctx context.Context, t *dialTarget) (net.Conn, error) {
+	addr := t.ep.Address
+	via := netip.AddrPortFrom(addr.Addr(), t.originatePort)
+	if t.ep.Via.IsValid() {
+		via = t.ep.Via
+	}
+	key := hbone.Key{Src: p.cfg.Identity.String(), Dst: trustDomainKey + t.gatewayTD, Addr: via}
+	s, err := p.pool.Connect(ctx, key, hbone.FormatAuthority(addr), nil)
+	if err != nil {
+		cause := causeConnectFailure
+		var pe *certs.PeerError
+		if errors.As(err, &pe) {
+			cause = causeUpstreamIdentity
+		}
+		return nil, &dialError{cause: cause, err: fmt.Errorf("hbone %s via %s: %w", addr, via, err)}
+	}
+	return s, nil
+}
+
+// trustDomainKey prefixes an HBONE pool key's Dst that names a trust
+// domain, not an identity.
+const trustDomainKey = "trust-domain:"
+
 // dialHBONE is the pool's dial: TCP to the endpoint's HBONE port and TLS
 // with the waypoint's certificate (every key's source is the waypoint),
-// the server required to be exactly key.Dst.
+// the server required to be exactly key.Dst, or in the trust domain a
+// gateway's key names.
 func (p *Proxy) dialHBONE(ctx context.Context, key hbone.Key) (net.Conn, error) {
-	dst, err := identity.Parse(key.Dst)
-	if err != nil {
+	var dst identity.ID
+	var err error
+	if td, ok := strings.CutPrefix(key.Dst, trustDomainKey); ok {
+		dst = identity.ID{TrustDomain: td}
+	} else if dst, err = identity.Parse(key.Dst); err != nil {
 		return nil, fmt.Errorf("hbone dial %s: destination: %w", key.Addr, err)
 	}
 	nc, err := p.cfg.Dial(ctx, key.Addr)

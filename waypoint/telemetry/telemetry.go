@@ -19,11 +19,15 @@ const Unknown = "unknown"
 // Values of Labels fields.
 const (
 	ReporterWaypoint = "waypoint"
-	MutualTLS        = "mutual_tls"
-	ProtocolHTTP     = "http"
-	ProtocolGRPC     = "grpc"
-	ProtocolTCP      = "tcp"
-	NoFlags          = "-"
+	// ReporterSource is an ingress gateway's: its listeners are
+	// outbound, and istiod sets no reporter for them, which Istio's
+	// stats filter reads as the client side.
+	ReporterSource = "source"
+	MutualTLS      = "mutual_tls"
+	ProtocolHTTP   = "http"
+	ProtocolGRPC   = "grpc"
+	ProtocolTCP    = "tcp"
+	NoFlags        = "-"
 )
 
 // requestLabels are the labels of istio_requests_* in Istio's order; the
@@ -76,6 +80,8 @@ type Service struct {
 // reported as Unknown, except GRPCStatus, which is empty for HTTP as in
 // Istio.
 type Labels struct {
+	// Reporter is ReporterWaypoint (zero) or ReporterSource.
+	Reporter                 string
 	Source, Destination      Peer
 	Service                  Service
 	Protocol                 string
@@ -94,8 +100,12 @@ func orUnknown(s string) string {
 
 func (l *Labels) values(request bool) []string {
 	s, d := &l.Source, &l.Destination
+	reporter := l.Reporter
+	if reporter == "" {
+		reporter = ReporterWaypoint
+	}
 	v := []string{
-		ReporterWaypoint,
+		reporter,
 		orUnknown(s.Workload), orUnknown(s.CanonicalService), orUnknown(s.CanonicalRevision),
 		orUnknown(s.Namespace), orUnknown(s.Principal), orUnknown(s.App), orUnknown(s.Version), orUnknown(s.Cluster),
 		orUnknown(d.Workload), orUnknown(d.Namespace), orUnknown(d.Principal), orUnknown(d.App), orUnknown(d.Version),
