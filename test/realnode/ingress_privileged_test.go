@@ -7,10 +7,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"maps"
 	"net"
 	"net/http"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -121,9 +119,8 @@ func TestPrivilegedRealNodeIngress(t *testing.T) {
 // entrypoint, `proxy router`, the service account), Service port 80 →
 // 8080 as bookinfo-gateway.yaml's 8080 server needs, and a running pod
 // whose process is amber-waypoint as UID 1337 on a read-only root,
-// connected to istiod as the router node pilot-agent would announce for
-// the pod, under the gateway's service account (istiod accepts the node
-// only if it matches the pod's token, pilot/pkg/xds/auth.go).
+// connected to istiod as a router node and ACKing its listeners and
+// clusters.
 func ingressShape(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	d, err := c.Client.AppsV1().Deployments(realnode.Namespace).Get(ctx, realnode.IngressGateway, metav1.GetOptions{})
 	if err != nil {
@@ -162,39 +159,41 @@ func ingressShape(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	})
 	checkConfined(t, pid, istiod.WaypointUID)
 
-	node := fmt.Sprintf("router~%s~%s.%s~%s.svc.cluster.local", pod.Status.PodIP, pod.Name, realnode.Namespace, realnode.Namespace)
-	waitFor(t, ctx, "istiod to serve the gateway as "+node, func() error {
-		clients, err := istiodClients(ctx, c)
+	// istiod's own view: the pod's proxy connected as a router (pilot-agent's
+	// `proxy router`), authenticated by the pod's token
+	// (pilot/pkg/xds/auth.go), and what it sent and the gateway ACKed.
+	id := pod.Name + "." + realnode.Namespace
+	waitFor(t, ctx, "istiod to serve "+id+" as a router", func() error {
+		proxies, err := istiodSyncz(ctx, c)
 		if err != nil {
 			return err
 		}
-		for _, cl := range clients {
-			if strings.HasPrefix(cl.ConnectionID, node+"-") {
-				if cl.Metadata.ServiceAccount != realnode.IngressServiceAccount || cl.Labels["istio"] != "ingressgateway" {
-					return fmt.Errorf("%s: service account %q, labels %v", cl.ConnectionID, cl.Metadata.ServiceAccount, cl.Labels)
+		for _, p := range proxies {
+			if p.ProxyID == id {
+				if p.ProxyType != "router" || p.ListenerAcked == "" || p.ClusterAcked == "" {
+					return fmt.Errorf("istiod's /debug/syncz: %+v, want a router with listeners and clusters ACKed", p)
 				}
-				t.Logf("istiod's /debug/connections: %s (service account %s, watching %v)", cl.ConnectionID, cl.Metadata.ServiceAccount, slices.Sorted(maps.Keys(cl.Watches)))
+				t.Logf("istiod's /debug/syncz: %+v", p)
 				return nil
 			}
 		}
-		return fmt.Errorf("not among istiod's %d clients", len(clients))
+		return fmt.Errorf("%s not among istiod's %d proxies", id, len(proxies))
 	})
 }
 
-// istiodClient is one entry of istiod's /debug/connections
-// (pilot/pkg/xds/debug.go AdsClient).
-type istiodClient struct {
-	ConnectionID string            `json:"connectionId"`
-	Labels       map[string]string `json:"labels"`
-	Metadata     struct {
-		ServiceAccount string `json:"SERVICE_ACCOUNT"`
-	} `json:"metadata"`
-	Watches map[string][]string `json:"watches"`
+// istiodProxy is one entry of istiod's /debug/syncz
+// (pilot/pkg/xds/debug.go SyncStatus).
+type istiodProxy struct {
+	ProxyID       string `json:"proxy"`
+	ProxyType     string `json:"proxy_type"`
+	ClusterAcked  string `json:"cluster_acked"`
+	ListenerAcked string `json:"listener_acked"`
+	RouteAcked    string `json:"route_acked"`
 }
 
-// istiodClients returns the xDS clients connected to the node's istiod.
-func istiodClients(ctx context.Context, c *cluster.Cluster) ([]istiodClient, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+c.Istiod.HTTPAddr+"/debug/connections", nil)
+// istiodSyncz returns the proxies connected to the node's istiod.
+func istiodSyncz(ctx context.Context, c *cluster.Cluster) ([]istiodProxy, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+c.Istiod.HTTPAddr+"/debug/syncz", nil)
 	if err != nil {
 		return nil, err
 	}
@@ -204,15 +203,13 @@ func istiodClients(ctx context.Context, c *cluster.Cluster) ([]istiodClient, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("istiod /debug/connections: %s", resp.Status)
+		return nil, fmt.Errorf("istiod /debug/syncz: %s", resp.Status)
 	}
-	var v struct {
-		Clients []istiodClient `json:"clients"`
-	}
+	var v []istiodProxy
 	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
-		return nil, fmt.Errorf("istiod /debug/connections: %w", err)
+		return nil, fmt.Errorf("istiod /debug/syncz: %w", err)
 	}
-	return v.Clients, nil
+	return v, nil
 }
 
 // ingressRolloutRestart sends GET /productpage to istio-ingressgateway's
