@@ -500,8 +500,15 @@ func publishHostService(ctx context.Context, cs kubernetes.Interface, ns, name, 
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
 		Spec:       corev1.ServiceSpec{ClusterIP: clusterIP, Ports: ports},
 	}
-	if _, err := cs.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("create %s/%s service: %w", ns, name, err)
+	// Already there when the process is started again (StartIstiod): the
+	// API server would refuse the create for its taken cluster IP before
+	// it looks at the name.
+	if _, err := cs.CoreV1().Services(ns).Get(ctx, name, metav1.GetOptions{}); apierrors.IsNotFound(err) {
+		if _, err := cs.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("create %s/%s service: %w", ns, name, err)
+		}
+	} else if err != nil {
+		return fmt.Errorf("get %s/%s service: %w", ns, name, err)
 	}
 	ready := true
 	var eps []discoveryv1.EndpointPort
