@@ -15,7 +15,7 @@ import (
 // Up starts a cluster for a test, in a state directory of its own under
 // tb.TempDir(), and stops it, removing everything, when the test ends —
 // also when it fails (then the tail of every component's log is logged).
-// Tests of other packages that call Up wait for it (lockHost).
+// Tests of other packages that call Up wait for it (LockHost).
 // The test is skipped when not root, unless CI=true, where it fails.
 // Progress goes to the test log.
 func Up(tb testing.TB, opts Options) *Cluster {
@@ -31,7 +31,9 @@ func Up(tb testing.TB, opts Options) *Cluster {
 	}
 	// One node per machine: test binaries of several packages (go test
 	// runs them in parallel) take turns.
-	unlock, err := lockHost(tb)
+	unlock, err := LockHost(func() {
+		tb.Logf("cluster: another test's node runs on this machine; waiting for it")
+	})
 	if err != nil {
 		tb.Fatalf("cluster: %v", err)
 	}
@@ -76,9 +78,12 @@ func (w testWriter) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
-// lockHost serialises Up across the test binaries of this repository on
-// a lock file in its git-ignored cache.
-func lockHost(tb testing.TB) (unlock func(), err error) {
+// LockHost serialises nodes across the test binaries and commands of
+// this repository (Up takes it; so must a command that starts a node in a
+// directory of its own) on a lock file in its git-ignored cache, which
+// the worktrees of a repository share. It calls waiting, if not nil, when
+// another holder makes it wait. unlock releases it.
+func LockHost(waiting func()) (unlock func(), err error) {
 	root, err := RepoRoot()
 	if err != nil {
 		return nil, err
@@ -92,7 +97,9 @@ func lockHost(tb testing.TB) (unlock func(), err error) {
 		return nil, err
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		tb.Logf("cluster: another test's node runs on this machine; waiting for it (%s)", hostLock)
+		if waiting != nil {
+			waiting()
+		}
 		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
 			f.Close()
 			return nil, fmt.Errorf("lock %s: %w", hostLock, err)
