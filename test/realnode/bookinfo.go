@@ -1,8 +1,10 @@
 package realnode
 
 import (
+	"context"
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/amber-mesh/amber/test/images"
@@ -174,4 +176,24 @@ func ReviewsPods(out string) (pods, versions []string) {
 		pods, versions = append(pods, m[1]), append(versions, m[2])
 	}
 	return pods, versions
+}
+
+// DeployBookinfo applies Bookinfo (with the reviews-v1/v2/v3 Services),
+// sleep and notsleep to ns, waits for their rollouts and labels ns
+// istio.io/dataplane-mode=ambient.
+func (t *Target) DeployBookinfo(ctx context.Context, ns string) error {
+	for name, m := range map[string]string{
+		"bookinfo.yaml":          BookinfoYAML(ns),
+		"bookinfo-versions.yaml": BookinfoVersionsYAML(ns),
+		"sleep.yaml":             SleepYAML(ns),
+	} {
+		if err := t.Apply(ctx, name, m); err != nil {
+			return err
+		}
+	}
+	if err := t.WaitRollout(ctx, ns, append(slices.Clone(BookinfoDeployments), Sleep, NotSleep)...); err != nil {
+		return err
+	}
+	_, err := t.Kubectl(ctx, "label", "namespace", ns, "istio.io/dataplane-mode=ambient")
+	return err
 }

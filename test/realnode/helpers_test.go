@@ -189,3 +189,14 @@ func readyPod(t *testing.T, ctx context.Context, c *cluster.Cluster, ns, selecto
 	})
 	return pod
 }
+
+// deployBookinfo deploys Bookinfo (with the reviews-v1/v2/v3 Services),
+// sleep and notsleep in ns, enrols ns in the mesh and waits until every
+// pod is captured.
+func deployBookinfo(t *testing.T, ctx context.Context, c *cluster.Cluster, ns string) {
+	t.Helper()
+	if err := realnode.HostTarget(c).DeployBookinfo(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	waitMeshed(t, ctx, c, ns, "productpage", "details", "reviews", "ratings", realnode.Sleep, realnode.NotSleep)
+}

@@ -40,25 +40,9 @@ func TestPrivilegedRealNodeL7(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	a, _ := mustInstall(t, ctx, c, log)
-	tg := realnode.HostTarget(c)
 
 	const ns = "default"
-	for name, m := range map[string]string{
-		"bookinfo.yaml":          realnode.BookinfoYAML(ns),
-		"bookinfo-versions.yaml": realnode.BookinfoVersionsYAML(ns),
-		"sleep.yaml":             realnode.SleepYAML(ns),
-	} {
-		if err := tg.Apply(ctx, name, m); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tg.WaitRollout(ctx, ns, append(slices.Clone(realnode.BookinfoDeployments), realnode.Sleep, realnode.NotSleep)...); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Kubectl(ctx, "label", "namespace", ns, "istio.io/dataplane-mode=ambient"); err != nil {
-		t.Fatal(err)
-	}
-	waitMeshed(t, ctx, c, ns, "productpage", "details", "reviews", "ratings", realnode.Sleep)
+	deployBookinfo(t, ctx, c, ns)
 
 	t.Run("Bookinfo through the mesh: productpage names the reviews pod, and it changes", func(t *testing.T) {
 		bookinfoMeshed(t, ctx, c, ns)
