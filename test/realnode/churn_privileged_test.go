@@ -1,7 +1,6 @@
 package realnode_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -17,7 +16,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/amber-mesh/amber/test/cluster"
@@ -25,13 +23,14 @@ import (
 	"github.com/amber-mesh/amber/test/realnode"
 )
 
-// churnPods is how many pods churn creates and deletes; the capture
-// latency and amber's footprint are measured over them.
+// churnPods is how many pods churn creates and deletes (amber-bench
+// realnode measures the capture latency and amber's footprint over as
+// many).
 const churnPods = 100
 
 // churn creates churnPods pods in the labelled namespace, in batches,
 // while sleep keeps opening connections to productpage, then deletes them:
-// every pod is captured (create → in the membership map is measured),
+// every pod is captured,
 // nothing of them is left afterwards (membership, links, veths, IPAM),
 // and no connection of the steady stream fails.
 func churn(t *testing.T, ctx context.Context, c *cluster.Cluster) {
@@ -69,10 +68,8 @@ func churn(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	})
 	defer func() { close(stop); wg.Wait() }()
 
-	agentCPU0, ztCPU0 := cpuSeconds(t, "amber-agent"), cpuSeconds(t, "amber-ztunnel")
 	t0 := time.Now()
 	var mu sync.Mutex
-	var latencies []time.Duration
 	var ips []string
 	const batch = 20
 	for b := 0; b < churnPods; b += batch {
@@ -81,18 +78,17 @@ func churn(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 			bwg.Go(func() {
 				name := fmt.Sprintf("churn-%03d", i)
 				created := time.Now()
-				p := sleeperPod(name, realnode.Sleep)
+				p := realnode.SleeperPod(ns, name, realnode.Sleep)
 				if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 					t.Errorf("create %s: %v", name, err)
 					return
 				}
-				ip, d, err := waitCaptured(ctx, c, name, created)
+				ip, _, err := realnode.WaitCaptured(ctx, c.Client, ns, name, created)
 				if err != nil {
 					t.Errorf("%s: %v", name, err)
 					return
 				}
 				mu.Lock()
-				latencies = append(latencies, d)
 				ips = append(ips, ip)
 				mu.Unlock()
 			})
@@ -102,15 +98,6 @@ func churn(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	if t.Failed() {
 		return
 	}
-	slices.Sort(latencies)
-	t.Logf("measure: pod create → captured over %d pods: p50 %v, p99 %v, max %v (created %d at a time)",
-		len(latencies), latencies[len(latencies)/2].Round(time.Millisecond), latencies[len(latencies)*99/100].Round(time.Millisecond),
-		latencies[len(latencies)-1].Round(time.Millisecond), batch)
-	elapsed := time.Since(t0).Seconds()
-	t.Logf("measure: amber at %d pods: amber-agent RSS %.1f MiB, %.1f%% of a core; amber-ztunnel RSS %.1f MiB, %.1f%% of a core (averaged over the %.0f s of creation)",
-		churnPods+3, rssMiB(t, "amber-agent"), 100*(cpuSeconds(t, "amber-agent")-agentCPU0)/elapsed,
-		rssMiB(t, "amber-ztunnel"), 100*(cpuSeconds(t, "amber-ztunnel")-ztCPU0)/elapsed, elapsed)
-
 	for i := range churnPods {
 		name := fmt.Sprintf("churn-%03d", i)
 		if err := c.Client.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
@@ -184,11 +171,11 @@ func noTrace(ctx context.Context, c *cluster.Cluster, ips []string) error {
 // ztunnel must know it as notsleep (refused by the policy), never as the
 // sleep pod that had the address before.
 func ipReuse(t *testing.T, ctx context.Context, c *cluster.Cluster, url string) {
-	first := sleeperPod("reuse-first", realnode.Sleep)
+	first := realnode.SleeperPod(ns, "reuse-first", realnode.Sleep)
 	if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, first, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	ip, _, err := waitCaptured(ctx, c, first.Name, time.Now())
+	ip, _, err := realnode.WaitCaptured(ctx, c.Client, ns, first.Name, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,11 +196,11 @@ func ipReuse(t *testing.T, ctx context.Context, c *cluster.Cluster, url string) 
 	if err := os.WriteFile(filepath.Join(c.IPAMDir, "last_reserved_ip.0"), []byte(prev.String()), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	second := sleeperPod("reuse-second", realnode.NotSleep)
+	second := realnode.SleeperPod(ns, "reuse-second", realnode.NotSleep)
 	if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, second, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	ip2, _, err := waitCaptured(ctx, c, second.Name, time.Now())
+	ip2, _, err := realnode.WaitCaptured(ctx, c.Client, ns, second.Name, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,81 +230,10 @@ func ipReuse(t *testing.T, ctx context.Context, c *cluster.Cluster, url string) 
 	}
 }
 
-func sleeperPod(name, sa string) *corev1.Pod {
-	grace := int64(1)
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"churn": "true"}},
-		Spec: corev1.PodSpec{
-			ServiceAccountName: sa, TerminationGracePeriodSeconds: &grace,
-			Containers: []corev1.Container{{Name: "sleep", Image: images.Curl.Ref, ImagePullPolicy: corev1.PullNever,
-				Args: []string{"-sleep"}}},
-		},
-	}
-}
-
-// waitCaptured waits for the pod's address to be in the membership map
-// and returns it with the time since created.
-func waitCaptured(ctx context.Context, c *cluster.Cluster, name string, created time.Time) (string, time.Duration, error) {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	for {
-		p, err := c.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
-		if err == nil && p.Status.PodIP != "" {
-			if ok, err := realnode.Captured(p.Status.PodIP); err == nil && ok {
-				return p.Status.PodIP, time.Since(created), nil
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return "", 0, fmt.Errorf("not captured: %w", ctx.Err())
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-}
-
 func productpageVIP(t *testing.T, ctx context.Context, c *cluster.Cluster) string {
 	svc, err := c.Client.CoreV1().Services(ns).Get(ctx, realnode.Productpage, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return net.JoinHostPort(svc.Spec.ClusterIP, strconv.Itoa(images.EchoPort))
-}
-
-// procOf finds the host process running the binary name.
-func procOf(t *testing.T, name string) string {
-	t.Helper()
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		if b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm")); err == nil && strings.TrimSpace(string(b)) == name {
-			return filepath.Join("/proc", e.Name())
-		}
-	}
-	t.Fatalf("no %s process", name)
-	return ""
-}
-
-func rssMiB(t *testing.T, name string) float64 {
-	b, err := os.ReadFile(filepath.Join(procOf(t, name), "status"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseFloat(strings.Fields(v)[0], 64)
-			return kb / 1024
-		}
-	}
-	return 0
-}
-
-// cpuSeconds is the process's user+system time (clock ticks of 1/100 s).
-func cpuSeconds(t *testing.T, name string) float64 {
-	b, err := os.ReadFile(filepath.Join(procOf(t, name), "stat"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
-	ut, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (ut + st) / 100
 }

@@ -35,16 +35,12 @@ func TestPrivilegedRealNode(t *testing.T) {
 	privileged.Require(t)
 	log := slog.New(slog.NewTextHandler(tlog{t}, nil))
 
-	t0 := time.Now()
 	c := cluster.Up(t, cluster.Options{Istiod: true, Logger: log})
-	t.Logf("measure: nothing → node Ready with istiod: %v", time.Since(t0).Round(time.Millisecond))
 	// The budget starts once the node runs: a cold Up builds Kubernetes,
 	// istiod and CoreDNS, bounded by the test's own deadline.
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	t1 := time.Now()
 	a, installed := mustInstall(t, ctx, c, log)
-	t.Logf("measure: helm install → amber Ready: %v", time.Since(t1).Round(time.Millisecond))
 
 	t.Run("Istio's ambient walkthrough (make demo)", func(t *testing.T) {
 		var out strings.Builder
@@ -357,7 +353,6 @@ func rolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster, a *re
 	if _, err := c.Kubectl(ctx, "-n", realnode.Namespace, "rollout", "status", "daemonset/"+realnode.DaemonSet, "--timeout=180s"); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("measure: rollout restart done in %v", time.Since(t0).Round(time.Millisecond))
 	if err := a.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}

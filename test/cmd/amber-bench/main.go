@@ -6,6 +6,8 @@
 //	amber-bench tunnel     amber's HBONE tunnel vs plain, copying and AES-GCM proxy pairs,
 //	                       HAProxy's mTLS pair and Istio's Go HBONE pair, vs direct
 //	amber-bench waypoint   HTTP through amber-ztunnel + amber-waypoint vs a plain ReverseProxy, ztunnel only and direct
+//	amber-bench realnode   on a real node (test/cluster): start and install times, capture under pod churn,
+//	                       a DaemonSet restart, the waypoint's footprint and added latency
 package main
 
 import (
@@ -15,7 +17,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: amber-bench datapath|tunnel|waypoint [flags]")
+		fmt.Fprintln(os.Stderr, "usage: amber-bench datapath|tunnel|waypoint|realnode [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -26,6 +28,8 @@ func main() {
 		err = tunnel(os.Args[2:])
 	case "waypoint":
 		err = waypointBench(os.Args[2:])
+	case "realnode":
+		err = realnodeBench(os.Args[2:])
 	case "rproxy": // internal: the waypoint benchmark's ReverseProxy in a waypoint pod
 		err = rproxyMain(os.Args[2:])
 	case "tproxy": // internal: the tunnel benchmark's per-node proxy process
