@@ -44,6 +44,7 @@ var nodeStages = []nodeStage{
 	{"churn", "pods created in batches of 20: create → captured p50/p99; amber-agent and amber-ztunnel RSS and CPU while creating", churnStage},
 	{"rollout", "kubectl rollout restart of amber's DaemonSet → rolled out", rolloutStage},
 	{"waypoint", "sleep → productpage GET /health, without and with the namespace's waypoint (GET-only policy); the waypoint pod's RSS and CPU at each rate", waypointStage},
+	{"ingress", "sleep → istio-ingressgateway (Istio's chart, amber-waypoint) → productpage GET /api/v1/products, and sleep → productpage directly; the gateway pod's RSS and CPU at each rate", ingressStage},
 }
 
 // nodeBench is the state the stages share.

@@ -1,0 +1,120 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/amber-mesh/amber/test/meshbed"
+	"github.com/amber-mesh/amber/test/realnode"
+)
+
+// ingressPath is what the ingress stage asks for: a path Istio's
+// bookinfo-gateway.yaml routes (prefix /api/v1/products) that productpage
+// answers without calling a backend, so the measurement is the gateway's
+// hop and the HBONE hop to productpage, not Bookinfo's page.
+const ingressPath = "/api/v1/products"
+
+// ingressStage installs the walkthrough's istio-ingressgateway (Istio's
+// istio-ingress chart with amber's image: amber-waypoint as the gateway,
+// realnode.IngressHelmArgs) and Istio's bookinfo-gateway.yaml, measures
+// sleep → productpage GET /api/v1/products directly at b.latRate, then the
+// same through the gateway at b.latRate and each of b.rates, metering the
+// gateway pod's process (RSS, CPU), and uninstalls the gateway.
+func ingressStage(b *nodeBench) (err error) {
+	if err := b.a.InstallIngress(b.ctx); err != nil {
+		return err
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(b.ctx), 3*time.Minute)
+		defer cancel()
+		_, derr := b.c.Kubectl(cctx, "delete", "--ignore-not-found", "-f", filepath.Join(b.c.Istiod.BinDir, realnode.BookinfoGatewaySample))
+		err = errors.Join(err, derr, b.a.UninstallIngress(cctx))
+	}()
+	if err := b.tg.WaitRollout(b.ctx, realnode.Namespace, realnode.IngressGateway); err != nil {
+		return err
+	}
+	if out, err := b.c.Kubectl(b.ctx, "apply", "-f", filepath.Join(b.c.Istiod.BinDir, realnode.BookinfoGatewaySample)); err != nil {
+		return fmt.Errorf("%w\n%s", err, out)
+	}
+	svc, err := b.c.Client.CoreV1().Services(realnode.Namespace).Get(b.ctx, realnode.IngressGateway, metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	url := "http://" + net.JoinHostPort(svc.Spec.ClusterIP, "80") + ingressPath
+	host := realnode.IngressGateway + "." + realnode.Namespace
+	if err := realnode.Retry(b.ctx, 2*time.Minute, func() error { return getOK(b.ctx, b.sleep, url, host) }); err != nil {
+		return fmt.Errorf("GET %s through the gateway: %w", ingressPath, err)
+	}
+	pp, err := b.c.Client.CoreV1().Services("default").Get(b.ctx, realnode.BookinfoProductpage, metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	port := strconv.Itoa(int(pp.Spec.Ports[0].Port))
+	direct, err := b.measureRate(b.sleep, "http://"+net.JoinHostPort(pp.Spec.ClusterIP, port)+ingressPath, realnode.BookinfoProductpage+":"+port, b.latRate, nil)
+	if err != nil {
+		return err
+	}
+	b.record("ingress", fmt.Sprintf("sleep → productpage directly, %d GET/s", b.latRate), "%s", direct)
+
+	pod, err := b.tg.RunningPodOf(b.ctx, realnode.Namespace, realnode.IngressSelector)
+	if err != nil {
+		return err
+	}
+	pid, err := podProcess("amber-waypoint", string(pod.UID))
+	if err != nil {
+		return err
+	}
+	rss, err := meshbed.RSS(pid)
+	if err != nil {
+		return err
+	}
+	b.record("ingress", "gateway pod (amber-waypoint) idle, configured", "RSS %.1f MiB", mib(rss))
+	var with rateResult
+	for _, rate := range uniq(append([]int{b.latRate}, b.rates...)) {
+		r, err := b.measureRate(b.sleep, url, host, rate, []int{pid})
+		if err != nil {
+			return err
+		}
+		b.record("ingress", fmt.Sprintf("sleep → gateway → productpage, %d GET/s", rate), "%s", r)
+		if rate == b.latRate {
+			with = r
+		}
+	}
+	b.record("ingress", fmt.Sprintf("added by the gateway at %d GET/s", b.latRate), "p50 +%v, p99 +%v",
+		(with.p50 - direct.p50).Round(10*time.Microsecond), (with.p99 - direct.p99).Round(10*time.Microsecond))
+	return nil
+}
+
+// podProcess returns the pid of the host process named name (its comm)
+// in the pod with UID uid: its cgroup path names the pod.
+func podProcess(name, uid string) (int, error) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	alt := strings.ReplaceAll(uid, "-", "_")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
+		if err != nil || strings.TrimSpace(string(comm)) != name {
+			continue
+		}
+		cg, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup"))
+		if err == nil && (strings.Contains(string(cg), uid) || strings.Contains(string(cg), alt)) {
+			return pid, nil
+		}
+	}
+	return 0, fmt.Errorf("no process %s in pod %s", name, uid)
+}
