@@ -61,6 +61,12 @@ func run(ctx context.Context, keep bool) (err error) {
 	if err != nil {
 		return err
 	}
+	// One node per machine: a test's or a benchmark's node goes first.
+	unlock, err := cluster.LockHost(func() { fmt.Println("another node runs on this machine; waiting for it") })
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	t0 := time.Now()
 	fmt.Println("━━ 0. A Kubernetes node on this machine, with istiod (first run: builds Kubernetes, istiod, CoreDNS, Helm; later runs: seconds)")
 	fmt.Println("   $ make cluster-up")
