@@ -13,7 +13,6 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/amber-mesh/amber/test/meshbed"
 	"github.com/amber-mesh/amber/test/realnode"
 )
 
@@ -73,25 +72,7 @@ func ingressStage(b *nodeBench) (err error) {
 	if err != nil {
 		return err
 	}
-	rss, err := meshbed.RSS(pid)
-	if err != nil {
-		return err
-	}
-	b.record("ingress", "gateway pod (amber-waypoint) idle, configured", "RSS %.1f MiB", mib(rss))
-	var with rateResult
-	for _, rate := range uniq(append([]int{b.latRate}, b.rates...)) {
-		r, err := b.measureRate(b.sleep, url, host, rate, []int{pid})
-		if err != nil {
-			return err
-		}
-		b.record("ingress", fmt.Sprintf("sleep → gateway → productpage, %d GET/s", rate), "%s", r)
-		if rate == b.latRate {
-			with = r
-		}
-	}
-	b.record("ingress", fmt.Sprintf("added by the gateway at %d GET/s", b.latRate), "p50 +%v, p99 +%v",
-		(with.p50 - direct.p50).Round(10*time.Microsecond), (with.p99 - direct.p99).Round(10*time.Microsecond))
-	return nil
+	return b.meterProxy("ingress", "gateway", "sleep → gateway → productpage", pid, url, host, direct)
 }
 
 // podProcess returns the pid of the host process named name (its comm)
