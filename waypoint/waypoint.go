@@ -456,7 +456,7 @@ func registerMetrics(reg *metrics.Metrics, xc *client.Client, set *discovery.Set
 		"Responses per xDS type of the compiled configuration, by result (rejected: NACKed, at least one resource refused).",
 		[]string{"type", "result"}, func() []metrics.Sample {
 			var out []metrics.Sample
-			for _, t := range []struct{ url, name string }{{config.ListenerType, "lds"}, {config.ClusterType, "cds"}, {config.EndpointType, "eds"}, {config.RouteType, "rds"}} {
+			for _, t := range []struct{ url, name string }{{config.ListenerType, "lds"}, {config.ClusterType, "cds"}, {config.EndpointType, "eds"}, {config.RouteType, "rds"}, {config.SecretType, "sds"}} {
 				u := set.Updates(t.url)
 				out = append(out, metrics.Sample{Labels: []string{t.name, "success"}, Value: u.Success}, metrics.Sample{Labels: []string{t.name, "rejected"}, Value: u.Rejected})
 			}
@@ -469,7 +469,7 @@ func registerMetrics(reg *metrics.Metrics, xc *client.Client, set *discovery.Set
 		[]string{"verdict", "kind"}, func() []metrics.Sample {
 			c := set.Snapshot().Config
 			counts := map[[2]string]uint64{}
-			for _, k := range []string{"listener", "cluster", "endpoints", "routes"} {
+			for _, k := range []string{"listener", "cluster", "endpoints", "routes", "secrets"} {
 				counts[[2]string{"refused", k}] = 0
 			}
 			counts[[2]string{"degraded", "telemetry"}] = 0
@@ -500,6 +500,8 @@ func kind(typeURL string) string {
 		return "endpoints"
 	case config.RouteType:
 		return "routes"
+	case config.SecretType:
+		return "secrets"
 	}
 	return typeURL
 }

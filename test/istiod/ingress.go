@@ -2,6 +2,7 @@ package istiod
 
 import (
 	"fmt"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -177,10 +178,10 @@ func GatewayAPILabels(gw string) map[string]string {
 
 // GatewayAPIService is the Service the deployment controller renders for
 // Gateway gw with one HTTP listener on port (extractServicePorts: no
-// targetPort, so port → port).
-func GatewayAPIService(ns, gw string, port int32) *corev1.Service {
+// targetPort, so port → port), and an HTTPS one on each of https.
+func GatewayAPIService(ns, gw string, port int32, https ...int32) *corev1.Service {
 	http := "http"
-	return &corev1.Service{
+	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: GatewayAPIName(gw), Namespace: ns,
 			Labels: map[string]string{
@@ -195,4 +196,86 @@ func GatewayAPIService(ns, gw string, port int32) *corev1.Service {
 			},
 		},
 	}
+	for _, p := range https {
+		proto := "https"
+		svc.Spec.Ports = append(svc.Spec.Ports, corev1.ServicePort{
+			Name: fmt.Sprintf("https-%d", p), Port: p, TargetPort: intstr.FromInt32(p), Protocol: corev1.ProtocolTCP, AppProtocol: &proto,
+		})
+	}
+	return svc
+}
+
+// The walkthrough's TLS certificate for the Gateway API form: a
+// self-signed test certificate for bookinfo.example.com (valid until
+// 2126), fixed so that the goldens holding istiod's SDS copy of it are
+// stable. A test key, never a secret.
+const (
+	BookinfoHost    = "bookinfo.example.com"
+	BookinfoCertPEM = `-----BEGIN CERTIFICATE-----
+MIIBdzCCAR2gAwIBAgIBATAKBggqhkjOPQQDAjAfMR0wGwYDVQQDExRib29raW5m
+by5leGFtcGxlLmNvbTAgFw0yNjAxMDEwMDAwMDBaGA8yMTI2MDEwMTAwMDAwMFow
+HzEdMBsGA1UEAxMUYm9va2luZm8uZXhhbXBsZS5jb20wWTATBgcqhkjOPQIBBggq
+hkjOPQMBBwNCAASz+wTrTaE2/rAPSc/CJj1tzN8qJGIJK729QF9p0AxTgedw3Sfc
+x2z/EEbYbJGypV2SIGIEiqaj7nj1UlSMhpHeo0gwRjAOBgNVHQ8BAf8EBAMCB4Aw
+EwYDVR0lBAwwCgYIKwYBBQUHAwEwHwYDVR0RBBgwFoIUYm9va2luZm8uZXhhbXBs
+ZS5jb20wCgYIKoZIzj0EAwIDSAAwRQIhAK53AW/bQu/PdrAMulY47UxXLB9hhzqS
+TcGdD6YtK2qZAiAxtOzzMMlVC+o4UAsDU1gNLmfXigUWYMqwtxkRKbtHfg==
+-----END CERTIFICATE-----
+`
+	BookinfoKeyPEM = `-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIKVl2luW/9VYMZ8E2VFI3BWRlwQkRvhPsvD9FQ/e1+iFoAoGCCqGSM49
+AwEHoUQDQgAEs/sE602hNv6wD0nPwiY9bczfKiRiCSu9vUBfadAMU4HncN0n3Mds
+/xBG2GyRsqVdkiBiBIqmo+549VJUjIaR3g==
+-----END EC PRIVATE KEY-----
+`
+)
+
+// BookinfoTLSYAML is the Secret bookinfo-cert in namespace ns and the
+// Gateway API form with an HTTPS listener on 443 terminating TLS with it
+// (certificateRefs: istiod serves the Secret to the gateway's pod over
+// SDS), its HTTPRoute attached to both listeners.
+func BookinfoTLSYAML(ns string) string {
+	indent := func(pem string) string {
+		return "    " + strings.ReplaceAll(strings.TrimSpace(pem), "\n", "\n    ")
+	}
+	return fmt.Sprintf(`apiVersion: v1
+kind: Secret
+metadata:
+  name: bookinfo-cert
+  namespace: %[1]s
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+%[2]s
+  tls.key: |
+%[3]s
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: bookinfo-gateway
+  namespace: %[1]s
+  annotations:
+    networking.istio.io/service-type: ClusterIP
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: Same
+  - name: https
+    port: 443
+    protocol: HTTPS
+    hostname: %[4]s
+    tls:
+      mode: Terminate
+      certificateRefs:
+      - name: bookinfo-cert
+    allowedRoutes:
+      namespaces:
+        from: Same
+`, ns, indent(BookinfoCertPEM), indent(BookinfoKeyPEM), BookinfoHost)
 }

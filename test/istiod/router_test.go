@@ -2,7 +2,6 @@ package istiod_test
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"path/filepath"
 	"testing"
@@ -73,7 +72,7 @@ func setupIngress(t *testing.T, ctx context.Context, cp *kube.ControlPlane) (ing
 		Spec: corev1.PodSpec{NodeName: nodeName, ServiceAccountName: istiod.GatewayAPIName(gwapiGateway),
 			Containers: []corev1.Container{{Name: "istio-proxy", Image: "amber"}}},
 	}, gwapiIP)
-	gsvc := istiod.GatewayAPIService(meshNS, gwapiGateway, 80)
+	gsvc := istiod.GatewayAPIService(meshNS, gwapiGateway, 80, 443)
 	gsvc.Spec.ClusterIP = gwapiVIP
 	createService(t, ctx, cp, gsvc, []*corev1.Pod{gwapi})
 	return ingress, gwapi
@@ -110,6 +109,17 @@ var routerScenarios = []routerScenario{
 		node:  gwapiNode,
 		pod:   func(_, gwapi *corev1.Pod) *corev1.Pod { return gwapi },
 		shows: contains("rds.json", "outbound|9080||productpage.default.svc.cluster.local", "path_separated_prefix"),
+	},
+	{
+		// An HTTPS listener terminating TLS with a Secret (certificateRefs):
+		// istiod serves the Secret to the gateway's pod over SDS.
+		name: "router-gateway-api-tls",
+		apply: func(t *testing.T, ctx context.Context, cp *kube.ControlPlane) {
+			applyYAML(t, ctx, cp, "gateway-api-tls", istiod.BookinfoTLSYAML(meshNS))
+		},
+		node:  gwapiNode,
+		pod:   func(_, gwapi *corev1.Pod) *corev1.Pod { return gwapi },
+		shows: contains("sds.json", "bookinfo-cert", "certificate_chain", "private_key"),
 	},
 	{
 		// istio.io/ingress-use-waypoint on productpage's Service: the
@@ -155,23 +165,7 @@ func TestIntegrationRouterGoldens(t *testing.T) {
 			must(t, err)
 			n, err := sc.node().Proto()
 			must(t, err)
-			snap := func() (map[string][]byte, error) {
-				s, err := captureAs(ctx, d.Address, d.ServerName, d.RootPEM, token, n, true)
-				if err != nil {
-					return nil, err
-				}
-				if err := noUnknownFields(s); err != nil {
-					return nil, fmt.Errorf("%w: %w", errFinal, err)
-				}
-				if err := waypointgolden.Normalize(s); err != nil {
-					return nil, fmt.Errorf("%w: %w", errFinal, err)
-				}
-				files, err := waypointgolden.Render(s)
-				if err != nil {
-					return nil, fmt.Errorf("%w: %w", errFinal, err)
-				}
-				return files, nil
-			}
+			snap := func() (map[string][]byte, error) { return captureFiles(ctx, d, token, n, true) }
 			if err := poll(ctx, time.Minute, func() error {
 				files, err := snap()
 				if err != nil {

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/pmezard/go-difflib/difflib"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -223,23 +224,7 @@ func TestIntegrationWaypointGoldens(t *testing.T) {
 	must(t, err)
 	n, err := waypointNode().Proto()
 	must(t, err)
-	snap := func() (map[string][]byte, error) {
-		s, err := capture(ctx, d.Address, d.ServerName, d.RootPEM, token, n)
-		if err != nil {
-			return nil, err
-		}
-		if err := noUnknownFields(s); err != nil {
-			return nil, fmt.Errorf("%w: %w", errFinal, err)
-		}
-		if err := waypointgolden.Normalize(s); err != nil {
-			return nil, fmt.Errorf("%w: %w", errFinal, err)
-		}
-		files, err := waypointgolden.Render(s)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %w", errFinal, err)
-		}
-		return files, nil
-	}
+	snap := func() (map[string][]byte, error) { return captureFiles(ctx, d, token, n, false) }
 
 	dir := filepath.Join(waypointgolden.Dir(), version)
 	var base map[string][]byte
@@ -314,6 +299,26 @@ func TestIntegrationWaypointGoldens(t *testing.T) {
 			}
 		}
 	}
+}
+
+// captureFiles captures the configuration istiod sends node n (captureAs)
+// and renders it as golden files; errFinal marks what waiting cannot cure.
+func captureFiles(ctx context.Context, d *istiod.Istiod, token string, n *corev3.Node, router bool) (map[string][]byte, error) {
+	s, err := captureAs(ctx, d.Address, d.ServerName, d.RootPEM, token, n, router)
+	if err != nil {
+		return nil, err
+	}
+	if err := noUnknownFields(s); err != nil {
+		return nil, fmt.Errorf("%w: %w", errFinal, err)
+	}
+	if err := waypointgolden.Normalize(s); err != nil {
+		return nil, fmt.Errorf("%w: %w", errFinal, err)
+	}
+	files, err := waypointgolden.Render(s)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errFinal, err)
+	}
+	return files, nil
 }
 
 // baseReady reports whether istiod has the whole base mesh in the

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -15,6 +16,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -65,11 +67,11 @@ func captureAs(ctx context.Context, addr, serverName string, rootPEM []byte, tok
 
 	got := map[string]map[string][]byte{} // type → name → marshalled resource
 	answered := map[string]bool{}
-	var edsNames, rdsNames []string
-	edsPending, rdsPending := true, router
+	var edsNames, rdsNames, sdsNames []string
+	edsPending, rdsPending, sdsPending := true, router, false
 	answered[waypointgolden.WorkloadType] = router
 	for !(answered[waypointgolden.ClusterType] && answered[waypointgolden.ListenerType] &&
-		answered[waypointgolden.WorkloadType] && !edsPending && !rdsPending) {
+		answered[waypointgolden.WorkloadType] && !edsPending && !rdsPending && !sdsPending) {
 		resp, err := stream.Recv()
 		if err != nil {
 			return nil, fmt.Errorf("receive (have %v): %w", slices.Sorted(maps.Keys(answered)), err)
@@ -131,6 +133,20 @@ func captureAs(ctx context.Context, addr, serverName string, rootPEM []byte, tok
 			if !router {
 				break
 			}
+			secrets, err := sdsSecrets(got[t])
+			if err != nil {
+				return nil, err
+			}
+			if !slices.Equal(secrets, sdsNames) {
+				sub, unsub := diff(secrets, sdsNames)
+				sdsNames = secrets
+				sdsPending = len(sub) > 0
+				if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{
+					TypeUrl: waypointgolden.SecretType, ResourceNamesSubscribe: sub, ResourceNamesUnsubscribe: unsub,
+				}); err != nil {
+					return nil, fmt.Errorf("subscribe secrets: %w", err)
+				}
+			}
 			names, err := rdsRoutes(got[t])
 			if err != nil {
 				return nil, err
@@ -146,6 +162,13 @@ func captureAs(ctx context.Context, addr, serverName string, rootPEM []byte, tok
 				}
 			} else if len(names) == 0 {
 				rdsPending = false
+			}
+		case waypointgolden.SecretType:
+			sdsPending = false
+			for _, n := range sdsNames {
+				if _, ok := got[t][n]; !ok {
+					sdsPending = true
+				}
 			}
 		case waypointgolden.RouteType:
 			rdsPending = false
@@ -199,6 +222,32 @@ func routeClusters(raw map[string][]byte) ([]string, error) {
 	}
 	slices.Sort(names)
 	return slices.Compact(names), nil
+}
+
+// sdsSecrets names the secrets the listeners' TLS contexts take from SDS
+// over ADS (kubernetes:// and kubernetes-gateway:// names; "default" and
+// "ROOTCA" are pilot-agent's, not istiod's).
+func sdsSecrets(raw map[string][]byte) ([]string, error) {
+	var names []string
+	for name, b := range raw {
+		l := &listenerv3.Listener{}
+		if err := proto.Unmarshal(b, l); err != nil {
+			return nil, fmt.Errorf("listener %q: %w", name, err)
+		}
+		for _, fc := range l.GetFilterChains() {
+			d := &tlsv3.DownstreamTlsContext{}
+			if ts := fc.GetTransportSocket(); ts == nil || !ts.GetTypedConfig().MessageIs(d) || ts.GetTypedConfig().UnmarshalTo(d) != nil {
+				continue
+			}
+			for _, sc := range d.GetCommonTlsContext().GetTlsCertificateSdsSecretConfigs() {
+				if n := sc.GetName(); strings.HasPrefix(n, "kubernetes") && !slices.Contains(names, n) {
+					names = append(names, n)
+				}
+			}
+		}
+	}
+	slices.Sort(names)
+	return names, nil
 }
 
 // rdsRoutes names the route configurations the listeners' HTTP
@@ -258,6 +307,9 @@ func decodeSnapshot(got map[string]map[string][]byte) (*waypointgolden.Snapshot,
 		return nil, err
 	}
 	if s.Routes, err = decodeAll[*routev3.RouteConfiguration](got[waypointgolden.RouteType]); err != nil {
+		return nil, err
+	}
+	if s.Secrets, err = decodeAll[*tlsv3.Secret](got[waypointgolden.SecretType]); err != nil {
 		return nil, err
 	}
 	return s, nil

@@ -208,6 +208,8 @@ type Pod struct {
 	// ambient.istio.io/redirection=enabled, as amber's node agent leaves
 	// them; others are outside the mesh's capture.
 	Enrolled bool
+	// Namespace of the Pod object. Zero means Namespace.
+	Namespace string
 }
 
 // AddPod adds a testbed pod on nd (the datapath's pod program attached)
@@ -222,6 +224,9 @@ func (m *Mesh) addPod(tb testing.TB, nd *Node, p Pod, annotations map[string]str
 	tb.Helper()
 	if p.ServiceAccount == "" {
 		p.ServiceAccount = p.Name
+	}
+	if p.Namespace == "" {
+		p.Namespace = Namespace
 	}
 	if p.Labels == nil {
 		p.Labels = map[string]string{"app": p.Name}
@@ -242,14 +247,14 @@ func (m *Mesh) addPod(tb testing.TB, nd *Node, p Pod, annotations map[string]str
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	_, err = m.CP.Client.CoreV1().ServiceAccounts(Namespace).Create(ctx, &corev1.ServiceAccount{
+	_, err = m.CP.Client.CoreV1().ServiceAccounts(p.Namespace).Create(ctx, &corev1.ServiceAccount{
 		ObjectMeta: metav1.ObjectMeta{Name: p.ServiceAccount},
 	}, metav1.CreateOptions{})
 	if err != nil && !apierrors.IsAlreadyExists(err) {
 		tb.Fatalf("create service account %s: %v", p.ServiceAccount, err)
 	}
 	obj, err := kube.RunningPod(ctx, m.CP.Client, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: Namespace, Labels: p.Labels, Annotations: annotations},
+		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, Labels: p.Labels, Annotations: annotations},
 		Spec:       corev1.PodSpec{NodeName: nd.Name, ServiceAccountName: p.ServiceAccount, Containers: containers},
 	}, []netip.Addr{nd.IPv4, nd.IPv6}, tp.IPv4, tp.IPv6)
 	if err != nil {
@@ -261,16 +266,18 @@ func (m *Mesh) addPod(tb testing.TB, nd *Node, p Pod, annotations map[string]str
 	return tp, obj
 }
 
-// AddService creates svc in the mesh's namespace with the EndpointSlice
-// of the pods (added so far) its selector selects, and returns it as
-// stored, with its cluster IP.
+// AddService creates svc in its namespace (zero: the mesh's) with the
+// EndpointSlice of the pods (added so far) its selector selects there, and
+// returns it as stored, with its cluster IP.
 func (m *Mesh) AddService(tb testing.TB, svc *corev1.Service) *corev1.Service {
 	tb.Helper()
-	svc.Namespace = Namespace
+	if svc.Namespace == "" {
+		svc.Namespace = Namespace
+	}
 	var backends []*corev1.Pod
 	m.mu.Lock()
 	for _, p := range m.pods {
-		if selects(svc.Spec.Selector, p.Labels) {
+		if p.Namespace == svc.Namespace && selects(svc.Spec.Selector, p.Labels) {
 			backends = append(backends, p)
 		}
 	}
@@ -362,6 +369,60 @@ func (m *Mesh) StartWaypoint(tb testing.TB, wp meshbed.WaypointPod) *meshbed.Way
 		}
 	})
 	return w
+}
+
+// CreateIngress does what Istio's legacy gateway chart
+// (manifests/charts/gateways/istio-ingress) and the kubelet do for one
+// pod of the walkthrough's istio-ingressgateway on nd, in istio-system,
+// outside the capture (the chart's dataplane-mode none): its service
+// account, the pod with the chart's labels, the Service (80 → 8080) and
+// its EndpointSlice. It returns the pod as the gateway's container gets
+// it, with a token bound to it, for StartWaypoint.
+func (m *Mesh) CreateIngress(tb testing.TB, nd *Node) (meshbed.WaypointPod, *corev1.Service) {
+	tb.Helper()
+	podName := istiod.IngressName + "-6f8d9c7b5-q4w7z"
+	tp, obj := m.addPod(tb, nd, Pod{Name: podName, ServiceAccount: istiod.IngressServiceAccount, Labels: istiod.IngressLabels(), Namespace: istiod.Namespace},
+		nil, []corev1.Container{{Name: "istio-proxy", Image: "amber-waypoint"}})
+	svc := m.AddService(tb, istiod.IngressService())
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	tok, err := m.Istiod.TokenFor(ctx, istiod.Namespace, istiod.IngressServiceAccount, obj)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return meshbed.WaypointPod{
+		Pod: tp, Name: podName, Namespace: istiod.Namespace, ServiceAccount: istiod.IngressServiceAccount, NodeName: nd.Name,
+		Gateway: istiod.IngressName, Labels: obj.Labels, Annotations: obj.Annotations,
+		Token: []byte(tok), RootPEM: m.Istiod.RootPEM, Istiod: m.Istiod.Address, Router: true,
+	}, svc
+}
+
+// CreateGatewayAPIPod does what istiod's deployment controller and the
+// kubelet do for one pod of Gateway gw of class istio on nd (test/istiod
+// runs istiod without the kube-gateway template, so nothing deploys it):
+// the service account <gw>-istio, the pod with the template's labels
+// outside the capture, and the Service <gw>-istio with an HTTP port and
+// the HTTPS ones. The
+// Gateway itself is the test's to apply. The container runs as the
+// kube-gateway template's (WaypointPod.KubeGateway).
+func (m *Mesh) CreateGatewayAPIPod(tb testing.TB, nd *Node, gw string, port int32, https ...int32) (meshbed.WaypointPod, *corev1.Service) {
+	tb.Helper()
+	name := istiod.GatewayAPIName(gw)
+	podName := name + "-7b9c8d6f5-r2t4v"
+	tp, obj := m.addPod(tb, nd, Pod{Name: podName, ServiceAccount: name, Labels: istiod.GatewayAPILabels(gw)},
+		nil, []corev1.Container{{Name: "istio-proxy", Image: "amber-waypoint"}})
+	svc := m.AddService(tb, istiod.GatewayAPIService(Namespace, gw, port, https...))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	tok, err := m.Istiod.TokenFor(ctx, Namespace, name, obj)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return meshbed.WaypointPod{
+		Pod: tp, Name: podName, Namespace: Namespace, ServiceAccount: name, NodeName: nd.Name,
+		Gateway: name, Labels: obj.Labels, Annotations: obj.Annotations,
+		Token: []byte(tok), RootPEM: m.Istiod.RootPEM, Istiod: m.Istiod.Address, Router: true, KubeGateway: true,
+	}, svc
 }
 
 // AddWaypoint is CreateWaypoint and StartWaypoint.

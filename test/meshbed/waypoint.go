@@ -47,6 +47,16 @@ type WaypointPod struct {
 	// process's namespace. The pod reaches it as istiod.istio-system.svc
 	// through a Forwarder on its own loopback.
 	Istiod string
+	// Router runs the container as Istio's legacy ingress gateway chart
+	// (manifests/charts/gateways/istio-ingress) does: `proxy router`, its
+	// environment, and the mesh config mounted at contract.MeshConfigFile
+	// instead of PROXY_CONFIG.
+	Router bool
+	// KubeGateway, with Router, runs it as istiod's kube-gateway template
+	// (a Gateway API Gateway of class istio) does instead: the args' `--x
+	// v` form, PROXY_CONFIG, no mounted mesh config, not unprivileged
+	// (the template's sysctl lets it bind ports below 1024).
+	KubeGateway bool
 }
 
 // Waypoint is an amber-waypoint process in a pod's namespace, run as
@@ -95,10 +105,11 @@ func (w *Waypoint) prepare(bin string, wp WaypointPod) error {
 	if err != nil {
 		return err
 	}
-	for path, content := range map[string]struct {
+	type file struct {
 		b    []byte
 		mode os.FileMode
-	}{
+	}
+	files := map[string]file{
 		"/amber-waypoint":        {exe, 0o755},
 		contract.TokenFile:       {wp.Token, 0o600},
 		contract.RootCertFile:    {wp.RootPEM, 0o644},
@@ -107,7 +118,11 @@ func (w *Waypoint) prepare(bin string, wp WaypointPod) error {
 		"/etc/hosts":             {[]byte("127.0.0.1 localhost\n127.0.0.1 " + istiodService + "\n"), 0o644},
 		"/etc/nsswitch.conf":     {[]byte("hosts: files dns\n"), 0o644},
 		"/tmp/.keep":             {nil, 0o644},
-	} {
+	}
+	if wp.Router && !wp.KubeGateway {
+		files[contract.MeshConfigFile] = file{[]byte(routerMeshConfig()), 0o644}
+	}
+	for path, content := range files {
 		p := filepath.Join(w.root, path)
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			return err
@@ -133,6 +148,21 @@ func (w *Waypoint) Close() error {
 // (proxyLogLevel, componentLogLevel and the agent's log level from
 // values.yaml), with global.logAsJson set.
 func waypointArgs(wp WaypointPod) []string {
+	if wp.Router && wp.KubeGateway {
+		return []string{
+			"proxy", "router", "--domain", wp.Namespace + ".svc.cluster.local",
+			"--proxyLogLevel", "warning", "--proxyComponentLogLevel", "misc:error", "--log_output_level", "default:info",
+			"--log_as_json",
+		}
+	}
+	if wp.Router {
+		// The legacy gateway chart's, its `--x=v` forms.
+		return []string{
+			"proxy", "router", "--domain", wp.Namespace + ".svc.cluster.local",
+			"--proxyLogLevel=warning", "--proxyComponentLogLevel=misc:error", "--log_output_level=default:info",
+			"--log_as_json",
+		}
+	}
 	return []string{
 		"proxy", "waypoint",
 		"--domain", wp.Namespace + ".svc.cluster.local",
@@ -148,6 +178,9 @@ func waypointArgs(wp WaypointPod) []string {
 // resolves it for the pod (field references; resource references from the
 // node, which has the machine's processors and no memory limit).
 func waypointEnv(wp WaypointPod) []string {
+	if wp.Router && !wp.KubeGateway {
+		return routerEnv(wp)
+	}
 	proxyConfig, _ := json.Marshal(map[string]any{
 		"discoveryAddress":         istiodService + ":" + istiodPort,
 		"proxyAdminPort":           15000,
@@ -172,6 +205,33 @@ func waypointEnv(wp WaypointPod) []string {
 		"ISTIO_META_MESH_ID=cluster.local",
 		"TRUST_DOMAIN=cluster.local",
 	}
+}
+
+// routerEnv is the legacy gateway chart's container environment
+// (templates/deployment.yaml) with its default values.
+func routerEnv(wp WaypointPod) []string {
+	return []string{
+		"PILOT_CERT_PROVIDER=istiod",
+		"CA_ADDR=" + istiodService + ":" + istiodPort,
+		"NODE_NAME=" + wp.NodeName,
+		"POD_NAME=" + wp.Name,
+		"POD_NAMESPACE=" + wp.Namespace,
+		"INSTANCE_IP=" + wp.Pod.IPv4.String(),
+		"HOST_IP=" + wp.Pod.Node.IPv4.String(),
+		"ISTIO_CPU_LIMIT=0",
+		"SERVICE_ACCOUNT=" + wp.ServiceAccount,
+		"ISTIO_META_WORKLOAD_NAME=" + wp.Gateway,
+		"ISTIO_META_OWNER=kubernetes://apis/apps/v1/namespaces/" + wp.Namespace + "/deployments/" + wp.Gateway,
+		"ISTIO_META_UNPRIVILEGED_POD=true",
+		"ISTIO_META_CLUSTER_ID=Kubernetes",
+		"ISTIO_META_NODE_NAME=" + wp.NodeName,
+	}
+}
+
+// routerMeshConfig is the istio ConfigMap's mesh key the legacy chart
+// mounts: the discovery address and the trust domain.
+func routerMeshConfig() string {
+	return "defaultConfig:\n  discoveryAddress: " + istiodService + ":" + istiodPort + "\n  terminationDrainDuration: 5s\ntrustDomain: cluster.local\n"
 }
 
 // DownwardAPI renders labels or annotations as the kubelet writes a

@@ -32,6 +32,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -52,6 +53,9 @@ const (
 	// RouteType is RDS, which only a router (ingress gateway) node
 	// subscribes to: its listeners name their route configurations.
 	RouteType = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+	// SecretType is SDS over ADS: the Kubernetes Secrets a router's TLS
+	// listeners name (credentialName, certificateRefs).
+	SecretType = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 )
 
 // Files names the file of each type in a scenario directory.
@@ -61,6 +65,7 @@ var Files = map[string]string{
 	EndpointType: "eds.json",
 	WorkloadType: "wds.json",
 	RouteType:    "rds.json",
+	SecretType:   "sds.json",
 }
 
 // Snapshot is one scenario's configuration.
@@ -72,6 +77,8 @@ type Snapshot struct {
 	// Routes are a router's RDS; a waypoint's scenarios have none (and
 	// no rds.json).
 	Routes []*routev3.RouteConfiguration
+	// Secrets are a router's SDS (only with TLS listeners; sds.json).
+	Secrets []*tlsv3.Secret
 }
 
 // Dir is the goldens' root directory, testdata/ next to this file.
@@ -141,6 +148,11 @@ func Read(dir string) (*Snapshot, error) {
 			return nil, err
 		}
 	}
+	if _, err := os.Stat(filepath.Join(dir, Files[SecretType])); err == nil {
+		if s.Secrets, err = readFile[*tlsv3.Secret](dir, SecretType); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -193,6 +205,9 @@ func Render(s *Snapshot) (map[string][]byte, error) {
 	add(WorkloadType, messages(s.Workloads), func(m proto.Message) string { return m.(*workloadapi.Workload).GetUid() })
 	if len(s.Routes) > 0 {
 		add(RouteType, messages(s.Routes), func(m proto.Message) string { return m.(*routev3.RouteConfiguration).GetName() })
+	}
+	if len(s.Secrets) > 0 {
+		add(SecretType, messages(s.Secrets), func(m proto.Message) string { return m.(*tlsv3.Secret).GetName() })
 	}
 	if len(errs) > 0 {
 		if missing := unresolved(s); len(missing) > 0 {
@@ -326,6 +341,9 @@ func Resources(s *Snapshot) (map[string][]*discoveryv3.Resource, error) {
 	}
 	for _, m := range s.Routes {
 		add(RouteType, m.GetName(), m)
+	}
+	for _, m := range s.Secrets {
+		add(SecretType, m.GetName(), m)
 	}
 	return out, errors.Join(errs...)
 }

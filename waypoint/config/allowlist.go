@@ -60,7 +60,9 @@ func init() {
 	allow("envoy.config.listener.v3.Listener.ConnectionBalanceConfig.ExactBalance", inert)
 	allow("envoy.config.listener.v3.Listener.InternalListenerConfig", compiled)
 	allow("envoy.config.listener.v3.AdditionalAddress", compiled, "address")
-	allow("envoy.config.listener.v3.FilterChain", compiled, "name", "filters", "transport_socket")
+	allow("envoy.config.listener.v3.FilterChain", compiled, "name", "filters", "transport_socket", "filter_chain_match")
+	// A gateway's HTTPS server: the SNI names its chain serves.
+	allow("envoy.config.listener.v3.FilterChainMatch", compiled, "server_names")
 	allow("envoy.config.listener.v3.FilterChain", inert, "metadata", "transport_socket_connect_timeout")
 	allow("envoy.config.listener.v3.Filter", compiled, "name", "typed_config")
 	allow("envoy.config.listener.v3.ListenerFilter", compiled, "name", "typed_config")
@@ -107,6 +109,9 @@ func init() {
 	allow("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", compiled, "san_type", "matcher")
 	allow("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", compiled, "name")
 	allow("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", inert, "sds_config")
+	// SDS over ADS: a gateway's Kubernetes Secrets.
+	allow("envoy.extensions.transport_sockets.tls.v3.Secret", compiled, "name", "tls_certificate")
+	allow("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", compiled, "certificate_chain", "private_key")
 	allow("envoy.config.core.v3.ConfigSource", inert, "ads", "api_config_source", "initial_fetch_timeout", "resource_api_version")
 	allow("envoy.config.core.v3.AggregatedConfigSource", inert)
 	allow("envoy.config.core.v3.ApiConfigSource", inert, "api_type", "transport_api_version", "grpc_services", "set_node_on_first_message_only")

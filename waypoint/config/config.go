@@ -6,6 +6,7 @@
 package config
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"slices"
@@ -15,6 +16,7 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 )
 
 // Type URLs of the resources Compile takes, for Problem.TypeURL.
@@ -24,6 +26,9 @@ const (
 	EndpointType = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 	// RouteType is RDS: a router's listeners take their routes from it.
 	RouteType = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+	// SecretType is SDS over ADS: the Kubernetes Secrets of a router's
+	// TLS listeners.
+	SecretType = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 )
 
 // Names istiod gives a waypoint's fixed resources
@@ -46,6 +51,8 @@ type Resources struct {
 	Endpoints []*endpointv3.ClusterLoadAssignment
 	// Routes are RDS (routers only).
 	Routes []*routev3.RouteConfiguration
+	// Secrets are SDS (routers with TLS listeners only).
+	Secrets []*tlsv3.Secret
 	// Router compiles an ingress gateway's configuration (node type
 	// router: socket listeners, RDS, outbound clusters) instead of a
 	// waypoint's.
@@ -105,6 +112,8 @@ func kindOf(typeURL string) string {
 		return "endpoints"
 	case RouteType:
 		return "route configuration"
+	case SecretType:
+		return "secret"
 	}
 	return typeURL
 }
@@ -127,7 +136,7 @@ func Compile(r Resources) *Config {
 	b := &builder{cfg: c, router: r.Router}
 	if r.Router {
 		c.Gateways = map[string]*Gateway{}
-		b.routerListeners(r.Listeners, r.Routes)
+		b.routerListeners(r.Listeners, r.Routes, r.Secrets)
 	} else {
 		b.listeners(r.Listeners)
 	}
@@ -153,6 +162,7 @@ type validatable interface {
 type builder struct {
 	cfg                 *Config
 	router              bool
+	secrets             func(name string) (*tls.Certificate, error)
 	originate           *Originate
 	originateListenerOK bool
 }

@@ -123,16 +123,9 @@ func (b *builder) terminate(l *listenerv3.Listener) (*Terminate, error) {
 		return nil, errors.New("refused (see the problems above)")
 	}
 	t := &Terminate{}
-	addrs := []*corev3.Address{l.GetAddress()}
-	for _, a := range l.GetAdditionalAddresses() {
-		addrs = append(addrs, a.GetAddress())
-	}
-	for _, a := range addrs {
-		ap, err := socketAddress(a)
-		if err != nil {
-			return nil, fmt.Errorf("address: %w", err)
-		}
-		t.Addresses = append(t.Addresses, ap)
+	var err error
+	if t.Addresses, err = listenerAddresses(l); err != nil {
+		return nil, err
 	}
 	if len(l.GetFilterChains()) != 1 || l.GetFilterChainMatcher() != nil {
 		return nil, errors.New("want exactly one filter chain")
@@ -342,6 +335,24 @@ func (b *builder) originateListener(l *listenerv3.Listener) error {
 		return errors.New("filter_chains[0].filters[0]: want tcp_proxy tunnelling to %DOWNSTREAM_LOCAL_ADDRESS% through connect_originate")
 	}
 	return nil
+}
+
+// listenerAddresses are a socket listener's address and additional
+// addresses.
+func listenerAddresses(l *listenerv3.Listener) ([]netip.AddrPort, error) {
+	addrs := []*corev3.Address{l.GetAddress()}
+	for _, a := range l.GetAdditionalAddresses() {
+		addrs = append(addrs, a.GetAddress())
+	}
+	var out []netip.AddrPort
+	for _, a := range addrs {
+		ap, err := socketAddress(a)
+		if err != nil {
+			return nil, fmt.Errorf("address: %w", err)
+		}
+		out = append(out, ap)
+	}
+	return out, nil
 }
 
 // socketAddress converts a TCP socket address.

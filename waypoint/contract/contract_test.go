@@ -57,11 +57,10 @@ func templateEnv() []string {
 	}
 }
 
-// podFiles writes the template's mounted files under a test root.
-func podFiles(t *testing.T) string {
-	t.Helper()
-	root := t.TempDir()
-	write := func(path, content string) {
+// fileWriter returns a function writing a file at its path under root.
+func fileWriter(t *testing.T, root string) func(path, content string) {
+	return func(path, content string) {
+		t.Helper()
 		p := filepath.Join(root, path)
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			t.Fatal(err)
@@ -70,6 +69,13 @@ func podFiles(t *testing.T) string {
 			t.Fatal(err)
 		}
 	}
+}
+
+// podFiles writes the template's mounted files under a test root.
+func podFiles(t *testing.T) string {
+	t.Helper()
+	root := t.TempDir()
+	write := fileWriter(t, root)
 	write(TokenFile, "token")
 	write(RootCertFile, "-----BEGIN CERTIFICATE-----\n")
 	// The kubelet's downward-API format: key="Go-quoted value", sorted.

@@ -3,8 +3,6 @@ package contract
 import (
 	"errors"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -45,15 +43,7 @@ func legacyEnv() []string {
 func routerFiles(t *testing.T, mesh string) string {
 	t.Helper()
 	root := t.TempDir()
-	write := func(path, content string) {
-		p := filepath.Join(root, path)
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	write := fileWriter(t, root)
 	write(TokenFile, "token")
 	write(RootCertFile, "-----BEGIN CERTIFICATE-----\n")
 	write(LabelsFile, strings.Join([]string{

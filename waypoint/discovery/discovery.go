@@ -17,6 +17,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/proto"
 
@@ -53,8 +54,10 @@ type Set struct {
 	clusters  map[string]Resource[*clusterv3.Cluster]
 	endpoints map[string]Resource[*endpointv3.ClusterLoadAssignment]
 	routes    map[string]Resource[*routev3.RouteConfiguration]
+	secrets   map[string]Resource[*tlsv3.Secret]
 	edsNames  []string // sorted
 	rdsNames  []string // sorted; a router's
+	sdsNames  []string // sorted; a router's
 	compiled  *config.Config
 	compiles  uint64
 	updates   map[string]Updates
@@ -78,6 +81,7 @@ func New(publish func(*config.Config)) *Set {
 		clusters:  map[string]Resource[*clusterv3.Cluster]{},
 		endpoints: map[string]Resource[*endpointv3.ClusterLoadAssignment]{},
 		routes:    map[string]Resource[*routev3.RouteConfiguration]{},
+		secrets:   map[string]Resource[*tlsv3.Secret]{},
 		updates:   map[string]Updates{},
 	}
 }
@@ -107,13 +111,22 @@ func (s *Set) Types() []client.Type {
 		{URL: config.ListenerType, Handler: handler[*listenerv3.Listener]{s: s, typeURL: config.ListenerType, held: s.listeners, name: listenerName}},
 	}
 	if s.router {
-		types = append(types, client.Type{URL: config.RouteType, Handler: handler[*routev3.RouteConfiguration]{s: s, typeURL: config.RouteType, held: s.routes, name: routeName}, Names: s.RDSNames})
+		types = append(types,
+			client.Type{URL: config.RouteType, Handler: handler[*routev3.RouteConfiguration]{s: s, typeURL: config.RouteType, held: s.routes, name: routeName}, Names: s.RDSNames},
+			client.Type{URL: config.SecretType, Handler: handler[*tlsv3.Secret]{s: s, typeURL: config.SecretType, held: s.secrets, name: secretName}, Names: s.SDSNames})
 	}
 	return append(types, client.Type{URL: config.EndpointType, Handler: handler[*endpointv3.ClusterLoadAssignment]{s: s, typeURL: config.EndpointType, held: s.endpoints, name: endpointsName}, Names: s.EDSNames})
 }
 
 // Router reports whether s is an ingress gateway's set.
 func (s *Set) Router() bool { return s.router }
+
+// SDSNames are the Kubernetes Secrets a router's TLS listeners name.
+func (s *Set) SDSNames() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.sdsNames)
+}
 
 // RDSNames are the route configurations a router's listeners name.
 func (s *Set) RDSNames() []string {
@@ -179,6 +192,7 @@ var (
 	clusterName   = (*clusterv3.Cluster).GetName
 	endpointsName = (*endpointv3.ClusterLoadAssignment).GetClusterName
 	routeName     = (*routev3.RouteConfiguration).GetName
+	secretName    = (*tlsv3.Secret).GetName
 )
 
 func sorted[M proto.Message](m map[string]Resource[M], name func(M) string) []Resource[M] {
@@ -253,6 +267,7 @@ func (h handler[M]) Apply(resources []*discoveryv3.Resource, removed []string) [
 		Clusters:  messages(sorted(s.clusters, clusterName)),
 		Endpoints: messages(sorted(s.endpoints, endpointsName)),
 		Routes:    messages(sorted(s.routes, routeName)),
+		Secrets:   messages(sorted(s.secrets, secretName)),
 		Router:    s.router,
 	})
 	for _, p := range cfg.Problems {
@@ -329,13 +344,22 @@ func (s *Set) routedClusters() map[string]bool {
 	return out
 }
 
-// followListeners recomputes a router's RDS names after an LDS change and
-// drops the route configurations no listener names any more. Called with
+// followListeners recomputes a router's RDS and SDS names after an LDS
+// change and drops the route configurations and secrets no listener names
+// any more. Called with
 // s.mu held.
 func (s *Set) followListeners() {
-	names := map[string]bool{}
+	names, secrets := map[string]bool{}, map[string]bool{}
 	for _, l := range s.listeners {
 		for _, fc := range l.Message.GetFilterChains() {
+			d := &tlsv3.DownstreamTlsContext{}
+			if ts := fc.GetTransportSocket(); ts != nil && ts.GetTypedConfig().MessageIs(d) && ts.GetTypedConfig().UnmarshalTo(d) == nil {
+				for _, sc := range d.GetCommonTlsContext().GetTlsCertificateSdsSecretConfigs() {
+					if sc.GetSdsConfig().GetAds() != nil {
+						secrets[sc.GetName()] = true
+					}
+				}
+			}
 			for _, f := range fc.GetFilters() {
 				h := &hcmv3.HttpConnectionManager{}
 				if !f.GetTypedConfig().MessageIs(h) || f.GetTypedConfig().UnmarshalTo(h) != nil {
@@ -351,6 +375,12 @@ func (s *Set) followListeners() {
 	for n := range s.routes {
 		if !names[n] {
 			delete(s.routes, n)
+		}
+	}
+	s.sdsNames = slices.Sorted(maps.Keys(secrets))
+	for n := range s.secrets {
+		if !secrets[n] {
+			delete(s.secrets, n)
 		}
 	}
 }

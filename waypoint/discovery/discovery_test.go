@@ -59,7 +59,7 @@ func serveGolden(t *testing.T, srv *server.Server, s *waypointgolden.Snapshot) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, typeURL := range []string{config.ListenerType, config.ClusterType, config.EndpointType, config.RouteType} {
+	for _, typeURL := range []string{config.ListenerType, config.ClusterType, config.EndpointType, config.RouteType, config.SecretType} {
 		for _, r := range rs[typeURL] {
 			srv.Set(typeURL, r.GetName(), r.GetResource())
 		}

@@ -37,3 +37,23 @@ func TestRouterThroughXDS(t *testing.T) {
 		t.Errorf("%d route configurations held", n)
 	}
 }
+
+// TestRouterSecretsThroughXDS: a TLS listener's Secret asked for by the
+// name the listener gives, and compiled into its certificate.
+func TestRouterSecretsThroughXDS(t *testing.T) {
+	f := startSet(t, "router-gateway-api-tls", discovery.NewRouter)
+	testutil.Eventually(t, "the HTTPS listener with its certificate", func() bool {
+		c := f.pub.latest()
+		if c == nil {
+			return false
+		}
+		g := c.Gateways["0.0.0.0_443"]
+		return g != nil && g.Chain.Err == nil && g.TLS != nil && g.TLS.Certificate != nil
+	})
+	if got := f.set.SDSNames(); !slices.Equal(got, []string{"kubernetes-gateway://default/bookinfo-cert"}) {
+		t.Errorf("SDS names %v", got)
+	}
+	if err := f.pub.latest().Err(""); err != nil {
+		t.Errorf("problems: %v", err)
+	}
+}

@@ -182,7 +182,7 @@ func (p *Proxy) serveRequest(d *downstream, rw http.ResponseWriter, r *http.Requ
 	}
 	x.sanitize()
 
-	view := &match.Request{Method: r.Method, Authority: r.Host, Path: path, Scheme: "http", Header: r.Header}
+	view := &match.Request{Method: r.Method, Authority: r.Host, Path: path, Scheme: d.scheme(), Header: r.Header}
 	rr := &rbac.Request{
 		Headers:     view,
 		Source:      d.peerAddr.Addr(),

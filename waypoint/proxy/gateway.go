@@ -3,7 +3,9 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -32,8 +34,50 @@ type gatewayListener struct {
 	name atomic.Pointer[string]
 }
 
-// causeListen counts a gateway listen address that could not be opened.
-const causeListen = "gateway_listen_failed"
+// Refusal causes of gateway listeners: a listen address that could not
+// be opened; a TLS handshake refused (no certificate, SNI no chain
+// serves, the client's failure).
+const (
+	causeListen     = "gateway_listen_failed"
+	causeGatewayTLS = "gateway_tls_handshake"
+)
+
+// gatewayTLS is the TLS of the named gateway listener in the current
+// configuration, nil for plain text.
+func (p *Proxy) gatewayTLS(name string) *config.GatewayTLS {
+	if s := p.snapshot(); s != nil && s.cfg != nil {
+		if g := s.cfg.Gateways[name]; g != nil {
+			return g.TLS
+		}
+	}
+	return nil
+}
+
+// handshakeGateway terminates TLS on a gateway connection with the
+// certificate of the configuration current at the ClientHello: the
+// listener's Secret, for the SNI names its chain serves, within the
+// header timeout.
+func (p *Proxy) handshakeGateway(c net.Conn, name string) (*tls.Conn, error) {
+	cfg := &tls.Config{GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		t := p.gatewayTLS(name)
+		switch {
+		case t == nil:
+			return nil, errors.New("the listener no longer terminates TLS")
+		case t.Certificate == nil:
+			return nil, fmt.Errorf("no certificate: secret %s missing or refused", t.SecretName)
+		case !t.MatchesSNI(hello.ServerName):
+			return nil, fmt.Errorf("server name %q: no chain serves it", hello.ServerName)
+		}
+		return &tls.Config{Certificates: []tls.Certificate{*t.Certificate}, NextProtos: t.ALPN, MinVersion: t.MinVersion, MaxVersion: t.MaxVersion}, nil
+	}}
+	tc := tls.Server(c, cfg)
+	ctx, cancel := context.WithTimeout(p.ctx, p.lim.HeaderTimeout)
+	defer cancel()
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return nil, err
+	}
+	return tc, nil
+}
 
 // syncGateways opens the listen addresses of c's gateways that are not
 // open and closes those c no longer has. Called from Update, in order.
@@ -129,9 +173,20 @@ func (p *Proxy) serveGatewayConn(gl *gatewayListener, c net.Conn) {
 		c.Close()
 		return
 	}
+	name := *gl.name.Load()
+	if t := p.gatewayTLS(name); t != nil {
+		tc, err := p.handshakeGateway(c, name)
+		if err != nil {
+			p.counts.refuse(causeGatewayTLS)
+			p.log.Info(accessLogMsg, logKeyKind, "tls", logKeyGateway, name, logKeySrcAddr, c.RemoteAddr().String(), logKeyError, err.Error())
+			c.Close()
+			return
+		}
+		rc = tc
+	}
 	local := addrPort(c.LocalAddr())
 	d := &downstream{
-		p: p, peerAddr: addrPort(c.RemoteAddr()), gateway: *gl.name.Load(),
+		p: p, peerAddr: addrPort(c.RemoteAddr()), gateway: name, tls: rc != c,
 		in:     config.Input{Destination: local, Authority: local.String()},
 		source: p.cfg.Self, stream: rc,
 	}
@@ -140,7 +195,7 @@ func (p *Proxy) serveGatewayConn(gl *gatewayListener, c net.Conn) {
 		return
 	}
 	defer p.untrack(d)
-	if p.serveHTTP(p.ctx, d, bufio.NewReader(c)) {
+	if p.serveHTTP(p.ctx, d, bufio.NewReader(rc)) {
 		return // an upgrade's relay took the connection
 	}
 	lingerClose(rc)

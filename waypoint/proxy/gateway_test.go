@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -75,7 +76,7 @@ func newGateway(t *testing.T, opts meshOptions) *gateway {
 
 func compileRouter(tb testing.TB, s *waypointgolden.Snapshot) *config.Config {
 	tb.Helper()
-	c := config.Compile(config.Resources{Listeners: s.Listeners, Clusters: s.Clusters, Endpoints: s.Endpoints, Routes: s.Routes, Router: true})
+	c := config.Compile(config.Resources{Listeners: s.Listeners, Clusters: s.Clusters, Endpoints: s.Endpoints, Routes: s.Routes, Secrets: s.Secrets, Router: true})
 	if err := c.Err(""); err != nil {
 		tb.Fatalf("router golden: %v", err)
 	}
@@ -363,5 +364,97 @@ func TestGatewayClosed(t *testing.T) {
 	if c, err := net.DialTimeout("tcp", a, time.Second); err == nil {
 		c.Close()
 		t.Error("a closed gateway accepts connections")
+	}
+}
+
+// TestGatewayDrain: while the gateway drains (pilot-agent's drain after
+// SIGTERM) its listener still answers, each response ending its
+// connection; once the drain ends the listener is closed.
+func TestGatewayDrain(t *testing.T) {
+	g := newGateway(t, meshOptions{})
+	g.p.Update(compileRouter(t, golden(t, "router-bookinfo-gateway")))
+	a := g.addr(gwListener)
+	ctx, cancel := context.WithCancel(context.Background())
+	drained := make(chan error, 1)
+	go func() { drained <- g.p.Drain(ctx) }()
+	testutil.Eventually(t, "a response saying Connection: close", func() bool {
+		resp, _ := g.get("/productpage", nil)
+		return resp.StatusCode == 200 && resp.Close
+	})
+	select {
+	case err := <-drained:
+		t.Fatalf("Drain returned before its context ended: %v", err)
+	default:
+	}
+	cancel()
+	if err := <-drained; err == nil {
+		t.Error("Drain: nil, want the context's error")
+	}
+	if c, err := net.DialTimeout("tcp", a, time.Second); err == nil {
+		c.Close()
+		t.Error("the listener accepts after the drain")
+	}
+}
+
+// TestGatewayTLS: the Gateway API HTTPS listener terminates TLS with the
+// Secret istiod served over SDS, for the SNI its chain serves, HTTP/1.1
+// and HTTP/2 by ALPN; another SNI, or no Secret, fails the handshake
+// (fail closed, counted), never plain text.
+func TestGatewayTLS(t *testing.T) {
+	g := newGateway(t, meshOptions{})
+	s := golden(t, "router-gateway-api-tls")
+	g.p.Update(compileRouter(t, s))
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(s.Secrets[0].GetTlsCertificate().GetCertificateChain().GetInlineBytes()) {
+		t.Fatal("no certificate in the golden's secret")
+	}
+	var a string
+	testutil.Eventually(t, "listener 0.0.0.0:443", func() bool {
+		if x := g.p.GatewayAddrs()[netip.MustParseAddrPort("0.0.0.0:443")]; x != nil {
+			a = x.String()
+		}
+		return a != ""
+	})
+	client := func(sni string, h2 bool) *http.Client {
+		tr := &http.Transport{
+			TLSClientConfig:   &tls.Config{RootCAs: roots, ServerName: sni},
+			DisableKeepAlives: true, ForceAttemptHTTP2: h2,
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, "tcp", a)
+			},
+		}
+		if !h2 {
+			tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+		}
+		return &http.Client{Transport: tr}
+	}
+	for _, h2 := range []bool{false, true} {
+		resp, body := do(t, client("bookinfo.example.com", h2), http.MethodGet, "https://bookinfo.example.com/productpage", nil, nil)
+		if resp.StatusCode != 200 || (resp.ProtoMajor == 2) != h2 || !strings.Contains(body, `"backend":"productpage-v1"`) {
+			t.Errorf("h2 %v: %d %s %s", h2, resp.StatusCode, resp.Proto, body)
+		}
+		if !strings.Contains(body, `"X-Forwarded-Proto":["https"]`) {
+			t.Errorf("x-forwarded-proto: %s", body)
+		}
+	}
+	if _, err := client("evil.example.com", false).Get("https://evil.example.com/productpage"); err == nil {
+		t.Error("a server name no chain serves got an answer")
+	}
+	g.view.waitRefused("gateway_tls_handshake", 1)
+
+	s.Secrets = nil
+	g.p.Update(config.Compile(config.Resources{Listeners: s.Listeners, Clusters: s.Clusters, Endpoints: s.Endpoints, Routes: s.Routes, Router: true}))
+	if _, err := client("bookinfo.example.com", false).Get("https://bookinfo.example.com/productpage"); err == nil {
+		t.Error("an answer without the secret")
+	}
+	g.view.waitRefused("gateway_tls_handshake", 2)
+	c, err := net.Dial("tcp", a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET /productpage HTTP/1.1\r\nHost: a\r\n\r\n")
+	if b, _ := io.ReadAll(c); strings.Contains(string(b), "HTTP/1.1") {
+		t.Errorf("plain text on the TLS port: %q", b)
 	}
 }

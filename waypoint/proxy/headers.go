@@ -107,7 +107,7 @@ func (x *exchange) sanitize() {
 		// appended to x-forwarded-for and the scheme is the connection's
 		// (conn_manager_utility.cc mutateRequestHeaders).
 		h["X-Forwarded-For"] = []string{appendXFF(h.Values("X-Forwarded-For"), x.d.peerAddr.Addr().String())}
-		h.Set("X-Forwarded-Proto", "http")
+		h.Set("X-Forwarded-Proto", x.d.scheme())
 	} else if h.Get("X-Forwarded-Proto") == "" {
 		h.Set("X-Forwarded-Proto", "http")
 	}
@@ -127,6 +127,15 @@ func (x *exchange) sanitize() {
 		h.Set("Upgrade", upValue)
 	}
 	x.upgrade = up
+}
+
+// scheme is the connection's: https on a gateway listener terminating
+// TLS, else http.
+func (d *downstream) scheme() string {
+	if d.tls {
+		return "https"
+	}
+	return "http"
 }
 
 // appendXFF joins a request's x-forwarded-for values and appends addr.

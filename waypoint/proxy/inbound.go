@@ -50,8 +50,10 @@ type downstream struct {
 	// gateway listener's accepted connection.
 	stream relay.Conn
 	// gateway is the name of the gateway listener (router) the
-	// connection came in on; empty inside HBONE.
+	// connection came in on; empty inside HBONE. tls is set when the
+	// gateway terminated TLS on it (the scheme is https).
 	gateway string
+	tls     bool
 
 	mu       sync.Mutex // guards the fields below
 	idle     bool       // an HTTP/1 connection waiting for its next request

@@ -304,7 +304,9 @@ func (p *Proxy) serverTLS() *tls.Config {
 // (GOAWAY on both the HBONE and the inner connections), closes idle
 // HTTP/1 connections and ends the others after their current response,
 // and waits for streams to finish until ctx ends; then it closes what
-// remains and returns ctx's error.
+// remains and returns ctx's error. An ingress gateway's listeners keep
+// accepting until ctx ends (each response saying Connection: close),
+// and Drain returns only then.
 func (p *Proxy) Drain(ctx context.Context) error {
 	p.mu.Lock()
 	p.draining = true
@@ -313,16 +315,36 @@ func (p *Proxy) Drain(ctx context.Context) error {
 	for d := range p.conns {
 		conns = append(conns, d)
 	}
+	gateways := len(p.gateways)
 	p.mu.Unlock()
-	p.closeGateways()
 	for _, d := range conns {
 		d.drain()
+	}
+	if gateways > 0 {
+		// An ingress gateway keeps accepting for the whole drain, as
+		// Envoy's listeners do while pilot-agent drains: clients still
+		// sent here until the endpoint is gone get their answer, with
+		// Connection: close (GOAWAY for HTTP/2), instead of a refusal.
+		<-ctx.Done()
+		p.closeGateways()
+		p.mu.Lock()
+		late := make([]*downstream, 0, len(p.conns))
+		for d := range p.conns {
+			late = append(late, d)
+		}
+		p.mu.Unlock()
+		for _, d := range late {
+			d.drain()
+		}
 	}
 	var errs []error
 	for _, s := range servers {
 		if err := s.Shutdown(ctx); err != nil && !errors.Is(err, hbone.ErrServerClosed) {
 			errs = append(errs, err)
 		}
+	}
+	if gateways > 0 {
+		errs = append(errs, ctx.Err())
 	}
 	return errors.Join(errs...)
 }

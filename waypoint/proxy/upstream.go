@@ -290,16 +290,23 @@ func (p *Proxy) dialEndpoint(ctx context.Context, t *dialTarget) (net.Conn, erro
 	if w == nil {
 		return nil, &dialError{cause: causeUpstreamIdentity, err: fmt.Errorf("no workload at %s in workload discovery: its identity is unknown", addr.Addr())}
 	}
-	want := workloadID(w)
-	key := hbone.Key{Src: p.cfg.Identity.String(), Dst: want.String(), Addr: netip.AddrPortFrom(addr.Addr(), t.originatePort)}
-	s, err := p.pool.Connect(ctx, key, hbone.FormatAuthority(addr), nil)
+	return p.connectHBONE(ctx, workloadID(w).String(), netip.AddrPortFrom(addr.Addr(), t.originatePort), addr)
+}
+
+// connectHBONE opens a pooled CONNECT stream to authority on via, from the
+// proxy's own identity to a peer that must be dst (an identity, or
+// trustDomainKey and a trust domain); a peer that is not is
+// causeUpstreamIdentity.
+func (p *Proxy) connectHBONE(ctx context.Context, dst string, via, authority netip.AddrPort) (net.Conn, error) {
+	key := hbone.Key{Src: p.cfg.Identity.String(), Dst: dst, Addr: via}
+	s, err := p.pool.Connect(ctx, key, hbone.FormatAuthority(authority), nil)
 	if err != nil {
 		cause := causeConnectFailure
 		var pe *certs.PeerError
 		if errors.As(err, &pe) {
 			cause = causeUpstreamIdentity
 		}
-		return nil, &dialError{cause: cause, err: fmt.Errorf("hbone %s via %s: %w", addr, key.Addr, err)}
+		return nil, &dialError{cause: cause, err: fmt.Errorf("hbone %s via %s: %w", authority, via, err)}
 	}
 	return s, nil
 }
@@ -316,17 +323,7 @@ func (p *Proxy) dialGatewayHBONE(ctx context.Context, t *dialTarget) (net.Conn, 
 	if t.ep.Via.IsValid() {
 		via = t.ep.Via
 	}
-	key := hbone.Key{Src: p.cfg.Identity.String(), Dst: trustDomainKey + t.gatewayTD, Addr: via}
-	s, err := p.pool.Connect(ctx, key, hbone.FormatAuthority(addr), nil)
-	if err != nil {
-		cause := causeConnectFailure
-		var pe *certs.PeerError
-		if errors.As(err, &pe) {
-			cause = causeUpstreamIdentity
-		}
-		return nil, &dialError{cause: cause, err: fmt.Errorf("hbone %s via %s: %w", addr, via, err)}
-	}
-	return s, nil
+	return p.connectHBONE(ctx, trustDomainKey+t.gatewayTD, via, addr)
 }
 
 // trustDomainKey prefixes an HBONE pool key's Dst that names a trust
