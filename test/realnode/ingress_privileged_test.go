@@ -3,12 +3,15 @@ package realnode_test
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -92,15 +95,10 @@ func TestPrivilegedRealNodeIngress(t *testing.T) {
 	}
 	step("walkthrough, L4 half", func() error { return w.Run(ctx) })
 	step("walkthrough, ingress steps", func() error { return w.RunIngress(ctx) })
+	if err := a.Upgrade(ctx, "gateway.enabled=true"); err != nil {
+		t.Fatal(err)
+	}
 	t.Run("Gateway API form: class istio, HTTPRoute, istiod's Deployment with amber's image", func(t *testing.T) {
-		if err := a.Upgrade(ctx, "gateway.enabled=true"); err != nil {
-			t.Fatal(err)
-		}
-		defer func() {
-			if err := a.Upgrade(context.Background(), "gateway.enabled=false"); err != nil {
-				t.Error(err)
-			}
-		}()
 		out.Reset()
 		err := w.RunGatewayAPI(ctx)
 		t.Logf("Gateway API form:\n%s", out.String())
@@ -108,10 +106,84 @@ func TestPrivilegedRealNodeIngress(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+	t.Run("Gateway API HTTPS: TLS terminated with the certificateRefs Secret", func(t *testing.T) {
+		gatewayHTTPS(t, ctx, c)
+	})
+	if err := a.Upgrade(ctx, "gateway.enabled=false"); err != nil {
+		t.Fatal(err)
+	}
 	t.Run("rollout restart of istio-ingressgateway under 20 requests/s: none fails", func(t *testing.T) {
 		ingressRolloutRestart(t, ctx, c)
 	})
 	step("walkthrough, L7 half (the 90/10 count also through the ingress gateway)", func() error { return w.RunL7(ctx) })
+}
+
+// gatewayHTTPS applies Istio's Gateway API Bookinfo sample with an HTTPS
+// listener on 443 that terminates TLS with a kubernetes.io/tls Secret
+// (certificateRefs; istiod serves it to the gateway over SDS), then GETs
+// /productpage over HTTPS from sleep's network namespace with the Secret's
+// host name, verifying the Secret's certificate: 200 with a page; a server
+// name the listener does not serve gets no answer, whatever certificate
+// the client would accept. The objects are removed at the end.
+func gatewayHTTPS(t *testing.T, ctx context.Context, c *cluster.Cluster) {
+	tg := realnode.HostTarget(c)
+	const ns = "default"
+	sample := filepath.Join(c.Istiod.BinDir, realnode.BookinfoGatewayAPISample)
+	if _, err := c.Kubectl(ctx, "-n", ns, "apply", "-f", sample); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Apply(ctx, "bookinfo-gateway-tls.yaml", istiod.BookinfoTLSYAML(ns)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.Kubectl(context.Background(), "-n", ns, "delete", "--ignore-not-found", "-f", sample, "-f", filepath.Join(tg.Manifests, "bookinfo-gateway-tls.yaml"))
+	})
+	if err := tg.Apply(ctx, "productpage-viewer-gateway-api-default.yaml", realnode.IngressPolicyYAML(ns,
+		"cluster.local/ns/"+ns+"/sa/"+realnode.BookinfoGatewayAPI+"-istio")); err != nil {
+		t.Fatal(err)
+	}
+	sleepNS, err := realnode.PodNetns(ctx, c, podOf(t, ctx, tg, ns, realnode.Sleep))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM([]byte(istiod.BookinfoCertPEM))
+	svcName := realnode.BookinfoGatewayAPI + "-istio"
+	// verify false: any certificate is taken, so that only the gateway's
+	// own refusal can fail the request.
+	https := func(sni string, verify bool) (int, string, error) {
+		svc, err := c.Client.CoreV1().Services(ns).Get(ctx, svcName, metav1.GetOptions{})
+		if err != nil {
+			return 0, "", err
+		}
+		hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+			TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: sni, InsecureSkipVerify: !verify},
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return realnode.DialFrom(ctx, sleepNS, net.JoinHostPort(svc.Spec.ClusterIP, "443"))
+			},
+		}}
+		resp, err := hc.Get("https://" + istiod.BookinfoHost + "/productpage")
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body), err
+	}
+	waitFor(t, ctx, "a page over HTTPS through the Gateway API gateway", func() error {
+		code, body, err := https(istiod.BookinfoHost, true)
+		if err != nil {
+			return err
+		}
+		if pods, _ := realnode.ReviewsPods(body); code != http.StatusOK || len(pods) != 1 || pods[0] == "" {
+			return fmt.Errorf("status %d, page %.200q", code, body)
+		}
+		return nil
+	})
+	t.Logf("https://%s/productpage through %s:443 with the Secret's certificate: 200, a page", istiod.BookinfoHost, svcName)
+	if code, _, err := https("evil.example.com", false); err == nil {
+		t.Errorf("a server name the listener does not serve got an answer: %d", code)
+	}
 }
 
 // ingressShape checks what Istio's chart rendered for the classic gateway
