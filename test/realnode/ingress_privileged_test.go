@@ -135,10 +135,16 @@ func gatewayHTTPS(t *testing.T, ctx context.Context, c *cluster.Cluster) {
 	if err := tg.Apply(ctx, "bookinfo-gateway-tls.yaml", istiod.BookinfoTLSYAML(ns)); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		c.Kubectl(context.Background(), "-n", ns, "delete", "--ignore-not-found", "-f", sample, "-f", filepath.Join(tg.Manifests, "bookinfo-gateway-tls.yaml"))
-	})
-	if err := tg.Apply(ctx, "productpage-viewer-gateway-api-default.yaml", realnode.IngressPolicyYAML(ns,
+	// The policy of RunIngress, which the steps after this one need, with
+	// this gateway's principal while it runs.
+	defer func() {
+		cctx := context.WithoutCancel(ctx)
+		c.Kubectl(cctx, "-n", ns, "delete", "--ignore-not-found", "-f", sample, "-f", filepath.Join(tg.Manifests, "bookinfo-gateway-tls.yaml"))
+		if err := tg.Apply(cctx, "productpage-viewer-ingress-"+ns+".yaml", realnode.IngressPolicyYAML(ns, realnode.IngressPrincipal)); err != nil {
+			t.Error(err)
+		}
+	}()
+	if err := tg.Apply(ctx, "productpage-viewer-gateway-api-default.yaml", realnode.IngressPolicyYAML(ns, realnode.IngressPrincipal,
 		"cluster.local/ns/"+ns+"/sa/"+realnode.BookinfoGatewayAPI+"-istio")); err != nil {
 		t.Fatal(err)
 	}
