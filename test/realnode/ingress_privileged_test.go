@@ -13,8 +13,6 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -311,44 +309,24 @@ func ingressRolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster
 		t.Fatal(err)
 	}
 
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var ok, failed atomic.Int64
-	var firstErr atomic.Value
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		tick := time.NewTicker(50 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-				defer cancel()
-				conn, err := realnode.DialFrom(cctx, sleepNS, target)
-				if err == nil {
-					conn.SetDeadline(time.Now().Add(30 * time.Second))
-					err = getPage(conn, realnode.IngressGateway+"."+realnode.Namespace, "/productpage")
-					conn.Close()
-				}
-				if err == nil {
-					ok.Add(1)
-					return
-				}
-				failed.Add(1)
-				firstErr.CompareAndSwap(nil, fmt.Sprintf("%s: %v", time.Now().Format(time.TimeOnly+".000"), err))
-			}()
+	// A new connection per request, as curl makes: each one is routed
+	// afresh (sleep's ztunnel picks a gateway endpoint per connection).
+	loadCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	l := realnode.StartLoad(loadCtx, 20, func(ctx context.Context) error {
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		conn, err := realnode.DialFrom(cctx, sleepNS, target)
+		if err != nil {
+			return err
 		}
-	}()
-	progress := func(what string, n int64) {
-		s := ok.Load()
-		testutil.Eventually(t, what, func() bool { return ok.Load() >= s+n })
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(30 * time.Second))
+		return getPage(conn, realnode.IngressGateway+"."+realnode.Namespace, "/productpage")
+	})
+	progress := func(what string, n int) {
+		s, _ := l.Answered()
+		testutil.Eventually(t, what, func() bool { ok, _ := l.Answered(); return ok >= s+n })
 	}
 	progress("requests through the gateway before the restart", 20)
 	t0 := time.Now()
@@ -369,11 +347,11 @@ func ingressRolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster
 	// The old pod is gone from the Service's endpoints once the rollout
 	// is done; what follows is the new pod's alone.
 	progress("requests through the new gateway", 20)
-	close(stop)
-	wg.Wait()
-	t.Logf("requests during the restart: %d answered 200, %d failed", ok.Load(), failed.Load())
-	if failed.Load() != 0 {
-		t.Errorf("%d requests through the gateway failed across its rollout restart; first: %v", failed.Load(), firstErr.Load())
+	stop()
+	l.Wait()
+	t.Logf("requests during the restart: %d answered 200, %d failed (%d sent late)", l.OK, l.Failed, l.Late)
+	if l.Failed != 0 {
+		t.Errorf("%d requests through the gateway failed across its rollout restart: %q", l.Failed, l.Errors)
 	}
 }
 
