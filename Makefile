@@ -24,7 +24,7 @@ check-generate: deps ## regenerate and fail if the generated files in the tree d
 	@bash hack/check-generate.sh
 
 .PHONY: demo
-demo: deps ## Istio ambient's walkthrough on a real node with istiod and amber (Helm): Bookinfo, sleep/notsleep, mTLS, an L4 policy, amberctl, bpftool; then a waypoint (amber-waypoint), an L7 policy, istio_requests_total, reviews 90/10 (DEMO_ARGS=-keep leaves it running)
+demo: deps ## Istio ambient's walkthrough on a real node with istiod and amber (Helm): Bookinfo, sleep/notsleep, mTLS, an L4 policy, amberctl, bpftool; the ingress steps through istio-ingressgateway (Istio's chart, amber's image); then a waypoint (amber-waypoint), an L7 policy, istio_requests_total, reviews 90/10 (DEMO_ARGS=-keep leaves it running)
 	$(GO) run ./test/cmd/amber-demo $(DEMO_ARGS)
 
 .PHONY: build
@@ -70,7 +70,7 @@ bench-waypoint: deps ## HTTP/1.1 1 KiB requests through amber-ztunnel + amber-wa
 bench: bench-datapath bench-tunnel bench-waypoint bench-agent ## every benchmark, each printing ratios against a baseline from the same run
 
 .PHONY: bench-realnode
-bench-realnode: deps ## on a real node (test/cluster, istiod, amber's chart): node and install times, pod create → captured under churn, a DaemonSet restart, the waypoint's RSS and CPU at 100 and 1000 GET/s and its added p50/p99; absolute numbers of one run, not in `bench` (BENCH_ARGS adds flags, e.g. -stages waypoint)
+bench-realnode: deps ## on a real node (test/cluster, istiod, amber's chart): node and install times, pod create → captured under churn, a DaemonSet restart, the waypoint's and the ingress gateway's RSS and CPU at 100 and 1000 GET/s and their added p50/p99; absolute numbers of one run, not in `bench` (BENCH_ARGS adds flags, e.g. -stages waypoint or -stages ingress)
 	PATH="$(CURDIR)/.cache/bin:$$PATH" $(GO) run ./test/cmd/amber-bench realnode $(BENCH_ARGS)
 
 .PHONY: bench-agent

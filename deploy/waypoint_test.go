@@ -33,23 +33,50 @@ func TestHelmWaypointDefaults(t *testing.T) {
 	if out, err := exec.Command(helm, "lint", "--strict", "helm/amber").CombinedOutput(); err != nil {
 		t.Fatalf("helm lint: %v\n%s", err, out)
 	}
-	cm := waypointDefaults(t, helm, "--set", "image.repository=registry.example/amber", "--set", "image.tag=v9", "--set", "image.pullPolicy=Always")
+	checkClassDefaults(t, helm, "istio-waypoint", []string{"proxy", "waypoint", "--domain", "$(POD_NAMESPACE).svc.cluster.local"})
+	if cm := classDefaults(t, helm, "istio-waypoint", "--set", "waypoint.enabled=false"); cm != nil {
+		t.Errorf("waypoint.enabled=false still installs %s", cm.Name)
+	}
+}
+
+// TestHelmGatewayDefaults: the same for the ingress gateways istiod
+// renders for Gateways of class istio (template kube-gateway, `proxy
+// router`), behind gateway.enabled, which is off by default.
+func TestHelmGatewayDefaults(t *testing.T) {
+	helm := needHelm(t)
+	if cm := classDefaults(t, helm, "istio"); cm != nil {
+		t.Errorf("the default install has %s: amber's gateway is opt-in (gateway.enabled)", cm.Name)
+	}
+	checkClassDefaults(t, helm, "istio", []string{"proxy", "router", "--domain", "$(POD_NAMESPACE).svc.cluster.local"}, "--set", "gateway.enabled=true")
+	if cm := classDefaults(t, helm, "istio-waypoint", "--set", "gateway.enabled=true"); cm == nil || cm.Name != "amber-waypoint" {
+		t.Errorf("gateway.enabled=true changed the waypoint defaults: %v", cm)
+	}
+}
+
+// checkClassDefaults renders the chart with set and checks its ConfigMap
+// of GatewayClass defaults for class: in istio-system, only keys istiod
+// accepts, and merged into a Deployment shaped like the one istiod renders
+// for the class (container istio-proxy with args) it replaces the image,
+// pull policy and command only.
+func checkClassDefaults(t *testing.T, helm, class string, args []string, set ...string) {
+	t.Helper()
+	cm := classDefaults(t, helm, class, append(set, "--set", "image.repository=registry.example/amber", "--set", "image.tag=v9", "--set", "image.pullPolicy=Always")...)
 	if cm == nil {
-		t.Fatal("no ConfigMap labelled gateway.istio.io/defaults-for-class=istio-waypoint in the default install")
+		t.Fatalf("no ConfigMap labelled gateway.istio.io/defaults-for-class=%s with %v", class, set)
 	}
 	if cm.Namespace != "istio-system" {
 		t.Errorf("ConfigMap in %q, want istiod's namespace istio-system (the release's)", cm.Namespace)
 	}
 	for k := range cm.Data {
 		if !slices.Contains(istiodOverlayKeys, k) {
-			t.Errorf("key %q: istiod refuses GatewayClass defaults with it and renders no waypoint", k)
+			t.Errorf("key %q: istiod refuses GatewayClass defaults with it and renders no %s Gateway", k, class)
 		}
 	}
 
 	istiods := appsv1.Deployment{Spec: appsv1.DeploymentSpec{Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
 		Containers: []corev1.Container{{
 			Name: "istio-proxy", Image: "registry.istio.io/testing/proxyv2:latest-distroless",
-			Args:         []string{"proxy", "waypoint", "--domain", "$(POD_NAMESPACE).svc.cluster.local"},
+			Args:         args,
 			Env:          []corev1.EnvVar{{Name: "CA_ADDR", Value: "istiod.istio-system.svc:15012"}},
 			VolumeMounts: []corev1.VolumeMount{{Name: "istio-token", MountPath: "/var/run/secrets/tokens"}},
 		}},
@@ -88,15 +115,11 @@ func TestHelmWaypointDefaults(t *testing.T) {
 		len(got.Spec.Template.Spec.Volumes) != 1 {
 		t.Errorf("the merge changed more than image and command:\n%s", merged)
 	}
-
-	if cm := waypointDefaults(t, helm, "--set", "waypoint.enabled=false"); cm != nil {
-		t.Errorf("waypoint.enabled=false still installs %s", cm.Name)
-	}
 }
 
-// waypointDefaults renders the chart with args and returns its ConfigMap
-// of istio-waypoint GatewayClass defaults, nil if there is none.
-func waypointDefaults(t *testing.T, helm string, args ...string) *corev1.ConfigMap {
+// classDefaults renders the chart with args and returns its ConfigMap of
+// GatewayClass defaults for class, nil if there is none.
+func classDefaults(t *testing.T, helm, class string, args ...string) *corev1.ConfigMap {
 	t.Helper()
 	out, err := exec.Command(helm, append([]string{"template", "amber", "helm/amber", "-n", "istio-system"}, args...)...).Output()
 	if err != nil {
@@ -108,11 +131,11 @@ func waypointDefaults(t *testing.T, helm string, args ...string) *corev1.ConfigM
 		if err := yaml.Unmarshal(doc, &cm); err != nil {
 			t.Fatal(err)
 		}
-		if cm.Kind != "ConfigMap" || cm.Labels["gateway.istio.io/defaults-for-class"] != "istio-waypoint" {
+		if cm.Kind != "ConfigMap" || cm.Labels["gateway.istio.io/defaults-for-class"] != class {
 			continue
 		}
 		if found != nil {
-			t.Fatalf("two ConfigMaps of istio-waypoint defaults: %s, %s (istiod takes the oldest)", found.Name, cm.Name)
+			t.Fatalf("two ConfigMaps of %s defaults: %s, %s (istiod takes the oldest)", class, found.Name, cm.Name)
 		}
 		found = &cm
 	}

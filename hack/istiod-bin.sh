@@ -38,6 +38,8 @@ ctltools=$root/test/istiod/istioctl
 crds=crd-all.gen.yaml
 gwcrds=gateway-api-crd.yaml
 chart=istio-discovery
+ingress=istio-ingress
+samples=(samples/bookinfo/networking/bookinfo-gateway.yaml samples/bookinfo/gateway-api/bookinfo-gateway.yaml)
 all=(pilot-discovery hbone-interop)
 
 die() { echo "istiod-bin: $*" >&2; exit 1; }
@@ -119,7 +121,8 @@ built() {
 }
 fresh() {
   built "$1" || return 1
-  [ "$1" != pilot-discovery ] || { [ -s "$bin/$crds" ] && [ -s "$bin/$gwcrds" ] && [ -s "$bin/$chart/Chart.yaml" ]; }
+  [ "$1" != pilot-discovery ] || { [ -s "$bin/$crds" ] && [ -s "$bin/$gwcrds" ] && [ -s "$bin/$chart/Chart.yaml" ] &&
+    [ -s "$bin/$ingress/Chart.yaml" ] && [ -s "$bin/${samples[0]}" ] && [ -s "$bin/${samples[1]}" ]; }
 }
 
 # copy_crds: the CRD files and istiod's chart from the very module the
@@ -136,13 +139,26 @@ copy_crds() {
   mv -f "$bin/.$crds.tmp" "$bin/$crds"
   cp -f "$src/tests/integration/pilot/testdata/$gwcrds" "$bin/.$gwcrds.tmp"
   mv -f "$bin/.$gwcrds.tmp" "$bin/$gwcrds"
-  [ -s "$src/manifests/charts/istio-control/$chart/Chart.yaml" ] ||
-    die "no $chart chart in istio.io/istio $version at $src/manifests/charts/istio-control"
-  rm -rf "$bin/.$chart.copy"
-  cp -R "$src/manifests/charts/istio-control/$chart" "$bin/.$chart.copy"
-  chmod -R u+w "$bin/.$chart.copy"
-  rm -rf "$bin/$chart"
-  mv -f "$bin/.$chart.copy" "$bin/$chart"
+  copy_chart "$src/manifests/charts/istio-control/$chart" "$chart"
+  copy_chart "$src/manifests/charts/gateways/$ingress" "$ingress"
+  local f
+  for f in "${samples[@]}"; do
+    [ -s "$src/$f" ] || die "no $f in istio.io/istio $version at $src"
+    mkdir -p "$bin/$(dirname "$f")"
+    cp -f "$src/$f" "$bin/$f.tmp"
+    chmod u+w "$bin/$f.tmp"
+    mv -f "$bin/$f.tmp" "$bin/$f"
+  done
+}
+
+# copy_chart SRC NAME: the chart directory SRC as $bin/NAME, replaced whole.
+copy_chart() {
+  [ -s "$1/Chart.yaml" ] || die "no chart at $1 in istio.io/istio $version"
+  rm -rf "$bin/.$2.copy"
+  cp -R "$1" "$bin/.$2.copy"
+  chmod -R u+w "$bin/.$2.copy"
+  rm -rf "$bin/$2"
+  mv -f "$bin/.$2.copy" "$bin/$2"
 }
 
 # stale: the requested names that need building.

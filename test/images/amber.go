@@ -20,8 +20,10 @@ import (
 // Amber is amber's own image, as deploy/Dockerfile lays it out: a static
 // binary in /usr/local/bin for every command under cmd/ (amber-agent,
 // amber-cni, amber-ztunnel, amberctl, amber-waypoint once it exists),
-// amber-agent as entrypoint (the DaemonSet and the waypoint defaults set
-// each container's command), nothing else — no shell.
+// amber-waypoint as entrypoint (the DaemonSet and the waypoint defaults set
+// each container's command; Istio's gateway charts cannot, and run the
+// entrypoint with pilot-agent's `proxy router …`), nothing else — no
+// shell.
 var Amber = Image{Name: "amber", Ref: "localhost/amber/amber:test"}
 
 // AmberCommands returns the commands the image carries: the main packages
@@ -88,7 +90,7 @@ func BuildAmber(ctx context.Context, repoRoot, dir string) (Image, error) {
 	}
 	cf = cf.DeepCopy()
 	cf.OS, cf.Architecture = "linux", runtime.GOARCH
-	cf.Config.Entrypoint = []string{"/usr/local/bin/amber-agent"}
+	cf.Config.Entrypoint = []string{"/usr/local/bin/amber-waypoint"}
 	// Root with only the capabilities the DaemonSet grants (CAP_BPF,
 	// CAP_NET_ADMIN, CAP_PERFMON): the agent writes bpffs and host CNI
 	// directories.

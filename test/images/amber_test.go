@@ -16,8 +16,9 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
-// The archive is what `ctr images import`, the DaemonSet and the waypoint
-// defaults need: the tag, the entrypoint, and a runnable static binary for
+// The archive is what `ctr images import`, the DaemonSet, the waypoint
+// defaults and Istio's gateway charts (which set no command) need: the
+// tag, the entrypoint amber-waypoint, and a runnable static binary for
 // every command under cmd/ where the manifests' commands point.
 func TestBuildAmber(t *testing.T) {
 	if testing.Short() {
@@ -44,7 +45,7 @@ func TestBuildAmber(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := strings.Join(cf.Config.Entrypoint, " "); got != "/usr/local/bin/amber-agent" {
+	if got := strings.Join(cf.Config.Entrypoint, " "); got != "/usr/local/bin/amber-waypoint" {
 		t.Errorf("entrypoint %q", got)
 	}
 	files := map[string]bool{}

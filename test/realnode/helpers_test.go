@@ -164,6 +164,32 @@ func waitMeshed(t *testing.T, ctx context.Context, c *cluster.Cluster, ns string
 	}
 }
 
+// readyPod waits until a pod in ns matching selector is Ready and not
+// being deleted, and returns it; while it waits, the error shows the tail
+// of the log of deploy (a Deployment's name).
+func readyPod(t *testing.T, ctx context.Context, c *cluster.Cluster, ns, selector, deploy string) *corev1.Pod {
+	t.Helper()
+	var pod *corev1.Pod
+	waitFor(t, ctx, "a Ready pod "+selector+" in "+ns, func() error {
+		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
+		if err != nil {
+			return err
+		}
+		for i := range pods.Items {
+			p := &pods.Items[i]
+			for _, cond := range p.Status.Conditions {
+				if cond.Type == corev1.PodReady && cond.Status == corev1.ConditionTrue && p.DeletionTimestamp == nil {
+					pod = p
+					return nil
+				}
+			}
+		}
+		out, _ := c.Kubectl(ctx, "-n", ns, "logs", "deploy/"+deploy, "--tail=20")
+		return fmt.Errorf("not Ready; log tail:\n%s", out)
+	})
+	return pod
+}
+
 // deployBookinfo deploys Bookinfo (with the reviews-v1/v2/v3 Services),
 // sleep and notsleep in ns, enrols ns in the mesh and waits until every
 // pod is captured.

@@ -222,25 +222,7 @@ func waitDeployment(t *testing.T, ctx context.Context, c *cluster.Cluster, ns, n
 // certificate) and its process runs as 1337 on a read-only root, writing
 // only into the template's emptyDirs.
 func waypointPod(t *testing.T, ctx context.Context, c *cluster.Cluster, ns string) {
-	sel := metav1.ListOptions{LabelSelector: "gateway.networking.k8s.io/gateway-name=waypoint"}
-	var pod *corev1.Pod
-	waitFor(t, ctx, "the waypoint pod Ready", func() error {
-		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, sel)
-		if err != nil {
-			return err
-		}
-		for i := range pods.Items {
-			p := &pods.Items[i]
-			for _, cond := range p.Status.Conditions {
-				if cond.Type == corev1.PodReady && cond.Status == corev1.ConditionTrue && p.DeletionTimestamp == nil {
-					pod = p
-					return nil
-				}
-			}
-		}
-		out, _ := c.Kubectl(ctx, "-n", ns, "logs", "deploy/waypoint", "--tail=20")
-		return fmt.Errorf("not Ready; log tail:\n%s", out)
-	})
+	pod := readyPod(t, ctx, c, ns, "gateway.networking.k8s.io/gateway-name=waypoint", "waypoint")
 	pid, err := realnode.ProcessOf(realnode.WaypointCommand[0], string(pod.UID))
 	if err != nil {
 		t.Fatal(err)

@@ -1,14 +1,11 @@
 package realnode_test
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -396,25 +393,9 @@ func rolloutRestart(t *testing.T, ctx context.Context, c *cluster.Cluster, a *re
 	}
 }
 
-// roundTrip sends one HTTP/1.1 request on a kept-alive connection and
-// reads the full response.
-func roundTrip(conn net.Conn) error {
-	if _, err := io.WriteString(conn, "GET / HTTP/1.1\r\nHost: productpage\r\n\r\n"); err != nil {
-		return err
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
-		return err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("status %s", resp.Status)
-	}
-	return nil
-}
+// roundTrip sends one HTTP/1.1 GET / on a kept-alive connection to
+// productpage and reads the full response.
+func roundTrip(conn net.Conn) error { return getPage(conn, "productpage", "/") }
 
 func counters(t *testing.T) bpf.Counters {
 	t.Helper()

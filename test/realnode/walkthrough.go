@@ -36,6 +36,11 @@ type Walkthrough struct {
 	// Namespace is where the workloads go. Zero means "default", as in
 	// Istio's walkthrough.
 	Namespace string
+	// IstioFiles is the directory holding the pinned Istio's ingress
+	// samples (cluster.Istiod.BinDir). Set, RunIngress can run, RunL7
+	// counts the split through the ingress gateway too and its clean-up
+	// removes the sample's Gateway. Zero: no ingress steps.
+	IstioFiles string
 
 	n int
 }

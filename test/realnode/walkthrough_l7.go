@@ -50,7 +50,8 @@ var WaypointCommand = []string{"/usr/local/bin/amber-waypoint"}
 // istio_requests_total from the waypoint's 15020, a waypoint for reviews
 // alone with the 2022 form of the 90/10 split (VirtualService +
 // DestinationRule), then the current form (HTTPRoute) at the namespace's
-// waypoint, each counted over SplitRequests pages, and the
+// waypoint, each counted over SplitRequests pages (from sleep, and
+// through the ingress gateway too when IstioFiles is set), and the
 // walkthrough's clean-up. The first expectation that fails is returned;
 // the clean-up runs either way and its error is joined.
 func (w *Walkthrough) RunL7(ctx context.Context) (err error) {
@@ -188,7 +189,14 @@ func (w *Walkthrough) RunL7(ctx context.Context) (err error) {
 		}); err != nil {
 			return fmt.Errorf("%s not in effect: %w", form, err)
 		}
-		return w.countSplit(ctx, ns, url)
+		if err := w.countSplit(ctx, ns, url); err != nil {
+			return err
+		}
+		if w.IstioFiles == "" {
+			return nil
+		}
+		// The 2022 walkthrough counts through the ingress gateway.
+		return w.countSplit(ctx, ns, IngressURL)
 	}
 	unsplit := func(names ...string) error {
 		for _, n := range names {
@@ -322,6 +330,11 @@ func (w *Walkthrough) cleanupL7(ctx context.Context, ns string) error {
 		{"-n", ns, "delete", "--ignore-not-found", "authorizationpolicy/productpage-viewer"},
 	} {
 		if _, err := w.kubectl(ctx, args...); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if w.IstioFiles != "" {
+		if _, err := w.kubectl(ctx, "-n", ns, "delete", "--ignore-not-found", "-f", filepath.Join(w.IstioFiles, BookinfoGatewaySample)); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -8,7 +8,7 @@
 //	amber-bench waypoint   HTTP through amber-ztunnel + amber-waypoint vs a plain ReverseProxy, ztunnel only and direct
 //	amber-bench agent      the node agent against a real API server: label → capture latency, CPU and RSS under pod churn
 //	amber-bench realnode   on a real node (test/cluster): start and install times, capture under pod churn,
-//	                       a DaemonSet restart, the waypoint's footprint and added latency
+//	                       a DaemonSet restart, the waypoint's and the ingress gateway's footprint and added latency
 package main
 
 import (

@@ -41,6 +41,7 @@ var nodeStages = []nodeStage{
 	{"churn", "pods created in batches of 20: create → captured p50/p99; amber-agent and amber-ztunnel RSS and CPU while creating", churnStage},
 	{"rollout", "kubectl rollout restart of amber's DaemonSet → rolled out", rolloutStage},
 	{"waypoint", "sleep → productpage GET /health, without and with the namespace's waypoint (GET-only policy); the waypoint pod's RSS and CPU at each rate", waypointStage},
+	{"ingress", "sleep → istio-ingressgateway (Istio's chart, amber-waypoint) → productpage GET /api/v1/products, and sleep → productpage directly; the gateway pod's RSS and CPU at each rate", ingressStage},
 }
 
 // nodeBench is the state the stages share.
@@ -344,25 +345,32 @@ func waypointStage(b *nodeBench) error {
 	if err != nil {
 		return err
 	}
-	pids := []int{pid}
+	return b.meterProxy("waypoint", "waypoint", "through the waypoint", pid, url, host, without)
+}
+
+// meterProxy records the idle RSS of the proxy process pid, then GETs url
+// (Host host), which goes through it, at b.latRate and each of b.rates,
+// metering it, and what it adds to baseline (the same GETs without it at
+// b.latRate).
+func (b *nodeBench) meterProxy(stage, proxy, path string, pid int, url, host string, baseline rateResult) error {
 	rss, err := meshbed.RSS(pid)
 	if err != nil {
 		return err
 	}
-	b.record("waypoint", "waypoint pod idle", "RSS %.1f MiB", mib(rss))
+	b.record(stage, proxy+" pod idle", "RSS %.1f MiB", mib(rss))
 	var with rateResult
 	for _, rate := range uniq(append([]int{b.latRate}, b.rates...)) {
-		r, err := b.measureRate(b.sleep, url, host, rate, pids)
+		r, err := b.measureRate(b.sleep, url, host, rate, []int{pid})
 		if err != nil {
 			return err
 		}
-		b.record("waypoint", fmt.Sprintf("through the waypoint, %d GET/s", rate), "%s", r)
+		b.record(stage, fmt.Sprintf("%s, %d GET/s", path, rate), "%s", r)
 		if rate == b.latRate {
 			with = r
 		}
 	}
-	b.record("waypoint", fmt.Sprintf("added by the waypoint at %d GET/s", b.latRate), "p50 +%v, p99 +%v",
-		(with.p50 - without.p50).Round(10*time.Microsecond), (with.p99 - without.p99).Round(10*time.Microsecond))
+	b.record(stage, fmt.Sprintf("added by the %s at %d GET/s", proxy, b.latRate), "p50 +%v, p99 +%v",
+		(with.p50 - baseline.p50).Round(10*time.Microsecond), (with.p99 - baseline.p99).Round(10*time.Microsecond))
 	return nil
 }
 

@@ -4,9 +4,12 @@
 // Helm chart, then Istio's Bookinfo, sleep and notsleep, `kubectl label
 // namespace default istio.io/dataplane-mode=ambient`, mTLS between them,
 // an L4 AuthorizationPolicy, and a look at the node with amberctl and
-// bpftool (test/realnode.Walkthrough.Run); then the L7 half: `istioctl
+// bpftool (test/realnode.Walkthrough.Run); the ingress steps through
+// Istio's istio-ingressgateway, installed with Istio's own chart and
+// amber's image (Walkthrough.RunIngress); then the L7 half: `istioctl
 // waypoint apply` with istiod running amber-waypoint, the L7 policy,
-// istio_requests_total, reviews split 90/10 in both forms, clean-up
+// istio_requests_total, reviews split 90/10 in both forms (counted from
+// sleep and through the ingress gateway), clean-up
 // (Walkthrough.RunL7). It prints each step with the
 // command a user would type and what it showed, tears everything down,
 // and exits non-zero when an expectation fails.
@@ -58,6 +61,12 @@ func run(ctx context.Context, keep bool) (err error) {
 	if err != nil {
 		return err
 	}
+	// One node per machine: a test's or a benchmark's node goes first.
+	unlock, err := cluster.LockHost(func() { fmt.Println("another node runs on this machine; waiting for it") })
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	t0 := time.Now()
 	fmt.Println("━━ 0. A Kubernetes node on this machine, with istiod (first run: builds Kubernetes, istiod, CoreDNS, Helm; later runs: seconds)")
 	fmt.Println("   $ make cluster-up")
@@ -66,6 +75,7 @@ func run(ctx context.Context, keep bool) (err error) {
 		return err
 	}
 	var a *realnode.Amber
+	ingress := false
 	defer func() {
 		if keep {
 			fmt.Printf("\n   left running (-keep): export KUBECONFIG=%s; make cluster-down removes it all\n", c.Kubeconfig)
@@ -74,6 +84,12 @@ func run(ctx context.Context, keep bool) (err error) {
 		fmt.Println("\n━━ Tear down")
 		tctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
+		if ingress {
+			fmt.Printf("   $ helm uninstall %s -n %s\n", realnode.IngressRelease, realnode.Namespace)
+			if uerr := a.UninstallIngress(tctx); uerr != nil {
+				err = errors.Join(err, uerr)
+			}
+		}
 		if a != nil {
 			fmt.Printf("   $ helm uninstall %s -n %s\n", realnode.Release, realnode.Namespace)
 			if uerr := a.Uninstall(tctx); uerr != nil {
@@ -99,8 +115,22 @@ func run(ctx context.Context, keep bool) (err error) {
 		return err
 	}
 	fmt.Print(indent(string(out)))
-	w := &realnode.Walkthrough{Target: realnode.HostTarget(c), Out: os.Stdout}
+
+	fmt.Println("\n━━ Install Istio's ingress gateway (istio-ingressgateway) with Istio's own chart, amber's image in place of Envoy's")
+	chart, err := realnode.IngressChartDir(c)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("   $ helm %s\n", strings.Join(realnode.IngressHelmArgs(chart), " "))
+	ingress = true
+	if err := a.InstallIngress(ctx); err != nil {
+		return err
+	}
+	w := &realnode.Walkthrough{Target: realnode.HostTarget(c), Out: os.Stdout, IstioFiles: c.Istiod.BinDir}
 	if err := w.Run(ctx); err != nil {
+		return err
+	}
+	if err := w.RunIngress(ctx); err != nil {
 		return err
 	}
 	return w.RunL7(ctx)
