@@ -506,3 +506,26 @@ func Binaries(tb testing.TB) (dir string) {
 		Files:     []string{BinaryName, CRDFile, GatewayAPICRDFile, filepath.Join(ChartDir, "Chart.yaml")},
 	})
 }
+
+// DebugGet fetches path (/debug/syncz, /debug/configz, ...) from istiod's
+// plain HTTP endpoint httpAddr (Istiod.HTTPAddr) and fails on any status
+// but 200.
+func DebugGet(ctx context.Context, httpAddr, path string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+httpAddr+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("istiod %s: %s", path, resp.Status)
+	}
+	return body, nil
+}

@@ -6,9 +6,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"maps"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -368,7 +366,7 @@ spec:
       app: no-such-app
 `, fence, fenceNS))
 	testutil.EventuallyNil(t, "the fence policy in istiod's push context", func() error {
-		body, err := debugGet(ctx, d, "/debug/pushcontext")
+		body, err := istiod.DebugGet(ctx, d.HTTPAddr, "/debug/pushcontext")
 		if err != nil {
 			return err
 		}
@@ -418,7 +416,7 @@ func inStore(ctx context.Context, d *istiod.Istiod, want []objectRef, present bo
 	if len(want) == 0 {
 		return nil
 	}
-	body, err := debugGet(ctx, d, "/debug/configz")
+	body, err := istiod.DebugGet(ctx, d.HTTPAddr, "/debug/configz")
 	if err != nil {
 		return err
 	}
@@ -442,26 +440,6 @@ func inStore(ctx context.Context, d *istiod.Istiod, want []objectRef, present bo
 		}
 	}
 	return nil
-}
-
-func debugGet(ctx context.Context, d *istiod.Istiod, path string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+d.HTTPAddr+path, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("%s: %s", path, resp.Status)
-	}
-	return body, nil
 }
 
 // compareGolden compares files with the golden directory, or writes them

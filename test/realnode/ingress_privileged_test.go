@@ -269,20 +269,12 @@ type istiodProxy struct {
 
 // istiodSyncz returns the proxies connected to the node's istiod.
 func istiodSyncz(ctx context.Context, c *cluster.Cluster) ([]istiodProxy, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+c.Istiod.HTTPAddr+"/debug/syncz", nil)
+	body, err := istiod.DebugGet(ctx, c.Istiod.HTTPAddr, "/debug/syncz")
 	if err != nil {
 		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("istiod /debug/syncz: %s", resp.Status)
 	}
 	var v []istiodProxy
-	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+	if err := json.Unmarshal(body, &v); err != nil {
 		return nil, fmt.Errorf("istiod /debug/syncz: %w", err)
 	}
 	return v, nil
