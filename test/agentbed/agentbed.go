@@ -40,6 +40,7 @@ import (
 	"github.com/amber-mesh/amber/bpf/hostnet"
 	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/internal/testutil"
+	"github.com/amber-mesh/amber/test/cluster"
 	"github.com/amber-mesh/amber/test/kube"
 	"github.com/amber-mesh/amber/test/privileged"
 	"github.com/amber-mesh/amber/test/testbed"
@@ -111,7 +112,7 @@ func New(t testing.TB, opts Options) *Env {
 	if opts.AgentBin == "" || opts.CNIBin == "" {
 		t.Fatal("agentbed: Options.AgentBin and CNIBin are required")
 	}
-	root, err := repoRoot()
+	root, err := cluster.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,16 +161,6 @@ func New(t testing.TB, opts Options) *Env {
 	}
 	e.Proxy = px
 	return e
-}
-
-// repoRoot finds the amber module's root through the go command
-// (deploy/manifests holds the agent's RBAC).
-func repoRoot() (string, error) {
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/amber-mesh/amber").Output()
-	if err != nil {
-		return "", fmt.Errorf("find the amber module: %w", err)
-	}
-	return strings.TrimSpace(string(out)), nil
 }
 
 func (e *Env) socket() string { return filepath.Join(e.Dir, "cni.sock") }
