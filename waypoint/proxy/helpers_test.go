@@ -704,6 +704,24 @@ func (m *mesh) waitRefused(cause string, n float64) {
 	testutil.Eventually(m.t, "amber_waypoint_refused_total{cause="+cause+"}", func() bool { return m.refused(cause) >= n })
 }
 
+// waitSample waits for a series of name whose labels satisfy match and
+// returns it: an exchange records its telemetry and access-log line once
+// the response has gone out, so a client can read the response first.
+func (m *mesh) waitSample(name string, match func(labels map[string]string) bool) sample {
+	m.t.Helper()
+	var found sample
+	testutil.Eventually(m.t, "a matching "+name+" series", func() bool {
+		for _, s := range m.samples(name) {
+			if match(s.labels) {
+				found = s
+				return true
+			}
+		}
+		return false
+	})
+	return found
+}
+
 // logBuffer collects the JSON access log.
 type logBuffer struct {
 	mu  sync.Mutex

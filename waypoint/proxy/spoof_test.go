@@ -49,6 +49,7 @@ func TestSpoofedHeaders(t *testing.T) {
 	}
 	// Telemetry names sleep, from workload discovery and its certificate,
 	// not productpage from baggage or forwarded.
+	m.waitSample("istio_requests_total", func(map[string]string) bool { return true })
 	ok := m.samples("istio_requests_total")
 	if len(ok) != 1 || ok[0].labels["source_workload"] != "sleep" || ok[0].labels["source_principal"] != sleepID {
 		t.Errorf("series %v", ok)
@@ -62,6 +63,7 @@ func TestSpoofedHeaders(t *testing.T) {
 	if resp.StatusCode != 403 {
 		t.Errorf("notsleep with sleep's address: %d, want 403", resp.StatusCode)
 	}
+	m.waitSample("istio_requests_total", func(l map[string]string) bool { return l["source_principal"] == notSleepID })
 	for _, s := range m.samples("istio_requests_total") {
 		if s.labels["source_principal"] == notSleepID && s.labels["source_workload"] != "unknown" {
 			t.Errorf("notsleep reported as workload %q", s.labels["source_workload"])

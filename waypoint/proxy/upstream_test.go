@@ -37,6 +37,10 @@ func (m *mesh) checkReply(t *testing.T, resp *http.Response, body string, status
 	if wantBody != "" && resp.Header.Get("Content-Type") != "text/plain" {
 		t.Errorf("content-type %q", resp.Header.Get("Content-Type"))
 	}
+	// Telemetry and the access log follow the response (waitSample).
+	m.waitSample("istio_requests_total", func(l map[string]string) bool {
+		return l["response_code"] == strconv.Itoa(status) && l["response_flags"] == flags
+	})
 	if lines := m.logs.lines(map[string]any{"status": status, "flags": flags}); len(lines) == 0 {
 		t.Errorf("no access-log line with status %d flags %s:\n%s", status, flags, m.logs.buf.String())
 	}
@@ -44,16 +48,6 @@ func (m *mesh) checkReply(t *testing.T, resp *http.Response, body string, status
 		if n := m.refused(cause); n < 1 {
 			t.Errorf("amber_waypoint_refused_total{cause=%q} = %v", cause, n)
 		}
-	}
-	want := map[string]string{"response_code": strconv.Itoa(status), "response_flags": flags}
-	found := false
-	for _, s := range m.samples("istio_requests_total") {
-		if s.labels["response_code"] == want["response_code"] && s.labels["response_flags"] == flags {
-			found = true
-		}
-	}
-	if !found {
-		t.Errorf("no istio_requests_total series with %v", want)
 	}
 }
 
@@ -284,15 +278,9 @@ func TestHTTP2LocalReply(t *testing.T) {
 	if resp.StatusCode != 200 || resp.Header.Get("Grpc-Status") != "7" || resp.Header.Get("Grpc-Message") != "RBAC:%20access%20denied" {
 		t.Errorf("gRPC denial: %d %v", resp.StatusCode, resp.Header)
 	}
-	found := false
-	for _, s := range m.samples("istio_requests_total") {
-		if s.labels["request_protocol"] == "grpc" && s.labels["grpc_response_status"] == "7" && s.labels["response_code"] == "200" {
-			found = true
-		}
-	}
-	if !found {
-		t.Errorf("no grpc series with grpc_response_status 7: %v", m.samples("istio_requests_total"))
-	}
+	m.waitSample("istio_requests_total", func(l map[string]string) bool {
+		return l["request_protocol"] == "grpc" && l["grpc_response_status"] == "7" && l["response_code"] == "200"
+	})
 }
 
 // TestMeshWideDestinationRule: the mesh-wide rule's
