@@ -164,7 +164,7 @@ func (c *clientConn) connect(ctx context.Context, fields []hpack.HeaderField, si
 	if s.status != http.StatusOK {
 		c.stats.StreamsRejected.Add(1)
 		_ = s.Close()
-		return nil, &StatusError{Code: s.status}
+		return nil, &StatusError{Code: int(s.status)}
 	}
 	c.stats.StreamsOpened.Add(1)
 	// The response is in and its channel closed: an idle tunnel keeps its
@@ -237,7 +237,7 @@ func (c *clientConn) onResponse(hb *headerBlock) error {
 		return nil // informational: the final response follows
 	}
 	s.responded = true
-	s.status = status
+	s.status = int32(status)
 	c.mu.Unlock()
 	s.deliverResponse(nil)
 	if hb.endStream {

@@ -319,8 +319,6 @@ func (c *conn) newStreamLocked(id uint32) *Stream {
 		c:           c,
 		id:          id,
 		streamState: streamState{sendWin: c.peerInitWin, recvWin: int64(c.cfg.StreamWindow), inMap: true},
-		wsig:        make(chan struct{}, 1),
-		rsig:        make(chan struct{}, 1),
 	}
 	c.streams[id] = s
 	return s

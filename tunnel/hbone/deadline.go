@@ -2,6 +2,7 @@ package hbone
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -45,9 +46,17 @@ func (d *deadline) set(t time.Time) {
 	d.timer = time.AfterFunc(dur, func() { close(done) })
 }
 
+// deadlines are a stream's read and write deadlines, made by the first
+// Set*Deadline: most streams never set one, and an idle tunnel keeps its
+// Stream.
+type deadlines struct{ r, w deadline }
+
 // wait returns a channel closed once the deadline passes, or nil (never
-// ready in a select) when none is set.
+// ready in a select) when none is set. d may be nil: no deadline.
 func (d *deadline) wait() <-chan struct{} {
+	if d == nil {
+		return nil
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.at.IsZero() {
@@ -56,8 +65,12 @@ func (d *deadline) wait() <-chan struct{} {
 	return d.done
 }
 
-// expired reports whether a set deadline has passed.
+// expired reports whether a set deadline has passed. d may be nil: no
+// deadline.
 func (d *deadline) expired() bool {
+	if d == nil {
+		return false
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return !d.at.IsZero() && closed(d.done)
@@ -69,5 +82,35 @@ func closed(ch chan struct{}) bool {
 		return true
 	default:
 		return false
+	}
+}
+
+// signal wakes a stream's waiter: a Read, Write or Forward waiting for the
+// other side or the peer. Its channel is made by the first wait, so a
+// stream nobody waited on carries none. A waiter takes the channel
+// (wait) before it checks what it waits for; a notifier changes that
+// first and notifies after, so either the waiter sees the change or the
+// notifier sees the channel.
+type signal struct{ ch atomic.Pointer[chan struct{}] }
+
+// wait returns the channel a notify sends on, making it if need be.
+func (g *signal) wait() <-chan struct{} {
+	if p := g.ch.Load(); p != nil {
+		return *p
+	}
+	ch := make(chan struct{}, 1)
+	if g.ch.CompareAndSwap(nil, &ch) {
+		return ch
+	}
+	return *g.ch.Load()
+}
+
+// notify wakes the waiter, if any; a wake-up nobody took yet is kept.
+func (g *signal) notify() {
+	if p := g.ch.Load(); p != nil {
+		select {
+		case *p <- struct{}{}:
+		default:
+		}
 	}
 }

@@ -65,7 +65,7 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 		}
 		return c.resetLocked(s, http2.ErrCodeFlowControl)
 	}
-	notify(s.wsig)
+	s.wsig.notify()
 	return nil
 }
 
@@ -81,7 +81,7 @@ func (c *conn) peerInitialWindowLocked(v uint32) error {
 			return connError{http2.ErrCodeFlowControl, "INITIAL_WINDOW_SIZE overflows a stream window"}
 		}
 		if delta > 0 {
-			notify(st.wsig)
+			st.wsig.notify()
 		}
 	}
 	return nil
@@ -174,10 +174,10 @@ func (s *Stream) awaitSendLocked(want int) (int, error) {
 			s.waiting = true
 			c.blocked = append(c.blocked, s)
 		}
-		dl := s.wdl.wait()
+		sig, dl := s.wsig.wait(), s.wdl().wait()
 		c.mu.Unlock()
 		select {
-		case <-s.wsig:
+		case <-sig:
 		case <-dl:
 		}
 		c.mu.Lock()

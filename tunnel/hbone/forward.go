@@ -48,13 +48,13 @@ type forwarder struct {
 // do: data to write, an end to report, or a delivery to wait for.
 func (s *Stream) forwardReadyLocked() bool {
 	return s.closedR || s.hasDataLocked() || s.sinkErr != nil || s.rerr != nil ||
-		s.sinking || s.rdl.expired()
+		s.sinking || s.rdl().expired()
 }
 
 // wakeRead tells the receive side's consumer that its state changed: a
 // waiting Read or WriteTo, or an idle Forward, which gets a goroutine.
 func (s *Stream) wakeRead() {
-	notify(s.rsig)
+	s.rsig.notify()
 	s.rmu.Lock()
 	start := s.fwdIdle
 	if start {
@@ -82,8 +82,9 @@ func (s *Stream) forward() {
 		case s.sinking:
 			// Woken during a delivery (by a reset or Close): let it
 			// finish, so bytes reach w in order and never after done.
+			sig := s.rsig.wait()
 			s.rmu.Unlock()
-			<-s.rsig
+			<-sig
 			continue
 		case s.sinkErr != nil:
 			err = s.sinkErr
@@ -101,7 +102,7 @@ func (s *Stream) forward() {
 			if s.rerr != io.EOF {
 				err = s.rerr
 			}
-		case s.rdl.expired():
+		case s.rdl().expired():
 			err = os.ErrDeadlineExceeded
 		default:
 			s.fwdIdle = true

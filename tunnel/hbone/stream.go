@@ -39,18 +39,17 @@ type Stream struct {
 	id       uint32
 	closed   atomic.Bool
 	detached atomic.Bool // server side: the stream outlives the handler (Detach)
-	released bool        // server side: Release ended the handler's part; its goroutine only
+	status   int32       // client: final response status; guarded by c.mu
 
 	streamState // guarded by c.mu
 	recvState   // guarded by rmu
 
-	wsig chan struct{} // write side may proceed: window, batch room or state
-	rsig chan struct{} // receive side changed
+	wsig signal // write side may proceed: window, batch room or state
+	rsig signal // receive side changed
 
 	readMu  sync.Mutex // one Read, WriteTo or Forward at a time
 	writeMu sync.Mutex // one Write, ReadFrom or CloseWrite at a time: keeps DATA in order
-	rdl     deadline
-	wdl     deadline
+	dls     atomic.Pointer[deadlines]
 
 	// Server side: the handler's context, until the handler returned
 	// (cancel is guarded by rmu).
@@ -69,8 +68,8 @@ type streamState struct {
 	reset     bool // RST_STREAM sent or received, or closed
 	responded bool // server: response sent; client: final response received
 	waiting   bool // in c.blocked
+	released  bool // server side: Release ended the handler's part; the handler's goroutine only, not c.mu
 	resetErr  error
-	status    int // client: final response status
 
 	inBatch int64 // DATA payload queued or being written
 	unsent  int64 // accepted, then never written or dropped by the peer's reset (Unsent)
@@ -123,14 +122,43 @@ func (s *Stream) SetDeadline(t time.Time) error {
 }
 
 func (s *Stream) SetReadDeadline(t time.Time) error {
-	s.rdl.set(t)
-	s.wakeRead()
+	if d := s.deadlines(!t.IsZero()); d != nil {
+		d.r.set(t)
+		s.wakeRead()
+	}
 	return nil
 }
 
 func (s *Stream) SetWriteDeadline(t time.Time) error {
-	s.wdl.set(t)
-	notify(s.wsig)
+	if d := s.deadlines(!t.IsZero()); d != nil {
+		d.w.set(t)
+		s.wsig.notify()
+	}
+	return nil
+}
+
+// deadlines returns s's deadlines, made first when create is set; nil
+// when none were ever set.
+func (s *Stream) deadlines(create bool) *deadlines {
+	if d := s.dls.Load(); d != nil || !create {
+		return d
+	}
+	s.dls.CompareAndSwap(nil, new(deadlines))
+	return s.dls.Load()
+}
+
+// rdl and wdl are s's read and write deadlines, nil when none was set.
+func (s *Stream) rdl() *deadline {
+	if d := s.dls.Load(); d != nil {
+		return &d.r
+	}
+	return nil
+}
+
+func (s *Stream) wdl() *deadline {
+	if d := s.dls.Load(); d != nil {
+		return &d.w
+	}
 	return nil
 }
 
@@ -147,7 +175,7 @@ func (s *Stream) writeErrLocked() error {
 		return s.resetErr
 	case s.sendEnded:
 		return ErrWriteAfterCloseWrite
-	case s.wdl.expired():
+	case s.wdl().expired():
 		return os.ErrDeadlineExceeded
 	}
 	return nil
@@ -195,7 +223,7 @@ func (s *Stream) Close() error {
 		c.removeLocked(s)
 	}
 	c.mu.Unlock()
-	notify(s.wsig)
+	s.wsig.notify()
 
 	s.rmu.Lock()
 	s.closedR = true
@@ -203,8 +231,10 @@ func (s *Stream) Close() error {
 	s.rmu.Unlock()
 	s.wakeRead()
 	c.creditConn(dropped)
-	s.rdl.set(time.Time{})
-	s.wdl.set(time.Time{})
+	if d := s.deadlines(false); d != nil {
+		d.r.set(time.Time{})
+		d.w.set(time.Time{})
+	}
 	return nil
 }
 
@@ -273,7 +303,7 @@ func (s *Stream) abort(err error) int64 {
 	cancel := s.cancel // cleared by handlerDone, under rmu
 	s.rmu.Unlock()
 	s.wakeRead()
-	notify(s.wsig)
+	s.wsig.notify()
 	if cancel != nil {
 		cancel()
 	}

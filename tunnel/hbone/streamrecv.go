@@ -51,13 +51,13 @@ func (s *Stream) waitDataLocked() error {
 			return s.sinkErr
 		case s.rerr != nil:
 			return s.rerr
-		case s.rdl.expired():
+		case s.rdl().expired():
 			return os.ErrDeadlineExceeded
 		}
-		dl := s.rdl.wait()
+		sig, dl := s.rsig.wait(), s.rdl().wait()
 		s.rmu.Unlock()
 		select {
-		case <-s.rsig:
+		case <-sig:
 		case <-dl:
 		}
 		s.rmu.Lock()
@@ -122,8 +122,9 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 			// Only an error can end the wait during a delivery, which
 			// starts with nothing buffered. Let it finish: bytes reach w
 			// in order, and never after WriteTo returned.
+			sig := s.rsig.wait()
 			s.rmu.Unlock()
-			<-s.rsig
+			<-sig
 			s.rmu.Lock()
 		}
 		total += s.sinkN

@@ -51,13 +51,6 @@ func (c *conn) signalWriter() {
 	}
 }
 
-func notify(ch chan struct{}) {
-	select {
-	case ch <- struct{}{}:
-	default:
-	}
-}
-
 // writeLoop hands queued frames to the TLS connection, a batch at a time,
 // until the connection closes. Streams write their own frames while the
 // connection is idle (flushLocked); this goroutine takes over when frames
@@ -277,7 +270,7 @@ func (c *conn) flushLocked() error {
 func (c *conn) wakeBlockedLocked() {
 	for i, s := range c.blocked {
 		s.waiting = false
-		notify(s.wsig)
+		s.wsig.notify()
 		c.blocked[i] = nil
 	}
 	c.blocked = c.blocked[:0]
