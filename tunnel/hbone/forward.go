@@ -16,12 +16,13 @@ import (
 // stack, which is most of what a Go proxy holds per idle connection
 // (ARCHITECTURE.md, "Idle connections hold no goroutine").
 //
-// done is called once, on a goroutine of its own, when the copy ends: with
-// the bytes written and nil when the peer ended its side (io.EOF), or the
+// done is told once, on a goroutine of its own, when the copy ends: the
+// bytes written and nil when the peer ended its side (io.EOF), or the
 // error that stopped it. Until then the stream must not be read. Read
 // deadlines are observed only when they are set or data arrives; Close
-// stops an idle copy.
-func Forward(s *Stream, w io.Writer, done func(n int64, err error)) {
+// stops an idle copy. done is an interface, not a func, so that a relay
+// passes its direction itself rather than a closure per connection.
+func Forward(s *Stream, w io.Writer, done ForwardDone) {
 	s.readMu.Lock() // released by finishForward
 	s.rmu.Lock()
 	s.fwd = &forwarder{w: w, sink: nonblock.Raw(w), done: done}
@@ -36,11 +37,16 @@ func Forward(s *Stream, w io.Writer, done func(n int64, err error)) {
 	}
 }
 
+// ForwardDone is told how a Forward ended.
+type ForwardDone interface {
+	ForwardDone(n int64, err error)
+}
+
 // forwarder is the state of a Forward call.
 type forwarder struct {
 	w     io.Writer
 	sink  nonblock.RawConn // w for direct delivery, or nil
-	done  func(int64, error)
+	done  ForwardDone
 	total int64 // bytes written so far; guarded by the running goroutine
 }
 
@@ -121,5 +127,5 @@ func (s *Stream) finishForward(f *forwarder, err error) {
 	s.fwd = nil
 	s.rmu.Unlock()
 	s.readMu.Unlock()
-	f.done(f.total, err)
+	f.done.ForwardDone(f.total, err)
 }

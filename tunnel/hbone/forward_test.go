@@ -51,15 +51,20 @@ func startForwarder(t *testing.T) (tp *testPool, conns chan net.Conn, results ch
 		if !hbone.Detach(s) {
 			t.Error("Detach refused a server stream")
 		}
-		hbone.Forward(s, up, func(n int64, err error) {
+		hbone.Forward(s, up, forwardFunc(func(n int64, err error) {
 			up.(*net.TCPConn).CloseWrite()
 			results <- forwardResult{n, err}
-		})
+		}))
 		conns <- peer
 		streams <- s
 	}))
 	return newPool(t, ts), conns, results, streams
 }
+
+// forwardFunc adapts a function to hbone.ForwardDone.
+type forwardFunc func(int64, error)
+
+func (f forwardFunc) ForwardDone(n int64, err error) { f(n, err) }
 
 // TestForward: data and the half-close reach the socket, and while the
 // stream idles neither its handler nor the copy holds a goroutine.

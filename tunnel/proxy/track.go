@@ -57,7 +57,7 @@ func (p *Proxy) relay(r *record, t *tracked, run bool) {
 	if t.inbound {
 		p.recheckTracked(t)
 	}
-	done := func(res relay.Result) { p.relayEnd(r, t, mc, res) }
+	done := relay.DoneFunc(func(res relay.Result) { p.relayEnd(r, t, mc, res) })
 	if run {
 		t.pair.Run(p.parker, done)
 		return

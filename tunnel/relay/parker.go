@@ -93,18 +93,18 @@ func (pk *Parker) Close() error {
 
 // arm waits (once) for u's socket to become readable. u.mu is held.
 func (pk *Parker) arm(u *pump) error {
-	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(u.fd)}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: u.fd}
 	pk.mu.Lock()
 	defer pk.mu.Unlock()
 	op := unix.EPOLL_CTL_MOD
 	if !u.registered {
 		op = unix.EPOLL_CTL_ADD
 	}
-	if err := unix.EpollCtl(pk.epfd, op, u.fd, &ev); err != nil {
+	if err := unix.EpollCtl(pk.epfd, op, int(u.fd), &ev); err != nil {
 		return err
 	}
 	u.registered = true
-	pk.parked[int32(u.fd)] = u
+	pk.parked[u.fd] = u
 	return nil
 }
 
@@ -115,29 +115,23 @@ func (pk *Parker) disarm(u *pump) {
 		return
 	}
 	pk.mu.Lock()
-	if pk.parked[int32(u.fd)] == u {
-		delete(pk.parked, int32(u.fd))
+	if pk.parked[u.fd] == u {
+		delete(pk.parked, u.fd)
 	}
-	_ = unix.EpollCtl(pk.epfd, unix.EPOLL_CTL_DEL, u.fd, nil)
+	_ = unix.EpollCtl(pk.epfd, unix.EPOLL_CTL_DEL, int(u.fd), nil)
 	pk.mu.Unlock()
 	u.registered = false
 }
 
 // pump copies a socket into an HBONE stream without keeping a goroutine
 // while the socket is idle: when nothing arrived for idleAfter it parks
-// with the Parker and its goroutine ends; readiness starts a new one.
+// with the Parker and its goroutine ends; readiness starts a new one. It
+// is a part of its Pair (Pair.pump), and copies the direction h.
 type pump struct {
-	src  Conn
-	raw  syscall.RawConn
-	dst  Conn
-	rf   io.ReaderFrom // dst
-	fd   int
-	pk   *Parker
-	n    int64 // bytes copied; owned by the running goroutine
-	done func(int64, error)
-	// touch, when set, is told of every read that brought bytes (the
-	// relay's idle timeout).
-	touch func()
+	h   *half // the direction it copies; nil while the Pair has none
+	raw syscall.RawConn
+	pk  *Parker
+	fd  int32
 
 	mu         sync.Mutex // guards the fields below
 	parked     bool       // waiting with the Parker, no goroutine running
@@ -145,36 +139,39 @@ type pump struct {
 	registered bool       // fd is in the Parker's epoll set
 }
 
-// newPump returns a pump for src → dst, or nil when src is not a socket
-// it can wait for without a goroutine.
-func newPump(pk *Parker, dst, src Conn, done func(int64, error)) *pump {
-	rf, ok := dst.(io.ReaderFrom)
-	sc, ok2 := src.(syscall.Conn)
-	if pk == nil || !ok || !ok2 {
-		return nil
+// init prepares u to copy h (whose destination takes ReadFrom), and
+// reports whether it can: h's source must be a socket it can wait for
+// without a goroutine. u.pk is set.
+func (u *pump) init(h *half) bool {
+	_, ok := h.dst().(io.ReaderFrom)
+	sc, ok2 := h.src().(syscall.Conn)
+	if u.pk == nil || !ok || !ok2 {
+		return false
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
-		return nil
+		return false
 	}
-	u := &pump{src: src, raw: raw, dst: dst, rf: rf, pk: pk, done: done, fd: -1}
-	_ = raw.Control(func(fd uintptr) { u.fd = int(fd) })
-	if u.fd < 0 {
-		return nil
+	fd := -1
+	_ = raw.Control(func(f uintptr) { fd = int(f) })
+	if fd < 0 {
+		return false
 	}
-	return u
+	u.raw, u.fd = raw, int32(fd)
+	return true
 }
 
 // run copies until the source has nothing to read for idleAfter, then
 // parks; or until EOF or an error, which end the copy.
 func (u *pump) run() {
+	rf := u.h.dst().(io.ReaderFrom)
 	for {
 		var src io.Reader = nonblock.Reader{Raw: u.raw}
-		if u.touch != nil {
-			src = touchReader{r: src, touch: u.touch}
+		if it := u.h.p.idleTimer; it != nil {
+			src = touchReader{r: src, touch: it}
 		}
-		n, err := u.rf.ReadFrom(src)
-		u.n += n
+		n, err := rf.ReadFrom(src)
+		u.h.n += n
 		if !errors.Is(err, nonblock.ErrWouldBlock) {
 			u.finish(err)
 			return
@@ -192,9 +189,10 @@ func (u *pump) run() {
 // error (which the next read reports). A wake-up is not checked: the
 // read that follows does, and a read that finds nothing comes back here.
 func (u *pump) waitReadable() bool {
-	_ = u.src.SetReadDeadline(time.Now().Add(idleAfter))
+	src := u.h.src()
+	_ = src.SetReadDeadline(time.Now().Add(idleAfter))
 	err := nonblock.WaitReadableOrWoken(u.raw)
-	_ = u.src.SetReadDeadline(time.Time{})
+	_ = src.SetReadDeadline(time.Time{})
 	return !errors.Is(err, os.ErrDeadlineExceeded)
 }
 
@@ -241,20 +239,20 @@ func (u *pump) finish(err error) {
 	u.pk.disarm(u)
 	u.mu.Unlock()
 	if err == nil {
-		err = u.dst.CloseWrite() // passes the half-close on, as proxyCopy
+		err = u.h.dst().CloseWrite() // passes the half-close on, as proxyCopy
 	}
-	u.done(u.n, err)
+	u.h.end(err)
 }
 
 type touchReader struct {
 	r     io.Reader
-	touch func()
+	touch *IdleTimer
 }
 
 func (t touchReader) Read(b []byte) (int, error) {
 	n, err := t.r.Read(b)
 	if n > 0 {
-		t.touch()
+		t.touch.Touch()
 	}
 	return n, err
 }

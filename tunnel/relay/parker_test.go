@@ -22,27 +22,28 @@ func mustParker(t *testing.T) *Parker {
 	return pk
 }
 
-type pumpResult struct {
-	n   int64
-	err error
-}
-
 // startPump copies client → peer through a pump: client writes into src,
-// the pump copies src into dst, peer reads dst's other end.
-func startPump(t *testing.T, pk *Parker) (client, peer *net.TCPConn, u *pump, results chan pumpResult) {
+// the pump copies src into dst, peer reads dst's other end. It is the
+// pump of a Pair of src and dst whose other direction never runs.
+func startPump(t *testing.T, pk *Parker) (client, peer *net.TCPConn, p *Pair, results chan Result) {
 	client, src := tcptest.Pair(t)
 	dst, peer := tcptest.Pair(t)
-	results = make(chan pumpResult, 1)
-	u = newPump(pk, dst, src, func(n int64, err error) { results <- pumpResult{n, err} })
-	if u == nil {
+	results = make(chan Result, 1)
+	p = NewPair(src, dst)
+	p.done = DoneFunc(func(r Result) { results <- r })
+	p.left.Store(1)
+	p.pump.pk = pk
+	if !p.pump.init(&p.ab) {
 		t.Fatal("no pump for a TCP connection")
 	}
-	go u.run()
-	return client, peer, u, results
+	p.setPump(&p.ab)
+	go p.pump.run()
+	return client, peer, p, results
 }
 
 // waitParked waits until the pump gave its goroutine back.
-func waitParked(t *testing.T, u *pump, base int) {
+func waitParked(t *testing.T, p *Pair, base int) {
+	u := &p.pump
 	t.Helper()
 	testutil.Eventually(t, fmt.Sprintf("the pump parked, at most %d goroutines", base), func() bool {
 		u.mu.Lock()
@@ -57,17 +58,17 @@ func waitParked(t *testing.T, u *pump, base int) {
 func TestPumpParks(t *testing.T) {
 	pk := mustParker(t)
 	base := runtime.NumGoroutine()
-	client, peer, u, results := startPump(t, pk)
+	client, peer, p, results := startPump(t, pk)
 	roundTrip(t, client, peer, "first")
-	waitParked(t, u, base)
+	waitParked(t, p, base)
 	roundTrip(t, client, peer, "second")
-	waitParked(t, u, base)
+	waitParked(t, p, base)
 	client.CloseWrite()
 	if rest, err := io.ReadAll(peer); err != nil || len(rest) != 0 {
 		t.Fatalf("after the client's half-close read %q, %v; want EOF", rest, err)
 	}
-	if r := <-results; r.err != nil || r.n != 11 {
-		t.Fatalf("pump ended with %d, %v; want 11, nil", r.n, r.err)
+	if r := <-results; r.Err != nil || r.AToB != 11 || p.Err() != nil {
+		t.Fatalf("pump ended with %d, %v (%v); want 11, nil", r.AToB, r.Err, p.Err())
 	}
 }
 
@@ -76,15 +77,16 @@ func TestPumpParks(t *testing.T) {
 func TestPumpStop(t *testing.T) {
 	pk := mustParker(t)
 	base := runtime.NumGoroutine()
-	client, peer, u, results := startPump(t, pk)
+	client, peer, p, results := startPump(t, pk)
 	roundTrip(t, client, peer, "x")
-	waitParked(t, u, base)
+	waitParked(t, p, base)
+	u := &p.pump
 	u.stop()
-	u.src.Close()
+	p.a.Close()
 	select {
 	case r := <-results:
-		if r.err == nil {
-			t.Fatalf("stopped pump ended without an error after %d bytes", r.n)
+		if p.Err() == nil {
+			t.Fatalf("stopped pump ended without an error after %d bytes", r.AToB)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("stopped pump did not end")

@@ -50,31 +50,83 @@ type Result struct {
 	Err error
 }
 
+// Done is told how a relay ended.
+type Done interface {
+	RelayDone(Result)
+}
+
+// DoneFunc adapts a function to Done.
+type DoneFunc func(Result)
+
+func (f DoneFunc) RelayDone(r Result) { f(r) }
+
 // Pair is two connections relayed into each other. Create it with
 // NewPair, then Start it; Close may be called before, during and after.
+//
+// An idle relay holds nothing but its Pair (and its connections): each
+// direction's state, including the pump of the one that can park, is a
+// part of it, and each direction reports to the Pair itself, so setting
+// them up allocates no closure.
 type Pair struct {
-	a, b       Conn
-	aBuf, bBuf []byte // read ahead from a and b (Replay): relayed first
-	done       func(Result)
-	left       atomic.Int32 // directions still running
-	res        Result       // each count written by its direction; read once both ended
+	a, b      Conn
+	ahead     *[2][]byte // read ahead from a and b (Replay), relayed first; nil when neither was
+	done      Done
+	ab, ba    half       // a to b, b to a
+	idleTimer *IdleTimer // SetIdleTimeout's; nil without
 
-	// The idle timeout (SetIdleTimeout) and its timer, set by Start.
-	idle      time.Duration
-	idleTimer *IdleTimer
-
-	mu     sync.Mutex // guards the fields below
-	err    error      // the first error: Close's or a direction's
+	// The fields are in the order that leaves no padding: the Pair is
+	// 176 bytes, a size class of Go's allocator.
+	err    error      // the first error: Close's or a direction's; guarded by mu
+	mu     sync.Mutex // guards err, closed and pump.h
 	closed bool
-	pump   *pump // the direction that can park, once started
+	left   atomic.Int32 // directions still running
+	pump   pump         // the direction that can park, once it has one (pump.h set)
+}
+
+// half is a direction of a Pair: its source copied into its destination.
+type half struct {
+	p *Pair
+	n int64 // bytes written to the destination; read once both directions ended
+}
+
+func (h *half) aToB() bool { return h == &h.p.ab }
+
+func (h *half) src() Conn {
+	if h.aToB() {
+		return h.p.a
+	}
+	return h.p.b
+}
+
+func (h *half) dst() Conn {
+	if h.aToB() {
+		return h.p.b
+	}
+	return h.p.a
+}
+
+// readAhead is what was read ahead from the source, to be relayed first.
+func (h *half) readAhead() []byte {
+	if h.p.ahead == nil {
+		return nil
+	}
+	if h.aToB() {
+		return h.p.ahead[0]
+	}
+	return h.p.ahead[1]
 }
 
 // NewPair returns the relay of a and b, not yet started. A connection
 // from Replay has its bytes read ahead relayed first.
 func NewPair(a, b Conn) *Pair {
 	p := &Pair{}
-	p.a, p.aBuf = unreplay(a)
-	p.b, p.bBuf = unreplay(b)
+	p.ab.p, p.ba.p = p, p
+	var aBuf, bBuf []byte
+	p.a, aBuf = unreplay(a)
+	p.b, bBuf = unreplay(b)
+	if aBuf != nil || bBuf != nil {
+		p.ahead = &[2][]byte{aBuf, bBuf}
+	}
 	return p
 }
 
@@ -85,7 +137,10 @@ func NewPair(a, b Conn) *Pair {
 // direction out of an HBONE stream its direct delivery to a socket, and a
 // socket-to-socket direction its splice, so only relays that need it ask.
 func (p *Pair) SetIdleTimeout(d time.Duration) {
-	p.idle = d
+	p.idleTimer = nil
+	if d > 0 {
+		p.idleTimer = NewIdleTimer(d, func() { p.Close(ErrIdleTimeout) })
+	}
 }
 
 // Start relays a and b in both directions and returns at once. A
@@ -93,9 +148,9 @@ func (p *Pair) SetIdleTimeout(d time.Duration) {
 // into an HBONE stream parks with pk when it idles, or runs on a
 // goroutine of its own when pk is nil; the others run on a goroutine of
 // their own. When both directions ended, a and b are closed and done is
-// called once, on the goroutine of the direction that ended last.
-func (p *Pair) Start(pk *Parker, done func(Result)) {
-	p.start(pk, done, nil)
+// told once, on the goroutine of the direction that ended last.
+func (p *Pair) Start(pk *Parker, done Done) {
+	p.start(pk, done, false)
 }
 
 // Run is Start, except that a direction that would run on a goroutine of
@@ -105,98 +160,99 @@ func (p *Pair) Start(pk *Parker, done func(Result)) {
 // relay (an accept handler) thus becomes a direction's copier rather than
 // starting one and exiting: one goroutine start fewer per connection, and
 // with it often a thread woken to run it.
-func (p *Pair) Run(pk *Parker, done func(Result)) {
-	var run func()
-	p.start(pk, done, &run)
-	if run != nil {
-		run()
+func (p *Pair) Run(pk *Parker, done Done) {
+	if h := p.start(pk, done, true); h != nil {
+		h.run()
 	}
 }
 
 // start starts both directions; with inline set, the first one that needs
-// a goroutine of its own is left in *inline for the caller to run.
-func (p *Pair) start(pk *Parker, done func(Result), inline *func()) {
+// a goroutine of its own is returned for the caller to run instead.
+func (p *Pair) start(pk *Parker, done Done, inline bool) *half {
 	p.done = done
+	p.pump.pk = pk
 	p.left.Store(2)
-	if p.idle > 0 {
-		p.idleTimer = NewIdleTimer(p.idle, func() { p.Close(ErrIdleTimeout) })
-		p.idleTimer.Start()
-	}
+	p.idleTimer.Start()
 	// The direction into an HBONE stream (from a socket) is the one that
 	// parks: offer it the caller's goroutine first.
-	first, second := p.direction(pk, p.b, p.a, p.aBuf, &p.res.AToB), p.direction(pk, p.a, p.b, p.bBuf, &p.res.BToA)
+	first, second := &p.ab, &p.ba
 	if _, ok := p.a.(*hbone.Stream); ok {
 		first, second = second, first
 	}
-	for _, d := range []direction{first, second} {
-		if d.run == nil {
+	// A direction with bytes read ahead writes them on a goroutine of
+	// its own (dst may not take them at once), and is set up after.
+	runFirst := len(first.readAhead()) > 0 || first.setup()
+	runSecond := len(second.readAhead()) > 0 || second.setup()
+	var mine *half
+	for _, h := range [2]*half{first, second} {
+		if h == first && !runFirst || h == second && !runSecond {
 			continue
 		}
-		if inline != nil && *inline == nil {
-			*inline = d.run
+		if inline && mine == nil {
+			mine = h
 			continue
 		}
-		go d.run()
+		go h.run()
 	}
+	return mine
 }
 
-// direction is a direction set up by Pair.direction: run, when set, is
-// what a goroutine of its own must run.
-type direction struct{ run func() }
-
-// direction sets up copying src to dst, counting into n: first what was
-// read ahead from src, on a goroutine of its own (dst may not take it at
-// once), then src its usual way.
-func (p *Pair) direction(pk *Parker, dst, src Conn, ahead []byte, n *int64) direction {
-	if len(ahead) == 0 {
-		return p.copyDirection(pk, dst, src, 0, n)
+// setup sets up copying h's source to its destination and reports
+// whether that needs a goroutine (run). A direction out of an HBONE
+// stream starts at once: it needs none.
+func (h *half) setup() bool {
+	if s, ok := h.src().(*hbone.Stream); ok {
+		hbone.Forward(s, h.p.watch(h.dst()), h)
+		return false
 	}
-	return direction{run: func() {
-		k, err := p.watch(dst).Write(ahead)
+	if _, ok := h.dst().(*hbone.Stream); ok && h.p.pump.pk != nil && h.p.pump.init(h) {
+		h.p.setPump(h)
+	}
+	return true
+}
+
+// run is a direction on a goroutine: first what was read ahead from its
+// source, then its source its usual way.
+func (h *half) run() {
+	if ahead := h.readAhead(); len(ahead) > 0 {
+		k, err := h.p.watch(h.dst()).Write(ahead)
+		h.n = int64(k)
 		if err != nil {
-			p.end(n, int64(k), err)
+			h.end(err)
 			return
 		}
-		if d := p.copyDirection(pk, dst, src, int64(k), n); d.run != nil {
-			d.run()
+		if !h.setup() {
+			return
 		}
-	}}
+	}
+	if h.p.pump.h == h {
+		h.p.pump.run()
+		return
+	}
+	copyLoop(h)
 }
 
-// copyDirection sets up copying src to dst, counting into n after base.
-// A direction out of an HBONE stream starts at once (it needs no
-// goroutine); the others are returned for a goroutine to run.
-func (p *Pair) copyDirection(pk *Parker, dst, src Conn, base int64, n *int64) direction {
-	end := func(k int64, err error) { p.end(n, base+k, err) }
-	if s, ok := src.(*hbone.Stream); ok {
-		hbone.Forward(s, p.watch(dst), func(k int64, err error) {
-			if err == nil {
-				err = dst.CloseWrite() // passes the half-close on, as proxyCopy
-			}
-			end(k, err)
-		})
-		return direction{}
+// ForwardDone ends a direction out of an HBONE stream (hbone.Forward).
+func (h *half) ForwardDone(k int64, err error) {
+	if err == nil {
+		err = h.dst().CloseWrite() // passes the half-close on, as proxyCopy
 	}
-	if _, ok := dst.(*hbone.Stream); ok && pk != nil {
-		if u := newPump(pk, dst, src, end); u != nil {
-			u.touch = p.touch()
-			p.setPump(u)
-			return direction{run: u.run}
-		}
-	}
-	return direction{run: func() { copyLoop(dst, p.watchReads(src), end) }}
+	h.n += k
+	h.end(err)
 }
 
 // copyLoop is a direction on a goroutine of its own for as long as the
 // connection lives: its name is what a stack dump shows.
-func copyLoop(dst, src Conn, end func(int64, error)) {
-	end(proxyCopy(dst, src))
+func copyLoop(h *half) {
+	k, err := proxyCopy(h.dst(), h.p.watchReads(h.src()))
+	h.n += k
+	h.end(err)
 }
 
-// end records a direction's result; an error aborts both sides. The last
-// direction to end finishes the relay.
-func (p *Pair) end(n *int64, k int64, err error) {
-	*n = k
+// end records that a direction ended; an error aborts both sides. The
+// last direction to end finishes the relay.
+func (h *half) end(err error) {
+	p := h.p
 	if err != nil {
 		p.Close(err)
 	}
@@ -209,16 +265,14 @@ func (p *Pair) finish() {
 	p.idleTimer.Stop()
 	p.a.Close()
 	p.b.Close()
-	res := p.res
 	// Bytes count once written to the peer: an HBONE stream accepts bytes
 	// it then never writes when its connection fails or the peer resets
 	// it first (a TCP socket's write is the kernel's).
-	res.AToB -= unsent(p.b)
-	res.BToA -= unsent(p.a)
+	res := Result{AToB: p.ab.n - unsent(p.b), BToA: p.ba.n - unsent(p.a)}
 	if err := p.Err(); err != nil && !errors.Is(err, net.ErrClosed) && !peerEnded(err) {
 		res.Err = err
 	}
-	p.done(res)
+	p.done.RelayDone(res)
 }
 
 // Close ends the relay with err, which Result reports unless a direction
@@ -230,10 +284,10 @@ func (p *Pair) Close(err error) {
 		p.err = err
 	}
 	p.closed = true
-	u := p.pump
+	pumped := p.pump.h != nil
 	p.mu.Unlock()
-	if u != nil {
-		u.stop() // before the sockets close: see Parker.disarm
+	if pumped {
+		p.pump.stop() // before the sockets close: see Parker.disarm
 	}
 	p.a.Close()
 	p.b.Close()
@@ -247,13 +301,14 @@ func (p *Pair) Err() error {
 	return p.err
 }
 
-func (p *Pair) setPump(u *pump) {
+// setPump makes h the direction p.pump copies.
+func (p *Pair) setPump(h *half) {
 	p.mu.Lock()
-	p.pump = u
+	p.pump.h = h
 	closed := p.closed
 	p.mu.Unlock()
 	if closed {
-		u.stop()
+		p.pump.stop()
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+	"unsafe"
 
 	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -19,7 +20,7 @@ func startPair(t *testing.T, a, b Conn, pk *Parker) (*Pair, chan Result) {
 	t.Helper()
 	res := make(chan Result, 1)
 	p := NewPair(a, b)
-	p.Start(pk, func(r Result) { res <- r })
+	p.Start(pk, DoneFunc(func(r Result) { res <- r }))
 	return p, res
 }
 
@@ -92,12 +93,12 @@ func TestPairClose(t *testing.T) {
 		p := NewPair(a, b)
 		res := make(chan Result, 1)
 		if started {
-			p.Start(nil, func(r Result) { res <- r })
+			p.Start(nil, DoneFunc(func(r Result) { res <- r }))
 			roundTrip(t, client, server, "x")
 		}
 		p.Close(errRevoked)
 		if !started {
-			p.Start(nil, func(r Result) { res <- r })
+			p.Start(nil, DoneFunc(func(r Result) { res <- r }))
 		}
 		if r := result(t, res); !errors.Is(r.Err, errRevoked) {
 			t.Errorf("started %v: result %+v, want the Close error", started, r)
@@ -181,7 +182,7 @@ func TestPairStreams(t *testing.T) {
 					return
 				}
 				hbone.Detach(s)
-				NewPair(s, up).Start(pk, func(r Result) { res <- r })
+				NewPair(s, up).Start(pk, DoneFunc(func(r Result) { res <- r }))
 			})
 			client := connect(t, pool, key)
 			defer client.Close()
@@ -228,7 +229,7 @@ func TestPairReplay(t *testing.T) {
 					hbone.Detach(s)
 					p := NewPair(Replay(s, []byte("sniffed:")), Replay(up, []byte("buffered:")))
 					p.SetIdleTimeout(idle)
-					p.Start(pk, func(r Result) { res <- r })
+					p.Start(pk, DoneFunc(func(r Result) { res <- r }))
 				})
 				client := connect(t, pool, key)
 				defer client.Close()
@@ -283,7 +284,7 @@ func TestPairIdleTimeout(t *testing.T) {
 		p.SetIdleTimeout(time.Minute)
 		res := make(chan Result, 1)
 		start := time.Now()
-		p.Start(nil, func(r Result) { res <- r })
+		p.Start(nil, DoneFunc(func(r Result) { res <- r }))
 		send := func(from, to *memConn, msg string) {
 			t.Helper()
 			go from.Write([]byte(msg))
@@ -317,4 +318,13 @@ func TestPairIdleTimeout(t *testing.T) {
 			t.Fatal("not ended after 1m without a byte")
 		}
 	})
+}
+
+// TestPairSize: an idle relay holds its Pair, directions and pump
+// included; a field that pushes it past 176 bytes costs every connection
+// the next size class of Go's allocator (192).
+func TestPairSize(t *testing.T) {
+	if size := unsafe.Sizeof(Pair{}); size > 176 {
+		t.Errorf("Pair is %d bytes, want ≤ 176", size)
+	}
 }

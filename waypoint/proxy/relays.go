@@ -39,12 +39,12 @@ func (p *Proxy) startRelay(r *relayed, snap *snapshot, up net.Conn, done func(re
 			p.recheck(r, cur)
 		}
 	}
-	r.pair.Start(pk, func(res relay.Result) {
+	r.pair.Start(pk, relay.DoneFunc(func(res relay.Result) {
 		if tracked {
 			defer p.relayEnded(r)
 		}
 		done(res)
-	})
+	}))
 }
 
 // trackRelay adds r to the live relays, with a count of p.relaysWG that
