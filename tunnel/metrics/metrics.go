@@ -130,11 +130,12 @@ type Conn struct {
 	done atomic.Bool
 }
 
-// Open counts a new connection with labels l and returns its handle.
-func (m *Metrics) Open(l Labels) *Conn {
-	c := &Conn{series: m.seriesOf(l)}
+// Open counts a new connection with labels l, and makes c (a zero Conn)
+// its handle. c is usually a field of the connection's own state rather
+// than an allocation of its own: an idle connection holds it.
+func (m *Metrics) Open(c *Conn, l Labels) {
+	c.series = m.seriesOf(l)
 	c.opened.Inc()
-	return c
 }
 
 // seriesOf returns l's counters.

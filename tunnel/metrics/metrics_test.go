@@ -40,7 +40,8 @@ func TestConnectionMetrics(t *testing.T) {
 		ConnectionSecurityPolicy: MutualTLS,
 		RequestProtocol:          ProtocolTCP,
 	}
-	c := m.Open(l)
+	var c Conn
+	m.Open(&c, l)
 	c.Received(60)
 	c.Sent(42)
 	c.Sent(-1) // ignored
@@ -48,12 +49,15 @@ func TestConnectionMetrics(t *testing.T) {
 	c.Close()
 	// A second connection with the same labels adds to the same series
 	// (looked up once, then kept); one with other labels does not.
-	c = m.Open(l)
-	c.Received(40)
-	c.Close()
+	var c2 Conn
+	m.Open(&c2, l)
+	c2.Received(40)
+	c2.Close()
 	other := l
 	other.ResponseFlags = "DENY"
-	m.Open(other).Close()
+	var c3 Conn
+	m.Open(&c3, other)
+	c3.Close()
 	body := scrape(t, m)
 
 	if got := line(body, "istio_tcp_connections_closed_total{"); !strings.Contains(got, `response_flags="DENY"`) || !strings.HasSuffix(got, " 1") {

@@ -8,9 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"time"
 
-	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
@@ -25,39 +23,38 @@ import (
 // workload (400), authorization (401), the upstream connection (503); 200
 // only once the application accepted.
 func (p *Proxy) serveHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
-	if t, r, down := p.acceptHBONE(ctx, req, rw); t != nil {
+	if c, gen, down := p.acceptHBONE(ctx, req, rw); c != nil {
 		// The handler's part ends here (hbone.Release: it no longer counts
 		// against the server's stream limits), and its goroutine copies a
 		// direction of the relay.
-		p.relay(r, t, hbone.Release(down))
+		p.relay(c, gen, hbone.Release(down))
 	}
 }
 
 // acceptHBONE checks a CONNECT, connects upstream and accepts; a nil
-// *tracked means it was refused and reported.
-func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) (*tracked, *record, *hbone.Stream) {
+// *conn means it was refused and reported. gen is the generation of the
+// snapshot that authorized it.
+func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) (c *conn, gen uint64, down *hbone.Stream) {
 	origDst := sockopt.AddrPort(req.Conn.LocalAddr())
 	peerAddr := sockopt.AddrPort(req.Conn.RemoteAddr())
-	r := &record{
-		reporter: reporterDestino, src: peerAddr, dst: req.Addr, start: time.Now(),
-		protocol: protocolHBONE, mtls: true,
-	}
+	c = &conn{p: p, record: record{src: peerAddr, dst: req.Addr, start: now(), inbound: true, hbone: true, mtls: true}}
+	r := &c.record
 	reject := func(status int, err error) {
 		if status == http.StatusBadRequest {
 			p.stats.BadRequests.Add(1)
 		}
 		_ = rw.Reject(status, err.Error())
-		p.refuse(r, err)
+		p.refuse(c, err)
 	}
 	tc, ok := req.Conn.(*tls.Conn)
 	if !ok {
 		reject(http.StatusBadRequest, errors.New("HBONE connection is not TLS"))
-		return nil, nil, nil
+		return nil, 0, nil
 	}
 	peer, err := certs.PeerID(tc.ConnectionState())
 	if err != nil {
 		reject(http.StatusUnauthorized, err)
-		return nil, nil, nil
+		return nil, 0, nil
 	}
 	r.srcID = peer
 	snap := p.cfg.Store.Load()
@@ -68,32 +65,25 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	switch dst := req.Addr; {
 	case dst.Addr() != origDst.Addr():
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s on a connection to %s", errAuthority, req.Authority, origDst.Addr()))
-		return nil, nil, nil
+		return nil, 0, nil
 	case p.reserved[dst.Port()]:
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %d", errReservedPort, dst.Port()))
-		return nil, nil, nil
+		return nil, 0, nil
 	case !tunnelTarget(dst.Addr()):
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s", errBadTarget, dst.Addr()))
-		return nil, nil, nil
+		return nil, 0, nil
 	}
 	r.dstW = p.localWorkload(snap, req.Addr.Addr())
 	if r.dstW == nil {
 		p.stats.UnknownDest.Add(1)
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s", errUnknownDest, req.Addr.Addr()))
-		return nil, nil, nil
+		return nil, 0, nil
 	}
 	r.dstID = workloadID(r.dstW)
-	ac := authz.Conn{
-		SrcIdentity: peer.String(),
-		SrcIP:       r.src.Addr(),
-		DstIP:       req.Addr.Addr(),
-		DstPort:     req.Addr.Port(),
-		DstWorkload: authzWorkload(r.dstW),
-	}
-	if d := snap.Policies().Evaluate(ac); !d.Allowed {
+	if d := snap.Policies().Evaluate(c.authzConn(r.dstW)); !d.Allowed {
 		p.denied(d)
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
-		return nil, nil, nil
+		return nil, 0, nil
 	}
 	if testHookAuthorized != nil {
 		testHookAuthorized()
@@ -105,11 +95,11 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	clientGone := func() bool { return ctx.Err() != nil && p.ctx.Err() == nil }
 	cancelled := func(err error) {
 		p.stats.ClientCancelled.Add(1)
-		p.refuse(r, fmt.Errorf("%w: %w", errCancelled, err))
+		p.refuse(c, fmt.Errorf("%w: %w", errCancelled, err))
 	}
 	if clientGone() {
 		cancelled(context.Cause(ctx))
-		return nil, nil, nil
+		return nil, 0, nil
 	}
 	dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
 	up, err := p.cfg.Sockets.Dial(dctx, req.Addr, spoof)
@@ -117,38 +107,40 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 	if err != nil {
 		if clientGone() {
 			cancelled(err)
-			return nil, nil, nil
+			return nil, 0, nil
 		}
 		p.stats.UpstreamErrors.Add(1)
 		reject(http.StatusServiceUnavailable, fmt.Errorf("connect %s: %w", req.Addr, err))
-		return nil, nil, nil
+		return nil, 0, nil
 	}
-	down, err := rw.Accept()
+	down, err = rw.Accept()
 	if err != nil {
 		up.Close()
 		if clientGone() {
 			cancelled(err)
-			return nil, nil, nil
+			return nil, 0, nil
 		}
-		p.refuse(r, fmt.Errorf("accept CONNECT: %w", err))
-		return nil, nil, nil
+		p.refuse(c, fmt.Errorf("accept CONNECT: %w", err))
+		return nil, 0, nil
 	}
 	// The relay outlives this handler and closes the stream itself.
 	hbone.Detach(down)
-	return &tracked{pair: relay.NewPair(down, up), inbound: true, authz: ac, gen: snap.Generation()}, r, down
+	c.pair = relay.NewPair(down, up)
+	return c, snap.Generation(), down
 }
 
 // handleInbound serves a plaintext connection to a local pod from a client
 // outside the mesh. It has no identity, so no principal can match it.
-func (p *Proxy) handleInbound(c net.Conn) {
-	src, dst := sockopt.AddrPort(c.RemoteAddr()), sockopt.AddrPort(c.LocalAddr())
-	r := &record{reporter: reporterDestino, src: src, dst: dst, start: time.Now(), protocol: protocolTCP}
+func (p *Proxy) handleInbound(nc net.Conn) {
+	src, dst := sockopt.AddrPort(nc.RemoteAddr()), sockopt.AddrPort(nc.LocalAddr())
+	c := &conn{p: p, record: record{src: src, dst: dst, start: now(), inbound: true}}
+	r := &c.record
 	snap := p.cfg.Store.Load()
 	r.srcW = snap.WorkloadByAddr(state.NetworkAddr{Addr: src.Addr()})
 	r.dstW = p.localWorkload(snap, dst.Addr())
 	refuse := func(err error) {
-		c.Close()
-		p.refuse(r, err)
+		nc.Close()
+		p.refuse(c, err)
 	}
 	if r.dstW == nil {
 		p.stats.UnknownDest.Add(1)
@@ -160,8 +152,7 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		refuse(fmt.Errorf("%w: %d", errReservedPort, dst.Port()))
 		return
 	}
-	ac := authz.Conn{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port(), DstWorkload: authzWorkload(r.dstW)}
-	if d := snap.Policies().Evaluate(ac); !d.Allowed {
+	if d := snap.Policies().Evaluate(c.authzConn(r.dstW)); !d.Allowed {
 		p.denied(d)
 		refuse(&DeniedError{Decision: d})
 		return
@@ -178,7 +169,8 @@ func (p *Proxy) handleInbound(c net.Conn) {
 		return
 	}
 	// On the connection's own goroutine (captured, dialLocalInbound).
-	p.relay(r, &tracked{pair: relay.NewPair(c.(relay.Conn), up), inbound: true, authz: ac, gen: snap.Generation()}, true)
+	c.pair = relay.NewPair(nc.(relay.Conn), up)
+	p.relay(c, snap.Generation(), true)
 }
 
 // clientSource is the address of an inbound CONNECT's client as the

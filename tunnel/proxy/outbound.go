@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
-	"time"
 
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
@@ -48,17 +47,19 @@ func (p *Proxy) handleOutbound(c net.Conn) {
 }
 
 func (p *Proxy) outbound(down relay.Conn, src, dst, translated netip.AddrPort) {
-	if r, up := p.connectOutbound(down, src, dst, translated); up != nil {
+	if c, up := p.connectOutbound(down, src, dst, translated); up != nil {
 		// Called on the connection's own goroutine (captured), which
 		// then has nothing else to do.
-		p.relay(r, &tracked{pair: relay.NewPair(down, up)}, true)
+		c.pair = relay.NewPair(down, up)
+		p.relay(c, 0, true)
 	}
 }
 
 // connectOutbound resolves and connects an outbound connection; a nil
 // relay.Conn means it was refused and reported.
-func (p *Proxy) connectOutbound(down relay.Conn, src, dst, translated netip.AddrPort) (*record, relay.Conn) {
-	r := &record{reporter: reporterSource, src: src, dst: dst, start: time.Now(), protocol: protocolTCP}
+func (p *Proxy) connectOutbound(down relay.Conn, src, dst, translated netip.AddrPort) (*conn, relay.Conn) {
+	c := &conn{p: p, record: record{src: src, dst: dst, start: now()}}
+	r := &c.record
 	// A captured pod must be known: anything else would let an unknown
 	// address borrow the node's mesh identity. A pod's first connection
 	// can beat istiod's description of it (the datapath captures it from
@@ -68,23 +69,23 @@ func (p *Proxy) connectOutbound(down relay.Conn, src, dst, translated netip.Addr
 	if r.srcW == nil {
 		p.stats.UnknownSource.Add(1)
 		down.Close()
-		p.refuse(r, fmt.Errorf("%w: %s", errUnknownSource, src.Addr()))
-		return r, nil
+		p.refuse(c, fmt.Errorf("%w: %s", errUnknownSource, src.Addr()))
+		return c, nil
 	}
 	r.srcID = workloadID(r.srcW)
 	rt, err := p.routeOutbound(snap, dst, translated)
 	if err != nil {
 		p.stats.NoRoute.Add(1)
 		down.Close()
-		p.refuse(r, err)
-		return r, nil
+		p.refuse(c, err)
+		return c, nil
 	}
 	r.dstW, r.svc = rt.dstW, rt.svc
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ConnectTimeout)
 	defer cancel()
 	var up relay.Conn
 	if rt.hbone {
-		r.protocol, r.mtls, r.hboneAddr, r.dstID = protocolHBONE, true, rt.addr, rt.peer
+		r.hbone, r.mtls, r.hboneAddr, r.dstID = true, true, rt.addr, rt.peer
 		hdr := http.Header{}
 		hdr.Set("Forwarded", formatForwarded(src, rt.svc))
 		hdr.Set("Baggage", baggage(r.srcW))
@@ -105,10 +106,10 @@ func (p *Proxy) connectOutbound(down relay.Conn, src, dst, translated netip.Addr
 	if err != nil {
 		p.stats.UpstreamErrors.Add(1)
 		down.Close()
-		p.refuse(r, fmt.Errorf("connect %s: %w", rt.addr, err))
-		return r, nil
+		p.refuse(c, fmt.Errorf("connect %s: %w", rt.addr, err))
+		return c, nil
 	}
-	return r, up
+	return c, up
 }
 
 // routeOutbound is route for an outbound connection whose destination

@@ -44,40 +44,38 @@ func (p *Proxy) watchPolicies(sub *state.Subscription) {
 // longer allow.
 func (p *Proxy) recheck(snap *state.Snapshot) {
 	p.mu.Lock()
-	var live []*tracked
-	for t := range p.conns {
-		if t.inbound {
-			live = append(live, t)
+	var live []*conn
+	for c := range p.conns {
+		if c.inbound {
+			live = append(live, c)
 		}
 	}
 	p.mu.Unlock()
-	for _, t := range live {
-		p.check(t, snap)
+	for _, c := range live {
+		p.check(c, snap)
 	}
 }
 
 // recheckTracked re-checks an inbound connection just tracked if the
-// store moved on since it was authorized: a change published in between
-// found it untracked, so its own re-check passed it by. (ztunnel
-// registers a connection before its first check for the same reason.)
-// Any later change finds it tracked.
-func (p *Proxy) recheckTracked(t *tracked) {
-	if snap := p.cfg.Store.Load(); snap.Generation() != t.gen {
-		p.check(t, snap)
+// store moved on since it was authorized, by the snapshot of generation
+// gen: a change published in between found it untracked, so its own
+// re-check passed it by. (ztunnel registers a connection before its first
+// check for the same reason.) Any later change finds it tracked.
+func (p *Proxy) recheckTracked(c *conn, gen uint64) {
+	if snap := p.cfg.Store.Load(); snap.Generation() != gen {
+		p.check(c, snap)
 	}
 }
 
-// check closes the live inbound connection t if snap's policies no longer
+// check closes the live inbound connection c if snap's policies no longer
 // allow it, or no longer hold its destination.
-func (p *Proxy) check(t *tracked, snap *state.Snapshot) {
-	w := p.localWorkload(snap, t.authz.DstIP)
+func (p *Proxy) check(c *conn, snap *state.Snapshot) {
+	w := p.localWorkload(snap, c.dst.Addr())
 	if w == nil {
-		t.close(errDestRemoved)
+		c.close(errDestRemoved)
 		return
 	}
-	c := t.authz
-	c.DstWorkload = authzWorkload(w)
-	if d := snap.Policies().Evaluate(c); !d.Allowed {
+	if d := snap.Policies().Evaluate(c.authzConn(w)); !d.Allowed {
 		if d.Reason == authz.ReasonUnknownPolicy {
 			// The workload names a policy the store does not hold
 			// yet: istiod pushes workloads before policies, so a
@@ -90,7 +88,7 @@ func (p *Proxy) check(t *tracked, snap *state.Snapshot) {
 			return
 		}
 		p.stats.AuthzRevoked.Add(1)
-		t.close(&DeniedError{Decision: d, Revoked: true})
+		c.close(&DeniedError{Decision: d, Revoked: true})
 	}
 }
 

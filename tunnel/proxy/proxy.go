@@ -133,7 +133,7 @@ type Proxy struct {
 
 	mu        sync.Mutex // guards the fields below
 	listeners map[net.Listener]struct{}
-	conns     map[*tracked]struct{}
+	conns     map[*conn]struct{}
 	closed    bool
 }
 
@@ -160,7 +160,7 @@ func New(cfg Config) (*Proxy, error) {
 		log:       cfg.Logger,
 		metrics:   cfg.Metrics,
 		listeners: make(map[net.Listener]struct{}),
-		conns:     make(map[*tracked]struct{}),
+		conns:     make(map[*conn]struct{}),
 		reserved:  make(map[uint16]bool),
 	}
 	if p.log == nil {
@@ -349,13 +349,13 @@ func (p *Proxy) Close() error {
 			errs = append(errs, err)
 		}
 	}
-	conns := make([]*tracked, 0, len(p.conns))
-	for t := range p.conns {
-		conns = append(conns, t)
+	conns := make([]*conn, 0, len(p.conns))
+	for c := range p.conns {
+		conns = append(conns, c)
 	}
 	p.mu.Unlock()
-	for _, t := range conns {
-		t.close(ErrClosed)
+	for _, c := range conns {
+		c.close(ErrClosed)
 	}
 	errs = append(errs, p.server.Close(), p.pool.Close())
 	p.wg.Wait()

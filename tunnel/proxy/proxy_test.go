@@ -7,6 +7,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
@@ -57,5 +58,15 @@ func TestNotCapturedReset(t *testing.T) {
 	}
 	if lines := logs.lines(); len(lines) != 0 {
 		t.Errorf("access-log lines for connections that were never captured: %v", lines)
+	}
+}
+
+// TestConnSize: an idle connection holds its conn (record, metrics
+// handle, relay pointer) for as long as it lives; a field that
+// pushes it past 288 bytes costs every connection the next size class of
+// Go's allocator (320).
+func TestConnSize(t *testing.T) {
+	if size := unsafe.Sizeof(conn{}); size > 288 {
+		t.Errorf("conn is %d bytes, want ≤ 288", size)
 	}
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/tunnel/authz"
+	"github.com/amber-mesh/amber/tunnel/identity"
 	"github.com/amber-mesh/amber/tunnel/relay"
 	"github.com/amber-mesh/amber/tunnel/sockopt"
 	"github.com/amber-mesh/amber/xds/state"
@@ -33,15 +34,19 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 	}
 	t.Cleanup(func() { p.Close() })
 
-	live := func(id, src string) *tracked {
+	live := func(id, src string) *conn {
 		down, _ := tcptest.Pair(t)
 		up, _ := tcptest.Pair(t)
-		tr := &tracked{pair: relay.NewPair(down, up), inbound: true, authz: authz.Conn{
-			SrcIdentity: id, SrcIP: netip.MustParseAddr(src),
-			DstIP: netip.MustParseAddr("10.0.0.2"), DstPort: 9080, DstWorkload: authzWorkload(pp),
-		}, gen: store.Load().Generation()}
-		p.relay(&record{reporter: reporterDestino, start: time.Now(), protocol: protocolTCP}, tr, false)
-		return tr
+		peer, err := identity.Parse(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := &conn{p: p, pair: relay.NewPair(down, up), record: record{
+			src: netip.AddrPortFrom(netip.MustParseAddr(src), 40000), dst: netip.MustParseAddrPort("10.0.0.2:9080"),
+			srcID: peer, dstW: pp, dstID: workloadID(pp), start: now(), inbound: true, hbone: true, mtls: true,
+		}}
+		p.relay(c, store.Load().Generation(), false)
+		return c
 	}
 	sleep := live("spiffe://cluster.local/ns/default/sa/sleep", "10.0.0.3")
 	notsleep := live("spiffe://cluster.local/ns/default/sa/notsleep", "10.0.0.4")
@@ -51,7 +56,7 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 	listed.AuthorizationPolicies = []string{"default/allow-sleep"}
 	store.Update(func(tx *state.Txn) { tx.PutWorkload(&listed) })
 	p.recheck(store.Load())
-	for name, tr := range map[string]*tracked{"sleep": sleep, "notsleep": notsleep} {
+	for name, tr := range map[string]*conn{"sleep": sleep, "notsleep": notsleep} {
 		if err := tr.closeErr(); err != nil {
 			t.Errorf("%s's connection closed before the policy it names arrived: %v", name, err)
 		}

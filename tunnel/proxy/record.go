@@ -51,23 +51,47 @@ const (
 )
 
 // record is what the access log and the metrics say about a connection.
+// An idle connection holds it (in its conn), so it is kept small: fields
+// of a few fixed values are flags, the start is a monotonic reading in 8
+// bytes, the byte counts are the relay's and go straight to the report.
 type record struct {
-	reporter     string
 	src, dst     netip.AddrPort // client address, original destination
 	hboneAddr    netip.AddrPort // HBONE peer dialled (outbound)
 	srcW, dstW   *state.Workload
 	srcID, dstID identity.ID
 	svc          *state.Service
-	protocol     string
-	mtls         bool
-	start        time.Time
-	sent, recv   int64 // towards the client, towards the destination
+	start        time.Duration // since epoch
 	err          error
+	inbound      bool // reported by the destination (else by the source)
+	hbone        bool // protocol HBONE (else TCP)
+	mtls         bool
+}
+
+// epoch is what records' start times count from: a time.Duration since
+// it keeps the monotonic clock reading a time.Time would, in a third of
+// its size.
+var epoch = time.Now()
+
+// now is the start time of a record beginning now.
+func now() time.Duration { return time.Since(epoch) }
+
+func (r *record) reporter() string {
+	if r.inbound {
+		return reporterDestino
+	}
+	return reporterSource
+}
+
+func (r *record) protocol() string {
+	if r.hbone {
+		return protocolHBONE
+	}
+	return protocolTCP
 }
 
 func (r *record) labels() metrics.Labels {
 	l := metrics.Labels{
-		Reporter:                 r.reporter,
+		Reporter:                 r.reporter(),
 		RequestProtocol:          metrics.ProtocolTCP,
 		ConnectionSecurityPolicy: metrics.NoTLS,
 		ResponseFlags:            flagNone,
@@ -114,12 +138,14 @@ func workloadName(w *state.Workload) string {
 // maxLogAttrs is the most attributes an access-log line has.
 const maxLogAttrs = 16
 
-func (p *Proxy) logRecord(r *record) {
+// logRecord writes r's access-log line; sent and recv are the bytes
+// towards the client and towards the destination.
+func (p *Proxy) logRecord(r *record, sent, recv int64) {
 	// Room for every attribute below at once: grown step by step, the
 	// slice cost three allocations per line.
 	attrs := make([]slog.Attr, 0, maxLogAttrs)
 	attrs = append(attrs,
-		slog.String(logKeyReporter, r.reporter),
+		slog.String(logKeyReporter, r.reporter()),
 		slog.String(logKeySrcAddr, r.src.String()),
 		slog.String(logKeyDstAddr, r.dst.String()),
 	)
@@ -142,10 +168,10 @@ func (p *Proxy) logRecord(r *record) {
 		attrs = append(attrs, slog.String(logKeyDstID, r.dstID.String()))
 	}
 	attrs = append(attrs,
-		slog.String(logKeyProtocol, r.protocol),
-		slog.Int64(logKeySent, r.sent),
-		slog.Int64(logKeyRecv, r.recv),
-		slog.Duration(logKeyDuration, time.Since(r.start)),
+		slog.String(logKeyProtocol, r.protocol()),
+		slog.Int64(logKeySent, sent),
+		slog.Int64(logKeyRecv, recv),
+		slog.Duration(logKeyDuration, now()-r.start),
 	)
 	level := slog.LevelInfo
 	if r.err != nil {
@@ -161,17 +187,18 @@ func (p *Proxy) logRecord(r *record) {
 }
 
 // refuse reports a connection that never reached its destination.
-func (p *Proxy) refuse(r *record, err error) {
-	r.err = err
-	mc := p.metrics.Open(r.labels())
-	mc.Close()
-	p.logRecord(r)
+func (p *Proxy) refuse(c *conn, err error) {
+	c.err = err
+	p.metrics.Open(&c.mc, c.labels())
+	p.relayDone(c, 0, 0)
 }
 
-// relayDone reports a connection that was relayed, once it ended.
-func (p *Proxy) relayDone(r *record, mc *metrics.Conn) {
-	mc.Received(r.recv)
-	mc.Sent(r.sent)
-	mc.Close()
-	p.logRecord(r)
+// relayDone reports a connection once it ended, relayed or not (its
+// metrics are open), with the bytes sent towards the client and received
+// towards the destination.
+func (p *Proxy) relayDone(c *conn, sent, recv int64) {
+	c.mc.Received(recv)
+	c.mc.Sent(sent)
+	c.mc.Close()
+	p.logRecord(&c.record, sent, recv)
 }

@@ -4,76 +4,91 @@ import (
 	"github.com/amber-mesh/amber/tunnel/authz"
 	"github.com/amber-mesh/amber/tunnel/metrics"
 	"github.com/amber-mesh/amber/tunnel/relay"
+	"github.com/amber-mesh/amber/xds/state"
 )
 
-// tracked is a live proxied connection the proxy may have to close: on
-// Close, or when a policy change revokes it.
-type tracked struct {
+// conn is a connection the proxy serves: what its access-log line and
+// metrics say, and once it is relayed, the relay the proxy may have to
+// close (on Close, or when a policy change revokes it). An idle
+// connection holds it for as long as it lives, so it is one object: the
+// relay reports to it (RelayDone) and an inbound connection's policy
+// re-check rebuilds what it evaluates from the record (authzConn).
+type conn struct {
+	record
+	p    *Proxy
 	pair *relay.Pair
-	// inbound connections are re-authorized when policies change.
-	inbound bool
-	authz   authz.Conn
-	gen     uint64 // generation of the snapshot that authorized it (inbound)
+	mc   metrics.Conn
 }
 
-func (t *tracked) close(err error) { t.pair.Close(err) }
+func (c *conn) close(err error) { c.pair.Close(err) }
 
-func (t *tracked) closeErr() error { return t.pair.Err() }
+func (c *conn) closeErr() error { return c.pair.Err() }
 
-// track adds t to the live connections, with a count of p.wg that
-// relayEnd gives back, unless the proxy is closed.
-func (p *Proxy) track(t *tracked) bool {
+// authzConn is what policy evaluates for the inbound connection c to the
+// local workload w: the same when it is admitted and when it is checked
+// again.
+func (c *conn) authzConn(w *state.Workload) authz.Conn {
+	ac := authz.Conn{SrcIP: c.src.Addr(), DstIP: c.dst.Addr(), DstPort: c.dst.Port(), DstWorkload: authzWorkload(w)}
+	if !c.srcID.IsZero() {
+		ac.SrcIdentity = c.srcID.String()
+	}
+	return ac
+}
+
+// track adds c to the live connections, with a count of p.wg that
+// RelayDone gives back, unless the proxy is closed.
+func (p *Proxy) track(c *conn) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
 		return false
 	}
-	p.conns[t] = struct{}{}
+	p.conns[c] = struct{}{}
 	p.wg.Add(1)
 	return true
 }
 
-func (p *Proxy) untrack(t *tracked) {
+func (p *Proxy) untrack(c *conn) {
 	p.mu.Lock()
-	delete(p.conns, t)
+	delete(p.conns, c)
 	p.mu.Unlock()
 }
 
 // relay counts the connection open, tracks it and relays it (package
-// relay) until both directions ended; relayEnd reports the connection
-// when it ends. It returns at once, unless run: the caller's goroutine
-// has nothing left to do and copies a direction itself until that parks
-// or ends (relay.Pair.Run), which saves the start of another. An idle
-// connection holds no goroutine when one side is an HBONE stream
+// relay) until both directions ended; RelayDone reports the connection
+// when it ends. An inbound connection was authorized by the snapshot of
+// generation gen. relay returns at once, unless run: the caller's
+// goroutine has nothing left to do and copies a direction itself until
+// that parks or ends (relay.Pair.Run), which saves the start of another.
+// An idle connection holds no goroutine when one side is an HBONE stream
 // (ARCHITECTURE.md, "Idle connections hold no goroutine").
-func (p *Proxy) relay(r *record, t *tracked, run bool) {
-	mc := p.metrics.Open(r.labels())
-	if !p.track(t) {
-		t.close(ErrClosed)
-		r.err = ErrClosed
-		p.relayDone(r, mc)
+func (p *Proxy) relay(c *conn, gen uint64, run bool) {
+	p.metrics.Open(&c.mc, c.labels())
+	if !p.track(c) {
+		c.close(ErrClosed)
+		c.err = ErrClosed
+		p.relayDone(c, 0, 0)
 		return
 	}
-	if t.inbound {
-		p.recheckTracked(t)
+	if c.inbound {
+		p.recheckTracked(c, gen)
 	}
-	done := relay.DoneFunc(func(res relay.Result) { p.relayEnd(r, t, mc, res) })
 	if run {
-		t.pair.Run(p.parker, done)
+		c.pair.Run(p.parker, c)
 		return
 	}
-	t.pair.Start(p.parker, done)
+	c.pair.Start(p.parker, c)
 }
 
-// relayEnd reports a connection whose relay ended, then forgets it: a
+// RelayDone reports a connection whose relay ended, then forgets it: a
 // Drain that saw it leave has its access-log line.
-func (p *Proxy) relayEnd(r *record, t *tracked, mc *metrics.Conn, res relay.Result) {
+func (c *conn) RelayDone(res relay.Result) {
+	p := c.p
 	defer p.wg.Done()
-	// The relay is between the client (down, a) and the destination (b).
-	r.recv, r.sent = res.AToB, res.BToA
 	if res.Err != nil {
-		r.err = res.Err
+		c.err = res.Err
 	}
-	p.relayDone(r, mc)
-	p.untrack(t)
+	// The relay is between the client (down, a) and the destination (b).
+	p.relayDone(c, res.BToA, res.AToB)
+	p.untrack(c)
 }
