@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/netip"
 
-	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
 	"github.com/amber-mesh/amber/tunnel/identity"
 	"github.com/amber-mesh/amber/tunnel/relay"
@@ -51,12 +50,14 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		reject(http.StatusBadRequest, errors.New("HBONE connection is not TLS"))
 		return nil, 0, nil
 	}
-	peer, err := certs.PeerID(tc.ConnectionState())
+	// Parsed once per HBONE connection, held until c is reported.
+	pr, err := p.peers.acquire(tc)
 	if err != nil {
 		reject(http.StatusUnauthorized, err)
 		return nil, 0, nil
 	}
-	r.srcID = peer
+	c.peer, r.srcID = pr, pr.id
+	peer := pr.id
 	snap := p.cfg.Store.Load()
 	var spoof netip.Addr
 	if src, w, ok := clientSource(snap, peer, peerAddr, req.Header.Get("Forwarded")); ok {

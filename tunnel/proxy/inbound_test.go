@@ -157,6 +157,12 @@ func TestHBONERefusals(t *testing.T) {
 	if got := p.Stats().BadRequests.Load(); got != 3 {
 		t.Errorf("BadRequests = %d, want 3", got)
 	}
+	// A refused stream lets go of its connection's peer identity.
+	testutil.Eventually(t, "no peer identity held by the refused streams", func() bool {
+		p.peers.mu.Lock()
+		defer p.peers.mu.Unlock()
+		return len(p.peers.m) == 0
+	})
 	mfs, err := p.Metrics().Registry().Gather()
 	if err != nil {
 		t.Fatal(err)

@@ -135,6 +135,8 @@ type Proxy struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
 	closed    bool
+
+	peers peers // of the HBONE connections with live inbound streams
 }
 
 // New returns a proxy and starts re-checking its live inbound connections

@@ -62,7 +62,7 @@ func TestNotCapturedReset(t *testing.T) {
 }
 
 // TestConnSize: an idle connection holds its conn (record, metrics
-// handle, relay pointer) for as long as it lives; a field that
+// handle, relay and peer pointers) for as long as it lives; a field that
 // pushes it past 288 bytes costs every connection the next size class of
 // Go's allocator (320).
 func TestConnSize(t *testing.T) {

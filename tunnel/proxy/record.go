@@ -195,10 +195,11 @@ func (p *Proxy) refuse(c *conn, err error) {
 
 // relayDone reports a connection once it ended, relayed or not (its
 // metrics are open), with the bytes sent towards the client and received
-// towards the destination.
+// towards the destination, and lets go of its peer identity.
 func (p *Proxy) relayDone(c *conn, sent, recv int64) {
 	c.mc.Received(recv)
 	c.mc.Sent(sent)
 	c.mc.Close()
 	p.logRecord(&c.record, sent, recv)
+	p.peers.release(c.peer)
 }

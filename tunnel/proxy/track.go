@@ -18,6 +18,7 @@ type conn struct {
 	p    *Proxy
 	pair *relay.Pair
 	mc   metrics.Conn
+	peer *peer // an inbound HBONE connection's, shared with its HBONE connection's other streams
 }
 
 func (c *conn) close(err error) { c.pair.Close(err) }
