@@ -2,30 +2,16 @@ package proxy
 
 import (
 	"cmp"
-	"io"
 	"maps"
 	"net"
-	"net/netip"
-	"os"
-	"os/exec"
 	"runtime"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 
-	"github.com/vishvananda/netlink"
-
-	"github.com/amber-mesh/amber/internal/tcptest"
 	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/test/privileged"
-	"github.com/amber-mesh/amber/tunnel/sockopt"
-	"github.com/amber-mesh/amber/xds/state"
 )
-
-// inNetnsEnv marks the child process TestPrivilegedIdleConnMemory runs
-// itself in, inside a network namespace of its own.
-const inNetnsEnv = "AMBER_PROXY_TEST_IN_NETNS"
 
 // idleConnBudget is the heap an idle tunnelled connection may hold, both
 // ztunnels together, without the application's sockets (issue 15's goal
@@ -39,95 +25,17 @@ const idleConnBudget = 4 << 10
 // application; each exchanged a byte each way, and then idles. The heap
 // both proxies hold per connection is read from runtime.MemStats (exact),
 // and split by side from a heap profile that records every allocation.
-//
-// A CONNECT to a loopback address is refused (tunnelTarget), so the
-// pods' addresses are on the loopback link of the test's own network
-// namespace: the test runs itself again in a child process created in
-// one, whose every thread — every socket the proxies open — is inside.
 func TestPrivilegedIdleConnMemory(t *testing.T) {
 	privileged.Require(t)
-	if os.Getenv(inNetnsEnv) == "" {
-		runInNetns(t)
+	if !inOwnNetns(t) {
 		return
 	}
 	runtime.MemProfileRate = 1
-	mustPodAddrs(t, "10.0.0.2", "10.0.0.3")
 	const n = 1000
 
-	mgr := mustCerts(t)
-	sleep := wl("sleep", state.ProtocolHBONE, "10.0.0.3")
-	pp := wl("productpage", state.ProtocolHBONE, "10.0.0.2")
-	pp.Node = "n2"
-	store := state.NewStore()
-	store.Update(func(tx *state.Txn) { tx.PutWorkload(sleep); tx.PutWorkload(pp) })
-	hboneLn, err := net.Listen("tcp", "10.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hbonePort := netip.MustParseAddrPort(hboneLn.Addr().String()).Port()
-	newProxy := func(node string) *Proxy {
-		p, err := New(Config{
-			Store: store, Certs: mgr, NodeName: node, HBONEPort: hbonePort,
-			Sockets: sockopt.Options{Mark: -1, NoTransparent: true},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	src, dst := newProxy("n1"), newProxy("n2")
-	served := make(chan error, 1)
-	go func() { served <- dst.ServeHBONE(hboneLn) }()
-	t.Cleanup(func() {
-		src.Close()
-		dst.Close()
-		<-served
-	})
-
-	// The application answers each connection's byte, then idles.
-	appLn, err := net.Listen("tcp", "10.0.0.2:9080")
-	if err != nil {
-		t.Fatal(err)
-	}
-	tcptest.Serve(t, appLn, func(c net.Conn) {
-		var b [1]byte
-		for {
-			n, err := c.Read(b[:])
-			if err != nil {
-				return
-			}
-			c.Write(b[:n])
-		}
-	})
-
-	// connect opens one connection from sleep through both proxies and
-	// exchanges a byte each way.
-	app := netip.MustParseAddrPort("10.0.0.2:9080")
-	capture, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer capture.Close()
-	connect := func(i int) *net.TCPConn {
-		t.Helper()
-		client, err := net.DialTCP("tcp", nil, capture.Addr().(*net.TCPAddr))
-		if err != nil {
-			t.Fatal(err)
-		}
-		down, err := acceptCaptured(capture)
-		if err != nil {
-			t.Fatal(err)
-		}
-		go src.outbound(down, netip.AddrPortFrom(sleep.Addresses[0], uint16(40000+i)), app, netip.AddrPort{})
-		b := []byte{'x'}
-		if _, err := client.Write(b); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(client, b); err != nil {
-			t.Fatalf("connection %d: %v", i, err)
-		}
-		return client
-	}
+	m := startMesh(t, nil, nil)
+	src, dst := m.src, m.dst
+	connect := func(i int) *net.TCPConn { return m.connect(t, i) }
 	// Warm up: the HBONE connection's own costs and the buffer pools are
 	// not per connection.
 	for i := range 2 {
@@ -187,45 +95,6 @@ func TestPrivilegedIdleConnMemory(t *testing.T) {
 		c.Close()
 	}
 	testutil.Eventually(t, "the destination to let go of every peer identity", func() bool { return held() == 0 })
-}
-
-// acceptCaptured accepts a connection for the source ztunnel, as its
-// outbound listener does: its socket is counted on that side.
-func acceptCaptured(ln *net.TCPListener) (*net.TCPConn, error) { return ln.AcceptTCP() }
-
-// runInNetns runs the calling test again in a child process inside a new
-// network namespace, which ends with the process, and reports its output.
-func runInNetns(t *testing.T) {
-	cmd := exec.CommandContext(t.Context(), os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), inNetnsEnv+"=1")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
-	out, err := cmd.CombinedOutput()
-	t.Logf("in a network namespace of its own:\n%s", out)
-	if err != nil {
-		t.Fatalf("child: %v", err)
-	}
-}
-
-// mustPodAddrs brings lo up with addrs on it, in the test's own network
-// namespace (created with it; no link module is needed).
-func mustPodAddrs(t *testing.T, addrs ...string) {
-	t.Helper()
-	lo, err := netlink.LinkByName("lo")
-	if err == nil {
-		err = netlink.LinkSetUp(lo)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, a := range addrs {
-		addr, err := netlink.ParseAddr(a + "/32")
-		if err == nil {
-			err = netlink.AddrAdd(lo, addr)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 }
 
 // heapNow returns the live heap and the live bytes by allocation stack,

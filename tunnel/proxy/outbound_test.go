@@ -101,11 +101,17 @@ func TestOutboundToLocalWaypoint(t *testing.T) {
 
 	src := netip.MustParseAddrPort("127.0.0.3:40000")
 	down, _ := tcptest.Pair(t)
-	_, up := p.connectOutbound(down, src, vip, netip.AddrPort{})
+	oc, up := p.connectOutbound(down, src, vip, netip.AddrPort{})
 	if up == nil {
 		t.Fatalf("outbound to the service behind a local waypoint refused (CONNECTs answered 400 in process: %d)", p.Stats().BadRequests.Load())
 	}
 	up.Close()
+	// Reported as Istio's ztunnel does: to the waypoint's identity, the
+	// service, no destination workload.
+	if l := oc.labels(); l.SourcePrincipal != workloadID(sleep).String() || l.DestinationPrincipal != workloadID(waypoint).String() ||
+		l.DestinationService != "reviews.default.svc.cluster.local" || l.DestinationWorkload != "" || l.ConnectionSecurityPolicy != "mutual_tls" {
+		t.Errorf("labels %+v, want sleep to the waypoint's identity for reviews", l)
+	}
 	c := <-seen
 	if c.authority != vip.String() {
 		t.Errorf("waypoint saw :authority %s, want the service address %s", c.authority, vip)
