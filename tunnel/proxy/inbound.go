@@ -56,7 +56,7 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		reject(http.StatusUnauthorized, err)
 		return nil, 0, nil
 	}
-	c.peer, r.srcID = pr, pr.id
+	r.peer = pr
 	peer := pr.id
 	snap := p.cfg.Store.Load()
 	var spoof netip.Addr
@@ -80,7 +80,6 @@ func (p *Proxy) acceptHBONE(ctx context.Context, req *hbone.Request, rw hbone.Re
 		reject(http.StatusBadRequest, fmt.Errorf("%w: %s", errUnknownDest, req.Addr.Addr()))
 		return nil, 0, nil
 	}
-	r.dstID = workloadID(r.dstW)
 	if d := snap.Policies().Evaluate(c.authzConn(r.dstW)); !d.Allowed {
 		p.denied(d)
 		reject(http.StatusUnauthorized, &DeniedError{Decision: d})
@@ -148,7 +147,6 @@ func (p *Proxy) handleInbound(nc net.Conn) {
 		refuse(fmt.Errorf("%w: %s", errUnknownDest, dst.Addr()))
 		return
 	}
-	r.dstID = workloadID(r.dstW)
 	if p.reserved[dst.Port()] {
 		refuse(fmt.Errorf("%w: %d", errReservedPort, dst.Port()))
 		return

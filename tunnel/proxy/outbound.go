@@ -22,9 +22,9 @@ import (
 // route is where an outbound connection goes.
 type route struct {
 	hbone     bool
-	addr      netip.AddrPort // dialled: HBONE peer (pod or waypoint :15008) or the plain destination
-	authority string         // CONNECT :authority, for HBONE
-	peer      identity.ID    // identity the HBONE peer must present
+	addr      netip.AddrPort  // dialled: HBONE peer (pod or waypoint :15008) or the plain destination
+	authority string          // CONNECT :authority, for HBONE
+	peer      *state.Workload // the workload whose identity the HBONE peer must present
 	dstW      *state.Workload
 	svc       *state.Service
 }
@@ -72,7 +72,6 @@ func (p *Proxy) connectOutbound(down relay.Conn, src, dst, translated netip.Addr
 		p.refuse(c, fmt.Errorf("%w: %s", errUnknownSource, src.Addr()))
 		return c, nil
 	}
-	r.srcID = workloadID(r.srcW)
 	rt, err := p.routeOutbound(snap, dst, translated)
 	if err != nil {
 		p.stats.NoRoute.Add(1)
@@ -85,12 +84,12 @@ func (p *Proxy) connectOutbound(down relay.Conn, src, dst, translated netip.Addr
 	defer cancel()
 	var up relay.Conn
 	if rt.hbone {
-		r.hbone, r.mtls, r.hboneAddr, r.dstID = true, true, rt.addr, rt.peer
+		r.hbone, r.mtls, r.hboneAddr, r.peerW = true, true, rt.addr, rt.peer
 		hdr := http.Header{}
 		hdr.Set("Forwarded", formatForwarded(src, rt.svc))
 		hdr.Set("Baggage", baggage(r.srcW))
 		hdr.Set("Traceparent", newTraceparent())
-		key := hbone.Key{Src: r.srcID.String(), Dst: rt.peer.String(), SrcAddr: hboneSource(r.srcW, src.Addr(), rt.addr.Addr()), Addr: rt.addr}
+		key := hbone.Key{Src: workloadID(r.srcW).String(), Dst: workloadID(rt.peer).String(), SrcAddr: hboneSource(r.srcW, src.Addr(), rt.addr.Addr()), Addr: rt.addr}
 		up, err = p.pool.Connect(ctx, key, rt.authority, hdr)
 	} else if p.cfg.Captured != nil && p.cfg.Captured(rt.addr.Addr()) {
 		// A pod this node captures, which the mesh does not describe as
@@ -164,7 +163,7 @@ func (p *Proxy) route(snap *state.Snapshot, dst netip.AddrPort) (*route, error) 
 	}
 	if w.Protocol == state.ProtocolHBONE {
 		rt.hbone = true
-		rt.peer = workloadID(w)
+		rt.peer = w
 		rt.authority = hbone.FormatAuthority(target)
 		rt.addr = netip.AddrPortFrom(target.Addr(), p.cfg.HBONEPort)
 	}
@@ -200,7 +199,7 @@ func (p *Proxy) viaWaypoint(snap *state.Snapshot, rt *route, gw *state.GatewayAd
 		port = DefaultHBONEPort
 	}
 	rt.hbone = true
-	rt.peer = workloadID(wp)
+	rt.peer = wp
 	rt.authority = hbone.FormatAuthority(authority)
 	rt.addr = netip.AddrPortFrom(addr, port)
 	return rt, nil

@@ -37,13 +37,13 @@ func TestRecheckListedPolicyNotYetKnown(t *testing.T) {
 	live := func(id, src string) *conn {
 		down, _ := tcptest.Pair(t)
 		up, _ := tcptest.Pair(t)
-		peer, err := identity.Parse(id)
+		peerID, err := identity.Parse(id)
 		if err != nil {
 			t.Fatal(err)
 		}
 		c := &conn{p: p, pair: relay.NewPair(down, up), record: record{
 			src: netip.AddrPortFrom(netip.MustParseAddr(src), 40000), dst: netip.MustParseAddrPort("10.0.0.2:9080"),
-			srcID: peer, dstW: pp, dstID: workloadID(pp), start: now(), inbound: true, hbone: true, mtls: true,
+			peer: &peer{id: peerID, streams: 1}, dstW: pp, start: now(), inbound: true, hbone: true, mtls: true,
 		}}
 		p.relay(c, store.Load().Generation(), false)
 		return c

@@ -52,19 +52,50 @@ const (
 
 // record is what the access log and the metrics say about a connection.
 // An idle connection holds it (in its conn), so it is kept small: fields
-// of a few fixed values are flags, the start is a monotonic reading in 8
-// bytes, the byte counts are the relay's and go straight to the report.
+// of a few fixed values are flags, the identities are pointers to what
+// they are read from (srcID, dstID), the start is a monotonic reading in
+// 8 bytes, the byte counts are the relay's and go straight to the report.
 type record struct {
-	src, dst     netip.AddrPort // client address, original destination
-	hboneAddr    netip.AddrPort // HBONE peer dialled (outbound)
-	srcW, dstW   *state.Workload
-	srcID, dstID identity.ID
-	svc          *state.Service
-	start        time.Duration // since epoch
-	err          error
-	inbound      bool // reported by the destination (else by the source)
-	hbone        bool // protocol HBONE (else TCP)
-	mtls         bool
+	src, dst   netip.AddrPort // client address, original destination
+	hboneAddr  netip.AddrPort // HBONE peer dialled (outbound)
+	srcW, dstW *state.Workload
+	svc        *state.Service
+	// peerW is the workload whose identity an outbound connection's HBONE
+	// peer presents: the destination's, or its waypoint's.
+	peerW *state.Workload
+	// peer is an inbound HBONE connection's client identity, shared with
+	// the other streams of its HBONE connection.
+	peer    *peer
+	start   time.Duration // since epoch
+	err     error
+	inbound bool // reported by the destination (else by the source)
+	hbone   bool // protocol HBONE (else TCP)
+	mtls    bool
+}
+
+// srcID is the client's identity: the source workload's on an outbound
+// connection, the certificate's on an inbound HBONE one, none on an
+// inbound plaintext one.
+func (r *record) srcID() identity.ID {
+	switch {
+	case r.peer != nil:
+		return r.peer.id
+	case !r.inbound && r.srcW != nil:
+		return workloadID(r.srcW)
+	}
+	return identity.ID{}
+}
+
+// dstID is the destination's identity: the HBONE peer's on an outbound
+// connection, the local destination workload's on an inbound one.
+func (r *record) dstID() identity.ID {
+	switch {
+	case r.peerW != nil:
+		return workloadID(r.peerW)
+	case r.inbound && r.dstW != nil:
+		return workloadID(r.dstW)
+	}
+	return identity.ID{}
 }
 
 // epoch is what records' start times count from: a time.Duration since
@@ -102,14 +133,14 @@ func (r *record) labels() metrics.Labels {
 	if r.srcW != nil {
 		l.SourceWorkload, l.SourceWorkloadNamespace = workloadName(r.srcW), r.srcW.Namespace
 	}
-	if !r.srcID.IsZero() {
-		l.SourcePrincipal = r.srcID.String()
+	if id := r.srcID(); !id.IsZero() {
+		l.SourcePrincipal = id.String()
 	}
 	if r.dstW != nil {
 		l.DestinationWorkload, l.DestinationWorkloadNamespace = workloadName(r.dstW), r.dstW.Namespace
 	}
-	if !r.dstID.IsZero() {
-		l.DestinationPrincipal = r.dstID.String()
+	if id := r.dstID(); !id.IsZero() {
+		l.DestinationPrincipal = id.String()
 	}
 	if r.svc != nil {
 		l.DestinationService = r.svc.Hostname
@@ -155,8 +186,8 @@ func (p *Proxy) logRecord(r *record, sent, recv int64) {
 	if r.srcW != nil {
 		attrs = append(attrs, slog.String(logKeySrcWl, r.srcW.Name), slog.String(logKeySrcNs, r.srcW.Namespace))
 	}
-	if !r.srcID.IsZero() {
-		attrs = append(attrs, slog.String(logKeySrcID, r.srcID.String()))
+	if id := r.srcID(); !id.IsZero() {
+		attrs = append(attrs, slog.String(logKeySrcID, id.String()))
 	}
 	if r.svc != nil {
 		attrs = append(attrs, slog.String(logKeyDstSvc, r.svc.Hostname))
@@ -164,8 +195,8 @@ func (p *Proxy) logRecord(r *record, sent, recv int64) {
 	if r.dstW != nil {
 		attrs = append(attrs, slog.String(logKeyDstWl, r.dstW.Name), slog.String(logKeyDstNs, r.dstW.Namespace))
 	}
-	if !r.dstID.IsZero() {
-		attrs = append(attrs, slog.String(logKeyDstID, r.dstID.String()))
+	if id := r.dstID(); !id.IsZero() {
+		attrs = append(attrs, slog.String(logKeyDstID, id.String()))
 	}
 	attrs = append(attrs,
 		slog.String(logKeyProtocol, r.protocol()),
@@ -201,5 +232,5 @@ func (p *Proxy) relayDone(c *conn, sent, recv int64) {
 	c.mc.Sent(sent)
 	c.mc.Close()
 	p.logRecord(&c.record, sent, recv)
-	p.peers.release(c.peer)
+	p.peers.release(c.record.peer)
 }

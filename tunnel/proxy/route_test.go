@@ -60,8 +60,8 @@ func TestRoute(t *testing.T) {
 			if rt.hbone != tc.hbone || rt.addr.String() != tc.addr || rt.authority != tc.auth {
 				t.Errorf("route = hbone %v addr %s authority %q; want %v %s %q", rt.hbone, rt.addr, rt.authority, tc.hbone, tc.addr, tc.auth)
 			}
-			if tc.peer != "" && rt.peer.String() != tc.peer {
-				t.Errorf("peer = %s, want %s", rt.peer, tc.peer)
+			if tc.peer != "" && (rt.peer == nil || workloadID(rt.peer).String() != tc.peer) {
+				t.Errorf("peer = %v, want %s", rt.peer, tc.peer)
 			}
 			if got := ""; rt.svc != nil {
 				got = rt.svc.Hostname

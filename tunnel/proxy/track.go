@@ -18,7 +18,6 @@ type conn struct {
 	p    *Proxy
 	pair *relay.Pair
 	mc   metrics.Conn
-	peer *peer // an inbound HBONE connection's, shared with its HBONE connection's other streams
 }
 
 func (c *conn) close(err error) { c.pair.Close(err) }
@@ -30,8 +29,8 @@ func (c *conn) closeErr() error { return c.pair.Err() }
 // again.
 func (c *conn) authzConn(w *state.Workload) authz.Conn {
 	ac := authz.Conn{SrcIP: c.src.Addr(), DstIP: c.dst.Addr(), DstPort: c.dst.Port(), DstWorkload: authzWorkload(w)}
-	if !c.srcID.IsZero() {
-		ac.SrcIdentity = c.srcID.String()
+	if id := c.srcID(); !id.IsZero() {
+		ac.SrcIdentity = id.String()
 	}
 	return ac
 }
