@@ -62,19 +62,31 @@ const (
 	inlineMax = 16 << 10
 )
 
-var batchPool = sync.Pool{New: func() any {
-	b := make([]byte, 0, batchCapacity)
-	return &b
-}}
+// batchPool holds batches, each in a *[]byte (a slice put in a
+// sync.Pool as itself allocates its header on every Put); holders keeps
+// the emptied *[]byte for the next Put, so a batch taken and returned per
+// write, as an idle-between-requests connection does, allocates nothing.
+var batchPool, holders sync.Pool
 
 func getBatch() []byte {
-	return (*batchPool.Get().(*[]byte))[:0]
+	h, _ := batchPool.Get().(*[]byte)
+	if h == nil {
+		return make([]byte, 0, batchCapacity)
+	}
+	b := (*h)[:0]
+	*h = nil
+	holders.Put(h)
+	return b
 }
 
 func putBatch(b []byte) {
 	if cap(b) != batchCapacity {
 		return // grown by a control backlog: let it go
 	}
-	b = b[:0]
-	batchPool.Put(&b)
+	h, _ := holders.Get().(*[]byte)
+	if h == nil {
+		h = new([]byte)
+	}
+	*h = b[:0]
+	batchPool.Put(h)
 }

@@ -124,10 +124,10 @@ func (c *conn) releaseBatchesLocked() {
 	if c.pending != nil && len(c.pending) == 0 {
 		putBatch(c.pending)
 		c.pending = nil
-		c.marks = nil
+		c.marks = keepSmall(c.marks)
 	}
 	if len(c.flying) == 0 {
-		c.flying = nil
+		c.flying = keepSmall(c.flying)
 	}
 	if c.spare != nil {
 		putBatch(c.spare)
@@ -153,6 +153,17 @@ func (c *conn) batchWrittenLocked(buf []byte) {
 	} else {
 		putBatch(buf)
 	}
+}
+
+// keepSmall empties marks for reuse when its array is small (a
+// connection between requests writes a frame or two per batch, and
+// would allocate the slice again for each), and lets a large one go.
+func keepSmall(marks []dataMark) []dataMark {
+	if cap(marks) > 8 {
+		return nil
+	}
+	clear(marks[:cap(marks)]) // no stream kept alive by a stale mark
+	return marks[:0]
 }
 
 // dataMark is one DATA frame's payload in a batch, so that bytes a stream
