@@ -122,14 +122,32 @@ func WaitReadable(raw RawConn) error {
 // That saves one system call per wait; a wake-up with nothing to read
 // costs the caller one empty read.
 func WaitReadableOrWoken(raw RawConn) error {
-	waited := false
-	return raw.Read(func(fd uintptr) bool {
-		if waited {
-			return true
-		}
-		waited = true
-		return hasInput(fd)
-	})
+	w := waitPool.Get().(*waiter)
+	err := raw.Read(w.fn)
+	w.waited = false
+	waitPool.Put(w)
+	return err
+}
+
+// waiter is one call of WaitReadableOrWoken, pooled as op is: its
+// callback is bound once.
+type waiter struct {
+	fn     func(uintptr) bool // w.run
+	waited bool
+}
+
+var waitPool = sync.Pool{New: func() any {
+	w := new(waiter)
+	w.fn = w.run
+	return w
+}}
+
+func (w *waiter) run(fd uintptr) bool {
+	if w.waited {
+		return true
+	}
+	w.waited = true
+	return hasInput(fd)
 }
 
 // hasInput is a syscall.RawConn.Read callback: done once the socket has

@@ -165,11 +165,13 @@ func (u *pump) init(h *half) bool {
 // parks; or until EOF or an error, which end the copy.
 func (u *pump) run() {
 	rf := u.h.dst().(io.ReaderFrom)
+	// Made once per run: an interface made of a struct allocates, and
+	// this loop turns once per request on a busy connection.
+	var src io.Reader = &nonblock.Reader{Raw: u.raw}
+	if it := u.h.p.idleTimer; it != nil {
+		src = &touchReader{r: src, touch: it}
+	}
 	for {
-		var src io.Reader = nonblock.Reader{Raw: u.raw}
-		if it := u.h.p.idleTimer; it != nil {
-			src = touchReader{r: src, touch: it}
-		}
 		n, err := rf.ReadFrom(src)
 		u.h.n += n
 		if !errors.Is(err, nonblock.ErrWouldBlock) {
