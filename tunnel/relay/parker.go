@@ -15,12 +15,23 @@ import (
 )
 
 // idleAfter is how long a direction from a socket waits for it on its own
-// goroutine before it hands the wait to the Parker. Request/response
-// traffic stays on the direct wait (the Parker adds a goroutine hand-off
-// per wake-up); connections that really idle give their goroutine back
-// soon, and with it its stack, which is most of what an idle connection
-// costs (ARCHITECTURE.md, "Idle connections hold no goroutine").
+// goroutine before it hands the wait to the Parker, once bytes came more
+// than once. Request/response traffic stays on the direct wait (the
+// Parker adds a goroutine hand-off per wake-up); connections that really
+// idle give their goroutine back soon, and with it its stack, which is
+// most of what an idle connection costs (ARCHITECTURE.md, "Idle
+// connections hold no goroutine").
 const idleAfter = 100 * time.Millisecond
+
+// idleFirst is the wait of a direction that has carried one burst only:
+// a connection that exchanged its opening bytes and idles since (a
+// pool's, a client that connects ahead) gives its goroutine back sooner,
+// so that a burst of new connections does not hold a stack each for
+// idleAfter — a process's RSS keeps the stacks' pages after the
+// goroutines end (amber-bench's idle test: 3.8–4.3 KiB per idle
+// connection over both ztunnels with idleAfter alone, 2.0–2.5 KiB with a
+// 10 ms first wait).
+const idleFirst = 10 * time.Millisecond
 
 // Parker waits for many idle sockets with one goroutine: each parked
 // socket is in an epoll set (EPOLLONESHOT), and the epoll descriptor
@@ -124,7 +135,8 @@ func (pk *Parker) disarm(u *pump) {
 }
 
 // pump copies a socket into an HBONE stream without keeping a goroutine
-// while the socket is idle: when nothing arrived for idleAfter it parks
+// while the socket is idle: when nothing arrived for idleAfter (or
+// idleFirst) it parks
 // with the Parker and its goroutine ends; readiness starts a new one. It
 // is a part of its Pair (Pair.pump), and copies the direction h.
 type pump struct {
@@ -133,10 +145,15 @@ type pump struct {
 	pk  *Parker
 	fd  int32
 
-	mu         sync.Mutex // guards the fields below
+	mu         sync.Mutex // guards the three fields below
 	parked     bool       // waiting with the Parker, no goroutine running
 	stopped    bool       // the sockets are being closed: never park again
 	registered bool       // fd is in the Parker's epoll set
+
+	// bursts counts reads that brought bytes, up to 2: from the second on
+	// the direction waits idleAfter, not idleFirst. The running
+	// goroutine's; last, where it fits the Pair's padding.
+	bursts uint8
 }
 
 // init prepares u to copy h (whose destination takes ReadFrom), and
@@ -161,7 +178,7 @@ func (u *pump) init(h *half) bool {
 	return true
 }
 
-// run copies until the source has nothing to read for idleAfter, then
+// run copies until the source has nothing to read for its wait, then
 // parks; or until EOF or an error, which end the copy.
 func (u *pump) run() {
 	rf := u.h.dst().(io.ReaderFrom)
@@ -174,6 +191,11 @@ func (u *pump) run() {
 	for {
 		n, err := rf.ReadFrom(src)
 		u.h.n += n
+		if n > 0 && u.bursts < 2 {
+			// ReadFrom reads until the socket is empty: bytes in a later
+			// call came after a wait, or woke the pump from the Parker.
+			u.bursts++
+		}
 		if !errors.Is(err, nonblock.ErrWouldBlock) {
 			u.finish(err)
 			return
@@ -187,15 +209,24 @@ func (u *pump) run() {
 	}
 }
 
-// waitReadable waits up to idleAfter on this goroutine for data or an
-// error (which the next read reports). A wake-up is not checked: the
-// read that follows does, and a read that finds nothing comes back here.
+// waitReadable waits up to idleAfter (idleFirst while only one burst
+// came) on this goroutine for data or an error (which the next read
+// reports). A wake-up is not checked: the read that follows does, and a
+// read that finds nothing comes back here.
 func (u *pump) waitReadable() bool {
 	src := u.h.src()
-	_ = src.SetReadDeadline(time.Now().Add(idleAfter))
+	_ = src.SetReadDeadline(time.Now().Add(u.wait()))
 	err := nonblock.WaitReadableOrWoken(u.raw)
 	_ = src.SetReadDeadline(time.Time{})
 	return !errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// wait is how long the direction waits on its goroutine before parking.
+func (u *pump) wait() time.Duration {
+	if u.bursts > 1 {
+		return idleAfter
+	}
+	return idleFirst
 }
 
 // park hands the wait to the Parker; false means the pump must go on

@@ -54,15 +54,22 @@ func waitParked(t *testing.T, p *Pair, base int) {
 }
 
 // TestPumpParks: an idle upload direction holds no goroutine, wakes up
-// for new data and passes the half-close on.
+// for new data and passes the half-close on. It parks after idleFirst
+// while it has carried one burst, after idleAfter once bytes came again.
 func TestPumpParks(t *testing.T) {
 	pk := mustParker(t)
 	base := runtime.NumGoroutine()
 	client, peer, p, results := startPump(t, pk)
 	roundTrip(t, client, peer, "first")
-	waitParked(t, p, base)
+	waitParked(t, p, base) // the park orders the pump's writes before these reads
+	if w := p.pump.wait(); w != idleFirst {
+		t.Errorf("after one burst the pump waits %v, want idleFirst (%v)", w, idleFirst)
+	}
 	roundTrip(t, client, peer, "second")
 	waitParked(t, p, base)
+	if w := p.pump.wait(); w != idleAfter {
+		t.Errorf("after a second burst the pump waits %v, want idleAfter (%v)", w, idleAfter)
+	}
 	client.CloseWrite()
 	if rest, err := io.ReadAll(peer); err != nil || len(rest) != 0 {
 		t.Fatalf("after the client's half-close read %q, %v; want EOF", rest, err)
