@@ -250,15 +250,7 @@ func TestIntegrationWaypointGoldens(t *testing.T) {
 				return ready(files)
 			})
 			barrier(t, ctx, cp, d, sc, i)
-			// Twice, from two streams: what differs is not configuration
-			// but something Normalize must learn about.
-			first, err := snap()
-			must(t, err)
-			second, err := snap()
-			must(t, err)
-			if d := diffFiles(first, second); d != "" {
-				t.Fatalf("two captures of %s differ; normalise the field in waypointgolden.Normalize:\n%s", sc.name, d)
-			}
+			first := stableCapture(t, sc.name, snap)
 			if sc.name == "base" {
 				base = first
 			}
@@ -440,6 +432,21 @@ func inStore(ctx context.Context, d *istiod.Istiod, want []objectRef, present bo
 		}
 	}
 	return nil
+}
+
+// stableCapture captures name's configuration twice, from two streams,
+// and returns the first: what differs between them is not configuration
+// but something Normalize must learn about, and fails the test.
+func stableCapture(t *testing.T, name string, snap func() (map[string][]byte, error)) map[string][]byte {
+	t.Helper()
+	first, err := snap()
+	must(t, err)
+	second, err := snap()
+	must(t, err)
+	if d := diffFiles(first, second); d != "" {
+		t.Fatalf("two captures of %s differ; normalise the field in waypointgolden.Normalize:\n%s", name, d)
+	}
+	return first
 }
 
 // compareGolden compares files with the golden directory, or writes them
