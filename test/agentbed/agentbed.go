@@ -409,37 +409,39 @@ func (e *Env) StartPod(ns, name string, labels map[string]string) *Pod {
 // subresource.
 func (e *Env) Running(p *Pod) {
 	e.t.Helper()
-	ctx := context.Background()
-	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		api, err := e.Admin.CoreV1().Pods(p.NS).Get(ctx, p.Name, metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
+	e.updatePod(p, true, func(api *corev1.Pod) {
 		api.Status = corev1.PodStatus{
 			Phase:  corev1.PodRunning,
 			HostIP: e.N1.IPv4.String(),
 			PodIP:  p.TB.IPv4.String(),
 			PodIPs: []corev1.PodIP{{IP: p.TB.IPv4.String()}, {IP: p.TB.IPv6.String()}},
 		}
-		_, err = e.Admin.CoreV1().Pods(p.NS).UpdateStatus(ctx, api, metav1.UpdateOptions{})
-		return err
 	})
-	if err != nil {
-		e.t.Fatal(err)
-	}
 }
 
 // LabelPod replaces a pod's labels.
 func (e *Env) LabelPod(p *Pod, labels map[string]string) {
 	e.t.Helper()
+	e.updatePod(p, false, func(api *corev1.Pod) { api.Labels = labels })
+}
+
+// updatePod applies change to p's current object and writes it back, to
+// its status subresource when status is set, again after a conflict.
+func (e *Env) updatePod(p *Pod, status bool, change func(*corev1.Pod)) {
+	e.t.Helper()
 	ctx := context.Background()
+	pods := e.Admin.CoreV1().Pods(p.NS)
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		api, err := e.Admin.CoreV1().Pods(p.NS).Get(ctx, p.Name, metav1.GetOptions{})
+		api, err := pods.Get(ctx, p.Name, metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
-		api.Labels = labels
-		_, err = e.Admin.CoreV1().Pods(p.NS).Update(ctx, api, metav1.UpdateOptions{})
+		change(api)
+		if status {
+			_, err = pods.UpdateStatus(ctx, api, metav1.UpdateOptions{})
+		} else {
+			_, err = pods.Update(ctx, api, metav1.UpdateOptions{})
+		}
 		return err
 	})
 	if err != nil {
