@@ -17,3 +17,7 @@ func Read(RawConn, []byte) (int, error) { return 0, syscall.EINVAL }
 func WaitReadable(RawConn) error { return syscall.EINVAL }
 
 func WaitReadableOrWoken(RawConn) error { return syscall.EINVAL }
+
+func ReadWait(RawConn, []byte) (int, error) { return 0, syscall.EINVAL }
+
+func WriteAll(RawConn, []byte) (int, error) { return 0, syscall.EINVAL }

@@ -1,8 +1,10 @@
 package nonblock_test
 
 import (
+	"bytes"
 	"errors"
 	"io"
+	"net"
 	"os"
 	"testing"
 	"time"
@@ -107,7 +109,7 @@ func TestWaitReadableOrWoken(t *testing.T) {
 	}
 }
 
-// Read and Write allocate nothing once warm: they run on every DATA frame
+// Read, Write, ReadWait and WriteAll allocate nothing once warm: they run on every DATA frame
 // and every idle socket's wake-up.
 func TestNoAllocs(t *testing.T) {
 	a, b := tcptest.Pair(t)
@@ -123,5 +125,84 @@ func TestNoAllocs(t *testing.T) {
 		}
 	}); n != 0 {
 		t.Errorf("%v allocations per Write and Read", n)
+	}
+	if n := testing.AllocsPerRun(100, func() {
+		if _, err := nonblock.WriteAll(ra, msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := nonblock.ReadWait(rb, buf); err != nil {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Errorf("%v allocations per WriteAll and ReadWait", n)
+	}
+}
+
+// ReadWait and WriteAll wait on the poller as net.Conn's Read and Write
+// do: for input, for room, until the deadline; and report the socket's end
+// and its closing as net.Conn does.
+func TestReadWaitWriteAll(t *testing.T) {
+	a, b := tcptest.Pair(t)
+	ra, rb := nonblock.Raw(a), nonblock.Raw(b)
+	buf := make([]byte, 64)
+
+	got := make(chan string, 1)
+	go func() {
+		n, err := nonblock.ReadWait(rb, buf)
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		got <- string(buf[:n])
+	}()
+	if _, err := nonblock.WriteAll(ra, []byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if s := <-got; s != "hello" {
+		t.Fatalf("ReadWait got %q", s)
+	}
+
+	b.SetReadDeadline(time.Now().Add(-time.Second))
+	if _, err := nonblock.ReadWait(rb, buf); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("ReadWait past its deadline: %v", err)
+	}
+	b.SetReadDeadline(time.Time{})
+
+	// More than the socket buffers hold: WriteAll waits for the reader.
+	big := make([]byte, 16<<20)
+	for i := range big {
+		big[i] = byte(i)
+	}
+	sum := make(chan []byte, 1)
+	go func() {
+		var all []byte
+		rbuf := make([]byte, 64<<10)
+		for {
+			n, err := nonblock.ReadWait(rb, rbuf)
+			all = append(all, rbuf[:n]...)
+			if err != nil {
+				if err != io.EOF {
+					t.Error(err)
+				}
+				sum <- all
+				return
+			}
+		}
+	}()
+	if n, err := nonblock.WriteAll(ra, big); n != len(big) || err != nil {
+		t.Fatalf("WriteAll: %d of %d, %v", n, len(big), err)
+	}
+	a.CloseWrite()
+	if all := <-sum; !bytes.Equal(all, big) {
+		t.Fatalf("read %d bytes, not the %d written", len(all), len(big))
+	}
+
+	b.Close()
+	if _, err := nonblock.ReadWait(rb, buf); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("ReadWait on a closed socket: %v", err)
+	}
+	a.Close()
+	if _, err := nonblock.WriteAll(ra, buf); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("WriteAll on a closed socket: %v", err)
 	}
 }

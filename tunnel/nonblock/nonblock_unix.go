@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"unsafe"
 )
 
 // RawConn is a socket's syscall.RawConn.
@@ -29,7 +30,7 @@ func Raw(c any) RawConn {
 // Write writes as much of p to raw's socket as it takes without blocking:
 // 0 and no error when its buffer is full.
 func Write(raw RawConn, p []byte) (int, error) {
-	n, errno, err := once(raw, true, p)
+	n, errno, err := do(raw, true, false, p)
 	switch {
 	case err != nil:
 		return 0, err
@@ -44,7 +45,7 @@ func Write(raw RawConn, p []byte) (int, error) {
 // Read reads what raw's socket holds without waiting: ErrWouldBlock when
 // it holds nothing, io.EOF at its end.
 func Read(raw RawConn, p []byte) (int, error) {
-	n, errno, err := once(raw, false, p)
+	n, errno, err := do(raw, false, false, p)
 	switch {
 	case err != nil:
 		return 0, err
@@ -58,16 +59,17 @@ func Read(raw RawConn, p []byte) (int, error) {
 	return n, nil
 }
 
-// once runs one read or write of p on raw's descriptor exactly once
-// (EINTR aside) through raw.Read or raw.Write, without ever parking on
-// the poller: errno is the call's result, err the RawConn's.
+// do runs a read or write of p on raw's descriptor through raw.Read or
+// raw.Write: errno is the call's result, err the RawConn's. Without wait
+// it makes one call (EINTR aside) and never parks on the poller; with
+// wait it parks while the socket has no input (read) or no room (write).
 //
 // The call's state lives in a pooled op whose callback is bound once: a
 // closure handed to RawConn escapes, and with it the variables it
 // captures, several allocations per call on the data path otherwise.
-func once(raw RawConn, write bool, p []byte) (n int, errno, err error) {
+func do(raw RawConn, write, wait bool, p []byte) (n int, errno, err error) {
 	o := opPool.Get().(*op)
-	o.p, o.write = p, write
+	o.p, o.write, o.wait = p, write, wait
 	if write {
 		err = raw.Write(o.fn)
 	} else {
@@ -79,11 +81,12 @@ func once(raw RawConn, write bool, p []byte) (n int, errno, err error) {
 	return n, errno, err
 }
 
-// op is one call of once.
+// op is one call of do.
 type op struct {
 	fn    func(uintptr) bool // o.run, bound when the op is made
-	p     []byte
+	p     []byte             // what is left to read into or write
 	write bool
+	wait  bool // return false on EAGAIN: the RawConn waits on the poller and calls again
 	n     int
 	errno error
 }
@@ -94,17 +97,60 @@ var opPool = sync.Pool{New: func() any {
 	return o
 }}
 
+// run is o's RawConn callback: one read, or writes until p is written or
+// the socket is full.
 func (o *op) run(fd uintptr) bool {
+	nr := uintptr(syscall.SYS_READ)
+	if o.write {
+		nr = syscall.SYS_WRITE
+	}
 	for {
-		if o.write {
-			o.n, o.errno = syscall.Write(int(fd), o.p)
-		} else {
-			o.n, o.errno = syscall.Read(int(fd), o.p)
-		}
-		if o.errno != syscall.EINTR {
+		r, _, e := syscall.RawSyscall(nr, fd, uintptr(unsafe.Pointer(unsafe.SliceData(o.p))), uintptr(len(o.p)))
+		switch {
+		case e == syscall.EINTR:
+			continue
+		case e == syscall.EAGAIN && o.wait:
+			return false
+		case e != 0:
+			o.errno = e
 			return true
 		}
+		o.n += int(r)
+		if o.wait && o.write && int(r) < len(o.p) {
+			o.p = o.p[r:]
+			continue
+		}
+		return true
 	}
+}
+
+// ReadWait reads into p from raw's socket, waiting on the poller for
+// input as net.Conn's Read does, its read deadline included: io.EOF at
+// the socket's end.
+func ReadWait(raw RawConn, p []byte) (int, error) {
+	n, errno, err := do(raw, false, true, p)
+	switch {
+	case err != nil:
+		return 0, err
+	case errno != nil:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", errno)}
+	case n == 0 && len(p) > 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// WriteAll writes all of p to raw's socket, waiting on the poller for
+// room as net.Conn's Write does, its write deadline included.
+func WriteAll(raw RawConn, p []byte) (int, error) {
+	n, errno, err := do(raw, true, true, p)
+	switch {
+	case err != nil:
+		return n, err
+	case errno != nil:
+		return n, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", errno)}
+	}
+	return n, nil
 }
 
 // WaitReadable blocks until raw's socket has input or an error to report
@@ -154,6 +200,6 @@ func (w *waiter) run(fd uintptr) bool {
 // a byte or an error to report.
 func hasInput(fd uintptr) bool {
 	var b [1]byte
-	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	_, _, err := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1, syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
 	return err != syscall.EAGAIN && err != syscall.EINTR
 }
