@@ -21,7 +21,7 @@ type batchConn struct {
 	buffering bool
 	wbuf      []byte
 	woff      int              // wbuf[:woff] is written
-	raw       nonblock.RawConn // for writes that must not block; nil if unsupported; set before use
+	raw       nonblock.RawConn // the socket's, for nonblock's calls; nil if unsupported or until the TLS handshake is done
 
 	// The read side is used only under the tls.Conn's read lock.
 	rbuf     *chunk
@@ -66,9 +66,27 @@ func (bc *batchConn) flush() error {
 		bc.releaseLocked()
 		return nil
 	}
-	_, err := bc.Conn.Write(bc.wbuf[bc.woff:])
+	_, err := bc.connWrite(bc.wbuf[bc.woff:])
 	bc.releaseLocked()
 	return err
+}
+
+// connWrite and connRead are the socket's Write and Read, made without
+// the runtime's syscall entry once raw is set (see package nonblock: on a
+// connection between requests, the entry wakes the scheduler's monitor
+// thread, a context switch or more per request in each ztunnel).
+func (bc *batchConn) connWrite(p []byte) (int, error) {
+	if bc.raw != nil {
+		return nonblock.WriteAll(bc.raw, p)
+	}
+	return bc.Conn.Write(p)
+}
+
+func (bc *batchConn) connRead(p []byte) (int, error) {
+	if bc.raw != nil {
+		return nonblock.ReadWait(bc.raw, p)
+	}
+	return bc.Conn.Read(p)
 }
 
 // tryFlush writes what was collected since begin as far as the socket
@@ -103,10 +121,10 @@ func (bc *batchConn) Write(p []byte) (int, error) {
 	bc.wmu.Lock()
 	defer bc.wmu.Unlock()
 	if !bc.buffering {
-		return bc.Conn.Write(p)
+		return bc.connWrite(p)
 	}
 	if len(bc.wbuf)+len(p) > batchCapacity && len(bc.wbuf) > bc.woff {
-		_, err := bc.Conn.Write(bc.wbuf[bc.woff:])
+		_, err := bc.connWrite(bc.wbuf[bc.woff:])
 		bc.wbuf, bc.woff = bc.wbuf[:0], 0
 		if err != nil {
 			return 0, err
@@ -125,7 +143,7 @@ func (bc *batchConn) Write(p []byte) (int, error) {
 func (bc *batchConn) Read(p []byte) (int, error) {
 	if bc.rbuf == nil {
 		if !bc.ahead || len(p) >= readAhead {
-			n, err := bc.Conn.Read(p)
+			n, err := bc.connRead(p)
 			bc.ahead = n == len(p)
 			return n, err
 		}
@@ -137,7 +155,7 @@ func (bc *batchConn) Read(p []byte) (int, error) {
 			bc.readable()
 		}
 		bc.rbuf = getChunk(readAhead)
-		n, err := bc.Conn.Read(bc.rbuf.b)
+		n, err := bc.connRead(bc.rbuf.b)
 		bc.rbuf.w = n
 		bc.ahead = n >= readAhead
 		if n == 0 {
