@@ -8,6 +8,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -74,7 +75,7 @@ func (pk *Parker) run() {
 	events := make([]unix.EpollEvent, 128)
 	_ = raw.Read(func(uintptr) bool {
 		for {
-			n, err := unix.EpollWait(pk.epfd, events, 0)
+			n, err := epollPoll(pk.epfd, events)
 			if err == unix.EINTR {
 				continue
 			}
@@ -94,6 +95,26 @@ func (pk *Parker) run() {
 	})
 }
 
+// epollPoll and epollCtl are unix.EpollWait (with a zero timeout: it
+// never blocks) and unix.EpollCtl made without the runtime's syscall
+// entry, which would wake the scheduler's monitor thread on every wake-up
+// of a parked connection in an otherwise idle process (see package
+// nonblock).
+func epollPoll(epfd int, events []unix.EpollEvent) (int, error) {
+	r, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	if e != 0 {
+		return -1, e
+	}
+	return int(r), nil
+}
+
+func epollCtl(epfd, op, fd int, ev *unix.EpollEvent) error {
+	if _, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(epfd), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(ev)), 0, 0); e != 0 {
+		return e
+	}
+	return nil
+}
+
 // Close stops the Parker and waits for its goroutine. The relays using it
 // must have ended: a socket still parked is never woken.
 func (pk *Parker) Close() error {
@@ -111,7 +132,7 @@ func (pk *Parker) arm(u *pump) error {
 	if !u.registered {
 		op = unix.EPOLL_CTL_ADD
 	}
-	if err := unix.EpollCtl(pk.epfd, op, int(u.fd), &ev); err != nil {
+	if err := epollCtl(pk.epfd, op, int(u.fd), &ev); err != nil {
 		return err
 	}
 	u.registered = true
@@ -129,7 +150,7 @@ func (pk *Parker) disarm(u *pump) {
 	if pk.parked[u.fd] == u {
 		delete(pk.parked, u.fd)
 	}
-	_ = unix.EpollCtl(pk.epfd, unix.EPOLL_CTL_DEL, int(u.fd), nil)
+	_ = epollCtl(pk.epfd, unix.EPOLL_CTL_DEL, int(u.fd), nil)
 	pk.mu.Unlock()
 	u.registered = false
 }
