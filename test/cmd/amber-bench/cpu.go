@@ -102,7 +102,7 @@ func (pr *profiler) wait() error {
 }
 
 // perfStatEvents are what `perf stat` counts in a connection-rate
-// profile: every system call entered, context switches, CPU time, then
+// or latency profile: every system call entered, context switches, CPU time, then
 // the system calls of the Go runtime's scheduler (sysmon's sleeps, thread
 // parking and wake-ups, the poller's waits), whose number follows the
 // machine's load rather than the connection's work.
@@ -172,9 +172,10 @@ func (r *perfRecord) control(cmd string) error {
 	return nil
 }
 
-// syscallsPerConn reads a connection-rate phase's perf-stat file and
-// returns each event's count per connection, in perfStatEvents' order.
-func syscallsPerConn(file string, conns float64) ([]float64, error) {
+// syscallsPer reads a profile phase's perf-stat file and returns each
+// event's count per unit of work (connection, request), in
+// perfStatEvents' order.
+func syscallsPer(file string, units float64) ([]float64, error) {
 	b, err := os.ReadFile(file)
 	if err != nil {
 		return nil, err
@@ -193,7 +194,7 @@ func syscallsPerConn(file string, conns float64) ([]float64, error) {
 				if err != nil {
 					return nil, fmt.Errorf("%s: %s: %w", file, ev, err)
 				}
-				out[i] = v / conns
+				out[i] = v / units
 			}
 		}
 	}

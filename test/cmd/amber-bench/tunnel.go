@@ -300,7 +300,7 @@ func tunnel(args []string) error {
 			if err := ctx.Err(); err != nil {
 				return fmt.Errorf("interrupted: %w", context.Cause(ctx))
 			}
-			if err := profileMode(*profDir, m, setups[m], func() []*meshbed.Ztunnel { return ztunnels }, pairs[m].client, pairs[m].server, *dur, *workers); err != nil {
+			if err := profileMode(*profDir, m, setups[m], func() []*meshbed.Ztunnel { return ztunnels }, pairs[m].client, pairs[m].server, *dur, *workers, *rate, *latDur); err != nil {
 				return fmt.Errorf("profile %s: %w", m, err)
 			}
 		}
@@ -372,7 +372,7 @@ func measure(client *testbed.Pod, sink, echo netip.AddrPort, pids []int, full bo
 
 // profileMode sets mode up once more and profiles its proxy processes
 // through one throughput and one connection-rate run.
-func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels func() []*meshbed.Ztunnel, client, server *testbed.Pod, dur time.Duration, workers int) error {
+func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels func() []*meshbed.Ztunnel, client, server *testbed.Pod, dur time.Duration, workers, rate int, latDur time.Duration) error {
 	d, err := setup()
 	if err != nil {
 		return err
@@ -410,7 +410,7 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 			(float64(held.heap)-float64(before.heap))/n, (float64(held.stack)-float64(before.stack))/n, per/1024, n)
 	}
 	sink := netip.AddrPortFrom(server.IPv4, 5001)
-	for _, phase := range []string{"throughput", "connrate"} {
+	for _, phase := range []string{"throughput", "connrate", "latency"} {
 		name := mode + "-" + phase
 		var before memStats
 		var dials uint64
@@ -425,25 +425,41 @@ func profileMode(dir, mode string, setup func() (*deployment, error), ztunnels f
 				break
 			}
 		}
-		pr, perr := startProfile(dir, name, dur, d.pids, zs, phase == "connrate")
+		pdur := dur
+		if phase == "latency" {
+			pdur = latDur
+		}
+		pr, perr := startProfile(dir, name, pdur, d.pids, zs, phase != "throughput")
 		if perr == nil {
-			var cps float64
-			if phase == "throughput" {
+			var cps, p50, p99 float64
+			switch phase {
+			case "throughput":
 				_, _, perr = throughput(client, sink, dur)
-			} else {
+			case "connrate":
 				cps, perr = connRate(client, sink, dur, workers)
+			default:
+				p50, p99, perr = latency(client, netip.AddrPortFrom(server.IPv4, 5002), rate, latDur)
 			}
 			perr = errors.Join(perr, pr.wait())
-			conns := cps * dur.Seconds()
+			// Counted over the measurement (perf is enabled before and
+			// disabled after it): per connection or per request (a 1 KiB
+			// message echoed), both nodes.
+			unit, units := "connection", cps*dur.Seconds()
+			if phase == "latency" {
+				unit, units = "request", float64(rate)*latDur.Seconds()
+			}
 			if perr == nil && pr.stat != nil {
-				// Counted over the measurement (perf is enabled before
-				// and disabled after it): per connection, both nodes.
 				var per []float64
-				if per, perr = syscallsPerConn(filepath.Join(dir, name+".perf-stat.csv"), conns); perr == nil {
+				if per, perr = syscallsPer(filepath.Join(dir, name+".perf-stat.csv"), units); perr == nil {
 					sched := per[3] + per[4] + per[5] + per[6]
-					fmt.Fprintf(os.Stderr, "profile %-16s per connection, both nodes: %.1f syscalls (%.1f beside the Go scheduler's nanosleep, futex, epoll_pwait, sched_yield) · %.1f context switches · %.0f µs CPU (perf stat)\n", mode, per[0], per[0]-sched, per[1], per[2]*1e3)
+					fmt.Fprintf(os.Stderr, "profile %-16s per %s, both nodes: %.1f syscalls (%.1f beside the Go scheduler's nanosleep, futex, epoll_pwait, sched_yield: %.1f · %.1f · %.1f · %.1f) · %.1f context switches · %.0f µs CPU (perf stat)\n",
+						mode, unit, per[0], per[0]-sched, per[3], per[4], per[5], per[6], per[1], per[2]*1e3)
 				}
 			}
+			if perr == nil && phase == "latency" {
+				fmt.Fprintf(os.Stderr, "profile %-16s latency under the profilers: p50 %.0f µs, p99 %.0f µs\n", mode, p50, p99)
+			}
+			conns := units
 			if perr == nil && phase == "connrate" && len(zs) > 0 {
 				// Exact counts from the Go runtime, so load-insensitive;
 				// a few admin-port requests of their own are included.
