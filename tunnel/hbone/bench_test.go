@@ -275,8 +275,9 @@ func BenchmarkIdleStreamMemory(b *testing.B) {
 
 // TestIdleStreamMemory holds an idle tunnelled connection to amber's
 // budget: both ends of a stream, without the handler's goroutine, fit in
-// 1.25 KiB of heap (≈ 1.06 KiB with Go 1.26: the two Stream structs, with
-// no signal channel or deadline made for an idle stream), against 16–20
+// 1.25 KiB of heap (≈ 0.9 KiB with Go 1.26: the two Stream structs, with
+// no signal channel or deadline made for an idle stream, and the server's
+// request with the handler's wait for data), against 16–20
 // KiB per side for goroutine-per-direction Go proxies and ≈ 3.8 KiB for
 // Istio's Rust ztunnel (docs/facts.md §4; ARCHITECTURE.md, "Idle
 // connections hold no goroutine").
