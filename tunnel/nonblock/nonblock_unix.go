@@ -116,7 +116,7 @@ func (o *op) run(fd uintptr) bool {
 			return true
 		}
 		o.n += int(r)
-		if o.wait && o.write && int(r) < len(o.p) {
+		if o.wait && o.write && r > 0 && int(r) < len(o.p) {
 			o.p = o.p[r:]
 			continue
 		}
@@ -149,6 +149,8 @@ func WriteAll(raw RawConn, p []byte) (int, error) {
 		return n, err
 	case errno != nil:
 		return n, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", errno)}
+	case n < len(p):
+		return n, io.ErrShortWrite // a socket takes a byte or says EAGAIN: not seen
 	}
 	return n, nil
 }
