@@ -29,32 +29,47 @@ func Raw(c any) RawConn {
 
 // Write writes as much of p to raw's socket as it takes without blocking:
 // 0 and no error when its buffer is full.
-func Write(raw RawConn, p []byte) (int, error) {
-	n, errno, err := do(raw, true, false, p)
-	switch {
-	case err != nil:
-		return 0, err
-	case errno == syscall.EAGAIN:
-		return 0, nil
-	case errno != nil:
-		return 0, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", errno)}
-	}
-	return max(n, 0), nil
-}
+func Write(raw RawConn, p []byte) (int, error) { return writeSock(raw, false, p) }
 
 // Read reads what raw's socket holds without waiting: ErrWouldBlock when
 // it holds nothing, io.EOF at its end.
-func Read(raw RawConn, p []byte) (int, error) {
-	n, errno, err := do(raw, false, false, p)
+func Read(raw RawConn, p []byte) (int, error) { return readSock(raw, false, p) }
+
+// ReadWait reads into p from raw's socket, waiting on the poller for
+// input as net.Conn's Read does, its read deadline included: io.EOF at
+// the socket's end.
+func ReadWait(raw RawConn, p []byte) (int, error) { return readSock(raw, true, p) }
+
+// WriteAll writes all of p to raw's socket, waiting on the poller for
+// room as net.Conn's Write does, its write deadline included.
+func WriteAll(raw RawConn, p []byte) (int, error) { return writeSock(raw, true, p) }
+
+func readSock(raw RawConn, wait bool, p []byte) (int, error) {
+	n, errno, err := do(raw, false, wait, p)
 	switch {
 	case err != nil:
 		return 0, err
 	case errno == syscall.EAGAIN:
-		return 0, ErrWouldBlock
+		return 0, ErrWouldBlock // without wait only
 	case errno != nil:
 		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", errno)}
-	case n == 0:
+	case n == 0 && len(p) > 0:
 		return 0, io.EOF
+	}
+	return n, nil
+}
+
+func writeSock(raw RawConn, wait bool, p []byte) (int, error) {
+	n, errno, err := do(raw, true, wait, p)
+	switch {
+	case err != nil:
+		return n, err
+	case errno == syscall.EAGAIN:
+		return n, nil // without wait only: the socket is full
+	case errno != nil:
+		return n, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", errno)}
+	case wait && n < len(p):
+		return n, io.ErrShortWrite // a socket takes a byte or says EAGAIN: not seen
 	}
 	return n, nil
 }
@@ -122,37 +137,6 @@ func (o *op) run(fd uintptr) bool {
 		}
 		return true
 	}
-}
-
-// ReadWait reads into p from raw's socket, waiting on the poller for
-// input as net.Conn's Read does, its read deadline included: io.EOF at
-// the socket's end.
-func ReadWait(raw RawConn, p []byte) (int, error) {
-	n, errno, err := do(raw, false, true, p)
-	switch {
-	case err != nil:
-		return 0, err
-	case errno != nil:
-		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", errno)}
-	case n == 0 && len(p) > 0:
-		return 0, io.EOF
-	}
-	return n, nil
-}
-
-// WriteAll writes all of p to raw's socket, waiting on the poller for
-// room as net.Conn's Write does, its write deadline included.
-func WriteAll(raw RawConn, p []byte) (int, error) {
-	n, errno, err := do(raw, true, true, p)
-	switch {
-	case err != nil:
-		return n, err
-	case errno != nil:
-		return n, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", errno)}
-	case n < len(p):
-		return n, io.ErrShortWrite // a socket takes a byte or says EAGAIN: not seen
-	}
-	return n, nil
 }
 
 // WaitReadable blocks until raw's socket has input or an error to report
