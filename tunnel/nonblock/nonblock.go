@@ -13,7 +13,7 @@
 // process is idle again. Between the requests of request/response traffic
 // a ztunnel is idle, so with net.Conn's reads and writes each request paid
 // for that wake-up in both ztunnels: 13.2 context switches per request
-// over the two, 5.4 with raw calls (amber-bench tunnel -profile, the
+// over the two, 5.3 with raw calls (amber-bench tunnel -profile, the
 // latency phase; ARCHITECTURE.md, "System calls that do not wake the
 // scheduler's monitor").
 package nonblock
