@@ -21,13 +21,11 @@ type batchConn struct {
 	buffering bool
 	wbuf      []byte
 	woff      int              // wbuf[:woff] is written
-	raw       nonblock.RawConn // the socket's, for nonblock's calls; nil if unsupported or until the TLS handshake is done
+	raw       nonblock.RawConn // the socket's, for nonblock's calls; nil if not a socket
 
 	// The read side is used only under the tls.Conn's read lock.
-	rbuf     *chunk
-	ahead    bool   // the last read found more data than it asked for
-	readable func() // waits for input without a buffer; nil if unsupported
-	rinit    bool
+	rbuf  *chunk
+	ahead bool // the last read found more data than it asked for
 }
 
 // readAhead is the smallest read that goes to the socket directly.
@@ -37,7 +35,11 @@ const readAhead = 64 << 10
 // own connections: a Pool.Dial that builds its TLS connection with it gets
 // the same throughput on the client side. A plain tls.Client works too.
 func TLSClient(nc net.Conn, cfg *tls.Config) *tls.Conn {
-	return tls.Client(&batchConn{Conn: nc}, cfg)
+	return tls.Client(newBatchConn(nc), cfg)
+}
+
+func newBatchConn(nc net.Conn) *batchConn {
+	return &batchConn{Conn: nc, raw: nonblock.Raw(nc)}
 }
 
 // batcher returns the batchConn under nc, if any.
@@ -72,7 +74,7 @@ func (bc *batchConn) flush() error {
 }
 
 // connWrite and connRead are the socket's Write and Read, made without
-// the runtime's syscall entry once raw is set (see package nonblock: on a
+// the runtime's syscall entry when it is a socket (see package nonblock: on a
 // connection between requests, the entry wakes the scheduler's monitor
 // thread, a context switch or more per request in each ztunnel).
 func (bc *batchConn) connWrite(p []byte) (int, error) {
@@ -147,12 +149,10 @@ func (bc *batchConn) Read(p []byte) (int, error) {
 			bc.ahead = n == len(p)
 			return n, err
 		}
-		if !bc.rinit {
-			bc.rinit = true
-			bc.readable = readableFunc(bc.Conn)
-		}
-		if bc.readable != nil {
-			bc.readable()
+		if bc.raw != nil {
+			// Wait for input holding no buffer: an idle connection
+			// spends its life here. Errors are the read's to report.
+			_ = nonblock.WaitReadable(bc.raw)
 		}
 		bc.rbuf = getChunk(readAhead)
 		n, err := bc.connRead(bc.rbuf.b)

@@ -11,8 +11,6 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
-
-	"github.com/amber-mesh/amber/tunnel/nonblock"
 )
 
 const (
@@ -138,9 +136,6 @@ func newConn(nc net.Conn, cfg Settings, stats *Stats, log *slog.Logger) *conn {
 	c.sendWin = initialWindow
 	c.recvWin = int64(c.cfg.ConnWindow)
 	c.bc = batcher(nc)
-	if c.bc != nil {
-		c.bc.raw = nonblock.Raw(c.bc.Conn)
-	}
 	// A tls.Conn already hands out decrypted records from its own buffer;
 	// anything else gets a small read buffer so frame headers are not
 	// read a few bytes per syscall.

@@ -358,7 +358,7 @@ func (srv *Server) serveTLS(nc net.Conn, slot *handshakeSlot) {
 		return
 	}
 	_ = nc.SetDeadline(start.Add(srv.handshakeTimeout()))
-	tc := tls.Server(&batchConn{Conn: nc}, srv.tlsConf)
+	tc := tls.Server(newBatchConn(nc), srv.tlsConf)
 	err := tc.HandshakeContext(srv.ctx)
 	if err == nil && tc.ConnectionState().NegotiatedProtocol != http2.NextProtoTLS {
 		err = errors.New("ALPN did not negotiate h2")
