@@ -165,7 +165,12 @@ func TestGatewayBookinfo(t *testing.T) {
 		"connection_security_policy": "unknown",
 	}
 	testutil.Eventually(t, "istio_requests_total with reporter=source", func() bool { return g.view.counter("istio_requests_total", want) == 1 })
-	if l := g.logs.lines(map[string]any{"gateway": "0.0.0.0_8080", "path": "/productpage", "status": 200, "cluster": gwCluster}); len(l) != 1 {
+	// The access-log line is written after the request is counted, on
+	// the request's own goroutine: wait for it too (1 run in ≈ 200 read
+	// the log first and found none).
+	logged := map[string]any{"gateway": "0.0.0.0_8080", "path": "/productpage", "status": 200, "cluster": gwCluster}
+	testutil.Eventually(t, "the request's access-log line", func() bool { return len(g.logs.lines(logged)) > 0 })
+	if l := g.logs.lines(logged); len(l) != 1 {
 		t.Errorf("access log: %d lines", len(l))
 	}
 
