@@ -1,19 +1,11 @@
 package nonblock_test
 
 import (
-	"bufio"
-	"bytes"
-	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/amber-mesh/amber/internal/testutil"
 	"github.com/amber-mesh/amber/tunnel/nonblock"
@@ -94,102 +86,11 @@ func TestNoMonitorWakeups(t *testing.T) {
 // echoSwitches runs an echo child in mode and returns its voluntary
 // context switches per message, counted from idle to idle.
 func echoSwitches(t *testing.T, mode string, msgs int) float64 {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestNoMonitorWakeups$", "-test.v")
-	// Two Ps as on the machines we measure; the monitor's behaviour does
-	// not depend on it, the number of threads that spin does.
-	cmd.Env = append(os.Environ(), echoEnv+"="+mode+","+ln.Addr().String(), "GOMAXPROCS=2", "GOGC=off")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("echo child (%s):\n%s", mode, out.Bytes())
-		}
-	}()
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	pid := cmd.Process.Pid
-	msg, got := []byte("ping"), make([]byte, 4)
-	// A first exchange starts the child's threads.
-	if _, err := c.Write(msg); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(c, got); err != nil {
-		t.Fatal(err)
-	}
-	var total int
-	for range msgs {
-		testutil.EventuallyNil(t, "the echo child to idle", func() error { return idle(pid) })
-		before := switches(t, pid)
-		if _, err := c.Write(msg); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, got); err != nil {
-			t.Fatal(err)
-		}
-		testutil.EventuallyNil(t, "the echo child to idle", func() error { return idle(pid) })
-		total += switches(t, pid) - before
-	}
-	return float64(total) / float64(msgs)
-}
-
-// idle reports, as an error, a thread of pid that is not asleep in futex
-// or epoll: running, or in the monitor's nanosleep.
-func idle(pid int) error {
-	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/syscall", pid))
-	if err != nil || len(tasks) == 0 {
-		return testutil.Final(fmt.Errorf("no threads of %d: %v", pid, err))
-	}
-	for _, f := range tasks {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			return err
-		}
-		nr, _, _ := strings.Cut(strings.TrimSpace(string(b)), " ")
-		switch nr {
-		case strconv.Itoa(unix.SYS_FUTEX), strconv.Itoa(unix.SYS_EPOLL_PWAIT), strconv.Itoa(unix.SYS_EPOLL_WAIT), strconv.Itoa(unix.SYS_EPOLL_PWAIT2):
-		default:
-			return fmt.Errorf("%s: %s", f, b)
-		}
-	}
-	return nil
-}
-
-// switches sums the voluntary context switches of pid's threads.
-func switches(t *testing.T, pid int) int {
-	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := 0
-	for _, f := range tasks {
-		file, err := os.Open(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc := bufio.NewScanner(file)
-		for sc.Scan() {
-			if v, ok := strings.CutPrefix(sc.Text(), "voluntary_ctxt_switches:"); ok {
-				n, err := strconv.Atoi(strings.TrimSpace(v))
-				if err != nil {
-					t.Fatal(err)
-				}
-				sum += n
-			}
-		}
-		file.Close()
-	}
-	return sum
+	return testutil.EchoSwitches(t, func(addr string) *exec.Cmd {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestNoMonitorWakeups$", "-test.v")
+		// Two Ps as on the machines we measure; the monitor's behaviour
+		// does not depend on it, the number of threads that spin does.
+		cmd.Env = append(os.Environ(), echoEnv+"="+mode+","+addr, "GOMAXPROCS=2", "GOGC=off")
+		return cmd
+	}, msgs)
 }
