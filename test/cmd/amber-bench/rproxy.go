@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/amber-mesh/amber/internal/cli"
 	"github.com/amber-mesh/amber/tunnel/ca"
 	"github.com/amber-mesh/amber/tunnel/certs"
 	"github.com/amber-mesh/amber/tunnel/hbone"
@@ -30,6 +31,11 @@ import (
 // /healthz/ready on :15021 once it holds its certificate, and runs until
 // SIGTERM.
 func rproxyMain(args []string) error {
+	// amber-waypoint's runtime setting, so that the floor differs from it
+	// by the L7 work alone.
+	if err := cli.KeepMonitorAwake(); err != nil {
+		return err
+	}
 	fs := flag.NewFlagSet("rproxy", flag.ContinueOnError)
 	istiodAddr := fs.String("istiod", "", "istiod's CA address (15012)")
 	serverName := fs.String("istiod-server-name", "", "name in istiod's serving certificate")
