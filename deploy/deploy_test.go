@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -118,4 +119,55 @@ func capStrings(cs []corev1.Capability) []string {
 		out = append(out, string(c))
 	}
 	return out
+}
+
+// TestChartGODEBUG: ztunnel.godebug reaches the ztunnel container as
+// GODEBUG, the way to turn off amber-ztunnel's monitor setting
+// (schedtrace=0); left empty, the container has no GODEBUG and the
+// ztunnel adds its own.
+func TestChartGODEBUG(t *testing.T) {
+	helm, err := exec.LookPath("helm")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("helm not on PATH; CI must check the chart")
+		}
+		t.Log("helm not on PATH: chart not checked")
+		return
+	}
+	for _, tc := range []struct {
+		set  []string
+		want []string
+	}{
+		{nil, nil},
+		{[]string{"--set", "ztunnel.godebug=schedtrace=0"}, []string{"schedtrace=0"}},
+	} {
+		args := append([]string{"template", "amber", "helm/amber", "-n", "istio-system"}, tc.set...)
+		rendered, err := exec.Command(helm, args...).Output()
+		if err != nil {
+			t.Fatalf("helm %v: %v", args, err)
+		}
+		var got []string
+		for _, doc := range bytes.Split(rendered, []byte("\n---")) {
+			var ds appsv1.DaemonSet
+			if err := yaml.Unmarshal(doc, &ds); err != nil {
+				t.Fatal(err)
+			}
+			if ds.Kind != "DaemonSet" {
+				continue
+			}
+			for _, c := range ds.Spec.Template.Spec.Containers {
+				for _, e := range c.Env {
+					if e.Name == "GODEBUG" {
+						if c.Name != "amber-ztunnel" {
+							t.Errorf("GODEBUG set on container %s", c.Name)
+						}
+						got = append(got, e.Value)
+					}
+				}
+			}
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("helm %v: GODEBUG values %q, want %q", tc.set, got, tc.want)
+		}
+	}
 }
