@@ -29,11 +29,12 @@ const MonitorSetting = "schedtrace=2147483647"
 // until it sees the process idle again. A proxy serving many short
 // connections goes idle and wakes up again several times per connection,
 // and each time pays the monitor's futex wake-up and its sleeps — on a
-// paravirtualised machine, where a context switch is expensive, a third of
-// a ztunnel's CPU per connection (ARCHITECTURE.md, "The monitor thread
-// kept out of its deep sleep"). Kept awake, the monitor backs off to a
-// 10 ms poll while nothing happens and no system call ever wakes it. A
-// setting of the runtime's that is read once, at start, hence the exec.
+// paravirtualised machine, where a context switch is expensive, a fifth
+// to a third of a ztunnel's CPU per connection (ARCHITECTURE.md, "The
+// monitor thread kept out of its deep sleep"). Kept awake, the monitor
+// backs off to a 10 ms poll while nothing happens and no system call ever
+// wakes it. A setting of the runtime's that is read once, at start, hence
+// the exec.
 func KeepMonitorAwake() error {
 	env, ok := monitorEnv(os.Environ())
 	if !ok {
