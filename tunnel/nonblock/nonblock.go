@@ -15,7 +15,11 @@
 // for that wake-up in both ztunnels: 13.2 context switches per request
 // over the two, 5.3 with raw calls (amber-bench tunnel -profile, the
 // latency phase; ARCHITECTURE.md, "System calls that do not wake the
-// scheduler's monitor").
+// scheduler's monitor"). amber-ztunnel and amber-waypoint now also keep
+// the monitor out of that sleep altogether (internal/cli.KeepMonitorAwake,
+// for the accepts, dials and closes that still take the entry): the raw
+// calls spare the data path the wake-up where that setting is turned
+// off, and the entry's own bookkeeping everywhere.
 package nonblock
 
 import "errors"
