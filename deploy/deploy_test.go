@@ -41,12 +41,8 @@ func TestIntegrationManifests(t *testing.T) {
 	}
 	kRules, kCaps := parse(t, kustomized)
 
-	helm, err := exec.LookPath("helm")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("helm not on PATH; CI must check the chart")
-		}
-		t.Log("helm not on PATH: chart not checked")
+	helm, ok := lookHelm(t)
+	if !ok {
 		return
 	}
 	rendered, err := exec.Command(helm, "template", "amber", "helm/amber", "-n", "istio-system", "--set", "gateway.enabled=true").Output()
@@ -126,12 +122,8 @@ func capStrings(cs []corev1.Capability) []string {
 // (schedtrace=0); left empty, the container has no GODEBUG and the
 // ztunnel adds its own.
 func TestChartGODEBUG(t *testing.T) {
-	helm, err := exec.LookPath("helm")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("helm not on PATH; CI must check the chart")
-		}
-		t.Log("helm not on PATH: chart not checked")
+	helm, ok := lookHelm(t)
+	if !ok {
 		return
 	}
 	for _, tc := range []struct {
@@ -170,4 +162,18 @@ func TestChartGODEBUG(t *testing.T) {
 			t.Errorf("helm %v: GODEBUG values %q, want %q", tc.set, got, tc.want)
 		}
 	}
+}
+
+// lookHelm returns helm's path, or false when it is not on PATH outside
+// CI (where its absence fails the test).
+func lookHelm(t *testing.T) (string, bool) {
+	helm, err := exec.LookPath("helm")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("helm not on PATH; CI must check the chart")
+		}
+		t.Log("helm not on PATH: chart not checked")
+		return "", false
+	}
+	return helm, true
 }
