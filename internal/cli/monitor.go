@@ -58,7 +58,8 @@ func monitorEnv(environ []string) ([]string, bool) {
 			continue
 		}
 		for _, setting := range strings.Split(v, ",") {
-			if key, _, _ := strings.Cut(setting, "="); key == "schedtrace" {
+			// The runtime skips a setting without "=".
+			if key, _, found := strings.Cut(setting, "="); found && key == "schedtrace" {
 				return environ, false
 			}
 		}

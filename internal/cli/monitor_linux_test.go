@@ -24,6 +24,7 @@ func TestMonitorEnv(t *testing.T) {
 		{"other settings kept", []string{"GODEBUG=memprofilerate=1"}, []string{"GODEBUG=memprofilerate=1," + MonitorSetting}, true},
 		{"a key that only contains the name", []string{"GODEBUG=noschedtrace=1"}, []string{"GODEBUG=noschedtrace=1," + MonitorSetting}, true},
 		{"turned off", []string{"GODEBUG=schedtrace=0"}, []string{"GODEBUG=schedtrace=0"}, false},
+		{"the name without a value sets nothing", []string{"GODEBUG=schedtrace"}, []string{"GODEBUG=schedtrace," + MonitorSetting}, true},
 		{"the operator's own period", []string{"GODEBUG=gctrace=1,schedtrace=1000"}, []string{"GODEBUG=gctrace=1,schedtrace=1000"}, false},
 		{"only the first GODEBUG is read", []string{"GODEBUG=x=1", "GODEBUG=schedtrace=0"}, []string{"GODEBUG=x=1," + MonitorSetting, "GODEBUG=schedtrace=0"}, true},
 	} {
